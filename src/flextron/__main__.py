@@ -1,0 +1,3 @@
+from flextron.cli import main
+
+raise SystemExit(main())

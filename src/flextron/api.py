@@ -1,0 +1,172 @@
+"""Public entry points; each CLI subcommand calls the function of the same name."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from flextron.assets import load_hf
+from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from flextron.config import Budget, CalibrationConfig, ElasticSpace
+from flextron.cost import subnet_cost, uniform_subnet_for
+from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.evaluate import perplexity
+from flextron.fsutil import atomic_write
+from flextron.importance import measure_importance, random_importance, sort_by_importance
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> str:
+    """`cuda` when available and not told otherwise; a clear error for an unusable choice."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlextronError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise FlextronError(f"unknown device {device!r}; use cpu or cuda")
+    return device
+
+
+def compute_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype for a --dtype name (None: plain fp32)."""
+    if name not in DTYPES:
+        raise FlextronError(f"unknown dtype {name!r}; use {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _calibration_text(source: str) -> str:
+    if source == "default":
+        return default_splits()["train"]
+    path = Path(source)
+    if not path.is_file():
+        raise FlextronError(f"calibration file {path} does not exist; pass a .txt file or 'default'")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlextronError(f"cannot read calibration file {path}: {e}") from None
+
+
+def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
+            mlp_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+            attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+            multiple: int = 64, calibration: CalibrationConfig | None = None,
+            order: str = "importance", device: str | None = None, dtype: str = "fp32",
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Load an HF model, score and sort its units on calibration text, save an elastic checkpoint."""
+    calibration = calibration or CalibrationConfig()
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FlextronError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    if order not in ("importance", "random"):
+        raise FlextronError(f"unknown order {order!r}; use importance or random")
+    autocast = compute_dtype(dtype)
+    device = resolve_device(device)
+    hf, tok, source = load_hf(model, device=device)
+    em = ElasticModel(hf)
+    first = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
+                                      tuple(mlp_fractions), tuple(attn_fractions), multiple))
+    if order == "importance":
+        ids = tokenize(tok, _calibration_text(calibration.source))
+        seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)
+        imp = measure_importance(em, seqs, calibration.batch_size, autocast, progress)
+    else:
+        imp = random_importance(em, calibration.seed)
+    imp = sort_by_importance(em, imp)
+    manifest = {
+        "source_model": source,
+        "order": order,
+        "calibration": vars(calibration),
+        "importance": imp.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return save_checkpoint(em, tok, out, manifest, overwrite=overwrite)
+
+
+def load(path: str | Path, device: str | None = None) -> tuple[ElasticModel, PreTrainedTokenizerBase, dict]:
+    """An elastic checkpoint as (model, tokenizer, manifest)."""
+    return load_checkpoint(Path(path), device=resolve_device(device))
+
+
+def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, limit: int | None = None,
+             seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
+             dtype: str = "fp32", progress: bool = True) -> list[dict]:
+    """Held-out perplexity of an elastic checkpoint at each budget (uniform sub-networks).
+
+    A path without a flextron manifest (or None, the packaged model) is evaluated as a
+    plain HF model at full size.
+    """
+    autocast = compute_dtype(dtype)
+    device = resolve_device(device)
+    parsed = [Budget.parse(b) for b in (budgets or ["1.0"])]
+    if path is not None and (Path(path) / MANIFEST).is_file():
+        em, tok, _ = load(path, device)
+    else:
+        if any(b.fraction != 1.0 for b in parsed):
+            raise FlextronError(
+                f"{path or 'the packaged model'} is not an elastic checkpoint, so only budget 1.0 "
+                "applies; run `flextron convert` first"
+            )
+        hf, tok, _ = load_hf(None if path is None else str(path), device=device)
+        em = ElasticModel(hf)
+    wins = heldout_windows(tok, seq_len, limit)
+    rows = []
+    for budget in parsed:
+        subnet, cost = uniform_subnet_for(em, budget)
+        em.set_subnet(subnet)
+        ppl = perplexity(em, wins, batch_size, autocast, progress, desc=f"ppl @ {budget}")
+        rows.append({
+            "budget": str(budget),
+            "subnet": subnet.to_dict(),
+            "cost": cost.to_dict(),
+            "params_fraction": cost.params_nonembed / subnet_cost(em).params_nonembed,
+            "ppl": ppl,
+            "tokens": int(wins[:, 1:].numel()),
+        })
+    em.set_subnet(None)
+    return rows
+
+
+def describe(path: str | Path) -> list[dict]:
+    """The search space of a checkpoint: cost of its smallest, centroid and full sub-networks."""
+    em, _, _ = load(path, "cpu")
+    rows = []
+    for name, subnet in (("min", em.space.smallest()), ("centroid", em.space.centroid()),
+                         ("max", em.space.full())):
+        rows.append({"name": name, "subnet": subnet.to_dict(), "cost": subnet_cost(em, subnet).to_dict()})
+    return rows
+
+
+DEMO_PRESETS = {
+    # calibration sequences x length, held-out windows x length
+    "tiny": {"calibration": CalibrationConfig(n_sequences=16, seq_len=128), "limit": 2, "seq_len": 256},
+    "demo": {"calibration": CalibrationConfig(), "limit": 16, "seq_len": 1024},
+}
+
+
+def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
+         budgets: tuple[str, ...] = ("1.0", "0.75", "0.5"), progress: bool = True) -> dict:
+    """Convert the packaged model, then held-out perplexity of the original and of each budget."""
+    if preset not in DEMO_PRESETS:
+        raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(DEMO_PRESETS)}")
+    cfg = DEMO_PRESETS[preset]
+    out = Path(out)
+    ckpt = convert(None, out / "ckpt", calibration=cfg["calibration"], device=device,
+                   overwrite=True, progress=progress)
+    kw = {"limit": cfg["limit"], "seq_len": cfg["seq_len"], "device": device, "progress": progress}
+    result = {
+        "preset": preset,
+        "checkpoint": str(ckpt),
+        "original": evaluate(None, **kw)[0],
+        "elastic": evaluate(ckpt, list(budgets), **kw),
+        "space": describe(ckpt),
+    }
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    return result

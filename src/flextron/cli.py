@@ -1,0 +1,142 @@
+"""The `flextron` command line: parse, call `flextron.api`, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from flextron import __version__, api
+from flextron.config import CalibrationConfig
+from flextron.errors import FlextronError
+
+console = Console()
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _widths(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else f"{min(values)}..{max(values)}"
+
+
+def print_space(rows: list[dict]) -> None:
+    table = Table(title="Elastic search space")
+    for col in ("sub-network", "MLP width", "attn units", "params", "non-emb params",
+                "FLOPs/token", "KV bytes/token"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        c = r["cost"]
+        table.add_row(r["name"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                      _human(c["params"]), _human(c["params_nonembed"]),
+                      _human(c["flops_per_token"]), _human(c["kv_bytes_per_token"]))
+    console.print(table)
+
+
+def print_ppl(rows: list[dict], original: dict | None = None) -> None:
+    table = Table(title="Held-out perplexity (War and Peace, last 300k chars)")
+    for col in ("model", "budget", "MLP width", "attn units", "non-emb params", "ppl"):
+        table.add_column(col, justify="right")
+    if original is not None:
+        table.add_row("original", "-", "-", "-", _human(original["cost"]["params_nonembed"]),
+                      f"{original['ppl']:.2f}")
+    for r in rows:
+        table.add_row("elastic", r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                      f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})",
+                      f"{r['ppl']:.2f}")
+    console.print(table)
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    calib = CalibrationConfig(n_sequences=a.calib_sequences, seq_len=a.calib_seq_len,
+                              batch_size=a.batch_size, seed=a.seed, source=a.calib_data)
+    out = api.convert(a.model, a.out, mlp_fractions=a.mlp_fractions, attn_fractions=a.attn_fractions,
+                      multiple=a.multiple, calibration=calib, order=a.order, device=a.device,
+                      dtype=a.dtype, overwrite=a.overwrite)
+    console.print(f"Elastic checkpoint written to [bold]{out}[/bold]")
+    print_space(api.describe(out))
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    rows = api.evaluate(a.path, a.budgets, limit=a.limit, seq_len=a.seq_len,
+                        batch_size=a.batch_size, device=a.device, dtype=a.dtype)
+    print_ppl(rows)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    result = api.demo(a.preset, a.out, device=a.device)
+    print_space(result["space"])
+    print_ppl(result["elastic"], result["original"])
+    console.print(f"Results: {a.out}/results.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flextron", description=__doc__)
+    p.add_argument("--version", action="version", version=f"flextron {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        sp.add_argument("--dtype", default="fp32", choices=list(api.DTYPES), help="compute dtype")
+
+    c = sub.add_parser("convert", help="score and sort units, write an elastic checkpoint")
+    c.add_argument("model", nargs="?", default=None, help="HF model dir or hub id (default: packaged)")
+    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.add_argument("--mlp-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
+    c.add_argument("--attn-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
+    c.add_argument("--multiple", type=int, default=64, help="MLP widths are multiples of this")
+    c.add_argument("--calib-data", default="default", help="a .txt file, or 'default' (train split)")
+    c.add_argument("--calib-sequences", type=int, default=256)
+    c.add_argument("--calib-seq-len", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--order", default="importance", choices=["importance", "random"])
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common(c)
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="held-out perplexity across budgets")
+    e.add_argument("path", nargs="?", default=None, help="elastic checkpoint or HF model dir")
+    e.add_argument("--budgets", type=_list, default=["1.0", "0.75", "0.5"])
+    e.add_argument("--limit", type=int, default=None, help="at most this many windows")
+    e.add_argument("--seq-len", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=4)
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the pipeline on the packaged model")
+    d.add_argument("--preset", default="demo", choices=list(api.DEMO_PRESETS))
+    d.add_argument("--out", default="flextron-demo")
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FlextronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,163 @@
+"""Configuration dataclasses: the elastic search space, a sub-network, a budget."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from flextron.errors import FlextronError
+
+
+@dataclass
+class ElasticSpace:
+    """Per-layer nested choices: MLP widths (neurons) and attention units (KV groups or heads).
+
+    Every list is ascending and ends with the layer's full size, so a smaller choice is a
+    prefix of a larger one once the weights are sorted by importance.
+    """
+
+    mlp: list[list[int]]
+    attn: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if len(self.mlp) != len(self.attn):
+            raise FlextronError(
+                f"elastic space has {len(self.mlp)} MLP layers but {len(self.attn)} attention layers"
+            )
+        for kind, lists in (("MLP", self.mlp), ("attention", self.attn)):
+            for i, choices in enumerate(lists):
+                if not choices or sorted(set(choices)) != list(choices) or choices[0] < 1:
+                    raise FlextronError(
+                        f"layer {i} {kind} choices {choices} must be distinct positive integers in "
+                        "ascending order"
+                    )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.mlp)
+
+    @classmethod
+    def default(
+        cls,
+        n_layers: int,
+        intermediate: int,
+        attn_units: int,
+        mlp_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+        attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+        multiple: int = 64,
+    ) -> ElasticSpace:
+        """Uniform space: MLP fractions rounded to `multiple` neurons, attention fractions of units."""
+        for f in (*mlp_fractions, *attn_fractions):
+            if not 0.0 < f <= 1.0:
+                raise FlextronError(f"elastic fraction {f} is outside (0, 1]; use values like 0.5")
+        if multiple < 1:
+            raise FlextronError(f"--multiple must be a positive integer, got {multiple}")
+        mlp = {min(intermediate, max(multiple, round(f * intermediate / multiple) * multiple))
+               for f in mlp_fractions}
+        mlp.add(intermediate)
+        attn = {max(1, math.ceil(f * attn_units - 1e-9)) for f in attn_fractions}
+        attn.add(attn_units)
+        return cls(mlp=[sorted(mlp)] * n_layers, attn=[sorted(attn)] * n_layers)
+
+    def full(self) -> Subnet:
+        return Subnet(mlp=[c[-1] for c in self.mlp], attn=[c[-1] for c in self.attn])
+
+    def smallest(self) -> Subnet:
+        return Subnet(mlp=[c[0] for c in self.mlp], attn=[c[0] for c in self.attn])
+
+    def centroid(self) -> Subnet:
+        """The middle choice of every layer (upper middle for an even number of choices)."""
+        return Subnet(mlp=[c[len(c) // 2] for c in self.mlp], attn=[c[len(c) // 2] for c in self.attn])
+
+    def uniform(self, mlp_index: int, attn_index: int) -> Subnet:
+        """Every layer at the same choice index (clamped to each layer's list)."""
+        return Subnet(
+            mlp=[c[min(mlp_index, len(c) - 1)] for c in self.mlp],
+            attn=[c[min(attn_index, len(c) - 1)] for c in self.attn],
+        )
+
+    def validate(self, subnet: Subnet) -> None:
+        """Raise a FlextronError naming the first choice that is not in this space."""
+        if len(subnet.mlp) != self.n_layers or len(subnet.attn) != self.n_layers:
+            raise FlextronError(
+                f"sub-network has {len(subnet.mlp)}/{len(subnet.attn)} MLP/attention entries but "
+                f"the model has {self.n_layers} layers"
+            )
+        for kind, chosen, space in (("MLP width", subnet.mlp, self.mlp),
+                                    ("attention units", subnet.attn, self.attn)):
+            for i, (c, options) in enumerate(zip(chosen, space)):
+                if c not in options:
+                    raise FlextronError(
+                        f"layer {i} {kind} {c} is not in the elastic space {options}; "
+                        "pick one of those values"
+                    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ElasticSpace:
+        return cls(mlp=[list(map(int, c)) for c in d["mlp"]], attn=[list(map(int, c)) for c in d["attn"]])
+
+
+@dataclass
+class Subnet:
+    """One sub-network: per layer, the MLP width in neurons and the number of attention units."""
+
+    mlp: list[int]
+    attn: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+METRICS = ("params", "flops", "kv_bytes")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A target cost: a fraction of the full model's cost, or an absolute value of a metric."""
+
+    metric: str = "params"
+    fraction: float | None = None
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        """Accept `0.6`, `60%`, `params=80e6`, `flops=1.2e8`, `kv_bytes=0.5` (<=1 is a fraction)."""
+        s = str(text).strip().lower().replace(" ", "")
+        metric = "params"
+        if "=" in s:
+            metric, s = s.split("=", 1)
+            if metric not in METRICS:
+                raise FlextronError(
+                    f"unknown budget metric {metric!r}; use one of {', '.join(METRICS)}"
+                )
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(%?)", s)
+        if not m:
+            raise FlextronError(
+                f"cannot read budget {text!r}; write 0.6, 60% or metric=value such as params=80e6"
+            )
+        number = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+        if number <= 0:
+            raise FlextronError(f"budget {text!r} must be positive")
+        if number <= 1.0:
+            return cls(metric=metric, fraction=number)
+        return cls(metric=metric, value=number)
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.metric}={self.fraction:.0%}"
+        return f"{self.metric}={self.value:g}"
+
+
+@dataclass
+class CalibrationConfig:
+    """Where importance is measured: sequences sampled from the training split."""
+
+    n_sequences: int = 256
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 0
+    source: str = "default"

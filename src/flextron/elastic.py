@@ -1,0 +1,224 @@
+"""Elastic execution: run every layer's MLP and attention at a chosen width.
+
+A projection whose output (q/k/v, gate/up) or input (o, down) features are nested units is
+swapped for an `ElasticLinear` that holds the very same parameters (state-dict keys do not
+change, so an elastic checkpoint is a plain HF checkpoint). Two modes:
+
+- hard: the first `active` units are sliced out of the weights, so compute, activations and
+  the KV cache shrink; the HF attention code infers the head count from the tensor shapes.
+- soft: everything runs at full width and the input of the "in" projection is multiplied by
+  a mask that mixes the nested prefixes, sum_k w_k * 1[unit < c_k] (routers train this way).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flextron.config import ElasticSpace, Subnet
+from flextron.errors import FlextronError
+from flextron.families import Family, Proj, detect_family
+
+
+class ElasticLinear(nn.Module):
+    """A Linear (or GPT-2 Conv1D) whose output or input features form nested units."""
+
+    def __init__(self, base: nn.Module, proj: Proj, unit: int, conv1d: bool) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.side = proj.side
+        self.blocks = proj.blocks
+        self.unit = unit
+        self.conv1d = conv1d
+        # The weight dimension holding the elastic features: [out, in] for Linear, [in, out] for Conv1D.
+        self.edim = 0 if (self.side == "out") != conv1d else 1
+        features = self.weight.shape[self.edim]
+        if features % (unit * self.blocks):
+            raise FlextronError(
+                f"projection {proj.name} has {features} features, not a multiple of its unit {unit}"
+            )
+        self.n_units = features // (unit * self.blocks)
+        self.active = self.n_units
+        self.mask: Tensor | None = None
+
+    def _matmul(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if self.conv1d:
+            out = x.reshape(-1, x.shape[-1]) @ w
+            if b is not None:
+                out = out + b
+            return out.view(*x.shape[:-1], -1)
+        return F.linear(x, w, b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.side == "in":
+            if self.mask is not None:
+                x = x * self.mask.repeat_interleave(self.unit, dim=-1).to(x.dtype)
+            # The input already has the active width: the "out" projections produced it.
+            return self._matmul(x, self.weight.narrow(self.edim, 0, x.shape[-1]), self.bias)
+        if self.active == self.n_units:
+            return self._matmul(x, self.weight, self.bias)
+        width, per_block = self.active * self.unit, self.n_units * self.unit
+        outs = [
+            self._matmul(
+                x,
+                self.weight.narrow(self.edim, b * per_block, width),
+                None if self.bias is None else self.bias.narrow(0, b * per_block, width),
+            )
+            for b in range(self.blocks)
+        ]
+        return outs[0] if self.blocks == 1 else torch.cat(outs, dim=-1)
+
+    @torch.no_grad()
+    def permute_(self, perm: Tensor) -> None:
+        """Reorder the units in place: new unit i is old unit perm[i]."""
+        offsets = torch.arange(self.unit, device=perm.device)
+        idx = (perm[:, None] * self.unit + offsets).reshape(-1)
+        per_block = self.n_units * self.unit
+        idx = torch.cat([idx + b * per_block for b in range(self.blocks)]).to(self.weight.device)
+        self.weight.copy_(self.weight.index_select(self.edim, idx))
+        if self.side == "out" and self.bias is not None:
+            self.bias.copy_(self.bias.index_select(0, idx))
+
+    def n_params(self, units: int) -> int:
+        """Weights and biases in use when `units` units are active."""
+        features = units * self.unit * self.blocks
+        count = features * self.weight.shape[1 - self.edim]
+        if self.bias is not None:
+            count += features if self.side == "out" else self.bias.numel()
+        return count
+
+
+def nested_mask(choices: list[int], weights: Tensor, n_units: int) -> Tensor:
+    """Mix nested prefixes: weights [..., K] over `choices` -> per-unit mask [..., n_units]."""
+    prefix = torch.arange(n_units, device=weights.device)[None, :] < torch.tensor(
+        choices, device=weights.device
+    )[:, None]
+    return weights @ prefix.to(weights.dtype)
+
+
+class ElasticPart:
+    """One elastic sub-module of a block (its MLP or its attention)."""
+
+    def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear) -> None:
+        self.module = module
+        self.outs = outs
+        self.inp = inp
+
+    @property
+    def n_units(self) -> int:
+        return self.inp.n_units
+
+    def set_hard(self, units: int) -> None:
+        for lin in self.outs:
+            lin.active = units
+        self.inp.mask = None
+
+    def set_soft(self, mask: Tensor) -> None:
+        for lin in self.outs:
+            lin.active = lin.n_units
+        self.inp.mask = mask
+
+    def n_params(self, units: int) -> int:
+        return sum(lin.n_params(units) for lin in (*self.outs, self.inp))
+
+
+class ElasticBlock:
+    """A decoder block's elastic MLP and attention."""
+
+    def __init__(self, block: nn.Module, family: Family) -> None:
+        self.family = family
+        attn, mlp = block.get_submodule(family.attn), block.get_submodule(family.mlp)
+        self.geometry = family.geometry(attn)
+        g = self.geometry
+        if g.n_heads % g.n_kv_heads:
+            raise FlextronError(f"{g.n_heads} query heads do not split into {g.n_kv_heads} KV groups")
+        conv1d = family.linear_type is not nn.Linear
+
+        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of) -> ElasticPart:
+            wrapped = []
+            for p in projs:
+                lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d)
+                setattr(parent, p.name, lin)
+                wrapped.append(lin)
+            outs = [lin for lin in wrapped if lin.side == "out"]
+            (inp,) = [lin for lin in wrapped if lin.side == "in"]
+            return ElasticPart(parent, outs, inp)
+
+        self.mlp = wrap(mlp, family.mlp_projs, lambda p: 1)
+        self.attn = wrap(attn, family.attn_projs,
+                         lambda p: g.head_dim * (g.heads_per_unit if p.grouped else 1))
+
+    def set_attn_hard(self, units: int) -> None:
+        self.attn.set_hard(units)
+        if self.family.on_attn_width is not None:
+            g = self.geometry
+            self.family.on_attn_width(self.attn.module, units * g.heads_per_unit * g.head_dim)
+
+    def set_attn_soft(self, mask: Tensor) -> None:
+        self.set_attn_hard(self.attn.n_units)
+        self.attn.set_soft(mask)
+
+
+class ElasticModel(nn.Module):
+    """A Hugging Face causal LM whose layers run at any width of its elastic space."""
+
+    def __init__(self, model: nn.Module, space: ElasticSpace | None = None,
+                 family: Family | None = None) -> None:
+        super().__init__()
+        self.family = family or detect_family(model)
+        self.model = model
+        self.blocks = [ElasticBlock(b, self.family) for b in self.family.blocks(model)]
+        if space is None:
+            space = ElasticSpace.default(
+                len(self.blocks), self.blocks[0].mlp.n_units, self.blocks[0].attn.n_units
+            )
+        self.set_space(space)
+
+    def set_space(self, space: ElasticSpace) -> None:
+        """Adopt an elastic space whose largest choices are the layers' full sizes."""
+        if space.n_layers != len(self.blocks):
+            raise FlextronError(
+                f"elastic space has {space.n_layers} layers but the model has {len(self.blocks)}"
+            )
+        for i, (b, mlp, attn) in enumerate(zip(self.blocks, space.mlp, space.attn)):
+            if mlp[-1] != b.mlp.n_units or attn[-1] != b.attn.n_units:
+                raise FlextronError(
+                    f"layer {i}: the elastic space's largest choices (MLP {mlp[-1]}, attention "
+                    f"{attn[-1]}) must equal the layer's size (MLP {b.mlp.n_units}, attention "
+                    f"{b.attn.n_units})"
+                )
+        self.space = space
+        self.set_subnet(None)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def set_subnet(self, subnet: Subnet | None = None) -> None:
+        """Run the given sub-network (the full model when None) by hard slicing."""
+        subnet = subnet or self.space.full()
+        self.space.validate(subnet)
+        for block, w, a in zip(self.blocks, subnet.mlp, subnet.attn):
+            block.mlp.set_hard(w)
+            block.set_attn_hard(a)
+        self.subnet = subnet
+
+    def set_soft(self, mlp_weights: list[Tensor], attn_weights: list[Tensor]) -> None:
+        """Mix nested choices per layer: weights [..., K] over that layer's choices."""
+        for i, (block, wm, wa) in enumerate(zip(self.blocks, mlp_weights, attn_weights)):
+            block.mlp.set_soft(nested_mask(self.space.mlp[i], wm, block.mlp.n_units))
+            block.set_attn_soft(nested_mask(self.space.attn[i], wa, block.attn.n_units))
+        self.subnet = None
+
+    def permute_(self, mlp_perms: list[Tensor], attn_perms: list[Tensor]) -> None:
+        """Reorder every layer's MLP neurons and attention units; the function is unchanged."""
+        for block, pm, pa in zip(self.blocks, mlp_perms, attn_perms):
+            for lin in (*block.mlp.outs, block.mlp.inp):
+                lin.permute_(pm)
+            for lin in (*block.attn.outs, block.attn.inp):
+                lin.permute_(pa)

@@ -1,0 +1,31 @@
+"""Held-out perplexity (multiple-choice tasks and the report come with the eval issue)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
+               autocast_dtype: torch.dtype | None = None, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over all windows [N, T]; each window scored independently."""
+    device = next(model.parameters()).device
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model(input_ids=batch, use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,29 @@
+"""GPT-2: fused q|k|v `Conv1D`, multi-head attention (a unit is one head), GeLU MLP."""
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flextron.families.base import AttnGeometry, Family, Proj
+
+
+def _geometry(attn: nn.Module) -> AttnGeometry:
+    return AttnGeometry(n_heads=attn.num_heads, n_kv_heads=attn.num_heads, head_dim=attn.head_dim)
+
+
+def _set_split(attn: nn.Module, width: int) -> None:
+    # GPT2Attention splits c_attn's output into q, k, v by this attribute.
+    attn.split_size = width
+
+
+GPT2 = Family(
+    name="gpt2",
+    classes=("GPT2LMHeadModel",),
+    layers="transformer.h",
+    attn="attn",
+    mlp="mlp",
+    attn_projs=(Proj("c_attn", "out", blocks=3), Proj("c_proj", "in")),
+    mlp_projs=(Proj("c_fc", "out"), Proj("c_proj", "in")),
+    linear_type=Conv1D,
+    geometry=_geometry,
+    on_attn_width=_set_split,
+)

@@ -1,0 +1,83 @@
+"""Importance of MLP neurons and attention units, and the permutation that sorts by it.
+
+Scores follow Minitron: for each calibration sequence, the mean over tokens of the
+activation magnitude entering the "in" projection (per neuron: |x|; per head or KV group:
+the L2 norm of its slice), then the L2 norm of that over sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flextron.elastic import ElasticLinear, ElasticModel
+
+
+@dataclass
+class Importance:
+    """Per layer, one score per MLP neuron and per attention unit."""
+
+    mlp: list[Tensor]
+    attn: list[Tensor]
+
+    def to_dict(self) -> dict:
+        return {"mlp": [s.tolist() for s in self.mlp], "attn": [s.tolist() for s in self.attn]}
+
+
+def _hook(store: list[Tensor], idx: int, unit: int):
+    def hook(module: ElasticLinear, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach().float()
+        b, t, f = x.shape
+        per_seq = x.view(b, t, f // unit, unit).norm(dim=-1).mean(dim=1)
+        store[idx] += per_seq.pow(2).sum(dim=0)
+
+    return hook
+
+
+@torch.no_grad()
+def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16,
+                       autocast_dtype: torch.dtype | None = None, progress: bool = True) -> Importance:
+    """Run the full model over `sequences` [N, T] and score every neuron and unit."""
+    em.set_subnet(None)
+    device = next(em.parameters()).device
+    mlp = [torch.zeros(b.mlp.n_units, device=device) for b in em.blocks]
+    attn = [torch.zeros(b.attn.n_units, device=device) for b in em.blocks]
+    handles = []
+    for i, b in enumerate(em.blocks):
+        handles.append(b.mlp.inp.register_forward_pre_hook(_hook(mlp, i, b.mlp.inp.unit)))
+        handles.append(b.attn.inp.register_forward_pre_hook(_hook(attn, i, b.attn.inp.unit)))
+    was_training = em.training
+    em.eval()
+    try:
+        for start in tqdm(range(0, len(sequences), batch_size), desc="calibration", disable=not progress):
+            batch = sequences[start : start + batch_size].to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                em(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        em.train(was_training)
+    return Importance(mlp=[s.sqrt().cpu() for s in mlp], attn=[s.sqrt().cpu() for s in attn])
+
+
+def random_importance(em: ElasticModel, seed: int = 0) -> Importance:
+    """Random scores: the ablation baseline for importance ordering."""
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        mlp=[torch.rand(b.mlp.n_units, generator=gen) for b in em.blocks],
+        attn=[torch.rand(b.attn.n_units, generator=gen) for b in em.blocks],
+    )
+
+
+def sort_by_importance(em: ElasticModel, imp: Importance) -> Importance:
+    """Permute the model so that units come in descending importance; returns sorted scores."""
+    mlp_perm = [torch.argsort(s, descending=True, stable=True) for s in imp.mlp]
+    attn_perm = [torch.argsort(s, descending=True, stable=True) for s in imp.attn]
+    em.permute_(mlp_perm, attn_perm)
+    return Importance(
+        mlp=[s[p] for s, p in zip(imp.mlp, mlp_perm)], attn=[s[p] for s, p in zip(imp.attn, attn_perm)]
+    )
