@@ -6,8 +6,9 @@ functions, so a new family is a few lines.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from torch import nn
 
