@@ -7,6 +7,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
 from flextron.config import CalibrationConfig
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our own bars show the work; transformers' per-load bars would only add noise.
+    hf_logging.disable_progress_bar()
     try:
         args.func(args)
     except FlextronError as e:

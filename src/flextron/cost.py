@@ -2,8 +2,9 @@
 
 Counted from the elastic projections themselves, so every family is covered by one rule:
 cost = fixed part (embeddings, norms, lm_head, position embeddings) + sum over layers of the
-active projection weights. FLOPs per token = 2 x matmul weights in use (lm_head included)
-+ 4 x active query heads x head_dim x context (QK^T and AV at that context length).
+active projection weights. FLOPs per token = 2 x matmul weights in use (lm_head included,
+biases and norms left out) + 4 x active query heads x head_dim x context (QK^T and AV for
+a token that attends to `context` positions).
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1
     total = sum(p.numel() for p in em.model.parameters())
     full_elastic = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
     fixed = total - full_elastic
-    elastic, attn_flops, kv = 0, 0, 0
+    elastic, weights, attn_flops, kv = 0, 0, 0, 0
     for b, w, a in zip(em.blocks, subnet.mlp, subnet.attn):
         elastic += b.mlp.n_params(w) + b.attn.n_params(a)
+        weights += b.mlp.n_params(w, bias=False) + b.attn.n_params(a, bias=False)
         g = b.geometry
         attn_flops += 4 * a * g.heads_per_unit * g.head_dim * context
         kv += 2 * a * g.head_dim * kv_dtype_bytes  # one KV head per unit, keys and values
     head = em.model.get_output_embeddings()
-    matmul = elastic + (head.weight.numel() if head is not None else 0)
+    matmul = weights + (head.weight.numel() if head is not None else 0)
     params = fixed + elastic
     return Cost(
         params=params,

@@ -44,10 +44,9 @@ class ElasticLinear(nn.Module):
         self.mask: Tensor | None = None
 
     def _matmul(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if self.conv1d:
-            out = x.reshape(-1, x.shape[-1]) @ w
-            if b is not None:
-                out = out + b
+        if self.conv1d:  # as transformers' Conv1D computes it, so full width matches exactly
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat @ w if b is None else torch.addmm(b, flat, w)
             return out.view(*x.shape[:-1], -1)
         return F.linear(x, w, b)
 
@@ -81,11 +80,11 @@ class ElasticLinear(nn.Module):
         if self.side == "out" and self.bias is not None:
             self.bias.copy_(self.bias.index_select(0, idx))
 
-    def n_params(self, units: int) -> int:
-        """Weights and biases in use when `units` units are active."""
+    def n_params(self, units: int, bias: bool = True) -> int:
+        """Weights (and biases) in use when `units` units are active."""
         features = units * self.unit * self.blocks
         count = features * self.weight.shape[1 - self.edim]
-        if self.bias is not None:
+        if bias and self.bias is not None:
             count += features if self.side == "out" else self.bias.numel()
         return count
 
@@ -120,8 +119,8 @@ class ElasticPart:
             lin.active = lin.n_units
         self.inp.mask = mask
 
-    def n_params(self, units: int) -> int:
-        return sum(lin.n_params(units) for lin in (*self.outs, self.inp))
+    def n_params(self, units: int, bias: bool = True) -> int:
+        return sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
 
 
 class ElasticBlock:
@@ -169,6 +168,7 @@ class ElasticModel(nn.Module):
         super().__init__()
         self.family = family or detect_family(model)
         self.model = model
+        self.train(model.training)  # nn.Module starts in training mode; follow the wrapped model
         self.blocks = [ElasticBlock(b, self.family) for b in self.family.blocks(model)]
         if space is None:
             space = ElasticSpace.default(

@@ -1,0 +1,31 @@
+"""Shared by the benchmarks: write JSON and replace a marked section of docs/results.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flextron.fsutil import atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = ROOT / "docs" / "results.md"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+IMG_DIR = ROOT / "docs" / "img"
+
+
+def write_json(name: str, data: dict) -> Path:
+    path = RESULTS_DIR / f"{name}.json"
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1)))
+    return path
+
+
+def update_section(name: str, markdown: str) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (append if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write(RESULTS_MD, lambda p: p.write_text(text))

@@ -1,0 +1,80 @@
+"""Tiny random models of every supported family, and a tiny word-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 128
+_LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=256)
+
+
+def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM in eval mode."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_LLAMA_LIKE))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_LLAMA_LIKE))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_LLAMA_LIKE))  # q/k/v carry biases
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_LLAMA_LIKE))  # per-head q/k norms
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           bos_token_id=0, eos_token_id=0))
+    else:
+        raise ValueError(kind)
+    # Random biases and norms, so that slicing them wrongly would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.startswith("transformer.ln"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+
+
+@pytest.fixture(params=FAMILY_KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def word_text(n_words: int, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n_words,), generator=gen).tolist()
+    return "\n".join(" ".join(f"w{i}" for i in ids[j : j + 16]) for j in range(0, n_words, 16))
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A saved tiny Llama-GQA model directory with a tokenizer, and a calibration text file."""
+    model_dir = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(word_text(4000))
+    return model_dir, text

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_model, make_tokenizer
+from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from flextron.config import ElasticSpace
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.importance import random_importance, sort_by_importance
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    em = ElasticModel(make_model("llama"))
+    em.set_space(ElasticSpace.default(2, 96, 4, multiple=8))
+    sort_by_importance(em, random_importance(em, 0))
+    x = torch.randint(0, VOCAB, (1, 9))
+    em.set_subnet(em.space.centroid())
+    expected = em(input_ids=x).logits
+    path = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    return path, x, expected
+
+
+def test_roundtrip_keeps_weights_space_and_subnets(ckpt):
+    path, x, expected = ckpt
+    em, tok, manifest = load_checkpoint(path)
+    assert manifest["family"] == "llama" and manifest["source_model"] == "tiny"
+    assert em.space == ElasticSpace.default(2, 96, 4, multiple=8)
+    em.set_subnet(em.space.centroid())
+    assert torch.equal(em(input_ids=x).logits, expected)
+    assert tok.get_vocab() == make_tokenizer().get_vocab()
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FlextronError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_missing_manifest(ckpt):
+    path = ckpt[0]
+    (path / MANIFEST).unlink()
+    with pytest.raises(FlextronError, match="lacks flextron.json"):
+        load_checkpoint(path)
+
+
+def test_corrupt_manifest(ckpt):
+    path = ckpt[0]
+    (path / MANIFEST).write_text("{not json")
+    with pytest.raises(FlextronError, match="flextron.json is corrupt"):
+        load_checkpoint(path)
+
+
+def test_corrupt_weights(ckpt):
+    path = ckpt[0]
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(FlextronError, match="corrupt or unreadable"):
+        load_checkpoint(path)
+
+
+def test_missing_weights(ckpt):
+    path = ckpt[0]
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FlextronError, match="no safetensors weights"):
+        load_checkpoint(path)
+
+
+def test_existing_output_is_refused_then_replaced_whole(ckpt):
+    path = ckpt[0]
+    em, tok, manifest = load_checkpoint(path)
+    with pytest.raises(FlextronError, match="already exists"):
+        save_checkpoint(em, tok, path, {})
+    save_checkpoint(em, tok, path, {"source_model": "again"}, overwrite=True)
+    assert json.loads((path / MANIFEST).read_text())["source_model"] == "again"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_write_leaves_old_checkpoint_intact(ckpt, monkeypatch):
+    path = ckpt[0]
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    em, tok, _ = load_checkpoint(path)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(em, tok, path, {}, overwrite=True)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]

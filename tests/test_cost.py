@@ -1,0 +1,81 @@
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import VOCAB, make_model
+from flextron.config import Budget, ElasticSpace, Subnet
+from flextron.cost import subnet_cost, uniform_subnet_for
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+
+H, HEAD_DIM, REP = 64, 8, 2  # tiny Llama-like: 8 query heads in 4 KV groups
+
+
+def elastic(kind: str) -> ElasticModel:
+    em = ElasticModel(make_model(kind))
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
+    return em
+
+
+def llama_layer(w: int, a: int, bias: bool) -> int:
+    q = o = a * REP * HEAD_DIM
+    kv = a * HEAD_DIM
+    attn = H * (q + 2 * kv) + o * H + ((q + 2 * kv) if bias else 0)
+    return attn + 3 * H * w + 2 * H  # gate, up, down + two RMSNorms
+
+
+@pytest.mark.parametrize("kind,bias", [("llama", False), ("qwen2", True)])
+def test_params_of_heterogeneous_subnet_equal_hand_count(kind, bias):
+    em = elastic(kind)
+    sub = Subnet(mlp=[24, 72], attn=[1, 3])
+    cost = subnet_cost(em, sub, context=100)
+    embed = VOCAB * H
+    head = 0 if em.config.tie_word_embeddings else VOCAB * H
+    layers = llama_layer(24, 1, bias) + llama_layer(72, 3, bias)
+    assert cost.params == embed + head + H + layers
+    assert cost.params_nonembed == layers + H
+    weights = sum(H * (a * REP * HEAD_DIM * 2 + 2 * a * HEAD_DIM) + 3 * H * w for w, a in ((24, 1), (72, 3)))
+    attn = 4 * HEAD_DIM * REP * (1 + 3) * 100
+    assert cost.flops_per_token == 2 * (weights + VOCAB * H) + attn
+    assert cost.kv_bytes_per_token == 2 * (1 + 3) * HEAD_DIM * 2
+
+
+@pytest.mark.parametrize("cls,cfg_cls,kind", [(LlamaForCausalLM, LlamaConfig, "llama"),
+                                               (Qwen2ForCausalLM, Qwen2Config, "qwen2")])
+def test_uniform_subnet_params_equal_a_standalone_model(cls, cfg_cls, kind):
+    em = elastic(kind)
+    for w, a in ((24, 1), (48, 2), (96, 4)):
+        cfg = em.config.to_dict() | {"intermediate_size": w, "num_attention_heads": a * REP, "num_key_value_heads": a}
+        standalone = cls(cfg_cls(**cfg))
+        sub = Subnet(mlp=[w, w], attn=[a, a])
+        assert subnet_cost(em, sub).params == sum(p.numel() for p in standalone.parameters())
+
+
+def test_gpt2_params_equal_hand_count():
+    em = elastic("gpt2")
+    w, a = 128, 2  # 4 heads of 16 in the tiny GPT-2
+    hd = 16
+    cost = subnet_cost(em, Subnet(mlp=[w, w], attn=[a, a]))
+    layer = (H * 3 * a * hd + 3 * a * hd) + (a * hd * H + H) + (H * w + w) + (w * H + H) + 4 * H
+    embed = VOCAB * H + 256 * H  # token and position embeddings; lm_head is tied
+    assert cost.params == embed + 2 * layer + 2 * H
+    assert cost.params_nonembed == 2 * layer + 2 * H
+
+
+def test_uniform_budget_picks_largest_within():
+    em = elastic("llama")
+    full = subnet_cost(em).params_nonembed
+    for fraction in (1.0, 0.75, 0.5):
+        sub, cost = uniform_subnet_for(em, Budget.parse(fraction))
+        assert cost.params_nonembed <= fraction * full
+        # No uniform sub-network within the budget is bigger.
+        for i in range(4):
+            for j in range(4):
+                c = subnet_cost(em, em.space.uniform(i, j)).params_nonembed
+                assert c <= cost.params_nonembed or c > fraction * full
+    assert uniform_subnet_for(em, Budget.parse("1.0"))[0] == em.space.full()
+
+
+def test_budget_below_smallest_is_refused():
+    with pytest.raises(FlextronError, match="below the smallest sub-network"):
+        uniform_subnet_for(elastic("llama"), Budget.parse("0.01"))

@@ -1,0 +1,43 @@
+import torch
+
+from conftest import VOCAB, make_model
+from flextron.elastic import ElasticModel
+from flextron.importance import measure_importance, random_importance, sort_by_importance
+
+
+def test_scores_are_sorted_and_function_is_kept(kind):
+    ref = make_model(kind)
+    em = ElasticModel(make_model(kind))
+    seqs = torch.randint(0, VOCAB, (6, 16))
+    imp = measure_importance(em, seqs, batch_size=4, progress=False)
+    assert [s.numel() for s in imp.mlp] == [b.mlp.n_units for b in em.blocks]
+    assert [s.numel() for s in imp.attn] == [b.attn.n_units for b in em.blocks]
+    assert all((s > 0).all() for s in imp.mlp + imp.attn)
+    sorted_imp = sort_by_importance(em, imp)
+    for s in sorted_imp.mlp + sorted_imp.attn:
+        assert (s[:-1] >= s[1:]).all()
+    x = torch.randint(0, VOCAB, (2, 10))
+    assert (em(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4
+    # Measuring again on the permuted model gives the sorted scores.
+    again = measure_importance(em, seqs, batch_size=4, progress=False)
+    for a, b in zip(again.mlp + again.attn, sorted_imp.mlp + sorted_imp.attn):
+        assert torch.allclose(a, b, rtol=1e-4)
+
+
+def test_dead_neuron_and_group_sort_last():
+    em = ElasticModel(make_model("llama"))
+    with torch.no_grad():
+        em.blocks[0].mlp.outs[1].weight[5].zero_()  # up_proj row 5: neuron 5's activation is 0
+        em.blocks[0].attn.outs[2].weight[0:8].zero_()  # v_proj of KV group 0: its heads output 0
+    imp = measure_importance(em, torch.randint(0, VOCAB, (4, 12)), progress=False)
+    assert imp.mlp[0][5] == 0 and imp.mlp[0].argmin() == 5
+    assert imp.attn[0][0] == 0
+    sort_by_importance(em, imp)
+    assert (em.blocks[0].mlp.outs[1].weight[-1] == 0).all()
+    assert (em.blocks[0].attn.outs[2].weight[-8:] == 0).all()
+
+
+def test_random_importance_is_seeded():
+    em = ElasticModel(make_model("llama"))
+    a, b = random_importance(em, 3), random_importance(em, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.mlp + a.attn, b.mlp + b.attn))

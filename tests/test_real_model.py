@@ -1,0 +1,38 @@
+"""On the packaged SmolLM2-135M: the converted model keeps the original's function."""
+
+import pytest
+import torch
+
+from flextron import api
+from flextron.assets import load_hf
+from flextron.data import heldout_windows
+from flextron.evaluate import perplexity
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return api.demo("tiny", tmp_path_factory.mktemp("demo"), device="cpu", progress=False)
+
+
+def test_demo_full_width_ppl_equals_original(demo):
+    full = demo["elastic"][0]
+    assert full["budget"] == "params=100%"
+    assert abs(full["ppl"] / demo["original"]["ppl"] - 1) < 1e-3
+    # Smaller budgets cost less and (without training) lose quality.
+    fractions = [r["params_fraction"] for r in demo["elastic"]]
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] <= 0.5
+    assert demo["elastic"][-1]["ppl"] > full["ppl"]
+    assert [r["name"] for r in demo["space"]] == ["min", "centroid", "max"]
+
+
+def test_converted_logits_equal_original(demo):
+    original, tok, _ = load_hf(None)
+    em, _, manifest = api.load(demo["checkpoint"], "cpu")
+    assert manifest["family"] == "llama" and manifest["elastic_space"]["attn"][0] == [1, 2, 3]
+    x = heldout_windows(tok, 128, limit=2)
+    with torch.no_grad():
+        diff = (em(input_ids=x).logits - original(input_ids=x).logits).abs().max().item()
+    assert diff < 1e-3
+    assert abs(perplexity(em, x, progress=False) / perplexity(original, x, progress=False) - 1) < 1e-4
