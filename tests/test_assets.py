@@ -1,6 +1,10 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
-from flextron.assets import big_txt, load_hf, olmo_task_file, package_file, resolve_model
+from flextron.assets import big_txt, olmo_task_file, package_file, resolve_model
 from flextron.errors import FlextronError
 
 
@@ -21,7 +25,10 @@ def test_resolve_model_errors(tmp_path):
         resolve_model(str(tmp_path / "missing" / "dir"))
 
 
-def test_offline_hub_id_fails_clearly(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FlextronError, match="cannot fetch 'no-such-org/no-such-model'"):
-        load_hf("no-such-org/no-such-model")
+def test_offline_hub_id_fails_clearly(tmp_path):
+    # The hub client reads HF_HUB_OFFLINE at import, so the check runs in a fresh process.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "flextron", "convert", "no-such-org/no-such-model", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "cannot fetch 'no-such-org/no-such-model'" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,13 +12,15 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
-from flextron.config import Budget, CalibrationConfig, ElasticSpace
+from flextron.config import Budget, CalibrationConfig, ElasticSpace, Subnet, TrainConfig
 from flextron.cost import subnet_cost, uniform_subnet_for
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import perplexity
-from flextron.fsutil import atomic_write
+from flextron.evaluate import ppl_at_budgets
+from flextron.export import export as export_model
+from flextron.fsutil import atomic_write, check_output_dir
+from flextron.generation import generate_text
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -62,8 +65,7 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     """Load an HF model, score and sort its units on calibration text, save an elastic checkpoint."""
     calibration = calibration or CalibrationConfig()
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FlextronError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    check_output_dir(out, overwrite)
     if order not in ("importance", "random"):
         raise FlextronError(f"unknown order {order!r}; use importance or random")
     autocast = compute_dtype(dtype)
@@ -116,22 +118,7 @@ def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, limit
             )
         hf, tok, _ = load_hf(None if path is None else str(path), device=device)
         em = ElasticModel(hf)
-    wins = heldout_windows(tok, seq_len, limit)
-    rows = []
-    for budget in parsed:
-        subnet, cost = uniform_subnet_for(em, budget)
-        em.set_subnet(subnet)
-        ppl = perplexity(em, wins, batch_size, autocast, progress, desc=f"ppl @ {budget}")
-        rows.append({
-            "budget": str(budget),
-            "subnet": subnet.to_dict(),
-            "cost": cost.to_dict(),
-            "params_fraction": cost.params_nonembed / subnet_cost(em).params_nonembed,
-            "ppl": ppl,
-            "tokens": int(wins[:, 1:].numel()),
-        })
-    em.set_subnet(None)
-    return rows
+    return ppl_at_budgets(em, heldout_windows(tok, seq_len, limit), parsed, batch_size, autocast, progress)
 
 
 def describe(path: str | Path) -> list[dict]:
@@ -170,3 +157,59 @@ def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | 
     }
     atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     return result
+
+
+# Export and generate (issue 6). These imports sit here, not at the top, only to keep this
+# addition to the end of the file while the top is being edited elsewhere.
+
+
+
+def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwrite: bool = False, *,
+           subnet: Subnet | dict | None = None) -> Path:
+    """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory."""
+    out = Path(out)
+    if (budget is None) == (subnet is None):
+        raise FlextronError("pass exactly one of a budget (e.g. --budget 0.5) or an explicit sub-network")
+    check_output_dir(out, overwrite)
+    em, tok, _ = load(ckpt, "cpu")
+    if subnet is None:
+        subnet, _ = uniform_subnet_for(em, Budget.parse(budget))
+    elif isinstance(subnet, dict):
+        subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
+    info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
+    return export_model(em, tok, subnet, out, overwrite=overwrite, info=info)
+
+
+def generate(path: str | Path, prompt: str, budget: str | float | None = None, *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, raw: bool = False, device: str | None = None,
+             seed: int | None = None, stream: Callable[[str], None] | None = None) -> str:
+    """Continue `prompt` with an elastic checkpoint at `budget` (full model when None) or any HF model dir.
+
+    Greedy at temperature 0, else sampling with nucleus `top_p`; `stream` receives text as it comes.
+    """
+    device = resolve_device(device)
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        em, tok, _ = load(path, device)
+        if budget is not None:
+            em.set_subnet(uniform_subnet_for(em, Budget.parse(budget))[0])
+        model = em.model
+    else:
+        if budget is not None and Budget.parse(budget).fraction != 1.0:
+            raise FlextronError(
+                f"{path} is not an elastic checkpoint (no {MANIFEST}), so it has one size; drop --budget"
+            )
+        if not path.is_dir():
+            raise FlextronError(f"{path} is not a directory; pass an elastic checkpoint or an HF model directory")
+        model, tok, _ = load_hf(str(path), device=device)
+    return generate_text(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, raw=raw, seed=seed, stream=stream)
+
+
+def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None, *,
+          device: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Elastic continued training of a checkpoint; see `flextron.train.elastic.train`."""
+    from flextron.train.elastic import train as train_elastic  # torch.distributed only when training
+
+    return train_elastic(Path(ckpt), Path(out), cfg, data, device=resolve_device(device), resume=resume,
+                         progress=progress)

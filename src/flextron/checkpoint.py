@@ -8,6 +8,7 @@ makes it elastic (family, elastic space, importance, calibration, versions).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,8 +28,13 @@ _REQUIRED = ("config.json", MANIFEST)
 
 
 def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: Path,
-                    manifest: dict, overwrite: bool = False) -> Path:
-    """Write weights, tokenizer and manifest into `out` atomically."""
+                    manifest: dict, overwrite: bool = False, state_dict: dict | None = None,
+                    extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write weights, tokenizer and manifest into `out` atomically.
+
+    `state_dict` replaces the model's own (e.g. weights gathered from FSDP shards); `extra`
+    maps file names to writers of further files (training state).
+    """
     full = {
         "format_version": FORMAT_VERSION,
         "flextron_version": __version__,
@@ -38,9 +44,11 @@ def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: P
     }
     em.set_subnet(None)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        em.model.save_pretrained(tmp)
+        em.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
+        for name, write in (extra or {}).items():
+            write(tmp / name)
     return Path(out)
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import fields
 
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
-from flextron.config import CalibrationConfig
+from flextron.config import CalibrationConfig, TrainConfig
 from flextron.errors import FlextronError
 
 console = Console()
@@ -88,6 +90,73 @@ def cmd_demo(a: argparse.Namespace) -> None:
     console.print(f"Results: {a.out}/results.json")
 
 
+def _quiet_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would clutter the output
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from flextron.export import read_export_info
+
+    _quiet_hf()
+    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite)
+    info = read_export_info(out)
+    kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"
+    console.print(f"Exported [bold]{info['architecture']}[/bold] ({kind}) to [bold]{out}[/bold]")
+    table = Table(title=f"Exported sub-network (budget {info['budget']})")
+    for col in ("MLP width", "attn units", "params", "non-emb params", "FLOPs/token", "KV bytes/token"):
+        table.add_column(col, justify="right")
+    c, sub = info["cost"], info["subnet"]
+    table.add_row(_widths(sub["mlp"]), _widths(sub["attn"]), _human(c["params"]), _human(c["params_nonembed"]),
+                  _human(c["flops_per_token"]), _human(c["kv_bytes_per_token"]))
+    console.print(table)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    _quiet_hf()
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    api.generate(a.path, a.prompt, a.budget, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit)
+    sys.stdout.write("\n")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    summary = api.train(a.ckpt, a.out, cfg, a.data, device=a.device, resume=a.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one report, from rank 0
+        return
+    console.print(f"Trained {summary['steps']} steps ({summary['tokens']:,} tokens); checkpoint: {summary['final']}")
+    if "after" in summary:
+        table = Table(title="Held-out perplexity before / after elastic training")
+        for col in ("budget", "MLP width", "attn units", "before", "after"):
+            table.add_column(col, justify="right")
+        for b, r in zip(summary["before"], summary["after"]):
+            table.add_row(r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                          f"{b['ppl']:.2f}", f"{r['ppl']:.2f}")
+        console.print(table)
+        console.print(f"Plot: {a.out}/eval.png")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --option per dataclass field, typed from its default (tuples are comma-separated floats)."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        elif isinstance(default, tuple) or f.name == "budget_probs":
+            parser.add_argument(flag, type=_floats, default=default, metavar="X,Y,...")
+        elif default is None or isinstance(default, int):
+            parser.add_argument(flag, type=lambda v: int(float(v)), default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flextron", description=__doc__)
     p.add_argument("--version", action="version", version=f"flextron {__version__}")
@@ -127,6 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="flextron-demo")
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("train", help="elastic continued training (distillation over sampled sub-networks)")
+    t.add_argument("ckpt", help="elastic checkpoint from `flextron convert`")
+    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, eval.json/png)")
+    t.add_argument("--data", action="append", default=None,
+                   help=".txt/.jsonl/.parquet file or folder, or hf:NAME; repeatable (default: packaged train split)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--device", default=None)
+    add_dataclass_args(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", help="slice the sub-network for a budget into a standalone HF directory")
+    x.add_argument("ckpt", help="elastic checkpoint")
+    x.add_argument("--budget", required=True, help="0.6, 60%%, or metric=value such as params=80e6")
+    x.add_argument("--out", required=True, help="directory to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint at a budget, or an HF model dir")
+    g.add_argument("path", help="elastic checkpoint or HF model directory (e.g. an export)")
+    g.add_argument("prompt")
+    g.add_argument("--budget", default=None, help="elastic checkpoints only (default: the full model)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

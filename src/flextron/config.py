@@ -161,3 +161,55 @@ class CalibrationConfig:
     batch_size: int = 16
     seed: int = 0
     source: str = "default"
+
+
+SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
+
+
+@dataclass
+class TrainConfig:
+    """Elastic continued training (distillation from the frozen original over sampled sub-networks)."""
+
+    seq_len: int = 512
+    micro_batch: int = 4  # sequences per process per forward
+    grad_accum: int = 1
+    max_steps: int | None = None
+    tokens: int | None = None  # alternative to max_steps: data tokens to train on
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    sampling: str = "sandwich"  # sandwich | uniform (MatFormer baseline) | budgets | fixed
+    n_random: int = 2  # random sub-networks per step besides the full and the smallest
+    budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)  # for sampling="budgets", and "fixed" uses the first
+    budget_probs: tuple[float, ...] | None = None
+    full_prob: float = 0.25  # budgets sampling: chance that a draw is the full model
+    dtype: str = "bf16"  # autocast dtype: bf16 or fp32
+    teacher_dtype: str = "fp32"  # teacher weights: fp32, or bf16 to halve its memory
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    save_every: int = 100
+    eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)
+    eval_limit: int | None = 16  # held-out windows for the before/after table; 0 skips it, None: all
+    seed: int = 0
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING:
+            raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
+        if (self.max_steps is None) == (self.tokens is None):
+            raise FlextronError("give exactly one of --max-steps or --tokens")
+        for name in ("seq_len", "micro_batch", "grad_accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
+        if self.budget_probs is not None and len(self.budget_probs) != len(self.budgets):
+            raise FlextronError("--budget-probs needs one probability per budget")
+        if self.kd_weight <= 0 and self.lm_weight <= 0:
+            raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
+        for name in ("dtype", "teacher_dtype"):
+            if getattr(self, name) not in ("fp32", "bf16"):
+                raise FlextronError(f"{name.replace('_', '-')} must be fp32 or bf16")

@@ -8,7 +8,9 @@ everything else. The held-out text is never used for calibration or training.
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,3 +77,87 @@ def sample_sequences(ids: Tensor, n: int, seq_len: int, seed: int) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        if path.suffix == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        if path.suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [str(json.loads(line)["text"]) for line in lines if line.strip()]
+        import pyarrow.parquet as pq  # optional: only parquet inputs need it
+
+        return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+    except ImportError:
+        raise FlextronError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
+        raise FlextronError(f"cannot read {path} ({type(e).__name__}: {e}); .jsonl rows need a 'text' field, "
+                            ".parquet files a 'text' column") from None
+
+
+def _read_hf_dataset(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise FlextronError(f"hf:{name} needs the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # datasets raises many types for offline / missing data
+        raise FlextronError(f"cannot load dataset {name!r} ({type(e).__name__}); offline machines need a "
+                            "local copy: pass .txt/.jsonl/.parquet files instead") from None
+    return [str(t) for t in ds["text"]]
+
+
+def load_corpus(sources: list[str] | None = None) -> str:
+    """Training text: the default train split, or files / folders (.txt, .jsonl, .parquet) / hf:NAME."""
+    if not sources:
+        return default_splits()["train"]
+    docs: list[str] = []
+    for src in sources:
+        if src.startswith("hf:"):
+            docs += _read_hf_dataset(src[3:])
+            continue
+        path = Path(src)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
+            if not files:
+                raise FlextronError(f"folder {path} has no {', '.join(_SUFFIXES)} files")
+        elif path.is_file():
+            if path.suffix not in _SUFFIXES:
+                raise FlextronError(f"{path}: unsupported file type; use {', '.join(_SUFFIXES)}")
+            files = [path]
+        else:
+            raise FlextronError(f"training data {src} does not exist")
+        for f in files:
+            docs += _read_file(f)
+    text = "\n\n".join(d for d in docs if d.strip())
+    if not text.strip():
+        raise FlextronError(f"the training data {', '.join(sources)} holds no text")
+    return text
+
+
+class PackedSequences:
+    """A token stream cut into fixed-length sequences, reshuffled each epoch from a seed."""
+
+    def __init__(self, ids: Tensor, seq_len: int, seed: int = 0) -> None:
+        self.data = windows(ids, seq_len)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def rows(self, start: int, count: int) -> Tensor:
+        """Rows start .. start+count of the endless shuffled order (epoch after epoch)."""
+        out = []
+        for pos in range(start, start + count):
+            epoch, i = divmod(pos, len(self.data))
+            out.append(self.data[self._order(epoch)[i]])
+        return torch.stack(out)
+
+    @lru_cache(maxsize=2)  # noqa: B019  (an instance lives as long as its training run)
+    def _order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))

@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flextron.config import Budget
+from flextron.cost import subnet_cost, uniform_subnet_for
+from flextron.elastic import ElasticModel
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
@@ -29,3 +33,24 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+def ppl_at_budgets(em: ElasticModel, windows: Tensor, budgets: list[Budget], batch_size: int = 4,
+                   autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+    """Held-out perplexity of the largest uniform sub-network within each budget."""
+    full = subnet_cost(em).params_nonembed
+    rows = []
+    for budget in budgets:
+        subnet, cost = uniform_subnet_for(em, budget)
+        em.set_subnet(subnet)
+        ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
+        rows.append({
+            "budget": str(budget),
+            "subnet": subnet.to_dict(),
+            "cost": cost.to_dict(),
+            "params_fraction": cost.params_nonembed / full,
+            "ppl": ppl,
+            "tokens": int(windows[:, 1:].numel()),
+        })
+    em.set_subnet(None)
+    return rows

@@ -26,6 +26,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty directory unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlextronError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FlextronError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory that replaces `out` only when the block finishes without error.
@@ -34,10 +43,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     block fails.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FlextronError(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FlextronError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -54,6 +54,12 @@ class Family:
     # Called with (attention module, active width per block) when a fused projection's
     # split size must follow the active width; None where the HF code infers it.
     on_attn_width: Callable[[nn.Module, int], None] | None = None
+    # HF config keys of the MLP width, query heads, KV heads and head size (export writes them);
+    # None where the config has no such key (GPT-2: one head per unit, head size = hidden / heads).
+    mlp_width_key: str = "intermediate_size"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
+    head_dim_key: str | None = "head_dim"
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -26,4 +26,8 @@ GPT2 = Family(
     linear_type=Conv1D,
     geometry=_geometry,
     on_attn_width=_set_split,
+    mlp_width_key="n_inner",
+    heads_key="n_head",
+    kv_heads_key=None,
+    head_dim_key=None,
 )

@@ -1,0 +1,160 @@
+"""Export: slice a static sub-network out of an elastic model into a standalone HF model directory.
+
+Uniform widths give the family's stock architecture, which plain `transformers` loads. Per-layer
+widths, or head counts the stock config cannot express (GPT-2 ties the head size to hidden /
+heads; strict HF configs refuse some head counts), give a per-layer architecture from
+`flextron.modeling_flextron`: its code is written beside the weights and `config.json` maps
+the Auto classes to it, so `trust_remote_code=True` loads it without flextron, and importing
+this module registers it with `AutoConfig` / `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from flextron import __version__
+from flextron.config import Subnet
+from flextron.cost import subnet_cost
+from flextron.elastic import ElasticLinear, ElasticModel
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_dir
+from flextron.modeling_flextron import PER_LAYER
+
+EXPORT_MANIFEST = "flextron_export.json"
+
+
+def register() -> None:
+    """Make `AutoConfig` and `AutoModelForCausalLM` load the per-layer architectures."""
+    for config_cls, model_cls in PER_LAYER.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+register()
+
+
+def slice_units(lin: ElasticLinear, units: int) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of `lin` keeping the first `units` units of each block, as its forward runs them."""
+    width, per_block = units * lin.unit, lin.n_units * lin.unit
+
+    def take(t: Tensor, dim: int) -> Tensor:
+        return torch.cat([t.narrow(dim, b * per_block, width) for b in range(lin.blocks)], dim)
+
+    weight = take(lin.weight.detach(), lin.edim).clone()
+    bias = lin.bias
+    if bias is not None:
+        # An "in" projection's bias is added after the reduction over units: it stays whole.
+        bias = take(bias.detach(), 0).clone() if lin.side == "out" else bias.detach().clone()
+    return weight, bias
+
+
+def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
+    """The elastic model's state dict with every elastic projection cut to `subnet`."""
+    em.space.validate(subnet)
+    names = {id(m): n for n, m in em.model.named_modules()}
+    state = dict(em.model.state_dict())
+    for block, width, units in zip(em.blocks, subnet.mlp, subnet.attn):
+        for part, k in ((block.mlp, width), (block.attn, units)):
+            for lin in (*part.outs, part.inp):
+                weight, bias = slice_units(lin, k)
+                state[f"{names[id(lin)]}.weight"] = weight
+                if bias is not None:
+                    state[f"{names[id(lin)]}.bias"] = bias
+    return state
+
+
+def layer_sizes(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
+    """Per layer: MLP width, query heads, KV heads of `subnet` (a unit holds one KV head)."""
+    heads = [a * b.geometry.heads_per_unit for b, a in zip(em.blocks, subnet.attn)]
+    return list(subnet.mlp), heads, list(subnet.attn)
+
+
+def _stock_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig | None:
+    """The family's own config for a uniform sub-network; None where it cannot express it."""
+    widths, heads, kv = layer_sizes(em, subnet)
+    if len(set(widths)) > 1 or len(set(heads)) > 1:
+        return None
+    fam = em.family
+    full_attn = all(a == b.attn.n_units for b, a in zip(em.blocks, subnet.attn))
+    values = em.config.to_dict()
+    values[fam.mlp_width_key] = widths[0]
+    if not full_attn:
+        if fam.head_dim_key is None:
+            return None
+        values[fam.heads_key] = heads[0]
+        values[fam.head_dim_key] = em.blocks[0].geometry.head_dim
+        if fam.kv_heads_key is not None:
+            values[fam.kv_heads_key] = kv[0]
+    try:
+        return type(em.config).from_dict(values)
+    except Exception:  # strict HF validation (e.g. hidden size not a multiple of the heads): go per-layer
+        return None
+
+
+def _per_layer_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig:
+    base = em.config.model_type
+    if base not in PER_LAYER:
+        raise FlextronError(
+            f"per-layer export supports the model types {', '.join(PER_LAYER)}, not {base!r}; "
+            "export a uniform sub-network (the same choice in every layer) instead"
+        )
+    widths, heads, kv = layer_sizes(em, subnet)
+    values = {k: v for k, v in em.config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
+    values.update(layer_intermediate_sizes=widths, layer_num_attention_heads=heads, layer_num_key_value_heads=kv)
+    return PER_LAYER[base][0].from_dict(values)
+
+
+def build_model(em: ElasticModel, subnet: Subnet) -> nn.Module:
+    """A standalone HF model holding exactly the weights of `subnet`."""
+    config = _stock_config(em, subnet)
+    model_cls = type(em.model) if config is not None else None
+    if config is None:
+        config = _per_layer_config(em, subnet)
+        model_cls = PER_LAYER[em.config.model_type][1]
+    dtype = next(em.model.parameters()).dtype
+    with no_init_weights():  # every weight is loaded right after
+        model = model_cls(config)
+    model = model.to(dtype)
+    model.load_state_dict(sliced_state_dict(em, subnet), strict=True)
+    model.generation_config = copy.deepcopy(em.model.generation_config)
+    return model.eval()
+
+
+def export(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
+           overwrite: bool = False, info: dict | None = None) -> Path:
+    """Write `subnet` as a standalone HF directory (weights, config, tokenizer, generation config).
+
+    `info` is added to the directory's `flextron_export.json` (e.g. source checkpoint, budget).
+    """
+    em.space.validate(subnet)
+    cost = subnet_cost(em, subnet)
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        model = build_model(em, subnet)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "flextron_version": __version__,
+            "family": em.family.name,
+            "architecture": type(model).__name__,
+            "per_layer": type(model).__name__ in {m.__name__ for _, m in PER_LAYER.values()},
+            "subnet": subnet.to_dict(),
+            "cost": cost.to_dict(),
+            **(info or {}),
+        }
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(out)
+
+
+def read_export_info(path: Path) -> dict:
+    """The `flextron_export.json` of an exported directory."""
+    try:
+        return json.loads((Path(path) / EXPORT_MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise FlextronError(f"{path} is not a flextron export ({e})") from None

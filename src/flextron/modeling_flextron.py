@@ -1,0 +1,181 @@
+"""Per-layer Flextron architectures: stock HF decoders whose layers each have their own widths.
+
+`flextron export` writes this file beside the weights of a heterogeneous sub-network, so it
+must stay self-contained (torch and transformers only): `AutoModelForCausalLM.from_pretrained(
+dir, trust_remote_code=True)` then loads the model where flextron is not installed.
+
+Each config adds three per-layer lists to the family's HF config (whose global sizes stay
+those of the model the sub-network came from). Each model builds the stock HF model, then
+gives every layer's projections their own sizes; the HF attention code infers the number of
+heads from the tensor shapes (GPT-2 needs its split size set), and the query heads per KV
+head stay the same, so the stock forward runs unchanged.
+"""
+
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.pytorch_utils import Conv1D
+
+
+def _resized(old: nn.Module, out_features: int | None = None, in_features: int | None = None) -> nn.Module:
+    """A new projection of the same kind as `old` with other output and/or input sizes."""
+    if isinstance(old, Conv1D):
+        nx, nf = old.weight.shape
+        new = Conv1D(out_features or nf, in_features or nx)
+        return new.to(device=old.weight.device, dtype=old.weight.dtype)
+    return nn.Linear(in_features or old.in_features, out_features or old.out_features,
+                     bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def _resize_llama_layer(layer: nn.Module, width: int, heads: int, kv_heads: int) -> None:
+    mlp, attn = layer.mlp, layer.self_attn
+    mlp.gate_proj = _resized(mlp.gate_proj, out_features=width)
+    mlp.up_proj = _resized(mlp.up_proj, out_features=width)
+    mlp.down_proj = _resized(mlp.down_proj, in_features=width)
+    d = attn.head_dim
+    attn.q_proj = _resized(attn.q_proj, out_features=heads * d)
+    attn.k_proj = _resized(attn.k_proj, out_features=kv_heads * d)
+    attn.v_proj = _resized(attn.v_proj, out_features=kv_heads * d)
+    attn.o_proj = _resized(attn.o_proj, in_features=heads * d)
+    # Eager attention repeats each KV head this many times.
+    attn.num_key_value_groups = heads // kv_heads
+
+
+def _resize_gpt2_block(block: nn.Module, width: int, heads: int, kv_heads: int) -> None:
+    mlp, attn = block.mlp, block.attn
+    mlp.c_fc = _resized(mlp.c_fc, out_features=width)
+    mlp.c_proj = _resized(mlp.c_proj, in_features=width)
+    attn_width = heads * attn.head_dim
+    attn.c_attn = _resized(attn.c_attn, out_features=3 * attn_width)
+    attn.c_proj = _resized(attn.c_proj, in_features=attn_width)
+    attn.split_size = attn_width  # c_attn's output is q|k|v, each this wide
+    attn.num_heads = heads
+
+
+class _PerLayer:
+    """Mixin for the models: resize each layer after the stock model is built."""
+
+    _layers_path: str
+    _resize_layer = staticmethod(_resize_llama_layer)
+
+    def _apply_layer_sizes(self) -> None:
+        c = self.config
+        layers = self.get_submodule(self._layers_path)
+        lists = (c.layer_intermediate_sizes, c.layer_num_attention_heads, c.layer_num_key_value_heads)
+        if any(v is None or len(v) != len(layers) for v in lists):
+            raise ValueError(
+                f"{type(c).__name__} needs layer_intermediate_sizes, layer_num_attention_heads and "
+                f"layer_num_key_value_heads with one entry per layer ({len(layers)})"
+            )
+        for layer, width, heads, kv_heads in zip(layers, *lists):
+            self._resize_layer(layer, width, heads, kv_heads)
+        # Initializes only the new projections (the others are marked initialized) and re-ties weights.
+        self.post_init()
+
+
+class FlextronLlamaConfig(LlamaConfig):
+    model_type = "flextron_llama"
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+
+
+class FlextronMistralConfig(MistralConfig):
+    model_type = "flextron_mistral"
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+
+
+class FlextronQwen2Config(Qwen2Config):
+    model_type = "flextron_qwen2"
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+
+
+class FlextronQwen3Config(Qwen3Config):
+    model_type = "flextron_qwen3"
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+
+
+class FlextronGPT2Config(GPT2Config):
+    model_type = "flextron_gpt2"
+    layer_intermediate_sizes: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+
+
+class FlextronLlamaForCausalLM(_PerLayer, LlamaForCausalLM):
+    config_class = FlextronLlamaConfig
+    _layers_path = "model.layers"
+
+    def __init__(self, config: FlextronLlamaConfig) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
+
+
+class FlextronMistralForCausalLM(_PerLayer, MistralForCausalLM):
+    config_class = FlextronMistralConfig
+    _layers_path = "model.layers"
+
+    def __init__(self, config: FlextronMistralConfig) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
+
+
+class FlextronQwen2ForCausalLM(_PerLayer, Qwen2ForCausalLM):
+    config_class = FlextronQwen2Config
+    _layers_path = "model.layers"
+
+    def __init__(self, config: FlextronQwen2Config) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
+
+
+class FlextronQwen3ForCausalLM(_PerLayer, Qwen3ForCausalLM):
+    config_class = FlextronQwen3Config
+    _layers_path = "model.layers"
+
+    def __init__(self, config: FlextronQwen3Config) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
+
+
+class FlextronGPT2LMHeadModel(_PerLayer, GPT2LMHeadModel):
+    config_class = FlextronGPT2Config
+    _layers_path = "transformer.h"
+    _resize_layer = staticmethod(_resize_gpt2_block)
+
+    def __init__(self, config: FlextronGPT2Config) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
+
+
+# Base HF model_type -> (per-layer config, per-layer model).
+PER_LAYER = {
+    "llama": (FlextronLlamaConfig, FlextronLlamaForCausalLM),
+    "mistral": (FlextronMistralConfig, FlextronMistralForCausalLM),
+    "qwen2": (FlextronQwen2Config, FlextronQwen2ForCausalLM),
+    "qwen3": (FlextronQwen3Config, FlextronQwen3ForCausalLM),
+    "gpt2": (FlextronGPT2Config, FlextronGPT2LMHeadModel),
+}
+
+# save_pretrained copies this file beside the weights and writes `auto_map` into config.json.
+for _config_cls, _model_cls in PER_LAYER.values():
+    _config_cls.register_for_auto_class()
+    _model_cls.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [c.__name__ for pair in PER_LAYER.values() for c in pair] + ["PER_LAYER"]

@@ -1,0 +1,252 @@
+"""Stage 1, elastic continued training: every optimizer step distils the frozen original model
+into several sampled sub-networks of the permuted model at once (gradients accumulated)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flextron.checkpoint import load_checkpoint, read_manifest
+from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
+from flextron.cost import uniform_subnet_for
+from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.evaluate import ppl_at_budgets
+from flextron.fsutil import atomic_write
+from flextron.train.loop import (
+    Dist,
+    MetricsLog,
+    all_mean,
+    checkpoints,
+    grad_sync,
+    init_distributed,
+    load_training_state,
+    prune_checkpoints,
+    save_training_checkpoint,
+    warmup_cosine,
+    wrap,
+)
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+# Settings a resumed run must share with the run it continues.
+_RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
+
+
+def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
+    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE."""
+    t = cfg.kd_temperature
+    s_log = F.log_softmax(student.float() / t, dim=-1)
+    t_log = F.log_softmax(teacher.float() / t, dim=-1)
+    kd = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1).mean() * t * t
+    lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss = cfg.kd_weight * kd + cfg.lm_weight * lm
+    return loss, {"kd": kd.item(), "lm": lm.item()}
+
+
+def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
+    """Each layer's choice drawn independently (heterogeneous) or one index for all (uniform)."""
+    def pick(choices: list[list[int]]) -> list[int]:
+        if uniform:
+            i = torch.randint(max(len(c) for c in choices), (1,), generator=gen).item()
+            return [c[min(i, len(c) - 1)] for c in choices]
+        return [c[torch.randint(len(c), (1,), generator=gen).item()] for c in choices]
+
+    return Subnet(mlp=pick(space.mlp), attn=pick(space.attn))
+
+
+def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet]:
+    """The sub-networks trained at `step`; seeded by (seed, step), so every rank draws the same."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    space = em.space
+    if cfg.sampling == "fixed":
+        return [uniform_subnet_for(em, Budget(fraction=cfg.budgets[0]))[0]]
+    if cfg.sampling in ("sandwich", "uniform"):
+        randoms = [random_subnet(space, gen, cfg.sampling == "uniform") for _ in range(cfg.n_random)]
+        return [space.full(), space.smallest(), *randoms]
+    probs = torch.tensor(cfg.budget_probs or [1.0] * len(cfg.budgets), dtype=torch.float64)
+    out = []
+    for _ in range(cfg.n_random + 2):
+        if torch.rand((), generator=gen).item() < cfg.full_prob:
+            out.append(space.full())
+        else:
+            b = cfg.budgets[torch.multinomial(probs, 1, generator=gen).item()]
+            out.append(uniform_subnet_for(em, Budget(fraction=b))[0])
+    return out
+
+
+def _check_resume(run: Path, info: dict) -> None:
+    saved = json.loads((run / "run.json").read_text())
+    for key in ("source_model", "family", "elastic_space"):
+        if saved["source"][key] != info["source"][key]:
+            raise FlextronError(f"cannot resume {run}: it trained another model or elastic space ({key} differs)")
+    for key in _RESUME_KEYS:
+        if saved["config"][key] != info["config"][key]:
+            raise FlextronError(f"cannot resume {run}: --{key.replace('_', '-')} was {saved['config'][key]}, "
+                                f"now {info['config'][key]}")
+    if saved["world_size"] != info["world_size"]:
+        raise FlextronError(f"cannot resume {run}: it ran on {saved['world_size']} processes, now {info['world_size']}")
+
+
+def _context(em: ElasticModel) -> int:
+    c = em.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1 << 30
+
+
+def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
+    em, tok, _ = load_checkpoint(path, device=str(d.device))
+    wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
+    budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
+    return ppl_at_budgets(em, wins, budgets, autocast_dtype=AUTOCAST[cfg.dtype], progress=True)
+
+
+def _plot(before: list[dict], after: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rows, label in ((before, "before training"), (after, "after training")):
+        ax.plot([r["params_fraction"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("fraction of non-embedding parameters")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Uniform sub-networks before / after elastic training")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",
+          resume: bool = False, callbacks: list | None = None, progress: bool = True) -> dict:
+    """Distil the elastic checkpoint `ckpt` into itself over sampled sub-networks; outputs in `run`.
+
+    Returns the summary (also in run/eval.json). `callbacks` are called as cb(step, row) after
+    each optimizer step, on every rank.
+    """
+    d = init_distributed(device)
+    manifest = read_manifest(ckpt)
+    info = {"source": {"checkpoint": str(ckpt), "source_model": manifest.get("source_model"),
+                       "family": manifest["family"], "elastic_space": manifest["elastic_space"]},
+            "config": json.loads(json.dumps(vars(cfg))), "world_size": d.world}
+    existing = checkpoints(run)
+    if resume:
+        if not (run / "run.json").is_file():
+            raise FlextronError(f"nothing to resume in {run}: it has no run.json; drop --resume")
+        _check_resume(run, info)
+    elif run.exists() and any(run.iterdir()):
+        raise FlextronError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    start = existing[-1] if resume and existing else ckpt
+
+    torch.manual_seed(cfg.seed)
+    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device),
+                                      dtype=torch.bfloat16 if cfg.teacher_dtype == "bf16" else torch.float32)
+    teacher.requires_grad_(False)
+    em, _, _ = load_checkpoint(start, device=str(d.device))
+    if cfg.seq_len > _context(em):
+        raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
+    if cfg.activation_checkpointing:
+        em.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    em.train()
+
+    sequences = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    per_step = d.world * cfg.micro_batch * cfg.grad_accum
+    total = cfg.max_steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
+    model = wrap(em, d, cfg.fsdp)
+    optimizer = torch.optim.AdamW(em.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    step = 0
+    if start != ckpt:
+        step = load_training_state(start, model, em, optimizer, scheduler)["step"]
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
+    log = MetricsLog(run, step, cfg.tensorboard) if d.main else None
+    autocast = AUTOCAST[cfg.dtype]
+
+    def save(at: int) -> Path:
+        out = run / "checkpoints" / f"step-{at:07d}"
+        training = {"step": at, "tokens": at * per_step * cfg.seq_len, "config": info["config"]}
+        save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
+                                 {**manifest, "training": training}, {"step": at}, d)
+        if d.main:
+            prune_checkpoints(run, keep=2)
+        return out
+
+    bar = tqdm(total=total, initial=step, desc="elastic training", disable=not (progress and d.main))
+    t0, tokens_done = time.time(), 0
+    last_good = checkpoints(run)[-1] if checkpoints(run) else ckpt
+    try:
+        while step < total:
+            subnets = sample_subnets(em, cfg, step)
+            rows = sequences.rows(step * per_step, per_step)
+            loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
+            n_passes = cfg.grad_accum * len(subnets)
+            for a in range(cfg.grad_accum):
+                lo = (a * d.world + d.rank) * cfg.micro_batch
+                ids = rows[lo : lo + cfg.micro_batch].to(d.device)
+                with torch.no_grad(), torch.autocast(d.device.type, dtype=autocast or torch.float32,
+                                                     enabled=autocast is not None):
+                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                for j, sub in enumerate(subnets):
+                    em.set_subnet(sub)
+                    last = a == cfg.grad_accum - 1 and j == len(subnets) - 1
+                    with grad_sync(model, last), torch.autocast(d.device.type, dtype=autocast or torch.float32,
+                                                                enabled=autocast is not None):
+                        s_logits = model(input_ids=ids, use_cache=False).logits
+                        loss, p = distill_loss(s_logits, t_logits, ids, cfg)
+                        (loss / n_passes).backward()
+                    loss_sum += loss.item() / n_passes
+                    for k in parts:
+                        parts[k] += p[k] / n_passes
+            loss_mean = all_mean(loss_sum, d)
+            if not math.isfinite(loss_mean):
+                raise FlextronError(f"the loss became {loss_mean} at step {step + 1}; training stopped, the last good "
+                                    f"checkpoint is {last_good}; lower --lr or train in --dtype fp32")
+            grad_norm = torch.nn.utils.clip_grad_norm_(em.parameters(), cfg.clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_done += per_step * cfg.seq_len
+            row = {"step": step, "tokens": step * per_step * cfg.seq_len, "loss": round(loss_mean, 6),
+                   "kd": round(all_mean(parts["kd"], d), 6), "lm": round(all_mean(parts["lm"], d), 6),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                   "tokens_per_s": round(tokens_done / (time.time() - t0), 1),
+                   "elapsed_s": round(time.time() - t0, 1)}
+            if log is not None:
+                log.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            for cb in callbacks or []:
+                cb(step, row)
+            if step % cfg.save_every == 0 or step == total:
+                last_good = save(step)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    em.set_subnet(None)
+    summary = {"steps": step, "tokens": step * per_step * cfg.seq_len, "final": str(last_good)}
+    if d.main and cfg.eval_limit == 0:
+        atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    if d.main and cfg.eval_limit != 0:
+        before, after = _evaluate(ckpt, cfg, d), _evaluate(last_good, cfg, d)
+        summary |= {"before": before, "after": after}
+        atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+        _plot(before, after, run / "eval.png")
+    if d.world > 1:
+        dist.barrier()
+    return summary

@@ -1,0 +1,199 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILY_KINDS, VOCAB, make_model, make_tokenizer
+from flextron import api
+from flextron.checkpoint import save_checkpoint
+from flextron.cli import main
+from flextron.config import ElasticSpace, Subnet
+from flextron.cost import subnet_cost
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.export import export
+from flextron.generation import generate_text
+from flextron.modeling_flextron import PER_LAYER
+
+PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
+CASES = ["uniform", "fallback", "hetero"]
+
+
+def elastic(kind: str) -> ElasticModel:
+    em = ElasticModel(make_model(kind))
+    first = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units, multiple=8))
+    return em
+
+
+def subnet_for(em: ElasticModel, kind: str, case: str) -> Subnet:
+    """uniform: stock architecture; fallback: uniform but not expressible by the stock config; hetero."""
+    s = em.space
+    if case == "uniform":
+        return s.uniform(1, 3) if kind == "gpt2" else s.uniform(1, 1)  # GPT-2: full heads, smaller MLP
+    if case == "fallback":
+        # GPT-2: fewer heads at the same hidden size; Llama-like: 6 heads do not divide hidden 64.
+        return s.uniform(2, 1) if kind == "gpt2" else s.uniform(2, 2)
+    return Subnet(mlp=[s.mlp[0][0], s.mlp[1][2]], attn=[s.attn[0][1], s.attn[1][3]])
+
+
+def per_layer_expected(kind: str, case: str) -> bool:
+    # Mistral/Qwen configs take any head count with an explicit head_dim; Llama's checks hidden % heads.
+    return case == "hetero" or (case == "fallback" and kind in ("llama", "gpt2"))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Every family x case exported once: {(kind, case): (dir, subnet, params, expected logits)}."""
+    root = tmp_path_factory.mktemp("exports")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, root / "ids.pt")
+    out = {}
+    for kind in FAMILY_KINDS:
+        em = elastic(kind)
+        for case in CASES:
+            sub = subnet_for(em, kind, case)
+            d = export(em, make_tokenizer(), sub, root / f"{kind}-{case}")
+            em.set_subnet(sub)
+            with torch.no_grad():
+                logits = em(ids).logits
+            em.set_subnet(None)
+            torch.save(logits, d / "expected.pt")
+            out[kind, case] = (d, sub, subnet_cost(em, sub).params, logits)
+    return root, ids, out
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_export_matches_elastic_model(exports, kind, case):
+    _, ids, out = exports
+    d, _, params, expected = out[kind, case]
+    model = AutoModelForCausalLM.from_pretrained(d)  # per-layer ones via the registration on import
+    per_layer = type(model).__name__ in PER_LAYER_CLASSES
+    assert per_layer == per_layer_expected(kind, case), type(model).__name__
+    assert json.loads((d / "flextron_export.json").read_text())["per_layer"] == per_layer
+    assert (d / "modeling_flextron.py").is_file() == per_layer
+    assert sum(p.numel() for p in model.parameters()) == params
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max().item() < 1e-4
+
+
+def test_exports_load_without_flextron(exports, tmp_path):
+    """Stock exports load with plain transformers, per-layer ones with trust_remote_code; flextron is blocked."""
+    root, _, out = exports
+    script = r"""
+import importlib.abc, json, sys
+from pathlib import Path
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flextron" or name.startswith("flextron."):
+            raise ImportError("flextron is blocked here")
+
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM
+
+root, remote = Path(sys.argv[1]), json.loads(sys.argv[2])
+ids = torch.load(root / "ids.pt")
+diffs = {}
+for name, trust in remote.items():
+    d = root / name
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=trust)
+    with torch.no_grad():
+        diffs[d.name] = [type(model).__name__, (model(ids).logits - torch.load(d / "expected.pt")).abs().max().item()]
+assert "flextron" not in sys.modules
+print(json.dumps(diffs))
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    remote = {f"{k}-{c}": per_layer_expected(k, c) for k, c in out}
+    r = subprocess.run([sys.executable, "-c", script, str(root), json.dumps(remote)], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(diffs) == len(out)
+    for (kind, case), _ in out.items():
+        cls, diff = diffs[f"{kind}-{case}"]
+        assert cls.startswith("Flextron") == per_layer_expected(kind, case), (kind, case, cls)
+        assert diff < 1e-4, (kind, case, diff)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_greedy_generation_matches(exports, kind):
+    _, _, out = exports
+    em, tok = elastic(kind), make_tokenizer()
+    for case in ("uniform", "hetero"):
+        d, sub, _, _ = out[kind, case]
+        em.set_subnet(sub)
+        streamed = []
+        expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=10, stream=streamed.append)
+        got = generate_text(AutoModelForCausalLM.from_pretrained(d), tok, "w5 w6 w7", max_new_tokens=10)
+        assert got == expected and "".join(streamed) == expected and expected
+
+
+def test_existing_output_is_refused_and_untouched(tmp_path):
+    em, tok = elastic("llama"), make_tokenizer()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FlextronError, match="already exists"):
+        export(em, tok, em.space.smallest(), out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    export(em, tok, em.space.smallest(), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt"
+    save_checkpoint(elastic("llama"), make_tokenizer(), path, {})
+    return path
+
+
+def test_api_export_budget_and_explicit_subnet(ckpt, tmp_path):
+    with pytest.raises(FlextronError, match="below the smallest"):
+        api.export(ckpt, "0.01", tmp_path / "small")
+    assert not (tmp_path / "small").exists()
+    sub = {"mlp": [24, 96], "attn": [4, 1]}
+    d = api.export(ckpt, None, tmp_path / "explicit", subnet=sub)
+    info = json.loads((d / "flextron_export.json").read_text())
+    assert info["subnet"] == sub and info["per_layer"] and info["source_checkpoint"] == str(ckpt)
+    with pytest.raises(FlextronError, match="exactly one"):
+        api.export(ckpt, "0.5", tmp_path / "both", subnet=sub)
+
+
+def test_cli_export_then_generate(ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(ckpt), "--budget", "0.6", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    info = json.loads((out / "flextron_export.json").read_text())
+    assert "Exported" in shown and "FLOPs/token" in shown and info["budget"] == "params=60%"
+    em = elastic("llama")
+    assert info["cost"] == subnet_cost(em, Subnet(**info["subnet"])).to_dict()
+
+    args = ["--max-new-tokens", "6", "--raw", "w9 w10"]
+    assert main(["generate", str(out), *args]) == 0
+    from_export = capsys.readouterr().out
+    assert main(["generate", str(ckpt), "--budget", "0.6", *args]) == 0
+    assert capsys.readouterr().out == from_export and from_export.strip()
+
+    assert main(["generate", str(out), "--budget", "0.5", "w1"]) == 2
+    assert "not an elastic checkpoint" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--budget", "0.01", "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+
+
+def test_prompt_uses_chat_template_unless_raw():
+    from flextron.generation import prompt_inputs
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
+                         "{% if add_generation_prompt %} w3{% endif %}")
+    templated = prompt_inputs(tok, "w7 w8")["input_ids"][0].tolist()
+    assert templated == tok.convert_tokens_to_ids(["w1", "w7", "w8", "w2", "w3"])
+    assert prompt_inputs(tok, "w7 w8", raw=True)["input_ids"][0].tolist() == tok.convert_tokens_to_ids(["w7", "w8"])

@@ -1,0 +1,158 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_model, make_tokenizer, word_text
+from flextron import api
+from flextron.config import CalibrationConfig, ElasticSpace, TrainConfig
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.train.elastic import distill_loss, sample_subnets
+
+FAST = dict(seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=1, eval_limit=0, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_model("llama").save_pretrained(root / "hf")
+    make_tokenizer().save_pretrained(root / "hf")
+    data = root / "data.txt"
+    data.write_text(word_text(6000))
+    calib = CalibrationConfig(n_sequences=8, seq_len=32, source=str(data))
+    ckpt = api.convert(str(root / "hf"), root / "ckpt", calibration=calib, multiple=8, device="cpu", progress=False)
+    return root, ckpt, data
+
+
+def weights(run, step):
+    return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
+
+
+def test_resume_after_interruption_is_exact(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
+    api.train(ckpt, root / "straight", cfg, [str(data)], device="cpu", progress=False)
+
+    def interrupt(step, row):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    from flextron.train.elastic import train
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt, root / "cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
+    assert [p.name for p in (root / "cut" / "checkpoints").iterdir()] == ["step-0000002"]
+    api.train(ckpt, root / "cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
+    a, b = weights(root / "straight", 4), weights(root / "cut", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(ckpt / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed the weights
+    rows = (root / "cut" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_two_process_torchrun_equals_one_process(setup):
+    root, ckpt, data = setup
+    common = ["--max-steps", "1", "--seq-len", "32", "--lr", "1e-3", "--warmup-steps", "1", "--eval-limit", "0",
+              "--dtype", "fp32", "--data", str(data), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "flextron", "train", str(ckpt), "--out", str(root / "one"),
+                          "--micro-batch", "2", *common], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "flextron", "train", str(ckpt), "--out", str(root / "two"), "--micro-batch", "1",
+                          *common], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("Trained 1 steps") == 1
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29534", "-m", "flextron", "train", str(ckpt), "--out", str(root / "fsdp"),
+                           "--micro-batch", "1", "--fsdp", *common], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    a, start = weights(root / "one", 1), load_file(ckpt / "model.safetensors")
+    for other in ("two", "fsdp"):
+        b = weights(root / other, 1)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (other, k)
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_teacher_gets_no_gradients_and_loss_is_kd():
+    em = ElasticModel(make_model("llama"))
+    teacher = ElasticModel(make_model("llama")).requires_grad_(False)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    em.set_subnet(em.space.smallest())
+    loss, parts = distill_loss(em(input_ids=ids).logits, t, ids, TrainConfig(max_steps=1, lm_weight=0.5))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
+    assert loss.item() == pytest.approx(parts["kd"] + 0.5 * parts["lm"], rel=1e-5)
+    # Identical student and teacher: zero KL.
+    em.set_subnet(None)
+    same, _ = distill_loss(t, t, ids, TrainConfig(max_steps=1))
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampling_rules():
+    em = ElasticModel(make_model("llama"))
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(2, b.mlp.n_units, b.attn.n_units, multiple=8))
+    sandwich = sample_subnets(em, TrainConfig(max_steps=1, n_random=3), step=5)
+    assert sandwich[0] == em.space.full() and sandwich[1] == em.space.smallest() and len(sandwich) == 5
+    assert sandwich == sample_subnets(em, TrainConfig(max_steps=1, n_random=3), step=5)  # same on every rank
+    for s in sample_subnets(em, TrainConfig(max_steps=1, sampling="uniform", n_random=8), step=1):
+        assert len(set(s.mlp)) == 1 and len(set(s.attn)) == 1
+    hetero = [s for step in range(20) for s in sample_subnets(em, TrainConfig(max_steps=1, n_random=2), step)[2:]]
+    assert any(len(set(s.mlp)) > 1 for s in hetero)
+    fixed = sample_subnets(em, TrainConfig(max_steps=1, sampling="fixed", budgets=(0.5,)), step=0)
+    assert len(fixed) == 1 and fixed[0] != em.space.full()
+
+
+def test_bad_inputs(setup, tmp_path):
+    root, ckpt, data = setup
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    cases = [
+        (dict(max_steps=1, **FAST), [str(empty)], "holds no text"),
+        (dict(max_steps=1, **{**FAST, "seq_len": 4096}), [str(data)], "beyond the model's context"),
+        (dict(max_steps=1, **FAST), [str(tmp_path / "nope.txt")], "does not exist"),
+    ]
+    for kw, src, msg in cases:
+        with pytest.raises(FlextronError, match=msg):
+            api.train(ckpt, tmp_path / "run", TrainConfig(**kw), src, device="cpu", progress=False)
+    with pytest.raises(FlextronError, match="exactly one of --max-steps or --tokens"):
+        TrainConfig()
+
+
+def test_resume_of_another_space_or_setting_is_refused(setup, tmp_path):
+    root, ckpt, data = setup
+    run = tmp_path / "run"
+    api.train(ckpt, run, TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
+    with pytest.raises(FlextronError, match="already holds a run"):
+        api.train(ckpt, run, TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
+    with pytest.raises(FlextronError, match="--seq-len was 32, now 16"):
+        api.train(ckpt, run, TrainConfig(max_steps=2, **{**FAST, "seq_len": 16}), [str(data)], device="cpu",
+                  resume=True, progress=False)
+    info = json.loads((run / "run.json").read_text())
+    info["source"]["elastic_space"]["mlp"][0] = [96]
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(FlextronError, match="another model or elastic space"):
+        api.train(ckpt, run, TrainConfig(max_steps=2, **FAST), [str(data)], device="cpu", resume=True,
+                  progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    root, ckpt, data = setup
+    run = tmp_path / "run"
+    cfg = TrainConfig(max_steps=4, save_every=1, **{**FAST, "lr": 1e30, "clip": 1e30})
+    with pytest.raises(FlextronError, match="the loss became nan") as err:
+        api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept and str(run / "checkpoints" / kept[-1]) in str(err.value)
