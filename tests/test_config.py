@@ -5,13 +5,15 @@ from flextron.errors import FlextronError
 
 
 @pytest.mark.parametrize("text,metric,fraction,value", [
-    ("0.6", "params", 0.6, None),
-    ("60%", "params", 0.6, None),
-    (0.5, "params", 0.5, None),
+    ("0.6", "auto", 0.6, None),
+    ("60%", "auto", 0.6, None),
+    (0.5, "auto", 0.5, None),
+    ("latency_ms=25", "latency_ms", None, 25.0),
     ("params=80e6", "params", None, 80e6),
-    ("flops=0.4", "flops", 0.4, None),
+    ("flops=40%", "flops", 0.4, None),
+    ("latency_ms=0.8", "latency_ms", None, 0.8),
     ("kv_bytes=50%", "kv_bytes", 0.5, None),
-    (" 1.0 ", "params", 1.0, None),
+    (" 1.0 ", "auto", 1.0, None),
 ])
 def test_budget_parse(text, metric, fraction, value):
     b = Budget.parse(text)
@@ -24,6 +26,8 @@ def test_budget_parse(text, metric, fraction, value):
     ("0", "must be positive"),
     ("-0.5", "cannot read budget"),
     ("50%%", "cannot read budget"),
+    ("1.5", "above the full model"),
+    ("120%", "above the full model"),
 ])
 def test_budget_parse_rejects(text, match):
     with pytest.raises(FlextronError, match=match):

@@ -5,8 +5,10 @@ import torch
 
 from flextron import api
 from flextron.assets import load_hf
+from flextron.config import Budget
 from flextron.data import heldout_windows
 from flextron.evaluate import perplexity
+from flextron.routers import select_subnet
 
 pytestmark = pytest.mark.real
 
@@ -18,7 +20,7 @@ def demo(tmp_path_factory):
 
 def test_demo_full_width_ppl_equals_original(demo):
     full = demo["elastic"][0]
-    assert full["budget"] == "params=100%"
+    assert full["budget"] == "100%"
     assert abs(full["ppl"] / demo["original"]["ppl"] - 1) < 1e-3
     # Smaller budgets cost less and (without training) lose quality.
     fractions = [r["params_fraction"] for r in demo["elastic"]]
@@ -36,3 +38,16 @@ def test_converted_logits_equal_original(demo):
         diff = (em(input_ids=x).logits - original(input_ids=x).logits).abs().max().item()
     assert diff < 1e-3
     assert abs(perplexity(em, x, progress=False) / perplexity(original, x, progress=False) - 1) < 1e-4
+
+
+def test_export_at_half_budget_matches_the_elastic_model(demo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = api.export(demo["checkpoint"], "0.5", tmp_path / "half")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert type(exported).__name__ == "LlamaForCausalLM"  # uniform: the stock architecture
+    em, tok, _ = api.load(demo["checkpoint"], "cpu")
+    em.set_subnet(select_subnet(em, Budget.parse("0.5")))
+    x = heldout_windows(tok, 64, limit=1)
+    with torch.no_grad():
+        assert (exported(input_ids=x).logits - em(input_ids=x).logits).abs().max().item() < 1e-4

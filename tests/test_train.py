@@ -156,3 +156,40 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
         api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept and str(run / "checkpoints" / kept[-1]) in str(err.value)
+
+
+def test_activation_checkpointing_and_jsonl_data_give_the_same_step(setup, tmp_path):
+    root, ckpt, data = setup
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in data.read_text().split("\n\n")))
+    plain = api.train(ckpt, tmp_path / "plain", TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu",
+                      progress=False)
+    ckpt_run = api.train(ckpt, tmp_path / "ac", TrainConfig(max_steps=1, activation_checkpointing=True, **FAST),
+                         [str(jsonl)], device="cpu", progress=False)
+    a = load_file(f"{plain['final']}/model.safetensors")
+    b = load_file(f"{ckpt_run['final']}/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_activation_checkpointing_keeps_fewer_activations():
+    from flextron.train.loop import enable_activation_checkpointing
+
+    em = ElasticModel(make_model("llama"))
+    em.train()
+    ids = torch.randint(0, 128, (1, 8))
+
+    def saved_bytes() -> int:
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = em(input_ids=ids, use_cache=False).logits.sum()
+        loss.backward()
+        return sum(total)
+
+    before = saved_bytes()
+    enable_activation_checkpointing(em)
+    assert saved_bytes() < 0.5 * before

@@ -12,16 +12,18 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
-from flextron.config import Budget, CalibrationConfig, ElasticSpace, Subnet, TrainConfig
-from flextron.cost import subnet_cost, uniform_subnet_for
+from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
+from flextron.cost import subnet_cost
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import ppl_at_budgets
+from flextron.evaluate import ppl_at_budgets, router_report
 from flextron.export import export as export_model
 from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import generate_text
 from flextron.importance import measure_importance, random_importance, sort_by_importance
+from flextron.routers import select_subnet
+from flextron.serve import Engine, ServeConfig, Server
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -173,7 +175,7 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwr
     check_output_dir(out, overwrite)
     em, tok, _ = load(ckpt, "cpu")
     if subnet is None:
-        subnet, _ = uniform_subnet_for(em, Budget.parse(budget))
+        subnet = select_subnet(em, Budget.parse(budget))
     elif isinstance(subnet, dict):
         subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
@@ -192,7 +194,7 @@ def generate(path: str | Path, prompt: str, budget: str | float | None = None, *
     if (path / MANIFEST).is_file():
         em, tok, _ = load(path, device)
         if budget is not None:
-            em.set_subnet(uniform_subnet_for(em, Budget.parse(budget))[0])
+            em.set_subnet(select_subnet(em, Budget.parse(budget)))
         model = em.model
     else:
         if budget is not None and Budget.parse(budget).fraction != 1.0:
@@ -213,3 +215,69 @@ def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] |
 
     return train_elastic(Path(ckpt), Path(out), cfg, data, device=resolve_device(device), resume=resume,
                          progress=progress)
+
+
+# Serving (issue 6): imported here to keep this addition at the end of the file.
+
+
+def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device: str | None = None,
+          dtype: str = "fp32", name: str | None = None, config: ServeConfig | None = None,
+          on_ready: Callable[[Server], None] | None = None) -> None:
+    """Serve an elastic checkpoint over OpenAI-compatible HTTP, every budget from one copy of the weights.
+
+    Blocks until interrupted, or until `server.shutdown()` is called on the `Server` that
+    `on_ready` receives once it listens.
+    """
+    device = resolve_device(device)
+    em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(dtype) or torch.float32)
+    server = Server(Engine(em, tok, name or Path(ckpt).resolve().name, config), host, port)
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32", batch: int = 1,
+            context: int = 256, decode_steps: int = 16, repeats: int = 3, n_fit: int = 24, n_validate: int = 10,
+            progress: bool = True) -> dict:
+    """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint."""
+    from flextron.latency import profile as measure_table
+    from flextron.latency import save_table
+
+    em, _, _ = load(ckpt, device)
+    table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
+                          progress=progress)
+    save_table(Path(ckpt), table)
+    return table
+
+
+def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *, out: str | Path | None = None,
+          device: str | None = None, unseen: tuple[float, ...] = (0.45, 0.85), progress: bool = True) -> dict:
+    """Train static routers (surrogate-guided) and fine-tune jointly; store them in the checkpoint
+    (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity."""
+    from flextron.data import PackedSequences, load_corpus
+    from flextron.train.routers import train_routers
+
+    device = resolve_device(device)
+    out = Path(out or ckpt)
+    if out != Path(ckpt):
+        check_output_dir(out, overwrite=False)
+    em, tok, manifest = load(ckpt, device)
+    teacher, _, _ = load(ckpt, device)
+    teacher.requires_grad_(False)
+    data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
+    del teacher
+    manifest["routing"] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
+                           "surrogate": cfg.surrogate}
+    save_checkpoint(em, tok, out, manifest, overwrite=True)
+    wins = heldout_windows(tok, 1024, cfg.eval_limit)
+    fractions = sorted(set(cfg.budgets) | set(unseen))
+    rows = router_report(em, wins, fractions, autocast_dtype=compute_dtype(cfg.dtype), progress=progress)
+    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log}
+    atomic_write(out / "routing.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    return result

@@ -21,6 +21,8 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import FAMILIES
 from flextron.fsutil import atomic_dir
+from flextron.latency import LATENCY_FILE, load_table
+from flextron.routers import Routers
 
 MANIFEST = "flextron.json"
 FORMAT_VERSION = 1
@@ -30,23 +32,27 @@ _REQUIRED = ("config.json", MANIFEST)
 def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: Path,
                     manifest: dict, overwrite: bool = False, state_dict: dict | None = None,
                     extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
-    """Write weights, tokenizer and manifest into `out` atomically.
+    """Write weights, tokenizer, manifest (and any latency table and routers) into `out` atomically.
 
     `state_dict` replaces the model's own (e.g. weights gathered from FSDP shards); `extra`
     maps file names to writers of further files (training state).
     """
     full = {
+        **manifest,
         "format_version": FORMAT_VERSION,
         "flextron_version": __version__,
         "family": em.family.name,
         "elastic_space": em.space.to_dict(),
-        **manifest,
     }
     em.set_subnet(None)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         em.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
+        if em.latency is not None:
+            (tmp / LATENCY_FILE).write_text(json.dumps(em.latency, indent=1))
+        if em.routers is not None:
+            em.routers.save(tmp)
         for name, write in (extra or {}).items():
             write(tmp / name)
     return Path(out)
@@ -88,4 +94,8 @@ def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.
         ) from None
     space = ElasticSpace.from_dict(manifest["elastic_space"])
     em = ElasticModel(model.to(device).eval(), space, FAMILIES[manifest["family"]])
+    em.latency = load_table(ckpt)
+    em.routers = Routers.load(Path(ckpt), space)
+    if em.routers is not None:
+        em.routers.static.to(device)
     return em, tokenizer, manifest

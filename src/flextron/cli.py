@@ -12,7 +12,7 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
-from flextron.config import CalibrationConfig, TrainConfig
+from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
 from flextron.errors import FlextronError
 
 console = Console()
@@ -96,6 +96,38 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would clutter the output
 
 
+def cmd_profile(a: argparse.Namespace) -> None:
+    table = api.profile(a.ckpt, device=a.device, dtype=a.dtype, batch=a.batch, context=a.context,
+                        decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate)
+    t = Table(title=f"Latency lookup table — {table['device']}, {table['dtype']}, batch {table['batch']}, "
+                    f"context {table['context']}")
+    for col in ("", "decode ms/token", "prefill ms"):
+        t.add_column(col, justify="right")
+    d, p = table["decode_ms"], table["prefill_ms"]
+    t.add_row("overhead", f"{d['overhead']:.3f}", f"{p['overhead']:.2f}")
+    for kind in ("mlp", "attn"):
+        for choice in d[kind]:
+            t.add_row(f"{kind} {choice} (per layer)", f"{d[kind][choice]:.3f}", f"{p[kind][choice]:.2f}")
+    console.print(t)
+    for key, v in table["validation"].items():
+        console.print(f"{key}: |predicted - measured| / measured over {v['n']} unseen sub-networks: "
+                      f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
+    console.print(f"Stored in {a.ckpt}/latency.json")
+
+
+def cmd_route(a: argparse.Namespace) -> None:
+    cfg = RouterConfig(**{f.name: getattr(a, f.name) for f in fields(RouterConfig)})
+    result = api.route(a.ckpt, cfg, a.data, out=a.out, device=a.device)
+    t = Table(title=f"Routed sub-networks (budgets in {result['metric']})")
+    for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl"):
+        t.add_column(col, justify="right")
+    for r in result["budgets"]:
+        t.add_row(f"{r['budget']:.0%}", _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                  f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}")
+    console.print(t)
+    console.print(f"Routers stored in {result['checkpoint']}; details in {result['checkpoint']}/routing.json")
+
+
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
@@ -142,13 +174,31 @@ def cmd_train(a: argparse.Namespace) -> None:
         console.print(f"Plot: {a.out}/eval.png")
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import logging
+
+    from flextron.serve import ServeConfig
+
+    _quiet_hf()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = ServeConfig(max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
+                         default_max_tokens=min(a.default_max_tokens, a.max_tokens), max_body_bytes=a.max_body_bytes,
+                         max_queue=a.max_queue)
+
+    def ready(server: api.Server) -> None:
+        console.print(f"Serving [bold]{server.engine.name}[/bold] at [bold]{server.url}/v1[/bold] "
+                      "(OpenAI-compatible; pass \"budget\" per request); Ctrl-C stops")
+
+    api.serve(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, name=a.name, config=config, on_ready=ready)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --option per dataclass field, typed from its default (tuples are comma-separated floats)."""
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple) or f.name == "budget_probs":
             parser.add_argument(flag, type=_floats, default=default, metavar="X,Y,...")
         elif default is None or isinstance(default, int):
@@ -206,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(t, TrainConfig)
     t.set_defaults(func=cmd_train)
 
+    pr = sub.add_parser("profile", help="measure the latency lookup table on this device")
+    pr.add_argument("ckpt")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--context", type=int, default=256, help="prompt tokens (prefill) before decoding")
+    pr.add_argument("--decode-steps", type=int, default=16)
+    pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--samples", type=int, default=24, help="random sub-networks the table is fitted on")
+    pr.add_argument("--validate", type=int, default=10, help="further sub-networks it is checked on")
+    common(pr)
+    pr.set_defaults(func=cmd_profile)
+
+    r = sub.add_parser("route", help="train static routers (budget -> per-layer widths)")
+    r.add_argument("ckpt")
+    r.add_argument("--out", default=None, help="write the routed checkpoint here (default: in place)")
+    r.add_argument("--data", action="append", default=None)
+    r.add_argument("--device", default=None)
+    add_dataclass_args(r, RouterConfig)
+    r.set_defaults(func=cmd_route)
+
     x = sub.add_parser("export", help="slice the sub-network for a budget into a standalone HF directory")
     x.add_argument("ckpt", help="elastic checkpoint")
     x.add_argument("--budget", required=True, help="0.6, 60%%, or metric=value such as params=80e6")
@@ -224,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server: every budget from one elastic checkpoint")
+    v.add_argument("ckpt", help="elastic checkpoint")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--name", default=None, help="model id reported to clients (default: checkpoint dir name)")
+    v.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get 400")
+    v.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    v.add_argument("--default-max-tokens", type=int, default=128, help="when a request gives none")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-queue", type=int, default=64, help="requests generating or waiting; more get 503")
+    common(v)
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -112,22 +112,26 @@ class Subnet:
         return asdict(self)
 
 
-METRICS = ("params", "flops", "kv_bytes")
+METRICS = ("params", "flops", "kv_bytes", "decode_bytes", "latency_ms", "prefill_ms")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A target cost: a fraction of the full model's cost, or an absolute value of a metric."""
+    """A target cost: a fraction of the full model's cost, or an absolute value of a metric.
 
-    metric: str = "params"
+    Metric "auto" (a bare fraction) means measured decode latency where the checkpoint has a
+    latency table, else non-embedding parameters.
+    """
+
+    metric: str = "auto"
     fraction: float | None = None
     value: float | None = None
 
     @classmethod
     def parse(cls, text: str | float) -> Budget:
-        """Accept `0.6`, `60%`, `params=80e6`, `flops=1.2e8`, `kv_bytes=0.5` (<=1 is a fraction)."""
+        """Accept `0.6` or `60%` (fractions), `params=80e6` or `latency_ms=25` (absolute), `flops=50%`."""
         s = str(text).strip().lower().replace(" ", "")
-        metric = "params"
+        metric = "auto"
         if "=" in s:
             metric, s = s.split("=", 1)
             if metric not in METRICS:
@@ -142,14 +146,17 @@ class Budget:
         number = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
         if number <= 0:
             raise FlextronError(f"budget {text!r} must be positive")
-        if number <= 1.0:
+        if m.group(2) or metric == "auto":
+            if number > 1.0:
+                raise FlextronError(f"budget {text!r} is above the full model; use a fraction up to 1.0 (100%)")
             return cls(metric=metric, fraction=number)
         return cls(metric=metric, value=number)
 
     def __str__(self) -> str:
+        prefix = "" if self.metric == "auto" else f"{self.metric}="
         if self.fraction is not None:
-            return f"{self.metric}={self.fraction:.0%}"
-        return f"{self.metric}={self.value:g}"
+            return f"{prefix}{self.fraction:.0%}"
+        return f"{prefix}{self.value:g}"
 
 
 @dataclass
@@ -213,3 +220,37 @@ class TrainConfig:
         for name in ("dtype", "teacher_dtype"):
             if getattr(self, name) not in ("fp32", "bf16"):
                 raise FlextronError(f"{name.replace('_', '-')} must be fp32 or bf16")
+
+
+@dataclass
+class RouterConfig:
+    """Static routers (budget -> per-layer choices), surrogate-guided, then joint fine-tuning."""
+
+    budgets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the trained grid (fractions)
+    metric: str = "auto"  # cost the budgets refer to: auto = measured decode latency if profiled, else params
+    steps: int = 200  # router steps (LLM frozen)
+    joint_steps: int = 40  # LLM + routers fine-tuned together
+    hidden: int = 128
+    router_lr: float = 3e-3
+    llm_lr: float = 1e-5
+    tau_start: float = 5.0  # Gumbel-softmax temperature, annealed exponentially
+    tau_end: float = 0.3
+    budget_weight: float = 10.0
+    tolerance: float = 0.01  # |expected cost / target - 1| below this costs nothing
+    surrogate: bool = True  # False: straight-through Gumbel through the LLM (the ablation baseline)
+    surrogate_threshold: float = 0.1  # relative error under which routers follow the surrogate
+    surrogate_hidden: int = 256
+    surrogate_fit_steps: int = 20
+    seq_len: int = 256
+    micro_batch: int = 4
+    dtype: str = "bf16"
+    eval_limit: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise FlextronError("--budgets must be fractions in (0, 1], e.g. 0.4,0.5,...,1.0")
+        if self.steps < 1 or self.joint_steps < 0:
+            raise FlextronError("--steps must be at least 1 and --joint-steps at least 0")
+        if self.dtype not in ("fp32", "bf16"):
+            raise FlextronError("--dtype must be fp32 or bf16")

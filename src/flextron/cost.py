@@ -1,40 +1,54 @@
-"""Analytic cost of a sub-network: parameters, FLOPs per token, KV-cache bytes per token.
+"""Cost of a sub-network: cost = constant + sum over layers of its MLP and attention choice.
 
-Counted from the elastic projections themselves, so every family is covered by one rule:
-cost = fixed part (embeddings, norms, lm_head, position embeddings) + sum over layers of the
-active projection weights. FLOPs per token = 2 x matmul weights in use (lm_head included,
-biases and norms left out) + 4 x active query heads x head_dim x context (QK^T and AV for
-a token that attends to `context` positions).
+One `CostTable` per metric holds those terms, whether analytic (counted from the elastic
+projections themselves, so every family follows one rule) or measured (the latency lookup
+table of `flextron.latency`). Routers read the same tables as tensors for expected costs.
+
+- params: non-embedding parameters in use;
+- flops: per token = 2 x matmul weights in use (lm_head included, biases and norms left out)
+  + 4 x active query heads x head_dim x context (QK^T and AV for a token attending to
+  `context` positions);
+- kv_bytes: KV-cache bytes per token; decode_bytes: weight bytes read per decoded token;
+- latency_ms / prefill_ms: measured decode (per token) / prefill latency.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from flextron.config import Budget, Subnet
+from flextron.config import Budget, ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 
+ANALYTIC = ("params", "flops", "kv_bytes", "decode_bytes")
+MEASURED = ("latency_ms", "prefill_ms")
+
 
 @dataclass(frozen=True)
-class Cost:
-    params: int
-    params_nonembed: int
-    flops_per_token: int
-    kv_bytes_per_token: int
+class CostTable:
+    """cost(subnet) = const + sum_l mlp[l][choice index] + attn[l][choice index], for one metric."""
 
-    def metric(self, name: str) -> float:
-        """The value a budget metric refers to."""
-        return {
-            "params": self.params_nonembed,
-            "flops": self.flops_per_token,
-            "kv_bytes": self.kv_bytes_per_token,
-        }[name]
+    metric: str
+    const: float
+    mlp: list[list[float]]
+    attn: list[list[float]]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __call__(self, space: ElasticSpace, subnet: Subnet) -> float:
+        total = self.const
+        for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)):
+            total += self.mlp[i][space.mlp[i].index(w)] + self.attn[i][space.attn[i].index(a)]
+        return total
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """[L, K] tables, padded with +inf where a layer has fewer choices (for routers)."""
+        def pad(rows: list[list[float]]) -> Tensor:
+            k = max(len(r) for r in rows)
+            return torch.tensor([r + [float("inf")] * (k - len(r)) for r in rows], dtype=torch.float64)
+
+        return pad(self.mlp), pad(self.attn)
 
 
 def _embedding_params(model: nn.Module) -> int:
@@ -45,50 +59,112 @@ def _embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in seen.values())
 
 
+def _head_weights(em: ElasticModel) -> int:
+    head = em.model.get_output_embeddings()
+    return head.weight.numel() if head is not None else 0
+
+
+def cost_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
+               weight_dtype_bytes: int = 2) -> CostTable:
+    """The analytic table of `metric`; measured metrics come from `flextron.latency`."""
+    if metric in MEASURED:
+        from flextron.latency import latency_table  # a measured table lives beside the checkpoint
+
+        return latency_table(em, metric)
+    if metric not in ANALYTIC:
+        raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
+    mlp, attn = [], []
+    for b, wm, wa in zip(em.blocks, em.space.mlp, em.space.attn):
+        g = b.geometry
+        if metric == "params":
+            mlp.append([b.mlp.n_params(c) for c in wm])
+            attn.append([b.attn.n_params(c) for c in wa])
+        elif metric in ("flops", "decode_bytes"):
+            scale = 2 if metric == "flops" else weight_dtype_bytes
+            bias = metric == "decode_bytes"
+            mlp.append([scale * b.mlp.n_params(c, bias=bias) for c in wm])
+            attn.append([scale * b.attn.n_params(c, bias=bias)
+                         + (4 * c * g.heads_per_unit * g.head_dim * context if metric == "flops" else 0)
+                         for c in wa])
+        else:  # kv_bytes: one KV head per unit, keys and values
+            mlp.append([0] * len(wm))
+            attn.append([2 * c * g.head_dim * kv_dtype_bytes for c in wa])
+    total = sum(p.numel() for p in em.model.parameters())
+    elastic_full = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
+    fixed_nonembed = total - elastic_full - _embedding_params(em.model)
+    const = {
+        "params": fixed_nonembed,
+        "flops": 2 * _head_weights(em),
+        "kv_bytes": 0,
+        # Every non-embedding weight is read once per token, the output head included.
+        "decode_bytes": weight_dtype_bytes * (fixed_nonembed + _head_weights(em)),
+    }[metric]
+    return CostTable(metric, float(const), mlp, attn)
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    params_nonembed: int
+    flops_per_token: int
+    kv_bytes_per_token: int
+    decode_bytes_per_token: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1024,
-                kv_dtype_bytes: int = 2) -> Cost:
-    """Cost of `subnet` (the full model when None); KV bytes at `kv_dtype_bytes` per value."""
+                kv_dtype_bytes: int = 2, weight_dtype_bytes: int = 2) -> Cost:
+    """All analytic costs of `subnet` (the full model when None)."""
     subnet = subnet or em.space.full()
     em.space.validate(subnet)
-    total = sum(p.numel() for p in em.model.parameters())
-    full_elastic = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
-    fixed = total - full_elastic
-    elastic, weights, attn_flops, kv = 0, 0, 0, 0
-    for b, w, a in zip(em.blocks, subnet.mlp, subnet.attn):
-        elastic += b.mlp.n_params(w) + b.attn.n_params(a)
-        weights += b.mlp.n_params(w, bias=False) + b.attn.n_params(a, bias=False)
-        g = b.geometry
-        attn_flops += 4 * a * g.heads_per_unit * g.head_dim * context
-        kv += 2 * a * g.head_dim * kv_dtype_bytes  # one KV head per unit, keys and values
-    head = em.model.get_output_embeddings()
-    matmul = weights + (head.weight.numel() if head is not None else 0)
-    params = fixed + elastic
+    value = {m: int(cost_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(em.space, subnet))
+             for m in ANALYTIC}
     return Cost(
-        params=params,
-        params_nonembed=params - _embedding_params(em.model),
-        flops_per_token=2 * matmul + attn_flops,
-        kv_bytes_per_token=kv,
+        params=value["params"] + _embedding_params(em.model),
+        params_nonembed=value["params"],
+        flops_per_token=value["flops"],
+        kv_bytes_per_token=value["kv_bytes"],
+        decode_bytes_per_token=value["decode_bytes"],
     )
 
 
-def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, Cost]:
-    """The largest uniform sub-network (same choice index in every layer) within the budget."""
-    full = subnet_cost(em).metric(budget.metric)
+def budget_metric(em: ElasticModel, budget: Budget) -> str:
+    """The metric a budget refers to: its own; for `auto`, the routers' metric where routers were
+    trained, else decode latency where measured, else params."""
+    if budget.metric != "auto":
+        return budget.metric
+    if em.routers is not None:
+        return em.routers.metric
+    from flextron.latency import has_latency_table
+
+    return "latency_ms" if has_latency_table(em) else "params"
+
+
+def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
+    """The cost table of the budget's metric and the target value, checked against what is feasible."""
+    table = cost_table(em, budget_metric(em, budget))
+    full, smallest = table(em.space, em.space.full()), table(em.space, em.space.smallest())
     target = budget.fraction * full if budget.fraction is not None else budget.value
-    n_mlp = max(len(c) for c in em.space.mlp)
-    n_attn = max(len(c) for c in em.space.attn)
-    best: tuple[float, Subnet, Cost] | None = None
-    smallest = subnet_cost(em, em.space.smallest()).metric(budget.metric)
-    for i in range(n_mlp):
-        for j in range(n_attn):
-            sub = em.space.uniform(i, j)
-            cost = subnet_cost(em, sub)
-            value = cost.metric(budget.metric)
-            if value <= target * (1 + 1e-9) and (best is None or value > best[0]):
-                best = (value, sub, cost)
-    if best is None:
+    if target < smallest * (1 - 1e-9):
         raise FlextronError(
-            f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full "
-            f"model's {budget.metric}); choose a budget between {smallest / full:.2f} and 1.0"
+            f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full model's "
+            f"{table.metric}, {smallest:.4g}); choose a budget between {smallest / full:.2f} and 1.0"
         )
-    return best[1], best[2]
+    return table, target
+
+
+def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]:
+    """The largest uniform sub-network (same choice index in every layer) within the budget."""
+    table, target = budget_target(em, budget)
+    best: tuple[float, Subnet] | None = None
+    for i in range(max(len(c) for c in em.space.mlp)):
+        for j in range(max(len(c) for c in em.space.attn)):
+            sub = em.space.uniform(i, j)
+            value = table(em.space, sub)
+            if value <= target * (1 + 1e-9) and (best is None or value > best[0]):
+                best = (value, sub)
+    if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
+        raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
+    return best[1], best[0]

@@ -170,6 +170,10 @@ class ElasticModel(nn.Module):
         self.model = model
         self.train(model.training)  # nn.Module starts in training mode; follow the wrapped model
         self.blocks = [ElasticBlock(b, self.family) for b in self.family.blocks(model)]
+        # Budget resolution aids loaded with a checkpoint: the measured latency table and the
+        # trained routers (a plain holder, so the routers are not parameters of the LLM).
+        self.latency: dict | None = None
+        self.routers = None
         if space is None:
             space = ElasticSpace.default(
                 len(self.blocks), self.blocks[0].mlp.n_units, self.blocks[0].attn.n_units

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.config import Budget
-from flextron.cost import subnet_cost, uniform_subnet_for
+from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
 from flextron.elastic import ElasticModel
+from flextron.routers import decode, select_subnet
 
 
 @torch.no_grad()
@@ -37,11 +38,12 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
 
 def ppl_at_budgets(em: ElasticModel, windows: Tensor, budgets: list[Budget], batch_size: int = 4,
                    autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
-    """Held-out perplexity of the largest uniform sub-network within each budget."""
+    """Held-out perplexity of the sub-network each budget selects (router, else largest uniform)."""
     full = subnet_cost(em).params_nonembed
     rows = []
     for budget in budgets:
-        subnet, cost = uniform_subnet_for(em, budget)
+        subnet = select_subnet(em, budget)
+        cost = subnet_cost(em, subnet)
         em.set_subnet(subnet)
         ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
         rows.append({
@@ -52,5 +54,31 @@ def ppl_at_budgets(em: ElasticModel, windows: Tensor, budgets: list[Budget], bat
             "ppl": ppl,
             "tokens": int(windows[:, 1:].numel()),
         })
+    em.set_subnet(None)
+    return rows
+
+
+@torch.no_grad()
+def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], batch_size: int = 4,
+                  autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+    """Per budget: the routed sub-network (raw argmax and projected) and its realised cost in the
+    routers' metric, its held-out perplexity, and the same for the largest uniform sub-network."""
+    rows = []
+    for fraction in fractions:
+        budget = Budget(fraction=fraction)
+        table, target = budget_target(em, budget)
+        full = table(em.space, em.space.full())
+        mlp, attn = em.routers.static(fraction)
+        raw = decode(em.space, mlp, attn)
+        routed = select_subnet(em, budget)
+        uniform, _ = uniform_subnet_for(em, budget)
+        row = {"budget": fraction, "metric": table.metric, "subnet": routed.to_dict(),
+               "raw_cost_ratio": table(em.space, raw) / target, "cost_ratio": table(em.space, routed) / target,
+               "fraction_of_full": table(em.space, routed) / full,
+               "uniform_subnet": uniform.to_dict(), "uniform_fraction_of_full": table(em.space, uniform) / full}
+        for key, sub in (("ppl", routed), ("uniform_ppl", uniform)):
+            em.set_subnet(sub)
+            row[key] = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"{key} @ {fraction:.0%}")
+        rows.append(row)
     em.set_subnet(None)
     return rows

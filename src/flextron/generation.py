@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, TextStreamer
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from flextron.errors import FlextronError
 
 
-def prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> dict[str, Tensor]:
-    """Token ids of `prompt`: wrapped in the tokenizer's chat template when it has one, unless `raw`."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+def prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], raw: bool = False
+                  ) -> dict[str, Tensor]:
+    """Token ids of `prompt`: wrapped in the tokenizer's chat template when it has one, unless `raw`.
+
+    A list of chat messages (`{"role", "content"}`) always goes through the chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, list) and not has_template:
+        raise FlextronError("this model's tokenizer has no chat template, so it cannot take chat messages; "
+                            "send a plain text prompt instead")
+    if isinstance(prompt, list) or (has_template and not raw):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template already holds the special tokens it wants.
         return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
     return dict(tokenizer(prompt, return_tensors="pt"))
@@ -33,12 +42,72 @@ class _CallbackStreamer(TextStreamer):
             self.callback(text)
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first occurrence of any stop string, and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class _StopOnText(StoppingCriteria):
+    """Ends generation once the new text contains a stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_len: int) -> None:
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+        done = cut_at_stop(text, self.stops)[1]
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopFilter:
+    """Passes streamed text on up to the first stop string.
+
+    Text that could be the start of a stop string is held back until the next piece decides
+    it, so the pieces passed on always add up to `cut_at_stop` of the whole text.
+    """
+
+    def __init__(self, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.stops, self.emit = [s for s in stops if s], emit
+        self.pending, self.stopped = "", False
+
+    def __call__(self, text: str) -> None:
+        if self.stopped:
+            return
+        self.pending += text
+        head, self.stopped = cut_at_stop(self.pending, self.stops)
+        if not self.stopped:
+            keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+            head = self.pending[:len(self.pending) - keep]
+        self.pending = "" if self.stopped else self.pending[len(head):]
+        if head:
+            self.emit(head)
+
+    def flush(self) -> None:
+        if self.pending and not self.stopped:
+            self.emit(self.pending)
+        self.pending = ""
+
+
+@dataclass
+class Completion:
+    """Generated text with its token counts; `finish_reason` is "stop" (end of text or a stop string) or "length"."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
 @torch.no_grad()
-def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *,
-                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                  raw: bool = False, seed: int | None = None,
-                  stream: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`: greedy at temperature 0, else sampling with nucleus `top_p`; the new text."""
+def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[str, Tensor], *,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stop: Sequence[str] = (), stream: Callable[[str], None] | None = None) -> Completion:
+    """Continue the token ids `inputs` (see `prompt_inputs`): greedy at temperature 0, else nucleus sampling.
+
+    Generation ends at the end-of-text token, after `max_new_tokens`, or at the first of the `stop`
+    strings (left out of the text); `stream` receives the text piece by piece as it comes.
+    """
     if max_new_tokens < 1:
         raise FlextronError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -46,8 +115,9 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: 
     if not 0.0 < top_p <= 1.0:
         raise FlextronError(f"--top-p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in prompt_inputs(tokenizer, prompt, raw).items()}
-    if inputs["input_ids"].shape[1] == 0:
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    if prompt_len == 0:
         raise FlextronError("the prompt is empty after tokenization; pass some text or drop --raw")
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -60,8 +130,27 @@ def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: 
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-        streamer=None if stream is None else _CallbackStreamer(tokenizer, stream), **options,
-    )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    stops = [s for s in stop if s]
+    streamer = stopper = None
+    if stream is not None:
+        stopper = _StopFilter(stops, stream)
+        streamer = _CallbackStreamer(tokenizer, stopper)
+    criteria = StoppingCriteriaList([_StopOnText(tokenizer, stops, prompt_len)] if stops else [])
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                         streamer=streamer, stopping_criteria=criteria, **options)
+    if stopper is not None:
+        stopper.flush()
+    new = out[0, prompt_len:]
+    text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stops)
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    ended = stopped or (len(new) > 0 and int(new[-1]) in eos_ids)
+    return Completion(text, prompt_len, len(new), "stop" if ended or len(new) < max_new_tokens else "length")
+
+
+def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  raw: bool = False, seed: int | None = None,
+                  stream: Callable[[str], None] | None = None) -> str:
+    """Continue `prompt`: greedy at temperature 0, else sampling with nucleus `top_p`; the new text."""
+    return complete(model, tokenizer, prompt_inputs(tokenizer, prompt, raw), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, seed=seed, stream=stream).text

@@ -16,19 +16,21 @@ from tqdm.auto import tqdm
 
 from flextron.checkpoint import load_checkpoint, read_manifest
 from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
-from flextron.cost import uniform_subnet_for
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import ppl_at_budgets
 from flextron.fsutil import atomic_write
+from flextron.routers import select_subnet
 from flextron.train.loop import (
     Dist,
     MetricsLog,
     all_mean,
     checkpoints,
+    enable_activation_checkpointing,
     grad_sync,
     init_distributed,
+    kd_loss,
     load_training_state,
     prune_checkpoints,
     save_training_checkpoint,
@@ -43,10 +45,7 @@ _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_r
 
 def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
     """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE."""
-    t = cfg.kd_temperature
-    s_log = F.log_softmax(student.float() / t, dim=-1)
-    t_log = F.log_softmax(teacher.float() / t, dim=-1)
-    kd = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1).mean() * t * t
+    kd = kd_loss(student, teacher, cfg.kd_temperature)
     lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss = cfg.kd_weight * kd + cfg.lm_weight * lm
     return loss, {"kd": kd.item(), "lm": lm.item()}
@@ -68,7 +67,7 @@ def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     space = em.space
     if cfg.sampling == "fixed":
-        return [uniform_subnet_for(em, Budget(fraction=cfg.budgets[0]))[0]]
+        return [select_subnet(em, Budget(fraction=cfg.budgets[0]))]
     if cfg.sampling in ("sandwich", "uniform"):
         randoms = [random_subnet(space, gen, cfg.sampling == "uniform") for _ in range(cfg.n_random)]
         return [space.full(), space.smallest(), *randoms]
@@ -79,7 +78,7 @@ def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet
             out.append(space.full())
         else:
             b = cfg.budgets[torch.multinomial(probs, 1, generator=gen).item()]
-            out.append(uniform_subnet_for(em, Budget(fraction=b))[0])
+            out.append(select_subnet(em, Budget(fraction=b)))
     return out
 
 
@@ -156,7 +155,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
     if cfg.activation_checkpointing:
-        em.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(em)
     em.train()
 
     sequences = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)

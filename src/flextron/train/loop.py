@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from flextron.checkpoint import save_checkpoint
@@ -62,6 +63,15 @@ def wrap(em: ElasticModel, d: Dist, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(em, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def enable_activation_checkpointing(em: ElasticModel) -> None:
+    """Recompute each decoder block's activations in backward instead of keeping them."""
+    enable = getattr(em.model, "activation_checkpointing_enable", None)  # the newer transformers name
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        em.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def grad_sync(model: nn.Module, enabled: bool):
     """Context in which backward does (or skips) the cross-rank gradient reduction."""
     from contextlib import nullcontext
@@ -79,6 +89,14 @@ def all_mean(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.item() / d.world
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """T^2 * KL(teacher || student) at temperature T, summed over the vocabulary, mean over tokens."""
+    s_log = F.log_softmax(student.float() / temperature, dim=-1)
+    t_log = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature * temperature
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

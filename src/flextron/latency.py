@@ -1,0 +1,185 @@
+"""The measured latency lookup table: per layer kind and choice, decode and prefill time.
+
+Timing one block alone on a CPU misses the framework work between blocks and is dominated by
+timer noise for blocks of a millisecond, so the table is measured differentially: end-to-end
+latency of many random heterogeneous sub-networks (warm-up, device sync, trimmed mean of
+repeats), then a least-squares fit of latency = overhead + sum over layers of
+t_mlp[width] + t_attn[units]. Each column of the fit is the difference that swapping one
+layer's choice makes — repeat-and-subtract, done across all layers at once. The table is
+checked on further random sub-networks that the fit never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flextron.config import Subnet
+from flextron.cost import CostTable
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_write
+
+LATENCY_FILE = "latency.json"
+_METRIC_KEY = {"latency_ms": "decode_ms", "prefill_ms": "prefill_ms"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _trimmed_mean(xs: list[float]) -> float:
+    xs = sorted(xs)
+    cut = len(xs) // 5
+    kept = xs[cut : len(xs) - cut] or xs
+    return sum(kept) / len(kept)
+
+
+@torch.inference_mode()
+def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256, decode_steps: int = 16,
+            repeats: int = 3, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """End-to-end prefill latency (ms) of `context` tokens and decode latency (ms per token) after them."""
+    device = next(em.parameters()).device
+    em.set_subnet(subnet)
+    em.eval()
+    ids = torch.randint(0, em.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    prefill, decode = [], []
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        for r in range(repeats + 1):  # the first round warms up
+            _sync(device)
+            t = time.perf_counter()
+            out = em(input_ids=ids[:, :context], use_cache=True)
+            _sync(device)
+            t_prefill = time.perf_counter() - t
+            cache, nxt = out.cache, ids[:, context:]
+            t = time.perf_counter()
+            for _ in range(decode_steps):
+                out = em(input_ids=nxt, cache=cache, use_cache=True)
+                cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            if r > 0:
+                prefill.append(t_prefill * 1e3)
+                decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
+    return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
+
+
+def random_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(lists: list[list[int]]) -> list[int]:
+        return [c[torch.randint(len(c), (1,), generator=gen).item()] for c in lists]
+
+    return [Subnet(mlp=pick(em.space.mlp), attn=pick(em.space.attn)) for _ in range(n)]
+
+
+def _columns(em: ElasticModel) -> tuple[list[int], list[int]]:
+    return sorted({c for cs in em.space.mlp for c in cs}), sorted({c for cs in em.space.attn for c in cs})
+
+
+def _design(em: ElasticModel, subnets: list[Subnet]) -> np.ndarray:
+    widths, units = _columns(em)
+    rows = []
+    for s in subnets:
+        rows.append([1.0] + [s.mlp.count(w) for w in widths] + [s.attn.count(a) for a in units])
+    return np.asarray(rows)
+
+
+def _fit(em: ElasticModel, subnets: list[Subnet], y: list[float]) -> dict:
+    widths, units = _columns(em)
+    coef, *_ = np.linalg.lstsq(_design(em, subnets), np.asarray(y), rcond=None)
+    overhead, mlp, attn = coef[0], coef[1 : 1 + len(widths)], coef[1 + len(widths) :]
+    # Only sums over layers are identified: move each kind's minimum into the overhead so
+    # the per-choice entries read as non-negative costs. Predictions do not change.
+    n = em.space.n_layers
+    overhead += n * (mlp.min() + attn.min())
+    mlp, attn = mlp - mlp.min(), attn - attn.min()
+    return {"overhead": float(overhead), "mlp": {str(w): float(v) for w, v in zip(widths, mlp)},
+            "attn": {str(a): float(v) for a, v in zip(units, attn)}}
+
+
+def _errors(pred: list[float], meas: list[float]) -> dict:
+    err = sorted(abs(p - m) / m * 100 for p, m in zip(pred, meas))
+    return {"median_pct": err[len(err) // 2], "max_pct": err[-1], "n": len(err)}
+
+
+def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: int = 16, repeats: int = 3,
+            n_fit: int = 24, n_validate: int = 10, autocast_dtype: torch.dtype | None = None, seed: int = 0,
+            progress: bool = True) -> dict:
+    """Build the latency table on this device and validate it on unseen random sub-networks."""
+    if n_fit < 4 or n_validate < 1:
+        raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
+    space = em.space
+    fit_nets = [space.full(), space.smallest(), *random_subnets(em, n_fit - 2, seed)]
+    val_nets = random_subnets(em, n_validate, seed + 1)
+    timings = []
+    for s in tqdm(fit_nets + val_nets, desc="profiling", disable=not progress):
+        timings.append(measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
+    em.set_subnet(None)
+    device = next(em.parameters()).device
+    table = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32",
+        "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "validation": {},
+        "measurements": [],
+    }
+    for key in ("decode_ms", "prefill_ms"):
+        fitted = _fit(em, fit_nets, [t[key] for t in timings[: len(fit_nets)]])
+        table[key] = fitted
+        meas = [t[key] for t in timings[len(fit_nets) :]]
+        predict = _as_table(em, key, fitted)
+        pred = [predict(space, s) for s in val_nets]
+        table["validation"][key] = _errors(pred, meas)
+    for s, t, role in zip(fit_nets + val_nets, timings, ["fit"] * len(fit_nets) + ["validate"] * len(val_nets)):
+        table["measurements"].append({"role": role, "subnet": s.to_dict(), **t})
+    return table
+
+
+def save_table(ckpt: Path, table: dict) -> Path:
+    path = Path(ckpt) / LATENCY_FILE
+    atomic_write(path, lambda p: p.write_text(json.dumps(table, indent=1)))
+    return path
+
+
+def load_table(ckpt: Path) -> dict | None:
+    """The checkpoint's latency table, or None where it was never profiled."""
+    path = Path(ckpt) / LATENCY_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text())
+        table["decode_ms"]["overhead"], table["prefill_ms"]["mlp"]  # noqa: B018  (shape check)
+    except (ValueError, KeyError, TypeError) as e:
+        raise FlextronError(f"{path} is corrupt ({e}); re-run `flextron profile`") from None
+    return table
+
+
+def has_latency_table(em: ElasticModel) -> bool:
+    return getattr(em, "latency", None) is not None
+
+
+def latency_table(em: ElasticModel, metric: str) -> CostTable:
+    """The measured table of `metric` (latency_ms: decode per token; prefill_ms) as a CostTable."""
+    if not has_latency_table(em):
+        raise FlextronError(f"budget metric {metric} needs a latency table; run `flextron profile CKPT` first")
+    return _as_table(em, metric, em.latency[_METRIC_KEY[metric]])
+
+
+def _as_table(em: ElasticModel, metric: str, t: dict) -> CostTable:
+    try:
+        mlp = [[t["mlp"][str(c)] for c in cs] for cs in em.space.mlp]
+        attn = [[t["attn"][str(c)] for c in cs] for cs in em.space.attn]
+    except KeyError as e:
+        raise FlextronError(f"the latency table lacks choice {e}; re-run `flextron profile`") from None
+    return CostTable(metric, t["overhead"], mlp, attn)

@@ -1,0 +1,181 @@
+"""Static routers (budget -> per-layer choices), the surrogate model, and budget resolution.
+
+The static router reads the budget as a one-hot over its trained grid (linear interpolation
+between the two neighbours for a budget in between) and outputs, per layer, logits over the
+MLP choices and over the attention choices. Training relaxes them with Gumbel-softmax;
+inference takes the argmax, then `project` nudges single layers up or down along the
+router's own preferences until the cost meets the budget exactly (the relaxed cost the
+router learnt to hit is an expectation, a single argmax can land a few percent off).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
+from flextron.cost import CostTable, budget_target, uniform_subnet_for
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+
+ROUTER_WEIGHTS = "routers.safetensors"
+ROUTER_CONFIG = "routers.json"
+
+
+def encode_budget(grid: Tensor, fraction: float) -> Tensor:
+    """One-hot over the sorted grid; linear interpolation between neighbours; clamped at the ends."""
+    x = min(max(float(fraction), grid[0].item()), grid[-1].item())
+    hi = int(torch.searchsorted(grid, torch.tensor(x, dtype=grid.dtype)).clamp(max=len(grid) - 1))
+    out = torch.zeros(len(grid), dtype=torch.float32)
+    if grid[hi].item() == x or hi == 0:
+        out[hi] = 1.0
+        return out
+    lo = hi - 1
+    w = (x - grid[lo].item()) / (grid[hi].item() - grid[lo].item())
+    out[lo], out[hi] = 1 - w, w
+    return out
+
+
+def choice_mask(choices: list[list[int]]) -> Tensor:
+    """[L, K] True where layer l has a k-th choice (lists may differ in length)."""
+    k = max(len(c) for c in choices)
+    return torch.tensor([[i < len(c) for i in range(k)] for c in choices])
+
+
+class StaticRouter(nn.Module):
+    """Budget -> per-layer logits over MLP choices and attention choices."""
+
+    def __init__(self, space: ElasticSpace, grid: tuple[float, ...], hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("grid", torch.tensor(sorted(grid), dtype=torch.float64))
+        self.register_buffer("mlp_mask", choice_mask(space.mlp))
+        self.register_buffer("attn_mask", choice_mask(space.attn))
+        n_out = self.mlp_mask.numel() + self.attn_mask.numel()
+        self.net = nn.Sequential(nn.Linear(len(grid), hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, n_out))
+
+    def forward(self, fraction: float) -> tuple[Tensor, Tensor]:
+        x = encode_budget(self.grid, fraction).to(self.net[0].weight.device)
+        out = self.net(x)
+        m = self.mlp_mask.numel()
+        mlp = out[:m].view(self.mlp_mask.shape).masked_fill(~self.mlp_mask, float("-inf"))
+        attn = out[m:].view(self.attn_mask.shape).masked_fill(~self.attn_mask, float("-inf"))
+        return mlp, attn
+
+
+class Surrogate(nn.Module):
+    """Predicts the LLM's distillation loss from the routers' (one-hot) per-layer choices."""
+
+    def __init__(self, n_in: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, choices: Tensor) -> Tensor:
+        return self.net(choices).squeeze(-1)
+
+
+def gumbel(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """Straight-through Gumbel-softmax: one-hot forward, soft gradient; masked (-inf) choices never win."""
+    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-9, 1 - 1e-9)
+    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def expected_cost(table: CostTable, mlp: Tensor, attn: Tensor) -> Tensor:
+    """const + sum of per-layer choice weights x costs (padding, +inf in the table, weighs 0)."""
+    tm, ta = (t.to(mlp.device, torch.float32).nan_to_num(posinf=0.0) for t in table.tensors())
+    return table.const + (mlp * tm).sum() + (attn * ta).sum()
+
+
+def decode(space: ElasticSpace, mlp: Tensor, attn: Tensor) -> Subnet:
+    """The sub-network of per-layer one-hots or logits (argmax)."""
+    im, ia = mlp.argmax(-1).tolist(), attn.argmax(-1).tolist()
+    return Subnet(mlp=[c[i] for c, i in zip(space.mlp, im)], attn=[c[i] for c, i in zip(space.attn, ia)])
+
+
+def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: Tensor, target: float,
+            slack: float = 0.01) -> Subnet:
+    """From the argmax, step single layers down (least log-prob lost per cost saved) while over
+    the target, then up (most log-prob gained per cost added) while under target x (1 - slack)."""
+    idx = {"mlp": mlp_logp.argmax(-1).tolist(), "attn": attn_logp.argmax(-1).tolist()}
+    logp = {"mlp": mlp_logp.tolist(), "attn": attn_logp.tolist()}
+    costs = {"mlp": table.mlp, "attn": table.attn}
+    lists = {"mlp": space.mlp, "attn": space.attn}
+
+    def current() -> Subnet:
+        return Subnet(mlp=[c[i] for c, i in zip(space.mlp, idx["mlp"])],
+                      attn=[c[i] for c, i in zip(space.attn, idx["attn"])])
+
+    cost = table(space, current())
+    while cost > target * (1 + 1e-9):
+        moves = [((logp[k][layer][i] - logp[k][layer][i - 1]) / max(costs[k][layer][i] - costs[k][layer][i - 1],
+                                                                    1e-12), k, layer)
+                 for k in idx for layer, i in enumerate(idx[k]) if i > 0]
+        if not moves:
+            break
+        _, k, layer = min(moves)
+        idx[k][layer] -= 1
+        cost = table(space, current())
+    while cost < target * (1 - slack):
+        moves = []
+        for k in idx:
+            for layer, i in enumerate(idx[k]):
+                if i + 1 < len(lists[k][layer]):
+                    added = costs[k][layer][i + 1] - costs[k][layer][i]
+                    if cost + added <= target * (1 + 1e-9):
+                        moves.append(((logp[k][layer][i + 1] - logp[k][layer][i]) / max(added, 1e-12), k, layer))
+        if not moves:
+            break
+        _, k, layer = max(moves)
+        idx[k][layer] += 1
+        cost = table(space, current())
+    return current()
+
+
+@dataclass
+class Routers:
+    """Trained routers of a checkpoint: the static router and the metric its budgets refer to."""
+
+    static: StaticRouter
+    metric: str
+    config: RouterConfig
+
+    def save(self, directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.static.state_dict().items()}, directory / ROUTER_WEIGHTS)
+        cfg = {**asdict(self.config), "metric": self.metric}
+        (directory / ROUTER_CONFIG).write_text(json.dumps(cfg, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path, space: ElasticSpace) -> Routers | None:
+        if not (directory / ROUTER_CONFIG).is_file():
+            return None
+        try:
+            cfg = json.loads((directory / ROUTER_CONFIG).read_text())
+            metric = cfg.pop("metric")
+            config = RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+            router = StaticRouter(space, config.budgets, config.hidden)
+            router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
+        except Exception as e:  # corrupt, truncated or from another elastic space
+            raise FlextronError(f"the routers in {directory} are unreadable ({type(e).__name__}: {e}); "
+                                "re-run `flextron route`") from None
+        return cls(router.eval(), metric, config)
+
+
+@torch.no_grad()
+def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
+    """The sub-network for a budget: the router's choice, projected onto the budget, or without
+    routers the largest uniform sub-network within it."""
+    if em.routers is None:
+        return uniform_subnet_for(em, budget)[0]
+    table, target = budget_target(em, budget)
+    full = table(em.space, em.space.full())
+    mlp, attn = em.routers.static(target / full)
+    return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer, word_text
+from flextron.checkpoint import load_checkpoint, save_checkpoint
+from flextron.config import Budget, ElasticSpace, RouterConfig
+from flextron.cost import cost_table, uniform_subnet_for
+from flextron.data import PackedSequences, tokenize
+from flextron.elastic import ElasticModel
+from flextron.routers import StaticRouter, encode_budget, gumbel, project, select_subnet
+from flextron.train.routers import train_routers
+
+
+def elastic() -> ElasticModel:
+    em = ElasticModel(make_model("llama"))
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
+    return em
+
+
+def test_budget_encoding_interpolates_between_grid_neighbours():
+    grid = torch.tensor([0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+    assert encode_budget(grid, 0.6).tolist() == [0, 1, 0, 0]
+    assert torch.allclose(encode_budget(grid, 0.7), torch.tensor([0, 0.5, 0.5, 0]))
+    assert torch.allclose(encode_budget(grid, 0.45), torch.tensor([0.75, 0.25, 0, 0]))
+    assert encode_budget(grid, 0.1).tolist() == [1, 0, 0, 0]
+    assert encode_budget(grid, 1.0).tolist() == [0, 0, 0, 1]
+
+
+def test_gumbel_is_one_hot_forward_with_soft_gradient_and_skips_masked():
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 0.0, 0.0]], requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    y = gumbel(logits, 1.0, gen)
+    assert ((y == 0) | (y == 1)).all() and (y.sum(-1) == 1).all() and y[0, 2] == 0
+    (y * torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])).sum().backward()
+    assert logits.grad is not None and logits.grad[:, :2].abs().sum() > 0
+    # Low temperature follows the logits: a strongly preferred choice wins almost always.
+    wins = sum(gumbel(torch.tensor([[5.0, 0.0]]), 0.1, gen)[0, 0].item() for _ in range(200))
+    assert wins > 190
+
+
+def test_projection_meets_the_budget():
+    em = elastic()
+    table = cost_table(em, "params")
+    full = table(em.space, em.space.full())
+    gen = torch.Generator().manual_seed(3)
+    for fraction in (0.3, 0.5, 0.7, 0.9):
+        lm = torch.randn(2, 4, generator=gen).log_softmax(-1)
+        la = torch.randn(2, 4, generator=gen).log_softmax(-1)
+        sub = project(em.space, table, lm, la, fraction * full, slack=0.05)
+        cost = table(em.space, sub)
+        assert cost <= fraction * full
+        # Not far below either, unless one more step of any layer would overshoot.
+        assert cost >= fraction * full * 0.95 or all(
+            table(em.space, s) > fraction * full for s in _one_step_up(em.space, sub))
+
+
+def _one_step_up(space, sub):
+    for kind in ("mlp", "attn"):
+        for layer, value in enumerate(getattr(sub, kind)):
+            choices = getattr(space, kind)[layer]
+            i = choices.index(value)
+            if i + 1 < len(choices):
+                up = type(sub)(mlp=list(sub.mlp), attn=list(sub.attn))
+                getattr(up, kind)[layer] = choices[i + 1]
+                yield up
+
+
+@pytest.fixture(scope="module")
+def trained():
+    em = elastic()
+    teacher = ElasticModel(make_model("llama", seed=1))  # a different model, so the loss is not ~0
+    teacher.requires_grad_(False)
+    tok = make_tokenizer()
+    data = PackedSequences(tokenize(tok, word_text(3000)), 16, seed=0)
+    cfg = RouterConfig(budgets=(0.4, 0.6, 0.8, 1.0), metric="params", steps=100, joint_steps=4, seq_len=16,
+                       micro_batch=2, dtype="fp32", router_lr=1e-2, surrogate_fit_steps=10)
+    routers, log = train_routers(em, teacher, data, cfg, progress=False)
+    em.routers = routers
+    return em, routers, log, tok
+
+
+def test_temperature_anneals_and_stages_follow(trained):
+    _, _, log, _ = trained
+    taus = [r["tau"] for r in log if r["stage"] == "router"]
+    assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.3)
+    assert all(a >= b for a, b in zip(taus, taus[1:]))
+    assert [r["stage"] for r in log[-4:]] == ["joint"] * 4
+    assert any(r["surrogate_used"] for r in log)  # the surrogate became accurate enough to guide
+    assert log[-1]["surrogate_error"] < 0.1
+
+
+def test_router_meets_its_budgets(trained):
+    em, routers, _, _ = trained
+    table = cost_table(em, "params")
+    full = table(em.space, em.space.full())
+    raw_costs = []
+    for fraction in (0.4, 0.6, 0.8, 1.0):
+        mlp, attn = routers.static(fraction)
+        raw_costs.append(table(em.space, _argmax(em.space, mlp, attn)))
+        # The router's own choice, before projection (two layers: few costs are reachable).
+        assert abs(raw_costs[-1] / (fraction * full) - 1) < 0.15, (fraction, raw_costs[-1] / (fraction * full))
+        chosen = table(em.space, select_subnet(em, Budget(fraction=fraction))) / (fraction * full)
+        assert 0.75 <= chosen <= 1.0  # coarse steps: projection stops where no single step fits
+    assert raw_costs == sorted(raw_costs)
+
+
+def _argmax(space, mlp, attn):
+    from flextron.routers import decode
+
+    return decode(space, mlp, attn)
+
+
+def test_routers_roundtrip_through_the_checkpoint(trained, tmp_path):
+    em, routers, _, tok = trained
+    save_checkpoint(em, tok, tmp_path / "ckpt", {"source_model": "tiny"})
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.routers is not None and loaded.routers.metric == "params"
+    for f in (0.5, 0.8):
+        assert select_subnet(loaded, Budget(fraction=f)) == select_subnet(em, Budget(fraction=f))
+    # Without routers a budget falls back to the largest uniform sub-network.
+    loaded.routers = None
+    assert select_subnet(loaded, Budget(fraction=0.5)) == uniform_subnet_for(loaded, Budget(fraction=0.5))[0]
+
+
+def test_router_output_shapes_follow_the_space():
+    space = ElasticSpace(mlp=[[8, 16, 96], [48, 96]], attn=[[1, 4], [2, 4]])
+    router = StaticRouter(space, (0.5, 1.0))
+    mlp, attn = router(0.7)
+    assert mlp.shape == (2, 3) and attn.shape == (2, 2)
+    assert torch.isinf(mlp[1, 2]) and torch.isfinite(mlp[0]).all()

@@ -1,0 +1,173 @@
+"""The HTTP server over a tiny elastic checkpoint, driven by the real `openai` client on 127.0.0.1."""
+
+import http.client
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_model, make_tokenizer
+from flextron import api
+from flextron.checkpoint import save_checkpoint
+from flextron.cli import main
+from flextron.config import ElasticSpace
+from flextron.elastic import ElasticModel
+from flextron.generation import generate_text, prompt_inputs
+from flextron.importance import random_importance, sort_by_importance
+from flextron.serve import ServeConfig
+
+openai = pytest.importorskip("openai")
+
+PROMPT = "w5 w6 w7 w8"
+MAX_TOKENS = 12
+BUDGETS = [None, "75%", 0.5, "params=35%"]
+CONFIG = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30)
+TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
+            "{% if add_generation_prompt %} w3{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A checkpoint, the greedy outputs of each budget's export, and a running server."""
+    root = tmp_path_factory.mktemp("serve")
+    em = ElasticModel(make_model("llama"))
+    first = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units, multiple=8))
+    sort_by_importance(em, random_importance(em, 0))
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE
+    ckpt = save_checkpoint(em, tok, root / "ckpt", {})
+    expected = {}
+    for b in BUDGETS:
+        d = api.export(ckpt, "1.0" if b is None else b, root / f"export-{b}")
+        model, etok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+        expected[b] = {chat: generate_text(model, etok, PROMPT, max_new_tokens=MAX_TOKENS, raw=not chat)
+                       for chat in (False, True)}
+    ready, box = threading.Event(), {}
+
+    def on_ready(server) -> None:
+        box["server"] = server
+        ready.set()
+
+    thread = threading.Thread(target=api.serve, args=(ckpt,), daemon=True,
+                              kwargs={"port": 0, "device": "cpu", "config": CONFIG, "on_ready": on_ready})
+    thread.start()
+    assert ready.wait(60), "server did not start"
+    server = box["server"]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    yield server, client, expected, tok
+    server.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def ask(client, budget, chat: bool, **kw):
+    extra = {} if budget is None else {"extra_body": {"budget": budget}}
+    kw = {"model": "ckpt", "max_tokens": MAX_TOKENS, "temperature": 0, **extra, **kw}
+    if chat:
+        return client.chat.completions.create(**{"messages": [{"role": "user", "content": PROMPT}], **kw})
+    return client.completions.create(**{"prompt": PROMPT, **kw})
+
+
+def text_of(response, chat: bool) -> str:
+    return response.choices[0].message.content if chat else response.choices[0].text
+
+
+def test_concurrent_budgets_match_exports(setup):
+    _, client, expected, tok = setup
+    assert len({e[False] for e in expected.values()}) > 1  # the budgets really differ
+    jobs = [(b, chat) for _ in range(2) for b in BUDGETS for chat in (False, True)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda j: ask(client, *j), jobs))
+    for (b, chat), r in zip(jobs, responses):
+        assert text_of(r, chat) == expected[b][chat], (b, chat)
+        n_prompt = prompt_inputs(tok, PROMPT, raw=not chat)["input_ids"].shape[1]
+        assert r.usage.prompt_tokens == n_prompt and 1 <= r.usage.completion_tokens <= MAX_TOKENS
+        assert r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+        assert r.choices[0].finish_reason in ("stop", "length") and r.model == "ckpt"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_returns_the_same_text(setup, chat):
+    _, client, expected, _ = setup
+    for b in (None, 0.5):
+        chunks = list(ask(client, b, chat, stream=True, stream_options={"include_usage": True}))
+        pieces = [c.choices[0].delta.content if chat else c.choices[0].text for c in chunks if c.choices]
+        assert "".join(p or "" for p in pieces) == expected[b][chat]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens == ask(client, b, chat).usage.completion_tokens
+
+
+def test_stop_strings_and_seeded_sampling(setup):
+    _, client, expected, _ = setup
+    full = expected[0.5][False]
+    stop = full.split()[2]
+    cut = full[:full.find(stop)]
+    for stream in (False, True):
+        r = ask(client, 0.5, False, stop=[stop], stream=stream)
+        got = "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+        assert got == cut
+    sampled = [ask(client, "75%", False, temperature=1.0, top_p=0.9, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def completion(**fields) -> bytes:
+    return json.dumps({"model": "ckpt", "prompt": PROMPT, "max_tokens": 4, **fields}).encode()
+
+
+BAD = [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_json"),
+    (json.dumps({"model": "ckpt", "max_tokens": 4}).encode(), 400, "missing_field"),
+    (completion(max_tokens="ten"), 400, "invalid_type"),
+    (completion(prompt=7), 400, "invalid_type"),
+    (completion(temperature=5), 400, "invalid_value"),
+    (completion(max_tokens=33), 400, "invalid_value"),
+    (completion(prompt="w5 " * 100), 400, "context_length_exceeded"),
+    (completion(budget="lots"), 400, "invalid_budget"),
+    (completion(budget=0.01), 400, "invalid_budget"),
+    (completion(budget=True), 400, "invalid_type"),
+    (completion(prompt="w5 " * 6000), 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(setup, body, status, code):
+    server, client, expected, _ = setup
+    got, reply = raw(server, "POST", "/v1/completions", body)
+    assert got == status and reply["error"]["code"] == code, reply
+    assert reply["error"]["message"] and reply["error"]["type"]
+    assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
+
+
+def test_errors_through_the_client_and_other_routes(setup):
+    server, client, expected, _ = setup
+    with pytest.raises(openai.BadRequestError, match="below the smallest"):
+        ask(client, "1%", True)
+    with pytest.raises(openai.BadRequestError, match="no chat template|role"):
+        ask(client, None, True, messages=[{"role": "wizard", "content": "w5"}])
+    assert raw(server, "GET", "/v1/completions")[0] == 405
+    assert raw(server, "GET", "/v2/nothing")[0] == 404
+    assert raw(server, "POST", "/v1/completions", completion(), {"Transfer-Encoding": "chunked"})[0] in (400, 411)
+    status, health = raw(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["ckpt"]
+    assert text_of(ask(client, None, True), True) == expected[None][True]
+
+
+def test_cli_serve_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
