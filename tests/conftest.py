@@ -48,6 +48,17 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def make_elastic(kind: str = "llama", seed: int = 0):
+    """A tiny elastic model with the default space at multiples of 8 neurons (4 MLP choices)."""
+    from flextron.config import ElasticSpace
+    from flextron.elastic import ElasticModel
+
+    em = ElasticModel(make_model(kind, seed))
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
+    return em
+
+
 FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 

@@ -1,20 +1,12 @@
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import VOCAB, make_model
-from flextron.config import Budget, ElasticSpace, Subnet
+from conftest import VOCAB, make_elastic
+from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost, uniform_subnet_for
-from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 
 H, HEAD_DIM, REP = 64, 8, 2  # tiny Llama-like: 8 query heads in 4 KV groups
-
-
-def elastic(kind: str) -> ElasticModel:
-    em = ElasticModel(make_model(kind))
-    b = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
-    return em
 
 
 def llama_layer(w: int, a: int, bias: bool) -> int:
@@ -26,7 +18,7 @@ def llama_layer(w: int, a: int, bias: bool) -> int:
 
 @pytest.mark.parametrize("kind,bias", [("llama", False), ("qwen2", True)])
 def test_params_of_heterogeneous_subnet_equal_hand_count(kind, bias):
-    em = elastic(kind)
+    em = make_elastic(kind)
     sub = Subnet(mlp=[24, 72], attn=[1, 3])
     cost = subnet_cost(em, sub, context=100)
     embed = VOCAB * H
@@ -43,7 +35,7 @@ def test_params_of_heterogeneous_subnet_equal_hand_count(kind, bias):
 @pytest.mark.parametrize("cls,cfg_cls,kind", [(LlamaForCausalLM, LlamaConfig, "llama"),
                                                (Qwen2ForCausalLM, Qwen2Config, "qwen2")])
 def test_uniform_subnet_params_equal_a_standalone_model(cls, cfg_cls, kind):
-    em = elastic(kind)
+    em = make_elastic(kind)
     for w, a in ((24, 1), (48, 2), (96, 4)):
         cfg = em.config.to_dict() | {"intermediate_size": w, "num_attention_heads": a * REP, "num_key_value_heads": a}
         standalone = cls(cfg_cls(**cfg))
@@ -52,7 +44,7 @@ def test_uniform_subnet_params_equal_a_standalone_model(cls, cfg_cls, kind):
 
 
 def test_gpt2_params_equal_hand_count():
-    em = elastic("gpt2")
+    em = make_elastic("gpt2")
     w, a = 128, 2  # 4 heads of 16 in the tiny GPT-2
     hd = 16
     cost = subnet_cost(em, Subnet(mlp=[w, w], attn=[a, a]))
@@ -63,7 +55,7 @@ def test_gpt2_params_equal_hand_count():
 
 
 def test_uniform_budget_picks_largest_within():
-    em = elastic("llama")
+    em = make_elastic("llama")
     full = subnet_cost(em).params_nonembed
     for fraction in (1.0, 0.75, 0.5):
         sub, value = uniform_subnet_for(em, Budget.parse(fraction))
@@ -78,4 +70,4 @@ def test_uniform_budget_picks_largest_within():
 
 def test_budget_below_smallest_is_refused():
     with pytest.raises(FlextronError, match="below the smallest sub-network"):
-        uniform_subnet_for(elastic("llama"), Budget.parse("0.01"))
+        uniform_subnet_for(make_elastic("llama"), Budget.parse("0.01"))

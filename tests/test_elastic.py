@@ -2,18 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB, make_elastic, make_model
 from flextron.config import ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 
 
 def tiny_elastic(kind: str) -> tuple[torch.nn.Module, ElasticModel]:
-    ref = make_model(kind)
-    em = ElasticModel(make_model(kind))
-    b = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
-    return ref, em
+    return make_model(kind), make_elastic(kind)
 
 
 def random_subnet(space: ElasticSpace, gen: torch.Generator) -> Subnet:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILY_KINDS, VOCAB, make_model, make_tokenizer
+from conftest import FAMILY_KINDS, VOCAB, make_elastic, make_tokenizer
 from flextron import api
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import ElasticSpace, Subnet
+from flextron.config import Subnet
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -21,13 +21,6 @@ from flextron.modeling_flextron import PER_LAYER
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
 CASES = ["uniform", "fallback", "hetero"]
-
-
-def elastic(kind: str) -> ElasticModel:
-    em = ElasticModel(make_model(kind))
-    first = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units, multiple=8))
-    return em
 
 
 def subnet_for(em: ElasticModel, kind: str, case: str) -> Subnet:
@@ -54,7 +47,7 @@ def exports(tmp_path_factory):
     torch.save(ids, root / "ids.pt")
     out = {}
     for kind in FAMILY_KINDS:
-        em = elastic(kind)
+        em = make_elastic(kind)
         for case in CASES:
             sub = subnet_for(em, kind, case)
             d = export(em, make_tokenizer(), sub, root / f"{kind}-{case}")
@@ -125,7 +118,7 @@ print(json.dumps(diffs))
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_greedy_generation_matches(exports, kind):
     _, _, out = exports
-    em, tok = elastic(kind), make_tokenizer()
+    em, tok = make_elastic(kind), make_tokenizer()
     for case in ("uniform", "hetero"):
         d, sub, _, _ = out[kind, case]
         em.set_subnet(sub)
@@ -136,7 +129,7 @@ def test_greedy_generation_matches(exports, kind):
 
 
 def test_existing_output_is_refused_and_untouched(tmp_path):
-    em, tok = elastic("llama"), make_tokenizer()
+    em, tok = make_elastic("llama"), make_tokenizer()
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -151,7 +144,7 @@ def test_existing_output_is_refused_and_untouched(tmp_path):
 @pytest.fixture
 def ckpt(tmp_path):
     path = tmp_path / "ckpt"
-    save_checkpoint(elastic("llama"), make_tokenizer(), path, {})
+    save_checkpoint(make_elastic("llama"), make_tokenizer(), path, {})
     return path
 
 
@@ -173,7 +166,7 @@ def test_cli_export_then_generate(ckpt, tmp_path, capsys):
     shown = capsys.readouterr().out
     info = json.loads((out / "flextron_export.json").read_text())
     assert "Exported" in shown and "FLOPs/token" in shown and info["budget"] == "60%"
-    em = elastic("llama")
+    em = make_elastic("llama")
     assert info["cost"] == subnet_cost(em, Subnet(**info["subnet"])).to_dict()
 
     args = ["--max-new-tokens", "6", "--raw", "w9 w10"]

@@ -2,25 +2,17 @@ import json
 
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import make_elastic, make_tokenizer
 from flextron import api
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.config import Budget, ElasticSpace
+from flextron.config import Budget
 from flextron.cost import budget_metric, budget_target
-from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.latency import _fit, _trimmed_mean, latency_table, random_subnets
 
 
-def elastic() -> ElasticModel:
-    em = ElasticModel(make_model("llama"))
-    b = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
-    return em
-
-
 def test_fit_recovers_an_additive_cost_model():
-    em = elastic()
+    em = make_elastic()
     true_mlp = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}
     true_attn = {1: 0.4, 2: 0.9, 3: 1.1, 4: 1.5}
     nets = random_subnets(em, 20, seed=0)
@@ -39,7 +31,7 @@ def test_trimmed_mean_drops_outliers():
 
 
 def test_profile_stores_a_validated_table_that_budgets_use(tmp_path):
-    em = elastic()
+    em = make_elastic()
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
     table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, n_fit=6, n_validate=2,
                         progress=False)
@@ -48,23 +40,25 @@ def test_profile_stores_a_validated_table_that_budgets_use(tmp_path):
     assert json.loads((ckpt / "latency.json").read_text())["context"] == 8
     loaded, _, _ = load_checkpoint(ckpt)
     assert budget_metric(loaded, Budget.parse("0.5")) == "latency_ms"  # measured latency is the default
-    full_ms = latency_table(loaded, "latency_ms")(loaded.space, loaded.space.full())
-    _, target = budget_target(loaded, Budget.parse(f"latency_ms={full_ms:.6f}"))
-    assert target == pytest.approx(full_ms, rel=1e-5)
+    table = latency_table(loaded, "latency_ms")
+    # Timings this small are noisy: take whichever extreme the fit found slower as the budget.
+    top = max(table(loaded.space, loaded.space.full()), table(loaded.space, loaded.space.smallest()))
+    _, target = budget_target(loaded, Budget.parse(f"latency_ms={top:.9f}"))
+    assert target == pytest.approx(top, rel=1e-6)
     with pytest.raises(FlextronError, match="below the smallest sub-network"):
         budget_target(loaded, Budget.parse("latency_ms=0.000001"))
 
 
 def test_latency_budget_without_table_says_what_to_do():
     with pytest.raises(FlextronError, match="run `flextron profile CKPT` first"):
-        budget_target(elastic(), Budget.parse("latency_ms=20"))
-    assert budget_metric(elastic(), Budget.parse("0.5")) == "params"
+        budget_target(make_elastic(), Budget.parse("latency_ms=20"))
+    assert budget_metric(make_elastic(), Budget.parse("0.5")) == "params"
 
 
 def test_measure_times_prefill_and_decode():
     from flextron.latency import measure
 
-    em = elastic()
+    em = make_elastic()
     t = measure(em, em.space.smallest(), context=8, decode_steps=2, repeats=1)
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
     assert em.subnet == em.space.smallest()

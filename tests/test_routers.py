@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, word_text
+from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, ElasticSpace, RouterConfig
 from flextron.cost import cost_table, uniform_subnet_for
@@ -9,13 +9,6 @@ from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.routers import StaticRouter, encode_budget, gumbel, project, select_subnet
 from flextron.train.routers import train_routers
-
-
-def elastic() -> ElasticModel:
-    em = ElasticModel(make_model("llama"))
-    b = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
-    return em
 
 
 def test_budget_encoding_interpolates_between_grid_neighbours():
@@ -40,7 +33,7 @@ def test_gumbel_is_one_hot_forward_with_soft_gradient_and_skips_masked():
 
 
 def test_projection_meets_the_budget():
-    em = elastic()
+    em = make_elastic()
     table = cost_table(em, "params")
     full = table(em.space, em.space.full())
     gen = torch.Generator().manual_seed(3)
@@ -68,7 +61,7 @@ def _one_step_up(space, sub):
 
 @pytest.fixture(scope="module")
 def trained():
-    em = elastic()
+    em = make_elastic()
     teacher = ElasticModel(make_model("llama", seed=1))  # a different model, so the loss is not ~0
     teacher.requires_grad_(False)
     tok = make_tokenizer()
