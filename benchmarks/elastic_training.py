@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _results import IMG_DIR, update_section, write_json
 from flextron import api
 from flextron.assets import load_hf
 from flextron.checkpoint import load_checkpoint
 from flextron.config import Budget, CalibrationConfig, TrainConfig
+from flextron.evaluate import plot_ppl_vs_size
 from flextron.routers import select_subnet
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _results import IMG_DIR, update_section, write_json  # noqa: E402
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 ALONE = ["0.75", "0.5"]
@@ -147,25 +145,11 @@ def report(data: dict) -> None:
     lines += ["", "![Pareto](img/elastic_training.png)"]
     update_section("elastic-training", "\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m, marker in zip(methods, "osD"):
-        ax.plot([r["params_fraction"] for r in res[m]], [r["ppl"] for r in res[m]], marker=marker, label=m)
-    ax.scatter([r["params_fraction"] for r in res["trained alone"]], [r["ppl"] for r in res["trained alone"]],
-               marker="*", s=150, color="k", label="trained alone (T each)", zorder=5)
-    ax.axhline(orig, color="gray", ls="--", label="original")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of non-embedding parameters")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(f"SmolLM2-135M, T = {data['settings']['tokens']:,} tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    IMG_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG_DIR / "elastic_training.png", dpi=120)
+    curves = {m: ([r["params_fraction"] for r in res[m]], [r["ppl"] for r in res[m]]) for m in methods}
+    alone_pts = {"trained alone (T each)": ([r["params_fraction"] for r in res["trained alone"]],
+                                            [r["ppl"] for r in res["trained alone"]])}
+    plot_ppl_vs_size(curves, IMG_DIR / "elastic_training.png",
+                     f"SmolLM2-135M, T = {data['settings']['tokens']:,} tokens", orig, alone_pts)
     print("\n".join(lines))
 
 

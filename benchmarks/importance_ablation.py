@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from flextron import api  # noqa: E402
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _results import IMG_DIR, update_section, write_json  # noqa: E402
+from _results import IMG_DIR, update_section, write_json
+from flextron import api
+from flextron.evaluate import plot_ppl_vs_size
 
 BUDGETS = ["1.0", "0.75", "0.5"]
 
@@ -69,19 +63,9 @@ def main() -> None:
     lines += ["", "![importance vs random](img/importance_ablation.png)"]
     update_section("importance-ablation", "\n".join(lines))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["params_fraction"] for r in runs["importance"]]
-    for order, marker in (("importance", "o"), ("random", "s")):
-        ax.plot(xs, [r["ppl"] for r in runs[order]], marker=marker, label=f"{order} order")
-    ax.axhline(original["ppl"], color="gray", ls="--", label="original")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of non-embedding parameters")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("Prune-only sub-networks of SmolLM2-135M")
-    ax.legend()
-    fig.tight_layout()
-    IMG_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG_DIR / "importance_ablation.png", dpi=120)
+    plot_ppl_vs_size({f"{order} order": (xs, [r["ppl"] for r in runs[order]]) for order in ("importance", "random")},
+                     IMG_DIR / "importance_ablation.png", "Prune-only sub-networks of SmolLM2-135M", original["ppl"])
     print("\n".join(lines))
 
 

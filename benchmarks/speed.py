@@ -31,15 +31,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from _results import update_section, write_json
 from flextron import api
 from flextron.checkpoint import load_checkpoint
 from flextron.config import Subnet
 from flextron.cost import subnet_cost
 from flextron.errors import FlextronError
 from flextron.export import read_export_info
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _results import update_section, write_json  # noqa: E402
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

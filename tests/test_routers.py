@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,24 @@ def test_router_output_shapes_follow_the_space():
     mlp, attn = router(0.7)
     assert mlp.shape == (2, 3) and attn.shape == (2, 2)
     assert torch.isinf(mlp[1, 2]) and torch.isfinite(mlp[0]).all()
+
+
+def test_route_end_to_end_through_the_cli(tmp_path, capsys):
+    from flextron.cli import main
+
+    em = make_elastic()
+    tok = make_tokenizer()
+    ckpt = save_checkpoint(em, tok, tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(3000))
+    assert main(["route", str(ckpt), "--out", str(tmp_path / "routed"), "--data", str(data), "--steps", "20",
+                 "--joint-steps", "2", "--seq-len", "16", "--micro-batch", "2", "--eval-limit", "1",
+                 "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]) == 0
+    shown = capsys.readouterr().out
+    assert "Routed sub-networks" in shown and "uniform ppl" in shown
+    routed, _, manifest = load_checkpoint(tmp_path / "routed")
+    assert routed.routers is not None and manifest["routing"]["steps"] == 20
+    report = json.loads((tmp_path / "routed" / "routing.json").read_text())
+    assert [r["budget"] for r in report["budgets"]] == [0.45, 0.5, 0.85, 1.0]  # grid + unseen
+    assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
+    assert not (ckpt / "routers.json").exists()  # --out left the source untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +83,34 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         rows.append(row)
     em.set_subnet(None)
     return rows
+
+
+def plot_ppl_vs_size(series: dict[str, tuple[list[float], list[float]]], out: Path, title: str,
+                     original: float | None = None, points: dict[str, tuple[list[float], list[float]]] | None = None,
+                     xlabel: str = "fraction of non-embedding parameters") -> Path:
+    """Held-out perplexity (log scale) against model size (a fraction of the full model), as a PNG.
+
+    `series` are drawn as lines, `points` as separate markers; `original` as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (label, (xs, ys)), marker in zip(series.items(), "osD^v"):
+        ax.plot(xs, ys, marker=marker, label=label)
+    for label, (xs, ys) in (points or {}).items():
+        ax.scatter(xs, ys, marker="*", s=150, color="k", label=label, zorder=5)
+    if original is not None:
+        ax.axhline(original, color="gray", ls="--", label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -19,7 +19,7 @@ from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import ppl_at_budgets
+from flextron.evaluate import plot_ppl_vs_size, ppl_at_budgets
 from flextron.fsutil import atomic_write
 from flextron.routers import select_subnet
 from flextron.train.loop import (
@@ -105,25 +105,6 @@ def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
     wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
     return ppl_at_budgets(em, wins, budgets, autocast_dtype=AUTOCAST[cfg.dtype], progress=True)
-
-
-def _plot(before: list[dict], after: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rows, label in ((before, "before training"), (after, "after training")):
-        ax.plot([r["params_fraction"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)
-    ax.set_xlabel("fraction of non-embedding parameters")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Uniform sub-networks before / after elastic training")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",
@@ -245,7 +226,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         before, after = _evaluate(ckpt, cfg, d), _evaluate(last_good, cfg, d)
         summary |= {"before": before, "after": after}
         atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
-        _plot(before, after, run / "eval.png")
+        plot_ppl_vs_size({label: ([r["params_fraction"] for r in rows], [r["ppl"] for r in rows])
+                          for label, rows in (("before training", before), ("after training", after))},
+                         run / "eval.png", "Uniform sub-networks before / after elastic training")
     if d.world > 1:
         dist.barrier()
     return summary

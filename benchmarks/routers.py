@@ -1,0 +1,114 @@
+"""Budgets that mean something, on the packaged SmolLM2-135M:
+
+1. the latency lookup table: median / max |predicted - measured| / measured on unseen random
+   sub-networks, decode and prefill;
+2. static routers trained through the surrogate model vs routers trained directly through the
+   LLM (straight-through Gumbel), same number of router steps: realised cost / target and
+   held-out perplexity per budget (trained grid and two unseen budgets), next to the largest
+   uniform sub-network of the same budget.
+
+    python benchmarks/routers.py [--ckpt CKPT] [--steps 200] [--device cpu|cuda]
+
+CKPT is an elastic checkpoint, ideally trained (e.g. the flextron run of
+benchmarks/elastic_training.py); without it the packaged model is converted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from _results import IMG_DIR, update_section, write_json
+from flextron import api
+from flextron.config import CalibrationConfig, RouterConfig
+from flextron.evaluate import plot_ppl_vs_size
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--joint-steps", type=int, default=20)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--eval-limit", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default="/tmp/flextron-routers")
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = work / "base"
+    if a.ckpt:
+        if base.exists():
+            shutil.rmtree(base)
+        shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
+    else:
+        api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
+    table = api.profile(base, device=a.device, dtype=a.dtype)
+    runs, seconds = {}, {}
+    for name, surrogate in (("surrogate", True), ("straight-through", False)):
+        cfg = RouterConfig(steps=a.steps, joint_steps=a.joint_steps, surrogate=surrogate, dtype=a.dtype,
+                           eval_limit=a.eval_limit)
+        t = time.time()
+        runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
+        seconds[name] = time.time() - t
+    data = {
+        "command": f"python benchmarks/routers.py --steps {a.steps} --device {a.device}"
+                   + (f" --ckpt {a.ckpt}" if a.ckpt else ""),
+        "source": a.ckpt or "packaged model, converted", "device": table["device"],
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},
+        "seconds": seconds, "total_seconds": round(time.time() - t0),
+        "routes": {k: v["budgets"] for k, v in runs.items()}, "metric": runs["surrogate"]["metric"],
+    }
+    write_json("routers", data)
+    report(data)
+
+
+def report(data: dict) -> None:
+    v = data["latency"]["validation"]
+    sm, st = data["routes"]["surrogate"], data["routes"]["straight-through"]
+    lines = [
+        "## Latency lookup table",
+        "",
+        f"`{data['command']}` — {data['device']}, {data['latency']['dtype']}, batch {data['latency']['batch']}, "
+        f"context {data['latency']['context']}. Error of the additive table on {v['decode_ms']['n']} random "
+        "sub-networks it was not fitted on:",
+        "",
+        "| | median abs. error | max abs. error |",
+        "|---|---|---|",
+        f"| decode (ms/token) | {v['decode_ms']['median_pct']:.1f}% | {v['decode_ms']['max_pct']:.1f}% |",
+        f"| prefill (ms) | {v['prefill_ms']['median_pct']:.1f}% | {v['prefill_ms']['max_pct']:.1f}% |",
+        "",
+        "## Routers: surrogate-guided vs straight-through (surrogate ablation)",
+        "",
+        f"Budgets in {data['metric']}; source checkpoint: {data['source']}. Same router steps for both; wall "
+        f"time: surrogate {data['seconds']['surrogate'] / 60:.1f} min, straight-through "
+        f"{data['seconds']['straight-through'] / 60:.1f} min. Cost/target is after projection (raw argmax in "
+        "brackets); uniform = the largest uniform sub-network within the same budget.",
+        "",
+        "| budget | cost/target surrogate | ppl surrogate | cost/target straight-through | ppl straight-through | "
+        "ppl uniform |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(sm, st):
+        lines.append(f"| {a['budget']:.0%} | {a['cost_ratio']:.3f} ({a['raw_cost_ratio']:.3f}) | {a['ppl']:.2f} | "
+                     f"{b['cost_ratio']:.3f} ({b['raw_cost_ratio']:.3f}) | {b['ppl']:.2f} | {a['uniform_ppl']:.2f} |")
+    lines += ["", "![routers](img/routers.png)"]
+    update_section("routers", "\n".join(lines))
+    plot_ppl_vs_size({
+        "routers (surrogate)": ([r["fraction_of_full"] for r in sm], [r["ppl"] for r in sm]),
+        "routers (straight-through)": ([r["fraction_of_full"] for r in st], [r["ppl"] for r in st]),
+        "uniform": ([r["uniform_fraction_of_full"] for r in sm], [r["uniform_ppl"] for r in sm]),
+    }, IMG_DIR / "routers.png", "Routed vs uniform sub-networks",
+        xlabel=f"fraction of the full model's {data['metric']}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
