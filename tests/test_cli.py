@@ -68,3 +68,17 @@ def test_invalid_elastic_fraction_is_refused(tiny_hf_dir, tmp_path):
     assert main(["convert", str(model_dir), "--out", str(tmp_path / "c"), "--calib-data", str(text),
                  "--mlp-fractions", "0,1"]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_per_layer_space_from_json(tiny_hf_dir, tmp_path):
+    model_dir, text = tiny_hf_dir
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"mlp": [[32, 96], [16, 48, 96]], "attn": [[2, 4], [1, 4]]}))
+    out = tmp_path / "ckpt"
+    assert main(["convert", str(model_dir), "--out", str(out), "--space", str(space), "--calib-data", str(text),
+                 "--calib-sequences", "4", "--calib-seq-len", "16"]) == 0
+    assert json.loads((out / "flextron.json").read_text())["elastic_space"]["mlp"] == [[32, 96], [16, 48, 96]]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mlp": [[32, 64]] * 2, "attn": [[4]] * 2}))  # 64 is not the layer's 96
+    assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--space", str(bad)]) == 2
+    assert not (tmp_path / "c2").exists()

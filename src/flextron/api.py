@@ -63,8 +63,11 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
             attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
             multiple: int = 64, calibration: CalibrationConfig | None = None,
             order: str = "importance", device: str | None = None, dtype: str = "fp32",
-            overwrite: bool = False, progress: bool = True) -> Path:
-    """Load an HF model, score and sort its units on calibration text, save an elastic checkpoint."""
+            overwrite: bool = False, progress: bool = True, space: ElasticSpace | None = None) -> Path:
+    """Load an HF model, score and sort its units on calibration text, save an elastic checkpoint.
+
+    `space` (per-layer choice lists) replaces the uniform space built from the fractions.
+    """
     calibration = calibration or CalibrationConfig()
     out = Path(out)
     check_output_dir(out, overwrite)
@@ -75,8 +78,8 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     hf, tok, source = load_hf(model, device=device)
     em = ElasticModel(hf)
     first = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
-                                      tuple(mlp_fractions), tuple(attn_fractions), multiple))
+    em.set_space(space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
+                                               tuple(mlp_fractions), tuple(attn_fractions), multiple))
     if order == "importance":
         ids = tokenize(tok, _calibration_text(calibration.source))
         seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)

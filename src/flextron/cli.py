@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
-from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
+from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig
 from flextron.errors import FlextronError
 
 console = Console()
@@ -70,9 +72,16 @@ def print_ppl(rows: list[dict], original: dict | None = None) -> None:
 def cmd_convert(a: argparse.Namespace) -> None:
     calib = CalibrationConfig(n_sequences=a.calib_sequences, seq_len=a.calib_seq_len,
                               batch_size=a.batch_size, seed=a.seed, source=a.calib_data)
+    space = None
+    if a.space:
+        try:
+            space = ElasticSpace.from_dict(json.loads(Path(a.space).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FlextronError(f"cannot read the elastic space {a.space} ({e}); it needs "
+                                '{"mlp": [[widths per layer]], "attn": [[units per layer]]}') from None
     out = api.convert(a.model, a.out, mlp_fractions=a.mlp_fractions, attn_fractions=a.attn_fractions,
                       multiple=a.multiple, calibration=calib, order=a.order, device=a.device,
-                      dtype=a.dtype, overwrite=a.overwrite)
+                      dtype=a.dtype, overwrite=a.overwrite, space=space)
     console.print(f"Elastic checkpoint written to [bold]{out}[/bold]")
     print_space(api.describe(out))
 
@@ -222,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mlp-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
     c.add_argument("--attn-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
     c.add_argument("--multiple", type=int, default=64, help="MLP widths are multiples of this")
+    c.add_argument("--space", default=None,
+                   help='JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]}')
     c.add_argument("--calib-data", default="default", help="a .txt file, or 'default' (train split)")
     c.add_argument("--calib-sequences", type=int, default=256)
     c.add_argument("--calib-seq-len", type=int, default=256)
