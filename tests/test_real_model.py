@@ -1,5 +1,7 @@
 """On the packaged SmolLM2-135M: the converted model keeps the original's function."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,19 +21,28 @@ def demo(tmp_path_factory):
 
 
 def test_demo_full_width_ppl_equals_original(demo):
-    full = demo["elastic"][0]
+    full = demo["prune_only"][0]
     assert full["budget"] == "100%"
     assert abs(full["ppl"] / demo["original"]["ppl"] - 1) < 1e-3
     # Smaller budgets cost less and (without training) lose quality.
-    fractions = [r["params_fraction"] for r in demo["elastic"]]
+    fractions = [r["params_fraction"] for r in demo["prune_only"]]
     assert fractions == sorted(fractions, reverse=True) and fractions[-1] <= 0.5
-    assert demo["elastic"][-1]["ppl"] > full["ppl"]
+    assert demo["prune_only"][-1]["ppl"] > full["ppl"]
     assert [r["name"] for r in demo["space"]] == ["min", "centroid", "max"]
+
+
+def test_demo_pipeline_routes_exports_and_evaluates(demo):
+    assert all(r["cost_ratio"] <= 1 + 1e-9 for r in demo["routes"])
+    assert demo["router_metric"] == "latency_ms"  # profiled, so budgets mean decode latency
+    half = next(r for r in demo["flextron"] if r["budget"] == "50%")
+    # The exported directory is the same sub-network the elastic checkpoint runs at that budget.
+    assert abs(demo["export_eval"]["ppl"] / half["ppl"] - 1) < 1e-3
+    assert (Path(demo["plot"])).is_file()
 
 
 def test_converted_logits_equal_original(demo):
     original, tok, _ = load_hf(None)
-    em, _, manifest = api.load(demo["checkpoint"], "cpu")
+    em, _, manifest = api.load(demo["converted"], "cpu")
     assert manifest["family"] == "llama" and manifest["elastic_space"]["attn"][0] == [1, 2, 3]
     x = heldout_windows(tok, 128, limit=2)
     with torch.no_grad():
@@ -43,10 +54,10 @@ def test_converted_logits_equal_original(demo):
 def test_export_at_half_budget_matches_the_elastic_model(demo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = api.export(demo["checkpoint"], "0.5", tmp_path / "half")
+    out = api.export(demo["converted"], "0.5", tmp_path / "half")  # no routers: a uniform sub-network
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert type(exported).__name__ == "LlamaForCausalLM"  # uniform: the stock architecture
-    em, tok, _ = api.load(demo["checkpoint"], "cpu")
+    em, tok, _ = api.load(demo["converted"], "cpu")
     em.set_subnet(select_subnet(em, Budget.parse("0.5")))
     x = heldout_windows(tok, 64, limit=1)
     with torch.no_grad():

@@ -136,37 +136,12 @@ def describe(path: str | Path) -> list[dict]:
     return rows
 
 
-DEMO_PRESETS = {
-    # calibration sequences x length, held-out windows x length
-    "tiny": {"calibration": CalibrationConfig(n_sequences=16, seq_len=128), "limit": 2, "seq_len": 256},
-    "demo": {"calibration": CalibrationConfig(), "limit": 16, "seq_len": 1024},
-}
-
-
 def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
-         budgets: tuple[str, ...] = ("1.0", "0.75", "0.5"), progress: bool = True) -> dict:
-    """Convert the packaged model, then held-out perplexity of the original and of each budget."""
-    if preset not in DEMO_PRESETS:
-        raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(DEMO_PRESETS)}")
-    cfg = DEMO_PRESETS[preset]
-    out = Path(out)
-    ckpt = convert(None, out / "ckpt", calibration=cfg["calibration"], device=device,
-                   overwrite=True, progress=progress)
-    kw = {"limit": cfg["limit"], "seq_len": cfg["seq_len"], "device": device, "progress": progress}
-    result = {
-        "preset": preset,
-        "checkpoint": str(ckpt),
-        "original": evaluate(None, **kw)[0],
-        "elastic": evaluate(ckpt, list(budgets), **kw),
-        "space": describe(ckpt),
-    }
-    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(result, indent=1)))
-    return result
+         progress: bool = True) -> dict:
+    """The whole pipeline on the packaged model; see `flextron.demo`."""
+    from flextron import demo as pipeline  # it calls back into this module
 
-
-# Export and generate (issue 6). These imports sit here, not at the top, only to keep this
-# addition to the end of the file while the top is being edited elsewhere.
-
+    return pipeline.run(preset, out, device=device, progress=progress)
 
 
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwrite: bool = False, *,
@@ -259,7 +234,8 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
 
 
 def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *, out: str | Path | None = None,
-          device: str | None = None, unseen: tuple[float, ...] = (0.45, 0.85), progress: bool = True) -> dict:
+          overwrite: bool = False, device: str | None = None, unseen: tuple[float, ...] = (0.45, 0.85),
+          progress: bool = True) -> dict:
     """Train static routers (surrogate-guided) and fine-tune jointly; store them in the checkpoint
     (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity."""
     from flextron.data import PackedSequences, load_corpus
@@ -268,7 +244,7 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     device = resolve_device(device)
     out = Path(out or ckpt)
     if out != Path(ckpt):
-        check_output_dir(out, overwrite=False)
+        check_output_dir(out, overwrite)
     em, tok, manifest = load(ckpt, device)
     teacher, _, _ = load(ckpt, device)
     teacher.requires_grad_(False)

@@ -55,17 +55,18 @@ def print_space(rows: list[dict]) -> None:
     console.print(table)
 
 
-def print_ppl(rows: list[dict], original: dict | None = None) -> None:
+def print_ppl(rows: list[dict], original: dict | None = None, label: str = "elastic",
+              more: dict[str, list[dict]] | None = None) -> None:
     table = Table(title="Held-out perplexity (War and Peace, last 300k chars)")
     for col in ("model", "budget", "MLP width", "attn units", "non-emb params", "ppl"):
         table.add_column(col, justify="right")
     if original is not None:
         table.add_row("original", "-", "-", "-", _human(original["cost"]["params_nonembed"]),
                       f"{original['ppl']:.2f}")
-    for r in rows:
-        table.add_row("elastic", r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                      f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})",
-                      f"{r['ppl']:.2f}")
+    for name, group in {label: rows, **(more or {})}.items():
+        for r in group:
+            table.add_row(name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                          f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})", f"{r['ppl']:.2f}")
     console.print(table)
 
 
@@ -95,14 +96,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     result = api.demo(a.preset, a.out, device=a.device)
     print_space(result["space"])
-    print_ppl(result["elastic"], result["original"])
-    console.print(f"Results: {a.out}/results.json")
-
-
-def _quiet_hf() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # weight loading/saving bars would clutter the output
+    print_ppl(result["prune_only"], result["original"], label="prune only",
+              more={"flextron": result["flextron"], "export": [result["export_eval"]]})
+    v = result["latency_validation"]
+    console.print(f"Latency table error on unseen sub-networks: decode median {v['decode_ms']['median_pct']:.1f}%, "
+                  f"prefill median {v['prefill_ms']['median_pct']:.1f}%; routers budget in {result['router_metric']}")
+    console.print(f"Elastic checkpoint: {result['checkpoint']}  export: {result['export']}")
+    console.print(f"Plot: {result['plot']}  results: {a.out}/results.json")
 
 
 def cmd_profile(a: argparse.Namespace) -> None:
@@ -140,7 +140,6 @@ def cmd_route(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
-    _quiet_hf()
     out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite)
     info = read_export_info(out)
     kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"
@@ -155,7 +154,6 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    _quiet_hf()
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -188,7 +186,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     from flextron.serve import ServeConfig
 
-    _quiet_hf()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = ServeConfig(max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
                          default_max_tokens=min(a.default_max_tokens, a.max_tokens), max_body_bytes=a.max_body_bytes,
@@ -253,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the pipeline on the packaged model")
-    d.add_argument("--preset", default="demo", choices=list(api.DEMO_PRESETS))
+    d.add_argument("--preset", default="demo", choices=["tiny", "demo", "bench"])
     d.add_argument("--out", default="flextron-demo")
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)

@@ -174,10 +174,9 @@ class ElasticModel(nn.Module):
         # trained routers (a plain holder, so the routers are not parameters of the LLM).
         self.latency: dict | None = None
         self.routers = None
-        if space is None:
-            space = ElasticSpace.default(
-                len(self.blocks), self.blocks[0].mlp.n_units, self.blocks[0].attn.n_units
-            )
+        if space is None:  # the default choices of each layer's own size (exports may differ per layer)
+            spaces = [ElasticSpace.default(1, b.mlp.n_units, b.attn.n_units) for b in self.blocks]
+            space = ElasticSpace(mlp=[sp.mlp[0] for sp in spaces], attn=[sp.attn[0] for sp in spaces])
         self.set_space(space)
 
     def set_space(self, space: ElasticSpace) -> None:

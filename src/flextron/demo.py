@@ -1,0 +1,91 @@
+"""The whole pipeline on the packaged model: convert -> elastic training -> profile -> routers ->
+export one budget -> evaluate -> a table and a plot. Presets size it: `tiny` (a smoke run of a
+couple of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flextron import api
+from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
+from flextron.errors import FlextronError
+from flextron.evaluate import plot_ppl_vs_size
+from flextron.fsutil import atomic_write
+
+_NO_SAVE = 10**9  # training writes its checkpoint once, at the end
+
+
+@dataclass(frozen=True)
+class Preset:
+    calibration: CalibrationConfig
+    train: TrainConfig
+    route: RouterConfig
+    profile: dict = field(default_factory=dict)
+    eval_windows: int = 16
+    eval_seq_len: int = 1024
+    budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")
+    export_budget: str = "0.5"
+
+
+PRESETS = {
+    "tiny": Preset(
+        calibration=CalibrationConfig(n_sequences=16, seq_len=128),
+        train=TrainConfig(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
+        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1, budgets=(0.5, 0.75, 1.0)),
+        profile={"context": 32, "decode_steps": 2, "repeats": 1, "n_fit": 6, "n_validate": 2},
+        eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"),
+    ),
+    "demo": Preset(
+        calibration=CalibrationConfig(),
+        train=TrainConfig(max_steps=20, seq_len=256, micro_batch=4, eval_limit=0, save_every=_NO_SAVE),
+        route=RouterConfig(steps=60, joint_steps=4, eval_limit=4),
+        profile={"repeats": 2},
+    ),
+    "bench": Preset(
+        calibration=CalibrationConfig(),
+        train=TrainConfig(tokens=200_000, seq_len=256, micro_batch=4, eval_limit=0, save_every=50),
+        route=RouterConfig(steps=300, joint_steps=40, eval_limit=16),
+        eval_windows=69,
+    ),
+}
+
+
+def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
+        progress: bool = True) -> dict:
+    """Run the pipeline into `out`; returns (and writes to out/results.json) every number it shows."""
+    if preset not in PRESETS:
+        raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out)
+    ev = {"limit": p.eval_windows, "seq_len": p.eval_seq_len, "device": device, "progress": progress}
+    ckpt = api.convert(None, out / "ckpt", calibration=p.calibration, device=device, dtype="bf16",
+                       overwrite=True, progress=progress)
+    original = api.evaluate(None, **ev)[0]
+    pruned = api.evaluate(ckpt, list(p.budgets), **ev)
+    run_dir = out / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts afresh
+    trained = Path(api.train(ckpt, run_dir, p.train, device=device, progress=progress)["final"])
+    latency = api.profile(trained, device=device, progress=progress, **p.profile)
+    routed = api.route(trained, p.route, out=out / "elastic", overwrite=True, device=device, progress=progress)
+    exported = api.export(out / "elastic", p.export_budget, out / f"export-{p.export_budget}", overwrite=True)
+    final = api.evaluate(out / "elastic", list(p.budgets), **ev)
+    export_row = api.evaluate(exported, **ev)[0]
+    result = {
+        "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
+        "original": original, "prune_only": pruned, "flextron": final, "export_eval": export_row,
+        "latency_validation": latency["validation"], "router_metric": routed["metric"],
+        "routes": routed["budgets"], "space": api.describe(out / "elastic"),
+    }
+    fraction = [r["params_fraction"] for r in final]
+    plot = plot_ppl_vs_size(
+        {"prune only": ([r["params_fraction"] for r in pruned], [r["ppl"] for r in pruned]),
+         "flextron (trained + routed)": (fraction, [r["ppl"] for r in final])},
+        out / "pareto.png", f"SmolLM2-135M, preset {preset}", original["ppl"],
+        {f"export {p.export_budget}": ([export_row["cost"]["params_nonembed"] / original["cost"]["params_nonembed"]],
+                                       [export_row["ppl"]])})
+    result["plot"] = str(plot)
+    atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    return result
