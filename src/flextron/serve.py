@@ -174,7 +174,7 @@ class Engine:
         self._budgets: dict[Budget, tuple[Subnet, Cost]] = {}
 
     def resolve(self, budget: str | float | None) -> tuple[Budget | None, Subnet, Cost]:
-        """The uniform sub-network for a request's budget (the full model when None)."""
+        """The sub-network for a request's budget (the full model when None), as `flextron export` picks it."""
         try:
             parsed = Budget.parse(1.0 if budget is None else budget)
             if parsed not in self._budgets:
