@@ -26,6 +26,7 @@ import torch
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
 from flextron.config import CalibrationConfig, RouterConfig
+from flextron.cost import budget_grid
 from flextron.evaluate import plot_ppl_vs_size
 
 
@@ -50,10 +51,11 @@ def main() -> None:
     else:
         api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
     table = api.profile(base, device=a.device, dtype=a.dtype)
+    grid = budget_grid(api.load(base, "cpu")[0], points=7)  # what latency budgets this machine allows
     runs, seconds = {}, {}
     for name, surrogate in (("surrogate", True), ("straight-through", False)):
-        cfg = RouterConfig(steps=a.steps, joint_steps=a.joint_steps, surrogate=surrogate, dtype=a.dtype,
-                           eval_limit=a.eval_limit)
+        cfg = RouterConfig(budgets=grid, steps=a.steps, joint_steps=a.joint_steps, surrogate=surrogate,
+                           dtype=a.dtype, eval_limit=a.eval_limit)
         t = time.time()
         runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
         seconds[name] = time.time() - t

@@ -71,3 +71,16 @@ def test_uniform_budget_picks_largest_within():
 def test_budget_below_smallest_is_refused():
     with pytest.raises(FlextronError, match="below the smallest sub-network"):
         uniform_subnet_for(make_elastic("llama"), Budget.parse("0.01"))
+
+
+def test_budget_grid_spans_the_feasible_range():
+    from flextron.cost import budget_grid, smallest_fraction
+
+    em = make_elastic("llama")
+    low = smallest_fraction(em, "params")
+    grid = budget_grid(em, "params", points=5)
+    assert grid[-1] == 1.0 and len(grid) == 5
+    assert low <= grid[0] < low + 0.05 + 1e-9
+    assert list(grid) == sorted(grid)
+    for b in grid:  # every grid budget resolves
+        uniform_subnet_for(em, Budget(fraction=b))

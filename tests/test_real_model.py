@@ -34,7 +34,7 @@ def test_demo_full_width_ppl_equals_original(demo):
 def test_demo_pipeline_routes_exports_and_evaluates(demo):
     assert all(r["cost_ratio"] <= 1 + 1e-9 for r in demo["routes"])
     assert demo["router_metric"] == "latency_ms"  # profiled, so budgets mean decode latency
-    half = next(r for r in demo["flextron"] if r["budget"] == "50%")
+    half = next(r for r in demo["flextron"] if r["budget"] == f"{float(demo['export_budget']):.0%}")
     # The exported directory is the same sub-network the elastic checkpoint runs at that budget.
     assert abs(demo["export_eval"]["ppl"] / half["ppl"] - 1) < 1e-3
     assert (Path(demo["plot"])).is_file()

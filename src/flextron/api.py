@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
-from flextron.cost import subnet_cost
+from flextron.cost import smallest_fraction, subnet_cost
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -234,7 +234,7 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
 
 
 def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *, out: str | Path | None = None,
-          overwrite: bool = False, device: str | None = None, unseen: tuple[float, ...] = (0.45, 0.85),
+          overwrite: bool = False, device: str | None = None, unseen: tuple[float, ...] | None = None,
           progress: bool = True) -> dict:
     """Train static routers (surrogate-guided) and fine-tune jointly; store them in the checkpoint
     (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity."""
@@ -242,10 +242,17 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     from flextron.train.routers import train_routers
 
     device = resolve_device(device)
+    grid = sorted(cfg.budgets)
+    if unseen is None:  # between the grid's two lowest and two highest budgets
+        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in (grid[:2], grid[-2:]) if len(grid) > 1}))
     out = Path(out or ckpt)
     if out != Path(ckpt):
         check_output_dir(out, overwrite)
     em, tok, manifest = load(ckpt, device)
+    lowest = smallest_fraction(em, cfg.metric)
+    if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
+        raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
+                            f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
     teacher, _, _ = load(ckpt, device)
     teacher.requires_grad_(False)
     data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)

@@ -14,6 +14,7 @@ table of `flextron.latency`). Routers read the same tables as tensors for expect
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -140,6 +141,20 @@ def budget_metric(em: ElasticModel, budget: Budget) -> str:
     from flextron.latency import has_latency_table
 
     return "latency_ms" if has_latency_table(em) else "params"
+
+
+def smallest_fraction(em: ElasticModel, metric: str) -> float:
+    """The smallest sub-network's cost as a fraction of the full model's, in `metric` ("auto" allowed)."""
+    table = cost_table(em, budget_metric(em, Budget(metric=metric, fraction=1.0)))
+    return table(em.space, em.space.smallest()) / table(em.space, em.space.full())
+
+
+def budget_grid(em: ElasticModel, metric: str = "auto", points: int = 5) -> tuple[float, ...]:
+    """`points` budgets from the smallest feasible fraction (rounded up to 5%) to 1.0: how low a
+    latency budget can go depends on the machine."""
+    # Timing noise can put the smallest sub-network above the full one: cap at 1.
+    lowest = min(1.0, math.ceil(smallest_fraction(em, metric) * 20) / 20)
+    return tuple(sorted({round(lowest + (1 - lowest) * i / (points - 1), 2) for i in range(points)}))
 
 
 def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:

@@ -1,16 +1,19 @@
 """The whole pipeline on the packaged model: convert -> elastic training -> profile -> routers ->
-export one budget -> evaluate -> a table and a plot. Presets size it: `tiny` (a smoke run of a
+export one budget -> evaluate -> a table and a plot. Prune-only budgets are fractions of the
+parameters; after profiling, router budgets are fractions of this machine's decode latency,
+on a grid spanning what the smallest sub-network allows. Presets size it: `tiny` (a smoke run of a
 couple of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flextron import api
 from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
+from flextron.cost import budget_grid
 from flextron.errors import FlextronError
 from flextron.evaluate import plot_ppl_vs_size
 from flextron.fsutil import atomic_write
@@ -26,15 +29,14 @@ class Preset:
     profile: dict = field(default_factory=dict)
     eval_windows: int = 16
     eval_seq_len: int = 1024
-    budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")
-    export_budget: str = "0.5"
+    budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")  # prune-only evaluation (params)
 
 
 PRESETS = {
     "tiny": Preset(
         calibration=CalibrationConfig(n_sequences=16, seq_len=128),
         train=TrainConfig(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
-        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1, budgets=(0.5, 0.75, 1.0)),
+        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "n_fit": 6, "n_validate": 2},
         eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"),
     ),
@@ -69,12 +71,18 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
     shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts afresh
     trained = Path(api.train(ckpt, run_dir, p.train, device=device, progress=progress)["final"])
     latency = api.profile(trained, device=device, progress=progress, **p.profile)
-    routed = api.route(trained, p.route, out=out / "elastic", overwrite=True, device=device, progress=progress)
-    exported = api.export(out / "elastic", p.export_budget, out / f"export-{p.export_budget}", overwrite=True)
-    final = api.evaluate(out / "elastic", list(p.budgets), **ev)
+    # Budgets in measured latency: how low they can go depends on the machine, so the router
+    # grid spans this machine's feasible range.
+    grid = budget_grid(api.load(trained, "cpu")[0])
+    routed = api.route(trained, replace(p.route, budgets=grid), out=out / "elastic", overwrite=True, device=device,
+                       progress=progress)
+    export_budget = str(grid[len(grid) // 2])
+    exported = api.export(out / "elastic", export_budget, out / f"export-{export_budget}", overwrite=True)
+    final = api.evaluate(out / "elastic", [str(b) for b in grid], **ev)
     export_row = api.evaluate(exported, **ev)[0]
     result = {
         "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
+        "export_budget": export_budget,
         "original": original, "prune_only": pruned, "flextron": final, "export_eval": export_row,
         "latency_validation": latency["validation"], "router_metric": routed["metric"],
         "routes": routed["budgets"], "space": api.describe(out / "elastic"),
@@ -84,7 +92,7 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
         {"prune only": ([r["params_fraction"] for r in pruned], [r["ppl"] for r in pruned]),
          "flextron (trained + routed)": (fraction, [r["ppl"] for r in final])},
         out / "pareto.png", f"SmolLM2-135M, preset {preset}", original["ppl"],
-        {f"export {p.export_budget}": ([export_row["cost"]["params_nonembed"] / original["cost"]["params_nonembed"]],
+        {f"export {export_budget}": ([export_row["cost"]["params_nonembed"] / original["cost"]["params_nonembed"]],
                                        [export_row["ppl"]])})
     result["plot"] = str(plot)
     atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(result, indent=1)))
