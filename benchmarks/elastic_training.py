@@ -25,18 +25,19 @@ from flextron.assets import load_hf
 from flextron.checkpoint import load_checkpoint
 from flextron.config import Budget, CalibrationConfig, TrainConfig
 from flextron.evaluate import plot_ppl_vs_size
+from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 ALONE = ["0.75", "0.5"]
 
 
-def step_time(model: torch.nn.Module, ids: torch.Tensor, autocast: torch.dtype | None, n: int) -> float:
+def step_time(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype | None, n: int) -> float:
     """Median seconds of a forward + backward pass (the student's share of a training step)."""
     times = []
     for i in range(n + 2):
         t = time.perf_counter()
-        with torch.autocast(ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with autocast(ids.device, dtype):
             loss = model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -50,7 +51,7 @@ def step_time(model: torch.nn.Module, ids: torch.Tensor, autocast: torch.dtype |
 def overhead(ckpt: Path, work: Path, cfg: TrainConfig, device: str) -> dict:
     """Elastic model at a sub-network vs the exported standalone model, same input."""
     out = {}
-    autocast = api.compute_dtype(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype)
     for budget in ALONE:
         export_dir = api.export(ckpt, budget, work / f"export-{budget}", overwrite=True)
         em, tok, _ = load_checkpoint(ckpt, device=device)
@@ -59,8 +60,8 @@ def overhead(ckpt: Path, work: Path, cfg: TrainConfig, device: str) -> dict:
         standalone, _, _ = load_hf(str(export_dir), device=device)
         standalone.train()
         ids = torch.randint(0, em.config.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
-        elastic_s = step_time(em, ids, autocast, 5)
-        alone_s = step_time(standalone, ids, autocast, 5)
+        elastic_s = step_time(em, ids, dtype, 5)
+        alone_s = step_time(standalone, ids, dtype, 5)
         out[budget] = {"elastic_s": elastic_s, "standalone_s": alone_s, "slowdown": elastic_s / alone_s - 1}
     return out
 

@@ -22,10 +22,9 @@ from flextron.export import export as export_model
 from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import generate_text
 from flextron.importance import measure_importance, random_importance, sort_by_importance
+from flextron.precision import compute_dtype
 from flextron.routers import select_subnet
 from flextron.serve import Engine, ServeConfig, Server
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str | None) -> str:
@@ -37,13 +36,6 @@ def resolve_device(device: str | None) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise FlextronError(f"unknown device {device!r}; use cpu or cuda")
     return device
-
-
-def compute_dtype(name: str) -> torch.dtype | None:
-    """The autocast dtype for a --dtype name (None: plain fp32)."""
-    if name not in DTYPES:
-        raise FlextronError(f"unknown dtype {name!r}; use {' or '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _calibration_text(source: str) -> str:
@@ -102,6 +94,21 @@ def load(path: str | Path, device: str | None = None) -> tuple[ElasticModel, Pre
     return load_checkpoint(Path(path), device=resolve_device(device))
 
 
+def _open(path: str | Path | None, budgets: list[Budget], device: str | None
+          ) -> tuple[ElasticModel, PreTrainedTokenizerBase]:
+    """An elastic checkpoint, or a plain HF model directory (None: the packaged model) at its one size."""
+    if path is not None and (Path(path) / MANIFEST).is_file():
+        em, tok, _ = load(path, device)
+        return em, tok
+    if any(b.fraction != 1.0 for b in budgets):
+        raise FlextronError(
+            f"{path or 'the packaged model'} is not an elastic checkpoint (no {MANIFEST}), so only budget 1.0 "
+            "applies; run `flextron convert` first, or drop --budget"
+        )
+    hf, tok, _ = load_hf(None if path is None else str(path), device=resolve_device(device))
+    return ElasticModel(hf), tok
+
+
 def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, limit: int | None = None,
              seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
              dtype: str = "fp32", progress: bool = True) -> list[dict]:
@@ -113,16 +120,7 @@ def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, limit
     autocast = compute_dtype(dtype)
     device = resolve_device(device)
     parsed = [Budget.parse(b) for b in (budgets or ["1.0"])]
-    if path is not None and (Path(path) / MANIFEST).is_file():
-        em, tok, _ = load(path, device)
-    else:
-        if any(b.fraction != 1.0 for b in parsed):
-            raise FlextronError(
-                f"{path or 'the packaged model'} is not an elastic checkpoint, so only budget 1.0 "
-                "applies; run `flextron convert` first"
-            )
-        hf, tok, _ = load_hf(None if path is None else str(path), device=device)
-        em = ElasticModel(hf)
+    em, tok = _open(path, parsed, device)
     return ppl_at_budgets(em, heldout_windows(tok, seq_len, limit), parsed, batch_size, autocast, progress)
 
 
@@ -167,22 +165,11 @@ def generate(path: str | Path, prompt: str, budget: str | float | None = None, *
 
     Greedy at temperature 0, else sampling with nucleus `top_p`; `stream` receives text as it comes.
     """
-    device = resolve_device(device)
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        em, tok, _ = load(path, device)
-        if budget is not None:
-            em.set_subnet(select_subnet(em, Budget.parse(budget)))
-        model = em.model
-    else:
-        if budget is not None and Budget.parse(budget).fraction != 1.0:
-            raise FlextronError(
-                f"{path} is not an elastic checkpoint (no {MANIFEST}), so it has one size; drop --budget"
-            )
-        if not path.is_dir():
-            raise FlextronError(f"{path} is not a directory; pass an elastic checkpoint or an HF model directory")
-        model, tok, _ = load_hf(str(path), device=device)
-    return generate_text(model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+    parsed = [] if budget is None else [Budget.parse(budget)]
+    em, tok = _open(path, parsed, resolve_device(device))
+    if parsed:  # no budget: the full model, whatever the routers would pick at 100%
+        em.set_subnet(select_subnet(em, parsed[0]))
+    return generate_text(em.model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, raw=raw, seed=seed, stream=stream)
 
 
@@ -193,9 +180,6 @@ def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] |
 
     return train_elastic(Path(ckpt), Path(out), cfg, data, device=resolve_device(device), resume=resume,
                          progress=progress)
-
-
-# Serving (issue 6): imported here to keep this addition at the end of the file.
 
 
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device: str | None = None,

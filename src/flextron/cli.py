@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from flextron import __version__, api
 from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig
 from flextron.errors import FlextronError
+from flextron.precision import DTYPES
 
 console = Console()
 
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        sp.add_argument("--dtype", default="fp32", choices=list(api.DTYPES), help="compute dtype")
+        sp.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype")
 
     c = sub.add_parser("convert", help="score and sort units, write an elastic checkpoint")
     c.add_argument("model", nargs="?", default=None, help="HF model dir or hub id (default: packaged)")

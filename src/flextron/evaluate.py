@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from flextron.config import Budget
 from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
 from flextron.elastic import ElasticModel
+from flextron.precision import autocast
 from flextron.routers import decode, select_subnet
 
 
@@ -26,8 +27,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             logits = model(input_ids=batch, use_cache=False).logits
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"

@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flextron.elastic import ElasticLinear, ElasticModel
+from flextron.precision import autocast
 
 
 @dataclass
@@ -54,8 +55,7 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
     try:
         for start in tqdm(range(0, len(sequences), batch_size), desc="calibration", disable=not progress):
             batch = sequences[start : start + batch_size].to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 em(input_ids=batch, use_cache=False)
     finally:
         for h in handles:

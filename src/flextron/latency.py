@@ -25,6 +25,7 @@ from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
+from flextron.precision import autocast
 
 LATENCY_FILE = "latency.json"
 _METRIC_KEY = {"latency_ms": "decode_ms", "prefill_ms": "prefill_ms"}
@@ -52,7 +53,7 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
     ids = torch.randint(0, em.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     prefill, decode = [], []
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with autocast(device, autocast_dtype):
         for r in range(repeats + 1):  # the first round warms up
             _sync(device)
             t = time.perf_counter()

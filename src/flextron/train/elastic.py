@@ -21,6 +21,7 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import plot_ppl_vs_size, ppl_at_budgets
 from flextron.fsutil import atomic_write
+from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
 from flextron.train.loop import (
     Dist,
@@ -38,7 +39,6 @@ from flextron.train.loop import (
     wrap,
 )
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 # Settings a resumed run must share with the run it continues.
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
 
@@ -104,7 +104,7 @@ def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
     wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
-    return ppl_at_budgets(em, wins, budgets, autocast_dtype=AUTOCAST[cfg.dtype], progress=True)
+    return ppl_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype), progress=True)
 
 
 def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",
@@ -152,7 +152,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
     log = MetricsLog(run, step, cfg.tensorboard) if d.main else None
-    autocast = AUTOCAST[cfg.dtype]
+    amp = compute_dtype(cfg.dtype)
 
     def save(at: int) -> Path:
         out = run / "checkpoints" / f"step-{at:07d}"
@@ -175,14 +175,12 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
             for a in range(cfg.grad_accum):
                 lo = (a * d.world + d.rank) * cfg.micro_batch
                 ids = rows[lo : lo + cfg.micro_batch].to(d.device)
-                with torch.no_grad(), torch.autocast(d.device.type, dtype=autocast or torch.float32,
-                                                     enabled=autocast is not None):
+                with torch.no_grad(), autocast(d.device, amp):
                     t_logits = teacher(input_ids=ids, use_cache=False).logits
                 for j, sub in enumerate(subnets):
                     em.set_subnet(sub)
                     last = a == cfg.grad_accum - 1 and j == len(subnets) - 1
-                    with grad_sync(model, last), torch.autocast(d.device.type, dtype=autocast or torch.float32,
-                                                                enabled=autocast is not None):
+                    with grad_sync(model, last), autocast(d.device, amp):
                         s_logits = model(input_ids=ids, use_cache=False).logits
                         loss, p = distill_loss(s_logits, t_logits, ids, cfg)
                         (loss / n_passes).backward()

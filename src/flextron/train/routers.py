@@ -23,10 +23,9 @@ from flextron.config import Budget, RouterConfig
 from flextron.cost import budget_metric, cost_table
 from flextron.data import PackedSequences
 from flextron.elastic import ElasticModel
+from flextron.precision import autocast, compute_dtype
 from flextron.routers import Routers, StaticRouter, Surrogate, decode, expected_cost, gumbel
 from flextron.train.loop import kd_loss
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
@@ -51,8 +50,7 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     xs: list[torch.Tensor] = []
     ys: list[float] = []
     err_ema = math.inf
-    autocast = AUTOCAST[cfg.dtype]
-    amp = dict(device_type=device.type, dtype=autocast or torch.float32, enabled=autocast is not None)
+    amp = compute_dtype(cfg.dtype)
     log = []
     t0 = time.time()
     em.requires_grad_(False)
@@ -75,18 +73,18 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
             fraction * full)
         budget_loss = F.relu((ratio - 1).abs() - cfg.tolerance)
         ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
-        with torch.no_grad(), torch.autocast(**amp):
+        with torch.no_grad(), autocast(device, amp):
             t_logits = teacher(input_ids=ids, use_cache=False).logits
         used_surrogate = False
         if joint or not cfg.surrogate:
             _soft(em, ym, ya)
-            with torch.autocast(**amp):
+            with autocast(device, amp):
                 kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
             loss = kd + cfg.budget_weight * budget_loss
             measured = kd.item()
         else:
             em.set_subnet(decode(em.space, ym.detach(), ya.detach()))
-            with torch.no_grad(), torch.autocast(**amp):
+            with torch.no_grad(), autocast(device, amp):
                 measured = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
             x = torch.cat([ym.flatten(), ya.flatten()]).float()
             with torch.no_grad():

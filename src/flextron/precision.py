@@ -1,0 +1,23 @@
+"""Compute dtypes by name and the autocast context every stage runs under."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+
+from flextron.errors import FlextronError
+
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype for a --dtype name (None: plain fp32)."""
+    if name not in DTYPES:
+        raise FlextronError(f"unknown dtype {name!r}; use {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """bf16 (or another) autocast on `device`; a no-op for None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
