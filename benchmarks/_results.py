@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flextron import report
 from flextron.fsutil import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,12 +21,5 @@ def write_json(name: str, data: dict) -> Path:
 
 
 def update_section(name: str, markdown: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (append if absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write(RESULTS_MD, lambda p: p.write_text(text))
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` of docs/results.md."""
+    report.update_section(RESULTS_MD, name, markdown)

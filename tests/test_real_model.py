@@ -37,7 +37,10 @@ def test_demo_pipeline_routes_exports_and_evaluates(demo):
     half = next(r for r in demo["flextron"] if r["budget"] == f"{float(demo['export_budget']):.0%}")
     # The exported directory is the same sub-network the elastic checkpoint runs at that budget.
     assert abs(demo["export_eval"]["ppl"] / half["ppl"] - 1) < 1e-3
-    assert (Path(demo["plot"])).is_file()
+    report = Path(demo["report"])
+    assert (report.parent / "pareto.png").is_file()
+    text = report.read_text()
+    assert "| flextron |" in text and "| prune only |" in text and "| original |" in text
 
 
 def test_converted_logits_equal_original(demo):
@@ -62,3 +65,15 @@ def test_export_at_half_budget_matches_the_elastic_model(demo, tmp_path):
     x = heldout_windows(tok, 64, limit=1)
     with torch.no_grad():
         assert (exported(input_ids=x).logits - em(input_ids=x).logits).abs().max().item() < 1e-4
+
+
+def test_lm_eval_matches_our_scorer_on_arc_easy(tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from flextron.harness import FlextronLM, task_config
+
+    ours = api.evaluate(None, tasks=["arc_easy"], limit=24, device="cpu", progress=False)[0]["tasks"]["arc_easy"]
+    out = lm_eval.simple_evaluate(model=FlextronLM(None, device="cpu"), tasks=[task_config("arc_easy", tmp_path, 24)],
+                                  log_samples=False)
+    theirs = out["results"]["flextron_arc_easy"]
+    assert ours["n"] == 24
+    assert abs(theirs["acc,none"] - ours["acc"]) <= 0.005 and abs(theirs["acc_norm,none"] - ours["acc_norm"]) <= 0.005

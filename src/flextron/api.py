@@ -10,21 +10,23 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
-from flextron.cost import smallest_fraction, subnet_cost
+from flextron.cost import budget_target, cost_table, smallest_fraction, subnet_cost
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import ppl_at_budgets, router_report
+from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, router_report
 from flextron.export import export as export_model
 from flextron.fsutil import atomic_write, check_output_dir
-from flextron.generation import generate_text
+from flextron.generation import complete, generate_text, prompt_inputs
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.precision import compute_dtype
 from flextron.routers import select_subnet
 from flextron.serve import Engine, ServeConfig, Server
+from flextron.tasks import load_docs, score_task, task_names
 
 
 def resolve_device(device: str | None) -> str:
@@ -94,7 +96,7 @@ def load(path: str | Path, device: str | None = None) -> tuple[ElasticModel, Pre
     return load_checkpoint(Path(path), device=resolve_device(device))
 
 
-def _open(path: str | Path | None, budgets: list[Budget], device: str | None
+def open_model(path: str | Path | None, budgets: list[Budget], device: str | None
           ) -> tuple[ElasticModel, PreTrainedTokenizerBase]:
     """An elastic checkpoint, or a plain HF model directory (None: the packaged model) at its one size."""
     if path is not None and (Path(path) / MANIFEST).is_file():
@@ -109,19 +111,42 @@ def _open(path: str | Path | None, budgets: list[Budget], device: str | None
     return ElasticModel(hf), tok
 
 
-def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, limit: int | None = None,
-             seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
-             dtype: str = "fp32", progress: bool = True) -> list[dict]:
-    """Held-out perplexity of an elastic checkpoint at each budget (uniform sub-networks).
+def adaptive_fraction(em: ElasticModel, budget: Budget) -> float:
+    """A budget as the fraction of the full cost that the adaptive routers take (their metric)."""
+    if em.routers is None or em.routers.adaptive is None:
+        raise FlextronError("this checkpoint has no adaptive routers; train them with "
+                            "`flextron route CKPT --adaptive` (after the static routers), or drop --adaptive")
+    table, target = budget_target(em, budget)
+    if table.metric != em.routers.metric:
+        raise FlextronError(f"the adaptive routers take budgets in {em.routers.metric}, not {table.metric}")
+    return target / table(em.space, em.space.full())
+
+
+def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks: list[str] | None = None,
+             limit: int | None = None, seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
+             dtype: str = "fp32", adaptive: bool = False, progress: bool = True) -> list[dict]:
+    """Held-out perplexity (task `ppl`) and zero-shot task scores (`flextron.tasks.TASKS` or request
+    files) of an elastic checkpoint at each budget. `limit` caps windows and documents per task.
+    `adaptive`: route per token and per request (rows then report the realised average cost).
 
     A path without a flextron manifest (or None, the packaged model) is evaluated as a
     plain HF model at full size.
     """
     autocast = compute_dtype(dtype)
     device = resolve_device(device)
+    tasks = task_names(tasks or ["ppl"])
     parsed = [Budget.parse(b) for b in (budgets or ["1.0"])]
-    em, tok = _open(path, parsed, device)
-    return ppl_at_budgets(em, heldout_windows(tok, seq_len, limit), parsed, batch_size, autocast, progress)
+    docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
+    em, tok = open_model(path, parsed, device)
+    windows = heldout_windows(tok, seq_len, limit) if "ppl" in tasks else None
+
+    def score(model: torch.nn.Module) -> dict:
+        return {t: score_task(model, tok, t, d, batch_size, autocast, progress) for t, d in docs.items()}
+
+    if adaptive:
+        fractions = [adaptive_fraction(em, b) for b in parsed]
+        return adaptive_at_budgets(em, windows, fractions, batch_size, autocast, progress, score if docs else None)
+    return eval_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
 
 
 def describe(path: str | Path) -> list[dict]:
@@ -132,6 +157,14 @@ def describe(path: str | Path) -> list[dict]:
                          ("max", em.space.full())):
         rows.append({"name": name, "subnet": subnet.to_dict(), "cost": subnet_cost(em, subnet).to_dict()})
     return rows
+
+
+def report(run: str | Path, title: str | None = None, into: str | Path | None = None,
+           section: str = "report") -> tuple[Path, str]:
+    """Markdown tables and PNG plots of a run's JSON; see `flextron.report`."""
+    from flextron.report import report as make_report
+
+    return make_report(run, title, None if into is None else Path(into), section)
 
 
 def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
@@ -160,17 +193,28 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwr
 
 def generate(path: str | Path, prompt: str, budget: str | float | None = None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, raw: bool = False, device: str | None = None,
-             seed: int | None = None, stream: Callable[[str], None] | None = None) -> str:
+             seed: int | None = None, stream: Callable[[str], None] | None = None, adaptive: bool = False) -> str:
     """Continue `prompt` with an elastic checkpoint at `budget` (full model when None) or any HF model dir.
 
     Greedy at temperature 0, else sampling with nucleus `top_p`; `stream` receives text as it comes.
+    `adaptive`: the prompt picks each layer's attention width, each token its MLP width.
     """
     parsed = [] if budget is None else [Budget.parse(budget)]
-    em, tok = _open(path, parsed, resolve_device(device))
+    em, tok = open_model(path, parsed, resolve_device(device))
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+               "stream": stream}
+    if adaptive:
+        fraction = adaptive_fraction(em, parsed[0] if parsed else Budget(fraction=1.0))
+        routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
+        inputs = prompt_inputs(tok, prompt, raw)
+        try:
+            routing.start(fraction, inputs["input_ids"].to(next(em.parameters()).device))
+            return complete(em.model, tok, inputs, **options).text
+        finally:
+            routing.detach()
     if parsed:  # no budget: the full model, whatever the routers would pick at 100%
         em.set_subnet(select_subnet(em, parsed[0]))
-    return generate_text(em.model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, raw=raw, seed=seed, stream=stream)
+    return generate_text(em.model, tok, prompt, raw=raw, **options)
 
 
 def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None, *,
@@ -219,11 +263,14 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
 
 def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *, out: str | Path | None = None,
           overwrite: bool = False, device: str | None = None, unseen: tuple[float, ...] | None = None,
-          progress: bool = True) -> dict:
+          adaptive: bool = False, progress: bool = True) -> dict:
     """Train static routers (surrogate-guided) and fine-tune jointly; store them in the checkpoint
-    (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity."""
+    (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity.
+
+    `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
+    report them against the static router at the same realised cost."""
     from flextron.data import PackedSequences, load_corpus
-    from flextron.train.routers import train_routers
+    from flextron.train.routers import train_adaptive, train_routers
 
     device = resolve_device(device)
     grid = sorted(cfg.budgets)
@@ -233,6 +280,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     if out != Path(ckpt):
         check_output_dir(out, overwrite)
     em, tok, manifest = load(ckpt, device)
+    if adaptive and em.routers is None:
+        raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
     lowest = smallest_fraction(em, cfg.metric)
     if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
         raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
@@ -240,14 +289,30 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     teacher, _, _ = load(ckpt, device)
     teacher.requires_grad_(False)
     data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
-    em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
+    if adaptive:
+        em.routers.adaptive, log = train_adaptive(em, teacher, data_seq, cfg, progress=progress)
+        em.routers.adaptive_config = cfg
+    else:
+        em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
     del teacher
-    manifest["routing"] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
-                           "surrogate": cfg.surrogate}
+    key = "adaptive_routing" if adaptive else "routing"
+    manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
+                     "surrogate": cfg.surrogate and not adaptive}
     save_checkpoint(em, tok, out, manifest, overwrite=True)
     wins = heldout_windows(tok, 1024, cfg.eval_limit)
     fractions = sorted(set(cfg.budgets) | set(unseen))
-    rows = router_report(em, wins, fractions, autocast_dtype=compute_dtype(cfg.dtype), progress=progress)
+    amp = compute_dtype(cfg.dtype)
+    if adaptive:
+        rows = adaptive_at_budgets(em, wins, fractions, autocast_dtype=amp, progress=progress)
+        # The static router at the very cost the adaptive routing realised: a like-for-like comparison.
+        static = router_report(em, wins, [r["realised_fraction"] for r in rows], autocast_dtype=amp,
+                               progress=progress, uniform=False)
+        for r, s in zip(rows, static):
+            r |= {"static_ppl": s["ppl"], "static_fraction_of_full": s["fraction_of_full"],
+                  "static_subnet": s["subnet"]}
+    else:
+        rows = router_report(em, wins, fractions, autocast_dtype=amp, progress=progress)
     result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log}
-    atomic_write(out / "routing.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    atomic_write(out / ("adaptive.json" if adaptive else "routing.json"),
+                 lambda p: p.write_text(json.dumps(result, indent=1)))
     return result

@@ -97,5 +97,5 @@ def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.
     em.latency = load_table(ckpt)
     em.routers = Routers.load(Path(ckpt), space)
     if em.routers is not None:
-        em.routers.static.to(device)
+        em.routers.to(device)
     return em, tokenizer, manifest

@@ -16,7 +16,9 @@ from transformers.utils import logging as hf_logging
 from flextron import __version__, api
 from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig
 from flextron.errors import FlextronError
+from flextron.fsutil import atomic_write
 from flextron.precision import DTYPES
+from flextron.tasks import TASKS
 
 console = Console()
 
@@ -67,7 +69,25 @@ def print_ppl(rows: list[dict], original: dict | None = None, label: str = "elas
     for name, group in {label: rows, **(more or {})}.items():
         for r in group:
             table.add_row(name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                          f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})", f"{r['ppl']:.2f}")
+                          f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})",
+                          f"{r['ppl']:.2f}" if "ppl" in r else "-")
+    console.print(table)
+
+
+def print_tasks(rows: list[dict]) -> None:
+    names = list(rows[0].get("tasks", {}))
+    if not names:
+        return
+    table = Table(title="Zero-shot tasks: accuracy (length-normalised) | LAMBADA: accuracy (ppl)")
+    for col in ("budget", "non-emb params", *names):
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = []
+        for name in names:
+            m = r["tasks"][name]
+            extra = f"{m['acc_norm']:.1%}" if "acc_norm" in m else f"{m['ppl']:.1f}"
+            cells.append(f"{m['acc']:.1%} ({extra})")
+        table.add_row(r["budget"], f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})", *cells)
     console.print(table)
 
 
@@ -89,9 +109,17 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    rows = api.evaluate(a.path, a.budgets, limit=a.limit, seq_len=a.seq_len,
-                        batch_size=a.batch_size, device=a.device, dtype=a.dtype)
-    print_ppl(rows)
+    rows = api.evaluate(a.path, a.budgets, tasks=a.tasks, limit=a.limit, seq_len=a.seq_len,
+                        batch_size=a.batch_size, device=a.device, dtype=a.dtype, adaptive=a.adaptive)
+    if a.adaptive:
+        print_adaptive(rows)
+    elif "ppl" in rows[0]:
+        print_ppl(rows)
+    print_tasks(rows)
+    if a.out:
+        out = Path(a.out)
+        atomic_write(out, lambda f: f.write_text(json.dumps(rows, indent=1)))
+        console.print(f"Results: {out}")
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
@@ -103,7 +131,13 @@ def cmd_demo(a: argparse.Namespace) -> None:
     console.print(f"Latency table error on unseen sub-networks: decode median {v['decode_ms']['median_pct']:.1f}%, "
                   f"prefill median {v['prefill_ms']['median_pct']:.1f}%; routers budget in {result['router_metric']}")
     console.print(f"Elastic checkpoint: {result['checkpoint']}  export: {result['export']}")
-    console.print(f"Plot: {result['plot']}  results: {a.out}/results.json")
+    console.print(f"Report: {result['report']} (pareto.png beside it)  results: {a.out}/results.json")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    path, text = api.report(a.run, title=a.title, into=a.into, section=a.section)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"Report: {path}" + (f"; section {a.section!r} of {a.into} updated" if a.into else ""))
 
 
 def cmd_profile(a: argparse.Namespace) -> None:
@@ -127,7 +161,12 @@ def cmd_profile(a: argparse.Namespace) -> None:
 
 def cmd_route(a: argparse.Namespace) -> None:
     cfg = RouterConfig(**{f.name: getattr(a, f.name) for f in fields(RouterConfig)})
-    result = api.route(a.ckpt, cfg, a.data, out=a.out, device=a.device)
+    result = api.route(a.ckpt, cfg, a.data, out=a.out, device=a.device, adaptive=a.adaptive)
+    if a.adaptive:
+        print_adaptive(result["budgets"])
+        console.print(f"Adaptive routers stored in {result['checkpoint']}; details in "
+                      f"{result['checkpoint']}/adaptive.json")
+        return
     t = Table(title=f"Routed sub-networks (budgets in {result['metric']})")
     for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl"):
         t.add_column(col, justify="right")
@@ -136,6 +175,16 @@ def cmd_route(a: argparse.Namespace) -> None:
                   f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}")
     console.print(t)
     console.print(f"Routers stored in {result['checkpoint']}; details in {result['checkpoint']}/routing.json")
+
+
+def print_adaptive(rows: list[dict]) -> None:
+    t = Table(title=f"Input-adaptive routing (budgets in {rows[0]['metric']})")
+    for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(f"{r['budget']:.0%}", f"{r['realised_fraction']:.1%}", f"{r['cost_ratio']:.3f}",
+                  f"{r['ppl']:.2f}" if "ppl" in r else "-", f"{r['static_ppl']:.2f}" if "static_ppl" in r else "-")
+    console.print(t)
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -161,7 +210,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.flush()
 
     api.generate(a.path, a.prompt, a.budget, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit)
+                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit, adaptive=a.adaptive)
     sys.stdout.write("\n")
 
 
@@ -241,14 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_convert)
 
-    e = sub.add_parser("eval", help="held-out perplexity across budgets")
+    e = sub.add_parser("eval", help="held-out perplexity and zero-shot tasks across budgets")
     e.add_argument("path", nargs="?", default=None, help="elastic checkpoint or HF model dir")
     e.add_argument("--budgets", type=_list, default=["1.0", "0.75", "0.5"])
-    e.add_argument("--limit", type=int, default=None, help="at most this many windows")
+    e.add_argument("--tasks", type=_list, default=["ppl"],
+                   help=f"ppl and/or {','.join(TASKS)}, or requests.jsonl(.gz) files")
+    e.add_argument("--limit", type=int, default=None, help="at most this many windows / documents per task")
+    e.add_argument("--out", default=None, help="write the results as JSON here")
+    e.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--batch-size", type=int, default=4)
     common(e)
     e.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="markdown tables and PNG plots from a run's JSON")
+    rp.add_argument("run", help="demo or training run directory, or a JSON file from `eval --out`")
+    rp.add_argument("--title", default=None)
+    rp.add_argument("--into", type=Path, default=None, help="also replace a marked section of this markdown file")
+    rp.add_argument("--section", default="report", help="the section name in --into (<!-- NAME:start -->)")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="the pipeline on the packaged model")
     d.add_argument("--preset", default="demo", choices=["tiny", "demo", "bench"])
@@ -281,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="write the routed checkpoint here (default: in place)")
     r.add_argument("--data", action="append", default=None)
     r.add_argument("--device", default=None)
+    r.add_argument("--adaptive", action="store_true",
+                   help="train input-adaptive routers (per-token MLP, per-request attention) on a routed checkpoint")
     add_dataclass_args(r, RouterConfig)
     r.set_defaults(func=cmd_route)
 
@@ -300,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
 

@@ -241,6 +241,7 @@ class RouterConfig:
     surrogate_threshold: float = 0.1  # relative error under which routers follow the surrogate
     surrogate_hidden: int = 256
     surrogate_fit_steps: int = 20
+    balance_weight: float = 0.01  # adaptive routers: keeps token routers from collapsing onto one width
     seq_len: int = 256
     micro_batch: int = 4
     dtype: str = "bf16"

@@ -1,5 +1,5 @@
 """The whole pipeline on the packaged model: convert -> elastic training -> profile -> routers ->
-export one budget -> evaluate -> a table and a plot. Prune-only budgets are fractions of the
+export one budget -> evaluate -> report (tables and plots). Prune-only budgets are fractions of the
 parameters; after profiling, router budgets are fractions of this machine's decode latency,
 on a grid spanning what the smallest sub-network allows. Presets size it: `tiny` (a smoke run of a
 couple of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
@@ -15,8 +15,8 @@ from flextron import api
 from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
 from flextron.cost import budget_grid
 from flextron.errors import FlextronError
-from flextron.evaluate import plot_ppl_vs_size
 from flextron.fsutil import atomic_write
+from flextron.report import report
 
 _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
 
@@ -87,13 +87,6 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
         "latency_validation": latency["validation"], "router_metric": routed["metric"],
         "routes": routed["budgets"], "space": api.describe(out / "elastic"),
     }
-    fraction = [r["params_fraction"] for r in final]
-    plot = plot_ppl_vs_size(
-        {"prune only": ([r["params_fraction"] for r in pruned], [r["ppl"] for r in pruned]),
-         "flextron (trained + routed)": (fraction, [r["ppl"] for r in final])},
-        out / "pareto.png", f"SmolLM2-135M, preset {preset}", original["ppl"],
-        {f"export {export_budget}": ([export_row["cost"]["params_nonembed"] / original["cost"]["params_nonembed"]],
-                                       [export_row["ppl"]])})
-    result["plot"] = str(plot)
     atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    result["report"], _ = report(out, f"SmolLM2-135M, preset {preset}")
     return result

@@ -1,8 +1,9 @@
-"""Held-out perplexity (multiple-choice tasks and the report come with the eval issue)."""
+"""Held-out perplexity and task scores of the sub-networks that budgets select; the plot."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,9 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.config import Budget
-from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
+from flextron.cost import budget_target, cost_table, subnet_cost, uniform_subnet_for
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
 from flextron.precision import autocast
 from flextron.routers import decode, select_subnet
 
@@ -37,33 +40,63 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
     return math.exp(total_nll / total_tokens)
 
 
-def ppl_at_budgets(em: ElasticModel, windows: Tensor, budgets: list[Budget], batch_size: int = 4,
-                   autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
-    """Held-out perplexity of the sub-network each budget selects (router, else largest uniform)."""
+def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
+                    autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                    tasks: Callable[[nn.Module], dict] | None = None) -> list[dict]:
+    """Per budget, the sub-network it selects (router, else largest uniform), its cost, held-out
+    perplexity on `windows` (unless None) and `tasks(model)` (unless None)."""
     full = subnet_cost(em).params_nonembed
     rows = []
     for budget in budgets:
         subnet = select_subnet(em, budget)
         cost = subnet_cost(em, subnet)
         em.set_subnet(subnet)
-        ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
-        rows.append({
-            "budget": str(budget),
-            "subnet": subnet.to_dict(),
-            "cost": cost.to_dict(),
-            "params_fraction": cost.params_nonembed / full,
-            "ppl": ppl,
-            "tokens": int(windows[:, 1:].numel()),
-        })
+        row = {"budget": str(budget), "subnet": subnet.to_dict(), "cost": cost.to_dict(),
+               "params_fraction": cost.params_nonembed / full}
+        if windows is not None:
+            row["ppl"] = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
+            row["tokens"] = int(windows[:, 1:].numel())
+        if tasks is not None:
+            row["tasks"] = tasks(em)
+        rows.append(row)
     em.set_subnet(None)
+    return rows
+
+
+def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, fractions: list[float], batch_size: int = 4,
+                        autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                        tasks: Callable[[nn.Module], dict] | None = None) -> list[dict]:
+    """Per budget (a fraction of the routers' metric), input-adaptive routing: each sequence a request,
+    each token its MLP width. Rows hold the realised average cost / full cost, perplexity, tasks."""
+    if em.routers is None or em.routers.adaptive is None:
+        raise FlextronError("this checkpoint has no adaptive routers; train them with "
+                            "`flextron route CKPT --adaptive` (after the static routers), or drop --adaptive")
+    routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
+    rows = []
+    try:
+        for fraction in fractions:
+            lm = AdaptiveLM(routing, fraction)
+            row = {"budget": fraction, "metric": em.routers.metric, "adaptive": True}
+            if windows is not None:
+                row["ppl"] = perplexity(lm, windows, batch_size, autocast_dtype, progress,
+                                        desc=f"adaptive @ {fraction:.0%}")
+            if tasks is not None:
+                row["tasks"] = tasks(lm)
+            row["realised_fraction"] = sum(lm.costs) / max(len(lm.costs), 1)
+            row["cost_ratio"] = row["realised_fraction"] / fraction
+            rows.append(row)
+    finally:
+        routing.detach()
     return rows
 
 
 @torch.no_grad()
 def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], batch_size: int = 4,
-                  autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+                  autocast_dtype: torch.dtype | None = None, progress: bool = True, uniform: bool = True
+                  ) -> list[dict]:
     """Per budget: the routed sub-network (raw argmax and projected) and its realised cost in the
-    routers' metric, its held-out perplexity, and the same for the largest uniform sub-network."""
+    routers' metric, its held-out perplexity, and (if `uniform`) the same for the largest uniform
+    sub-network."""
     rows = []
     for fraction in fractions:
         budget = Budget(fraction=fraction)
@@ -72,12 +105,15 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         mlp, attn = em.routers.static(fraction)
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
-        uniform, _ = uniform_subnet_for(em, budget)
         row = {"budget": fraction, "metric": table.metric, "subnet": routed.to_dict(),
                "raw_cost_ratio": table(em.space, raw) / target, "cost_ratio": table(em.space, routed) / target,
-               "fraction_of_full": table(em.space, routed) / full,
-               "uniform_subnet": uniform.to_dict(), "uniform_fraction_of_full": table(em.space, uniform) / full}
-        for key, sub in (("ppl", routed), ("uniform_ppl", uniform)):
+               "fraction_of_full": table(em.space, routed) / full}
+        evaluated = [("ppl", routed)]
+        if uniform:
+            sub, _ = uniform_subnet_for(em, budget)
+            row |= {"uniform_subnet": sub.to_dict(), "uniform_fraction_of_full": table(em.space, sub) / full}
+            evaluated.append(("uniform_ppl", sub))
+        for key, sub in evaluated:
             em.set_subnet(sub)
             row[key] = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"{key} @ {fraction:.0%}")
         rows.append(row)

@@ -26,6 +26,7 @@ from flextron.errors import FlextronError
 
 ROUTER_WEIGHTS = "routers.safetensors"
 ROUTER_CONFIG = "routers.json"
+ADAPTIVE_WEIGHTS = "adaptive.safetensors"
 
 
 def encode_budget(grid: Tensor, fraction: float) -> Tensor:
@@ -142,15 +143,22 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
 
 @dataclass
 class Routers:
-    """Trained routers of a checkpoint: the static router and the metric its budgets refer to."""
+    """Trained routers of a checkpoint: the static router, the metric its budgets refer to, and
+    the input-adaptive routers (`flextron.adaptive.AdaptiveRouters`) once trained."""
 
     static: StaticRouter
     metric: str
     config: RouterConfig
+    adaptive: nn.Module | None = None
+    adaptive_config: RouterConfig | None = None
 
     def save(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.static.state_dict().items()}, directory / ROUTER_WEIGHTS)
         cfg = {**asdict(self.config), "metric": self.metric}
+        if self.adaptive is not None:
+            save_file({k: v.contiguous() for k, v in self.adaptive.state_dict().items()},
+                      directory / ADAPTIVE_WEIGHTS)
+            cfg["adaptive"] = asdict(self.adaptive_config)
         (directory / ROUTER_CONFIG).write_text(json.dumps(cfg, indent=1))
 
     @classmethod
@@ -160,13 +168,34 @@ class Routers:
         try:
             cfg = json.loads((directory / ROUTER_CONFIG).read_text())
             metric = cfg.pop("metric")
-            config = RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+            adaptive_cfg = cfg.pop("adaptive", None)
+            config = _router_config(cfg)
             router = StaticRouter(space, config.budgets, config.hidden)
             router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
+            routers = cls(router.eval(), metric, config)
+            if adaptive_cfg is not None:
+                from flextron.adaptive import AdaptiveRouters  # it builds on this module
+
+                routers.adaptive_config = _router_config(adaptive_cfg)
+                state = load_file(directory / ADAPTIVE_WEIGHTS)
+                routers.adaptive = AdaptiveRouters(space.mlp, space.attn, state["token_in.0.weight"].shape[1],
+                                                   routers.adaptive_config.budgets, routers.adaptive_config.hidden)
+                routers.adaptive.load_state_dict(state)
+                routers.adaptive.eval()
         except Exception as e:  # corrupt, truncated or from another elastic space
             raise FlextronError(f"the routers in {directory} are unreadable ({type(e).__name__}: {e}); "
                                 "re-run `flextron route`") from None
-        return cls(router.eval(), metric, config)
+        return routers
+
+    def to(self, device: str | torch.device) -> Routers:
+        self.static.to(device)
+        if self.adaptive is not None:
+            self.adaptive.to(device)
+        return self
+
+
+def _router_config(cfg: dict) -> RouterConfig:
+    return RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
 @torch.no_grad()

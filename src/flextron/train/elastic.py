@@ -19,7 +19,7 @@ from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import plot_ppl_vs_size, ppl_at_budgets
+from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
 from flextron.fsutil import atomic_write
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
@@ -104,7 +104,7 @@ def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
     wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
-    return ppl_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype), progress=True)
+    return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype), progress=True)
 
 
 def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",

