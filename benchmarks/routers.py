@@ -7,7 +7,11 @@
    held-out perplexity per budget (trained grid and two unseen budgets), next to the largest
    uniform sub-network of the same budget.
 
-    python benchmarks/routers.py [--ckpt CKPT] [--steps 200] [--device cpu|cuda]
+    python benchmarks/routers.py [--ckpt CKPT] [--steps 200] [--metric params|latency_ms] [--device cpu|cuda]
+
+Budgets: 0.4, 0.5, ..., 1.0 of non-embedding params by default (plus the two unseen midpoints);
+with `--metric latency_ms`, a grid over the range of decode latency this machine allows.
+Nothing else may run meanwhile: the latency table is measured first.
 
 CKPT is an elastic checkpoint, ideally trained (e.g. the flextron run of
 benchmarks/elastic_training.py); without it the packaged model is converted.
@@ -37,6 +41,7 @@ def main() -> None:
     p.add_argument("--joint-steps", type=int, default=20)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--eval-limit", type=int, default=16)
+    p.add_argument("--metric", default="params", choices=["params", "latency_ms"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="/tmp/flextron-routers")
     a = p.parse_args()
@@ -51,21 +56,25 @@ def main() -> None:
     else:
         api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
     table = api.profile(base, device=a.device, dtype=a.dtype)
-    grid = budget_grid(api.load(base, "cpu")[0], points=7)  # what latency budgets this machine allows
+    if a.metric == "params":
+        grid = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    else:  # what latency budgets this machine allows
+        grid = budget_grid(api.load(base, "cpu")[0], a.metric, points=7)
     runs, seconds = {}, {}
     for name, surrogate in (("surrogate", True), ("straight-through", False)):
-        cfg = RouterConfig(budgets=grid, steps=a.steps, joint_steps=a.joint_steps, surrogate=surrogate,
-                           dtype=a.dtype, eval_limit=a.eval_limit)
+        cfg = RouterConfig(budgets=grid, metric=a.metric, steps=a.steps, joint_steps=a.joint_steps,
+                           surrogate=surrogate, dtype=a.dtype, eval_limit=a.eval_limit)
         t = time.time()
         runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
         seconds[name] = time.time() - t
     data = {
-        "command": f"python benchmarks/routers.py --steps {a.steps} --device {a.device}"
+        "command": f"python benchmarks/routers.py --steps {a.steps} --metric {a.metric} --device {a.device}"
                    + (f" --ckpt {a.ckpt}" if a.ckpt else ""),
         "source": a.ckpt or "packaged model, converted", "device": table["device"],
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},
         "seconds": seconds, "total_seconds": round(time.time() - t0),
+        "surrogate_steps": [sum(r["surrogate_used"] for r in runs["surrogate"]["log"]), a.steps],
         "routes": {k: v["budgets"] for k, v in runs.items()}, "metric": runs["surrogate"]["metric"],
     }
     write_json("routers", data)
@@ -91,7 +100,9 @@ def report(data: dict) -> None:
         "",
         f"Budgets in {data['metric']}; source checkpoint: {data['source']}. Same router steps for both; wall "
         f"time: surrogate {data['seconds']['surrogate'] / 60:.1f} min, straight-through "
-        f"{data['seconds']['straight-through'] / 60:.1f} min. Cost/target is after projection (raw argmax in "
+        f"{data['seconds']['straight-through'] / 60:.1f} min; the surrogate was accurate enough to guide "
+        f"{data['surrogate_steps'][0]} of the {data['surrogate_steps'][1]} router steps. Cost/target is after "
+        "projection (raw argmax in "
         "brackets); uniform = the largest uniform sub-network within the same budget.",
         "",
         "| budget | cost/target surrogate | ppl surrogate | cost/target straight-through | ppl straight-through | "

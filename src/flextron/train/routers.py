@@ -3,7 +3,7 @@ input-adaptive routers (per-token MLP, per-request attention) trained the same t
 
 Stage 2 keeps the LLM frozen. Each step draws a budget from the grid, samples per-layer
 choices from the router (straight-through Gumbel-softmax, annealed temperature), and measures
-the distillation loss of that sub-network (hard slices: cheap). The surrogate learns to
+the distillation loss of that sub-network on a fixed probe batch (hard slices: cheap). The surrogate learns to
 predict that loss from the choices; while its running relative error is under the threshold,
 the router descends surrogate loss + budget loss, so no gradient crosses the LLM. The
 ablation (`surrogate=False`) instead back-propagates the LLM's loss into the router through
@@ -56,6 +56,11 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     log = []
     t0 = time.time()
     em.requires_grad_(False)
+    # The surrogate's targets come from one fixed batch: the loss is then a function of the
+    # architecture alone, which the surrogate can learn (fresh batches add data noise it cannot).
+    probe = data.rows(0, cfg.micro_batch).to(device)
+    with torch.no_grad(), autocast(device, amp):
+        t_probe = teacher(input_ids=probe, use_cache=False).logits
     total = cfg.steps + cfg.joint_steps
     bar = tqdm(total=total, desc="routers", disable=not progress)
     llm_opt = None
@@ -74,11 +79,11 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
         ratio = expected_cost(table, F.softmax(mlp_logits / tau, -1), F.softmax(attn_logits / tau, -1)) / (
             fraction * full)
         budget_loss = F.relu((ratio - 1).abs() - cfg.tolerance)
-        ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
-        with torch.no_grad(), autocast(device, amp):
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
         used_surrogate = False
         if joint or not cfg.surrogate:
+            ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
+            with torch.no_grad(), autocast(device, amp):
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
             _soft(em, ym, ya)
             with autocast(device, amp):
                 kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
@@ -87,7 +92,7 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
         else:
             em.set_subnet(decode(em.space, ym.detach(), ya.detach()))
             with torch.no_grad(), autocast(device, amp):
-                measured = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+                measured = kd_loss(em(input_ids=probe, use_cache=False).logits, t_probe).item()
             x = torch.cat([ym.flatten(), ya.flatten()]).float()
             with torch.no_grad():
                 # Error relative to the typical loss seen so far: the loss itself is ~0 at full width.
