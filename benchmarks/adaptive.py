@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--joint-steps", type=int, default=10)
     p.add_argument("--eval-limit", type=int, default=16)
+    p.add_argument("--balance-weight", type=float, default=0.01)
     p.add_argument("--tokens", type=int, default=4096, help="MLP speed test batch (tokens)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
@@ -145,7 +146,8 @@ def main() -> None:
         shutil.rmtree(base)
     shutil.copytree(a.ckpt, base)
     em, _, _ = api.load(base, a.device)
-    cfg = replace(em.routers.config, steps=a.steps, joint_steps=a.joint_steps, eval_limit=a.eval_limit)
+    cfg = replace(em.routers.config, steps=a.steps, joint_steps=a.joint_steps, eval_limit=a.eval_limit,
+                  balance_weight=a.balance_weight)
     result = api.route(base, cfg, adaptive=True, device=a.device)
     em, tok, _ = api.load(base, a.device)
     routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
@@ -155,7 +157,11 @@ def main() -> None:
     routing.detach()
     IMG_DIR.mkdir(parents=True, exist_ok=True)
     plot_widths(by_kind, mid, IMG_DIR / "adaptive-widths.png")
-    data = {"command": f"python benchmarks/adaptive.py --ckpt {a.ckpt} --steps {a.steps} --device {a.device}",
+    log = [r for r in result["log"] if r["stage"] != "calibration"]
+    data = {"command": f"python benchmarks/adaptive.py --ckpt {a.ckpt} --steps {a.steps} --balance-weight "
+                       f"{a.balance_weight} --device {a.device}",
+            "balance": {"first_20": sum(r["balance"] for r in log[:20]) / 20,
+                        "last_20": sum(r["balance"] for r in log[-20:]) / 20},
             "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "metric": result["metric"], "rows": result["budgets"], "mlp_speed": speed, "widths_by_kind": by_kind,
             "widths_budget": mid, "total_seconds": round(time.time() - t0),
@@ -180,6 +186,10 @@ def report(data: dict) -> None:
     for r in data["rows"]:
         lines.append(f"| {r['budget']:.0%} | {r['realised_fraction']:.1%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | "
                      f"{r['static_ppl']:.2f} |")
+    if "balance" in data:
+        lines += ["", f"Token-router balance (1 = even use of a layer's widths, 4 = every token on one width), mean "
+                  f"over layers: first 20 steps {data['balance']['first_20']:.2f}, last 20 "
+                  f"{data['balance']['last_20']:.2f}."]
     lines += [
         "",
         f"MLP speed (layer {sp['layer']}, {sp['tokens']} tokens; routed = half the tokens at width "

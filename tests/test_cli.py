@@ -31,6 +31,8 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
         (["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "neither an existing directory"),
         (["eval", str(tmp_path / "nockpt"), "--budgets", "0.5"], "not an elastic checkpoint"),
         (["eval", "--budgets", "fast"], "cannot read budget"),
+        (["eval", "--tasks", "ppl,hellaswg"], "unknown task 'hellaswg'"),
+        (["report", str(tmp_path)], "holds no results.json or eval.json"),
     ]
     for args, message in cases:
         r = run_cli(*args)

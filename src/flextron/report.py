@@ -45,9 +45,17 @@ def _label(key: str) -> str:
 
 
 def _groups(data: dict) -> dict[str, list[dict]]:
-    """Every series of eval rows; single rows (the original, an export) as one-row groups."""
-    return {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items()
-            if _is_row(v) or (isinstance(v, list) and v and _is_row(v[0]))}
+    """Every series of eval rows; single rows (the original, an export) as one-row groups. With an
+    original, sizes are fractions of it (an export evaluated alone is 100% of itself)."""
+    groups = {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items()
+              if _is_row(v) or (isinstance(v, list) and v and _is_row(v[0]))}
+    original = data.get("original")
+    if _is_row(original):
+        full = original["cost"]["params_nonembed"]
+        groups = {name: [r | {"params_fraction": r["cost"]["params_nonembed"] / full,
+                              "budget": r["budget"] if len(rows) > 1 else "-"} for r in rows]
+                  for name, rows in groups.items()}
+    return groups
 
 
 def _task_cell(m: dict) -> str:

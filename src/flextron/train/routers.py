@@ -65,13 +65,7 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     bar = tqdm(total=total, desc="routers", disable=not progress)
     llm_opt = None
     for step in range(total):
-        joint = step >= cfg.steps
-        if joint and llm_opt is None:
-            em.requires_grad_(True)
-            em.train()
-            llm_opt = torch.optim.AdamW(em.parameters(), lr=cfg.llm_lr, weight_decay=0.0)
-        tau = _tau(cfg, step)
-        fraction = cfg.budgets[torch.randint(len(cfg.budgets), (1,), generator=gen).item()]
+        joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
         mlp_logits, attn_logits = router(fraction)
         ym, ya = gumbel(mlp_logits, tau, gen), gumbel(attn_logits, tau, gen)
         # The budget term uses the tempered choice probabilities: smooth, free of sampling noise,
@@ -108,14 +102,7 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
                 surrogate.requires_grad_(False)
                 loss = loss + surrogate(x)
                 surrogate.requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        if llm_opt is not None:
-            llm_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if llm_opt is not None:
-            torch.nn.utils.clip_grad_norm_(em.parameters(), 1.0)
-            llm_opt.step()
+        _update(em, loss, opt, llm_opt)
         log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
                     "cost_ratio": ratio.item(), "kd": measured, "surrogate_error": err_ema,
                     "surrogate_used": used_surrogate, "elapsed_s": time.time() - t0})
@@ -126,6 +113,32 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     em.set_subnet(None)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
+
+
+def _schedule(em: ElasticModel, cfg: RouterConfig, step: int, llm_opt: torch.optim.Optimizer | None,
+              gen: torch.Generator) -> tuple[bool, torch.optim.Optimizer | None, float, float]:
+    """The step's stage (joint or not), the LLM optimizer (made when the joint stage starts), the
+    Gumbel temperature and a budget drawn from the grid."""
+    joint = step >= cfg.steps
+    if joint and llm_opt is None:
+        em.requires_grad_(True)
+        em.train()
+        llm_opt = torch.optim.AdamW(em.parameters(), lr=cfg.llm_lr, weight_decay=0.0)
+    fraction = cfg.budgets[torch.randint(len(cfg.budgets), (1,), generator=gen).item()]
+    return joint, llm_opt, _tau(cfg, step), fraction
+
+
+def _update(em: ElasticModel, loss: torch.Tensor, opt: torch.optim.Optimizer,
+            llm_opt: torch.optim.Optimizer | None) -> None:
+    """One step of the routers (and of the clipped LLM in the joint stage)."""
+    opt.zero_grad(set_to_none=True)
+    if llm_opt is not None:
+        llm_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if llm_opt is not None:
+        torch.nn.utils.clip_grad_norm_(em.parameters(), 1.0)
+        llm_opt.step()
 
 
 def _tau(cfg: RouterConfig, step: int) -> float:
@@ -154,13 +167,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     bar = tqdm(total=total, desc="adaptive routers", disable=not progress)
     try:
         for step in range(total):
-            joint = step >= cfg.steps
-            if joint and llm_opt is None:
-                em.requires_grad_(True)
-                em.train()
-                llm_opt = torch.optim.AdamW(em.parameters(), lr=cfg.llm_lr, weight_decay=0.0)
-            tau = _tau(cfg, step)
-            fraction = cfg.budgets[torch.randint(len(cfg.budgets), (1,), generator=gen).item()]
+            joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
             ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
             with torch.no_grad(), autocast(device, amp):
                 t_logits = teacher(input_ids=ids, use_cache=False).logits
@@ -171,14 +178,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
             ratio = routing.expected_ratio() / fraction
             balance = routing.balance()
             loss = kd + cfg.budget_weight * F.relu((ratio - 1).abs() - cfg.tolerance) + cfg.balance_weight * balance
-            opt.zero_grad(set_to_none=True)
-            if llm_opt is not None:
-                llm_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if llm_opt is not None:
-                torch.nn.utils.clip_grad_norm_(em.parameters(), 1.0)
-                llm_opt.step()
+            _update(em, loss, opt, llm_opt)
             realised = routing.realised_fraction() / fraction
             log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
                         "cost_ratio": ratio.item(), "realised_cost_ratio": realised, "kd": kd.item(),
