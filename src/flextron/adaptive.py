@@ -45,6 +45,13 @@ class AdaptiveRouters(nn.Module):
         self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
         self.hidden = hidden
 
+    @torch.no_grad()
+    def zero_residual_(self) -> None:
+        """Output layers at zero: routing starts as the static router's prior, then learns per input."""
+        for lin in (*self.token_out, self.request[-1]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+
     def budget(self, fraction: float) -> Tensor:
         return encode_budget(self.grid, fraction).to(self.token_budget.weight.device)
 
@@ -130,10 +137,18 @@ class AdaptiveRouting:
         self.tau, self.generator = tau, generator
         self._budget = self.routers.budget(fraction)
         self._shift = (self._budget * self.routers.shift).sum()
+        # The static router's choice for this budget is the prior the adaptive routers refine.
+        self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
+        if self.em.routers is not None:
+            with torch.no_grad():
+                mlp, attn = self.em.routers.static(fraction)
+            self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
+                           attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
         self.reset_stats()
         with torch.set_grad_enabled(tau is not None and torch.is_grad_enabled()):
             pooled = self.em.model.get_input_embeddings()(input_ids).mean(dim=1)
-            logits = self.routers.request_logits(pooled, self._budget) - self._shift * self.attn_penalty
+            logits = (self.routers.request_logits(pooled, self._budget) + self._prior[1]
+                      - self._shift * self.attn_penalty)
         onehot = gumbel(logits, tau, generator) if tau is not None else F.one_hot(
             logits.argmax(-1), logits.shape[-1]).float()
         self.attn_probs = F.softmax(logits / (tau or 1.0), -1)
@@ -153,7 +168,8 @@ class AdaptiveRouting:
     def _mlp_forward(self, layer: int, module: nn.Module, x: Tensor) -> Tensor:
         part = self.em.blocks[layer].mlp
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.routers.token_logits(layer, flat, self._budget) - self._shift * self.mlp_penalty[layer]
+        logits = (self.routers.token_logits(layer, flat, self._budget) + self._prior[0][layer]
+                  - self._shift * self.mlp_penalty[layer])
         train = self.tau is not None
         gate = gumbel(logits, self.tau, self.generator) if train else None
         choice = (gate if train else logits).argmax(-1)

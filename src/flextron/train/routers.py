@@ -157,6 +157,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, cfg.budgets, cfg.hidden).to(device)
+    routers.zero_residual_()  # start from the static router's choices
     routing = AdaptiveRouting(em, routers, table).attach()
     opt = torch.optim.Adam(routers.parameters(), lr=cfg.router_lr)
     amp = compute_dtype(cfg.dtype)
