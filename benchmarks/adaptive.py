@@ -27,7 +27,6 @@ import torch
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
 from flextron.adaptive import AdaptiveRouting, grouped_forward
-from flextron.cost import cost_table
 from flextron.data import heldout_windows
 from flextron.precision import autocast
 
@@ -57,7 +56,7 @@ def mlp_speed(routing: AdaptiveRouting, tokens: int, repeats: int, device: str) 
     x = torch.randn(tokens, em.config.hidden_size, device=device)
     lo, hi = (min(choices, key=lambda c, f=f: abs(c - f * full_w)) for f in (0.25, 0.75))
     choice = torch.where(torch.arange(tokens, device=device) % 2 == 0, choices.index(lo), choices.index(hi))
-    routing.start(0.5, x.new_zeros(1, 1, dtype=torch.long))
+    budget = routing.routers.budget(0.5)
 
     def full() -> None:
         type(module).forward(module, x)
@@ -68,7 +67,7 @@ def mlp_speed(routing: AdaptiveRouting, tokens: int, repeats: int, device: str) 
         part.set_hard(full_w)
 
     def routed() -> None:
-        routing.routers.token_logits(layer, x, routing._budget)  # its cost counts; its choice is fixed
+        routing.routers.token_logits(layer, x, budget)  # its cost counts; its choice is fixed
         grouped_forward(part, module, choices, x, choice)
 
     results = {"layer": layer, "tokens": tokens, "widths": [lo, hi], "mean_width_fraction": (lo + hi) / 2 / full_w}
@@ -150,7 +149,7 @@ def main() -> None:
                   balance_weight=a.balance_weight)
     result = api.route(base, cfg, adaptive=True, device=a.device)
     em, tok, _ = api.load(base, a.device)
-    routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
+    routing = AdaptiveRouting.for_model(em).attach()
     speed = mlp_speed(routing, a.tokens, a.repeats, a.device)
     mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
     by_kind = widths_by_kind(routing, tok, heldout_windows(tok, 256, 4), mid)

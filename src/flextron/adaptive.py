@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flextron.cost import CostTable
+from flextron.config import Budget
+from flextron.cost import CostTable, budget_target, cost_table
 from flextron.elastic import ElasticModel, ElasticPart, nested_mask
+from flextron.errors import FlextronError
 from flextron.routers import choice_mask, encode_budget, gumbel
 
 
@@ -109,6 +111,21 @@ class AdaptiveRouting:
         self._budget: Tensor | None = None
         self.reset_stats()
 
+    @classmethod
+    def for_model(cls, em: ElasticModel) -> AdaptiveRouting:
+        """The trained adaptive routers of a loaded checkpoint, costed in their metric (not attached)."""
+        if em.routers is None or em.routers.adaptive is None:
+            raise FlextronError("this checkpoint has no adaptive routers; train them with "
+                                "`flextron route CKPT --adaptive` (after the static routers), or drop --adaptive")
+        return cls(em, em.routers.adaptive, cost_table(em, em.routers.metric))
+
+    def fraction(self, budget: Budget) -> float:
+        """A budget as the fraction of the full cost in the routers' metric."""
+        table, target = budget_target(self.em, budget)
+        if table.metric != self.table.metric:
+            raise FlextronError(f"the adaptive routers take budgets in {self.table.metric}, not {table.metric}")
+        return target / self.full
+
     def attach(self) -> AdaptiveRouting:
         """Route every block's MLP per token (the module's own forward runs on each width group)."""
         for layer, block in enumerate(self.em.blocks):
@@ -127,7 +144,6 @@ class AdaptiveRouting:
         self.mlp_probs: list[Tensor | None] = [None] * n
         self.mlp_gates: list[Tensor | None] = [None] * n
         self.mlp_counts = torch.zeros(n, self.mlp_cost.shape[1])
-        self.attn_probs: Tensor | None = None
         self.attn_onehot: Tensor | None = None
         self.token_choices: list[Tensor | None] = [None] * n
 
@@ -151,7 +167,6 @@ class AdaptiveRouting:
                       - self._shift * self.attn_penalty)
         onehot = gumbel(logits, tau, generator) if tau is not None else F.one_hot(
             logits.argmax(-1), logits.shape[-1]).float()
-        self.attn_probs = F.softmax(logits / (tau or 1.0), -1)
         self.attn_onehot = onehot
         index = onehot.argmax(-1).tolist()
         widths = [[self.em.space.attn[layer][k] for layer, k in enumerate(row)] for row in index]

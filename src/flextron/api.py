@@ -14,7 +14,7 @@ from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
-from flextron.cost import budget_target, cost_table, smallest_fraction, subnet_cost
+from flextron.cost import smallest_fraction, subnet_cost
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -111,17 +111,6 @@ def open_model(path: str | Path | None, budgets: list[Budget], device: str | Non
     return ElasticModel(hf), tok
 
 
-def adaptive_fraction(em: ElasticModel, budget: Budget) -> float:
-    """A budget as the fraction of the full cost that the adaptive routers take (their metric)."""
-    if em.routers is None or em.routers.adaptive is None:
-        raise FlextronError("this checkpoint has no adaptive routers; train them with "
-                            "`flextron route CKPT --adaptive` (after the static routers), or drop --adaptive")
-    table, target = budget_target(em, budget)
-    if table.metric != em.routers.metric:
-        raise FlextronError(f"the adaptive routers take budgets in {em.routers.metric}, not {table.metric}")
-    return target / table(em.space, em.space.full())
-
-
 def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks: list[str] | None = None,
              limit: int | None = None, seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
              dtype: str = "fp32", adaptive: bool = False, progress: bool = True) -> list[dict]:
@@ -144,8 +133,7 @@ def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks
         return {t: score_task(model, tok, t, d, batch_size, autocast, progress) for t, d in docs.items()}
 
     if adaptive:
-        fractions = [adaptive_fraction(em, b) for b in parsed]
-        return adaptive_at_budgets(em, windows, fractions, batch_size, autocast, progress, score if docs else None)
+        return adaptive_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
     return eval_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
 
 
@@ -204,8 +192,9 @@ def generate(path: str | Path, prompt: str, budget: str | float | None = None, *
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                "stream": stream}
     if adaptive:
-        fraction = adaptive_fraction(em, parsed[0] if parsed else Budget(fraction=1.0))
-        routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
+        routing = AdaptiveRouting.for_model(em)
+        fraction = routing.fraction(parsed[0] if parsed else Budget(fraction=1.0))
+        routing.attach()
         inputs = prompt_inputs(tok, prompt, raw)
         try:
             routing.start(fraction, inputs["input_ids"].to(next(em.parameters()).device))
@@ -303,7 +292,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     fractions = sorted(set(cfg.budgets) | set(unseen))
     amp = compute_dtype(cfg.dtype)
     if adaptive:
-        rows = adaptive_at_budgets(em, wins, fractions, autocast_dtype=amp, progress=progress)
+        rows = adaptive_at_budgets(em, wins, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
+                                   progress=progress)
         # The static router at the very cost the adaptive routing realised: a like-for-like comparison.
         static = router_report(em, wins, [r["realised_fraction"] for r in rows], autocast_dtype=amp,
                                progress=progress, uniform=False)

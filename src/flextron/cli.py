@@ -18,6 +18,7 @@ from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, Train
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 from flextron.precision import DTYPES
+from flextron.report import task_cell
 from flextron.tasks import TASKS
 
 console = Console()
@@ -82,11 +83,7 @@ def print_tasks(rows: list[dict]) -> None:
     for col in ("budget", "non-emb params", *names):
         table.add_column(col, justify="right")
     for r in rows:
-        cells = []
-        for name in names:
-            m = r["tasks"][name]
-            extra = f"{m['acc_norm']:.1%}" if "acc_norm" in m else f"{m['ppl']:.1f}"
-            cells.append(f"{m['acc']:.1%} ({extra})")
+        cells = [task_cell(r["tasks"][name]) for name in names]
         table.add_row(r["budget"], f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})", *cells)
     console.print(table)
 

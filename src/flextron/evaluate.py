@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.config import Budget
-from flextron.cost import budget_target, cost_table, subnet_cost, uniform_subnet_for
+from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
 from flextron.elastic import ElasticModel
-from flextron.errors import FlextronError
 from flextron.precision import autocast
 from flextron.routers import decode, select_subnet
 
@@ -63,15 +62,15 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
     return rows
 
 
-def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, fractions: list[float], batch_size: int = 4,
+def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                         autocast_dtype: torch.dtype | None = None, progress: bool = True,
                         tasks: Callable[[nn.Module], dict] | None = None) -> list[dict]:
-    """Per budget (a fraction of the routers' metric), input-adaptive routing: each sequence a request,
-    each token its MLP width. Rows hold the realised average cost / full cost, perplexity, tasks."""
-    if em.routers is None or em.routers.adaptive is None:
-        raise FlextronError("this checkpoint has no adaptive routers; train them with "
-                            "`flextron route CKPT --adaptive` (after the static routers), or drop --adaptive")
-    routing = AdaptiveRouting(em, em.routers.adaptive, cost_table(em, em.routers.metric)).attach()
+    """Per budget (in the routers' metric), input-adaptive routing: each sequence a request, each
+    token its MLP width. Rows hold the budget as a fraction, the realised average cost / full cost,
+    perplexity and tasks."""
+    routing = AdaptiveRouting.for_model(em)
+    fractions = [routing.fraction(b) for b in budgets]
+    routing.attach()
     rows = []
     try:
         for fraction in fractions:

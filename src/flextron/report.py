@@ -18,6 +18,11 @@ def _is_row(x: object) -> bool:
     return isinstance(x, dict) and {"budget", "subnet", "cost", "params_fraction"} <= x.keys()
 
 
+def _is_series(x: object) -> bool:
+    """One eval row, or a list of them."""
+    return _is_row(x) or (isinstance(x, list) and bool(x) and _is_row(x[0]))
+
+
 def read_run(path: str | Path) -> tuple[dict, Path]:
     """The run's JSON, as {series name: [eval rows]} plus the rest; and the directory it lives in."""
     path = Path(path)
@@ -31,7 +36,7 @@ def read_run(path: str | Path) -> tuple[dict, Path]:
         raise FlextronError(f"cannot read {file}: {e}") from None
     if isinstance(data, list):
         data = {"eval": data}
-    if not any(_is_row(v) or (isinstance(v, list) and v and _is_row(v[0])) for v in data.values()):
+    if not any(_is_series(v) for v in data.values()):
         raise FlextronError(f"{file} holds no evaluation rows (budget, sub-network, cost); nothing to report")
     return data, file.parent
 
@@ -47,8 +52,7 @@ def _label(key: str) -> str:
 def _groups(data: dict) -> dict[str, list[dict]]:
     """Every series of eval rows; single rows (the original, an export) as one-row groups. With an
     original, sizes are fractions of it (an export evaluated alone is 100% of itself)."""
-    groups = {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items()
-              if _is_row(v) or (isinstance(v, list) and v and _is_row(v[0]))}
+    groups = {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items() if _is_series(v)}
     original = data.get("original")
     if _is_row(original):
         full = original["cost"]["params_nonembed"]
@@ -58,13 +62,14 @@ def _groups(data: dict) -> dict[str, list[dict]]:
     return groups
 
 
-def _task_cell(m: dict) -> str:
+def task_cell(m: dict) -> str:
+    """acc (acc_norm), or for LAMBADA-style tasks acc (ppl N)."""
     return f"{m['acc']:.1%} ({m['acc_norm']:.1%})" if "acc_norm" in m else f"{m['acc']:.1%} (ppl {m['ppl']:.1f})"
 
 
-def markdown(data: dict, plots: list[str]) -> str:
-    """Tables of every series (budget, widths, size, perplexity, task scores) and the plots."""
-    groups = _groups(data)
+def markdown(data: dict, groups: dict[str, list[dict]], plots: list[str]) -> str:
+    """Tables of every series of `groups` (budget, widths, size, perplexity, task scores), the
+    routers of `data` and the plots."""
     tasks = next((list(r["tasks"]) for rows in groups.values() for r in rows if r.get("tasks")), [])
     head = ["model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -73,7 +78,7 @@ def markdown(data: dict, plots: list[str]) -> str:
             cells = [name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
                      f"{r['cost']['params_nonembed'] / 1e6:.1f} M ({r['params_fraction']:.0%})",
                      f"{r['ppl']:.2f}" if "ppl" in r else "-"]
-            cells += [_task_cell(r["tasks"][t]) if t in r.get("tasks", {}) else "-" for t in tasks]
+            cells += [task_cell(r["tasks"][t]) if t in r.get("tasks", {}) else "-" for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")
     if tasks:
         lines += ["", "Tasks: accuracy (length-normalised accuracy); LAMBADA: greedy accuracy (perplexity)."]
@@ -121,10 +126,11 @@ def report(run: str | Path, title: str | None = None, into: Path | None = None, 
     data, folder = read_run(run)
     title = title or f"{folder.name}: quality vs size"
     groups = _groups(data)
-    original = groups.pop("original", [None])[0]
+    original = groups.get("original", [None])[0]
+    series = {n: rows for n, rows in groups.items() if n != "original"}
     plots = []
-    lines = {n: rows for n, rows in groups.items() if len(rows) > 1 and "ppl" in rows[0]}
-    points = {n: rows for n, rows in groups.items() if len(rows) == 1 and "ppl" in rows[0]}
+    lines = {n: rows for n, rows in series.items() if len(rows) > 1 and "ppl" in rows[0]}
+    points = {n: rows for n, rows in series.items() if len(rows) == 1 and "ppl" in rows[0]}
     if lines or points:
         def xy(rows: list[dict]) -> tuple[list[float], list[float]]:
             return [r["params_fraction"] for r in rows], [r["ppl"] for r in rows]
@@ -133,16 +139,16 @@ def report(run: str | Path, title: str | None = None, into: Path | None = None, 
                          original["ppl"] if original and "ppl" in original else None,
                          {n: xy(rows) for n, rows in points.items()})
         plots.append("pareto.png")
-    if any(r.get("tasks") for rows in groups.values() for r in rows):
-        plots.append(plot_tasks(_groups(data), folder / "tasks.png", title).name)
-    text = f"# {title}\n\n" + markdown(data, plots) + "\n"
+    if any(r.get("tasks") for rows in series.values() for r in rows):
+        plots.append(plot_tasks(groups, folder / "tasks.png", title).name)
+    text = f"# {title}\n\n" + markdown(data, groups, plots) + "\n"
     atomic_write(folder / "report.md", lambda f: f.write_text(text))
     if into is not None:
         img = Path(into).parent / "img"
         img.mkdir(parents=True, exist_ok=True)
         for plot in plots:
             shutil.copyfile(folder / plot, img / f"{section}-{plot}")
-        update_section(Path(into), section, markdown(data, [f"img/{section}-{p}" for p in plots]))
+        update_section(Path(into), section, markdown(data, groups, [f"img/{section}-{p}" for p in plots]))
     return folder / "report.md", text
 
 
