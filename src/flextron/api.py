@@ -25,7 +25,7 @@ from flextron.generation import complete, generate_text, prompt_inputs
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.precision import compute_dtype
 from flextron.routers import select_subnet
-from flextron.serve import Engine, ServeConfig, Server
+from flextron.serve import ServeConfig, Server, Service
 from flextron.tasks import load_docs, score_task, task_names
 
 
@@ -225,7 +225,7 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device
     """
     device = resolve_device(device)
     em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(dtype) or torch.float32)
-    server = Server(Engine(em, tok, name or Path(ckpt).resolve().name, config), host, port)
+    server = Server(Service(em, tok, name or Path(ckpt).resolve().name, config), host, port)
     try:
         if on_ready is not None:
             on_ready(server)

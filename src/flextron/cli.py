@@ -236,11 +236,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = ServeConfig(max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
                          default_max_tokens=min(a.default_max_tokens, a.max_tokens), max_body_bytes=a.max_body_bytes,
-                         max_queue=a.max_queue)
+                         max_queue=a.max_queue, max_batch=a.max_batch, max_connections=a.max_connections)
 
     def ready(server: api.Server) -> None:
-        console.print(f"Serving [bold]{server.engine.name}[/bold] at [bold]{server.url}/v1[/bold] "
-                      "(OpenAI-compatible; pass \"budget\" per request); Ctrl-C stops")
+        console.print(f"Serving [bold]{server.name}[/bold] at [bold]{server.url}/v1[/bold] "
+                      f"(OpenAI-compatible; a budget as model \"{server.name}@50%\"); Ctrl-C stops")
 
     api.serve(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, name=a.name, config=config, on_ready=ready)
 
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--default-max-tokens", type=int, default=128, help="when a request gives none")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     v.add_argument("--max-queue", type=int, default=64, help="requests generating or waiting; more get 503")
+    v.add_argument("--max-batch", type=int, default=16, help="sequences decoding together (1: one at a time)")
+    v.add_argument("--max-connections", type=int, default=256, help="open connections; more get 503")
     common(v)
     v.set_defaults(func=cmd_serve)
     return p

@@ -89,6 +89,14 @@ class _StopFilter:
         self.pending = ""
 
 
+def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The end-of-text token ids: the model's generation config's, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
 @dataclass
 class Completion:
     """Generated text with its token counts; `finish_reason` is "stop" (end of text or a stop string) or "length"."""
@@ -119,11 +127,8 @@ def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[
     prompt_len = inputs["input_ids"].shape[1]
     if prompt_len == 0:
         raise FlextronError("the prompt is empty after tokenization; pass some text or drop --raw")
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        eos[0] if isinstance(eos, list) else eos)
+    eos = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
     sample = temperature > 0
     # Explicit settings, so that a model's own generation defaults (e.g. sampling) do not leak in.
     options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {
@@ -136,14 +141,13 @@ def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[
         stopper = _StopFilter(stops, stream)
         streamer = _CallbackStreamer(tokenizer, stopper)
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, stops, prompt_len)] if stops else [])
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
                          streamer=streamer, stopping_criteria=criteria, **options)
     if stopper is not None:
         stopper.flush()
     new = out[0, prompt_len:]
     text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stops)
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    ended = stopped or (len(new) > 0 and int(new[-1]) in eos_ids)
+    ended = stopped or (len(new) > 0 and int(new[-1]) in eos)
     return Completion(text, prompt_len, len(new), "stop" if ended or len(new) < max_new_tokens else "length")
 
 

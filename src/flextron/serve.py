@@ -1,418 +1,277 @@
 """An OpenAI-compatible HTTP server over one elastic checkpoint: every budget from one set of weights.
 
-The checkpoint is loaded once. Each request may name a `budget` (0.5, "60%", "params=80e6"; the
-full model when absent); the server resolves it as `flextron export` does (`select_subnet`: the
-static router's choice where routers were trained, else the largest uniform sub-network),
-switches the elastic model to it by hard slicing (no weights are copied) and generates. The sub-network is state of
-the one model, so generation runs one request at a time under a lock: requests at different
-budgets queue, up to `ServeConfig.max_queue` of them.
+The checkpoint is loaded once. Each request names a budget (`model: "NAME@50%"`, or the extra
+field `budget`; the full model when absent), resolved as `flextron export` resolves it; the
+batching engine (`flextron.engine`) decodes requests at the same sub-network together and lets
+sub-networks take turns. The protocol (validation, response shapes) is `flextron.protocol`; this
+module is the transport: Starlette routes on uvicorn.
 
-Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream` as server-sent
-events in OpenAI's chunk format), `GET /v1/models`, `GET /health`. Errors are OpenAI-style JSON,
-`{"error": {"message", "type", "code", "param"}}`, with a 4xx status for a bad request.
-
-Built on the standard library's `ThreadingHTTPServer` (a thread per connection, HTTP/1.1
-keep-alive, chunked streaming): generation is serialized anyway, so an async stack would add
-dependencies without adding throughput.
+Endpoints: `POST /v1/completions` (with `logprobs` / `echo`), `POST /v1/chat/completions` (both with
+`stream` as server-sent events in OpenAI's chunk format), `GET /v1/models`, `GET /health`. Errors
+are OpenAI-style JSON with a 4xx status for a bad request, 503 when the queue is full.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
-from jinja2.exceptions import TemplateError
-from torch import Tensor
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
-from flextron import __version__
-from flextron.config import Budget, Subnet
-from flextron.cost import Cost, subnet_cost
 from flextron.elastic import ElasticModel
+from flextron.engine import Busy, Engine, EngineConfig, Result
+from flextron.engine import Request as EngineRequest
 from flextron.errors import FlextronError
-from flextron.generation import Completion, complete, prompt_inputs
-from flextron.routers import select_subnet
+from flextron.protocol import (
+    Job,
+    Protocol,
+    RequestError,
+    ServeConfig,
+    completion_choice,
+    count_prompts,
+    parse_json,
+)
+
+__all__ = ["ServeConfig", "Server", "Service"]
 
 log = logging.getLogger("flextron.serve")
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-               dict: "an object"}
-_NUMBER = (int, float)
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
-@dataclass
-class ServeConfig:
-    """Limits of the server (tokens, bytes, waiting requests, seconds)."""
-
-    max_prompt_tokens: int = 4096
-    max_tokens: int = 1024  # the most new tokens one request may ask for
-    default_max_tokens: int = 128  # when a request gives no max_tokens
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64  # requests generating or waiting; more get 503
-    timeout_s: float = 120.0  # a connection idle for this long (reading or writing) is dropped
-
-    def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_body_bytes", "max_queue"):
-            if getattr(self, name) < 1:
-                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
-        if self.default_max_tokens > self.max_tokens:
-            raise FlextronError("default-max-tokens cannot exceed max-tokens")
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.code, self.param, self.kind = status, code, param, kind
-
-    def body(self) -> dict:
-        """The JSON error body."""
-        return {"error": {"message": str(self), "type": self.kind, "code": self.code, "param": self.param}}
-
-
-def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, required: bool = False) -> Any:
-    """`body[name]` checked against `kinds` (JSON null counts as absent)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise RequestError(f"missing required field '{name}'", code="missing_field", param=name)
-        return default
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        expected = " or ".join(_TYPE_NAMES[k] for k in kinds)
-        raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", code="invalid_type",
-                           param=name)
-    return value
-
-
-def _check(ok: bool, message: str, param: str) -> None:
-    if not ok:
-        raise RequestError(message, code="invalid_value", param=param)
-
-
-def _messages(raw: list) -> list[dict]:
-    """Chat messages as the chat template takes them; content parts are joined into one string."""
-    _check(len(raw) > 0, "'messages' must hold at least one message", "messages")
-    out = []
-    for i, m in enumerate(raw):
-        param = f"messages[{i}]"
-        _check(isinstance(m, dict), f"{param} must be an object with 'role' and 'content'", param)
-        role = _field(m, "role", (str,), required=True)
-        _check(role in ROLES, f"{param}.role {role!r} is not supported; use one of {', '.join(ROLES)}", param)
-        content = _field(m, "content", (str, list), required=True)
-        if isinstance(content, list):
-            _check(all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content), f"{param}.content parts must be text parts", param)
-            content = "".join(p["text"] for p in content)
-        out.append({"role": ROLES[role], "content": content})
-    return out
-
-
-@dataclass
-class Job:
-    """One validated request."""
-
-    chat: bool
-    model: str
-    inputs: dict[str, Tensor]
-    budget: Budget | None
-    subnet: Subnet
-    cost: Cost
-    options: dict  # keyword arguments of `flextron.generation.complete`
-    stream: bool = False
-    include_usage: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
-        """A response (or stream chunk) around `choices`, with the budget and size that served it."""
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": kind, "created": self.created,
-                "model": self.model, "choices": choices,
-                "flextron": {"budget": str(self.budget) if self.budget else "full",
-                             "params": self.cost.params, "params_nonembed": self.cost.params_nonembed}}
-
-    def choice(self, text: str | None, finish: str | None = None, chunk: bool = False) -> dict:
-        """One choice: text (completions), message (chat) or delta (chat stream; None: an empty delta)."""
-        if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if chunk:
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                    "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-
-
-def usage(result: Completion) -> dict:
-    """OpenAI's token counts of a completion."""
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
-class Engine:
-    """The loaded elastic model, its tokenizer and limits; runs one generation at a time."""
+class Service:
+    """The model behind the server: its batching engine and the protocol that feeds it."""
 
     def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, name: str,
                  config: ServeConfig | None = None) -> None:
         self.em, self.tokenizer, self.name = em, tokenizer, name
         self.config = config or ServeConfig()
         cfg = em.config
-        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(self.config.max_queue)
-        self._budgets: dict[Budget, tuple[Subnet, Cost]] = {}
+        context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.engine = Engine(em, tokenizer, EngineConfig(self.config.max_batch, self.config.max_queue,
+                                                         self.config.max_budgets))
+        self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve)
 
-    def resolve(self, budget: str | float | None) -> tuple[Budget | None, Subnet, Cost]:
-        """The sub-network for a request's budget (the full model when None), as `flextron export` picks it."""
+    def models(self) -> dict:
+        routers = self.em.routers
+        routed = None if routers is None else (routers.metric, tuple(routers.config.budgets))
+        return self.protocol.models(self.em.space.to_dict(), routed)
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), e.status)
+
+
+async def _body(request: HTTPRequest, limit: int) -> dict:
+    if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
+                           code="length_required")
+    try:
+        length = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise RequestError("invalid Content-Length header", code="invalid_request")
+    if length > limit:
+        raise RequestError(f"request body of {length} bytes is over the limit of {limit}", 413,
+                           code="body_too_large")
+    return parse_json(await request.body())
+
+
+async def _wait(request: HTTPRequest, futures: list) -> list[Result]:
+    """The results, or `ClientGone` as soon as the client disconnects."""
+    together = asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+    while True:
+        done, _ = await asyncio.wait({together}, timeout=0.2)
+        if done:
+            return together.result()
+        if await request.is_disconnected():
+            together.cancel()
+            raise ClientGone
+
+
+def _sse(obj: dict | str) -> bytes:
+    return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
+
+
+def _stream(service: Service, job: Job, client: str) -> AsyncIterator[bytes]:
+    """Submit a streaming job now; its server-sent events follow as they come."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    (req,) = job.requests(lambda _, piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+    future = _submit(service, req)
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    return _events(service, job, req, future, queue, client)
+
+
+async def _events(service: Service, job: Job, req: EngineRequest, future: Future, queue: asyncio.Queue,
+                  client: str) -> AsyncIterator[bytes]:
+    try:
+        if job.chat:
+            yield _sse(job.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}], chunk=True))
+        elif job.echo:
+            yield _sse(job.envelope([job.choice(job.texts[0], chunk=True)], chunk=True))
+        while (piece := await queue.get()) is not None:
+            yield _sse(job.envelope([job.choice(piece, chunk=True)], chunk=True))
         try:
-            parsed = Budget.parse(1.0 if budget is None else budget)
-            if parsed not in self._budgets:
-                subnet = select_subnet(self.em, parsed)
-                self._budgets[parsed] = subnet, subnet_cost(self.em, subnet)
-        except FlextronError as e:
-            raise RequestError(str(e), code="invalid_budget", param="budget") from None
-        return (None if budget is None else parsed), *self._budgets[parsed]
-
-    def encode(self, prompt: str | list[dict], raw: bool, max_tokens: int) -> dict[str, Tensor]:
-        """Token ids of a prompt, within the prompt and context limits."""
-        param = "messages" if isinstance(prompt, list) else "prompt"
-        try:
-            inputs = prompt_inputs(self.tokenizer, prompt, raw)
-        except (FlextronError, TemplateError, ValueError) as e:
-            raise RequestError(f"cannot build the prompt: {e}", param=param) from None
-        n = inputs["input_ids"].shape[1]
-        _check(n > 0, "the prompt is empty after tokenization", param)
-        limit = self.config.max_prompt_tokens
-        if n > limit or (self.context is not None and n + max_tokens > self.context):
-            why = (f"the prompt has {n} tokens, over this server's limit of {limit}" if n > limit else
-                   f"this model's maximum context length is {self.context} tokens, but the prompt has {n} "
-                   f"and max_tokens asks for {max_tokens} more")
-            raise RequestError(why, code="context_length_exceeded", param=param)
-        return inputs
-
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """A place in the queue, or 503 when it is full."""
-        if not self._slots.acquire(blocking=False):
-            raise RequestError(f"the server is busy ({self.config.max_queue} requests queued); retry later",
-                               503, code="server_busy", kind="server_error")
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-    def run(self, job: Job, stream: Callable[[str], None] | None = None) -> Completion:
-        """Generate for `job` at its sub-network, after the requests before it."""
-        with self._lock:
-            self.em.set_subnet(job.subnet)
-            return complete(self.em.model, self.tokenizer, job.inputs, stream=stream, **job.options)
-
-    def parse(self, body: dict, chat: bool) -> Job:
-        """Validate a completions (`chat` False) or chat completions request body."""
-        model = _field(body, "model", (str,), self.name)
-        if chat:
-            prompt, raw = _messages(_field(body, "messages", (list,), required=True)), False
+            result = future.result()
+        except Exception as e:  # logged by the engine
+            yield _sse(RequestError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error").body())
         else:
-            prompt, raw = _field(body, "prompt", (str, list), required=True), True
-            if isinstance(prompt, list):
-                _check(len(prompt) == 1 and isinstance(prompt[0], str),
-                       "'prompt' must be a string (or a list of one string); batches and token ids are not "
-                       "supported", "prompt")
-                prompt = prompt[0]
-        _check(_field(body, "n", (int,), 1) == 1, "only n=1 is supported", "n")
-        for name in ("echo", "logprobs"):
-            _check(not _field(body, name, (bool, int), False), f"'{name}' is not supported", name)
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _field(body, key, (int,), self.config.default_max_tokens)
-        _check(1 <= max_tokens <= self.config.max_tokens,
-               f"'{key}' must be between 1 and {self.config.max_tokens}, got {max_tokens}", key)
-        temperature = _field(body, "temperature", _NUMBER, 1.0)
-        _check(0 <= temperature <= 2, f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
-        top_p = _field(body, "top_p", _NUMBER, 1.0)
-        _check(0 < top_p <= 1, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-        seed = _field(body, "seed", (int,))
-        _check(seed is None or -(2**63) <= seed < 2**64, "'seed' is out of range", "seed")
-        stop = _field(body, "stop", (str, list), [])
-        stop = [stop] if isinstance(stop, str) else stop
-        _check(len(stop) <= 4 and all(isinstance(s, str) for s in stop), "'stop' must be a string or up to 4 strings",
-               "stop")
-        stream = _field(body, "stream", (bool,), False)
-        include_usage = _field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False)
-        budget, subnet, cost = self.resolve(_field(body, "budget", (str, *_NUMBER)))
-        options = {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
-                   "seed": seed, "stop": stop}
-        return Job(chat, model, self.encode(prompt, raw, max_tokens), budget, subnet, cost, options, stream,
-                   include_usage)
+            yield _sse(job.envelope([job.choice(None, result.finish_reason, chunk=True)], chunk=True))
+            if job.include_usage:
+                yield _sse({**job.envelope([], chunk=True), "usage": job.usage([result])})
+        yield _sse("[DONE]")
+    finally:
+        if not future.done():
+            service.engine.cancel(req)
+            log.info("client %s went away; its request is dropped", client)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"flextron/{__version__}"
-    server: Server
+def _submit(service: Service, req: EngineRequest) -> Future:
+    """Queue a request whose place was reserved; the place is given back when it ends, however it ends."""
+    future = service.engine.submit(req)
+    future.add_done_callback(lambda _: service.engine.release())
+    return future
 
-    def setup(self) -> None:
-        self.timeout = self.server.engine.config.timeout_s
-        super().setup()
 
-    def log_message(self, format: str, *args) -> None:
-        log.info("%s " + format, self.address_string(), *args)
+async def _generate(request: HTTPRequest, chat: bool) -> Response:
+    service: Service = request.app.state.service
+    client = f"{request.client.host}:{request.client.port}" if request.client else "client"
+    body = await _body(request, service.config.max_body_bytes)
+    n = count_prompts(body, chat)
+    try:
+        service.engine.reserve(n)  # before parsing: resolving budgets and tokenizing count as queued work
+    except Busy:
+        raise RequestError(f"the server is busy ({service.config.max_queue} requests queued); retry later",
+                           503, code="server_busy", kind="server_error") from None
+    try:
+        job = service.protocol.parse(body, chat)
+    except BaseException:
+        service.engine.release(n)
+        raise
+    if job.stream:
+        return StreamingResponse(_stream(service, job, client), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    reqs = job.requests()
+    try:
+        results = await _wait(request, [_submit(service, r) for r in reqs])
+    except ClientGone:
+        for r in reqs:
+            service.engine.cancel(r)
+        log.info("client %s went away; its request is dropped", client)
+        return Response(status_code=499)
+    if chat:
+        choices = [job.choice(results[0].text, results[0].finish_reason)]
+    else:
+        choices = [completion_choice(job, service.tokenizer, i, r) for i, r in enumerate(results)]
+    return JSONResponse({**job.envelope(choices), "usage": job.usage(results)})
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        self._streaming = False
-        path = urlsplit(self.path).path.rstrip("/")
+def _route(handler):
+    """A route whose refusals and failures are OpenAI-style JSON, never a traceback to the client."""
+    async def endpoint(request: HTTPRequest) -> Response:
         try:
-            route = ROUTES.get((method, path))
-            if route is None:
-                self.close_connection = True  # a body we did not read may follow
-                if any(p == path for _, p in ROUTES):
-                    raise RequestError(f"{method} is not allowed on {path}", 405, code="method_not_allowed")
-                raise RequestError(f"no endpoint {path}; see GET /v1/models", 404, code="not_found")
-            route(self)
+            return await handler(request)
         except RequestError as e:
-            if not self._streaming:
-                self._send_json(e.status, e.body())
-        except (ConnectionError, TimeoutError):
-            log.info("client %s went away", self.address_string())
-            self.close_connection = True
+            return _error(e)
         except Exception as e:
             log.exception("request failed")
-            err = RequestError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error")
-            if self._streaming:
-                self._end_stream(err.body())
-            else:
-                self._send_json(500, err.body())
-
-    def _send_json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> dict:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
-                               code="length_required")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if length < 0 or length > self.server.engine.config.max_body_bytes:
-            self.close_connection = True
-            if length < 0:
-                raise RequestError("invalid Content-Length header", code="invalid_request")
-            raise RequestError(f"request body of {length} bytes is over the limit of "
-                               f"{self.server.engine.config.max_body_bytes}", 413, code="body_too_large")
-        data = self.rfile.read(length)
-        try:
-            body = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object", code="invalid_json")
-        return body
-
-    def _health(self) -> None:
-        self._send_json(200, {"status": "ok", "model": self.server.engine.name})
-
-    def _models(self) -> None:
-        e = self.server.engine
-        self._send_json(200, {"object": "list", "data": [
-            {"id": e.name, "object": "model", "created": 0, "owned_by": "flextron",
-             "max_model_len": e.context, "elastic_space": e.em.space.to_dict()}]})
-
-    def _completions(self) -> None:
-        self._generate(chat=False)
-
-    def _chat(self) -> None:
-        self._generate(chat=True)
-
-    def _generate(self, chat: bool) -> None:
-        engine = self.server.engine
-        job = engine.parse(self._body(), chat)
-        with engine.slot():
-            if job.stream:
-                self._stream(engine, job)
-                return
-            result = engine.run(job)
-            self._send_json(200, {**job.envelope([job.choice(result.text, result.finish_reason)]),
-                                  "usage": usage(result)})
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-
-    def _event(self, obj: dict | str) -> None:
-        self._chunk(b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n")
-
-    def _stream(self, engine: Engine, job: Job) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._streaming = True
-        if job.chat:
-            self._event(job.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}], chunk=True))
-        result = engine.run(job, lambda text: self._event(job.envelope([job.choice(text, chunk=True)], chunk=True)))
-        self._event(job.envelope([job.choice(None, result.finish_reason, chunk=True)], chunk=True))
-        if job.include_usage:
-            self._event({**job.envelope([], chunk=True), "usage": usage(result)})
-        self._end_stream()
-
-    def _end_stream(self, error: dict | None = None) -> None:
-        try:
-            if error is not None:
-                self._event(error)
-            self._event("[DONE]")
-            self._chunk(b"")
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
+            return _error(RequestError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error"))
+    return endpoint
 
 
-ROUTES: dict[tuple[str, str], Callable[[_Handler], None]] = {
-    ("GET", "/health"): _Handler._health,
-    ("GET", "/v1/models"): _Handler._models,
-    ("POST", "/v1/completions"): _Handler._completions,
-    ("POST", "/v1/chat/completions"): _Handler._chat,
-}
+async def _completions(request: HTTPRequest) -> Response:
+    return await _generate(request, chat=False)
 
 
-class Server(ThreadingHTTPServer):
+async def _chat(request: HTTPRequest) -> Response:
+    return await _generate(request, chat=True)
+
+
+async def _models(request: HTTPRequest) -> Response:
+    return JSONResponse(request.app.state.service.models())
+
+
+async def _health(request: HTTPRequest) -> Response:
+    return JSONResponse({"status": "ok", "model": request.app.state.service.name})
+
+
+async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
+    if exc.status_code == 405:
+        err = RequestError(f"{request.method} is not allowed on {request.url.path}", 405, code="method_not_allowed")
+    elif exc.status_code == 404:
+        err = RequestError(f"no endpoint {request.url.path}; see GET /v1/models", 404, code="not_found")
+    else:
+        err = RequestError(str(exc.detail), exc.status_code, code="http_error")
+    return JSONResponse(err.body(), err.status, headers=exc.headers)
+
+
+def app(service: Service) -> Starlette:
+    """The ASGI application serving `service`."""
+    routes = [Route("/v1/completions", _route(_completions), methods=["POST"]),
+              Route("/v1/chat/completions", _route(_chat), methods=["POST"]),
+              Route("/v1/models", _route(_models), methods=["GET"]),
+              Route("/health", _route(_health), methods=["GET"])]
+    application = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    application.state.service = service
+    return application
+
+
+class Server:
     """The HTTP server; `serve_forever()` runs it, `shutdown()` (from another thread) stops it."""
 
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
-        self.engine = engine
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self.service = service
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
-            super().__init__((host, port), _Handler)
-        except OSError as e:
-            raise FlextronError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port") from None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(2048)
+        except (OSError, OverflowError) as e:
+            self.socket.close()
+            raise FlextronError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
+                                "pick another --port") from None
+        self.server_address = self.socket.getsockname()[:2]
+        config = service.config
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            app(service), log_config=None, limit_concurrency=config.max_connections,
+            timeout_keep_alive=max(1, int(config.timeout_s)), server_header=False))
+        self._stopped = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.service.name
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self.server_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        self._stopped.wait(30)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.service.engine.close()

@@ -1,0 +1,368 @@
+"""Continuous batching over one elastic model: many requests, many budgets, one set of weights.
+
+Requests at the same sub-network decode together: each holds rows of its group's KV cache
+(left-padded; an attention mask and per-row positions keep rows independent) and its own
+sampling settings. A request is prefilled alone, then joins its group's batch between decode
+steps, and leaves it when it finishes or is cancelled.
+
+Scheduling: waiting requests are admitted first come, first served while fewer than
+`EngineConfig.max_batch` sequences run (over all groups); the groups with running sequences then
+take one decode step each, in turn (round robin). Every running sequence so gets one token per
+round whatever its budget or its group's size, and a waiting request is admitted as soon as a
+sequence ends, so no budget starves. `max_batch=1` is the old one-request-at-a-time server.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from flextron.config import Budget, Subnet
+from flextron.cost import Cost, subnet_cost
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.generation import _StopFilter, cut_at_stop, stop_token_ids
+from flextron.routers import select_subnet
+
+log = logging.getLogger("flextron.engine")
+
+# A token's log-probability and the most likely alternatives: (token id, logprob or None, [(id, logprob)]).
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]]]
+
+
+@dataclass
+class EngineConfig:
+    """How many sequences decode at once, wait at most, and how many budgets stay resolved."""
+
+    max_batch: int = 16  # sequences in KV caches at once, over all sub-networks; 1 serializes
+    max_queue: int = 64  # requests running or waiting; more are refused
+    max_budgets: int = 256  # resolved budgets kept (least recently used dropped)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_budgets"):
+            if getattr(self, name) < 1:
+                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (its client went away, or the engine closed)."""
+
+
+def _drop(req: Request) -> None:
+    """End a cancelled request's future: cancelled while waiting, else with `Cancelled`."""
+    if not req.future.cancel() and not req.future.done():
+        req.future.set_exception(Cancelled("the request was cancelled"))
+
+
+@dataclass
+class Request:
+    """One sequence to continue. `top_logprobs`: None for no log-probabilities, else how many
+    alternatives each generated token reports; `prompt_logprobs`: score the prompt too (echo)."""
+
+    input_ids: list[int]
+    subnet: Subnet
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None
+    prompt_logprobs: bool = False
+    on_text: Callable[[str], None] | None = None  # called from the engine thread
+    future: Future = field(default_factory=Future)
+    cancelled: bool = False
+
+
+@dataclass
+class Result:
+    """What a request generated; `finish_reason` is "stop" (end of text or a stop string) or "length"."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+class _Row:
+    """A running request: its tokens so far, sampler and streamed text."""
+
+    def __init__(self, req: Request, eos: set[int], tokenizer: PreTrainedTokenizerBase) -> None:
+        self.req, self.eos, self.tokenizer = req, eos, tokenizer
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if req.top_logprobs is not None else None
+        self.generator = torch.Generator()
+        self.generator.manual_seed(req.seed % 2**64 if req.seed is not None else torch.seed())
+        self.sent = ""
+        self.filter = _StopFilter(req.stop, req.on_text) if req.on_text is not None else None
+        self.finish: str | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the next one fed."""
+        return len(self.req.input_ids) + len(self.tokens) - 1
+
+    def add(self, logits: Tensor) -> None:
+        """Choose the next token from its logits [V]; note whether the request is done."""
+        req = self.req
+        if req.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probs = F.softmax(logits.float() / req.temperature, -1)
+            if req.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                sorted_p[(sorted_p.cumsum(0) - sorted_p) > req.top_p] = 0  # keep the nucleus, at least one
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        if self.logprobs is not None:
+            self.logprobs.append(_scored(F.log_softmax(logits.float(), -1), token, req.top_logprobs))
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if cut_at_stop(text, req.stop)[1] or token in self.eos:
+            self.finish = "stop"
+        elif len(self.tokens) >= req.max_new_tokens:
+            self.finish = "length"
+        # Pass text on once it is stable: a complete character, and a prefix of what follows.
+        if self.filter is not None and text.startswith(self.sent) and not text.endswith("\ufffd"):
+            self.filter(text[len(self.sent):])
+            self.sent = text
+
+    def result(self) -> Result:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.filter is not None:
+            if text.startswith(self.sent):
+                self.filter(text[len(self.sent):])
+            self.filter.flush()
+        return Result(cut_at_stop(text, self.req.stop)[0], self.tokens, len(self.req.input_ids), len(self.tokens),
+                      self.finish or "length", self.logprobs, self.prompt_logprobs)
+
+
+def _scored(logp: Tensor, token: int, top: int | None) -> TokenLogprob:
+    """`token`'s log-probability under `logp` [V] with the `top` most likely tokens."""
+    values, ids = logp.topk(top or 0) if top else (logp[:0], logp[:0].long())
+    return token, float(logp[token]), list(zip(ids.tolist(), values.tolist()))
+
+
+class _Group:
+    """The running sequences of one sub-network: one KV cache, rows left-padded to one length."""
+
+    def __init__(self, subnet: Subnet) -> None:
+        self.subnet = subnet
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: Tensor | None = None  # [rows, cached length], 1 where a row has a token
+
+    def join(self, row: _Row, cache: DynamicCache) -> None:
+        n = len(row.req.input_ids)
+        mask = torch.ones(1, n, dtype=torch.long, device=cache.layers[0].keys.device)
+        if self.cache is None:
+            self.rows, self.cache, self.mask = [row], cache, mask
+            return
+        length = max(self.mask.shape[1], n)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(mask, length)])
+        self.rows.append(row)
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows; drop the cache columns that became padding for all of them."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _pad_left(x: Tensor, length: int) -> Tensor:
+    """Zero-pad a mask [B, T] or cache tensor [B, H, T, D] on the left of its T axis to `length`."""
+    extra = length - x.shape[1 if x.dim() == 2 else 2]
+    if extra == 0:
+        return x
+    return F.pad(x, (extra, 0)) if x.dim() == 2 else F.pad(x, (0, 0, extra, 0))
+
+
+class Engine:
+    """Runs requests on a background thread; `submit` returns at once, the request's future holds the result."""
+
+    def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig | None = None
+                 ) -> None:
+        self.em, self.tokenizer = em, tokenizer
+        self.config = config or EngineConfig()
+        self.eos = set(stop_token_ids(em.model, tokenizer))
+        self.device = next(em.parameters()).device
+        # transformers renamed `past_key_values` to `cache` (5.2x); either works, the old one warns.
+        self._cache_arg = "cache" if "cache" in inspect.signature(em.model.forward).parameters else "past_key_values"
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._groups: OrderedDict[tuple, _Group] = OrderedDict()
+        self._reserved = 0
+        self._budgets: OrderedDict[Budget, tuple[Subnet, Cost]] = OrderedDict()
+        self._budget_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="flextron-engine", daemon=True)
+        self._thread.start()
+
+    def resolve(self, budget: Budget) -> tuple[Subnet, Cost]:
+        """The sub-network for a budget, as `flextron export` picks it, and its cost (kept, least recent dropped)."""
+        with self._budget_lock:
+            if budget in self._budgets:
+                self._budgets.move_to_end(budget)
+                return self._budgets[budget]
+        subnet = select_subnet(self.em, budget)
+        found = subnet, subnet_cost(self.em, subnet)
+        with self._budget_lock:
+            self._budgets[budget] = found
+            while len(self._budgets) > self.config.max_budgets:
+                self._budgets.popitem(last=False)
+        return found
+
+    def reserve(self, n: int = 1) -> None:
+        """Places for `n` requests in the queue (running or waiting), or `Busy` when it is full;
+        each place is given back with `release`."""
+        with self._cond:
+            if self._reserved + n > self.config.max_queue:
+                raise Busy(f"{self._reserved} requests are queued, the limit is {self.config.max_queue}")
+            self._reserved += n
+
+    def release(self, n: int = 1) -> None:
+        with self._cond:
+            self._reserved -= n
+
+    def submit(self, req: Request) -> Future:
+        """Queue a request (its prompt within the model's context); the future resolves to a `Result`."""
+        self.em.space.validate(req.subnet)
+        with self._cond:
+            if self._closed:
+                raise FlextronError("the engine is closed")
+            self._waiting.append(req)
+            self._cond.notify()
+        return req.future
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away): it leaves its batch at the next step."""
+        req.cancelled = True
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued are cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(30)
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Submit requests together and wait for all of them (for scripts and tests)."""
+        return [f.result() for f in [self.submit(r) for r in requests]]
+
+    # The engine thread.
+
+    def _run(self) -> None:
+        turn = 0
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closed or self._waiting or self._groups):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    running = sum(len(g.rows) for g in self._groups.values())
+                    admitted = []
+                    while self._waiting and running + len(admitted) < self.config.max_batch:
+                        admitted.append(self._waiting.popleft())
+                for req in admitted:
+                    self._guard(self._prefill, req, [req])
+                if self._groups:
+                    key = list(self._groups)[turn % len(self._groups)]
+                    group = self._groups[key]
+                    self._guard(self._step, group, [r.req for r in group.rows])
+                    if not group.rows:
+                        del self._groups[key]
+                    turn += 1
+        for req in [*self._waiting, *(r.req for g in self._groups.values() for r in g.rows)]:
+            _drop(req)
+
+    def _guard(self, fn: Callable, arg, reqs: list[Request]) -> None:
+        """Run one prefill or step; a failure fails its requests, never the engine."""
+        try:
+            fn(arg)
+        except Exception as e:  # a bug or out of memory: the server answers 500 and keeps going
+            log.exception("generation failed")
+            for req in reqs:
+                if not req.future.done():
+                    req.future.set_exception(e)
+            if isinstance(arg, _Group):
+                arg.keep([])
+
+    def _prefill(self, req: Request) -> None:
+        if not req.future.set_running_or_notify_cancel():
+            return
+        if req.cancelled:
+            _drop(req)
+            return
+        self.em.set_subnet(req.subnet)
+        ids = torch.tensor([req.input_ids], device=self.device)
+        cache = DynamicCache()
+        out = self.em.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True,
+                            logits_to_keep=0 if req.prompt_logprobs else 1)
+        logits = out.logits[0]
+        prompt_logprobs = None
+        if req.prompt_logprobs:
+            logp = F.log_softmax(logits[:-1].float(), -1)
+            prompt_logprobs = [(req.input_ids[0], None, [])] + [
+                _scored(logp[i], t, req.top_logprobs) for i, t in enumerate(req.input_ids[1:])]
+        row = _Row(req, self.eos, self.tokenizer)
+        row.prompt_logprobs = prompt_logprobs
+        if req.max_new_tokens == 0:  # echo only: score the prompt, generate nothing
+            row.finish = "length"
+        else:
+            row.add(logits[-1])
+        if row.finish is not None:
+            req.future.set_result(row.result())
+            return
+        key = (tuple(req.subnet.mlp), tuple(req.subnet.attn))
+        self._groups.setdefault(key, _Group(req.subnet)).join(row, cache)
+
+    def _step(self, group: _Group) -> None:
+        for r in group.rows:
+            if r.req.cancelled:
+                _drop(r.req)
+        group.keep([i for i, r in enumerate(group.rows) if not r.req.cancelled])
+        if not group.rows:
+            return
+        self.em.set_subnet(group.subnet)
+        rows = group.rows
+        group.mask = torch.cat([group.mask, group.mask.new_ones(len(rows), 1)], 1)
+        out = self.em.model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=self.device),
+                            position_ids=torch.tensor([[r.position] for r in rows], device=self.device),
+                            attention_mask=group.mask, **{self._cache_arg: group.cache}, use_cache=True)
+        logits = out.logits[:, -1]
+        for i, row in enumerate(rows):
+            row.add(logits[i])
+            if row.finish is not None:
+                row.req.future.set_result(row.result())
+        group.keep([i for i, r in enumerate(rows) if r.finish is None])

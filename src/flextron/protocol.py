@@ -1,0 +1,322 @@
+"""The OpenAI protocol of `flextron serve`, without the transport: validating request bodies into
+jobs for the engine, and shaping results into OpenAI's responses, stream chunks and errors.
+
+A budget travels in the model name (`NAME@50%`, `NAME@params=80e6`, `NAME@latency_ms=20`) or in
+the extra field `budget`; no budget is the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from flextron.config import Budget, Subnet
+from flextron.cost import Cost
+from flextron.engine import Request, Result, TokenLogprob
+from flextron.errors import FlextronError
+from flextron.generation import prompt_inputs
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_LOGPROBS = 20
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "an object"}
+_NUMBER = (int, float)
+
+
+@dataclass
+class ServeConfig:
+    """Limits of the server (tokens, bytes, requests, connections, seconds) and its batching."""
+
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the most new tokens one request may ask for
+    default_max_tokens: int = 128  # when a request gives no max_tokens
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 64  # prompts generating or waiting; more get 503
+    max_batch: int = 16  # sequences decoding at once (over all budgets); 1 runs one request at a time
+    max_connections: int = 256  # open connections; more get 503
+    max_budgets: int = 256  # distinct budgets kept resolved (least recently used dropped)
+    timeout_s: float = 120.0  # a connection idle for this long is dropped
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_body_bytes", "max_queue",
+                     "max_batch", "max_connections", "max_budgets"):
+            if getattr(self, name) < 1:
+                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
+        if self.default_max_tokens > self.max_tokens:
+            raise FlextronError("default-max-tokens cannot exceed max-tokens")
+        if not self.timeout_s > 0:
+            raise FlextronError("timeout must be positive")
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.code, self.param, self.kind = status, code, param, kind
+
+    def body(self) -> dict:
+        """The JSON error body."""
+        return {"error": {"message": str(self), "type": self.kind, "code": self.code, "param": self.param}}
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+    """`body[name]` checked against `kinds` (JSON null counts as absent)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise RequestError(f"missing required field '{name}'", code="missing_field", param=name)
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(_TYPE_NAMES[k] for k in kinds)
+        raise RequestError(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", code="invalid_type",
+                           param=name)
+    return value
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise RequestError(message, code="invalid_value", param=param)
+
+
+def parse_json(data: bytes) -> dict:
+    """A request body as a JSON object whose strings are all valid Unicode."""
+    try:
+        body = json.loads(data)
+        json.dumps(body, ensure_ascii=False).encode()  # lone surrogates such as "\ud800" cannot be encoded
+    except (UnicodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise RequestError(f"the request body is not valid JSON: {why}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _messages(raw: list) -> list[dict]:
+    """Chat messages as the chat template takes them; content parts are joined into one string."""
+    _check(len(raw) > 0, "'messages' must hold at least one message", "messages")
+    out = []
+    for i, m in enumerate(raw):
+        param = f"messages[{i}]"
+        _check(isinstance(m, dict), f"{param} must be an object with 'role' and 'content'", param)
+        role = _field(m, "role", (str,), required=True)
+        _check(role in ROLES, f"{param}.role {role!r} is not supported; use one of {', '.join(ROLES)}", param)
+        content = _field(m, "content", (str, list), required=True)
+        if isinstance(content, list):
+            _check(all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content), f"{param}.content parts must be text parts", param)
+            content = "".join(p["text"] for p in content)
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _prompts(raw: str | list) -> list[str | list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(raw, str):
+        return [raw]
+    _check(len(raw) > 0, "'prompt' must not be empty", "prompt")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+        return [raw]
+    ok = all(isinstance(p, str) or (isinstance(p, list) and p and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in p)) for p in raw)
+    _check(ok, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+           "prompt")
+    return raw
+
+
+def count_prompts(body: dict, chat: bool) -> int:
+    """How many sequences a request asks for (each takes a place in the queue)."""
+    raw = body.get("prompt")
+    if chat or not isinstance(raw, list) or not raw or not isinstance(raw[0], (str, list)):
+        return 1
+    return len(raw)
+
+
+def split_model(model: str, name: str) -> str | None:
+    """The budget in a model name `NAME@BUDGET` (None for plain `NAME`); another name is not served (404)."""
+    base, at, budget = model.partition("@")
+    if base != name or (at and not budget):
+        raise RequestError(f"model {model!r} does not exist; this server serves {name!r}, "
+                           f"at a budget as {name}@50% or {name}@params=80e6 (see GET /v1/models)", 404,
+                           code="model_not_found", param="model")
+    return budget or None
+
+
+@dataclass
+class Job:
+    """One validated request: its prompts as token ids, the sub-network serving them, generation options."""
+
+    chat: bool
+    model: str
+    prompts: list[list[int]]
+    texts: list[str]  # the prompts as text (for echo)
+    budget: Budget | None
+    subnet: Subnet
+    cost: Cost
+    max_tokens: int
+    options: dict  # temperature, top_p, seed, stop of `flextron.engine.Request`
+    logprobs: int | None = None
+    echo: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def requests(self, on_text: Callable[[int, str], None] | None = None) -> list[Request]:
+        """The engine requests of this job; `on_text(index, piece)` streams each prompt's text."""
+        return [Request(ids, self.subnet, self.max_tokens, top_logprobs=self.logprobs,
+                        prompt_logprobs=self.echo and self.logprobs is not None,
+                        on_text=None if on_text is None else (lambda t, i=i: on_text(i, t)), **self.options)
+                for i, ids in enumerate(self.prompts)]
+
+    def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
+        """A response (or stream chunk) around `choices`, with the budget and sub-network that served it."""
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": kind, "created": self.created,
+                "model": self.model, "choices": choices,
+                "flextron": {"budget": str(self.budget) if self.budget else "full",
+                             "params": self.cost.params, "params_nonembed": self.cost.params_nonembed,
+                             "subnet": self.subnet.to_dict()}}
+
+    def choice(self, text: str | None, finish: str | None = None, chunk: bool = False, index: int = 0,
+               logprobs: dict | None = None) -> dict:
+        """One choice: text (completions), message (chat) or delta (chat stream; None: an empty delta)."""
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        if chunk:
+            return {"index": index, "delta": {} if text is None else {"content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def usage(self, results: list[Result]) -> dict:
+        """OpenAI's token counts, and the parameters of the sub-network that served."""
+        prompt = sum(r.prompt_tokens for r in results)
+        completion = sum(r.completion_tokens for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "flextron_params": self.cost.params}
+
+
+def logprobs_object(tokenizer: PreTrainedTokenizerBase, scored: list[TokenLogprob]) -> dict:
+    """OpenAI's completions `logprobs`: tokens, their log-probabilities, the top alternatives, text offsets."""
+    def piece(t: int) -> str:
+        return tokenizer.decode([t])
+
+    tokens = [piece(t) for t, _, _ in scored]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored],
+            "top_logprobs": [None if lp is None else {piece(i): v for i, v in top} for _, lp, top in scored],
+            "text_offset": offsets}
+
+
+def completion_choice(job: Job, tokenizer: PreTrainedTokenizerBase, index: int, result: Result) -> dict:
+    """A finished completions choice; with echo the prompt leads the text (and its logprobs)."""
+    text = job.texts[index] + result.text if job.echo else result.text
+    logprobs = None
+    if job.logprobs is not None:
+        logprobs = logprobs_object(tokenizer, (result.prompt_logprobs or []) + (result.logprobs or []))
+    return job.choice(text, result.finish_reason, index=index, logprobs=logprobs)
+
+
+class Protocol:
+    """Validates request bodies against one model's tokenizer, context and the server's limits."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str, context: int | None, vocab: int,
+                 config: ServeConfig, resolve: Callable[[Budget], tuple[Subnet, Cost]]) -> None:
+        self.tokenizer, self.name, self.context, self.vocab = tokenizer, name, context, vocab
+        self.config, self._resolve = config, resolve
+
+    def resolve(self, budget: str | float | None) -> tuple[Budget | None, Subnet, Cost]:
+        """The sub-network for a request's budget (the full model when None)."""
+        try:
+            parsed = Budget.parse(1.0 if budget is None else budget)
+            subnet, cost = self._resolve(parsed)
+        except FlextronError as e:
+            raise RequestError(str(e), code="invalid_budget", param="budget") from None
+        return (None if budget is None else parsed), subnet, cost
+
+    def encode(self, prompt: str | list, raw: bool, max_tokens: int) -> list[int]:
+        """Token ids of a prompt (text, chat messages or ids), within the prompt and context limits."""
+        param = "messages" if prompt and isinstance(prompt[0], dict) else "prompt"
+        if isinstance(prompt, list) and param == "prompt":
+            ids = prompt
+            _check(all(0 <= t < self.vocab for t in ids), f"token ids must be in [0, {self.vocab})", param)
+        else:
+            try:
+                ids = prompt_inputs(self.tokenizer, prompt, raw)["input_ids"][0].tolist()
+            except (FlextronError, TemplateError, ValueError) as e:
+                raise RequestError(f"cannot build the prompt: {e}", param=param) from None
+        n = len(ids)
+        _check(n > 0, "the prompt is empty after tokenization", param)
+        limit = self.config.max_prompt_tokens
+        if n > limit or (self.context is not None and n + max_tokens > self.context):
+            why = (f"the prompt has {n} tokens, over this server's limit of {limit}" if n > limit else
+                   f"this model's maximum context length is {self.context} tokens, but the prompt has {n} "
+                   f"and max_tokens asks for {max_tokens} more")
+            raise RequestError(why, code="context_length_exceeded", param=param)
+        return ids
+
+    def parse(self, body: dict, chat: bool) -> Job:
+        """Validate a completions (`chat` False) or chat completions request body."""
+        model = _field(body, "model", (str,), self.name)
+        in_name = split_model(model, self.name)
+        budget = _field(body, "budget", (str, *_NUMBER))
+        _check(in_name is None or budget is None, "give the budget in the model name or in 'budget', not both",
+               "budget")
+        if chat:
+            prompts, raw = [_messages(_field(body, "messages", (list,), required=True))], False
+        else:
+            prompts, raw = _prompts(_field(body, "prompt", (str, list), required=True)), True
+        _check(_field(body, "n", (int,), 1) == 1, "only n=1 is supported", "n")
+        echo = _field(body, "echo", (bool,), False)
+        logprobs = _field(body, "logprobs", (int, bool) if chat else (int,))
+        _check(not chat or not (echo or logprobs), "'echo' and 'logprobs' are supported on /v1/completions only",
+               "logprobs")
+        _check(logprobs is None or 0 <= logprobs <= MAX_LOGPROBS, f"'logprobs' must be between 0 and {MAX_LOGPROBS}",
+               "logprobs")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _field(body, key, (int,), self.config.default_max_tokens)
+        least = 0 if echo else 1
+        _check(least <= max_tokens <= self.config.max_tokens,
+               f"'{key}' must be between {least} and {self.config.max_tokens}, got {max_tokens}", key)
+        temperature = _field(body, "temperature", _NUMBER, 1.0)
+        _check(0 <= temperature <= 2, f"'temperature' must be between 0 and 2, got {temperature}", "temperature")
+        top_p = _field(body, "top_p", _NUMBER, 1.0)
+        _check(0 < top_p <= 1, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+        seed = _field(body, "seed", (int,))
+        _check(seed is None or -(2**63) <= seed < 2**64, "'seed' is out of range", "seed")
+        stop = _field(body, "stop", (str, list), [])
+        stop = [stop] if isinstance(stop, str) else stop
+        _check(len(stop) <= 4 and all(isinstance(s, str) for s in stop), "'stop' must be a string or up to 4 strings",
+               "stop")
+        stream = _field(body, "stream", (bool,), False)
+        _check(not stream or len(prompts) == 1, "streaming takes one prompt per request", "stream")
+        include_usage = _field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False)
+        budget, subnet, cost = self.resolve(in_name if in_name is not None else budget)
+        ids = [self.encode(p, raw, max_tokens) for p in prompts]
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+        options = {"temperature": float(temperature), "top_p": float(top_p), "seed": seed, "stop": stop}
+        return Job(chat, model, ids, texts, budget, subnet, cost, max_tokens, options, logprobs, echo, stream,
+                   include_usage)
+
+    def models(self, space: dict, routed: tuple[str, tuple[float, ...]] | None) -> dict:
+        """`GET /v1/models`: the checkpoint, and one entry per budget its routers were trained on."""
+        entry = {"id": self.name, "object": "model", "created": 0, "owned_by": "flextron",
+                 "max_model_len": self.context}
+        data = [{**entry, "elastic_space": space}]
+        if routed is not None:
+            metric, budgets = routed
+            prefix = "" if metric == "auto" else f"{metric}="
+            data += [{**entry, "id": f"{self.name}@{prefix}{b:.0%}", "root": self.name} for b in budgets]
+        return {"object": "list", "data": data}
