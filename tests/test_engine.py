@@ -1,0 +1,136 @@
+"""The batching engine: every request's output equals that request run alone, whatever joins or leaves."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_elastic, make_tokenizer
+from flextron.config import Budget
+from flextron.engine import Busy, Cancelled, Engine, EngineConfig, Request
+from flextron.generation import stop_token_ids
+
+NEW = 12
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19], [20], [30, 31, 32]]
+
+
+def alone(em, req: Request) -> list[int]:
+    """Greedy tokens of one request by HF generate, batch of one, at its sub-network."""
+    em.set_subnet(req.subnet)
+    out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=req.max_new_tokens, do_sample=False,
+                            eos_token_id=stop_token_ids(em.model, make_tokenizer()), pad_token_id=0)
+    return out[0, len(req.input_ids):].tolist()
+
+
+def subnets(em):
+    return [em.space.full(), em.space.uniform(1, 1), em.space.uniform(0, 2)]
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def engine(request):
+    em, tok = make_elastic(request.param), make_tokenizer()
+    eng = Engine(em, tok, EngineConfig(max_batch=6))
+    yield eng
+    eng.close()
+
+
+def test_batched_greedy_equals_each_request_alone(engine):
+    em = engine.em
+    reqs = [Request(p, s, NEW) for s in subnets(em) for p in PROMPTS]
+    started = threading.Event()
+    reqs[0].on_text = lambda _: started.set()
+    first = [engine.submit(r) for r in reqs[:4]]
+    assert started.wait(30)  # the rest join a batch that is already decoding
+    results = [f.result(60) for f in first] + engine.generate(reqs[4:])
+    assert len({tuple(r.token_ids) for r in results}) > 3  # the budgets and prompts really differ
+    for req, res in zip(reqs, results):
+        expected = alone(em, req)
+        assert res.token_ids == expected
+        assert res.text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+        assert res.prompt_tokens == len(req.input_ids) and res.completion_tokens == len(expected)
+
+
+def test_one_at_a_time_gives_the_same_outputs(engine):
+    serial = Engine(engine.em, engine.tokenizer, EngineConfig(max_batch=1))
+    try:
+        reqs = [Request(p, s, NEW) for s in subnets(engine.em)[:2] for p in PROMPTS[:3]]
+        again = [Request(r.input_ids, r.subnet, NEW) for r in reqs]
+        assert [r.token_ids for r in serial.generate(reqs)] == [r.token_ids for r in engine.generate(again)]
+    finally:
+        serial.close()
+
+
+def test_sampling_settings_are_per_request(engine):
+    sub = engine.em.space.full()
+    seeded = Request(PROMPTS[0], sub, NEW, temperature=1.0, top_p=0.9, seed=3)
+    solo = engine.generate([seeded])[0].token_ids
+    crowd = [Request(PROMPTS[0], sub, NEW, temperature=1.0, top_p=0.9, seed=3)] + [
+        Request(p, sub, NEW, temperature=0.7, seed=i) for i, p in enumerate(PROMPTS)] + [Request(PROMPTS[1], sub, NEW)]
+    results = engine.generate(crowd)
+    assert results[0].token_ids == solo
+    assert results[-1].token_ids == alone(engine.em, crowd[-1])  # greedy next to sampled rows
+
+
+def test_stream_stop_and_finish(engine):
+    sub = engine.em.space.full()
+    full = engine.generate([Request(PROMPTS[2], sub, NEW)])[0]
+    stop = full.text.split()[3]
+    pieces: list[str] = []
+    res = engine.generate([Request(PROMPTS[2], sub, NEW, stop=[stop], on_text=pieces.append)])[0]
+    assert res.text == full.text[:full.text.find(stop)] == "".join(pieces)
+    assert res.finish_reason == "stop" and full.finish_reason == "length"
+
+
+def test_cancel_frees_the_slot(engine):
+    sub = engine.em.space.full()
+    serial = Engine(engine.em, engine.tokenizer, EngineConfig(max_batch=1))
+    try:
+        going = threading.Event()
+        long = Request(PROMPTS[0], sub, 200, on_text=lambda _: going.set())
+        f_long = serial.submit(long)
+        f_next = serial.submit(Request(PROMPTS[1], sub, 4))
+        assert going.wait(30)
+        serial.cancel(long)
+        with pytest.raises(Cancelled):
+            f_long.result(30)
+        assert len(f_next.result(30).token_ids) == 4
+    finally:
+        serial.close()
+
+
+def test_logprobs_match_one_forward(engine):
+    sub = engine.em.space.uniform(1, 1)
+    req = Request(PROMPTS[2], sub, 5, top_logprobs=3, prompt_logprobs=True)
+    res = engine.generate([req])[0]
+    ids = req.input_ids + res.token_ids
+    engine.em.set_subnet(sub)
+    with torch.no_grad():
+        logp = F.log_softmax(engine.em.model(torch.tensor([ids])).logits[0].float(), -1)
+    scored = res.prompt_logprobs + res.logprobs
+    assert [t for t, _, _ in scored] == ids and scored[0][1] is None
+    for i, (token, lp, top) in enumerate(scored[1:]):
+        assert lp == pytest.approx(float(logp[i, token]), abs=1e-4)
+        assert [t for t, _ in top] == logp[i].topk(3).indices.tolist()
+    echo_only = engine.generate([Request(PROMPTS[2], sub, 0, top_logprobs=0, prompt_logprobs=True)])[0]
+    assert echo_only.token_ids == [] and echo_only.prompt_logprobs == res.prompt_logprobs[:1] + [
+        (t, lp, []) for t, lp, _ in res.prompt_logprobs[1:]]
+
+
+def test_queue_and_budget_cache_are_bounded():
+    em = make_elastic("llama")
+    eng = Engine(em, make_tokenizer(), EngineConfig(max_queue=3, max_budgets=2))
+    try:
+        eng.reserve(2)
+        with pytest.raises(Busy):
+            eng.reserve(2)
+        eng.release(2)
+        eng.reserve(3)
+        eng.release(3)
+        for b in ("1.0", "0.9", "0.8", "0.7", "0.9"):
+            eng.resolve(Budget.parse(b))
+        assert list(eng._budgets) == [Budget.parse("0.7"), Budget.parse("0.9")]
+    finally:
+        eng.close()
