@@ -2,7 +2,10 @@
 
 import http.client
 import json
+import logging
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,7 +26,8 @@ openai = pytest.importorskip("openai")
 PROMPT = "w5 w6 w7 w8"
 MAX_TOKENS = 12
 BUDGETS = [None, "75%", 0.5, "params=35%"]
-CONFIG = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30)
+CONFIG = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30,
+                     max_batch=8, max_connections=16)
 TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
             "{% if add_generation_prompt %} w3{% endif %}")
 
@@ -57,7 +61,7 @@ def setup(tmp_path_factory):
     assert ready.wait(60), "server did not start"
     server = box["server"]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
-    yield server, client, expected, tok
+    yield server, client, expected, tok, ckpt
     server.shutdown()
     thread.join(10)
     assert not thread.is_alive()
@@ -76,7 +80,7 @@ def text_of(response, chat: bool) -> str:
 
 
 def test_concurrent_budgets_match_exports(setup):
-    _, client, expected, tok = setup
+    _, client, expected, tok, _ = setup
     assert len({e[False] for e in expected.values()}) > 1  # the budgets really differ
     jobs = [(b, chat) for _ in range(2) for b in BUDGETS for chat in (False, True)]
     with ThreadPoolExecutor(8) as pool:
@@ -91,7 +95,7 @@ def test_concurrent_budgets_match_exports(setup):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_streaming_returns_the_same_text(setup, chat):
-    _, client, expected, _ = setup
+    _, client, expected, _, _ = setup
     for b in (None, 0.5):
         chunks = list(ask(client, b, chat, stream=True, stream_options={"include_usage": True}))
         pieces = [c.choices[0].delta.content if chat else c.choices[0].text for c in chunks if c.choices]
@@ -101,7 +105,7 @@ def test_streaming_returns_the_same_text(setup, chat):
 
 
 def test_stop_strings_and_seeded_sampling(setup):
-    _, client, expected, _ = setup
+    _, client, expected, _, _ = setup
     full = expected[0.5][False]
     stop = full.split()[2]
     cut = full[:full.find(stop)]
@@ -140,12 +144,16 @@ BAD = [
     (completion(budget=0.01), 400, "invalid_budget"),
     (completion(budget=True), 400, "invalid_type"),
     (completion(prompt="w5 " * 6000), 413, "body_too_large"),
+    (b"[" * 16000, 400, "invalid_json"),
+    (completion(prompt="w5 \ud800"), 400, "invalid_json"),
+    (completion(model="gpt-4"), 404, "model_not_found"),
+    (completion(model="ckpt@1%"), 400, "invalid_budget"),
 ]
 
 
 @pytest.mark.parametrize("body,status,code", BAD)
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(setup, body, status, code):
-    server, client, expected, _ = setup
+    server, client, expected, _, _ = setup
     got, reply = raw(server, "POST", "/v1/completions", body)
     assert got == status and reply["error"]["code"] == code, reply
     assert reply["error"]["message"] and reply["error"]["type"]
@@ -153,12 +161,14 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(setup, body, status, 
 
 
 def test_errors_through_the_client_and_other_routes(setup):
-    server, client, expected, _ = setup
+    server, client, expected, _, _ = setup
     with pytest.raises(openai.BadRequestError, match="below the smallest"):
         ask(client, "1%", True)
     with pytest.raises(openai.BadRequestError, match="no chat template|role"):
         ask(client, None, True, messages=[{"role": "wizard", "content": "w5"}])
     assert raw(server, "GET", "/v1/completions")[0] == 405
+    status, reply = raw(server, "PUT", "/v1/chat/completions", completion())
+    assert status == 405 and reply["error"]["code"] == "method_not_allowed"
     assert raw(server, "GET", "/v2/nothing")[0] == 404
     assert raw(server, "POST", "/v1/completions", completion(), {"Transfer-Encoding": "chunked"})[0] in (400, 411)
     status, health = raw(server, "GET", "/health")
@@ -171,3 +181,84 @@ def test_errors_through_the_client_and_other_routes(setup):
 def test_cli_serve_reports_a_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nothing"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_budgets_as_model_names(setup):
+    _, client, expected, _, _ = setup
+    for chat in (False, True):
+        r = ask(client, None, chat, model="ckpt@50%")
+        assert text_of(r, chat) == expected[0.5][chat] and r.model == "ckpt@50%"
+        assert r.flextron["budget"] == "50%" and r.usage.flextron_params == r.flextron["params"]
+    assert ask(client, None, False, model="ckpt@params=35%").choices[0].text == expected["params=35%"][False]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(client, None, False, model="other")
+
+
+def test_logprobs_and_echo_score_the_prompt(setup):
+    _, client, expected, tok, _ = setup
+    ids = prompt_inputs(tok, PROMPT, raw=True)["input_ids"][0].tolist()
+    r = client.completions.create(model="ckpt@50%", prompt=[ids, ids[:2]], max_tokens=1, echo=True, logprobs=2,
+                                  temperature=0)
+    first, second = sorted(r.choices, key=lambda c: c.index)
+    assert first.text.startswith(PROMPT) and len(first.logprobs.tokens) == len(ids) + 1
+    assert first.logprobs.token_logprobs[0] is None and all(lp < 0 for lp in first.logprobs.token_logprobs[1:])
+    assert all(len(top) == 2 for top in first.logprobs.top_logprobs[1:])
+    assert first.logprobs.token_logprobs[:2] == pytest.approx(second.logprobs.token_logprobs[:2], abs=1e-5)
+    assert r.usage.prompt_tokens == len(ids) + 2
+    generated = client.completions.create(model="ckpt@50%", prompt=PROMPT, max_tokens=4, logprobs=0, temperature=0)
+    assert generated.choices[0].text == expected[0.5][False][:len(generated.choices[0].text)]
+    assert len(generated.choices[0].logprobs.token_logprobs) == generated.usage.completion_tokens
+
+
+def test_lm_eval_local_completions_scores_as_ours(setup, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from flextron.harness import task_config
+    from test_tasks import random_docs, write_requests
+
+    server, _, _, _, ckpt = setup
+    requests = tmp_path / "mc.jsonl.gz"
+    write_requests(requests, random_docs(40, seed=1))
+    ours = api.evaluate(ckpt, ["0.5"], tasks=[str(requests)], device="cpu", progress=False)[0]["tasks"]
+    ours = ours[str(requests)]
+    args = {"base_url": server.url + "/v1/completions", "model": "ckpt@50%", "tokenizer": str(ckpt),
+            "tokenizer_backend": "huggingface", "max_length": 256, "num_concurrent": 4}
+    out = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                  tasks=[task_config(str(requests), tmp_path)], log_samples=False)
+    theirs = next(iter(out["results"].values()))
+    assert abs(theirs["acc,none"] - ours["acc"]) <= 0.005
+    assert abs(theirs["acc_norm,none"] - ours["acc_norm"]) <= 0.005
+
+
+def test_a_client_that_goes_away_is_one_log_line(setup, caplog):
+    server, client, expected, _, _ = setup
+    body = completion(max_tokens=32, stream=True, model="ckpt@75%", stop=["never"])
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+            conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200 and r.read(6) == b"data: "
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        deadline = time.time() + 20
+        while sum("went away" in m for m in caplog.messages) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+    assert sum("went away" in m for m in caplog.messages) == 2
+    assert not any(r.exc_info for r in caplog.records)
+    assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
+
+
+def test_connections_past_the_cap_get_503(setup):
+    server, client, expected, _, _ = setup
+    idle = [socket.create_connection(server.server_address) for _ in range(CONFIG.max_connections)]
+    try:
+        time.sleep(0.5)
+        conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 503
+        conn.close()
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.5)
+    assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
