@@ -5,6 +5,11 @@ our tasks as `lm_eval` task configs on local files (needs `pip install lm-eval`)
     from flextron.harness import FlextronLM, task_config
     lm = FlextronLM("ckpt", budget="0.5")
     lm_eval.simple_evaluate(model=lm, tasks=[task_config("arc_easy", "/tmp/arc")], limit=100)
+
+From lm-eval's own command line the model is `flextron` (`--model_args pretrained=CKPT,budget=0.5`,
+`adaptive=true` for input-adaptive routing): lm-eval releases that load plugins find it through our
+`lm_eval.models` entry point; with older ones (0.4.13 has no plugin loading) run lm-eval's CLI as
+`python -m flextron.harness run --model flextron ...`.
 """
 
 from __future__ import annotations
@@ -18,28 +23,53 @@ from flextron.fsutil import atomic_write
 from flextron.tasks import load_docs
 
 try:
+    from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as e:  # an optional dependency: say how to get it
     raise FlextronError("the lm-evaluation-harness bridge needs `pip install lm-eval`") from e
 
 
+@register_model("flextron")
 class FlextronLM(HFLM):
-    """HFLM over the sub-network a budget selects (router, else the largest uniform one).
+    """HFLM over the sub-network a budget selects (router, else the largest uniform one), or with
+    `adaptive` over the checkpoint's input-adaptive routers (each sequence its own request, so one
+    sequence per batch).
 
     The weights are the checkpoint's, sliced in place: switch budgets with `set_budget`."""
 
-    def __init__(self, path: str | Path | None, budget: str = "1.0", device: str | None = None,
-                 batch_size: int = 8, **kwargs) -> None:
+    def __init__(self, pretrained: str | Path | None = None, budget: str | float = "1.0", adaptive: bool = False,
+                 device: str | None = None, batch_size: int | str = 8, **kwargs) -> None:
         from flextron import api  # api imports most of the package; keep this module light to import
 
-        self.elastic, tok = api.open_model(path, [Budget.parse(budget)], device)
-        self.set_budget(budget)
+        self.routing = None
+        self.elastic, tok = api.open_model(pretrained, [Budget.parse(budget)], device)
+        if adaptive:
+            from flextron.adaptive import AdaptiveRouting
+
+            self.routing = AdaptiveRouting.for_model(self.elastic)
+            self.fraction = self.routing.fraction(Budget.parse(budget))
+            self.routing.attach()
+            batch_size = 1  # a padded batch would route on its padding
+        else:
+            self.set_budget(budget)
         super().__init__(pretrained=self.elastic.model, tokenizer=tok, batch_size=batch_size, **kwargs)
 
-    def set_budget(self, budget: str) -> None:
+    def set_budget(self, budget: str | float) -> None:
         from flextron.routers import select_subnet
 
+        if self.routing is not None:
+            raise FlextronError("an adaptive FlextronLM keeps its budget; make another for a new budget")
         self.elastic.set_subnet(select_subnet(self.elastic, Budget.parse(budget)))
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        if self.routing is not None:
+            self.routing.start(self.fraction, inps)
+        return super()._model_call(inps, attn_mask, labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.routing is not None:
+            self.routing.start(self.fraction, context)
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
 def task_config(task: str, workdir: str | Path, limit: int | None = None) -> dict:
@@ -65,3 +95,9 @@ def task_config(task: str, workdir: str | Path, limit: int | None = None) -> dic
                 "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]}
     return {**config, "output_type": "multiple_choice", "doc_to_choice": "choices", "doc_to_target": "gold",
             "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with `--model flextron` registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
