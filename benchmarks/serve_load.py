@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import torch
 
 from _results import update_section, write_json
 from flextron import api
-from speed import tiny_checkpoint
+from speed import bench_checkpoint, hardware_name
 
 BUDGETS = ["100%", "75%", "50%"]
 
@@ -157,18 +155,12 @@ def main() -> None:
     if a.smoke:
         a.clients, a.min_requests, a.max_tokens = "1,4", 4, 8
     device = api.resolve_device(a.device)
-    hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    hardware = hardware_name(device)
     levels = [int(c) for c in a.clients.split(",")]
     gen = torch.Generator().manual_seed(0)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(a.work or tmp)
-        ckpt = work / "ckpt"
-        if a.smoke:
-            ckpt = tiny_checkpoint(work)
-        elif not ckpt.is_dir():
-            api.convert(None, ckpt, order="random", device="cpu", progress=False)
+        ckpt = bench_checkpoint(Path(a.work or tmp), a.smoke)
         vocab = api.load(ckpt, "cpu")[0].config.vocab_size
         prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (8, 16, 24, 32, 40, 48, 56, 64)]
         runs, reference = {}, None

@@ -91,6 +91,21 @@ def tiny_checkpoint(work: Path) -> Path:
                        progress=False)
 
 
+def bench_checkpoint(work: Path, smoke: bool) -> Path:
+    """The packaged model converted with a random order into `work` (kept for reruns), or --smoke's tiny one."""
+    if smoke:
+        return tiny_checkpoint(work)
+    ckpt = work / "ckpt"
+    if not ckpt.is_dir():
+        api.convert(None, ckpt, order="random", device="cpu", progress=False)
+    return ckpt
+
+
+def hardware_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+
+
 def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: str, a: argparse.Namespace
         ) -> list[dict]:
     """One row per dtype x budget with the export's and the elastic slice's speeds and speedups."""
@@ -181,17 +196,12 @@ def main() -> None:
         a.prompt, a.new_tokens, a.prefill, a.repeats = 8, 4, 32, 1
     hf_logging.disable_progress_bar()
     device = api.resolve_device(a.device)
-    hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    hardware = hardware_name(device)
     print(f"device: {device} ({hardware}), torch {torch.__version__}")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
-        ckpt = work / "ckpt"
-        if a.smoke:
-            ckpt = tiny_checkpoint(work)
-        elif not ckpt.is_dir():
-            api.convert(None, ckpt, order="random", device="cpu", progress=False)
+        ckpt = bench_checkpoint(work, a.smoke)
         rows = run(ckpt, work, [b for b in a.budgets.split(",") if b], a.dtypes.split(","), device, a)
     model_name = "a tiny random Llama (smoke run)" if a.smoke else "SmolLM2-135M-Instruct (packaged)"
     command = "python benchmarks/speed.py" + (f" --device {a.device}" if a.device != "cpu" else "")

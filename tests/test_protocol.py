@@ -7,18 +7,11 @@ import json
 import pytest
 
 from conftest import make_elastic, make_tokenizer
+from flextron import protocol as op
 from flextron.config import Budget
 from flextron.cost import subnet_cost
 from flextron.engine import Result
-from flextron.protocol import (
-    Protocol,
-    RequestError,
-    ServeConfig,
-    completion_choice,
-    count_prompts,
-    parse_json,
-    split_model,
-)
+from flextron.protocol import Protocol, RequestError, ServeConfig
 from flextron.routers import select_subnet
 
 
@@ -42,10 +35,10 @@ def refused(fn, *args) -> RequestError:
 
 def test_model_names_carry_budgets(protocol):
     p, em = protocol
-    assert split_model("ckpt", "ckpt") is None and split_model("ckpt@50%", "ckpt") == "50%"
-    assert split_model("ckpt@params=80e6", "ckpt") == "params=80e6"
+    assert op.split_model("ckpt", "ckpt") is None and op.split_model("ckpt@50%", "ckpt") == "50%"
+    assert op.split_model("ckpt@params=80e6", "ckpt") == "params=80e6"
     for bad in ("gpt-4", "ckpt@", "other@50%"):
-        assert refused(split_model, bad, "ckpt").status == 404
+        assert refused(op.split_model, bad, "ckpt").status == 404
     job = p.parse({"model": "ckpt@50%", "prompt": "w5 w6"}, chat=False)
     assert job.budget == Budget.parse("50%") and job.subnet == select_subnet(em, Budget.parse("0.5"))
     assert job.envelope([])["flextron"]["subnet"] == job.subnet.to_dict()
@@ -55,9 +48,9 @@ def test_model_names_carry_budgets(protocol):
 
 
 def test_bodies_that_are_not_json_objects():
-    assert parse_json(b'{"a": ["\\u00e9"]}') == {"a": ["\u00e9"]}
+    assert op.parse_json(b'{"a": ["\\u00e9"]}') == {"a": ["\u00e9"]}
     for data in (b"[" * 200_000, b'{"prompt": "\\ud800"}', b"\xff", b"[]", b"{"):
-        assert refused(parse_json, data).code == "invalid_json"
+        assert refused(op.parse_json, data).code == "invalid_json"
 
 
 def test_prompt_forms(protocol):
@@ -65,8 +58,9 @@ def test_prompt_forms(protocol):
     assert p.parse({"prompt": [5, 6, 7]}, False).prompts == [[5, 6, 7]]
     job = p.parse({"prompt": ["w5 w6", [9, 10]]}, False)
     assert job.prompts == [[7, 8], [9, 10]] and job.texts == ["w5 w6", "w7 w8"]
-    assert count_prompts({"prompt": ["a", "b", "c"]}, False) == 3 and count_prompts({"prompt": [1, 2]}, False) == 1
-    assert count_prompts({"messages": []}, True) == 1
+    assert op.count_prompts({"prompt": ["a", "b", "c"]}, False) == 3
+    assert op.count_prompts({"prompt": [1, 2]}, False) == 1
+    assert op.count_prompts({"messages": []}, True) == 1
     assert refused(p.parse, {"prompt": [5, 500]}, False).param == "prompt"
     assert refused(p.parse, {"prompt": [[5], "a", 3]}, False).param == "prompt"
     assert refused(p.parse, {"prompt": ["a", "b"], "stream": True}, False).param == "stream"
@@ -84,7 +78,7 @@ def test_logprobs_and_echo(protocol):
     result = Result(" w9", [11], 2, 1, "length", logprobs=[(11, -0.5, [(11, -0.5)])],
                     prompt_logprobs=[(5, None, []), (6, -2.0, [(7, -1.0)])])
     job = p.parse({"prompt": "w3 w4", "max_tokens": 1, "echo": True, "logprobs": 1}, False)
-    choice = completion_choice(job, p.tokenizer, 0, result)
+    choice = op.completion_choice(job, p.tokenizer, 0, result)
     assert choice["text"] == "w3 w4 w9"
     assert choice["logprobs"] == {"tokens": ["w3", "w4", "w9"], "token_logprobs": [None, -2.0, -0.5],
                                   "top_logprobs": [None, {"w5": -1.0}, {"w9": -0.5}], "text_offset": [0, 2, 4]}
