@@ -134,3 +134,42 @@ def test_queue_and_budget_cache_are_bounded():
         assert list(eng._budgets) == [Budget.parse("0.7"), Budget.parse("0.9")]
     finally:
         eng.close()
+
+
+def with_adaptive_routers(em):
+    """Untrained static and adaptive routers (params metric), the token routers' choices spread over all widths."""
+    from flextron.adaptive import AdaptiveRouters
+    from flextron.config import RouterConfig
+    from flextron.routers import Routers, StaticRouter
+
+    grid = (0.4, 0.7, 1.0)
+    em.routers = Routers(StaticRouter(em.space, grid), "params", RouterConfig(budgets=grid))
+    torch.manual_seed(0)
+    em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
+    with torch.no_grad():
+        for lin in em.routers.adaptive.token_out:
+            lin.weight.mul_(30)
+    return em
+
+
+def test_adaptive_requests_run_alone_next_to_batched_ones():
+    from flextron.adaptive import AdaptiveRouting
+
+    em, tok = with_adaptive_routers(make_elastic("llama")), make_tokenizer()
+    eng = Engine(em, tok, EngineConfig(max_batch=8))
+    try:
+        fraction = eng.adaptive_fraction(Budget.parse("0.5"))
+        routed = [Request(p, em.space.full(), NEW, adaptive=fraction) for p in PROMPTS[:3]]
+        static = [Request(p, em.space.uniform(1, 1), NEW) for p in PROMPTS[:3]]
+        results = eng.generate([x for pair in zip(routed, static) for x in pair])
+        routing = AdaptiveRouting.for_model(em).attach()
+        for req, res in zip(routed, results[::2]):
+            routing.start(fraction, torch.tensor([req.input_ids]))
+            out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=NEW, do_sample=False,
+                                    eos_token_id=stop_token_ids(em.model, tok), pad_token_id=0)
+            assert res.token_ids == out[0, len(req.input_ids):].tolist()
+        routing.detach()
+        assert [r.token_ids for r in results[1::2]] == [alone(em, r) for r in static]
+        assert results[0].token_ids != alone(em, Request(PROMPTS[0], em.space.full(), NEW))
+    finally:
+        eng.close()

@@ -10,9 +10,10 @@ from conftest import make_elastic, make_tokenizer
 from flextron import protocol as op
 from flextron.config import Budget
 from flextron.cost import subnet_cost
-from flextron.engine import Result
+from flextron.engine import Engine, Result
 from flextron.protocol import Protocol, RequestError, ServeConfig
 from flextron.routers import select_subnet
+from test_engine import with_adaptive_routers
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,18 @@ def test_models_list_the_trained_budgets(protocol):
     assert p.models({}, None)["data"][0]["max_model_len"] == 256
     for name in [m["id"] for m in listing["data"]][1:]:
         assert p.parse({"model": name, "prompt": "w5"}, False).budget is not None
+
+
+def test_adaptive_routing_is_asked_for_explicitly(protocol):
+    p, _ = protocol
+    assert refused(p.parse, {"prompt": "w5", "adaptive": True}, False).code == "invalid_budget"
+    em = with_adaptive_routers(make_elastic("llama"))
+    engine = Engine(em, p.tokenizer)
+    try:
+        routed = Protocol(p.tokenizer, "ckpt", 256, 128, p.config, engine.resolve, engine.adaptive_fraction)
+        job = routed.parse({"model": "ckpt@params=50%", "prompt": "w5", "adaptive": True}, False)
+        assert job.adaptive == pytest.approx(0.5) and job.requests()[0].adaptive == job.adaptive
+        assert job.envelope([])["flextron"] == {"budget": "params=50%", "adaptive": True, "fraction": job.adaptive}
+        assert routed.parse({"prompt": "w5"}, False).adaptive is None
+    finally:
+        engine.close()

@@ -148,6 +148,7 @@ BAD = [
     (completion(prompt="w5 \ud800"), 400, "invalid_json"),
     (completion(model="gpt-4"), 404, "model_not_found"),
     (completion(model="ckpt@1%"), 400, "invalid_budget"),
+    (completion(adaptive=True), 400, "invalid_budget"),  # this checkpoint has no adaptive routers
 ]
 
 

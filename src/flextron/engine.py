@@ -5,6 +5,10 @@ Requests at the same sub-network decode together: each holds rows of its group's
 sampling settings. A request is prefilled alone, then joins its group's batch between decode
 steps, and leaves it when it finishes or is cancelled.
 
+A request routed by the input-adaptive routers (`Request.adaptive`) runs unbatched: its
+attention widths come from its own prompt and each token picks its MLP width, so it forms a group
+of its own and takes its turn like the others.
+
 Scheduling: waiting requests are admitted first come, first served while fewer than
 `EngineConfig.max_batch` sequences run (over all groups); the groups with running sequences then
 take one decode step each, in turn (round robin). Every running sequence so gets one token per
@@ -18,8 +22,9 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from flextron.adaptive import AdaptiveRouting
 from flextron.config import Budget, Subnet
 from flextron.cost import Cost, subnet_cost
 from flextron.elastic import ElasticModel
@@ -82,6 +88,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None
     prompt_logprobs: bool = False
+    adaptive: float | None = None  # input-adaptive routing at this fraction (`subnet` unused; runs unbatched)
     on_text: Callable[[str], None] | None = None  # called from the engine thread
     future: Future = field(default_factory=Future)
     cancelled: bool = False
@@ -119,12 +126,11 @@ class _Row:
         """Position of the last token, the next one fed."""
         return len(self.req.input_ids) + len(self.tokens) - 1
 
-    def add(self, logits: Tensor) -> None:
-        """Choose the next token from its logits [V]; note whether the request is done."""
+    def add(self, logits: Tensor, greedy: int) -> None:
+        """Choose the next token from its logits [V] (`greedy`: their argmax); note whether the request is done."""
         req = self.req
-        if req.temperature == 0:
-            token = int(logits.argmax())
-        else:
+        token = greedy
+        if req.temperature > 0:
             probs = F.softmax(logits.float() / req.temperature, -1)
             if req.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
@@ -134,8 +140,8 @@ class _Row:
         if self.logprobs is not None:
             self.logprobs.append(_scored(F.log_softmax(logits.float(), -1), token, req.top_logprobs))
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if cut_at_stop(text, req.stop)[1] or token in self.eos:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True) if req.stop or self.filter else ""
+        if token in self.eos or cut_at_stop(text, req.stop)[1]:
             self.finish = "stop"
         elif len(self.tokens) >= req.max_new_tokens:
             self.finish = "length"
@@ -163,8 +169,8 @@ def _scored(logp: Tensor, token: int, top: int | None) -> TokenLogprob:
 class _Group:
     """The running sequences of one sub-network: one KV cache, rows left-padded to one length."""
 
-    def __init__(self, subnet: Subnet) -> None:
-        self.subnet = subnet
+    def __init__(self, subnet: Subnet, adaptive: float | None = None) -> None:
+        self.subnet, self.adaptive = subnet, adaptive
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: Tensor | None = None  # [rows, cached length], 1 where a row has a token
@@ -225,6 +231,7 @@ class Engine:
         self._budgets: OrderedDict[Budget, tuple[Subnet, Cost]] = OrderedDict()
         self._budget_lock = threading.Lock()
         self._closed = False
+        self._routing: AdaptiveRouting | None = None
         self._thread = threading.Thread(target=self._run, name="flextron-engine", daemon=True)
         self._thread.start()
 
@@ -241,6 +248,13 @@ class Engine:
             while len(self._budgets) > self.config.max_budgets:
                 self._budgets.popitem(last=False)
         return found
+
+    def adaptive_fraction(self, budget: Budget) -> float:
+        """A budget as the fraction the checkpoint's input-adaptive routers take (FlextronError without them)."""
+        with self._budget_lock:
+            if self._routing is None:
+                self._routing = AdaptiveRouting.for_model(self.em)
+        return self._routing.fraction(budget)
 
     def reserve(self, n: int = 1) -> None:
         """Places for `n` requests in the queue (running or waiting), or `Busy` when it is full;
@@ -290,6 +304,9 @@ class Engine:
                         self._cond.wait()
                     if self._closed:
                         break
+                    for req in [r for r in self._waiting if r.cancelled]:  # give their places back now
+                        self._waiting.remove(req)
+                        _drop(req)
                     running = sum(len(g.rows) for g in self._groups.values())
                     admitted = []
                     while self._waiting and running + len(admitted) < self.config.max_batch:
@@ -318,34 +335,46 @@ class Engine:
             if isinstance(arg, _Group):
                 arg.keep([])
 
+    @contextmanager
+    def _at(self, subnet: Subnet, adaptive: float | None, input_ids: list[int]) -> Iterator[None]:
+        """Run the model at a sub-network, or routed by the adaptive routers for one request's prompt."""
+        if adaptive is None:
+            self.em.set_subnet(subnet)
+            yield
+            return
+        self._routing.attach()
+        try:  # the prompt fixes the attention widths (the same at every step), each token its MLP width
+            self._routing.start(adaptive, torch.tensor([input_ids], device=self.device))
+            yield
+        finally:
+            self._routing.detach()
+
     def _prefill(self, req: Request) -> None:
         if not req.future.set_running_or_notify_cancel():
             return
         if req.cancelled:
             _drop(req)
             return
-        self.em.set_subnet(req.subnet)
         ids = torch.tensor([req.input_ids], device=self.device)
         cache = DynamicCache()
-        out = self.em.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True,
-                            logits_to_keep=0 if req.prompt_logprobs else 1)
+        with self._at(req.subnet, req.adaptive, req.input_ids):
+            out = self.em.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True,
+                                logits_to_keep=0 if req.prompt_logprobs else 1)
         logits = out.logits[0]
-        prompt_logprobs = None
+        row = _Row(req, self.eos, self.tokenizer)
         if req.prompt_logprobs:
             logp = F.log_softmax(logits[:-1].float(), -1)
-            prompt_logprobs = [(req.input_ids[0], None, [])] + [
+            row.prompt_logprobs = [(req.input_ids[0], None, [])] + [
                 _scored(logp[i], t, req.top_logprobs) for i, t in enumerate(req.input_ids[1:])]
-        row = _Row(req, self.eos, self.tokenizer)
-        row.prompt_logprobs = prompt_logprobs
         if req.max_new_tokens == 0:  # echo only: score the prompt, generate nothing
             row.finish = "length"
         else:
-            row.add(logits[-1])
+            row.add(logits[-1], int(logits[-1].argmax()))
         if row.finish is not None:
             req.future.set_result(row.result())
             return
-        key = (tuple(req.subnet.mlp), tuple(req.subnet.attn))
-        self._groups.setdefault(key, _Group(req.subnet)).join(row, cache)
+        key = ("adaptive", id(req)) if req.adaptive is not None else (tuple(req.subnet.mlp), tuple(req.subnet.attn))
+        self._groups.setdefault(key, _Group(req.subnet, req.adaptive)).join(row, cache)
 
     def _step(self, group: _Group) -> None:
         for r in group.rows:
@@ -354,15 +383,16 @@ class Engine:
         group.keep([i for i, r in enumerate(group.rows) if not r.req.cancelled])
         if not group.rows:
             return
-        self.em.set_subnet(group.subnet)
         rows = group.rows
         group.mask = torch.cat([group.mask, group.mask.new_ones(len(rows), 1)], 1)
-        out = self.em.model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=self.device),
-                            position_ids=torch.tensor([[r.position] for r in rows], device=self.device),
-                            attention_mask=group.mask, **{self._cache_arg: group.cache}, use_cache=True)
+        with self._at(group.subnet, group.adaptive, rows[0].req.input_ids):
+            out = self.em.model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=self.device),
+                                position_ids=torch.tensor([[r.position] for r in rows], device=self.device),
+                                attention_mask=group.mask, **{self._cache_arg: group.cache}, use_cache=True)
         logits = out.logits[:, -1]
-        for i, row in enumerate(rows):
-            row.add(logits[i])
+        for i, greedy in enumerate(logits.argmax(-1).tolist()):  # one device sync for the whole batch
+            row = rows[i]
+            row.add(logits[i], greedy)
             if row.finish is not None:
                 row.req.future.set_result(row.result())
         group.keep([i for i, r in enumerate(rows) if r.finish is None])

@@ -2,7 +2,8 @@
 jobs for the engine, and shaping results into OpenAI's responses, stream chunks and errors.
 
 A budget travels in the model name (`NAME@50%`, `NAME@params=80e6`, `NAME@latency_ms=20`) or in
-the extra field `budget`; no budget is the full model.
+the extra field `budget`; no budget is the full model. The extra field `adaptive: true` routes by
+the checkpoint's input-adaptive routers instead of one sub-network.
 """
 
 from __future__ import annotations
@@ -167,24 +168,28 @@ class Job:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    adaptive: float | None = None  # input-adaptive routing at this fraction of the routers' metric
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def requests(self, on_text: Callable[[int, str], None] | None = None) -> list[Request]:
         """The engine requests of this job; `on_text(index, piece)` streams each prompt's text."""
         return [Request(ids, self.subnet, self.max_tokens, top_logprobs=self.logprobs,
-                        prompt_logprobs=self.echo and self.logprobs is not None,
+                        prompt_logprobs=self.echo and self.logprobs is not None, adaptive=self.adaptive,
                         on_text=None if on_text is None else (lambda t, i=i: on_text(i, t)), **self.options)
                 for i, ids in enumerate(self.prompts)]
 
     def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
         """A response (or stream chunk) around `choices`, with the budget and sub-network that served it."""
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        served = {"budget": str(self.budget) if self.budget else "full"}
+        if self.adaptive is not None:  # widths chosen per prompt and per token
+            served |= {"adaptive": True, "fraction": self.adaptive}
+        else:
+            served |= {"params": self.cost.params, "params_nonembed": self.cost.params_nonembed,
+                       "subnet": self.subnet.to_dict()}
         return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": kind, "created": self.created,
-                "model": self.model, "choices": choices,
-                "flextron": {"budget": str(self.budget) if self.budget else "full",
-                             "params": self.cost.params, "params_nonembed": self.cost.params_nonembed,
-                             "subnet": self.subnet.to_dict()}}
+                "model": self.model, "choices": choices, "flextron": served}
 
     def choice(self, text: str | None, finish: str | None = None, chunk: bool = False, index: int = 0,
                logprobs: dict | None = None) -> dict:
@@ -202,7 +207,7 @@ class Job:
         prompt = sum(r.prompt_tokens for r in results)
         completion = sum(r.completion_tokens for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "flextron_params": self.cost.params}
+                "flextron_params": None if self.adaptive is not None else self.cost.params}
 
 
 def logprobs_object(tokenizer: PreTrainedTokenizerBase, scored: list[TokenLogprob]) -> dict:
@@ -233,18 +238,24 @@ class Protocol:
     """Validates request bodies against one model's tokenizer, context and the server's limits."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str, context: int | None, vocab: int,
-                 config: ServeConfig, resolve: Callable[[Budget], tuple[Subnet, Cost]]) -> None:
+                 config: ServeConfig, resolve: Callable[[Budget], tuple[Subnet, Cost]],
+                 adaptive: Callable[[Budget], float] | None = None) -> None:
         self.tokenizer, self.name, self.context, self.vocab = tokenizer, name, context, vocab
-        self.config, self._resolve = config, resolve
+        self.config, self._resolve, self._adaptive = config, resolve, adaptive
 
-    def resolve(self, budget: str | float | None) -> tuple[Budget | None, Subnet, Cost]:
-        """The sub-network for a request's budget (the full model when None)."""
+    def resolve(self, budget: str | float | None, adaptive: bool = False
+                ) -> tuple[Budget | None, Subnet, Cost, float | None]:
+        """The sub-network for a request's budget (the full model when None); with `adaptive`, the
+        fraction the adaptive routers take (and the full model, whose weights they route)."""
         try:
             parsed = Budget.parse(1.0 if budget is None else budget)
-            subnet, cost = self._resolve(parsed)
+            if adaptive and self._adaptive is None:
+                raise FlextronError("this server does not route adaptively")
+            fraction = self._adaptive(parsed) if adaptive else None
+            subnet, cost = self._resolve(Budget.parse(1.0) if adaptive else parsed)
         except FlextronError as e:
             raise RequestError(str(e), code="invalid_budget", param="budget") from None
-        return (None if budget is None else parsed), subnet, cost
+        return (None if budget is None else parsed), subnet, cost, fraction
 
     def encode(self, prompt: str | list, raw: bool, max_tokens: int) -> list[int]:
         """Token ids of a prompt (text, chat messages or ids), within the prompt and context limits."""
@@ -303,12 +314,13 @@ class Protocol:
         stream = _field(body, "stream", (bool,), False)
         _check(not stream or len(prompts) == 1, "streaming takes one prompt per request", "stream")
         include_usage = _field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False)
-        budget, subnet, cost = self.resolve(in_name if in_name is not None else budget)
+        adaptive = _field(body, "adaptive", (bool,), False)
+        budget, subnet, cost, fraction = self.resolve(in_name if in_name is not None else budget, adaptive)
         ids = [self.encode(p, raw, max_tokens) for p in prompts]
         texts = [p if isinstance(p, str) else self.tokenizer.decode(i) for p, i in zip(prompts, ids)]
         options = {"temperature": float(temperature), "top_p": float(top_p), "seed": seed, "stop": stop}
         return Job(chat, model, ids, texts, budget, subnet, cost, max_tokens, options, logprobs, echo, stream,
-                   include_usage)
+                   include_usage, fraction)
 
     def models(self, space: dict, routed: tuple[str, tuple[float, ...]] | None) -> dict:
         """`GET /v1/models`: the checkpoint, and one entry per budget its routers were trained on."""

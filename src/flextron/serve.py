@@ -63,7 +63,8 @@ class Service:
         context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.engine = Engine(em, tokenizer, EngineConfig(self.config.max_batch, self.config.max_queue,
                                                          self.config.max_budgets))
-        self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve)
+        self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve,
+                                 self.engine.adaptive_fraction)
 
     def models(self) -> dict:
         routers = self.em.routers
