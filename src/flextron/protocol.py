@@ -43,7 +43,7 @@ class ServeConfig:
     max_batch: int = 16  # sequences decoding at once (over all budgets); 1 runs one request at a time
     max_connections: int = 256  # open connections; more get 503
     max_budgets: int = 256  # distinct budgets kept resolved (least recently used dropped)
-    timeout_s: float = 120.0  # a connection idle for this long is dropped
+    timeout_s: float = 120.0  # an idle keep-alive connection is closed after this long
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_body_bytes", "max_queue",

@@ -251,7 +251,7 @@ class Server:
         config = service.config
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             app(service), log_config=None, limit_concurrency=config.max_connections,
-            timeout_keep_alive=max(1, int(config.timeout_s)), server_header=False))
+            timeout_keep_alive=max(1, int(config.timeout_s)), timeout_graceful_shutdown=5, server_header=False))
         self._stopped = threading.Event()
 
     @property
