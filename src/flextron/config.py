@@ -42,6 +42,7 @@ def check_fractions(name: str, values: tuple[float, ...]) -> None:
 
 _SEED = {"integer": True, "low": 0, "high": 2**32 - 1}
 _POSITIVE = {"integer": True, "low": 1}
+_FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
 
 
 @dataclass
@@ -259,9 +260,10 @@ class TrainConfig:
             raise FlextronError("give exactly one of --max-steps or --tokens")
         positive_float = {"low": 0.0, "low_open": True}
         check_fields(self, {
+            "lr": {**positive_float, "high": _FP32_MAX},
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "grad_accum": _POSITIVE, "save_every": _POSITIVE,
             "max_steps": {**_POSITIVE, "optional": True}, "tokens": {**_POSITIVE, "optional": True},
-            "lr": positive_float, "min_lr_ratio": {"low": 0.0, "high": 1.0},
+            "min_lr_ratio": {"low": 0.0, "high": 1.0},
             "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
             "clip": positive_float, "kd_temperature": positive_float, "kd_weight": {"low": 0.0},
             "lm_weight": {"low": 0.0}, "n_random": {"integer": True, "low": 0},

@@ -107,8 +107,10 @@ def prepare_parent(path: Path) -> None:
     parent = Path(path).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FlextronError(f"cannot write {path}: a part of {parent} is not a directory") from None
     except OSError as e:
-        raise os_error(parent, e) from None
+        raise os_error(path, e) from None
     clean_leftovers(parent)
 
 

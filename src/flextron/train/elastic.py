@@ -20,7 +20,7 @@ from flextron.data import PackedSequences, heldout_windows, load_corpus, tokeniz
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import context_length
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
@@ -125,6 +125,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     info = {"source": {"checkpoint": str(ckpt), "source_model": manifest.get("source_model"),
                        "family": manifest["family"], "elastic_space": manifest["elastic_space"]},
             "config": json.loads(json.dumps(vars(cfg))), "world_size": d.world}
+    check_output_dir(run, overwrite=True)  # a directory (or nothing yet), never a file or a symlink
     existing = checkpoints(run)
     if resume:
         if not (run / "run.json").is_file():
