@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
-from conftest import make_model, make_tokenizer, word_text
+from conftest import make_device, make_model, make_tokenizer, rewrite_weights, word_text
 from flextron import api
 from flextron.cli import main
 from flextron.config import CalibrationConfig
@@ -36,6 +35,7 @@ def arena(tmp_path_factory):
     (root / "link.json").symlink_to(root / "victim.json")
     (root / "linkdir").symlink_to(root / "export")
     os.mkfifo(root / "fifo.json")
+    make_device(root / "device.json")  # a device node of our own: a regression must never hit the real /dev
     (root / "file").write_text("a file, not a directory")
     (root / "outdir").mkdir()
     for name, space in (("space_inf.json", '{"mlp": [[1e400]], "attn": [[1]]}'),
@@ -46,19 +46,13 @@ def arena(tmp_path_factory):
     damaged = {
         "ck_null": lambda p: (p / "flextron.json").write_text("null"),
         "ck_array": lambda p: (p / "flextron.json").write_text("[1, 2]"),
-        "ck_missing": lambda p: _rewrite(p, lambda w: w.pop("model.layers.1.mlp.down_proj.weight")),
-        "ck_nan": lambda p: _rewrite(p, lambda w: w["model.layers.0.mlp.up_proj.weight"].fill_(float("nan"))),
+        "ck_missing": lambda p: rewrite_weights(p, lambda w: w.pop("model.layers.1.mlp.down_proj.weight")),
+        "ck_nan": lambda p: rewrite_weights(p, lambda w: w["model.layers.0.mlp.up_proj.weight"].fill_(float("nan"))),
     }
     for name, damage in damaged.items():
         subprocess.run(["cp", "-r", str(root / "ck"), str(root / name)], check=True)
         damage(root / name)
     return root
-
-
-def _rewrite(ckpt: Path, change) -> None:
-    weights = load_file(ckpt / "model.safetensors")
-    change(weights)
-    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -67,8 +61,8 @@ def snapshot(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         if p.is_symlink():
             out[str(p)] = "->" + os.readlink(p)
-        elif p.is_fifo():
-            out[str(p)] = "fifo"
+        elif p.is_fifo() or p.is_char_device():
+            out[str(p)] = "fifo" if p.is_fifo() else "device"
         elif p.is_file():
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -136,11 +130,12 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         ([*ev, "--budgets", "1.7"], "is above the full model"),
         ([*ev, "--budgets", "nan"], "cannot read budget"),
         ([*ev, "--budgets", "-1"], "cannot read budget"),
-        ([*ev, "--out", "/dev/full"], "is a device, FIFO or socket"),
+        *([([*ev, "--out", str(r / "device.json")], "is a device, FIFO or socket")]
+          if (r / "device.json").exists() else []),
         ([*ev, "--out", str(r / "fifo.json")], "is a device, FIFO or socket"),
         ([*ev, "--out", str(r / "link.json")], "is a symlink, not a regular file"),
         ([*ev, "--out", str(r / "outdir")], "is a directory, not a regular file"),
-        ([*ev, "--out", str(r / "file" / "x.json")], "is not a directory"),
+        ([*ev, "--out", str(r / "file" / "x.json")], "x.json: Not a directory"),
         # profile, route, serve
         ([*prof, "--context", "0"], "--context: must be in"),
         ([*prof, "--batch", "0"], "--batch: must be in"),
@@ -219,7 +214,7 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_real_processes_exit_2_with_one_line(arena):
-    """The same guarantees where the exit code and stderr are a real process's: an output device, a
+    """The same guarantees where the exit code and stderr are a real process's: an output FIFO, a
     run folder that is a file, and a model directory with its own code that a user agrees to run."""
     evil = arena / "evil"
     subprocess.run(["cp", "-r", str(arena / "hf"), str(evil)], check=True)
@@ -229,7 +224,8 @@ def test_real_processes_exit_2_with_one_line(arena):
     (evil / "evil.py").write_text("from pathlib import Path\nPath(__file__).with_name('RAN').write_text('x')\n")
     before = snapshot(arena)
     for args, stdin, expected in (
-        (["eval", str(arena / "ck"), "--limit", "1", "--seq-len", "16", "--out", "/dev/full"], "", "a device"),
+        (["eval", str(arena / "ck"), "--limit", "1", "--seq-len", "16", "--out", str(arena / "fifo.json")], "",
+         "a device, FIFO"),
         (["train", str(arena / "ck"), "--out", str(arena / "file"), "--max-steps", "1"], "", "a regular file"),
         (["generate", str(evil), "w1", "--raw", "--max-new-tokens", "2"], "y\ny\n", "cannot load"),
     ):

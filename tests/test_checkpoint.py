@@ -3,9 +3,8 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from conftest import VOCAB, make_model, make_tokenizer
+from conftest import VOCAB, make_model, make_tokenizer, rewrite_weights
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
@@ -64,12 +63,6 @@ def test_corrupt_weights(ckpt):
         load_checkpoint(path, verify=False)
 
 
-def _rewrite_weights(path, change) -> None:
-    weights = load_file(path / "model.safetensors")
-    change(weights)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-
-
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
 
@@ -81,7 +74,7 @@ DOWN = "model.layers.1.mlp.down_proj.weight"
 ])
 def test_incomplete_or_bad_weights_are_refused_by_name(ckpt, change, message):
     path = ckpt[0]
-    _rewrite_weights(path, change)
+    rewrite_weights(path, change)
     with pytest.raises(FlextronError, match="model.safetensors differs"):
         load_checkpoint(path)
     with pytest.raises(FlextronError, match=message):  # found even without the hash
@@ -90,7 +83,7 @@ def test_incomplete_or_bad_weights_are_refused_by_name(ckpt, change, message):
 
 def test_tampered_weights_fail_the_hash_unless_not_verified(ckpt):
     path = ckpt[0]
-    _rewrite_weights(path, lambda w: w[DOWN].mul_(2))
+    rewrite_weights(path, lambda w: w[DOWN].mul_(2))
     with pytest.raises(FlextronError, match="differs from the one saved"):
         load_checkpoint(path)
     load_checkpoint(path, verify=False)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_device
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_dir, atomic_write, clean_leftovers, remove_tree
 
@@ -34,8 +35,9 @@ def test_atomic_write_refuses_symlinks_fifos_devices_and_directories(tmp_path):
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     (tmp_path / "dir.json").mkdir()
-    for path, kind in ((link, "a symlink"), (fifo, "a device, FIFO or socket"),
-                       (tmp_path / "dir.json", "a directory"), (Path("/dev/null"), "a device, FIFO or socket")):
+    device = make_device(tmp_path / "device.json")
+    targets = [(link, "a symlink"), (fifo, "a device, FIFO or socket"), (tmp_path / "dir.json", "a directory")]
+    for path, kind in targets + ([(device, "a device, FIFO or socket")] if device else []):
         with pytest.raises(FlextronError, match=f"is {kind}, not a regular file"):
             atomic_write(path, write_text("new"))
     assert victim.read_text() == "keep" and link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)

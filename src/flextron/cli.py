@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from flextron import __version__, api
 from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig, check_number
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, check_target
 from flextron.precision import DTYPES
 from flextron.report import task_cell
 from flextron.tasks import TASKS
@@ -144,6 +144,8 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    if a.out:
+        check_target(Path(a.out))  # before the work, not after
     rows = api.evaluate(a.path, a.budgets, tasks=a.tasks, limit=a.limit, seq_len=a.seq_len,
                         batch_size=a.batch_size, device=a.device, dtype=a.dtype, adaptive=a.adaptive,
                         verify=a.verify)

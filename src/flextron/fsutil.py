@@ -86,7 +86,7 @@ def _temp_name(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
-def _check_target(path: Path, want_dir: bool) -> None:
+def check_target(path: Path, want_dir: bool = False) -> None:
     """Refuse a target that is anything but a regular file (or a directory, when `want_dir`)."""
     try:
         mode = os.lstat(path).st_mode
@@ -118,7 +118,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
     path = Path(path)
     prepare_parent(path)
-    _check_target(path, want_dir=False)
+    check_target(path, want_dir=False)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"{_temp_name(path, 'tmp').name}-", suffix=path.suffix, dir=path.parent)
         os.close(fd)
@@ -137,7 +137,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output that is not a directory, or a non-empty directory unless `overwrite`."""
     out = Path(out)
     clean_leftovers(out.parent)
-    _check_target(out, want_dir=True)
+    check_target(out, want_dir=True)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FlextronError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
 
