@@ -118,3 +118,14 @@ def test_remove_tree_takes_the_directory_out_of_sight_first(tmp_path, monkeypatc
     monkeypatch.undo()
     remove_tree(tmp_path / next(tmp_path.iterdir()).name)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_hidden_by_a_killed_in_place_route_is_found_by_eval(tmp_path):
+    from conftest import make_elastic, make_tokenizer
+    from flextron import api
+    from flextron.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(make_elastic("llama"), make_tokenizer(), tmp_path / "ck", {})
+    ckpt.rename(tmp_path / f".ck.old-{dead_pid()}")
+    em, _ = api.open_model(ckpt, [], "cpu")
+    assert ckpt.is_dir() and em.space.n_layers == 2

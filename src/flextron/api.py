@@ -28,7 +28,7 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, router_report
 from flextron.export import export as export_model
-from flextron.fsutil import atomic_write, check_output_dir
+from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
 from flextron.generation import complete, generate_text, prompt_inputs
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.precision import compute_dtype
@@ -108,6 +108,8 @@ def load(path: str | Path, device: str | None = None, verify: bool = True
 def open_model(path: str | Path | None, budgets: list[Budget], device: str | None, verify: bool = True
           ) -> tuple[ElasticModel, PreTrainedTokenizerBase]:
     """An elastic checkpoint, or a plain HF model directory (None: the packaged model) at its one size."""
+    if path is not None and not Path(path).exists():
+        clean_leftovers(Path(path).parent)  # a directory hidden by a killed overwrite comes back
     if path is not None and (Path(path) / MANIFEST).is_file():
         em, tok, _ = load(path, device, verify)
         return em, tok
