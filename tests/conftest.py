@@ -80,6 +80,28 @@ def word_text(n_words: int, seed: int = 0) -> str:
     return "\n".join(" ".join(f"w{i}" for i in ids[j : j + 16]) for j in range(0, n_words, 16))
 
 
+def rewrite_weights(ckpt, change) -> None:
+    """Apply `change` to the dict of tensors in `ckpt`/model.safetensors and write it back (damage tests)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(ckpt / "model.safetensors")
+    change(weights)
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def make_device(path):
+    """A character device node (a copy of /dev/null) at `path`, so that tests never aim at the real /dev;
+    None where this user may not create one."""
+    import os
+    import stat
+
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except OSError:
+        return None
+    return path
+
+
 @pytest.fixture
 def tiny_hf_dir(tmp_path):
     """A saved tiny Llama-GQA model directory with a tokenizer, and a calibration text file."""

@@ -32,3 +32,36 @@ def test_offline_hub_id_fails_clearly(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert "cannot fetch 'no-such-org/no-such-model'" in r.stderr and "Traceback" not in r.stderr
+
+
+EVIL = '''
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+Path(__file__).with_name("RAN").write_text("remote code ran")
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil"
+
+
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+'''
+
+
+def test_a_model_directory_s_own_code_never_runs(tiny_hf_dir, monkeypatch):
+    import io
+    import json
+
+    from flextron.assets import load_hf
+
+    model_dir, _ = tiny_hf_dir
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                  "AutoModelForCausalLM": "evil.EvilModel"}}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "evil.py").write_text(EVIL)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # a user who answers transformers' prompt
+    with pytest.raises(FlextronError, match="cannot load"):
+        load_hf(str(model_dir))
+    assert not (model_dir / "RAN").exists()

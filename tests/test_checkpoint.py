@@ -1,9 +1,10 @@
 import json
+import subprocess
 
 import pytest
 import torch
 
-from conftest import VOCAB, make_model, make_tokenizer
+from conftest import VOCAB, make_model, make_tokenizer, rewrite_weights
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
 from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
@@ -56,8 +57,62 @@ def test_corrupt_weights(ckpt):
     path = ckpt[0]
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(FlextronError, match="corrupt or unreadable"):
+    with pytest.raises(FlextronError, match="model.safetensors differs from the one saved"):
         load_checkpoint(path)
+    with pytest.raises(FlextronError, match="corrupt or unreadable"):
+        load_checkpoint(path, verify=False)
+
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop(DOWN), f"tensor {DOWN} is missing"),
+    (lambda w: w.__setitem__(DOWN, w[DOWN][:, :-1].clone()), f"tensor {DOWN} .* wrong shape"),
+    (lambda w: w[DOWN].__setitem__((0, 0), float("nan")), f"tensor {DOWN} holds NaN"),
+    (lambda w: w.__setitem__(DOWN, w[DOWN].to(torch.int32)), f"tensor {DOWN} is stored as I32"),
+])
+def test_incomplete_or_bad_weights_are_refused_by_name(ckpt, change, message):
+    path = ckpt[0]
+    rewrite_weights(path, change)
+    with pytest.raises(FlextronError, match="model.safetensors differs"):
+        load_checkpoint(path)
+    with pytest.raises(FlextronError, match=message):  # found even without the hash
+        load_checkpoint(path, verify=False)
+
+
+def test_tampered_weights_fail_the_hash_unless_not_verified(ckpt):
+    path = ckpt[0]
+    rewrite_weights(path, lambda w: w[DOWN].mul_(2))
+    with pytest.raises(FlextronError, match="differs from the one saved"):
+        load_checkpoint(path)
+    load_checkpoint(path, verify=False)
+    (path / "extra.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(FlextronError, match="extra.safetensors was not saved with it"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("null", "a JSON NoneType, not an object"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"format_version": 1, "family": "llama"}', "no 'elastic_space'"),
+    ('{"format_version": 1, "family": "llama", "elastic_space": {"mlp": [[1.5]], "attn": [[1]]}}',
+     "must be a list of integers"),
+])
+def test_manifest_must_be_an_object_with_the_required_keys(ckpt, text, message):
+    path = ckpt[0]
+    (path / MANIFEST).write_text(text)
+    with pytest.raises(FlextronError, match=message):
+        load_checkpoint(path)
+
+
+def test_checkpoint_hidden_by_a_killed_overwrite_comes_back(ckpt):
+    path = ckpt[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.rename(path.with_name(f".{path.name}.old-{dead.pid}"))
+    em, _, _ = load_checkpoint(path)
+    assert path.is_dir() and em.space.n_layers == 2
 
 
 def test_missing_weights(ckpt):

@@ -190,3 +190,20 @@ def test_prompt_uses_chat_template_unless_raw():
     templated = prompt_inputs(tok, "w7 w8")["input_ids"][0].tolist()
     assert templated == tok.convert_tokens_to_ids(["w1", "w7", "w8", "w2", "w3"])
     assert prompt_inputs(tok, "w7 w8", raw=True)["input_ids"][0].tolist() == tok.convert_tokens_to_ids(["w7", "w8"])
+
+
+def test_per_layer_export_code_is_hashed_and_loads_through_our_classes(ckpt, tmp_path):
+    import hashlib
+
+    from flextron.assets import load_hf
+
+    d = api.export(ckpt, None, tmp_path / "x", subnet={"mlp": [24, 96], "attn": [4, 1]})
+    code = d / "modeling_flextron.py"
+    info = json.loads((d / "flextron_export.json").read_text())
+    assert info["modeling_sha256"] == hashlib.sha256(code.read_bytes()).hexdigest()
+    model, _, _ = load_hf(str(d))
+    assert type(model).__module__ == "flextron.modeling_flextron"  # ours, not the directory's copy
+    code.write_text(code.read_text() + "\nimport os  # tampered\n")
+    with pytest.raises(FlextronError, match="modeling_flextron.py is missing or was modified after export"):
+        load_hf(str(d))
+    assert main(["generate", str(d), "--raw", "w1"]) == 2

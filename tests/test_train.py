@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +10,12 @@ from safetensors.torch import load_file
 
 from conftest import make_model, make_tokenizer, word_text
 from flextron import api
+from flextron.checkpoint import load_checkpoint
 from flextron.config import CalibrationConfig, ElasticSpace, TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.train.elastic import distill_loss, sample_subnets
+from flextron.train.loop import STATE_FILE, checkpoints, prune_checkpoints
 
 FAST = dict(seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=1, eval_limit=0, dtype="fp32")
 
@@ -156,6 +159,55 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
         api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept and str(run / "checkpoints" / kept[-1]) in str(err.value)
+
+
+def test_non_finite_weights_are_never_saved_or_named_good(setup, tmp_path, monkeypatch):
+    root, ckpt, data = setup
+    run = tmp_path / "run"
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_that_breaks_the_weights_at_step_2(self, *a, **k):  # what --clip nan did, with a finite loss
+        out = real_step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks_the_weights_at_step_2)
+    cfg = TrainConfig(max_steps=4, save_every=1, **FAST)
+    with pytest.raises(FlextronError, match="last good checkpoint is ") as err:
+        api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
+    named = Path(str(err.value).split("last good checkpoint is ")[1].split(";")[0])
+    assert named.name == "step-0000001"
+    em, _, _ = load_checkpoint(named)
+    assert all(torch.isfinite(p).all() for p in em.parameters())
+    assert [p.name for p in checkpoints(run)] == ["step-0000001"]
+
+
+def test_run_directory_that_is_a_file_is_refused(setup, tmp_path):
+    root, ckpt, data = setup
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(FlextronError, match="is a regular file, not a directory"):
+        api.train(ckpt, tmp_path / "file", TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu",
+                  progress=False)
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_pruning_killed_midway_leaves_no_listed_half_checkpoint(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        d = tmp_path / "checkpoints" / f"step-{step:07d}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_text("w")
+        (d / STATE_FILE).write_text("s")
+
+    def killed_after_the_weights(path, *a, **k):
+        (Path(path) / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("shutil.rmtree", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
 
 
 def test_activation_checkpointing_and_jsonl_data_give_the_same_step(setup, tmp_path):

@@ -13,14 +13,22 @@ from transformers import PreTrainedTokenizerBase
 from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
 from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
-from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
+from flextron.config import (
+    Budget,
+    CalibrationConfig,
+    ElasticSpace,
+    RouterConfig,
+    Subnet,
+    TrainConfig,
+    check_number,
+)
 from flextron.cost import smallest_fraction, subnet_cost
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, router_report
 from flextron.export import export as export_model
-from flextron.fsutil import atomic_write, check_output_dir
+from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
 from flextron.generation import complete, generate_text, prompt_inputs
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.precision import compute_dtype
@@ -91,16 +99,19 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     return save_checkpoint(em, tok, out, manifest, overwrite=overwrite)
 
 
-def load(path: str | Path, device: str | None = None) -> tuple[ElasticModel, PreTrainedTokenizerBase, dict]:
-    """An elastic checkpoint as (model, tokenizer, manifest)."""
-    return load_checkpoint(Path(path), device=resolve_device(device))
+def load(path: str | Path, device: str | None = None, verify: bool = True
+         ) -> tuple[ElasticModel, PreTrainedTokenizerBase, dict]:
+    """An elastic checkpoint as (model, tokenizer, manifest); `verify=False` skips the weights' hash check."""
+    return load_checkpoint(Path(path), device=resolve_device(device), verify=verify)
 
 
-def open_model(path: str | Path | None, budgets: list[Budget], device: str | None
+def open_model(path: str | Path | None, budgets: list[Budget], device: str | None, verify: bool = True
           ) -> tuple[ElasticModel, PreTrainedTokenizerBase]:
     """An elastic checkpoint, or a plain HF model directory (None: the packaged model) at its one size."""
+    if path is not None and not Path(path).exists():
+        clean_leftovers(Path(path).parent)  # a directory hidden by a killed overwrite comes back
     if path is not None and (Path(path) / MANIFEST).is_file():
-        em, tok, _ = load(path, device)
+        em, tok, _ = load(path, device, verify)
         return em, tok
     if any(b.fraction != 1.0 for b in budgets):
         raise FlextronError(
@@ -113,7 +124,7 @@ def open_model(path: str | Path | None, budgets: list[Budget], device: str | Non
 
 def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks: list[str] | None = None,
              limit: int | None = None, seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
-             dtype: str = "fp32", adaptive: bool = False, progress: bool = True) -> list[dict]:
+             dtype: str = "fp32", adaptive: bool = False, progress: bool = True, verify: bool = True) -> list[dict]:
     """Held-out perplexity (task `ppl`) and zero-shot task scores (`flextron.tasks.TASKS` or request
     files) of an elastic checkpoint at each budget. `limit` caps windows and documents per task.
     `adaptive`: route per token and per request (rows then report the realised average cost).
@@ -121,12 +132,15 @@ def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks
     A path without a flextron manifest (or None, the packaged model) is evaluated as a
     plain HF model at full size.
     """
+    check_number("limit", limit, integer=True, low=1, optional=True)
+    check_number("seq_len", seq_len, integer=True, low=1)
+    check_number("batch_size", batch_size, integer=True, low=1)
     autocast = compute_dtype(dtype)
     device = resolve_device(device)
     tasks = task_names(tasks or ["ppl"])
     parsed = [Budget.parse(b) for b in (budgets or ["1.0"])]
     docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
-    em, tok = open_model(path, parsed, device)
+    em, tok = open_model(path, parsed, device, verify)
     windows = heldout_windows(tok, seq_len, limit) if "ppl" in tasks else None
 
     def score(model: torch.nn.Module) -> dict:
@@ -164,13 +178,13 @@ def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | 
 
 
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwrite: bool = False, *,
-           subnet: Subnet | dict | None = None) -> Path:
+           subnet: Subnet | dict | None = None, verify: bool = True) -> Path:
     """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory."""
     out = Path(out)
     if (budget is None) == (subnet is None):
         raise FlextronError("pass exactly one of a budget (e.g. --budget 0.5) or an explicit sub-network")
     check_output_dir(out, overwrite)
-    em, tok, _ = load(ckpt, "cpu")
+    em, tok, _ = load(ckpt, "cpu", verify)
     if subnet is None:
         subnet = select_subnet(em, Budget.parse(budget))
     elif isinstance(subnet, dict):
@@ -181,14 +195,15 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwr
 
 def generate(path: str | Path, prompt: str, budget: str | float | None = None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, raw: bool = False, device: str | None = None,
-             seed: int | None = None, stream: Callable[[str], None] | None = None, adaptive: bool = False) -> str:
+             seed: int | None = None, stream: Callable[[str], None] | None = None, adaptive: bool = False,
+             verify: bool = True) -> str:
     """Continue `prompt` with an elastic checkpoint at `budget` (full model when None) or any HF model dir.
 
     Greedy at temperature 0, else sampling with nucleus `top_p`; `stream` receives text as it comes.
     `adaptive`: the prompt picks each layer's attention width, each token its MLP width.
     """
     parsed = [] if budget is None else [Budget.parse(budget)]
-    em, tok = open_model(path, parsed, resolve_device(device))
+    em, tok = open_model(path, parsed, resolve_device(device), verify)
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                "stream": stream}
     if adaptive:
@@ -217,14 +232,16 @@ def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] |
 
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device: str | None = None,
           dtype: str = "fp32", name: str | None = None, config: ServeConfig | None = None,
-          on_ready: Callable[[Server], None] | None = None) -> None:
+          on_ready: Callable[[Server], None] | None = None, verify: bool = True) -> None:
     """Serve an elastic checkpoint over OpenAI-compatible HTTP, every budget from one copy of the weights.
 
     Blocks until interrupted, or until `server.shutdown()` is called on the `Server` that
     `on_ready` receives once it listens.
     """
     device = resolve_device(device)
-    em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(dtype) or torch.float32)
+    check_number("port", port, integer=True, low=0, high=65535)
+    em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(dtype) or torch.float32,
+                                 verify=verify)
     server = Server(Service(em, tok, name or Path(ckpt).resolve().name, config), host, port)
     try:
         if on_ready is not None:
@@ -238,12 +255,15 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device
 
 def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32", batch: int = 1,
             context: int = 256, decode_steps: int = 16, repeats: int = 3, n_fit: int = 24, n_validate: int = 10,
-            progress: bool = True) -> dict:
+            progress: bool = True, verify: bool = True) -> dict:
     """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint."""
     from flextron.latency import profile as measure_table
     from flextron.latency import save_table
 
-    em, _, _ = load(ckpt, device)
+    for name, value in (("batch", batch), ("context", context), ("decode_steps", decode_steps),
+                        ("repeats", repeats), ("samples", n_fit), ("validate", n_validate)):
+        check_number(name, value, integer=True, low=1)
+    em, _, _ = load(ckpt, device, verify)
     table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
                           progress=progress)
     save_table(Path(ckpt), table)

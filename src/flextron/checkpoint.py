@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from flextron import __version__
@@ -20,13 +20,20 @@ from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import FAMILIES
-from flextron.fsutil import atomic_dir
+from flextron.fsutil import atomic_dir, clean_leftovers, file_sha256
 from flextron.latency import LATENCY_FILE, load_table
 from flextron.routers import Routers
 
 MANIFEST = "flextron.json"
 FORMAT_VERSION = 1
 _REQUIRED = ("config.json", MANIFEST)
+_MANIFEST_KEYS = ("format_version", "family", "elastic_space")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def weight_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every safetensors file in `directory` (model weights and routers), by file name."""
+    return {p.name: file_sha256(p) for p in sorted(Path(directory).glob("*.safetensors"))}
 
 
 def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: Path,
@@ -48,18 +55,22 @@ def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: P
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         em.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
         if em.latency is not None:
             (tmp / LATENCY_FILE).write_text(json.dumps(em.latency, indent=1))
         if em.routers is not None:
             em.routers.save(tmp)
         for name, write in (extra or {}).items():
             write(tmp / name)
+        full["weights_sha256"] = weight_hashes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
     return Path(out)
 
 
 def read_manifest(ckpt: Path) -> dict:
+    """The checkpoint's validated manifest; refuses a directory that is not a complete checkpoint."""
     ckpt = Path(ckpt)
+    if not ckpt.exists():
+        clean_leftovers(ckpt.parent)  # a checkpoint hidden by a killed overwrite comes back
     if not ckpt.is_dir():
         raise FlextronError(f"checkpoint {ckpt} does not exist; create one with `flextron convert`")
     for name in _REQUIRED:
@@ -72,26 +83,78 @@ def read_manifest(ckpt: Path) -> dict:
         raise FlextronError(f"checkpoint {ckpt} has no safetensors weights; re-run `flextron convert`")
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("family") not in FAMILIES:
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise ValueError(f"no {missing[0]!r}")
+        if manifest["format_version"] != FORMAT_VERSION or manifest["family"] not in FAMILIES:
             raise ValueError("unknown format or family")
+        if not isinstance(manifest.get("weights_sha256", {}), dict):
+            raise ValueError("weights_sha256 is not an object")
         ElasticSpace.from_dict(manifest["elastic_space"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, FlextronError) as e:
         raise FlextronError(f"checkpoint {ckpt}: {MANIFEST} is corrupt ({e}); re-run `flextron convert`") from None
     return manifest
 
 
-def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+def verify_hashes(ckpt: Path, manifest: dict) -> None:
+    """Refuse weights files whose sha256 differs from the one recorded at save (checkpoints written
+    before hashes were recorded pass)."""
+    recorded = manifest.get("weights_sha256")
+    if recorded is None:
+        return
+    found = weight_hashes(ckpt)
+    for name in sorted(set(recorded) | set(found)):
+        if recorded.get(name) != found.get(name):
+            what = "is missing" if name not in found else "was not saved with it" if name not in recorded \
+                else "differs from the one saved (modified or truncated)"
+            raise FlextronError(f"checkpoint {ckpt}: {name} {what}; re-run `flextron convert`, or load with "
+                                "verify=False (--no-verify) to skip this check")
+
+
+def verify_weights(ckpt: Path, model: torch.nn.Module, loading_info: dict) -> None:
+    """Every tensor the architecture needs was in the files, with its shape, a float dtype, finite values."""
+    def bad(name: str, why: str) -> FlextronError:
+        return FlextronError(f"checkpoint {ckpt}: tensor {name} {why}; the checkpoint is damaged, "
+                             "re-run `flextron convert`")
+
+    if loading_info["missing_keys"]:
+        raise bad(sorted(loading_info["missing_keys"])[0], "is missing")
+    if loading_info["mismatched_keys"]:
+        name, saved, needed = sorted(loading_info["mismatched_keys"])[0]  # transformers: (key, file, model)
+        raise bad(name, f"has the wrong shape {list(saved)} (the model needs {list(needed)})")
+    for path in sorted(Path(ckpt).glob("model*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    raise bad(name, f"is stored as {dtype}, not a floating-point type")
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise bad(name, "holds NaN or infinite values")
+
+
+def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
                     ) -> tuple[ElasticModel, PreTrainedTokenizerBase, dict]:
-    """Load an elastic checkpoint: (elastic model at full width, tokenizer, manifest)."""
+    """Load an elastic checkpoint: (elastic model at full width, tokenizer, manifest).
+
+    Every needed tensor must be present, well-shaped and finite; `verify` also checks the weights
+    files against the sha256 recorded at save (one read of the files).
+    """
     manifest = read_manifest(ckpt)
+    if verify:
+        verify_hashes(ckpt, manifest)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False,
+                                                           ignore_mismatched_sizes=True, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise FlextronError(
             f"checkpoint {ckpt} is corrupt or unreadable ({str(e).splitlines()[0][:200]}); "
             "re-run `flextron convert`"
         ) from None
+    verify_weights(ckpt, model, info)
     space = ElasticSpace.from_dict(manifest["elastic_space"])
     em = ElasticModel(model.to(device).eval(), space, FAMILIES[manifest["family"]])
     em.latency = load_table(ckpt)

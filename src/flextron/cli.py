@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,9 +16,9 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
-from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig
+from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig, check_number
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, check_target
 from flextron.precision import DTYPES
 from flextron.report import task_cell
 from flextron.tasks import TASKS
@@ -24,11 +26,47 @@ from flextron.tasks import TASKS
 console = Console()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _to_number(text: str, integer: bool) -> float | int:
+    value = float(text)  # also reads 1e3; ValueError for words
+    if integer and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value
+
+
+def number(integer: bool = False, **rules) -> Callable[[str], float | int]:
+    """An argparse type: a finite number (an integer when `integer`) obeying `check_number`'s rules."""
+    def parse(text: str) -> float | int:
+        try:
+            value = _to_number(text, integer)
+            check_number("value", value, integer=integer, **rules)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        except FlextronError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("--value ")) from None
+        return value
+
+    return parse
+
+
+_POS_INT = number(integer=True, low=1)
+_SEED = number(integer=True, low=0, high=2**32 - 1)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def _list(text: str) -> list[str]:
@@ -106,8 +144,11 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    if a.out:
+        check_target(Path(a.out))  # before the work, not after
     rows = api.evaluate(a.path, a.budgets, tasks=a.tasks, limit=a.limit, seq_len=a.seq_len,
-                        batch_size=a.batch_size, device=a.device, dtype=a.dtype, adaptive=a.adaptive)
+                        batch_size=a.batch_size, device=a.device, dtype=a.dtype, adaptive=a.adaptive,
+                        verify=a.verify)
     if a.adaptive:
         print_adaptive(rows)
     elif "ppl" in rows[0]:
@@ -139,7 +180,8 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def cmd_profile(a: argparse.Namespace) -> None:
     table = api.profile(a.ckpt, device=a.device, dtype=a.dtype, batch=a.batch, context=a.context,
-                        decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate)
+                        decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate,
+                        verify=a.verify)
     t = Table(title=f"Latency lookup table — {table['device']}, {table['dtype']}, batch {table['batch']}, "
                     f"context {table['context']}")
     for col in ("", "decode ms/token", "prefill ms"):
@@ -187,7 +229,7 @@ def print_adaptive(rows: list[dict]) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
-    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite)
+    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite, verify=a.verify)
     info = read_export_info(out)
     kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"
     console.print(f"Exported [bold]{info['architecture']}[/bold] ({kind}) to [bold]{out}[/bold]")
@@ -207,7 +249,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.flush()
 
     api.generate(a.path, a.prompt, a.budget, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit, adaptive=a.adaptive)
+                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit, adaptive=a.adaptive,
+                 verify=a.verify)
     sys.stdout.write("\n")
 
 
@@ -242,7 +285,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         console.print(f"Serving [bold]{server.name}[/bold] at [bold]{server.url}/v1[/bold] "
                       f"(OpenAI-compatible; a budget as model \"{server.name}@50%\"); Ctrl-C stops")
 
-    api.serve(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, name=a.name, config=config, on_ready=ready)
+    api.serve(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, name=a.name, config=config, on_ready=ready,
+              verify=a.verify)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -255,13 +299,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         elif isinstance(default, tuple) or f.name == "budget_probs":
             parser.add_argument(flag, type=_floats, default=default, metavar="X,Y,...")
         elif default is None or isinstance(default, int):
-            parser.add_argument(flag, type=lambda v: int(float(v)), default=default)
+            parser.add_argument(flag, type=number(integer=True), default=default)
+        elif isinstance(default, float):
+            parser.add_argument(flag, type=number(), default=default)
         else:
             parser.add_argument(flag, type=type(default), default=default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flextron", description=__doc__)
+    p = _Parser(prog="flextron", description=__doc__)
     p.add_argument("--version", action="version", version=f"flextron {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -269,19 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         sp.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype")
 
+    def no_verify(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the weights against the sha256 recorded in the checkpoint (faster)")
+
     c = sub.add_parser("convert", help="score and sort units, write an elastic checkpoint")
     c.add_argument("model", nargs="?", default=None, help="HF model dir or hub id (default: packaged)")
     c.add_argument("--out", required=True, help="checkpoint directory to write")
     c.add_argument("--mlp-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
     c.add_argument("--attn-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
-    c.add_argument("--multiple", type=int, default=64, help="MLP widths are multiples of this")
+    c.add_argument("--multiple", type=_POS_INT, default=64, help="MLP widths are multiples of this")
     c.add_argument("--space", default=None,
                    help='JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]}')
     c.add_argument("--calib-data", default="default", help="a .txt file, or 'default' (train split)")
-    c.add_argument("--calib-sequences", type=int, default=256)
-    c.add_argument("--calib-seq-len", type=int, default=256)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--calib-sequences", type=_POS_INT, default=256)
+    c.add_argument("--calib-seq-len", type=_POS_INT, default=256)
+    c.add_argument("--batch-size", type=_POS_INT, default=16)
+    c.add_argument("--seed", type=_SEED, default=0)
     c.add_argument("--order", default="importance", choices=["importance", "random"])
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     common(c)
@@ -292,12 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budgets", type=_list, default=["1.0", "0.75", "0.5"])
     e.add_argument("--tasks", type=_list, default=["ppl"],
                    help=f"ppl and/or {','.join(TASKS)}, or requests.jsonl(.gz) files")
-    e.add_argument("--limit", type=int, default=None, help="at most this many windows / documents per task")
+    e.add_argument("--limit", type=_POS_INT, default=None, help="at most this many windows / documents per task")
     e.add_argument("--out", default=None, help="write the results as JSON here")
     e.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
-    e.add_argument("--seq-len", type=int, default=1024)
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--seq-len", type=_POS_INT, default=1024)
+    e.add_argument("--batch-size", type=_POS_INT, default=4)
     common(e)
+    no_verify(e)
     e.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("report", help="markdown tables and PNG plots from a run's JSON")
@@ -324,13 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="measure the latency lookup table on this device")
     pr.add_argument("ckpt")
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--context", type=int, default=256, help="prompt tokens (prefill) before decoding")
-    pr.add_argument("--decode-steps", type=int, default=16)
-    pr.add_argument("--repeats", type=int, default=3)
-    pr.add_argument("--samples", type=int, default=24, help="random sub-networks the table is fitted on")
-    pr.add_argument("--validate", type=int, default=10, help="further sub-networks it is checked on")
+    pr.add_argument("--batch", type=_POS_INT, default=1)
+    pr.add_argument("--context", type=_POS_INT, default=256, help="prompt tokens (prefill) before decoding")
+    pr.add_argument("--decode-steps", type=_POS_INT, default=16)
+    pr.add_argument("--repeats", type=_POS_INT, default=3)
+    pr.add_argument("--samples", type=_POS_INT, default=24, help="random sub-networks the table is fitted on")
+    pr.add_argument("--validate", type=_POS_INT, default=10, help="further sub-networks it is checked on")
     common(pr)
+    no_verify(pr)
     pr.set_defaults(func=cmd_profile)
 
     r = sub.add_parser("route", help="train static routers (budget -> per-layer widths)")
@@ -348,34 +400,38 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--budget", required=True, help="0.6, 60%%, or metric=value such as params=80e6")
     x.add_argument("--out", required=True, help="directory to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    no_verify(x)
     x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint at a budget, or an HF model dir")
     g.add_argument("path", help="elastic checkpoint or HF model directory (e.g. an export)")
     g.add_argument("prompt")
     g.add_argument("--budget", default=None, help="elastic checkpoints only (default: the full model)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--max-new-tokens", type=_POS_INT, default=128)
+    g.add_argument("--temperature", type=number(low=0.0), default=0.0, help="0: greedy (default); >0: sampling")
+    g.add_argument("--top-p", type=number(low=0.0, high=1.0, low_open=True), default=1.0,
+                   help="nucleus sampling threshold")
+    g.add_argument("--seed", type=_SEED, default=None, help="sampling seed")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    no_verify(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server: every budget from one elastic checkpoint")
     v.add_argument("ckpt", help="elastic checkpoint")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=number(integer=True, low=0, high=65535), default=8000)
     v.add_argument("--name", default=None, help="model id reported to clients (default: checkpoint dir name)")
-    v.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get 400")
-    v.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
-    v.add_argument("--default-max-tokens", type=int, default=128, help="when a request gives none")
-    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    v.add_argument("--max-queue", type=int, default=64, help="requests generating or waiting; more get 503")
-    v.add_argument("--max-batch", type=int, default=16, help="sequences decoding together (1: one at a time)")
-    v.add_argument("--max-connections", type=int, default=256, help="open connections; more get 503")
+    v.add_argument("--max-prompt-tokens", type=_POS_INT, default=4096, help="longer prompts get 400")
+    v.add_argument("--max-tokens", type=_POS_INT, default=1024, help="largest max_tokens a request may ask")
+    v.add_argument("--default-max-tokens", type=_POS_INT, default=128, help="when a request gives none")
+    v.add_argument("--max-body-bytes", type=_POS_INT, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-queue", type=_POS_INT, default=64, help="requests generating or waiting; more get 503")
+    v.add_argument("--max-batch", type=_POS_INT, default=16, help="sequences decoding together (1: one at a time)")
+    v.add_argument("--max-connections", type=_POS_INT, default=256, help="open connections; more get 503")
     common(v)
+    no_verify(v)
     v.set_defaults(func=cmd_serve)
     return p
 
@@ -388,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FlextronError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment (disk full, permissions, a path that vanished), not a bug
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

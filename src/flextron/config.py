@@ -9,6 +9,42 @@ from dataclasses import asdict, dataclass
 from flextron.errors import FlextronError
 
 
+def check_number(name: str, value: object, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
+    """Raise a one-line FlextronError unless `value` is a finite number (an int when `integer`) in
+    [low, high] ((low, high] when `low_open`); None passes when `optional`."""
+    flag = "--" + name.replace("_", "-")
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise FlextronError(f"{flag} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise FlextronError(f"{flag} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        left = "(" if low_open else "["
+        raise FlextronError(f"{flag} must be in {left}{'-inf' if low is None else f'{low:g}'}, "
+                            f"{'inf' if high is None else f'{high:g}'}], got {value}")
+
+
+def check_fields(obj: object, rules: dict[str, dict]) -> None:
+    """`check_number` on each named attribute of a config with its keyword rules."""
+    for name, rule in rules.items():
+        check_number(name, getattr(obj, name), **rule)
+
+
+def check_fractions(name: str, values: tuple[float, ...]) -> None:
+    if not values:
+        raise FlextronError(f"--{name.replace('_', '-')} needs at least one value")
+    for v in values:
+        check_number(name, v, low=0.0, high=1.0, low_open=True)
+
+
+_SEED = {"integer": True, "low": 0, "high": 2**32 - 1}
+_POSITIVE = {"integer": True, "low": 1}
+_FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
+
+
 @dataclass
 class ElasticSpace:
     """Per-layer nested choices: MLP widths (neurons) and attention units (KV groups or heads).
@@ -98,7 +134,14 @@ class ElasticSpace:
 
     @classmethod
     def from_dict(cls, d: dict) -> ElasticSpace:
-        return cls(mlp=[list(map(int, c)) for c in d["mlp"]], attn=[list(map(int, c)) for c in d["attn"]])
+        """From `{"mlp": [[...] per layer], "attn": [[...] per layer]}` of JSON integers (no floats or bools)."""
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("mlp", "attn")):
+            raise FlextronError('an elastic space is {"mlp": [[widths per layer]], "attn": [[units per layer]]}')
+        for kind in ("mlp", "attn"):
+            for layer in d[kind]:
+                if not isinstance(layer, list) or not all(type(c) is int for c in layer):
+                    raise FlextronError(f"elastic space {kind} entry {layer!r} must be a list of integers")
+        return cls(mlp=[list(c) for c in d["mlp"]], attn=[list(c) for c in d["attn"]])
 
 
 @dataclass
@@ -169,6 +212,11 @@ class CalibrationConfig:
     seed: int = 0
     source: str = "default"
 
+    def __post_init__(self) -> None:
+        check_number("calib_sequences", self.n_sequences, **_POSITIVE)
+        check_number("calib_seq_len", self.seq_len, **_POSITIVE)
+        check_fields(self, {"batch_size": _POSITIVE, "seed": _SEED})
+
 
 SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
 
@@ -210,11 +258,27 @@ class TrainConfig:
             raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
         if (self.max_steps is None) == (self.tokens is None):
             raise FlextronError("give exactly one of --max-steps or --tokens")
-        for name in ("seq_len", "micro_batch", "grad_accum", "save_every"):
-            if getattr(self, name) < 1:
-                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
-        if self.budget_probs is not None and len(self.budget_probs) != len(self.budgets):
-            raise FlextronError("--budget-probs needs one probability per budget")
+        positive_float = {"low": 0.0, "low_open": True}
+        check_fields(self, {
+            "lr": {**positive_float, "high": _FP32_MAX},
+            "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "grad_accum": _POSITIVE, "save_every": _POSITIVE,
+            "max_steps": {**_POSITIVE, "optional": True}, "tokens": {**_POSITIVE, "optional": True},
+            "min_lr_ratio": {"low": 0.0, "high": 1.0},
+            "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
+            "clip": positive_float, "kd_temperature": positive_float, "kd_weight": {"low": 0.0},
+            "lm_weight": {"low": 0.0}, "n_random": {"integer": True, "low": 0},
+            "full_prob": {"low": 0.0, "high": 1.0}, "eval_limit": {"integer": True, "low": 0, "optional": True},
+            "seed": _SEED,
+        })
+        check_fractions("budgets", self.budgets)
+        check_fractions("eval_budgets", self.eval_budgets)
+        if self.budget_probs is not None:
+            if len(self.budget_probs) != len(self.budgets):
+                raise FlextronError("--budget-probs needs one probability per budget")
+            for p in self.budget_probs:
+                check_number("budget_probs", p, low=0.0)
+            if sum(self.budget_probs) <= 0:
+                raise FlextronError("--budget-probs must not all be 0")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
         for name in ("dtype", "teacher_dtype"):
@@ -249,9 +313,16 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
-            raise FlextronError("--budgets must be fractions in (0, 1], e.g. 0.4,0.5,...,1.0")
-        if self.steps < 1 or self.joint_steps < 0:
-            raise FlextronError("--steps must be at least 1 and --joint-steps at least 0")
+        check_fractions("budgets", self.budgets)
+        positive_float = {"low": 0.0, "low_open": True}
+        check_fields(self, {
+            "steps": _POSITIVE, "joint_steps": {"integer": True, "low": 0}, "hidden": _POSITIVE,
+            "router_lr": positive_float, "llm_lr": {"low": 0.0}, "tau_start": positive_float,
+            "tau_end": positive_float, "budget_weight": {"low": 0.0}, "tolerance": {"low": 0.0},
+            "surrogate_threshold": {"low": 0.0}, "surrogate_hidden": _POSITIVE,
+            "surrogate_fit_steps": {"integer": True, "low": 0}, "balance_weight": {"low": 0.0},
+            "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "eval_limit": _POSITIVE,
+            "seed": _SEED,
+        })
         if self.dtype not in ("fp32", "bf16"):
             raise FlextronError("--dtype must be fp32 or bf16")

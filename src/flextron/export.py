@@ -24,10 +24,11 @@ from flextron.config import Subnet
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticLinear, ElasticModel
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_dir
+from flextron.fsutil import atomic_dir, file_sha256
 from flextron.modeling_flextron import PER_LAYER
 
 EXPORT_MANIFEST = "flextron_export.json"
+MODELING_FILE = "modeling_flextron.py"
 
 
 def register() -> None:
@@ -148,6 +149,8 @@ def export(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet,
             "cost": cost.to_dict(),
             **(info or {}),
         }
+        if (tmp / MODELING_FILE).is_file():  # what `trust_remote_code=True` would run: recorded, checked on load
+            manifest["modeling_sha256"] = file_sha256(tmp / MODELING_FILE)
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(out)
 
@@ -155,6 +158,18 @@ def export(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet,
 def read_export_info(path: Path) -> dict:
     """The `flextron_export.json` of an exported directory."""
     try:
-        return json.loads((Path(path) / EXPORT_MANIFEST).read_text())
+        info = json.loads((Path(path) / EXPORT_MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise FlextronError(f"{path} is not a flextron export ({e})") from None
+    if not isinstance(info, dict):
+        raise FlextronError(f"{path}/{EXPORT_MANIFEST} is not a JSON object; re-run `flextron export`")
+    return info
+
+
+def verify_export(path: Path) -> None:
+    """Refuse an export whose `modeling_flextron.py` differs from the sha256 recorded when it was written."""
+    expected = read_export_info(path).get("modeling_sha256")
+    code = Path(path) / MODELING_FILE
+    if expected is not None and (not code.is_file() or file_sha256(code) != expected):
+        raise FlextronError(f"{code} is missing or was modified after export; re-run `flextron export` "
+                            "(do not load this directory with trust_remote_code=True)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from flextron.errors import FlextronError
+
+
+def context_length(config: object) -> int | None:
+    """The most positions a model takes (None where its config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def prompt_inputs(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], raw: bool = False
@@ -113,20 +119,27 @@ def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[
              stop: Sequence[str] = (), stream: Callable[[str], None] | None = None) -> Completion:
     """Continue the token ids `inputs` (see `prompt_inputs`): greedy at temperature 0, else nucleus sampling.
 
-    Generation ends at the end-of-text token, after `max_new_tokens`, or at the first of the `stop`
-    strings (left out of the text); `stream` receives the text piece by piece as it comes.
+    Generation ends at the end-of-text token, after `max_new_tokens` (or at the model's context
+    length, whichever comes first), or at the first of the `stop` strings (left out of the text);
+    `stream` receives the text piece by piece as it comes.
     """
-    if max_new_tokens < 1:
-        raise FlextronError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise FlextronError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise FlextronError(f"--max-new-tokens must be an integer of at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise FlextronError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise FlextronError(f"--top-p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
     if prompt_len == 0:
         raise FlextronError("the prompt is empty after tokenization; pass some text or drop --raw")
+    context = context_length(model.config)
+    if context is not None:
+        if prompt_len >= context:
+            raise FlextronError(f"the prompt has {prompt_len} tokens, the model's whole context of {context}; "
+                                "shorten it")
+        max_new_tokens = min(max_new_tokens, context - prompt_len)
     eos = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
     sample = temperature > 0

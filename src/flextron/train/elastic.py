@@ -20,7 +20,8 @@ from flextron.data import PackedSequences, heldout_windows, load_corpus, tokeniz
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, check_output_dir
+from flextron.generation import context_length
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
 from flextron.train.loop import (
@@ -96,8 +97,13 @@ def _check_resume(run: Path, info: dict) -> None:
 
 
 def _context(em: ElasticModel) -> int:
-    c = em.config
-    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1 << 30
+    return context_length(em.config) or 1 << 30
+
+
+def _weights_finite(em: ElasticModel, d: Dist) -> bool:
+    """Whether every rank's weights (its shards, under FSDP) are free of NaN and infinity."""
+    local = all(bool(torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all()) for p in em.parameters())
+    return all_mean(float(local), d) == 1.0
 
 
 def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
@@ -119,6 +125,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     info = {"source": {"checkpoint": str(ckpt), "source_model": manifest.get("source_model"),
                        "family": manifest["family"], "elastic_space": manifest["elastic_space"]},
             "config": json.loads(json.dumps(vars(cfg))), "world_size": d.world}
+    check_output_dir(run, overwrite=True)  # a directory (or nothing yet), never a file or a symlink
     existing = checkpoints(run)
     if resume:
         if not (run / "run.json").is_file():
@@ -194,6 +201,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
             grad_norm = torch.nn.utils.clip_grad_norm_(em.parameters(), cfg.clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                 grad_norm = grad_norm.full_tensor()
+            if not math.isfinite(float(grad_norm)):
+                raise FlextronError(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training "
+                                    f"stopped, the last good checkpoint is {last_good}; lower --lr")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -211,6 +221,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
             for cb in callbacks or []:
                 cb(step, row)
             if step % cfg.save_every == 0 or step == total:
+                if not _weights_finite(em, d):  # never save (and name as good) a broken model
+                    raise FlextronError(f"the weights hold NaN or infinity after step {step}; training stopped, "
+                                        f"the last good checkpoint is {last_good}; lower --lr")
                 last_good = save(step)
     finally:
         bar.close()

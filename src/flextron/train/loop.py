@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, remove_tree
 
 STATE_FILE = "training_state.pt"
 
@@ -151,7 +150,7 @@ def checkpoints(run: Path) -> list[Path]:
 
 def prune_checkpoints(run: Path, keep: int) -> None:
     for old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)  # renamed out of the listing first: a kill never leaves a half-deleted step-N
 
 
 class MetricsLog:
