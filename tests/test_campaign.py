@@ -38,6 +38,8 @@ def arena(tmp_path_factory):
     make_device(root / "device.json")  # a device node of our own: a regression must never hit the real /dev
     (root / "file").write_text("a file, not a directory")
     (root / "outdir").mkdir()
+    (root / "result.json").write_text(json.dumps(api.evaluate(root / "ck", ["1.0"], limit=1, seq_len=16,
+                                                              progress=False)))
     for name, space in (("space_inf.json", '{"mlp": [[1e400]], "attn": [[1]]}'),
                         ("space_float.json", '{"mlp": [[24.5, 96], [96]], "attn": [[4], [4]]}'),
                         ("space_bool.json", '{"mlp": [[true, 96], [96]], "attn": [[4], [4]]}'),
@@ -175,6 +177,7 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         (["eval", str(r / "nothing"), "--budgets", "0.5"], "not an elastic checkpoint"),
         (["generate", str(r / "nothing"), "hi"], "neither an existing directory nor a hub id"),
         (["report", str(r / "outdir")], "holds no results.json or eval.json"),
+        (["report", str(r / "result.json"), "--into", str(r / "outdir")], "outdir: Is a directory"),
         (["eval", "--nonsense"], "unrecognized arguments"),
     ]
 

@@ -42,6 +42,7 @@ def check_fractions(name: str, values: tuple[float, ...]) -> None:
 
 _SEED = {"integer": True, "low": 0, "high": 2**32 - 1}
 _POSITIVE = {"integer": True, "low": 1}
+_POSITIVE_FLOAT = {"low": 0.0, "low_open": True}
 _FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
 
 
@@ -258,14 +259,13 @@ class TrainConfig:
             raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
         if (self.max_steps is None) == (self.tokens is None):
             raise FlextronError("give exactly one of --max-steps or --tokens")
-        positive_float = {"low": 0.0, "low_open": True}
         check_fields(self, {
-            "lr": {**positive_float, "high": _FP32_MAX},
+            "lr": {**_POSITIVE_FLOAT, "high": _FP32_MAX},
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "grad_accum": _POSITIVE, "save_every": _POSITIVE,
             "max_steps": {**_POSITIVE, "optional": True}, "tokens": {**_POSITIVE, "optional": True},
             "min_lr_ratio": {"low": 0.0, "high": 1.0},
             "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
-            "clip": positive_float, "kd_temperature": positive_float, "kd_weight": {"low": 0.0},
+            "clip": _POSITIVE_FLOAT, "kd_temperature": _POSITIVE_FLOAT, "kd_weight": {"low": 0.0},
             "lm_weight": {"low": 0.0}, "n_random": {"integer": True, "low": 0},
             "full_prob": {"low": 0.0, "high": 1.0}, "eval_limit": {"integer": True, "low": 0, "optional": True},
             "seed": _SEED,
@@ -314,11 +314,10 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check_fractions("budgets", self.budgets)
-        positive_float = {"low": 0.0, "low_open": True}
         check_fields(self, {
             "steps": _POSITIVE, "joint_steps": {"integer": True, "low": 0}, "hidden": _POSITIVE,
-            "router_lr": positive_float, "llm_lr": {"low": 0.0}, "tau_start": positive_float,
-            "tau_end": positive_float, "budget_weight": {"low": 0.0}, "tolerance": {"low": 0.0},
+            "router_lr": _POSITIVE_FLOAT, "llm_lr": {"low": 0.0}, "tau_start": _POSITIVE_FLOAT,
+            "tau_end": _POSITIVE_FLOAT, "budget_weight": {"low": 0.0}, "tolerance": {"low": 0.0},
             "surrogate_threshold": {"low": 0.0}, "surrogate_hidden": _POSITIVE,
             "surrogate_fit_steps": {"integer": True, "low": 0}, "balance_weight": {"low": 0.0},
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "eval_limit": _POSITIVE,
