@@ -30,4 +30,6 @@ GPT2 = Family(
     heads_key="n_head",
     kv_heads_key=None,
     head_dim_key=None,
+    attn_norm="ln_1",
+    mlp_norm="ln_2",
 )
