@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 
 from flextron.errors import FlextronError
 
-
 KINDS = ("mlp", "attn")
 
 

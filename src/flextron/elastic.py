@@ -125,6 +125,10 @@ class ElasticPart:
         self.module = module
         self.outs = outs
         self.inp = inp
+        self.norm = norm
+        projections = {id(p) for lin in (*outs, inp) for p in lin.parameters()}
+        self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
+                         if id(p) not in projections)
         self._skips = [(module, types.MethodType(skipped_forward, module))]
         if norm is not None:
             self._skips.append((norm, types.MethodType(_identity, norm)))
@@ -158,7 +162,11 @@ class ElasticPart:
         self.inp.bias_scale = keep
 
     def n_params(self, units: int, bias: bool = True) -> int:
-        return 0 if units == 0 else sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
+        """Weights in use at `units`; with `bias`, also biases, the norm and other parameters that
+        are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
+        if units == 0:
+            return 0
+        return (self.fixed if bias else 0) + sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
 
 
 class ElasticBlock:

@@ -60,6 +60,7 @@ class Family:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str | None = "num_key_value_heads"
     head_dim_key: str | None = "head_dim"
+    n_layers_key: str = "num_hidden_layers"
     # The norms in front of the attention and the MLP (a skipped sub-layer skips its norm too).
     attn_norm: str | None = None
     mlp_norm: str | None = None
