@@ -89,7 +89,7 @@ def test_spaces_without_depth_fields_load_unchanged():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2, min_layers=0), "--min-layers 0 must be between 1 and the model's 2"),
     (dict(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2, min_layers=3), "--min-layers 3 must be between 1"),
-    (dict(mlp=[[0]] * 2, attn=[[1]] * 2), "layer 0 MLP choices \\[0\\] must be distinct positive"),
+    (dict(mlp=[[0, 0]] * 2, attn=[[1]] * 2), "layer 0 MLP choices \\[0, 0\\] must be distinct positive"),
     (dict(mlp=[[-1, 64]] * 2, attn=[[1]] * 2), "must be distinct positive"),
     (dict(mlp=[[0, 64]] * 2, attn=[[1]] * 2, skip_order={"mlp": [0, 0]}), "skip_order\\['mlp'\\] must list"),
 ])

@@ -34,8 +34,7 @@ class ElasticSpace:
             )
         for kind, lists in (("MLP", self.mlp), ("attention", self.attn)):
             for i, choices in enumerate(lists):
-                if (not choices or sorted(set(choices)) != list(choices) or choices[0] < 0
-                        or choices[-1] < 1):
+                if not choices or sorted(set(choices)) != list(choices) or choices[0] < 0:
                     raise FlextronError(
                         f"layer {i} {kind} choices {choices} must be distinct positive integers in "
                         "ascending order (0 first to allow skipping the sub-layer)"
@@ -62,8 +61,8 @@ class ElasticSpace:
         return list((self.skip_order or {}).get(kind) or range(self.n_layers - 1, -1, -1))
 
     def widths(self, kind: str, layer: int) -> list[int]:
-        """The layer's choices that run the sub-layer (all but 0)."""
-        return [c for c in getattr(self, kind)[layer] if c > 0]
+        """The layer's choices that run the sub-layer (all but 0; [0] where the sub-layer is absent)."""
+        return [c for c in getattr(self, kind)[layer] if c > 0] or [0]
 
     @classmethod
     def default(
@@ -130,8 +129,7 @@ class ElasticSpace:
             for i in reversed(self.order(kind)):
                 if sum(c > 0 for c in chosen) >= self.min_layers:
                     break
-                if chosen[i] == 0:
-                    chosen[i] = self.widths(kind, i)[0]
+                chosen[i] = chosen[i] or self.widths(kind, i)[0]
             out[kind] = chosen
         return Subnet(**out)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flextron.config import ElasticSpace, Subnet
 from flextron.errors import FlextronError
-from flextron.families import Family, Proj, detect_family
+from flextron.families import AttnGeometry, Family, Proj, detect_family
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 
 
@@ -120,13 +120,13 @@ def skip_keep(choices: list[int], weights: Tensor) -> Tensor | None:
 class ElasticPart:
     """One elastic sub-module of a block (its MLP or its attention), and the norm in front of it."""
 
-    def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear,
+    def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear | None,
                  norm: nn.Module | None, skipped_forward) -> None:
         self.module = module
         self.outs = outs
         self.inp = inp
         self.norm = norm
-        projections = {id(p) for lin in (*outs, inp) for p in lin.parameters()}
+        projections = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
         self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
                          if id(p) not in projections)
         self._skips = [(module, types.MethodType(skipped_forward, module))]
@@ -135,7 +135,8 @@ class ElasticPart:
 
     @property
     def n_units(self) -> int:
-        return self.inp.n_units
+        """0 for a sub-layer that an export left out (its module adds nothing already)."""
+        return 0 if self.inp is None else self.inp.n_units
 
     def _skip(self, skipped: bool) -> None:
         # Instance attributes shadow the class forward; only ours are removed (adaptive routing
@@ -147,6 +148,8 @@ class ElasticPart:
                 del module.forward
 
     def set_hard(self, units: int) -> None:
+        if self.inp is None:
+            return
         for lin in self.outs:
             lin.active = units
         self.inp.mask = None
@@ -155,6 +158,8 @@ class ElasticPart:
 
     def set_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
         """Full width, input of the "in" projection times `mask`; `keep` (1 - the skip weight) scales its bias."""
+        if self.inp is None:
+            return
         self._skip(False)
         for lin in self.outs:
             lin.active = lin.n_units
@@ -169,19 +174,26 @@ class ElasticPart:
         return (self.fixed if bias else 0) + sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
 
 
+def _absent(module: nn.Module) -> bool:
+    return getattr(module, "flextron_skipped", False)
+
+
 class ElasticBlock:
     """A decoder block's elastic MLP and attention."""
 
     def __init__(self, block: nn.Module, family: Family) -> None:
         self.family = family
         attn, mlp = block.get_submodule(family.attn), block.get_submodule(family.mlp)
-        self.geometry = family.geometry(attn)
+        # An attention that an export left out has no heads: any geometry gives it cost 0.
+        self.geometry = AttnGeometry(1, 1, 0) if _absent(attn) else family.geometry(attn)
         g = self.geometry
         if g.n_heads % g.n_kv_heads:
             raise FlextronError(f"{g.n_heads} query heads do not split into {g.n_kv_heads} KV groups")
         conv1d = family.linear_type is not nn.Linear
 
         def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of, norm: str | None, skipped) -> ElasticPart:
+            if _absent(parent):
+                return ElasticPart(parent, [], None, None, skipped)
             wrapped = []
             for p in projs:
                 lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d)
@@ -197,7 +209,7 @@ class ElasticBlock:
 
     def set_attn_hard(self, units: int) -> None:
         self.attn.set_hard(units)
-        if self.family.on_attn_width is not None:
+        if self.family.on_attn_width is not None and self.attn.inp is not None:
             g = self.geometry
             self.family.on_attn_width(self.attn.module, units * g.heads_per_unit * g.head_dim)
 
@@ -221,8 +233,9 @@ class ElasticModel(nn.Module):
         self.latency: dict | None = None
         self.routers = None
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
-            spaces = [ElasticSpace.default(1, b.mlp.n_units, b.attn.n_units) for b in self.blocks]
-            space = ElasticSpace(mlp=[sp.mlp[0] for sp in spaces], attn=[sp.attn[0] for sp in spaces])
+            spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units)) for b in self.blocks]
+            space = ElasticSpace(mlp=[sp.mlp[0] if b.mlp.n_units else [0] for sp, b in zip(spaces, self.blocks)],
+                                 attn=[sp.attn[0] if b.attn.n_units else [0] for sp, b in zip(spaces, self.blocks)])
         self.set_space(space)
 
     def set_space(self, space: ElasticSpace) -> None:

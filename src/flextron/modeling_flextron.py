@@ -49,6 +49,8 @@ def skipped_mlp_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **k
 class SkippedAttention(nn.Module):
     """The attention of an attention-free layer (no weights)."""
 
+    flextron_skipped = True
+
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -58,6 +60,8 @@ class SkippedAttention(nn.Module):
 
 class SkippedMLP(nn.Module):
     """The MLP of an MLP-free layer (no weights)."""
+
+    flextron_skipped = True
 
     forward = skipped_mlp_forward
 

@@ -76,9 +76,10 @@ class Family:
             return [self.layers]
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return [self.layers]
-        block = blocks[0]
         gone = []
         for sub, projs in ((self.attn, self.attn_projs), (self.mlp, self.mlp_projs)):
+            # The first block that has this sub-layer (an export may leave it out of some layers).
+            block = next((b for b in blocks if not getattr(_get(b, sub), "flextron_skipped", False)), blocks[0])
             for p in projs:
                 path = f"{sub}.{p.name}"
                 try:
@@ -87,3 +88,10 @@ class Family:
                 except AttributeError:
                     gone.append(f"{self.layers}[0].{path}")
         return gone
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
