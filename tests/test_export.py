@@ -20,6 +20,17 @@ from flextron.generation import generate_text
 from flextron.modeling_flextron import PER_LAYER
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
+# The start of a script run in a subprocess where importing flextron fails.
+BLOCK_FLEXTRON = r"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flextron" or name.startswith("flextron."):
+            raise ImportError("flextron is blocked here")
+
+sys.meta_path.insert(0, Block())
+"""
 CASES = ["uniform", "fallback", "hetero"]
 
 
@@ -78,16 +89,9 @@ def test_export_matches_elastic_model(exports, kind, case):
 def test_exports_load_without_flextron(exports, tmp_path):
     """Stock exports load with plain transformers, per-layer ones with trust_remote_code; flextron is blocked."""
     root, _, out = exports
-    script = r"""
-import importlib.abc, json, sys
+    script = BLOCK_FLEXTRON + r"""
+import json
 from pathlib import Path
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "flextron" or name.startswith("flextron."):
-            raise ImportError("flextron is blocked here")
-
-sys.meta_path.insert(0, Block())
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -227,13 +231,8 @@ def test_partial_depth_export_loads_without_flextron(tmp_path):
     em.set_subnet(sub)
     with torch.no_grad():
         torch.save({"ids": ids, "logits": em(ids).logits}, tmp_path / "ref.pt")
-    script = r"""
-import importlib.abc, sys, torch
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "flextron" or name.startswith("flextron."):
-            raise ImportError("flextron is blocked here")
-sys.meta_path.insert(0, Block())
+    script = BLOCK_FLEXTRON + r"""
+import torch
 from transformers import AutoModelForCausalLM
 ref = torch.load(sys.argv[2])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
