@@ -23,3 +23,11 @@ def write_json(name: str, data: dict) -> Path:
 def update_section(name: str, markdown: str) -> None:
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` of docs/results.md."""
     report.update_section(RESULTS_MD, name, markdown)
+
+
+def publish(name: str, section: str, data: dict, lines: list[str], smoke: bool) -> None:
+    """Print the markdown; unless a smoke run, write the JSON and the docs/results.md section."""
+    print("\n".join(lines))
+    if not smoke:
+        write_json(name, data)
+        update_section(section, "\n".join(lines))

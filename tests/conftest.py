@@ -24,19 +24,20 @@ _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_h
                    num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=256)
 
 
-def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
     """A tiny randomly initialised causal LM in eval mode."""
     torch.manual_seed(seed)
+    llama_like = {**_LLAMA_LIKE, "num_hidden_layers": n_layers}
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_LLAMA_LIKE))
+        model = LlamaForCausalLM(LlamaConfig(**llama_like))
     elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(**_LLAMA_LIKE))
+        model = MistralForCausalLM(MistralConfig(**llama_like))
     elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_LLAMA_LIKE))  # q/k/v carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**llama_like))  # q/k/v carry biases
     elif kind == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**_LLAMA_LIKE))  # per-head q/k norms
+        model = Qwen3ForCausalLM(Qwen3Config(**llama_like))  # per-head q/k norms
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256,
                                            bos_token_id=0, eos_token_id=0))
     else:
         raise ValueError(kind)
@@ -48,14 +49,16 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def make_elastic(kind: str = "llama", seed: int = 0):
-    """A tiny elastic model with the default space at multiples of 8 neurons (4 MLP choices)."""
+def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_layers: int | None = None):
+    """A tiny elastic model with the default space at multiples of 8 neurons (4 MLP choices);
+    with `min_layers`, every sub-layer may also be skipped (depth) down to that floor."""
     from flextron.config import ElasticSpace
     from flextron.elastic import ElasticModel
 
-    em = ElasticModel(make_model(kind, seed))
+    em = ElasticModel(make_model(kind, seed, n_layers))
     b = em.blocks[0]
-    em.set_space(ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8))
+    space = ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8)
+    em.set_space(space if min_layers is None else space.with_depth(min_layers))
     return em
 
 

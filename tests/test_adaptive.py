@@ -149,3 +149,36 @@ def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys):
     assert main(["generate", str(ckpt), "w3 w4 w5", "--budget", "0.5", "--adaptive", "--max-new-tokens", "4",
                  "--raw", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) >= 1
+
+
+def test_depth_tokens_may_skip_an_mlp_and_a_request_an_attention():
+    em = make_elastic("llama", n_layers=4, min_layers=1)
+    torch.manual_seed(1)
+    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, GRID, hidden=16)
+    with torch.no_grad():
+        for lin in routers.token_out:
+            lin.weight.mul_(30)
+        routers.request[-1].weight.zero_()
+        routers.request[-1].bias.zero_()
+        routers.request[-1].bias.view(4, 5)[:, -1] = 1.0  # full attention everywhere...
+        routers.request[-1].bias.view(4, 5)[0, 0] = 5.0  # ...but layer 0's is skipped
+    routing = AdaptiveRouting(em, routers, cost_table(em, "params")).attach()
+    ids = torch.randint(0, 128, (1, 12))
+    assert routing.start(0.7, ids)[0][0] == 0
+    x = torch.randn(1, 12, em.config.hidden_size)
+    with torch.no_grad():  # move the skip logit of layer 1 so that about half of the tokens take it
+        logits = routers.token_logits(1, x.view(12, -1), routing._budget)
+        margin = logits[:, 1:].max(-1).values - logits[:, 0]
+        routers.token_out[1].bias[0] += margin.median() + 1e-4
+        got = em.blocks[1].mlp.module(x).view(12, -1)
+    skip = routing.token_choices[1] == 0
+    assert skip.any() and (~skip).any()
+    assert torch.equal(got[skip], torch.zeros_like(got[skip])) and (got[~skip] != 0).any(-1).all()
+    with torch.no_grad():  # cached decoding across the skipped attention equals recomputing the prefix
+        out = em(input_ids=ids[:, :8], use_cache=True)
+        steps = [out.logits]
+        for t in range(8, 12):
+            steps.append(em(input_ids=ids[:, t : t + 1], cache=out.cache, use_cache=True).logits)
+        full = em(input_ids=ids, use_cache=False).logits
+    # Each call routes its own tokens; a token's MLP width does not depend on the other tokens.
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4

@@ -84,3 +84,23 @@ def test_per_layer_space_from_json(tiny_hf_dir, tmp_path):
     bad.write_text(json.dumps({"mlp": [[32, 64]] * 2, "attn": [[4]] * 2}))  # 64 is not the layer's 96
     assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--space", str(bad)]) == 2
     assert not (tmp_path / "c2").exists()
+
+
+def test_convert_with_depth_then_export_below_the_width_only_minimum(tiny_hf_dir, tmp_path, capsys):
+    model_dir, text = tiny_hf_dir
+    out = tmp_path / "ckpt"
+    assert main(["convert", str(model_dir), "--out", str(out), "--depth", "--min-layers", "1", "--calib-data",
+                 str(text), "--calib-sequences", "4", "--calib-seq-len", "16", "--multiple", "8"]) == 0
+    manifest = json.loads((out / "flextron.json").read_text())
+    space, layers = manifest["elastic_space"], manifest["importance"]["layers"]
+    assert space["mlp"][0] == [0, 24, 48, 72, 96] and space["attn"][0] == [0, 1, 2, 3, 4] and space["min_layers"] == 1
+    for kind in ("mlp", "attn"):  # least important sub-layer skipped first
+        assert space["skip_order"][kind] == sorted(range(2), key=layers[kind].__getitem__)
+    capsys.readouterr()
+    assert main(["export", str(out), "--budget", "params=20%", "--out", str(tmp_path / "small")]) == 0
+    info = json.loads((tmp_path / "small" / "flextron_export.json").read_text())
+    assert 0 in info["subnet"]["mlp"] + info["subnet"]["attn"]  # below every width-only sub-network
+    assert main(["generate", str(tmp_path / "small"), "--max-new-tokens", "3", "w1 w2"]) == 0
+    assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--depth", "--min-layers", "3"]) == 2
+    assert "--min-layers 3 must be between 1 and the model's 2 layers" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()

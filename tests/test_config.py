@@ -113,3 +113,43 @@ def test_space_from_json_takes_only_integers(value):
         ElasticSpace.from_dict({"mlp": [[value, 16]], "attn": [[1, 2]]})
     with pytest.raises(FlextronError, match="an elastic space is"):
         ElasticSpace.from_dict([[8]])
+
+
+def test_depth_space_skips_least_important_first_within_the_floor():
+    space = ElasticSpace.default(4, 96, 4, multiple=8).with_depth(
+        min_layers=2, skip_order={"mlp": [2, 0, 3, 1], "attn": [1, 3, 2, 0]})
+    assert space.depth and space.mlp[0] == [0, 24, 48, 72, 96] and space.attn[0] == [0, 1, 2, 3, 4]
+    assert space.smallest() == Subnet(mlp=[0, 24, 0, 24], attn=[1, 0, 1, 0])
+    assert space.uniform(3, 3, 1, 0) == Subnet(mlp=[96, 96, 0, 96], attn=[4] * 4)
+    assert space.uniform(0, 1, 9, 9) == space.uniform(0, 1, 2, 2)  # the floor caps the skips
+    assert space.centroid() == Subnet(mlp=[72] * 4, attn=[3] * 4)  # the middle width, not a skip
+    # floor() restores the most important skipped layers first, at their smallest width.
+    assert space.floor(Subnet(mlp=[0, 0, 0, 96], attn=[0, 0, 0, 0])) == Subnet(mlp=[0, 24, 0, 96],
+                                                                              attn=[1, 0, 1, 0])
+    assert ElasticSpace.from_dict(space.to_dict()) == space
+    assert ElasticSpace.default(30, 1536, 3).with_depth().min_layers == 10  # a third by default
+
+
+def test_spaces_without_depth_fields_load_unchanged():
+    d = {"mlp": [[32, 64]] * 2, "attn": [[1, 2]] * 2}  # a manifest from before depth
+    space = ElasticSpace.from_dict(d)
+    assert not space.depth and space.min_layers == 1 and space.smallest() == Subnet(mlp=[32, 32], attn=[1, 1])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2, min_layers=0), "--min-layers 0 must be between 1 and the model's 2"),
+    (dict(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2, min_layers=3), "--min-layers 3 must be between 1"),
+    (dict(mlp=[[0, 0]] * 2, attn=[[1]] * 2), "layer 0 MLP choices \\[0, 0\\] must be distinct positive"),
+    (dict(mlp=[[-1, 64]] * 2, attn=[[1]] * 2), "must be distinct positive"),
+    (dict(mlp=[[0, 64]] * 2, attn=[[1]] * 2, skip_order={"mlp": [0, 0]}), "skip_order\\['mlp'\\] must list"),
+])
+def test_bad_depth_spaces_are_refused_in_one_line(kwargs, match):
+    with pytest.raises(FlextronError, match=match) as e:
+        ElasticSpace(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_all_skipped_sub_network_is_refused():
+    space = ElasticSpace(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2)
+    with pytest.raises(FlextronError, match="keeps the MLP of 0 layers, below the elastic space's floor of 1"):
+        space.validate(Subnet(mlp=[0, 0], attn=[2, 0]))

@@ -84,3 +84,35 @@ def test_budget_grid_spans_the_feasible_range():
     assert list(grid) == sorted(grid)
     for b in grid:  # every grid budget resolves
         uniform_subnet_for(em, Budget(fraction=b))
+
+
+def test_skipped_sub_layers_cost_nothing_by_hand_count():
+    em = make_elastic("qwen2", n_layers=3, min_layers=1)  # q/k/v biases
+    sub = Subnet(mlp=[24, 0, 0], attn=[0, 3, 0])  # layer 2 skipped whole
+    cost = subnet_cost(em, sub, context=100)
+    attn_only = llama_layer(0, 3, True) - 2 * H  # no MLP weights at width 0; norms stay in the count
+    mlp_only = llama_layer(24, 0, True) - 2 * H
+    norms = 2 * H + H  # the norms of the two sub-layers that run, and the final norm
+    assert cost.params_nonembed == attn_only + mlp_only + norms
+    weights = H * (3 * REP * HEAD_DIM * 2 + 2 * 3 * HEAD_DIM) + 3 * H * 24
+    assert cost.flops_per_token == 2 * (weights + VOCAB * H) + 4 * HEAD_DIM * REP * 3 * 100
+    assert cost.kv_bytes_per_token == 2 * 3 * HEAD_DIM * 2  # skipped attention layers keep no KV cache
+    assert cost.decode_bytes_per_token == 2 * (weights + 3 * REP * HEAD_DIM + 2 * 3 * HEAD_DIM + norms
+                                               + VOCAB * H)
+
+
+def test_uniform_budget_skips_layers_in_importance_order():
+    import dataclasses
+
+    em = make_elastic("llama", n_layers=4, min_layers=1)
+    em.set_space(dataclasses.replace(em.space, skip_order={"mlp": [1, 2, 3, 0], "attn": [2, 1, 3, 0]}))
+    full = subnet_cost(em).params_nonembed
+    smallest = subnet_cost(em, em.space.smallest()).params_nonembed
+    assert em.space.smallest() == Subnet(mlp=[24, 0, 0, 0], attn=[1, 0, 0, 0])
+    for fraction in (0.9, 0.6, 0.3, smallest / full):
+        sub, value = uniform_subnet_for(em, Budget(metric="params", fraction=fraction))
+        assert value <= fraction * full * (1 + 1e-9)
+        for kind, order in em.space.skip_order.items():
+            skipped = [i for i in order if getattr(sub, kind)[i] == 0]
+            assert skipped == order[: len(skipped)]  # always a prefix of the skip order
+    assert uniform_subnet_for(em, Budget(metric="params", fraction=smallest / full))[0] == em.space.smallest()

@@ -105,3 +105,91 @@ def test_space_must_end_at_full_size():
     _, em = tiny_elastic("llama")
     with pytest.raises(FlextronError, match="must equal the layer's size"):
         em.set_space(ElasticSpace(mlp=[[8, 48]] * 2, attn=[[1, 4]] * 2))
+
+
+def depth_elastic(kind: str) -> ElasticModel:
+    return make_elastic(kind, n_layers=4, min_layers=1)
+
+
+def test_depth_space_at_full_size_matches_hf(kind):
+    em = depth_elastic(kind)
+    x = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(em(input_ids=x).logits, make_model(kind, 0, 4)(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("skip", ["attn", "mlp", "both"])
+def test_skipped_sublayer_is_identity_on_the_residual_stream(kind, skip):
+    em = depth_elastic(kind)
+    sub = em.space.full()
+    if skip in ("attn", "both"):
+        sub.attn[1] = 0
+    if skip in ("mlp", "both"):
+        sub.mlp[1] = 0
+    em.set_subnet(sub)
+    block, seen = em.family.blocks(em.model)[1], {}
+    hooks = [block.register_forward_hook(lambda m, a, kw, out: seen.update(h_in=kw.get("hidden_states", a and a[0]),
+                                                                           h_out=out), with_kwargs=True),
+             em.blocks[1].mlp.module.register_forward_hook(lambda m, a, out: seen.update(mlp=out)),
+             em.blocks[1].attn.module.register_forward_hook(lambda m, a, out: seen.update(attn=out[0]))]
+    em(input_ids=torch.randint(0, VOCAB, (2, 9)))
+    for h in hooks:
+        h.remove()
+    h_in, h_out = seen["h_in"], seen["h_out"]
+    h_out = h_out[0] if isinstance(h_out, tuple) else h_out
+    if skip == "both":
+        assert torch.equal(h_out, h_in)
+    elif skip == "attn":  # exactly the MLP's output added to the untouched input
+        assert torch.equal(seen["attn"], torch.zeros_like(h_in))
+        assert torch.equal(h_out, h_in + seen["mlp"])
+    else:
+        assert torch.equal(seen["mlp"], torch.zeros_like(h_in))
+        assert torch.equal(h_out, h_in + seen["attn"])
+
+
+def test_whole_skipped_layer_equals_the_model_without_it(kind):
+    em, ref = depth_elastic(kind), make_model(kind, 0, 4)
+    sub = em.space.full()
+    sub.mlp[2] = sub.attn[2] = 0
+    em.set_subnet(sub)
+    layers = em.family.blocks(ref)
+    del layers[2]
+    ref.config.num_hidden_layers = 3
+    x = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(em(input_ids=x, use_cache=False).logits, ref(input_ids=x, use_cache=False).logits)
+
+
+def test_soft_one_hot_skip_equals_hard_skip(kind):
+    em = depth_elastic(kind)
+    x = torch.randint(0, VOCAB, (2, 9))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        sub = em.space.floor(random_subnet(em.space, gen))
+        sub.mlp[0] = sub.attn[3] = 0
+        em.set_subnet(sub)
+        hard = em(input_ids=x).logits
+        em.set_soft(one_hot(em.space.mlp, sub.mlp), one_hot(em.space.attn, sub.attn))
+        soft = em(input_ids=x).logits
+        assert (hard - soft).abs().max() < 1e-4, sub
+
+
+def test_cached_decoding_across_skipped_attention_equals_full_recompute(kind):
+    em = depth_elastic(kind)
+    sub = em.space.full()
+    sub.attn[0] = sub.mlp[1] = sub.attn[2] = sub.mlp[2] = 0  # layer 0 holds the cache length HF reads
+    em.set_subnet(sub)
+    x = torch.randint(0, VOCAB, (2, 8))
+    out = em(input_ids=x[:, :4], use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(4, 8):
+        out = em(input_ids=x[:, t : t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits)
+    assert (torch.cat(steps, 1) - em(input_ids=x, use_cache=False).logits).abs().max() < 1e-5
+    assert cache.layers[0].keys.numel() == 2 * 8  # a one-wide placeholder, no keys
+
+
+def test_a_sub_network_below_the_floor_is_refused():
+    em = make_elastic("llama", n_layers=4, min_layers=2)
+    sub = em.space.full()
+    sub.attn[:3] = [0, 0, 0]
+    with pytest.raises(FlextronError, match="keeps the attention of 1 layers, below the elastic space's floor of 2"):
+        em.set_subnet(sub)

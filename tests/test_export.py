@@ -20,6 +20,17 @@ from flextron.generation import generate_text
 from flextron.modeling_flextron import PER_LAYER
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
+# The start of a script run in a subprocess where importing flextron fails.
+BLOCK_FLEXTRON = r"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flextron" or name.startswith("flextron."):
+            raise ImportError("flextron is blocked here")
+
+sys.meta_path.insert(0, Block())
+"""
 CASES = ["uniform", "fallback", "hetero"]
 
 
@@ -78,16 +89,9 @@ def test_export_matches_elastic_model(exports, kind, case):
 def test_exports_load_without_flextron(exports, tmp_path):
     """Stock exports load with plain transformers, per-layer ones with trust_remote_code; flextron is blocked."""
     root, _, out = exports
-    script = r"""
-import importlib.abc, json, sys
+    script = BLOCK_FLEXTRON + r"""
+import json
 from pathlib import Path
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "flextron" or name.startswith("flextron."):
-            raise ImportError("flextron is blocked here")
-
-sys.meta_path.insert(0, Block())
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -207,3 +211,53 @@ def test_per_layer_export_code_is_hashed_and_loads_through_our_classes(ckpt, tmp
     with pytest.raises(FlextronError, match="modeling_flextron.py is missing or was modified after export"):
         load_hf(str(d))
     assert main(["generate", str(d), "--raw", "w1"]) == 2
+
+
+def depth_cases(em: ElasticModel) -> dict[str, Subnet]:
+    """whole: skipped sub-layers are whole layers (stock, fewer layers); partial: attention-free and
+    MLP-free layers (per-layer architecture)."""
+    s = em.space
+    return {"whole": Subnet(mlp=[s.mlp[0][2], 0, s.mlp[2][2], 0], attn=[s.attn[0][4], 0, s.attn[2][4], 0]),
+            "partial": Subnet(mlp=[s.mlp[0][2], 0, 0, s.mlp[3][4]], attn=[0, s.attn[1][2], 0, s.attn[3][4]])}
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_depth_pruned_exports_match_the_elastic_model(kind, tmp_path):
+    em, tok = make_elastic(kind, n_layers=4, min_layers=1), make_tokenizer()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    for case, sub in depth_cases(em).items():
+        d = export(em, tok, sub, tmp_path / case)
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert (type(model).__name__ in PER_LAYER_CLASSES) == (case == "partial")
+        assert model.config.num_hidden_layers == {"whole": 2, "partial": 3}[case]
+        assert sum(p.numel() for p in model.parameters()) == subnet_cost(em, sub).params
+        em.set_subnet(sub)
+        with torch.no_grad():
+            assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4
+        # Cached greedy decoding through attention-free layers equals the elastic model's.
+        expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=8)
+        assert generate_text(model, tok, "w5 w6 w7", max_new_tokens=8) == expected and expected
+        em.set_subnet(None)
+
+
+def test_partial_depth_export_loads_without_flextron(tmp_path):
+    em = make_elastic("llama", n_layers=4, min_layers=1)
+    sub = depth_cases(em)["partial"]
+    d = export(em, make_tokenizer(), sub, tmp_path / "partial")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    em.set_subnet(sub)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": em(ids).logits}, tmp_path / "ref.pt")
+    script = BLOCK_FLEXTRON + r"""
+import torch
+from transformers import AutoModelForCausalLM
+ref = torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    print((model(ref["ids"]).logits - ref["logits"]).abs().max().item())
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", script, str(d), str(tmp_path / "ref.pt")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-4

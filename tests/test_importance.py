@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import VOCAB, make_model
@@ -41,3 +42,19 @@ def test_random_importance_is_seeded():
     em = ElasticModel(make_model("llama"))
     a, b = random_importance(em, 3), random_importance(em, 3)
     assert all(torch.equal(x, y) for x, y in zip(a.mlp + a.attn, b.mlp + b.attn))
+
+
+def test_block_importance_ranks_a_sub_layer_that_adds_nothing_first(kind):
+    em = ElasticModel(make_model(kind, n_layers=3))
+    with torch.no_grad():  # layer 1's MLP and layer 2's attention now add exactly 0 to the residual stream
+        em.blocks[1].mlp.inp.weight.zero_()
+        em.blocks[2].attn.inp.weight.zero_()
+        for part in (em.blocks[1].mlp, em.blocks[2].attn):
+            if part.inp.bias is not None:
+                part.inp.bias.zero_()
+    imp = measure_importance(em, torch.randint(0, VOCAB, (4, 12)), progress=False)
+    assert imp.layers["mlp"][1] == pytest.approx(0.0, abs=1e-6) and min(imp.layers["mlp"][::2]) > 1e-4
+    assert imp.layers["attn"][2] == pytest.approx(0.0, abs=1e-6) and min(imp.layers["attn"][:2]) > 1e-4
+    order = imp.skip_order()
+    assert order["mlp"][0] == 1 and order["attn"][0] == 2
+    assert sort_by_importance(em, imp).layers == imp.layers  # sorting units leaves layer scores alone

@@ -62,3 +62,28 @@ def test_measure_times_prefill_and_decode():
     t = measure(em, em.space.smallest(), context=8, decode_steps=2, repeats=1)
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
     assert em.subnet == em.space.smallest()
+
+
+def test_fit_and_random_sub_networks_cover_skips_within_the_floor():
+    em = make_elastic(n_layers=4, min_layers=2)
+    true_mlp = {0: 0.0, 24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}
+    true_attn = {0: 0.0, 1: 0.4, 2: 0.9, 3: 1.1, 4: 1.5}
+    nets = random_subnets(em, 40, seed=0)
+    assert any(0 in s.mlp for s in nets) and any(0 in s.attn for s in nets)
+    for s in nets:
+        em.space.validate(s)  # the floor holds
+    y = [5.0 + sum(true_mlp[w] for w in s.mlp) + sum(true_attn[a] for a in s.attn) for s in nets]
+    em.latency = {"decode_ms": (table := _fit(em, nets, y)), "prefill_ms": table}
+    predict = latency_table(em, "latency_ms")
+    for s in [em.space.smallest(), *random_subnets(em, 10, seed=1)]:
+        exact = 5.0 + sum(true_mlp[w] for w in s.mlp) + sum(true_attn[a] for a in s.attn)
+        assert predict(em.space, s) == pytest.approx(exact, rel=1e-9)
+
+
+def test_profile_measures_a_depth_space(tmp_path):
+    em = make_elastic(n_layers=4, min_layers=1)
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, n_fit=12, n_validate=2,
+                        progress=False)
+    assert "0" in table["decode_ms"]["mlp"] and "0" in table["decode_ms"]["attn"]
+    assert table["measurements"][1]["subnet"] == em.space.smallest().to_dict()

@@ -5,11 +5,11 @@ import torch
 
 from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.config import Budget, ElasticSpace, RouterConfig
+from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
 from flextron.cost import cost_table, uniform_subnet_for
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
-from flextron.routers import StaticRouter, encode_budget, gumbel, project, select_subnet
+from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project, select_subnet
 from flextron.train.routers import train_routers
 
 
@@ -145,3 +145,16 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
+
+
+def test_projection_never_skips_below_the_floor():
+    em = make_elastic(n_layers=4, min_layers=2)
+    table = cost_table(em, "params")
+    full = table(em.space, em.space.full())
+    smallest = table(em.space, em.space.smallest())
+    skip_first = torch.tensor([[0.0, -9, -9, -9, -9]] * 4)  # the router wants every sub-layer skipped
+    for fraction in (smallest / full, 0.5, 0.9):
+        sub = project(em.space, table, skip_first, skip_first, fraction * full)
+        em.space.validate(sub)
+        assert table(em.space, sub) <= fraction * full * (1 + 1e-9)
+    assert decode(em.space, skip_first, skip_first) == em.space.floor(Subnet(mlp=[0] * 4, attn=[0] * 4))

@@ -7,11 +7,12 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_model, make_tokenizer
+from conftest import make_elastic, make_model, make_tokenizer
 from flextron import api
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
@@ -49,6 +50,13 @@ def setup(tmp_path_factory):
         model, etok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
         expected[b] = {chat: generate_text(model, etok, PROMPT, max_new_tokens=MAX_TOKENS, raw=not chat)
                        for chat in (False, True)}
+    with running(ckpt) as (server, client):
+        yield server, client, expected, tok, ckpt
+
+
+@contextmanager
+def running(ckpt):
+    """A server over `ckpt` on a free port, and an `openai` client of it."""
     ready, box = threading.Event(), {}
 
     def on_ready(server) -> None:
@@ -60,8 +68,7 @@ def setup(tmp_path_factory):
     thread.start()
     assert ready.wait(60), "server did not start"
     server = box["server"]
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
-    yield server, client, expected, tok, ckpt
+    yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
     server.shutdown()
     thread.join(10)
     assert not thread.is_alive()
@@ -263,3 +270,13 @@ def test_connections_past_the_cap_get_503(setup):
             s.close()
     time.sleep(0.5)
     assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
+
+
+def test_a_depth_checkpoint_serves_budgets_that_skip_sub_layers(tmp_path):
+    em, tok = make_elastic("llama", n_layers=4, min_layers=1), make_tokenizer()
+    ckpt = save_checkpoint(em, tok, tmp_path / "ckpt", {})
+    d = api.export(ckpt, "params=25%", tmp_path / "small")
+    assert 0 in json.loads((d / "flextron_export.json").read_text())["subnet"]["attn"]
+    expected = generate_text(AutoModelForCausalLM.from_pretrained(d), tok, PROMPT, max_new_tokens=MAX_TOKENS, raw=True)
+    with running(ckpt) as (_, client):
+        assert text_of(ask(client, "params=25%", chat=False), chat=False) == expected and expected

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model, make_tokenizer, word_text
+from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
 from flextron.checkpoint import load_checkpoint
 from flextron.config import CalibrationConfig, ElasticSpace, TrainConfig
@@ -245,3 +245,19 @@ def test_activation_checkpointing_keeps_fewer_activations():
     before = saved_bytes()
     enable_activation_checkpointing(em)
     assert saved_bytes() < 0.5 * before
+
+
+def test_sampling_in_a_depth_space_keeps_the_floor():
+    em = make_elastic("llama", n_layers=4, min_layers=2)
+    for sampling in ("sandwich", "uniform"):
+        subs = [s for step in range(15) for s in sample_subnets(em, TrainConfig(max_steps=1, sampling=sampling,
+                                                                                   n_random=4), step)]
+        for s in subs:
+            em.space.validate(s)
+        assert any(0 in s.mlp for s in subs) and any(0 in s.attn for s in subs)
+        if sampling == "uniform":
+            assert all(len({w for w in s.mlp if w}) == 1 for s in subs)
+    assert sample_subnets(em, TrainConfig(max_steps=1), 0)[1] == em.space.smallest()
+    assert em.space.smallest().mlp.count(0) == 2
+    budgets = sample_subnets(em, TrainConfig(max_steps=1, sampling="budgets", budgets=(0.3,), full_prob=0.0), 0)
+    assert all(0 in s.mlp for s in budgets)  # the smallest widths alone exceed 30% of the parameters

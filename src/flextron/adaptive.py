@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flextron.config import Budget
 from flextron.cost import CostTable, budget_target, cost_table
-from flextron.elastic import ElasticModel, ElasticPart, nested_mask
+from flextron.elastic import ElasticModel, ElasticPart, nested_mask, skip_keep
 from flextron.errors import FlextronError
 from flextron.routers import choice_mask, encode_budget, gumbel
 
@@ -80,8 +80,11 @@ def grouped_forward(part: ElasticPart, module: nn.Module, widths: list[int], x: 
         idx = (choice == k).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        part.set_hard(width)
-        y = type(module).forward(module, x.index_select(0, idx))
+        if width == 0:  # these tokens skip the MLP: nothing is added to their residual stream
+            y = x.new_zeros(idx.numel(), x.shape[-1])
+        else:
+            part.set_hard(width)
+            y = type(module).forward(module, x.index_select(0, idx))
         if gate is not None:  # 1 in value; carries the router's gradient
             y = y * gate.index_select(0, idx)[:, k : k + 1].to(y.dtype)
         out = (torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device) if out is None
@@ -128,6 +131,7 @@ class AdaptiveRouting:
 
     def attach(self) -> AdaptiveRouting:
         """Route every block's MLP per token (the module's own forward runs on each width group)."""
+        self.em.set_subnet(None)  # no sub-layer left skipped by an earlier static sub-network
         for layer, block in enumerate(self.em.blocks):
             module = block.mlp.module
             module.forward = types.MethodType(
@@ -177,7 +181,9 @@ class AdaptiveRouting:
                 block.set_attn_hard(widths[0][layer])
             else:  # per-sequence widths in one batch: one-hot nested masks, exact but full compute
                 w = onehot[:, layer, : len(choices)]
-                block.set_attn_soft(nested_mask(choices, w, block.attn.n_units)[:, None, :])
+                keep = skip_keep(choices, w)
+                block.set_attn_soft(nested_mask(choices, w, block.attn.n_units)[:, None, :],
+                                    None if keep is None else keep[:, None, :])
         return widths
 
     def _mlp_forward(self, layer: int, module: nn.Module, x: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -65,10 +66,13 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
             attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
             multiple: int = 64, calibration: CalibrationConfig | None = None,
             order: str = "importance", device: str | None = None, dtype: str = "fp32",
-            overwrite: bool = False, progress: bool = True, space: ElasticSpace | None = None) -> Path:
+            overwrite: bool = False, progress: bool = True, space: ElasticSpace | None = None,
+            depth: bool = False, min_layers: int | None = None) -> Path:
     """Load an HF model, score and sort its units on calibration text, save an elastic checkpoint.
 
     `space` (per-layer choice lists) replaces the uniform space built from the fractions.
+    `depth` adds choice 0 (skip the sub-layer) to every list; `min_layers` is the floor of layers
+    that keep each kind of sub-layer. Sub-layers are skipped in ascending importance.
     """
     calibration = calibration or CalibrationConfig()
     out = Path(out)
@@ -80,8 +84,13 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     hf, tok, source = load_hf(model, device=device)
     em = ElasticModel(hf)
     first = em.blocks[0]
-    em.set_space(space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
-                                               tuple(mlp_fractions), tuple(attn_fractions), multiple))
+    space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
+                                          tuple(mlp_fractions), tuple(attn_fractions), multiple)
+    if depth:
+        space = space.with_depth(min_layers)
+    elif min_layers is not None:
+        space = dataclasses.replace(space, min_layers=min_layers)
+    em.set_space(space)
     if order == "importance":
         ids = tokenize(tok, _calibration_text(calibration.source))
         seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)
@@ -89,6 +98,8 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     else:
         imp = random_importance(em, calibration.seed)
     imp = sort_by_importance(em, imp)
+    if em.space.depth and imp.layers is not None:
+        em.set_space(dataclasses.replace(em.space, skip_order=imp.skip_order()))
     manifest = {
         "source_model": source,
         "order": order,

@@ -138,7 +138,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
                                 '{"mlp": [[widths per layer]], "attn": [[units per layer]]}') from None
     out = api.convert(a.model, a.out, mlp_fractions=a.mlp_fractions, attn_fractions=a.attn_fractions,
                       multiple=a.multiple, calibration=calib, order=a.order, device=a.device,
-                      dtype=a.dtype, overwrite=a.overwrite, space=space)
+                      dtype=a.dtype, overwrite=a.overwrite, space=space, depth=a.depth, min_layers=a.min_layers)
     console.print(f"Elastic checkpoint written to [bold]{out}[/bold]")
     print_space(api.describe(out))
 
@@ -326,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--attn-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
     c.add_argument("--multiple", type=_POS_INT, default=64, help="MLP widths are multiples of this")
     c.add_argument("--space", default=None,
-                   help='JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]}')
+                   help='JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]}'
+                        "; a list may start with 0 (skip)")
+    c.add_argument("--depth", action="store_true",
+                   help="also allow skipping each layer's attention or MLP (choice 0), least important first")
+    c.add_argument("--min-layers", type=int, default=None,
+                   help="depth floor: layers that keep their attention, and their MLP (default with --depth: 1/3)")
     c.add_argument("--calib-data", default="default", help="a .txt file, or 'default' (train split)")
     c.add_argument("--calib-sequences", type=_POS_INT, default=256)
     c.add_argument("--calib-seq-len", type=_POS_INT, default=256)

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 from flextron.errors import FlextronError
 
+KINDS = ("mlp", "attn")
+
 
 def check_number(name: str, value: object, *, integer: bool = False, low: float | None = None,
                  high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
@@ -51,11 +53,16 @@ class ElasticSpace:
     """Per-layer nested choices: MLP widths (neurons) and attention units (KV groups or heads).
 
     Every list is ascending and ends with the layer's full size, so a smaller choice is a
-    prefix of a larger one once the weights are sorted by importance.
+    prefix of a larger one once the weights are sorted by importance. A list may start with 0:
+    the sub-layer may be skipped (depth). `min_layers` is the floor of layers that keep each
+    kind of sub-layer; `skip_order` lists, per kind, the layers from the first to skip (least
+    important) to the last (the default: the deepest first).
     """
 
     mlp: list[list[int]]
     attn: list[list[int]]
+    min_layers: int = 1
+    skip_order: dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mlp) != len(self.attn):
@@ -64,15 +71,35 @@ class ElasticSpace:
             )
         for kind, lists in (("MLP", self.mlp), ("attention", self.attn)):
             for i, choices in enumerate(lists):
-                if not choices or sorted(set(choices)) != list(choices) or choices[0] < 1:
+                if not choices or sorted(set(choices)) != list(choices) or choices[0] < 0:
                     raise FlextronError(
                         f"layer {i} {kind} choices {choices} must be distinct positive integers in "
-                        "ascending order"
+                        "ascending order (0 first to allow skipping the sub-layer)"
                     )
+        n = self.n_layers
+        if not 1 <= self.min_layers <= n:
+            raise FlextronError(f"--min-layers {self.min_layers} must be between 1 and the model's {n} layers "
+                                "(at least one layer keeps its attention and its MLP)")
+        for kind, order in (self.skip_order or {}).items():
+            if kind not in KINDS or sorted(order) != list(range(n)):
+                raise FlextronError(f"skip_order[{kind!r}] must list each of the {n} layers once")
 
     @property
     def n_layers(self) -> int:
         return len(self.mlp)
+
+    @property
+    def depth(self) -> bool:
+        """Whether some sub-layer may be skipped (choice 0)."""
+        return any(c[0] == 0 for c in (*self.mlp, *self.attn))
+
+    def order(self, kind: str) -> list[int]:
+        """Layers in the order their `kind` sub-layer is skipped (least important first)."""
+        return list((self.skip_order or {}).get(kind) or range(self.n_layers - 1, -1, -1))
+
+    def widths(self, kind: str, layer: int) -> list[int]:
+        """The layer's choices that run the sub-layer (all but 0; [0] where the sub-layer is absent)."""
+        return [c for c in getattr(self, kind)[layer] if c > 0] or [0]
 
     @classmethod
     def default(
@@ -97,22 +124,51 @@ class ElasticSpace:
         attn.add(attn_units)
         return cls(mlp=[sorted(mlp)] * n_layers, attn=[sorted(attn)] * n_layers)
 
+    def with_depth(self, min_layers: int | None = None, skip_order: dict[str, list[int]] | None = None
+                   ) -> ElasticSpace:
+        """This space with choice 0 (skip) added to every list; floor default: a third of the layers."""
+        n = self.n_layers
+        return ElasticSpace(mlp=[[0, *self.widths("mlp", i)] for i in range(n)],
+                            attn=[[0, *self.widths("attn", i)] for i in range(n)],
+                            min_layers=min_layers or max(1, math.ceil(n / 3)), skip_order=skip_order)
+
     def full(self) -> Subnet:
         return Subnet(mlp=[c[-1] for c in self.mlp], attn=[c[-1] for c in self.attn])
 
     def smallest(self) -> Subnet:
-        return Subnet(mlp=[c[0] for c in self.mlp], attn=[c[0] for c in self.attn])
+        """The smallest width of every layer, with as many sub-layers skipped as the floor allows."""
+        return self.uniform(0, 0, self.n_layers, self.n_layers)
 
     def centroid(self) -> Subnet:
-        """The middle choice of every layer (upper middle for an even number of choices)."""
-        return Subnet(mlp=[c[len(c) // 2] for c in self.mlp], attn=[c[len(c) // 2] for c in self.attn])
+        """The middle width of every layer (upper middle for an even number of choices)."""
+        mid = {k: [w[len(w) // 2] for w in (self.widths(k, i) for i in range(self.n_layers))] for k in KINDS}
+        return Subnet(**mid)
 
-    def uniform(self, mlp_index: int, attn_index: int) -> Subnet:
-        """Every layer at the same choice index (clamped to each layer's list)."""
-        return Subnet(
-            mlp=[c[min(mlp_index, len(c) - 1)] for c in self.mlp],
-            attn=[c[min(attn_index, len(c) - 1)] for c in self.attn],
-        )
+    def uniform(self, mlp_index: int, attn_index: int, skip_mlp: int = 0, skip_attn: int = 0) -> Subnet:
+        """Every layer at the same width index (clamped to each layer's widths), then the first
+        `skip_mlp` / `skip_attn` skippable layers of the skip order skipped (within the floor)."""
+        out = {}
+        for kind, index, skip in (("mlp", mlp_index, skip_mlp), ("attn", attn_index, skip_attn)):
+            ws = [self.widths(kind, i) for i in range(self.n_layers)]
+            chosen = [w[min(index, len(w) - 1)] for w in ws]
+            skippable = [i for i in self.order(kind) if getattr(self, kind)[i][0] == 0]
+            for i in skippable[: min(skip, self.n_layers - self.min_layers)]:
+                chosen[i] = 0
+            out[kind] = chosen
+        return Subnet(**out)
+
+    def floor(self, subnet: Subnet) -> Subnet:
+        """`subnet` with skipped sub-layers restored (most important first, at their smallest width)
+        until each kind keeps `min_layers` layers."""
+        out = {}
+        for kind in KINDS:
+            chosen = list(getattr(subnet, kind))
+            for i in reversed(self.order(kind)):
+                if sum(c > 0 for c in chosen) >= self.min_layers:
+                    break
+                chosen[i] = chosen[i] or self.widths(kind, i)[0]
+            out[kind] = chosen
+        return Subnet(**out)
 
     def validate(self, subnet: Subnet) -> None:
         """Raise a FlextronError naming the first choice that is not in this space."""
@@ -129,6 +185,12 @@ class ElasticSpace:
                         f"layer {i} {kind} {c} is not in the elastic space {options}; "
                         "pick one of those values"
                     )
+            kept = sum(c > 0 for c in chosen)
+            if kept < self.min_layers:
+                raise FlextronError(
+                    f"the sub-network keeps the {kind.split()[0]} of {kept} layers, below the elastic space's "
+                    f"floor of {self.min_layers}; skip fewer layers"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,7 +204,15 @@ class ElasticSpace:
             for layer in d[kind]:
                 if not isinstance(layer, list) or not all(type(c) is int for c in layer):
                     raise FlextronError(f"elastic space {kind} entry {layer!r} must be a list of integers")
-        return cls(mlp=[list(c) for c in d["mlp"]], attn=[list(c) for c in d["attn"]])
+        order = d.get("skip_order")
+        if order is not None and not (isinstance(order, dict) and all(
+                isinstance(v, list) and all(type(i) is int for i in v) for v in order.values())):
+            raise FlextronError('elastic space skip_order must be {"mlp": [layer indices], "attn": [layer indices]}')
+        min_layers = d.get("min_layers", 1)
+        if type(min_layers) is not int:
+            raise FlextronError(f"elastic space min_layers must be an integer, got {min_layers!r}")
+        return cls(mlp=[list(c) for c in d["mlp"]], attn=[list(c) for c in d["attn"]], min_layers=min_layers,
+                   skip_order={k: list(v) for k, v in order.items()} if order else None)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from flextron.config import Budget, ElasticSpace, Subnet
+from flextron.config import KINDS, Budget, ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 
@@ -171,15 +171,26 @@ def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
 
 
 def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]:
-    """The largest uniform sub-network (same choice index in every layer) within the budget."""
+    """The largest uniform sub-network within the budget: the same width index in every layer and,
+    in a depth space, the first layers of each kind's skip order skipped (`ElasticSpace.uniform`)."""
     table, target = budget_target(em, budget)
+    space, n = em.space, em.space.n_layers
+    skips = range(n - space.min_layers + 1) if space.depth else range(1)
+    # The cost separates into an MLP part and an attention part: enumerate each kind alone.
+    parts: dict[str, dict[tuple[int, ...], float]] = {}
+    for kind in KINDS:
+        rows, lists = getattr(table, kind), getattr(space, kind)
+        parts[kind] = {}
+        for i in range(max(len(space.widths(kind, layer)) for layer in range(n))):
+            for skip in skips:
+                chosen = getattr(space.uniform(i, i, skip, skip), kind)
+                parts[kind][tuple(chosen)] = sum(rows[layer][lists[layer].index(c)] for layer, c in enumerate(chosen))
     best: tuple[float, Subnet] | None = None
-    for i in range(max(len(c) for c in em.space.mlp)):
-        for j in range(max(len(c) for c in em.space.attn)):
-            sub = em.space.uniform(i, j)
-            value = table(em.space, sub)
+    for mlp, cost_mlp in parts["mlp"].items():
+        for attn, cost_attn in parts["attn"].items():
+            value = table.const + cost_mlp + cost_attn
             if value <= target * (1 + 1e-9) and (best is None or value > best[0]):
-                best = (value, sub)
+                best = (value, Subnet(mlp=list(mlp), attn=list(attn)))
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
     return best[1], best[0]

@@ -8,9 +8,15 @@ change, so an elastic checkpoint is a plain HF checkpoint). Two modes:
   the KV cache shrink; the HF attention code infers the head count from the tensor shapes.
 - soft: everything runs at full width and the input of the "in" projection is multiplied by
   a mask that mixes the nested prefixes, sum_k w_k * 1[unit < c_k] (routers train this way).
+
+Choice 0 skips a sub-layer (depth): in hard mode its module and the norm in front of it are
+replaced by ones that add nothing to the residual stream; in soft mode the weight of choice 0
+scales the whole contribution, the "in" projection's bias included.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,8 @@ from torch import Tensor, nn
 
 from flextron.config import ElasticSpace, Subnet
 from flextron.errors import FlextronError
-from flextron.families import Family, Proj, detect_family
+from flextron.families import AttnGeometry, Family, Proj, detect_family
+from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 
 
 class ElasticLinear(nn.Module):
@@ -42,6 +49,7 @@ class ElasticLinear(nn.Module):
         self.n_units = features // (unit * self.blocks)
         self.active = self.n_units
         self.mask: Tensor | None = None
+        self.bias_scale: Tensor | None = None  # soft mode with a skip choice: 1 - its weight
 
     def _matmul(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.conv1d:  # as transformers' Conv1D computes it, so full width matches exactly
@@ -55,7 +63,10 @@ class ElasticLinear(nn.Module):
             if self.mask is not None:
                 x = x * self.mask.repeat_interleave(self.unit, dim=-1).to(x.dtype)
             # The input already has the active width: the "out" projections produced it.
-            return self._matmul(x, self.weight.narrow(self.edim, 0, x.shape[-1]), self.bias)
+            w = self.weight.narrow(self.edim, 0, x.shape[-1])
+            if self.bias_scale is not None and self.bias is not None:
+                return self._matmul(x, w, None) + self.bias * self.bias_scale.to(x.dtype)
+            return self._matmul(x, w, self.bias)
         if self.active == self.n_units:
             return self._matmul(x, self.weight, self.bias)
         width, per_block = self.active * self.unit, self.n_units * self.unit
@@ -97,30 +108,74 @@ def nested_mask(choices: list[int], weights: Tensor, n_units: int) -> Tensor:
     return weights @ prefix.to(weights.dtype)
 
 
-class ElasticPart:
-    """One elastic sub-module of a block (its MLP or its attention)."""
+def _identity(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    return x
 
-    def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear) -> None:
+
+def skip_keep(choices: list[int], weights: Tensor) -> Tensor | None:
+    """1 - the weight of the skip choice, [..., 1]; None where the layer cannot be skipped."""
+    return 1 - weights[..., :1] if choices[0] == 0 else None
+
+
+class ElasticPart:
+    """One elastic sub-module of a block (its MLP or its attention), and the norm in front of it."""
+
+    def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear | None,
+                 norm: nn.Module | None, skipped_forward) -> None:
         self.module = module
         self.outs = outs
         self.inp = inp
+        self.norm = norm
+        projections = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
+        self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
+                         if id(p) not in projections)
+        self._skips = [(module, types.MethodType(skipped_forward, module))]
+        if norm is not None:
+            self._skips.append((norm, types.MethodType(_identity, norm)))
 
     @property
     def n_units(self) -> int:
-        return self.inp.n_units
+        """0 for a sub-layer that an export left out (its module adds nothing already)."""
+        return 0 if self.inp is None else self.inp.n_units
+
+    def _skip(self, skipped: bool) -> None:
+        # Instance attributes shadow the class forward; only ours are removed (adaptive routing
+        # installs its own MLP forward the same way).
+        for module, fwd in self._skips:
+            if skipped:
+                module.forward = fwd
+            elif vars(module).get("forward") is fwd:
+                del module.forward
 
     def set_hard(self, units: int) -> None:
+        if self.inp is None:
+            return
         for lin in self.outs:
             lin.active = units
         self.inp.mask = None
+        self.inp.bias_scale = None
+        self._skip(units == 0)
 
-    def set_soft(self, mask: Tensor) -> None:
+    def set_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
+        """Full width, input of the "in" projection times `mask`; `keep` (1 - the skip weight) scales its bias."""
+        if self.inp is None:
+            return
+        self._skip(False)
         for lin in self.outs:
             lin.active = lin.n_units
         self.inp.mask = mask
+        self.inp.bias_scale = keep
 
     def n_params(self, units: int, bias: bool = True) -> int:
-        return sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
+        """Weights in use at `units`; with `bias`, also biases, the norm and other parameters that
+        are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
+        if units == 0:
+            return 0
+        return (self.fixed if bias else 0) + sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
+
+
+def _absent(module: nn.Module) -> bool:
+    return getattr(module, "flextron_skipped", False)
 
 
 class ElasticBlock:
@@ -129,13 +184,16 @@ class ElasticBlock:
     def __init__(self, block: nn.Module, family: Family) -> None:
         self.family = family
         attn, mlp = block.get_submodule(family.attn), block.get_submodule(family.mlp)
-        self.geometry = family.geometry(attn)
+        # An attention that an export left out has no heads: any geometry gives it cost 0.
+        self.geometry = AttnGeometry(1, 1, 0) if _absent(attn) else family.geometry(attn)
         g = self.geometry
         if g.n_heads % g.n_kv_heads:
             raise FlextronError(f"{g.n_heads} query heads do not split into {g.n_kv_heads} KV groups")
         conv1d = family.linear_type is not nn.Linear
 
-        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of) -> ElasticPart:
+        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of, norm: str | None, skipped) -> ElasticPart:
+            if _absent(parent):
+                return ElasticPart(parent, [], None, None, skipped)
             wrapped = []
             for p in projs:
                 lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d)
@@ -143,21 +201,21 @@ class ElasticBlock:
                 wrapped.append(lin)
             outs = [lin for lin in wrapped if lin.side == "out"]
             (inp,) = [lin for lin in wrapped if lin.side == "in"]
-            return ElasticPart(parent, outs, inp)
+            return ElasticPart(parent, outs, inp, norm and block.get_submodule(norm), skipped)
 
-        self.mlp = wrap(mlp, family.mlp_projs, lambda p: 1)
-        self.attn = wrap(attn, family.attn_projs,
-                         lambda p: g.head_dim * (g.heads_per_unit if p.grouped else 1))
+        self.mlp = wrap(mlp, family.mlp_projs, lambda p: 1, family.mlp_norm, skipped_mlp_forward)
+        self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim * (g.heads_per_unit if p.grouped else 1),
+                         family.attn_norm, skipped_attention_forward)
 
     def set_attn_hard(self, units: int) -> None:
         self.attn.set_hard(units)
-        if self.family.on_attn_width is not None:
+        if self.family.on_attn_width is not None and self.attn.inp is not None:
             g = self.geometry
             self.family.on_attn_width(self.attn.module, units * g.heads_per_unit * g.head_dim)
 
-    def set_attn_soft(self, mask: Tensor) -> None:
+    def set_attn_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
         self.set_attn_hard(self.attn.n_units)
-        self.attn.set_soft(mask)
+        self.attn.set_soft(mask, keep)
 
 
 class ElasticModel(nn.Module):
@@ -175,8 +233,9 @@ class ElasticModel(nn.Module):
         self.latency: dict | None = None
         self.routers = None
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
-            spaces = [ElasticSpace.default(1, b.mlp.n_units, b.attn.n_units) for b in self.blocks]
-            space = ElasticSpace(mlp=[sp.mlp[0] for sp in spaces], attn=[sp.attn[0] for sp in spaces])
+            spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units)) for b in self.blocks]
+            space = ElasticSpace(mlp=[sp.mlp[0] if b.mlp.n_units else [0] for sp, b in zip(spaces, self.blocks)],
+                                 attn=[sp.attn[0] if b.attn.n_units else [0] for sp, b in zip(spaces, self.blocks)])
         self.set_space(space)
 
     def set_space(self, space: ElasticSpace) -> None:
@@ -214,8 +273,10 @@ class ElasticModel(nn.Module):
     def set_soft(self, mlp_weights: list[Tensor], attn_weights: list[Tensor]) -> None:
         """Mix nested choices per layer: weights [..., K] over that layer's choices."""
         for i, (block, wm, wa) in enumerate(zip(self.blocks, mlp_weights, attn_weights)):
-            block.mlp.set_soft(nested_mask(self.space.mlp[i], wm, block.mlp.n_units))
-            block.set_attn_soft(nested_mask(self.space.attn[i], wa, block.attn.n_units))
+            block.mlp.set_soft(nested_mask(self.space.mlp[i], wm, block.mlp.n_units),
+                               skip_keep(self.space.mlp[i], wm))
+            block.set_attn_soft(nested_mask(self.space.attn[i], wa, block.attn.n_units),
+                                skip_keep(self.space.attn[i], wa))
         self.subnet = None
 
     def permute_(self, mlp_perms: list[Tensor], attn_perms: list[Tensor]) -> None:

@@ -1,8 +1,10 @@
 """Export: slice a static sub-network out of an elastic model into a standalone HF model directory.
 
-Uniform widths give the family's stock architecture, which plain `transformers` loads. Per-layer
-widths, or head counts the stock config cannot express (GPT-2 ties the head size to hidden /
-heads; strict HF configs refuse some head counts), give a per-layer architecture from
+Layers whose attention and MLP are both skipped are left out (the others renumbered). Uniform
+widths give the family's stock architecture, which plain `transformers` loads. Per-layer
+widths, a layer without attention or without MLP, or head counts the stock config cannot
+express (GPT-2 ties the head size to hidden / heads; strict HF configs refuse some head
+counts), give a per-layer architecture from
 `flextron.modeling_flextron`: its code is written beside the weights and `config.json` maps
 the Auto classes to it, so `trust_remote_code=True` loads it without flextron, and importing
 this module registers it with `AutoConfig` / `AutoModelForCausalLM`.
@@ -56,35 +58,71 @@ def slice_units(lin: ElasticLinear, units: int) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def kept_layers(subnet: Subnet) -> list[int]:
+    """The layers that keep their attention or their MLP."""
+    return [i for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)) if w or a]
+
+
 def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
-    """The elastic model's state dict with every elastic projection cut to `subnet`."""
+    """The elastic model's state dict with every elastic projection cut to `subnet`; skipped
+    sub-layers (and their norms) left out, skipped layers too, the other layers renumbered."""
     em.space.validate(subnet)
     names = {id(m): n for n, m in em.model.named_modules()}
     state = dict(em.model.state_dict())
+    dropped = []
     for block, width, units in zip(em.blocks, subnet.mlp, subnet.attn):
         for part, k in ((block.mlp, width), (block.attn, units)):
+            if k == 0:
+                dropped += [f"{names[id(m)]}." for m in (part.module, part.norm) if m is not None]
+                continue
             for lin in (*part.outs, part.inp):
                 weight, bias = slice_units(lin, k)
                 state[f"{names[id(lin)]}.weight"] = weight
                 if bias is not None:
                     state[f"{names[id(lin)]}.bias"] = bias
-    return state
+    prefix = f"{em.family.layers}."
+    renumber = {str(old): str(new) for new, old in enumerate(kept_layers(subnet))}
+    out = {}
+    for key, value in state.items():
+        if key.startswith(tuple(dropped)):
+            continue
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if index not in renumber:
+                continue
+            key = f"{prefix}{renumber[index]}.{rest}"
+        out[key] = value
+    return out
 
 
 def layer_sizes(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
-    """Per layer: MLP width, query heads, KV heads of `subnet` (a unit holds one KV head)."""
-    heads = [a * b.geometry.heads_per_unit for b, a in zip(em.blocks, subnet.attn)]
-    return list(subnet.mlp), heads, list(subnet.attn)
+    """Per kept layer: MLP width, query heads, KV heads of `subnet` (a unit holds one KV head)."""
+    kept = kept_layers(subnet)
+    heads = [subnet.attn[i] * em.blocks[i].geometry.heads_per_unit for i in kept]
+    return [subnet.mlp[i] for i in kept], heads, [subnet.attn[i] for i in kept]
+
+
+def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
+    """The source config's values with the layer count (and per-layer lists) of the kept layers."""
+    values = em.config.to_dict()
+    kept = kept_layers(subnet)
+    if len(kept) < em.space.n_layers and values.get("scale_attn_by_inverse_layer_idx"):
+        raise FlextronError("this GPT-2 scales attention by the layer index, so its layers cannot be renumbered; "
+                            "export a sub-network that keeps every layer")
+    values[em.family.n_layers_key] = len(kept)
+    if isinstance(values.get("layer_types"), list):
+        values["layer_types"] = [values["layer_types"][i] for i in kept]
+    return values
 
 
 def _stock_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig | None:
     """The family's own config for a uniform sub-network; None where it cannot express it."""
     widths, heads, kv = layer_sizes(em, subnet)
-    if len(set(widths)) > 1 or len(set(heads)) > 1:
+    if len(set(widths)) > 1 or len(set(heads)) > 1 or 0 in widths or 0 in heads:
         return None
     fam = em.family
-    full_attn = all(a == b.attn.n_units for b, a in zip(em.blocks, subnet.attn))
-    values = em.config.to_dict()
+    full_attn = all(a == b.attn.n_units for b, a in zip(em.blocks, subnet.attn) if a)
+    values = _base_values(em, subnet)
     values[fam.mlp_width_key] = widths[0]
     if not full_attn:
         if fam.head_dim_key is None:
@@ -107,7 +145,7 @@ def _per_layer_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig:
             "export a uniform sub-network (the same choice in every layer) instead"
         )
     widths, heads, kv = layer_sizes(em, subnet)
-    values = {k: v for k, v in em.config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
+    values = {k: v for k, v in _base_values(em, subnet).items() if k not in ("model_type", "auto_map", "architectures")}
     values.update(layer_intermediate_sizes=widths, layer_num_attention_heads=heads, layer_num_key_value_heads=kv)
     return PER_LAYER[base][0].from_dict(values)
 

@@ -73,12 +73,13 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
 
 
 def random_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
+    """Each layer's choices drawn independently (skips included, restored up to the space's floor)."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(lists: list[list[int]]) -> list[int]:
         return [c[torch.randint(len(c), (1,), generator=gen).item()] for c in lists]
 
-    return [Subnet(mlp=pick(em.space.mlp), attn=pick(em.space.attn)) for _ in range(n)]
+    return [em.space.floor(Subnet(mlp=pick(em.space.mlp), attn=pick(em.space.attn))) for _ in range(n)]
 
 
 def _columns(em: ElasticModel) -> tuple[list[int], list[int]]:

@@ -8,9 +8,11 @@ Each config adds three per-layer lists to the family's HF config (whose global s
 those of the model the sub-network came from). Each model builds the stock HF model, then
 gives every layer's projections their own sizes; the HF attention code infers the number of
 heads from the tensor shapes (GPT-2 needs its split size set), and the query heads per KV
-head stay the same, so the stock forward runs unchanged.
+head stay the same, so the stock forward runs unchanged. A size of 0 removes the sub-layer and
+its norm: the residual stream passes through (`SkippedAttention`, `SkippedMLP`).
 """
 
+import torch
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -27,6 +29,43 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 
+def skipped_attention_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    """A skipped attention adds nothing to the residual stream. It still records the new tokens
+    in the KV cache as a one-element-wide placeholder: HF reads the cached length (positions,
+    masks) from the first layer's entry, which must not stay empty when that layer is skipped."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = getattr(cache, "self_attention_cache", cache)
+    if cache is not None:
+        b, t = hidden_states.shape[:2]
+        stub = hidden_states.new_zeros(b, 1, t, 1)
+        cache.update(stub, stub, self.layer_idx)
+    return torch.zeros_like(hidden_states), None
+
+
+def skipped_mlp_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return torch.zeros_like(hidden_states)
+
+
+class SkippedAttention(nn.Module):
+    """The attention of an attention-free layer (no weights)."""
+
+    flextron_skipped = True
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    forward = skipped_attention_forward
+
+
+class SkippedMLP(nn.Module):
+    """The MLP of an MLP-free layer (no weights)."""
+
+    flextron_skipped = True
+
+    forward = skipped_mlp_forward
+
+
 def _resized(old: nn.Module, out_features: int | None = None, in_features: int | None = None) -> nn.Module:
     """A new projection of the same kind as `old` with other output and/or input sizes."""
     if isinstance(old, Conv1D):
@@ -37,29 +76,49 @@ def _resized(old: nn.Module, out_features: int | None = None, in_features: int |
                      bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
+def _skip_parts(layer: nn.Module, width: int, heads: int, attn: str, attn_norm: str, mlp: str,
+                mlp_norm: str) -> tuple[bool, bool]:
+    """Replace the sub-layers of size 0 (and their norms); returns which remain (attention, MLP)."""
+    if heads == 0:
+        setattr(layer, attn, SkippedAttention(getattr(layer, attn).layer_idx))
+        setattr(layer, attn_norm, nn.Identity())
+    if width == 0:
+        setattr(layer, mlp, SkippedMLP())
+        setattr(layer, mlp_norm, nn.Identity())
+    return heads > 0, width > 0
+
+
 def _resize_llama_layer(layer: nn.Module, width: int, heads: int, kv_heads: int) -> None:
-    mlp, attn = layer.mlp, layer.self_attn
-    mlp.gate_proj = _resized(mlp.gate_proj, out_features=width)
-    mlp.up_proj = _resized(mlp.up_proj, out_features=width)
-    mlp.down_proj = _resized(mlp.down_proj, in_features=width)
-    d = attn.head_dim
-    attn.q_proj = _resized(attn.q_proj, out_features=heads * d)
-    attn.k_proj = _resized(attn.k_proj, out_features=kv_heads * d)
-    attn.v_proj = _resized(attn.v_proj, out_features=kv_heads * d)
-    attn.o_proj = _resized(attn.o_proj, in_features=heads * d)
-    # Eager attention repeats each KV head this many times.
-    attn.num_key_value_groups = heads // kv_heads
+    has_attn, has_mlp = _skip_parts(layer, width, heads, "self_attn", "input_layernorm", "mlp",
+                                    "post_attention_layernorm")
+    if has_mlp:
+        mlp = layer.mlp
+        mlp.gate_proj = _resized(mlp.gate_proj, out_features=width)
+        mlp.up_proj = _resized(mlp.up_proj, out_features=width)
+        mlp.down_proj = _resized(mlp.down_proj, in_features=width)
+    if has_attn:
+        attn, d = layer.self_attn, layer.self_attn.head_dim
+        attn.q_proj = _resized(attn.q_proj, out_features=heads * d)
+        attn.k_proj = _resized(attn.k_proj, out_features=kv_heads * d)
+        attn.v_proj = _resized(attn.v_proj, out_features=kv_heads * d)
+        attn.o_proj = _resized(attn.o_proj, in_features=heads * d)
+        # Eager attention repeats each KV head this many times.
+        attn.num_key_value_groups = heads // kv_heads
 
 
 def _resize_gpt2_block(block: nn.Module, width: int, heads: int, kv_heads: int) -> None:
-    mlp, attn = block.mlp, block.attn
-    mlp.c_fc = _resized(mlp.c_fc, out_features=width)
-    mlp.c_proj = _resized(mlp.c_proj, in_features=width)
-    attn_width = heads * attn.head_dim
-    attn.c_attn = _resized(attn.c_attn, out_features=3 * attn_width)
-    attn.c_proj = _resized(attn.c_proj, in_features=attn_width)
-    attn.split_size = attn_width  # c_attn's output is q|k|v, each this wide
-    attn.num_heads = heads
+    has_attn, has_mlp = _skip_parts(block, width, heads, "attn", "ln_1", "mlp", "ln_2")
+    if has_mlp:
+        mlp = block.mlp
+        mlp.c_fc = _resized(mlp.c_fc, out_features=width)
+        mlp.c_proj = _resized(mlp.c_proj, in_features=width)
+    if has_attn:
+        attn = block.attn
+        attn_width = heads * attn.head_dim
+        attn.c_attn = _resized(attn.c_attn, out_features=3 * attn_width)
+        attn.c_proj = _resized(attn.c_proj, in_features=attn_width)
+        attn.split_size = attn_width  # c_attn's output is q|k|v, each this wide
+        attn.num_heads = heads
 
 
 class _PerLayer:

@@ -97,19 +97,25 @@ def expected_cost(table: CostTable, mlp: Tensor, attn: Tensor) -> Tensor:
 
 
 def decode(space: ElasticSpace, mlp: Tensor, attn: Tensor) -> Subnet:
-    """The sub-network of per-layer one-hots or logits (argmax)."""
+    """The sub-network of per-layer one-hots or logits (argmax), skips restored up to the floor."""
     im, ia = mlp.argmax(-1).tolist(), attn.argmax(-1).tolist()
-    return Subnet(mlp=[c[i] for c, i in zip(space.mlp, im)], attn=[c[i] for c, i in zip(space.attn, ia)])
+    return space.floor(Subnet(mlp=[c[i] for c, i in zip(space.mlp, im)], attn=[c[i] for c, i in zip(space.attn, ia)]))
 
 
 def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: Tensor, target: float,
             slack: float = 0.01) -> Subnet:
     """From the argmax, step single layers down (least log-prob lost per cost saved) while over
-    the target, then up (most log-prob gained per cost added) while under target x (1 - slack)."""
-    idx = {"mlp": mlp_logp.argmax(-1).tolist(), "attn": attn_logp.argmax(-1).tolist()}
+    the target, then up (most log-prob gained per cost added) while under target x (1 - slack).
+    A step down to a skip is taken only while the kind keeps more layers than the space's floor."""
+    start = decode(space, mlp_logp, attn_logp)
+    lists = {"mlp": space.mlp, "attn": space.attn}
+    idx = {k: [c.index(x) for c, x in zip(lists[k], getattr(start, k))] for k in lists}
     logp = {"mlp": mlp_logp.tolist(), "attn": attn_logp.tolist()}
     costs = {"mlp": table.mlp, "attn": table.attn}
-    lists = {"mlp": space.mlp, "attn": space.attn}
+
+    def can_lower(k: str, layer: int, i: int) -> bool:
+        kept = sum(lists[k][j][x] > 0 for j, x in enumerate(idx[k]))
+        return i > 0 and (lists[k][layer][i - 1] > 0 or kept > space.min_layers)
 
     def current() -> Subnet:
         return Subnet(mlp=[c[i] for c, i in zip(space.mlp, idx["mlp"])],
@@ -119,7 +125,7 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
     while cost > target * (1 + 1e-9):
         moves = [((logp[k][layer][i] - logp[k][layer][i - 1]) / max(costs[k][layer][i] - costs[k][layer][i - 1],
                                                                     1e-12), k, layer)
-                 for k in idx for layer, i in enumerate(idx[k]) if i > 0]
+                 for k in idx for layer, i in enumerate(idx[k]) if can_lower(k, layer, i)]
         if not moves:
             break
         _, k, layer = min(moves)

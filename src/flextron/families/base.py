@@ -60,6 +60,10 @@ class Family:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str | None = "num_key_value_heads"
     head_dim_key: str | None = "head_dim"
+    n_layers_key: str = "num_hidden_layers"
+    # The norms in front of the attention and the MLP (a skipped sub-layer skips its norm too).
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -72,9 +76,10 @@ class Family:
             return [self.layers]
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return [self.layers]
-        block = blocks[0]
         gone = []
         for sub, projs in ((self.attn, self.attn_projs), (self.mlp, self.mlp_projs)):
+            # The first block that has this sub-layer (an export may leave it out of some layers).
+            block = next((b for b in blocks if not getattr(_get(b, sub), "flextron_skipped", False)), blocks[0])
             for p in projs:
                 path = f"{sub}.{p.name}"
                 try:
@@ -83,3 +88,10 @@ class Family:
                 except AttributeError:
                     gone.append(f"{self.layers}[0].{path}")
         return gone
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None

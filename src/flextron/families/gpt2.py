@@ -30,4 +30,7 @@ GPT2 = Family(
     heads_key="n_head",
     kv_heads_key=None,
     head_dim_key=None,
+    n_layers_key="n_layer",
+    attn_norm="ln_1",
+    mlp_norm="ln_2",
 )

@@ -29,4 +29,6 @@ LLAMA = Family(
     mlp_projs=(Proj("gate_proj", "out"), Proj("up_proj", "out"), Proj("down_proj", "in")),
     linear_type=nn.Linear,
     geometry=_geometry,
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
 )

@@ -53,14 +53,16 @@ def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig
 
 
 def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
-    """Each layer's choice drawn independently (heterogeneous) or one index for all (uniform)."""
-    def pick(choices: list[list[int]]) -> list[int]:
-        if uniform:
-            i = torch.randint(max(len(c) for c in choices), (1,), generator=gen).item()
-            return [c[min(i, len(c) - 1)] for c in choices]
-        return [c[torch.randint(len(c), (1,), generator=gen).item()] for c in choices]
+    """Each layer's choice drawn independently (heterogeneous; skips restored up to the space's
+    floor) or one width index per kind for all layers, plus, in a depth space, skip counts (uniform)."""
+    def draw(k: int) -> int:
+        return torch.randint(k, (1,), generator=gen).item()
 
-    return Subnet(mlp=pick(space.mlp), attn=pick(space.attn))
+    if uniform:
+        i, j = (draw(max(len(space.widths(k, layer)) for layer in range(space.n_layers))) for k in ("mlp", "attn"))
+        skips = (draw(space.n_layers - space.min_layers + 1) for _ in range(2)) if space.depth else (0, 0)
+        return space.uniform(i, j, *skips)
+    return space.floor(Subnet(mlp=[c[draw(len(c))] for c in space.mlp], attn=[c[draw(len(c))] for c in space.attn]))
 
 
 def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet]:

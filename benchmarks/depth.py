@@ -1,0 +1,183 @@
+"""Depth elasticity on the packaged SmolLM2-135M: width + depth vs width only, at measured latency.
+
+Two elastic checkpoints of the same model, trained the same way with the same tokens: width only
+(MLP neurons, KV groups) and width + depth (`convert --depth`: each attention and MLP may also be
+skipped, least important first, down to `--min-layers`). Each is profiled on this machine
+(decode-latency table), routed over latency budgets, and evaluated:
+
+1. held-out perplexity per latency budget (fractions of the full model's decode latency; the
+   width + depth grid reaches lower budgets) next to the sub-network's *measured* decode latency;
+2. the smallest sub-network's measured decode latency as a fraction of the full model's;
+3. decode tokens/s (exported models, batch 1, greedy with a KV cache) of the width + depth
+   export at ~50% latency vs a width-only export of the same parameter count (the largest
+   uniform one within it) and vs the full model.
+
+    python benchmarks/depth.py [--train-steps 200] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
+    python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
+
+Nothing else may run meanwhile: latency is measured. HF eager only (no GGUF runtime here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from _results import publish
+from flextron import api
+from flextron.config import Budget, CalibrationConfig, RouterConfig, Subnet, TrainConfig
+from flextron.cost import budget_grid, subnet_cost, uniform_subnet_for
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.latency import measure
+from flextron.routers import select_subnet
+from speed import decode_tps
+
+
+def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
+    """Convert (with or without depth), train, profile and route one variant; returns its checkpoint."""
+    if a.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from conftest import make_model, make_tokenizer
+
+        src = work / "tiny-hf"
+        if not src.is_dir():
+            make_model("llama", n_layers=6).save_pretrained(src)
+            make_tokenizer().save_pretrained(src)
+        model, calib, kw = str(src), CalibrationConfig(n_sequences=8, seq_len=32), {"multiple": 8}
+    else:
+        model, calib, kw = None, CalibrationConfig(), {}
+    ckpt = api.convert(model, work / f"{name}-converted", calibration=calib, depth=depth, min_layers=a.min_layers,
+                       device=a.device, progress=False, **kw)
+    if a.train_steps:
+        cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
+                          dtype=a.dtype)
+        ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
+    api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, n_fit=a.profile_samples,
+                repeats=a.repeats, progress=False)
+    grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms", points=a.budgets)
+    cfg = RouterConfig(budgets=grid, metric="latency_ms", steps=a.router_steps, joint_steps=a.joint_steps,
+                       dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
+    api.route(ckpt, cfg, out=work / f"{name}-routed", device=a.device, progress=False)
+    return work / f"{name}-routed"
+
+
+def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> float:
+    """Decode latency (ms per token) of the sub-network, as the latency table measures it."""
+    dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    return measure(em, subnet, context=a.context, repeats=a.repeats, autocast_dtype=dtype)["decode_ms"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-steps", type=int, default=200, help="elastic-training steps of each variant (0: none)")
+    p.add_argument("--router-steps", type=int, default=200)
+    p.add_argument("--joint-steps", type=int, default=20)
+    p.add_argument("--min-layers", type=int, default=10, help="depth floor: layers keeping each kind of sub-layer")
+    p.add_argument("--budgets", type=int, default=7, help="latency budgets of each variant's router grid")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=256, help="prompt tokens before timed decoding")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile-samples", type=int, default=24)
+    p.add_argument("--limit", type=int, default=16, help="held-out windows per budget")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default=None, help="keep checkpoints and exports here (default: a temp dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, few steps; writes no results")
+    a = p.parse_args()
+    if a.smoke:
+        a.train_steps, a.router_steps, a.joint_steps, a.min_layers = 2, 4, 1, 2
+        a.seq_len, a.micro_batch, a.context, a.repeats, a.profile_samples, a.limit, a.budgets = 32, 2, 16, 1, 8, 1, 5
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpts = {"width": build(work, "width", False, a), "depth": build(work, "depth", True, a)}
+        seq_len = 64 if a.smoke else 1024
+        # Every budget of either grid, for both variants (below the width-only minimum: infeasible).
+        fractions = sorted({r for c in ckpts.values() for r in api.load(c, "cpu")[0].routers.config.budgets})
+        curves = {}
+        for name, ckpt in ckpts.items():
+            em = api.load(ckpt, a.device)[0]
+            full_ms = measured_ms(em, em.space.full(), a)
+            rows = []
+            for f in fractions:
+                try:
+                    subnet = select_subnet(em, Budget(fraction=f))
+                except FlextronError as e:  # below this variant's smallest sub-network
+                    rows.append({"budget": f, "infeasible": str(e)})
+                    continue
+                ppl = api.evaluate(ckpt, [f"{f}"], limit=a.limit, seq_len=seq_len, device=a.device,
+                                   dtype=a.dtype, progress=False)[0]["ppl"]
+                ms = measured_ms(em, subnet, a)
+                rows.append({"budget": f, "ppl": ppl, "decode_ms": ms, "measured_fraction": ms / full_ms,
+                             "skipped": [subnet.mlp.count(0), subnet.attn.count(0)], "subnet": subnet.to_dict()})
+            smallest_ms = measured_ms(em, em.space.smallest(), a)
+            curves[name] = {"full_ms": full_ms, "smallest_fraction": smallest_ms / full_ms, "rows": rows}
+        # Exports: width + depth at ~50% latency vs width only at the same parameter count.
+        em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
+        deep = select_subnet(em_d, Budget(fraction=0.5))
+        params = subnet_cost(em_d, deep).params_nonembed
+        wide = uniform_subnet_for(em_w, Budget(metric="params", value=params))[0]
+        dirs = {"full": api.export(ckpts["width"], None, work / "export-full", subnet=em_w.space.full()),
+                "depth+width": api.export(ckpts["depth"], None, work / "export-depth", subnet=deep),
+                "width only": api.export(ckpts["width"], None, work / "export-width", subnet=wide)}
+        prompt = torch.randint(0, em_d.config.vocab_size, (1, a.context), generator=torch.Generator().manual_seed(0))
+        new_tokens = 8 if a.smoke else 64
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+        speed = {}
+        for name, d in dirs.items():
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            speed[name] = decode_tps(model, prompt, new_tokens, a.repeats, lambda: None)
+        exports = {"depth+width": {"subnet": deep.to_dict(), "params_nonembed": params},
+                   "width only": {"subnet": wide.to_dict(), "params_nonembed": subnet_cost(em_w, wide).params_nonembed},
+                   "decode_tokens_per_s": speed}
+    command = (f"python benchmarks/depth.py --train-steps {a.train_steps} --router-steps {a.router_steps} "
+               f"--min-layers {a.min_layers}" + (f" --device {a.device}" if a.device != "cpu" else ""))
+    data = {"command": command, "device": a.device, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
+            "seconds": round(time.time() - t0), "curves": curves, "exports": exports}
+    lines = [
+        "## Depth: routers over width + depth vs width only, at measured decode latency",
+        "",
+        f"`{command}` — {'a tiny random Llama (smoke run)' if a.smoke else 'SmolLM2-135M-Instruct (packaged)'}, "
+        f"{a.dtype}, {a.device} ({data['cpu']}, {data['threads']} threads), HF eager, {data['seconds']} s. Both "
+        f"variants: {a.train_steps} elastic-training steps, {a.router_steps} router steps, budgets in measured "
+        "decode latency (batch 1) as fractions of the full model's; ppl on held-out windows.",
+        "",
+        "| latency budget | width only: ppl (measured fraction) | width + depth: ppl (measured fraction, "
+        "skipped MLP/attn) |",
+        "|---|---|---|",
+    ]
+    for i, f in enumerate(fractions):
+        cells = []
+        for name in ("width", "depth"):
+            r = curves[name]["rows"][i]
+            extra = f", {r['skipped'][0]}/{r['skipped'][1]}" if name == "depth" and "ppl" in r else ""
+            cells.append("infeasible" if "ppl" not in r else f"{r['ppl']:.2f} ({r['measured_fraction']:.2f}{extra})")
+        lines.append(f"| {f:.2f} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "Smallest sub-network, measured decode latency / full: width only "
+        f"**{curves['width']['smallest_fraction']:.2f}**, "
+        f"width + depth **{curves['depth']['smallest_fraction']:.2f}**.",
+        "",
+        f"Exports (decode tokens/s, {new_tokens} greedy tokens after a {a.context}-token prompt): full "
+        f"{speed['full']:.1f}; width + depth at 50% latency ({params / 1e6:.1f}M non-embedding params) "
+        f"{speed['depth+width']:.1f} (x{speed['depth+width'] / speed['full']:.2f}); width only, same params "
+        f"({exports['width only']['params_nonembed'] / 1e6:.1f}M) {speed['width only']:.1f} "
+        f"(x{speed['width only'] / speed['full']:.2f}).",
+    ]
+    publish("depth", "depth", data, lines, a.smoke)
+
+
+if __name__ == "__main__":
+    main()
