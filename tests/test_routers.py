@@ -145,3 +145,29 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
+
+
+def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(trained):
+    from flextron.routers import decode, router_fraction
+
+    em, routers, _, _ = trained
+    # A latency table where attention dominates: 50% of the latency is not 50% of the params.
+    mlp = {"24": 0.0, "48": 0.1, "72": 0.2, "96": 0.3}
+    attn = {"1": 0.0, "2": 2.0, "3": 4.0, "4": 6.0}
+    em.latency = {"decode_ms": {"overhead": 1.0, "mlp": mlp, "attn": attn}, "prefill_ms": {
+        "overhead": 1.0, "mlp": mlp, "attn": attn}}
+    try:
+        params = cost_table(em, "params")
+        assert router_fraction(em, params, 0.6 * params(em.space, em.space.full())) == pytest.approx(0.6)
+        latency = cost_table(em, "latency_ms")
+        full = latency(em.space, em.space.full())
+        for f in (0.5, 0.7):
+            target = f * full
+            r = router_fraction(em, latency, target)
+            # The router's own choice at that budget fits the latency target, a slightly larger one does not.
+            assert latency(em.space, decode(em.space, *routers.static(r))) <= target
+            assert r == 1.0 or latency(em.space, decode(em.space, *routers.static(min(1.0, r + 0.02)))) > target
+            chosen = select_subnet(em, Budget.parse(f"latency_ms={f:.0%}"))
+            assert latency(em.space, chosen) <= target
+    finally:
+        em.latency = None

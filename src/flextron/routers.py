@@ -200,11 +200,38 @@ def _router_config(cfg: dict) -> RouterConfig:
 
 @torch.no_grad()
 def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
-    """The sub-network for a budget: the router's choice, projected onto the budget, or without
-    routers the largest uniform sub-network within it."""
+    """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
+    own metric, or without routers the largest uniform sub-network within it."""
     if em.routers is None:
         return uniform_subnet_for(em, budget)[0]
     table, target = budget_target(em, budget)
-    full = table(em.space, em.space.full())
-    mlp, attn = em.routers.static(target / full)
+    mlp, attn = em.routers.static(router_fraction(em, table, target))
     return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+
+
+@torch.no_grad()
+def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: int = 30) -> float:
+    """The budget to ask the router for, as a fraction of the full cost in its own metric.
+
+    A budget in the routers' metric is read as it is. A budget in another metric (say params=50%
+    to latency routers) is not a fraction the router knows: take the router's largest budget
+    whose choice (argmax) costs at most the target in the requested metric (bisection; the
+    router's sub-networks grow with its budget), so projection in that metric starts from
+    preferences of the right size."""
+    full = table(em.space, em.space.full())
+    if table.metric == em.routers.metric:
+        return target / full
+    grid = em.routers.static.grid
+    lo, hi = grid[0].item(), 1.0
+
+    def fits(fraction: float) -> bool:
+        return table(em.space, decode(em.space, *em.routers.static(fraction))) <= target * (1 + 1e-9)
+
+    if fits(hi):
+        return hi
+    if not fits(lo):
+        return lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
