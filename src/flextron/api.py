@@ -259,7 +259,7 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
     report them against the static router at the same realised cost."""
     from flextron.data import PackedSequences, load_corpus
-    from flextron.train.routers import train_adaptive, train_routers
+    from flextron.train.routers import guided_fraction, train_adaptive, train_routers
 
     device = resolve_device(device)
     grid = sorted(cfg.budgets)
@@ -287,6 +287,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     key = "adaptive_routing" if adaptive else "routing"
     manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
                      "surrogate": cfg.surrogate and not adaptive}
+    if cfg.surrogate and not adaptive:
+        manifest[key]["surrogate_guided"] = guided_fraction(log)
     save_checkpoint(em, tok, out, manifest, overwrite=True)
     wins = heldout_windows(tok, 1024, cfg.eval_limit)
     fractions = sorted(set(cfg.budgets) | set(unseen))
@@ -302,7 +304,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
                   "static_subnet": s["subnet"]}
     else:
         rows = router_report(em, wins, fractions, autocast_dtype=amp, progress=progress)
-    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log}
+    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log,
+              **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
     atomic_write(out / ("adaptive.json" if adaptive else "routing.json"),
                  lambda p: p.write_text(json.dumps(result, indent=1)))
     return result

@@ -171,6 +171,9 @@ def cmd_route(a: argparse.Namespace) -> None:
         t.add_row(f"{r['budget']:.0%}", _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
                   f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}")
     console.print(t)
+    if "surrogate_guided" in result:
+        console.print(f"The surrogate guided {result['surrogate_guided']:.0%} of the router steps (straight-through "
+                      "through the LLM while its error was above the threshold).")
     console.print(f"Routers stored in {result['checkpoint']}; details in {result['checkpoint']}/routing.json")
 
 

@@ -71,23 +71,36 @@ class StaticRouter(nn.Module):
 
 
 class Surrogate(nn.Module):
-    """Predicts the LLM's distillation loss from the routers' (one-hot) per-layer choices."""
+    """Predicts the LLM's distillation loss from the router's per-layer choice probabilities
+    (a relaxed sample, whose argmax is the architecture measured)."""
 
     def __init__(self, n_in: int, hidden: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
+        # The net predicts the standardised loss: losses differ by orders of magnitude between models.
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
 
     def forward(self, choices: Tensor) -> Tensor:
-        return self.net(choices).squeeze(-1)
+        return self.offset + self.scale * self.net(choices).squeeze(-1)
+
+
+def relaxed(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """Gumbel-softmax: per-layer choice probabilities of one relaxed sample; masked (-inf) choices get 0."""
+    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-9, 1 - 1e-9)
+    return F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+def straight_through(soft: Tensor) -> Tensor:
+    """One-hot of the most probable choice in value, the gradient of `soft`."""
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
 
 
 def gumbel(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
     """Straight-through Gumbel-softmax: one-hot forward, soft gradient; masked (-inf) choices never win."""
-    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-9, 1 - 1e-9)
-    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
-    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
+    return straight_through(relaxed(logits, tau, generator))
 
 
 def expected_cost(table: CostTable, mlp: Tensor, attn: Tensor) -> Tensor:
