@@ -145,13 +145,15 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
                  "--joint-steps", "2", "--seq-len", "16", "--micro-batch", "2", "--eval-limit", "1",
                  "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]) == 0
     shown = capsys.readouterr().out
-    assert "Routed sub-networks" in shown and "uniform ppl" in shown and "The surrogate guided" in shown
+    assert "Routed sub-networks" in shown and "uniform" in shown and "kept" in shown and "The surrogate guided" in shown
     routed, _, manifest = load_checkpoint(tmp_path / "routed")
     assert routed.routers is not None and manifest["routing"]["steps"] == 20
     assert 0 <= manifest["routing"]["surrogate_guided"] <= 1
     report = json.loads((tmp_path / "routed" / "routing.json").read_text())
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
+    assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])
+    assert [c["budget"] for c in routed.routers.checked] == [0.5, 0.75, 1.0]
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
 
 
@@ -206,3 +208,35 @@ def test_surrogate_learns_a_known_loss_of_the_choices():
     surrogate.predict(mlp, attn).backward()
     best, worst = w_mlp[2].argmin(), w_mlp[2].argmax()
     assert mlp.grad[2, best] < mlp.grad[2, worst]
+
+
+def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(trained, tmp_path):
+    from flextron.evaluate import perplexity
+    from flextron.train.routers import check_against_uniform
+
+    em, _, _, tok = trained
+    held = PackedSequences(tokenize(tok, word_text(2000, seed=7)), 16, seed=1).rows(0, 8)
+    table = cost_table(em, "params")
+    full = table(em.space, em.space.full())
+    try:
+        checks = check_against_uniform(em, held, [0.4, 0.5, 0.6, 0.8, 1.0], progress=False)
+        assert [c["budget"] for c in checks] == [0.4, 0.5, 0.6, 0.8, 1.0]
+        kept = []
+        for c in checks:
+            assert {"router", "uniform"} <= set(c["calib_ppl"])
+            assert c["calib_ppl"][c["kept"]] == min(c["calib_ppl"].values())
+            chosen = select_subnet(em, Budget(fraction=c["budget"]))  # what every command now uses
+            assert chosen.to_dict() == c["subnet"] and table(em.space, chosen) <= c["budget"] * full * (1 + 1e-9)
+            em.set_subnet(chosen)
+            kept.append(perplexity(em, held, progress=False))
+            assert kept[-1] == pytest.approx(c["calib_ppl"][c["kept"]], rel=1e-5)
+            assert kept[-1] <= c["calib_ppl"]["uniform"] * (1 + 1e-6)  # never worse than the baseline
+        assert kept == sorted(kept, reverse=True)  # a larger budget is never worse
+        # The checks travel with the routers.
+        save_checkpoint(em, tok, tmp_path / "ckpt", {"source_model": "tiny"})
+        loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+        assert loaded.routers.checked == checks
+        assert select_subnet(loaded, Budget(fraction=0.7)) == select_subnet(em, Budget(fraction=0.7))
+    finally:
+        em.routers.checked = None
+        em.set_subnet(None)

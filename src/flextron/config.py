@@ -243,6 +243,7 @@ class RouterConfig:
     surrogate_hidden: int = 128
     surrogate_fit_steps: int = 5  # more overfits the noisy targets at the router's probabilities
     balance_weight: float = 0.01  # adaptive routers: keeps token routers from collapsing onto one width
+    check_sequences: int = 16  # held-out training sequences each budget's choice is checked on vs uniform (0: off)
     seq_len: int = 256
     micro_batch: int = 4
     dtype: str = "bf16"

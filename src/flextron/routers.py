@@ -164,10 +164,18 @@ class Routers:
     config: RouterConfig
     adaptive: nn.Module | None = None
     adaptive_config: RouterConfig | None = None
+    checked: list[dict] | None = None  # per checked budget: the kept sub-network (train.routers.check_against_uniform)
+
+    def kept(self, fraction: float) -> dict | None:
+        """The check of the largest checked budget at or below `fraction` (None below them all)."""
+        below = [c for c in self.checked or [] if c["budget"] <= fraction + 1e-9]
+        return max(below, key=lambda c: c["budget"]) if below else None
 
     def save(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.static.state_dict().items()}, directory / ROUTER_WEIGHTS)
         cfg = {**asdict(self.config), "metric": self.metric}
+        if self.checked is not None:
+            cfg["checked"] = self.checked
         if self.adaptive is not None:
             save_file({k: v.contiguous() for k, v in self.adaptive.state_dict().items()},
                       directory / ADAPTIVE_WEIGHTS)
@@ -182,10 +190,11 @@ class Routers:
             cfg = json.loads((directory / ROUTER_CONFIG).read_text())
             metric = cfg.pop("metric")
             adaptive_cfg = cfg.pop("adaptive", None)
+            checked = cfg.pop("checked", None)
             config = _router_config(cfg)
             router = StaticRouter(space, config.budgets, config.hidden)
             router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
-            routers = cls(router.eval(), metric, config)
+            routers = cls(router.eval(), metric, config, checked=checked)
             if adaptive_cfg is not None:
                 from flextron.adaptive import AdaptiveRouters  # it builds on this module
 
@@ -214,11 +223,21 @@ def _router_config(cfg: dict) -> RouterConfig:
 @torch.no_grad()
 def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
     """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
-    own metric, or without routers the largest uniform sub-network within it."""
+    own metric, or without routers the largest uniform sub-network within it. Where `route`
+    checked the largest budget at or below this one and kept the uniform sub-network (or a lower
+    budget's), that rule applies instead."""
     if em.routers is None:
         return uniform_subnet_for(em, budget)[0]
     table, target = budget_target(em, budget)
-    mlp, attn = em.routers.static(router_fraction(em, table, target))
+    fraction = router_fraction(em, table, target)
+    check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
+    if check is not None and check["kept"] == "uniform":
+        return uniform_subnet_for(em, budget)[0]
+    if check is not None and check["kept"] == "lower budget":
+        subnet = Subnet(**check["subnet"])
+        if table(em.space, subnet) <= target * (1 + 1e-9):  # unless the table changed since (re-profiled)
+            return subnet
+    mlp, attn = em.routers.static(fraction)
     return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
 
 

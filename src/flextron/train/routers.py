@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveRouters, AdaptiveRouting, calibrate
 from flextron.config import Budget, RouterConfig
-from flextron.cost import budget_metric, cost_table
+from flextron.cost import budget_metric, cost_table, uniform_subnet_for
 from flextron.data import PackedSequences
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.evaluate import perplexity
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import (
     Routers,
@@ -35,6 +37,7 @@ from flextron.routers import (
     expected_cost,
     gumbel,
     relaxed,
+    select_subnet,
     straight_through,
 )
 from flextron.train.loop import kd_loss
@@ -126,6 +129,44 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     em.set_subnet(None)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
+
+
+def rows_used(cfg: RouterConfig) -> int:
+    """Training rows that `train_routers` reads (warm-up, router and joint steps); later rows are held out."""
+    return (cfg.surrogate_warmup * cfg.surrogate + cfg.steps + cfg.joint_steps) * cfg.micro_batch
+
+
+@torch.no_grad()
+def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
+                          autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+    """Never worse than the baseline: per budget (ascending, in the routers' metric), perplexity on
+    held-out `windows` of the routed sub-network, the largest uniform one within the budget and
+    the sub-network kept for the budget below (it fits too); the best is kept, so the kept
+    perplexity never rises with the budget. Stores the checks in `em.routers.checked`."""
+    em.routers.checked = None  # route, do not read earlier checks
+    checks, lower = [], None
+    for fraction in sorted(fractions):
+        budget = Budget(fraction=fraction)
+        candidates = {"router": select_subnet(em, budget)}
+        try:
+            candidates["uniform"] = uniform_subnet_for(em, budget)[0]
+        except FlextronError:  # per-layer spaces: no uniform sub-network may fit
+            pass
+        if lower is not None:
+            candidates["lower budget"] = lower
+        ppl: dict[str, float] = {}
+        for name, subnet in candidates.items():
+            same = next((k for k in ppl if candidates[k] == subnet), None)
+            if same is None:
+                em.set_subnet(subnet)
+            ppl[name] = ppl[same] if same is not None else perplexity(
+                em, windows, 4, autocast_dtype, progress, desc=f"check {name} @ {fraction:.0%}")
+        kept = min(ppl, key=ppl.get)  # ties keep the router's choice (first)
+        lower = candidates[kept]
+        checks.append({"budget": fraction, "kept": kept, "subnet": lower.to_dict(), "calib_ppl": ppl})
+    em.set_subnet(None)
+    em.routers.checked = checks
+    return checks
 
 
 def guided_fraction(log: list[dict]) -> float:
