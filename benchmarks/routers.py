@@ -8,6 +8,11 @@
    uniform sub-network of the same budget.
 
     python benchmarks/routers.py [--ckpt CKPT] [--steps 200] [--metric params|latency_ms] [--device cpu|cuda]
+        [--surrogate-warmup 64] [--surrogate-threshold 0.25] [--check-sequences 0]
+
+The surrogate's warm-up (forward passes only) is part of its wall time. `--check-sequences`
+(default 0 here) turns on route's check against the uniform baseline; it is off so the table
+compares the routers themselves.
 
 Budgets: 0.4, 0.5, ..., 1.0 of non-embedding params by default (plus the two unseen midpoints);
 with `--metric latency_ms`, a grid over the range of decode latency this machine allows.
@@ -44,6 +49,10 @@ def main() -> None:
     p.add_argument("--metric", default="params", choices=["params", "latency_ms"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="/tmp/flextron-routers")
+    p.add_argument("--surrogate-warmup", type=int, default=RouterConfig.surrogate_warmup)
+    p.add_argument("--surrogate-threshold", type=float, default=RouterConfig.surrogate_threshold)
+    p.add_argument("--check-sequences", type=int, default=0)
+    p.add_argument("--profile-samples", type=int, default=24, help="random sub-networks the latency table is fitted on")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -55,7 +64,8 @@ def main() -> None:
         shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
     else:
         api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
-    table = api.profile(base, device=a.device, dtype=a.dtype)
+    table = api.profile(base, device=a.device, dtype=a.dtype, n_fit=a.profile_samples,
+                        n_validate=max(1, a.profile_samples * 10 // 24))
     if a.metric == "params":
         grid = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     else:  # what latency budgets this machine allows
@@ -63,18 +73,23 @@ def main() -> None:
     runs, seconds = {}, {}
     for name, surrogate in (("surrogate", True), ("straight-through", False)):
         cfg = RouterConfig(budgets=grid, metric=a.metric, steps=a.steps, joint_steps=a.joint_steps,
-                           surrogate=surrogate, dtype=a.dtype, eval_limit=a.eval_limit)
+                           surrogate=surrogate, dtype=a.dtype, eval_limit=a.eval_limit,
+                           surrogate_warmup=a.surrogate_warmup, surrogate_threshold=a.surrogate_threshold,
+                           check_sequences=a.check_sequences)
         t = time.time()
         runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
         seconds[name] = time.time() - t
     data = {
         "command": f"python benchmarks/routers.py --steps {a.steps} --metric {a.metric} --device {a.device}"
+                   f" --surrogate-warmup {a.surrogate_warmup} --surrogate-threshold {a.surrogate_threshold}"
+                   + (f" --check-sequences {a.check_sequences}" if a.check_sequences else "")
                    + (f" --ckpt {a.ckpt}" if a.ckpt else ""),
         "source": a.ckpt or "packaged model, converted", "device": table["device"],
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},
         "seconds": seconds, "total_seconds": round(time.time() - t0),
         "surrogate_steps": [sum(r["surrogate_used"] for r in runs["surrogate"]["log"]), a.steps],
+        "surrogate_warmup": a.surrogate_warmup,
         "routes": {k: v["budgets"] for k, v in runs.items()}, "metric": runs["surrogate"]["metric"],
     }
     write_json("routers", data)
@@ -100,9 +115,10 @@ def report(data: dict) -> None:
         "",
         f"Budgets in {data['metric']}; source checkpoint: {data['source']}. Same router steps for both; wall "
         f"time: surrogate {data['seconds']['surrogate'] / 60:.1f} min, straight-through "
-        f"{data['seconds']['straight-through'] / 60:.1f} min; the surrogate was accurate enough to guide "
-        f"{data['surrogate_steps'][0]} of the {data['surrogate_steps'][1]} router steps. Cost/target is after "
-        "projection (raw argmax in "
+        f"{data['seconds']['straight-through'] / 60:.1f} min (surrogate: after a warm-up on "
+        f"{data.get('surrogate_warmup', 0)} random architectures); the surrogate was accurate enough to guide "
+        f"{data['surrogate_steps'][0]} of the {data['surrogate_steps'][1]} router steps (the others went straight "
+        "through the LLM). Cost/target is after projection (raw argmax in "
         "brackets); uniform = the largest uniform sub-network within the same budget.",
         "",
         "| budget | cost/target surrogate | ppl surrogate | cost/target straight-through | ppl straight-through | "

@@ -87,3 +87,56 @@ def test_profile_measures_a_depth_space(tmp_path):
                         progress=False)
     assert "0" in table["decode_ms"]["mlp"] and "0" in table["decode_ms"]["attn"]
     assert table["measurements"][1]["subnet"] == em.space.smallest().to_dict()
+
+
+def _all_subnets(space):
+    from itertools import product
+
+    from flextron.config import Subnet
+
+    for m in product(*space.mlp):
+        for a in product(*space.attn):
+            yield Subnet(mlp=list(m), attn=list(a))
+
+
+def test_noisy_timings_give_a_monotone_table_and_feasible_projections():
+    import numpy as np
+    import torch
+
+    from flextron.cost import CostTable
+    from flextron.routers import project
+
+    em = make_elastic()
+    # Nearly flat first steps (24 -> 48 neurons, 1 -> 2 units) under timer noise ten times larger.
+    true_mlp = {24: 0.0, 48: 0.02, 72: 1.0, 96: 2.0}
+    true_attn = {1: 0.0, 2: 0.01, 3: 0.5, 4: 1.0}
+    nets = random_subnets(em, 24, seed=0)
+    noise = np.random.default_rng(6).normal(0, 0.2, len(nets))
+    y = [5.0 + sum(true_mlp[w] for w in s.mlp) + sum(true_attn[a] for a in s.attn) + e for s, e in zip(nets, noise)]
+    every = list(_all_subnets(em.space))
+    # The unconstrained least squares of earlier versions: the smallest sub-network is not the
+    # cheapest, so feasible budgets were refused and projection ended over budget.
+    counts = np.asarray([[1.0] + [s.mlp.count(w) for w in true_mlp] + [s.attn.count(a) for a in true_attn]
+                         for s in nets])
+    coef = np.linalg.lstsq(counts, np.asarray(y), rcond=None)[0]
+    old = CostTable("latency_ms", coef[0], [list(coef[1:5])] * 2, [list(coef[5:])] * 2)
+    assert old(em.space, em.space.smallest()) > min(old(em.space, s) for s in every) + 0.1
+
+    fitted = _fit(em, nets, y)
+    for kind in ("mlp", "attn"):
+        values = [fitted[kind][k] for k in sorted(fitted[kind], key=int)]
+        assert values == sorted(values) and values[0] == 0.0
+    em.latency = {"decode_ms": fitted, "prefill_ms": fitted}
+    table = latency_table(em, "latency_ms")
+    cheapest = min(table(em.space, s) for s in every)
+    assert table(em.space, em.space.smallest()) == pytest.approx(cheapest)
+    gen = torch.Generator().manual_seed(0)
+    full = table(em.space, em.space.full())
+    for target in np.linspace(cheapest, full, 25):
+        lm, la = (torch.randn(2, 4, generator=gen).log_softmax(-1) for _ in range(2))
+        assert table(em.space, project(em.space, table, lm, la, target)) <= target * (1 + 1e-9)
+    # A table stored by an earlier version (inverted) is refitted from its own measurements.
+    em.latency = {"decode_ms": {**fitted, "mlp": {"24": 0.0, "48": 1.2, "72": 1.0, "96": 2.0}},
+                  "prefill_ms": fitted,
+                  "measurements": [{"role": "fit", "subnet": s.to_dict(), "decode_ms": v} for s, v in zip(nets, y)]}
+    assert latency_table(em, "latency_ms") == table

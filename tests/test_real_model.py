@@ -33,6 +33,10 @@ def test_demo_full_width_ppl_equals_original(demo):
 
 def test_demo_pipeline_routes_exports_and_evaluates(demo):
     assert all(r["cost_ratio"] <= 1 + 1e-9 for r in demo["routes"])
+    # Each budget kept the best of router, uniform and the lower budget's choice on held-out rows.
+    kept = [r["calib_ppl"][r["kept"]] for r in demo["routes"]]
+    assert all(k <= r["calib_ppl"].get("uniform", k) for k, r in zip(kept, demo["routes"]))
+    assert kept == sorted(kept, reverse=True)
     assert demo["router_metric"] == "latency_ms"  # profiled, so budgets mean decode latency
     half = next(r for r in demo["flextron"] if r["budget"] == f"{float(demo['export_budget']):.0%}")
     # The exported directory is the same sub-network the elastic checkpoint runs at that budget.

@@ -10,7 +10,7 @@ from flextron.cost import cost_table, uniform_subnet_for
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project, select_subnet
-from flextron.train.routers import train_routers
+from flextron.train.routers import OnlineSurrogate, guided_fraction, random_logits, train_routers
 
 
 def test_budget_encoding_interpolates_between_grid_neighbours():
@@ -64,12 +64,14 @@ def _one_step_up(space, sub):
 @pytest.fixture(scope="module")
 def trained():
     em = make_elastic()
-    teacher = ElasticModel(make_model("llama", seed=1))  # a different model, so the loss is not ~0
+    teacher = ElasticModel(make_model("llama"))  # the original, as `flextron route` uses it
     teacher.requires_grad_(False)
     tok = make_tokenizer()
     data = PackedSequences(tokenize(tok, word_text(3000)), 16, seed=0)
+    # Tiny random models tell architectures apart only a little: a loose threshold lets the
+    # surrogate guide some steps and not others (its error hovers around 0.3-0.5 here).
     cfg = RouterConfig(budgets=(0.4, 0.6, 0.8, 1.0), metric="params", steps=100, joint_steps=4, seq_len=16,
-                       micro_batch=2, dtype="fp32", router_lr=1e-2, surrogate_fit_steps=10)
+                       micro_batch=2, dtype="fp32", router_lr=1e-2, surrogate_warmup=32, surrogate_threshold=0.4)
     routers, log = train_routers(em, teacher, data, cfg, progress=False)
     em.routers = routers
     return em, routers, log, tok
@@ -81,8 +83,13 @@ def test_temperature_anneals_and_stages_follow(trained):
     assert taus[0] == pytest.approx(5.0) and taus[-1] == pytest.approx(0.3)
     assert all(a >= b for a, b in zip(taus, taus[1:]))
     assert [r["stage"] for r in log[-4:]] == ["joint"] * 4
-    assert any(r["surrogate_used"] for r in log)  # the surrogate became accurate enough to guide
-    assert log[-1]["surrogate_error"] < 0.1
+    stages = [r["stage"] for r in log]
+    assert stages[:32] == ["warmup"] * 32 and not any(r["surrogate_used"] for r in log[:32])
+    # A step follows the surrogate exactly when its error before the step was under the threshold.
+    for before, row in zip(log[31:], log[32:]):
+        if row["stage"] == "router":
+            assert row["surrogate_used"] == (before["surrogate_error"] < 0.4)
+    assert 0 < guided_fraction(log) < 1
 
 
 def test_router_meets_its_budgets(trained):
@@ -138,12 +145,15 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
                  "--joint-steps", "2", "--seq-len", "16", "--micro-batch", "2", "--eval-limit", "1",
                  "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]) == 0
     shown = capsys.readouterr().out
-    assert "Routed sub-networks" in shown and "uniform ppl" in shown
+    assert "Routed sub-networks" in shown and "uniform" in shown and "kept" in shown and "The surrogate guided" in shown
     routed, _, manifest = load_checkpoint(tmp_path / "routed")
     assert routed.routers is not None and manifest["routing"]["steps"] == 20
+    assert 0 <= manifest["routing"]["surrogate_guided"] <= 1
     report = json.loads((tmp_path / "routed" / "routing.json").read_text())
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
+    assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])
+    assert [c["budget"] for c in routed.routers.checked] == [0.5, 0.75, 1.0]
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
 
 
@@ -158,3 +168,88 @@ def test_projection_never_skips_below_the_floor():
         em.space.validate(sub)
         assert table(em.space, sub) <= fraction * full * (1 + 1e-9)
     assert decode(em.space, skip_first, skip_first) == em.space.floor(Subnet(mlp=[0] * 4, attn=[0] * 4))
+
+
+def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(trained):
+    from flextron.routers import router_fraction
+
+    em, routers, _, _ = trained
+    # A latency table where attention dominates: 50% of the latency is not 50% of the params.
+    mlp = {"24": 0.0, "48": 0.1, "72": 0.2, "96": 0.3}
+    attn = {"1": 0.0, "2": 2.0, "3": 4.0, "4": 6.0}
+    em.latency = {"decode_ms": {"overhead": 1.0, "mlp": mlp, "attn": attn}, "prefill_ms": {
+        "overhead": 1.0, "mlp": mlp, "attn": attn}}
+    try:
+        params = cost_table(em, "params")
+        assert router_fraction(em, params, 0.6 * params(em.space, em.space.full())) == pytest.approx(0.6)
+        latency = cost_table(em, "latency_ms")
+        full = latency(em.space, em.space.full())
+        for f in (0.5, 0.7):
+            target = f * full
+            r = router_fraction(em, latency, target)
+            # The router's own choice at that budget fits the latency target, a slightly larger one does not.
+            assert latency(em.space, decode(em.space, *routers.static(r))) <= target
+            assert r == 1.0 or latency(em.space, decode(em.space, *routers.static(min(1.0, r + 0.02)))) > target
+            chosen = select_subnet(em, Budget.parse(f"latency_ms={f:.0%}"))
+            assert latency(em.space, chosen) <= target
+    finally:
+        em.latency = None
+
+
+def test_surrogate_learns_a_known_loss_of_the_choices():
+    space = ElasticSpace(mlp=[[8, 16, 24, 32]] * 4, attn=[[1, 2], [1, 2], [1, 2, 3], [1, 2, 3]])
+    router = StaticRouter(space, (0.5, 1.0))
+    cfg = RouterConfig()
+    gen = torch.Generator().manual_seed(0)
+    w_mlp, w_attn = torch.rand(4, 4, generator=gen), torch.rand(4, 3, generator=gen)
+
+    def loss(mlp, attn):  # additive per-layer terms and one interaction between layers 0 and 1
+        im, ia = mlp.argmax(-1), attn.argmax(-1)
+        return (w_mlp[range(4), im].sum() + w_attn[range(4), ia].sum() + 0.5 * (im[0] == im[1])).item()
+
+    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, torch.device("cpu"))
+    assert not surrogate.accurate  # nothing seen yet
+    for _ in range(300):
+        logits = random_logits(router.mlp_mask, gen), random_logits(router.attn_mask, gen)
+        mlp, attn = (gumbel(x, 1.0, gen) for x in logits)
+        assert attn[:2, 2].sum() == 0  # padding never chosen
+        surrogate.observe(tuple(x.softmax(-1) for x in logits), (mlp, attn), loss(mlp, attn))
+    assert surrogate.accurate and surrogate.error < cfg.surrogate_threshold
+    # Its gradient ranks one layer's choices as the known loss does (other layers held one-hot).
+    mlp = torch.nn.functional.one_hot(torch.tensor([3, 0, 1, 2]), 4).float().requires_grad_(True)
+    attn = torch.nn.functional.one_hot(torch.tensor([1, 1, 2, 0]), 3).float()
+    surrogate.predict(mlp, attn).backward()
+    best, worst = w_mlp[2].argmin(), w_mlp[2].argmax()
+    assert mlp.grad[2, best] < mlp.grad[2, worst]
+
+
+def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(trained, tmp_path):
+    from flextron.evaluate import perplexity
+    from flextron.train.routers import check_against_uniform
+
+    em, _, _, tok = trained
+    held = PackedSequences(tokenize(tok, word_text(2000, seed=7)), 16, seed=1).rows(0, 8)
+    table = cost_table(em, "params")
+    full = table(em.space, em.space.full())
+    try:
+        checks = check_against_uniform(em, held, [0.4, 0.5, 0.6, 0.8, 1.0], progress=False)
+        assert [c["budget"] for c in checks] == [0.4, 0.5, 0.6, 0.8, 1.0]
+        kept = []
+        for c in checks:
+            assert {"router", "uniform"} <= set(c["calib_ppl"])
+            assert c["calib_ppl"][c["kept"]] == min(c["calib_ppl"].values())
+            chosen = select_subnet(em, Budget(fraction=c["budget"]))  # what every command now uses
+            assert chosen.to_dict() == c["subnet"] and table(em.space, chosen) <= c["budget"] * full * (1 + 1e-9)
+            em.set_subnet(chosen)
+            kept.append(perplexity(em, held, progress=False))
+            assert kept[-1] == pytest.approx(c["calib_ppl"][c["kept"]], rel=1e-5)
+            assert kept[-1] <= c["calib_ppl"]["uniform"] * (1 + 1e-6)  # never worse than the baseline
+        assert kept == sorted(kept, reverse=True)  # a larger budget is never worse
+        # The checks travel with the routers.
+        save_checkpoint(em, tok, tmp_path / "ckpt", {"source_model": "tiny"})
+        loaded, _, _ = load_checkpoint(tmp_path / "ckpt")
+        assert loaded.routers.checked == checks
+        assert select_subnet(loaded, Budget(fraction=0.7)) == select_subnet(em, Budget(fraction=0.7))
+    finally:
+        em.routers.checked = None
+        em.set_subnet(None)

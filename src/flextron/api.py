@@ -284,13 +284,15 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
 def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *, out: str | Path | None = None,
           overwrite: bool = False, device: str | None = None, unseen: tuple[float, ...] | None = None,
           adaptive: bool = False, progress: bool = True) -> dict:
-    """Train static routers (surrogate-guided) and fine-tune jointly; store them in the checkpoint
-    (or in `out`) and report, per budget, the routed sub-network, its cost and held-out perplexity.
+    """Train static routers (surrogate-guided) and fine-tune jointly; per budget keep the better of
+    the routed and the largest uniform sub-network on held-out training rows; store them in the
+    checkpoint (or in `out`) and report, per budget, the kept sub-network, its cost and held-out
+    perplexity.
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
     report them against the static router at the same realised cost."""
     from flextron.data import PackedSequences, load_corpus
-    from flextron.train.routers import train_adaptive, train_routers
+    from flextron.train.routers import check_against_uniform, guided_fraction, rows_used, train_adaptive, train_routers
 
     device = resolve_device(device)
     grid = sorted(cfg.budgets)
@@ -315,13 +317,17 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     else:
         em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
     del teacher
+    fractions = sorted(set(cfg.budgets) | set(unseen))
+    amp = compute_dtype(cfg.dtype)
+    if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
+        check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
     key = "adaptive_routing" if adaptive else "routing"
     manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
                      "surrogate": cfg.surrogate and not adaptive}
+    if cfg.surrogate and not adaptive:
+        manifest[key]["surrogate_guided"] = guided_fraction(log)
     save_checkpoint(em, tok, out, manifest, overwrite=True)
     wins = heldout_windows(tok, 1024, cfg.eval_limit)
-    fractions = sorted(set(cfg.budgets) | set(unseen))
-    amp = compute_dtype(cfg.dtype)
     if adaptive:
         rows = adaptive_at_budgets(em, wins, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
                                    progress=progress)
@@ -333,7 +339,10 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
                   "static_subnet": s["subnet"]}
     else:
         rows = router_report(em, wins, fractions, autocast_dtype=amp, progress=progress)
-    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log}
+        for r, c in zip(rows, em.routers.checked or []):
+            r |= {"kept": c["kept"], "calib_ppl": c["calib_ppl"]}
+    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log,
+              **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
     atomic_write(out / ("adaptive.json" if adaptive else "routing.json"),
                  lambda p: p.write_text(json.dumps(result, indent=1)))
     return result

@@ -207,12 +207,15 @@ def cmd_route(a: argparse.Namespace) -> None:
                       f"{result['checkpoint']}/adaptive.json")
         return
     t = Table(title=f"Routed sub-networks (budgets in {result['metric']})")
-    for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl"):
+    for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl", "kept"):
         t.add_column(col, justify="right")
     for r in result["budgets"]:
         t.add_row(f"{r['budget']:.0%}", _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                  f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}")
+                  f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}", r.get("kept", "router"))
     console.print(t)
+    if "surrogate_guided" in result:
+        console.print(f"The surrogate guided {result['surrogate_guided']:.0%} of the router steps (straight-through "
+                      "through the LLM while its error was above the threshold).")
     console.print(f"Routers stored in {result['checkpoint']}; details in {result['checkpoint']}/routing.json")
 
 

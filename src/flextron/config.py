@@ -372,10 +372,12 @@ class RouterConfig:
     budget_weight: float = 10.0
     tolerance: float = 0.01  # |expected cost / target - 1| below this costs nothing
     surrogate: bool = True  # False: straight-through Gumbel through the LLM (the ablation baseline)
-    surrogate_threshold: float = 0.1  # relative error under which routers follow the surrogate
-    surrogate_hidden: int = 256
-    surrogate_fit_steps: int = 20
+    surrogate_threshold: float = 0.25  # surrogate error / the loss's spread under which routers follow it
+    surrogate_warmup: int = 64  # random architectures the surrogate is fitted on before router steps
+    surrogate_hidden: int = 128
+    surrogate_fit_steps: int = 5  # more overfits the noisy targets at the router's probabilities
     balance_weight: float = 0.01  # adaptive routers: keeps token routers from collapsing onto one width
+    check_sequences: int = 16  # held-out training sequences each budget's choice is checked on vs uniform (0: off)
     seq_len: int = 256
     micro_batch: int = 4
     dtype: str = "bf16"

@@ -36,14 +36,15 @@ PRESETS = {
     "tiny": Preset(
         calibration=CalibrationConfig(n_sequences=16, seq_len=128),
         train=TrainConfig(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
-        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1),
+        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1, surrogate_warmup=8,
+                           check_sequences=2),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "n_fit": 6, "n_validate": 2},
         eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"),
     ),
     "demo": Preset(
         calibration=CalibrationConfig(),
         train=TrainConfig(max_steps=20, seq_len=256, micro_batch=4, eval_limit=0, save_every=_NO_SAVE),
-        route=RouterConfig(steps=60, joint_steps=4, eval_limit=4),
+        route=RouterConfig(steps=60, joint_steps=4, eval_limit=4, surrogate_warmup=32),
         profile={"repeats": 2},
     ),
     "bench": Preset(

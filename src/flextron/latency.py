@@ -4,8 +4,9 @@ Timing one block alone on a CPU misses the framework work between blocks and is 
 timer noise for blocks of a millisecond, so the table is measured differentially: end-to-end
 latency of many random heterogeneous sub-networks (warm-up, device sync, trimmed mean of
 repeats), then a least-squares fit of latency = overhead + sum over layers of
-t_mlp[width] + t_attn[units]. Each column of the fit is the difference that swapping one
-layer's choice makes — repeat-and-subtract, done across all layers at once. The table is
+t_mlp[width] + t_attn[units], with the increments between neighbouring widths held
+non-negative. Each column of the fit is the difference that widening one layer's choice
+makes — repeat-and-subtract, done across all layers at once. The table is
 checked on further random sub-networks that the fit never saw.
 """
 
@@ -87,23 +88,43 @@ def _columns(em: ElasticModel) -> tuple[list[int], list[int]]:
 
 
 def _design(em: ElasticModel, subnets: list[Subnet]) -> np.ndarray:
+    """Per sub-network: how many layers reach each MLP width and each attention width beyond the
+    smallest (the columns of the fit are the increments between neighbouring widths)."""
     widths, units = _columns(em)
-    rows = []
-    for s in subnets:
-        rows.append([1.0] + [s.mlp.count(w) for w in widths] + [s.attn.count(a) for a in units])
-    return np.asarray(rows)
+    rows = [[sum(m >= w for m in s.mlp) for w in widths[1:]] + [sum(a >= u for a in s.attn) for u in units[1:]]
+            for s in subnets]
+    return np.asarray(rows, dtype=np.float64).reshape(len(subnets), len(widths) + len(units) - 2)
+
+
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray, sweeps: int = 10_000, tol: float = 1e-12) -> tuple[float, np.ndarray]:
+    """min ||y - c - x d|| over a free intercept c and d >= 0 (cyclic coordinate descent: the
+    problem is a small convex quadratic with bounds)."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    norms = (xc**2).sum(0)
+    d = np.zeros(x.shape[1])
+    r = yc.copy()
+    for _ in range(sweeps):
+        moved = 0.0
+        for j in np.flatnonzero(norms > 0):
+            new = max(0.0, d[j] + xc[:, j] @ r / norms[j])
+            if new != d[j]:
+                r -= xc[:, j] * (new - d[j])
+                moved = max(moved, abs(new - d[j]))
+                d[j] = new
+        if moved <= tol * (1 + np.abs(d).max()):
+            break
+    return float(y.mean() - x.mean(0) @ d), d
 
 
 def _fit(em: ElasticModel, subnets: list[Subnet], y: list[float]) -> dict:
+    """Least squares constrained to non-negative increments between neighbouring widths, so a
+    wider choice never costs less (timing noise cannot invert the table) and the smallest
+    sub-network is the cheapest. The smallest widths cost 0: their time is in the overhead."""
     widths, units = _columns(em)
-    coef, *_ = np.linalg.lstsq(_design(em, subnets), np.asarray(y), rcond=None)
-    overhead, mlp, attn = coef[0], coef[1 : 1 + len(widths)], coef[1 + len(widths) :]
-    # Only sums over layers are identified: move each kind's minimum into the overhead so
-    # the per-choice entries read as non-negative costs. Predictions do not change.
-    n = em.space.n_layers
-    overhead += n * (mlp.min() + attn.min())
-    mlp, attn = mlp - mlp.min(), attn - attn.min()
-    return {"overhead": float(overhead), "mlp": {str(w): float(v) for w, v in zip(widths, mlp)},
+    overhead, inc = nonneg_lstsq(_design(em, subnets), np.asarray(y, dtype=np.float64))
+    mlp = np.concatenate([[0.0], np.cumsum(inc[: len(widths) - 1])])
+    attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
+    return {"overhead": overhead, "mlp": {str(w): float(v) for w, v in zip(widths, mlp)},
             "attn": {str(a): float(v) for a, v in zip(units, attn)}}
 
 
@@ -175,7 +196,20 @@ def latency_table(em: ElasticModel, metric: str) -> CostTable:
     """The measured table of `metric` (latency_ms: decode per token; prefill_ms) as a CostTable."""
     if not has_latency_table(em):
         raise FlextronError(f"budget metric {metric} needs a latency table; run `flextron profile CKPT` first")
-    return _as_table(em, metric, em.latency[_METRIC_KEY[metric]])
+    key = _METRIC_KEY[metric]
+    fitted = em.latency[key]
+    if not all(_ascending(fitted[kind]) for kind in ("mlp", "attn")):
+        # Fitted before increments were constrained: refit from the table's own measurements.
+        rows = [m for m in em.latency.get("measurements", []) if m["role"] == "fit"]
+        if not rows:
+            raise FlextronError(f"the latency table's {key} decreases with width; re-run `flextron profile`")
+        fitted = _fit(em, [Subnet(**m["subnet"]) for m in rows], [m[key] for m in rows])
+    return _as_table(em, metric, fitted)
+
+
+def _ascending(costs: dict[str, float]) -> bool:
+    values = [costs[k] for k in sorted(costs, key=int)]
+    return all(a <= b for a, b in zip(values, values[1:]))
 
 
 def _as_table(em: ElasticModel, metric: str, t: dict) -> CostTable:

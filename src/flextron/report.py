@@ -85,10 +85,11 @@ def markdown(data: dict, groups: dict[str, list[dict]], plots: list[str]) -> str
     routes = data.get("routes")
     if routes:
         lines += ["", f"Routers (budgets in {data.get('router_metric', 'the routers metric')}): realised cost / "
-                  "target, and held-out perplexity of the routed vs the largest uniform sub-network within it.", "",
-                  "| budget | cost/target | routed ppl | uniform ppl |", "|---|---|---|---|"]
-        lines += [f"| {r['budget']:.0%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | {r['uniform_ppl']:.2f} |"
-                  for r in routes]
+                  "target, and held-out perplexity of the routed vs the largest uniform sub-network within it; "
+                  "kept: what a check on held-out training rows chose (router, uniform, or the lower budget's).", "",
+                  "| budget | cost/target | routed ppl | uniform ppl | kept |", "|---|---|---|---|---|"]
+        lines += [f"| {r['budget']:.0%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | {r['uniform_ppl']:.2f} | "
+                  f"{r.get('kept', '-')} |" for r in routes]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines)
 

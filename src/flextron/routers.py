@@ -71,23 +71,36 @@ class StaticRouter(nn.Module):
 
 
 class Surrogate(nn.Module):
-    """Predicts the LLM's distillation loss from the routers' (one-hot) per-layer choices."""
+    """Predicts the LLM's distillation loss from the router's per-layer choice probabilities
+    (a relaxed sample, whose argmax is the architecture measured)."""
 
     def __init__(self, n_in: int, hidden: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
+        # The net predicts the standardised loss: losses differ by orders of magnitude between models.
+        self.register_buffer("offset", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
 
     def forward(self, choices: Tensor) -> Tensor:
-        return self.net(choices).squeeze(-1)
+        return self.offset + self.scale * self.net(choices).squeeze(-1)
+
+
+def relaxed(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """Gumbel-softmax: per-layer choice probabilities of one relaxed sample; masked (-inf) choices get 0."""
+    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-9, 1 - 1e-9)
+    return F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+def straight_through(soft: Tensor) -> Tensor:
+    """One-hot of the most probable choice in value, the gradient of `soft`."""
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
 
 
 def gumbel(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
     """Straight-through Gumbel-softmax: one-hot forward, soft gradient; masked (-inf) choices never win."""
-    u = torch.rand(logits.shape, generator=generator).to(logits.device).clamp(1e-9, 1 - 1e-9)
-    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
-    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
+    return straight_through(relaxed(logits, tau, generator))
 
 
 def expected_cost(table: CostTable, mlp: Tensor, attn: Tensor) -> Tensor:
@@ -157,10 +170,18 @@ class Routers:
     config: RouterConfig
     adaptive: nn.Module | None = None
     adaptive_config: RouterConfig | None = None
+    checked: list[dict] | None = None  # per checked budget: the kept sub-network (train.routers.check_against_uniform)
+
+    def kept(self, fraction: float) -> dict | None:
+        """The check of the largest checked budget at or below `fraction` (None below them all)."""
+        below = [c for c in self.checked or [] if c["budget"] <= fraction + 1e-9]
+        return max(below, key=lambda c: c["budget"]) if below else None
 
     def save(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.static.state_dict().items()}, directory / ROUTER_WEIGHTS)
         cfg = {**asdict(self.config), "metric": self.metric}
+        if self.checked is not None:
+            cfg["checked"] = self.checked
         if self.adaptive is not None:
             save_file({k: v.contiguous() for k, v in self.adaptive.state_dict().items()},
                       directory / ADAPTIVE_WEIGHTS)
@@ -175,10 +196,11 @@ class Routers:
             cfg = json.loads((directory / ROUTER_CONFIG).read_text())
             metric = cfg.pop("metric")
             adaptive_cfg = cfg.pop("adaptive", None)
+            checked = cfg.pop("checked", None)
             config = _router_config(cfg)
             router = StaticRouter(space, config.budgets, config.hidden)
             router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
-            routers = cls(router.eval(), metric, config)
+            routers = cls(router.eval(), metric, config, checked=checked)
             if adaptive_cfg is not None:
                 from flextron.adaptive import AdaptiveRouters  # it builds on this module
 
@@ -206,11 +228,48 @@ def _router_config(cfg: dict) -> RouterConfig:
 
 @torch.no_grad()
 def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
-    """The sub-network for a budget: the router's choice, projected onto the budget, or without
-    routers the largest uniform sub-network within it."""
+    """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
+    own metric, or without routers the largest uniform sub-network within it. Where `route`
+    checked the largest budget at or below this one and kept the uniform sub-network (or a lower
+    budget's), that rule applies instead."""
     if em.routers is None:
         return uniform_subnet_for(em, budget)[0]
     table, target = budget_target(em, budget)
-    full = table(em.space, em.space.full())
-    mlp, attn = em.routers.static(target / full)
+    fraction = router_fraction(em, table, target)
+    check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
+    if check is not None and check["kept"] == "uniform":
+        return uniform_subnet_for(em, budget)[0]
+    if check is not None and check["kept"] == "lower budget":
+        subnet = Subnet(**check["subnet"])
+        if table(em.space, subnet) <= target * (1 + 1e-9):  # unless the table changed since (re-profiled)
+            return subnet
+    mlp, attn = em.routers.static(fraction)
     return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+
+
+@torch.no_grad()
+def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: int = 30) -> float:
+    """The budget to ask the router for, as a fraction of the full cost in its own metric.
+
+    A budget in the routers' metric is read as it is. A budget in another metric (say params=50%
+    to latency routers) is not a fraction the router knows: take the router's largest budget
+    whose choice (argmax) costs at most the target in the requested metric (bisection; the
+    router's sub-networks grow with its budget), so projection in that metric starts from
+    preferences of the right size."""
+    full = table(em.space, em.space.full())
+    if table.metric == em.routers.metric:
+        return target / full
+    grid = em.routers.static.grid
+    lo, hi = grid[0].item(), 1.0
+
+    def fits(fraction: float) -> bool:
+        return table(em.space, decode(em.space, *em.routers.static(fraction))) <= target * (1 + 1e-9)
+
+    if fits(hi):
+        return hi
+    if not fits(lo):
+        return lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

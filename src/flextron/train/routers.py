@@ -1,14 +1,15 @@
 """Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning; and the
 input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way.
 
-Stage 2 keeps the LLM frozen. Each step draws a budget from the grid, samples per-layer
-choices from the router (straight-through Gumbel-softmax, annealed temperature), and measures
-the distillation loss of that sub-network on a fixed probe batch (hard slices: cheap). The surrogate learns to
-predict that loss from the choices; while its running relative error is under the threshold,
-the router descends surrogate loss + budget loss, so no gradient crosses the LLM. The
-ablation (`surrogate=False`) instead back-propagates the LLM's loss into the router through
-soft masks (straight-through Gumbel). Stage 3 drops the surrogate and fine-tunes LLM and router
-together through the soft masks.
+Stage 2 keeps the LLM frozen. The surrogate (an MLP from the router's per-layer choice
+probabilities to the LLM's distillation loss) first warms up on random architectures of every
+size. Then each step draws a budget from the grid, a relaxed Gumbel-softmax sample of the
+router's choices (annealed temperature) and a fresh training batch; the sampled architecture's
+loss is measured and fitted. While the surrogate's running error on architectures it had not
+yet seen is under the threshold, the router descends surrogate + budget loss and the LLM only
+runs forward (hard slices); otherwise the step back-propagates the LLM's loss through soft
+masks (straight-through), as the ablation (`surrogate=False`) does at every step. Stage 3 drops
+the surrogate and fine-tunes LLM and router together through the soft masks.
 """
 
 from __future__ import annotations
@@ -22,11 +23,23 @@ from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveRouters, AdaptiveRouting, calibrate
 from flextron.config import Budget, RouterConfig
-from flextron.cost import budget_metric, cost_table
+from flextron.cost import budget_metric, cost_table, uniform_subnet_for
 from flextron.data import PackedSequences
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.evaluate import perplexity
 from flextron.precision import autocast, compute_dtype
-from flextron.routers import Routers, StaticRouter, Surrogate, decode, expected_cost, gumbel
+from flextron.routers import (
+    Routers,
+    StaticRouter,
+    Surrogate,
+    decode,
+    expected_cost,
+    gumbel,
+    relaxed,
+    select_subnet,
+    straight_through,
+)
 from flextron.train.loop import kd_loss
 
 
@@ -46,73 +59,178 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
     torch.manual_seed(cfg.seed)
     router = StaticRouter(em.space, cfg.budgets, cfg.hidden).to(device)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    n_in = router.mlp_mask.numel() + router.attn_mask.numel()
-    surrogate = Surrogate(n_in, cfg.surrogate_hidden).to(device)
-    s_opt = torch.optim.Adam(surrogate.parameters(), lr=1e-3)
-    xs: list[torch.Tensor] = []
-    ys: list[float] = []
-    err_ema = math.inf
+    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, device)
     amp = compute_dtype(cfg.dtype)
-    log = []
-    t0 = time.time()
     em.requires_grad_(False)
-    # The surrogate's targets come from one fixed batch: the loss is then a function of the
-    # architecture alone, which the surrogate can learn (fresh batches add data noise it cannot).
-    probe = data.rows(0, cfg.micro_batch).to(device)
-    with torch.no_grad(), autocast(device, amp):
-        t_probe = teacher(input_ids=probe, use_cache=False).logits
+    warmup = cfg.surrogate_warmup if cfg.surrogate else 0
     total = cfg.steps + cfg.joint_steps
-    bar = tqdm(total=total, desc="routers", disable=not progress)
+    bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
+    log, t0 = [], time.time()
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh training rows for call i, and the teacher's logits on them."""
+        ids = data.rows(i * cfg.micro_batch, cfg.micro_batch).to(device)
+        with torch.no_grad(), autocast(device, amp):
+            return ids, teacher(input_ids=ids, use_cache=False).logits
+
+    def measure(ym: torch.Tensor, ya: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
+        em.set_subnet(decode(em.space, ym, ya))  # hard slices, no backward: cheap
+        with torch.no_grad(), autocast(device, amp):
+            return kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+
+    for i in range(warmup):  # diverse random architectures, before any router update
+        lm, la = (random_logits(mask, gen).to(device) for mask in (router.mlp_mask, router.attn_mask))
+        ym, ya = straight_through(relaxed(lm, 1.0, gen)), straight_through(relaxed(la, 1.0, gen))
+        surrogate.observe((F.softmax(lm, -1), F.softmax(la, -1)), (ym, ya), measure(ym, ya, *batch(i)))
+        log.append({"step": i + 1, "stage": "warmup", "kd": surrogate.ys[-1], "surrogate_error": surrogate.error,
+                    "surrogate_used": False, "elapsed_s": time.time() - t0})
+        bar.update(1)
     llm_opt = None
     for step in range(total):
         joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
         mlp_logits, attn_logits = router(fraction)
         ym, ya = gumbel(mlp_logits, tau, gen), gumbel(attn_logits, tau, gen)
+        # What the router outputs: per-layer choice probabilities. The Gumbel argmax draws each
+        # layer's choice with exactly these probabilities (whatever the temperature).
+        probs = (F.softmax(mlp_logits, -1), F.softmax(attn_logits, -1))
         # The budget term uses the tempered choice probabilities: smooth, free of sampling noise,
-        # and converging to the argmax's cost as the temperature falls.
+        # and converging to the argmax's cost as the temperature falls. Once they saturate their
+        # gradient vanishes, and a router that the loss pulled over budget would stay there: the
+        # argmax's own cost (straight through the untempered probabilities) is bound too.
         ratio = expected_cost(table, F.softmax(mlp_logits / tau, -1), F.softmax(attn_logits / tau, -1)) / (
             fraction * full)
-        budget_loss = F.relu((ratio - 1).abs() - cfg.tolerance)
-        used_surrogate = False
-        if joint or not cfg.surrogate:
-            ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
-            with torch.no_grad(), autocast(device, amp):
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
+        argmax_ratio = expected_cost(table, straight_through(F.softmax(mlp_logits, -1)),
+                                     straight_through(F.softmax(attn_logits, -1))) / (fraction * full)
+        budget_loss = F.relu((ratio - 1).abs() - cfg.tolerance) + F.relu((argmax_ratio - 1).abs() - cfg.tolerance)
+        ids, t_logits = batch(warmup + step)
+        # Guided: descend the surrogate's prediction, the LLM only measures (forward, hard slices).
+        # Otherwise (joint stage, ablation, or a surrogate not yet accurate) the step goes straight
+        # through the LLM: the router still learns from the true loss instead of idling on the budget.
+        guided = cfg.surrogate and not joint and surrogate.accurate
+        if guided:
+            measured = measure(ym.detach(), ya.detach(), ids, t_logits)
+            loss = surrogate.predict(*probs) + cfg.budget_weight * budget_loss
+        else:
             _soft(em, ym, ya)
             with autocast(device, amp):
                 kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
             loss = kd + cfg.budget_weight * budget_loss
             measured = kd.item()
-        else:
-            em.set_subnet(decode(em.space, ym.detach(), ya.detach()))
-            with torch.no_grad(), autocast(device, amp):
-                measured = kd_loss(em(input_ids=probe, use_cache=False).logits, t_probe).item()
-            x = torch.cat([ym.flatten(), ya.flatten()]).float()
-            with torch.no_grad():
-                # Error relative to the typical loss seen so far: the loss itself is ~0 at full width.
-                scale = (sum(ys) + measured) / (len(ys) + 1)
-                rel = abs(surrogate(x.detach()).item() - measured) / max(scale, 1e-6)
-            err_ema = rel if math.isinf(err_ema) else 0.9 * err_ema + 0.1 * rel
-            xs.append(x.detach())
-            ys.append(measured)
-            _fit_surrogate(surrogate, s_opt, xs, ys, cfg.surrogate_fit_steps, gen)
-            used_surrogate = err_ema < cfg.surrogate_threshold
-            loss = cfg.budget_weight * budget_loss
-            if used_surrogate:
-                surrogate.requires_grad_(False)
-                loss = loss + surrogate(x)
-                surrogate.requires_grad_(True)
         _update(em, loss, opt, llm_opt)
+        if cfg.surrogate and not joint:
+            surrogate.observe(tuple(p.detach() for p in probs), (ym.detach(), ya.detach()), measured)
         log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
-                    "cost_ratio": ratio.item(), "kd": measured, "surrogate_error": err_ema,
-                    "surrogate_used": used_surrogate, "elapsed_s": time.time() - t0})
+                    "cost_ratio": ratio.item(), "kd": measured, "surrogate_error": surrogate.error,
+                    "surrogate_used": guided, "elapsed_s": time.time() - t0})
         bar.update(1)
-        bar.set_postfix(kd=f"{measured:.3f}", cost=f"{ratio.item():.2f}", sm_err=f"{err_ema:.2f}")
+        bar.set_postfix(kd=f"{measured:.3f}", cost=f"{ratio.item():.2f}", sm_err=f"{surrogate.error:.2f}")
     bar.close()
     em.requires_grad_(False)
     em.set_subnet(None)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
+
+
+def rows_used(cfg: RouterConfig) -> int:
+    """Training rows that `train_routers` reads (warm-up, router and joint steps); later rows are held out."""
+    return (cfg.surrogate_warmup * cfg.surrogate + cfg.steps + cfg.joint_steps) * cfg.micro_batch
+
+
+@torch.no_grad()
+def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
+                          autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+    """Never worse than the baseline: per budget (ascending, in the routers' metric), perplexity on
+    held-out `windows` of the routed sub-network, the largest uniform one within the budget and
+    the sub-network kept for the budget below (it fits too); the best is kept, so the kept
+    perplexity never rises with the budget. Stores the checks in `em.routers.checked`."""
+    em.routers.checked = None  # route, do not read earlier checks
+    checks, lower = [], None
+    for fraction in sorted(fractions):
+        budget = Budget(fraction=fraction)
+        candidates = {"router": select_subnet(em, budget)}
+        try:
+            candidates["uniform"] = uniform_subnet_for(em, budget)[0]
+        except FlextronError:  # per-layer spaces: no uniform sub-network may fit
+            pass
+        if lower is not None:
+            candidates["lower budget"] = lower
+        ppl: dict[str, float] = {}
+        for name, subnet in candidates.items():
+            same = next((k for k in ppl if candidates[k] == subnet), None)
+            if same is None:
+                em.set_subnet(subnet)
+            ppl[name] = ppl[same] if same is not None else perplexity(
+                em, windows, 4, autocast_dtype, progress, desc=f"check {name} @ {fraction:.0%}")
+        kept = min(ppl, key=ppl.get)  # ties keep the router's choice (first)
+        lower = candidates[kept]
+        checks.append({"budget": fraction, "kept": kept, "subnet": lower.to_dict(), "calib_ppl": ppl})
+    em.set_subnet(None)
+    em.routers.checked = checks
+    return checks
+
+
+def guided_fraction(log: list[dict]) -> float:
+    """The share of router steps (LLM frozen) that descended the surrogate."""
+    steps = [r for r in log if r.get("stage") == "router"]
+    return sum(r["surrogate_used"] for r in steps) / max(len(steps), 1)
+
+
+class OnlineSurrogate:
+    """The surrogate, its optimizer and everything measured so far; `accurate` once its recent
+    error on architectures it had not yet been fitted on is small against the loss's spread."""
+
+    window = 16  # recent predictions the running error averages
+
+    def __init__(self, n_in: int, cfg: RouterConfig, gen: torch.Generator, device: torch.device) -> None:
+        self.model = Surrogate(n_in, cfg.surrogate_hidden).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.cfg, self.gen = cfg, gen
+        self.xs: list[torch.Tensor] = []
+        self.ys: list[float] = []
+        self.misses: list[float] = []
+
+    @property
+    def error(self) -> float:
+        """Mean |prediction - loss| of the last `window` predictions over the mean |loss - mean loss|:
+        a surrogate that only knows the mean loss scores ~1, one that tells architectures apart ~0."""
+        if len(self.misses) < self.window:
+            return math.inf
+        ys = torch.tensor(self.ys, dtype=torch.float64)
+        spread = (ys - ys.mean()).abs().mean().item()
+        return sum(self.misses[-self.window :]) / self.window / max(spread, 1e-12)
+
+    @property
+    def accurate(self) -> bool:
+        return self.error < self.cfg.surrogate_threshold
+
+    def predict(self, mlp: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The predicted loss, differentiable in the choice probabilities (not in the surrogate)."""
+        self.model.requires_grad_(False)
+        out = self.model(torch.cat([mlp.flatten(), attn.flatten()]).float())
+        self.model.requires_grad_(True)
+        return out
+
+    def observe(self, probs: tuple[torch.Tensor, torch.Tensor], sample: tuple[torch.Tensor, torch.Tensor],
+                loss: float) -> None:
+        """Score the prediction for the sampled architecture (one-hot), then fit on it and on the
+        router's probabilities, both with the measured loss, and on everything before."""
+        x = torch.cat([t.flatten() for t in sample]).float()
+        with torch.no_grad():
+            self.misses.append(abs(self.model(x).item() - loss))
+        # The surrogate reads E[loss] under the router's probabilities: at a one-hot that is the
+        # architecture's loss, elsewhere the sampled loss is an unbiased draw of it.
+        self.xs += [x, torch.cat([t.flatten() for t in probs]).float()]
+        self.ys += [loss, loss]
+        _fit_surrogate(self.model, self.opt, self.xs, self.ys, self.cfg.surrogate_fit_steps, self.gen)
+
+
+def random_logits(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random router logits, tilted towards small or large choices (so warm-up covers every budget)
+    and from flat to sharp."""
+    k = mask.shape[-1]
+    tilt = (torch.rand((), generator=gen) * 8 - 4) * torch.arange(k) / max(k - 1, 1)
+    sharpness = 4 ** (torch.rand((), generator=gen) * 2 - 1)
+    return ((torch.randn(mask.shape, generator=gen) + tilt) * sharpness).masked_fill(~mask.cpu(), float("-inf"))
 
 
 def _schedule(em: ElasticModel, cfg: RouterConfig, step: int, llm_opt: torch.optim.Optimizer | None,
@@ -207,9 +325,11 @@ def _fit_surrogate(model: Surrogate, opt: torch.optim.Optimizer, xs: list[torch.
                    steps: int, gen: torch.Generator) -> None:
     """A few Adam steps of MSE on random mini-batches of everything measured so far."""
     x, y = torch.stack(xs), torch.tensor(ys, device=xs[0].device)
+    model.offset.fill_(y.mean().item())
+    model.scale.fill_(max(y.std().item() if len(ys) > 1 else 1.0, 1e-8))
     for _ in range(steps):
         i = torch.randint(len(xs), (min(64, len(xs)),), generator=gen).to(x.device)
-        loss = F.mse_loss(model(x[i]), y[i])
+        loss = F.mse_loss((model(x[i]) - y[i]) / model.scale, torch.zeros_like(y[i]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
