@@ -272,6 +272,19 @@ def test_connections_past_the_cap_get_503(setup):
     assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
 
 
+def test_a_full_queue_refuses_before_resolving_budgets(setup):
+    server, client, expected, _, _ = setup
+    engine = server.service.engine
+    engine.reserve(CONFIG.max_queue)  # as if that many requests were running or waiting
+    try:
+        for body in (completion(), completion(model="ckpt@params=1234567%"), completion(prompt=["w5"] * 3)):
+            status, reply = raw(server, "POST", "/v1/completions", body)
+            assert status == 503 and reply["error"]["code"] == "server_busy"
+    finally:
+        engine.release(CONFIG.max_queue)
+    assert ask(client, 0.5, False).choices[0].text == expected[0.5][False]
+
+
 def test_a_depth_checkpoint_serves_budgets_that_skip_sub_layers(tmp_path):
     em, tok = make_elastic("llama", n_layers=4, min_layers=1), make_tokenizer()
     ckpt = save_checkpoint(em, tok, tmp_path / "ckpt", {})
