@@ -177,7 +177,7 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         (["eval", str(r / "nothing"), "--budgets", "0.5"], "not an elastic checkpoint"),
         (["generate", str(r / "nothing"), "hi"], "neither an existing directory nor a hub id"),
         (["report", str(r / "outdir")], "holds no results.json or eval.json"),
-        (["report", str(r / "result.json"), "--into", str(r / "outdir")], "outdir: Is a directory"),
+        (["report", str(r / "result.json"), "--into", str(r / "outdir")], "outdir is a directory, not a regular file"),
         (["eval", "--nonsense"], "unrecognized arguments"),
     ]
 

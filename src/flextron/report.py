@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flextron.errors import FlextronError
 from flextron.evaluate import plot_ppl_vs_size
-from flextron.fsutil import atomic_write
+from flextron.fsutil import atomic_write, check_target
 
 RUN_FILES = ("results.json", "eval.json")
 
@@ -124,6 +124,8 @@ def report(run: str | Path, title: str | None = None, into: Path | None = None, 
     """Write report.md, pareto.png (perplexity) and tasks.png (when tasks were scored) beside the
     run's JSON; returns the markdown's path and text. With `into` (e.g. docs/results.md), the tables
     also replace its `section` and the plots are copied to img/ beside it."""
+    if into is not None:
+        check_target(Path(into))  # before writing anything
     data, folder = read_run(run)
     title = title or f"{folder.name}: quality vs size"
     groups = _groups(data)
@@ -146,9 +148,8 @@ def report(run: str | Path, title: str | None = None, into: Path | None = None, 
     atomic_write(folder / "report.md", lambda f: f.write_text(text))
     if into is not None:
         img = Path(into).parent / "img"
-        img.mkdir(parents=True, exist_ok=True)
         for plot in plots:
-            shutil.copyfile(folder / plot, img / f"{section}-{plot}")
+            atomic_write(img / f"{section}-{plot}", lambda p, plot=plot: shutil.copyfile(folder / plot, p))
         update_section(Path(into), section, markdown(data, groups, [f"img/{section}-{p}" for p in plots]))
     return folder / "report.md", text
 
