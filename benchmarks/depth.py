@@ -12,7 +12,7 @@ skipped, least important first, down to `--min-layers`). Each is profiled on thi
    export at ~50% latency vs a width-only export of the same parameter count (the largest
    uniform one within it) and vs the full model.
 
-    python benchmarks/depth.py [--train-steps 200] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
+    python benchmarks/depth.py [--train-steps 100] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
     python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
 
 Nothing else may run meanwhile: latency is measured. HF eager only (no GGUF runtime here).
@@ -88,7 +88,7 @@ def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-steps", type=int, default=200, help="elastic-training steps of each variant (0: none)")
+    p.add_argument("--train-steps", type=int, default=100, help="elastic-training steps of each variant (0: none)")
     p.add_argument("--router-steps", type=int, default=200)
     p.add_argument("--joint-steps", type=int, default=20)
     p.add_argument("--min-layers", type=int, default=10, help="depth floor: layers keeping each kind of sub-layer")
