@@ -12,7 +12,7 @@ skipped, least important first, down to `--min-layers`). Each is profiled on thi
    export at ~50% latency vs a width-only export of the same parameter count (the largest
    uniform one within it) and vs the full model.
 
-    python benchmarks/depth.py [--train-steps 200] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
+    python benchmarks/depth.py [--train-steps 100] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
     python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
 
 Nothing else may run meanwhile: latency is measured. HF eager only (no GGUF runtime here).
@@ -34,15 +34,23 @@ from _results import publish
 from flextron import api
 from flextron.config import Budget, CalibrationConfig, RouterConfig, Subnet, TrainConfig
 from flextron.cost import budget_grid, subnet_cost, uniform_subnet_for
+from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.evaluate import perplexity
 from flextron.latency import measure
+from flextron.precision import compute_dtype
 from flextron.routers import select_subnet
 from speed import decode_tps
 
 
+def log(text: str, t0: float = time.time()) -> None:
+    print(f"[{time.time() - t0:7.0f} s] {text}", flush=True)
+
+
 def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
     """Convert (with or without depth), train, profile and route one variant; returns its checkpoint."""
+    log(f"{name}: convert")
     if a.smoke:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from conftest import make_model, make_tokenizer
@@ -57,12 +65,15 @@ def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
     ckpt = api.convert(model, work / f"{name}-converted", calibration=calib, depth=depth, min_layers=a.min_layers,
                        device=a.device, progress=False, **kw)
     if a.train_steps:
+        log(f"{name}: elastic training, {a.train_steps} steps")
         cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
                           dtype=a.dtype)
         ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
+    log(f"{name}: latency table")
     api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, n_fit=a.profile_samples,
-                repeats=a.repeats, progress=False)
+                n_validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
     grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms", points=a.budgets)
+    log(f"{name}: routers over latency budgets {grid}")
     cfg = RouterConfig(budgets=grid, metric="latency_ms", steps=a.router_steps, joint_steps=a.joint_steps,
                        dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
     api.route(ckpt, cfg, out=work / f"{name}-routed", device=a.device, progress=False)
@@ -77,7 +88,7 @@ def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-steps", type=int, default=200, help="elastic-training steps of each variant (0: none)")
+    p.add_argument("--train-steps", type=int, default=100, help="elastic-training steps of each variant (0: none)")
     p.add_argument("--router-steps", type=int, default=200)
     p.add_argument("--joint-steps", type=int, default=20)
     p.add_argument("--min-layers", type=int, default=10, help="depth floor: layers keeping each kind of sub-layer")
@@ -106,7 +117,9 @@ def main() -> None:
         fractions = sorted({r for c in ckpts.values() for r in api.load(c, "cpu")[0].routers.config.budgets})
         curves = {}
         for name, ckpt in ckpts.items():
-            em = api.load(ckpt, a.device)[0]
+            log(f"{name}: perplexity and measured latency per budget")
+            em, tok, _ = api.load(ckpt, a.device)
+            windows = heldout_windows(tok, seq_len, a.limit)
             full_ms = measured_ms(em, em.space.full(), a)
             rows = []
             for f in fractions:
@@ -115,13 +128,13 @@ def main() -> None:
                 except FlextronError as e:  # below this variant's smallest sub-network
                     rows.append({"budget": f, "infeasible": str(e)})
                     continue
-                ppl = api.evaluate(ckpt, [f"{f}"], limit=a.limit, seq_len=seq_len, device=a.device,
-                                   dtype=a.dtype, progress=False)[0]["ppl"]
-                ms = measured_ms(em, subnet, a)
+                ms = measured_ms(em, subnet, a)  # sets the sub-network
+                ppl = perplexity(em, windows, autocast_dtype=compute_dtype(a.dtype), progress=False)
                 rows.append({"budget": f, "ppl": ppl, "decode_ms": ms, "measured_fraction": ms / full_ms,
                              "skipped": [subnet.mlp.count(0), subnet.attn.count(0)], "subnet": subnet.to_dict()})
             smallest_ms = measured_ms(em, em.space.smallest(), a)
             curves[name] = {"full_ms": full_ms, "smallest_fraction": smallest_ms / full_ms, "rows": rows}
+        log("exports: decode speed")
         # Exports: width + depth at ~50% latency vs width only at the same parameter count.
         em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
         deep = select_subnet(em_d, Budget(fraction=0.5))

@@ -128,9 +128,10 @@ class ElasticSpace:
                    ) -> ElasticSpace:
         """This space with choice 0 (skip) added to every list; floor default: a third of the layers."""
         n = self.n_layers
-        return ElasticSpace(mlp=[[0, *self.widths("mlp", i)] for i in range(n)],
-                            attn=[[0, *self.widths("attn", i)] for i in range(n)],
-                            min_layers=min_layers or max(1, math.ceil(n / 3)), skip_order=skip_order)
+        return ElasticSpace(mlp=[sorted({0, *self.widths("mlp", i)}) for i in range(n)],
+                            attn=[sorted({0, *self.widths("attn", i)}) for i in range(n)],
+                            min_layers=max(1, math.ceil(n / 3)) if min_layers is None else min_layers,
+                            skip_order=skip_order)
 
     def full(self) -> Subnet:
         return Subnet(mlp=[c[-1] for c in self.mlp], attn=[c[-1] for c in self.attn])
