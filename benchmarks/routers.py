@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("--surrogate-threshold", type=float, default=RouterConfig.surrogate_threshold)
     p.add_argument("--check-sequences", type=int, default=0)
     p.add_argument("--profile-samples", type=int, default=24, help="random sub-networks the latency table is fitted on")
+    p.add_argument("--profile-context", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=RouterConfig.seq_len, help="router training rows (tokens)")
+    p.add_argument("--micro-batch", type=int, default=RouterConfig.micro_batch)
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,7 @@ def main() -> None:
         shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
     else:
         api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
-    table = api.profile(base, device=a.device, dtype=a.dtype, n_fit=a.profile_samples,
+    table = api.profile(base, device=a.device, dtype=a.dtype, context=a.profile_context, n_fit=a.profile_samples,
                         n_validate=max(1, a.profile_samples * 10 // 24))
     if a.metric == "params":
         grid = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -75,7 +78,7 @@ def main() -> None:
         cfg = RouterConfig(budgets=grid, metric=a.metric, steps=a.steps, joint_steps=a.joint_steps,
                            surrogate=surrogate, dtype=a.dtype, eval_limit=a.eval_limit,
                            surrogate_warmup=a.surrogate_warmup, surrogate_threshold=a.surrogate_threshold,
-                           check_sequences=a.check_sequences)
+                           check_sequences=a.check_sequences, seq_len=a.seq_len, micro_batch=a.micro_batch)
         t = time.time()
         runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
         seconds[name] = time.time() - t
