@@ -183,7 +183,7 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwr
     if format == "gguf":
         from flextron.gguf import write_gguf
 
-        write_gguf(em, tok, subnet, out, outtype, overwrite=overwrite, name=Path(ckpt).resolve().name)
+        write_gguf(em, tok, subnet, out, outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info)
         return out
     return export_model(em, tok, subnet, out, overwrite=overwrite, info=info)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from flextron.fsutil import atomic_write
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # model_type -> llama.cpp architecture of a uniform sub-network
-UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 # Architectures whose rotary layout is llama.cpp's "normal" one: q/k rows are permuted on export.
 _PERMUTED = {"llama", "deci"}
 # Pre-tokenizer names llama.cpp knows, by the split regex of a tokenizer.json `Split` step.
@@ -37,7 +38,11 @@ _SPLIT_PRE = {_WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe", _WORDS + r"\p{N}" + _
 
 
 def layer_counts(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
-    """Per layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv."""
+    """Per layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv.
+
+    The one place sub-network choices become llama.cpp counts. For depth (choice 0): attention 0
+    can be head_count 0, but MLP 0 must become a minimal FFN with a zero down projection, since
+    `deci` drops the attention output of a layer whose feed_forward_length is 0."""
     return layer_sizes(em, subnet)
 
 
@@ -51,8 +56,14 @@ def gguf_arch(em: ElasticModel, subnet: Subnet) -> str:
     if model_type not in UNIFORM_ARCH:
         raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
                             "export with --format hf instead")
-    if is_uniform(layer_counts(em, subnet)):
-        return UNIFORM_ARCH[model_type]
+    counts = layer_counts(em, subnet)
+    if model_type == "gpt2" and not (is_uniform(counts) and subnet.attn == em.space.full().attn):
+        raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
+                            "(head size = hidden / heads); export this sub-network with --format hf")
+    if is_uniform(counts):
+        narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
+        # llama.cpp's qwen2 sizes the query projection by the hidden size; deci takes any head count.
+        return "deci" if model_type == "qwen2" and narrow else UNIFORM_ARCH[model_type]
     if model_type == "qwen3":
         raise FlextronError("llama.cpp's per-layer architecture (deci) has no q/k norms, so a per-layer "
                             "Qwen3 sub-network cannot be a GGUF; export a uniform budget, or use --format hf")
@@ -92,6 +103,8 @@ def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Ten
         if arch in _PERMUTED and (".q_proj." in name or ".k_proj." in name):
             layer = int(name.split(".layers.")[1].split(".")[0])
             t = permute_rotary(t, heads[layer] if ".q_proj." in name else kv[layer])
+        if arch == "gpt2" and t.ndim == 2 and name.startswith("transformer.h."):
+            t = t.T  # Conv1D stores [in, out]
         out.append((target, t.detach().float().cpu()))
     return out
 
@@ -164,32 +177,45 @@ def _vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, spec: dict) -> t
     return tokens, types
 
 
-def _write_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+def _tokenizer_fields(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callable[[object], None]:
+    """Check the tokenizer and return the function that writes its `tokenizer.ggml.*` fields."""
     import gguf
 
+    if not getattr(tokenizer, "is_fast", False):
+        raise FlextronError("GGUF export needs a fast tokenizer (tokenizer.json); export with --format hf instead")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        path = Path(tmp) / "tokenizer.json"
-        if not path.is_file():
-            raise FlextronError("GGUF export needs a fast tokenizer (tokenizer.json); export with --format hf instead")
-        spec = json.loads(path.read_text())
-        pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
         tokens, types = _vocab(tokenizer, vocab_size, spec)
+        pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
+    # What the HF tokenizer really does, so llama.cpp tokenizes a prompt the same way.
+    ids = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+
+    def write(writer) -> None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
-        # What the HF tokenizer really does, so llama.cpp tokenizes a prompt the same way.
-        ids = tokenizer("a")["input_ids"]
-        special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
-        special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
         special.add_to_gguf(writer)
+
+    return write
 
 
 def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype: str) -> None:
     cfg = em.config
     ff, heads, kv = layer_counts(em, subnet)
+    if arch == "gpt2":
+        writer.add_block_count(em.space.n_layers)
+        writer.add_context_length(cfg.n_positions)
+        writer.add_embedding_length(cfg.n_embd)
+        writer.add_feed_forward_length(ff[0])
+        writer.add_head_count(heads[0])
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        writer.add_file_type(_file_type(outtype))
+        return
     head_dim = em.blocks[0].geometry.head_dim
     theta, linear = _rope_theta(em)
     uniform = arch != "deci"
@@ -214,8 +240,10 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
 
 
 def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
-               outtype: str = "f32", overwrite: bool = False, name: str = "flextron") -> dict:
-    """Write `subnet` as one GGUF file at `out` (atomically); returns what was written."""
+               outtype: str = "f32", overwrite: bool = False, name: str = "flextron", info: dict | None = None) -> dict:
+    """Write `subnet` as one GGUF file at `out` (atomically); returns what was written.
+
+    `info` (e.g. source checkpoint, budget) is stored as `flextron.*` metadata strings."""
     import gguf
 
     if outtype not in OUTTYPES:
@@ -225,9 +253,9 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
         raise FlextronError(f"{out} already exists; pass --overwrite or choose another --out")
     em.space.validate(subnet)
     arch = gguf_arch(em, subnet)
-    _rope_theta(em)  # refuse unsupported RoPE before any work
-    if not getattr(tokenizer, "is_fast", False):
-        raise FlextronError("GGUF export needs a fast tokenizer (tokenizer.json); export with --format hf instead")
+    if arch != "gpt2":
+        _rope_theta(em)  # refuse unsupported RoPE before any work
+    write_tokenizer = _tokenizer_fields(tokenizer, em.config.vocab_size)
     tensors = _tensors(em, subnet, arch)
 
     def write(tmp: Path) -> None:
@@ -236,8 +264,11 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
         writer.add_name(name)
         writer.add_string("flextron.version", __version__)
         writer.add_string("flextron.subnet", json.dumps(subnet.to_dict()))
+        for key, value in (info or {}).items():
+            if value is not None:
+                writer.add_string(f"flextron.{key}", str(value))
         _write_hparams(writer, em, subnet, arch, outtype)
-        _write_tokenizer(writer, tokenizer, em.config.vocab_size)
+        write_tokenizer(writer)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for tname, t in tensors:
             data, qtype = _encode(tname, t, outtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,16 @@ def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, f32_
         raise FlextronError(f"llama.cpp cannot load {path} ({e})") from None
 
 
+@contextmanager
+def opened(path: str | Path, **options) -> Iterator:
+    """`load` as a context manager that frees the model at the end."""
+    llm = load(path, **options)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
 def last_logits(llm) -> np.ndarray:
     """Logits after the last evaluated token."""
     ptr = _llama_cpp().llama_get_logits_ith(llm.ctx, -1)
@@ -79,8 +91,7 @@ def greedy(llm, ids: list[int], max_new_tokens: int, eos_token_id: int | None = 
 def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeats: int = 3,
             threads: int | None = None) -> dict[str, float]:
     """Prefill latency (ms) of `context` tokens and decode latency (ms per token, batch 1) after them."""
-    llm = load(path, n_ctx=context + decode_steps + 1, threads=threads)
-    try:
+    with opened(path, n_ctx=context + decode_steps + 1, threads=threads) as llm:
         ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context + 1).tolist()
         prefill, decode = [], []
         for r in range(repeats + 1):  # the first round warms up
@@ -96,8 +107,6 @@ def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeat
             if r > 0:
                 prefill.append(t_prefill * 1e3)
                 decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
-    finally:
-        llm.close()
     return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
 
 
