@@ -21,6 +21,7 @@ KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 # 2e-7 observed on these models); a wrong q/k row order is off by about 0.3 (see below).
 TOL = 1e-4
 SMOLLM_TOL = 2e-3  # logits of magnitude ~30 on SmolLM2
+THREADS = 1  # llama.cpp's threads wait on each other by spinning: on a busy shared CPU one is faster
 IDS = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
@@ -53,7 +54,7 @@ def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarr
 
 
 def gguf_logits(path, ids: list[int]) -> np.ndarray:
-    with llamacpp.opened(path, n_ctx=64, f32_cache=True, all_logits=True) as llm:
+    with llamacpp.opened(path, n_ctx=64, threads=THREADS, f32_cache=True, all_logits=True) as llm:
         return llamacpp.logits(llm, ids)
 
 
@@ -89,10 +90,17 @@ def test_wrong_rotary_row_order_fails_the_tolerance(wrong, tmp_path, monkeypatch
 
 
 def hf_greedy(em: ElasticModel, subnet: Subnet, ids: list[int], n: int) -> list[int]:
-    out = []
-    for _ in range(n):
-        out.append(int(elastic_logits(em, subnet, ids + out)[-1].argmax()))
-    return out
+    """Greedy continuation by the elastic model at `subnet`, with its KV cache."""
+    em.set_subnet(subnet)
+    try:
+        with torch.no_grad():
+            out, new = em(input_ids=torch.tensor([ids]), use_cache=True), []
+            for _ in range(n):
+                new.append(int(out.logits[0, -1].argmax()))
+                out = em(input_ids=torch.tensor([new[-1:]]), cache=out.cache, use_cache=True)
+    finally:
+        em.set_subnet(None)
+    return new
 
 
 @pytest.mark.parametrize("case", ["uniform", "per_layer"])
@@ -100,7 +108,7 @@ def test_greedy_32_tokens_equal(case, tmp_path):
     em, tok = sharp_elastic("llama"), make_bpe_tokenizer()
     sub = subnet_for(em, case)
     write_gguf(em, tok, sub, tmp_path / "m.gguf")
-    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, f32_cache=True) as llm:
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS, f32_cache=True) as llm:
         assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, sub, IDS[:8], 32)
 
 
@@ -139,7 +147,7 @@ def test_pre_tokenizer_name_gives_hf_tokenization(name, tmp_path):
     write_gguf(em, tok, em.space.full(), tmp_path / "m.gguf")
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == name
     text = "It's 2024: 12345 cats, 7 dogs.\n\n  then  THE END'RE 99"
-    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64) as llm:
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS) as llm:
         assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
 
 
@@ -215,8 +223,9 @@ def test_smollm2_gguf_logits_and_greedy_equal(smollm, case, tmp_path):
     info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
     assert info["architecture"] == ("llama" if case.startswith("uniform") else "deci")
     ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time, in 1868,")["input_ids"]
-    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=128, f32_cache=True, all_logits=True) as llm:
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=128, threads=THREADS, f32_cache=True, all_logits=True) as llm:
         assert llm.tokenize(tok.decode(ids).encode(), add_bos=False) == ids
         diff = np.abs(llamacpp.logits(llm, ids) - elastic_logits(em, sub, ids)).max()
         assert diff < SMOLLM_TOL, diff
-        assert llamacpp.greedy(llm, ids, 32) == hf_greedy(em, sub, ids, 32)
+        if case in ("uniform-50", "per_layer-a"):  # greedy decoding once per kind: HF decoding is the slow part
+            assert llamacpp.greedy(llm, ids, 32) == hf_greedy(em, sub, ids, 32)

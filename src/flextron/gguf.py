@@ -116,7 +116,7 @@ def _encode(name: str, t: Tensor, outtype: str) -> tuple[np.ndarray, object]:
 
     data = t.numpy()
     if data.ndim <= 1 or name.endswith("_norm.weight") or outtype == "f32":
-        return data.astype(np.float32), Q.F32
+        return data.astype(np.float32, copy=False), Q.F32
     if outtype == "f16":
         return data.astype(np.float16), Q.F16
     qtype = Q.BF16 if outtype == "bf16" else Q.Q8_0
