@@ -20,7 +20,7 @@ from _results import update_section, write_json
 from flextron import api, llamacpp
 from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
-from flextron.cost import budget_grid, budget_target
+from flextron.cost import budget_grid, cost_table
 from flextron.errors import FlextronError
 from flextron.routers import select_subnet
 
@@ -34,7 +34,7 @@ def smoke_checkpoint(work: Path) -> Path:
 
     ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), work / "ckpt", {})
     api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, n_fit=6, n_validate=2,
-                progress=False)
+                threads=1, progress=False)
     return ckpt
 
 
@@ -56,10 +56,10 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
         got = measure(ckpt, subnet, work, outtype, threads, timing)
         row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()}}
         for metric, key in (("latency_ms", "decode_ms"), ("prefill_ms", "prefill_ms")):
-            table, target = budget_target(em, Budget(metric=metric, fraction=b))
+            table = cost_table(em, metric)
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
             row[f"{key}_ratio"] = got[key] / row[f"{key}_target"]
-            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / target
+            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table(em.space, em.space.full()))
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
@@ -89,8 +89,8 @@ def main() -> None:
     lines = [
         "## Latency budgets measured in llama.cpp",
         "",
-        f"`python benchmarks/llamacpp_budgets.py {a.ckpt}` — {llamacpp.runtime_version()}, {meta['outtype']}, "
-        f"{meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
+        f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}` — {llamacpp.runtime_version()}, "
+        f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
         f"them; target = budget x the full model's measured time.",
         "",

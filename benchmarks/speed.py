@@ -191,7 +191,7 @@ def gguf_speeds(ckpt: Path, subnet: Subnet, work: Path, dtype: str, a: argparse.
     path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf",
                       outtype=OUTTYPES[dtype])
     t = measure(path, context=a.prefill, decode_steps=a.new_tokens, repeats=a.repeats, threads=a.threads)
-    return {"decode_tps": 1e3 / t["decode_ms"], "prefill_tps": a.prefill / t["prefill_ms"]}
+    return {"decode_tps": 1e3 / t["decode_ms"], "prefill_tps": 1e3 * a.prefill / t["prefill_ms"]}
 
 
 def llamacpp_table(rows: list[dict]) -> list[str]:
