@@ -5,7 +5,11 @@ the order), batch 1, for each budget and each weight dtype:
 - decode tokens/s: greedy steps with a KV cache after a short prompt (median of repeats);
 - prefill tokens/s: one forward pass over a long prompt, logits at every position;
 for the exported model, and for the elastic checkpoint switched to that sub-network
-(`ElasticModel.set_subnet`), both against the full model. Ideal speedups: weight bytes read per
+(`ElasticModel.set_subnet`), both against the full model; plus one per-layer sub-network (the
+routers' at 50 % where the checkpoint has routers, else a seeded random one). Where llama.cpp is
+installed (`flextron[gguf]`), each sub-network's GGUF export (f32 for fp32, bf16 for bf16) is timed
+in llama.cpp in the same run: prefill of the prefill prompt, then decode after it (batch 1).
+Ideal speedups: weight bytes read per
 decoded token (`Cost.decode_bytes_per_token`) for decode, which is memory-bound; FLOPs per token
 at the prefill's mean attended context (half its length, causal) for prefill.
 
@@ -34,13 +38,17 @@ from transformers.utils import logging as hf_logging
 from _results import update_section, write_json
 from flextron import api
 from flextron.checkpoint import load_checkpoint
-from flextron.config import Subnet
+from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.errors import FlextronError
 from flextron.export import read_export_info
+from flextron.latency import random_subnets
+from flextron.routers import select_subnet
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OUTTYPES = {"fp32": "f32", "bf16": "bf16"}
+PER_LAYER = "per-layer"
 
 
 def _sync(device: str) -> Callable[[], None]:
@@ -82,11 +90,11 @@ def prefill_tps(model: nn.Module, ids: torch.Tensor, repeats: int, sync: Callabl
 def tiny_checkpoint(work: Path) -> Path:
     """--smoke: a tiny random Llama (the tests' model) converted with a random order."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_model, make_tokenizer
+    from conftest import make_bpe_tokenizer, make_model
 
     src = work / "tiny-hf"
     make_model("llama").save_pretrained(src)
-    make_tokenizer().save_pretrained(src)
+    make_bpe_tokenizer().save_pretrained(src)  # byte-level BPE: llama.cpp runs it too
     return api.convert(str(src), work / "ckpt", order="random", multiple=8, device="cpu", overwrite=True,
                        progress=False)
 
@@ -117,6 +125,9 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
             exports[b] = api.export(ckpt, b, work / f"export-{b}", overwrite=True)
         except FlextronError as e:
             print(f"skipping budget {b}: {e}")
+    per_layer = per_layer_subnet(ckpt)
+    exports[PER_LAYER] = api.export(ckpt, None, work / "export-per-layer", overwrite=True, subnet=per_layer)
+    llamacpp = llamacpp_available()
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
@@ -132,6 +143,7 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
         full_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
         full = speeds(full_model)
         del full_model
+        full_gguf = gguf_speeds(ckpt, em.space.full(), work, name, a) if llamacpp else None
         full_cost = subnet_cost(em, None, context=a.prefill // 2, weight_dtype_bytes=dtype.itemsize)
         print(f"{name} full model: decode {full['decode_tps']:.1f} tok/s, prefill {full['prefill_tps']:.0f} tok/s")
         for b, d in exports.items():
@@ -145,11 +157,17 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
             em.set_subnet(None)
             ideal = {"decode": full_cost.decode_bytes_per_token / cost.decode_bytes_per_token,
                      "prefill": full_cost.flops_per_token / cost.flops_per_token}
-            row = {"dtype": name, "budget": b, "mlp": subnet.mlp[0], "attn_units": subnet.attn[0],
+            uniform = b != PER_LAYER
+            row = {"dtype": name, "budget": b, "mlp": subnet.mlp[0] if uniform else "per-layer",
+                   "attn_units": subnet.attn[0] if uniform else "per-layer", "subnet": subnet.to_dict(),
                    "params_fraction": cost.params_nonembed / full_cost.params_nonembed, "full": full,
                    "ideal": ideal}
-            for path, got in (("export", exported), ("elastic", elastic)):
-                speedup = {k: got[f"{k}_tps"] / full[f"{k}_tps"] for k in ideal}
+            runs = [("export", exported, full), ("elastic", elastic, full)]
+            if llamacpp:
+                row["llamacpp_full"] = full_gguf
+                runs.append(("llamacpp", gguf_speeds(ckpt, subnet, work, name, a), full_gguf))
+            for path, got, base in runs:
+                speedup = {k: got[f"{k}_tps"] / base[f"{k}_tps"] for k in ideal}
                 row[path] = {**got, "speedup": speedup,
                              "fraction_of_ideal": {k: speedup[k] / ideal[k] for k in ideal}}
             rows.append(row)
@@ -160,6 +178,51 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
         del em
         gc.collect()
     return rows
+
+
+def llamacpp_available() -> bool:
+    try:
+        from flextron.llamacpp import runtime_version
+
+        print(f"llama.cpp columns: {runtime_version()}")
+        return True
+    except FlextronError as e:
+        print(f"no llama.cpp columns: {e}")
+        return False
+
+
+def per_layer_subnet(ckpt: Path) -> Subnet:
+    """The routers' sub-network at 50 % where the checkpoint has routers, else a seeded random per-layer one."""
+    em, _, _ = load_checkpoint(ckpt, device="cpu")
+    if em.routers is not None:
+        return select_subnet(em, Budget(fraction=0.5))
+    return next(s for s in random_subnets(em, 100, seed=0) if len(set(s.mlp)) > 1 or len(set(s.attn)) > 1)
+
+
+def gguf_speeds(ckpt: Path, subnet: Subnet, work: Path, dtype: str, a: argparse.Namespace) -> dict:
+    """llama.cpp tokens/s of `subnet`'s GGUF: prefill of `a.prefill` tokens, then decode after them."""
+    from flextron.llamacpp import measure
+
+    path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf",
+                      outtype=OUTTYPES[dtype])
+    t = measure(path, context=a.prefill, decode_steps=a.new_tokens, repeats=a.repeats, threads=a.threads)
+    return {"decode_tps": 1e3 / t["decode_ms"], "prefill_tps": 1e3 * a.prefill / t["prefill_ms"]}
+
+
+def llamacpp_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| dtype (GGUF) | budget | decode tok/s: llama.cpp full / export, HF export | llama.cpp decode speedup "
+        "(ideal) | prefill tok/s: llama.cpp full / export, HF export | llama.cpp prefill speedup (ideal) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c, f, e, i = r["llamacpp"], r["llamacpp_full"], r["export"], r["ideal"]
+        cells = [f"{r['dtype']} ({OUTTYPES[r['dtype']]})", r["budget"]]
+        for k, fmt in (("decode", ".1f"), ("prefill", ".0f")):
+            cells.append(f"{f[f'{k}_tps']:{fmt}} / {c[f'{k}_tps']:{fmt}}, {e[f'{k}_tps']:{fmt}}")
+            cells.append(f"{c['speedup'][k]:.2f} ({i[k]:.2f}; {c['fraction_of_ideal'][k]:.0%} of ideal)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -189,6 +252,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per repeat")
     p.add_argument("--prefill", type=int, default=512, help="prefill prompt tokens")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     p.add_argument("--work", default=None, help="keep the checkpoint and exports here (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="tiny random model and few tokens; writes no results")
     a = p.parse_args()
@@ -216,6 +280,11 @@ def main() -> None:
         "",
         *table(rows),
     ]
+    if rows and "llamacpp" in rows[0]:
+        from flextron.llamacpp import default_threads, runtime_version
+
+        lines += ["", f"{runtime_version()}, {a.threads or default_threads()} threads, same run: decode after the "
+                  f"{a.prefill}-token prefill.", "", *llamacpp_table(rows)]
     print("\n".join(lines))
     if a.smoke:
         return

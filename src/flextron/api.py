@@ -189,18 +189,28 @@ def demo(preset: str = "demo", out: str | Path = "flextron-demo", device: str | 
 
 
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, overwrite: bool = False, *,
-           subnet: Subnet | dict | None = None, verify: bool = True) -> Path:
-    """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory."""
+           subnet: Subnet | dict | None = None, format: str = "hf", outtype: str = "f32",
+           verify: bool = True) -> Path:
+    """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory,
+    or with `format="gguf"` into one llama.cpp file (`outtype`: f32, f16, bf16 or q8_0)."""
     out = Path(out)
     if (budget is None) == (subnet is None):
         raise FlextronError("pass exactly one of a budget (e.g. --budget 0.5) or an explicit sub-network")
-    check_output_dir(out, overwrite)
+    if format not in ("hf", "gguf"):
+        raise FlextronError(f"--format must be hf or gguf, not {format!r}")
+    if format == "hf":
+        check_output_dir(out, overwrite)
     em, tok, _ = load(ckpt, "cpu", verify)
     if subnet is None:
         subnet = select_subnet(em, Budget.parse(budget))
     elif isinstance(subnet, dict):
         subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
+    if format == "gguf":
+        from flextron.gguf import write_gguf
+
+        write_gguf(em, tok, subnet, out, outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info)
+        return out
     return export_model(em, tok, subnet, out, overwrite=overwrite, info=info)
 
 
@@ -266,17 +276,41 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device
 
 def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32", batch: int = 1,
             context: int = 256, decode_steps: int = 16, repeats: int = 3, n_fit: int = 24, n_validate: int = 10,
-            progress: bool = True, verify: bool = True) -> dict:
-    """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint."""
+            progress: bool = True, runtime: str = "hf", threads: int | None = None, outtype: str = "f32",
+            verify: bool = True) -> dict:
+    """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint.
+
+    `runtime="llama.cpp"` times GGUF exports (`outtype`) of the sub-networks in llama.cpp with
+    `threads` threads instead of the elastic model in HF eager; budgets then refer to that table.
+    """
     from flextron.latency import profile as measure_table
     from flextron.latency import save_table
 
     for name, value in (("batch", batch), ("context", context), ("decode_steps", decode_steps),
                         ("repeats", repeats), ("samples", n_fit), ("validate", n_validate)):
         check_number(name, value, integer=True, low=1)
-    em, _, _ = load(ckpt, device, verify)
-    table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
-                          progress=progress)
+    check_number("threads", threads, integer=True, low=1, optional=True)
+    if runtime not in ("hf", "llama.cpp"):
+        raise FlextronError(f"--runtime must be hf or llama.cpp, not {runtime!r}")
+    if runtime == "hf":
+        em, _, _ = load(ckpt, device, verify)
+        table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
+                              progress=progress)
+    else:
+        import tempfile
+
+        from flextron import llamacpp
+
+        if batch != 1:
+            raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
+        em, tok, _ = load(ckpt, "cpu", verify)
+        threads = threads or llamacpp.default_threads()
+        named = {"runtime": llamacpp.runtime_version(), "threads": threads, "outtype": outtype, "dtype": outtype,
+                 "device": f"cpu ({threads} threads)"}
+        with tempfile.TemporaryDirectory() as tmp:
+            timer = llamacpp.gguf_timer(em, tok, tmp, outtype, context, decode_steps, repeats, threads)
+            table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, progress=progress,
+                                  timer=timer, runtime=named)
     save_table(Path(ckpt), table)
     return table
 

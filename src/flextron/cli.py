@@ -19,6 +19,7 @@ from flextron import __version__, api
 from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig, check_number
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write, check_target
+from flextron.gguf import OUTTYPES
 from flextron.precision import DTYPES
 from flextron.report import task_cell
 from flextron.tasks import TASKS
@@ -168,7 +169,12 @@ def cmd_demo(a: argparse.Namespace) -> None:
     v = result["latency_validation"]
     console.print(f"Latency table error on unseen sub-networks: decode median {v['decode_ms']['median_pct']:.1f}%, "
                   f"prefill median {v['prefill_ms']['median_pct']:.1f}%; routers budget in {result['router_metric']}")
-    console.print(f"Elastic checkpoint: {result['checkpoint']}  export: {result['export']}")
+    console.print(f"Elastic checkpoint: {result['checkpoint']}  export: {result['export']}  GGUF: {result['gguf']}")
+    sp = result["export_speed"]
+    line = f"Export decode / prefill ms: HF eager {sp['hf']['decode_ms']:.1f} / {sp['hf']['prefill_ms']:.0f}"
+    cpp = sp["llama.cpp"]
+    console.print(line + (f", llama.cpp {cpp['decode_ms']:.1f} / {cpp['prefill_ms']:.0f}" if cpp else
+                          f"; llama.cpp: {sp['llama.cpp_missing']}"))
     console.print(f"Report: {result['report']} (pareto.png beside it)  results: {a.out}/results.json")
 
 
@@ -181,9 +187,10 @@ def cmd_report(a: argparse.Namespace) -> None:
 def cmd_profile(a: argparse.Namespace) -> None:
     table = api.profile(a.ckpt, device=a.device, dtype=a.dtype, batch=a.batch, context=a.context,
                         decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate,
+                        runtime=a.runtime, threads=a.threads, outtype=a.outtype,
                         verify=a.verify)
-    t = Table(title=f"Latency lookup table — {table['device']}, {table['dtype']}, batch {table['batch']}, "
-                    f"context {table['context']}")
+    t = Table(title=f"Latency lookup table — {table.get('runtime', 'hf-eager')}, {table['device']}, "
+                    f"{table['dtype']}, batch {table['batch']}, context {table['context']}")
     for col in ("", "decode ms/token", "prefill ms"):
         t.add_column(col, justify="right")
     d, p = table["decode_ms"], table["prefill_ms"]
@@ -232,7 +239,11 @@ def print_adaptive(rows: list[dict]) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
-    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite, verify=a.verify)
+    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite, format=a.format, outtype=a.outtype,
+                     verify=a.verify)
+    if a.format == "gguf":
+        console.print(f"Exported a llama.cpp GGUF ({a.outtype}) to [bold]{out}[/bold]")
+        return
     info = read_export_info(out)
     kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"
     console.print(f"Exported [bold]{info['architecture']}[/bold] ({kind}) to [bold]{out}[/bold]")
@@ -389,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=_POS_INT, default=3)
     pr.add_argument("--samples", type=_POS_INT, default=24, help="random sub-networks the table is fitted on")
     pr.add_argument("--validate", type=_POS_INT, default=10, help="further sub-networks it is checked on")
+    pr.add_argument("--runtime", choices=["hf", "llama.cpp"], default="hf",
+                    help="time the elastic model in HF eager, or GGUF exports in llama.cpp")
+    pr.add_argument("--threads", type=_POS_INT, default=None, help="llama.cpp threads (default: all cores)")
+    pr.add_argument("--outtype", choices=OUTTYPES, default="f32", help="llama.cpp weights")
     common(pr)
     no_verify(pr)
     pr.set_defaults(func=cmd_profile)
@@ -409,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="directory to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     no_verify(x)
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf", help="HF directory, or one llama.cpp GGUF file")
+    x.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF weight type")
     x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint at a budget, or an HF model dir")

@@ -1,8 +1,9 @@
 """The whole pipeline on the packaged model: convert -> elastic training -> profile -> routers ->
-export one budget -> evaluate -> report (tables and plots). Prune-only budgets are fractions of the
-parameters; after profiling, router budgets are fractions of this machine's decode latency,
-on a grid spanning what the smallest sub-network allows. Presets size it: `tiny` (a smoke run of a
-couple of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
+export one budget (HF directory and llama.cpp GGUF) -> evaluate -> report (tables and plots).
+Prune-only budgets are fractions of the parameters; after profiling, router budgets are fractions
+of this machine's decode latency, on a grid spanning what the smallest sub-network allows.
+Presets size it: `tiny` (a smoke run of a couple of minutes), `demo` (about a quarter of an hour
+on 2 CPU cores), `bench` (larger)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flextron import api
-from flextron.config import CalibrationConfig, RouterConfig, TrainConfig
+from flextron.config import Budget, CalibrationConfig, RouterConfig, TrainConfig
 from flextron.cost import budget_grid
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
@@ -79,11 +80,14 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
                        progress=progress)
     export_budget = str(grid[len(grid) // 2])
     exported = api.export(out / "elastic", export_budget, out / f"export-{export_budget}", overwrite=True)
+    gguf = api.export(out / "elastic", export_budget, out / f"export-{export_budget}.gguf", overwrite=True,
+                      format="gguf")
+    speed = export_speed(out / "elastic", gguf, export_budget, p.profile, device)
     final = api.evaluate(out / "elastic", [str(b) for b in grid], **ev)
     export_row = api.evaluate(exported, **ev)[0]
     result = {
         "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
-        "export_budget": export_budget,
+        "export_budget": export_budget, "gguf": str(gguf), "export_speed": speed,
         "original": original, "prune_only": pruned, "flextron": final, "export_eval": export_row,
         "latency_validation": latency["validation"], "router_metric": routed["metric"],
         "routes": routed["budgets"], "space": api.describe(out / "elastic"),
@@ -91,3 +95,19 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
     atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(result, indent=1)))
     result["report"], _ = report(out, f"SmolLM2-135M, preset {preset}")
     return result
+
+
+def export_speed(ckpt: Path, gguf: Path, budget: str, profile: dict, device: str | None) -> dict:
+    """Decode and prefill ms of the exported sub-network: the elastic model in HF eager, the GGUF in llama.cpp."""
+    from flextron import latency, llamacpp
+    from flextron.routers import select_subnet
+
+    timing = {k: profile[k] for k in ("context", "decode_steps", "repeats") if k in profile}
+    em, _, _ = api.load(ckpt, device)
+    speed = {"hf": latency.measure(em, select_subnet(em, Budget.parse(budget)), **timing), **timing}
+    try:
+        speed["llama.cpp"] = llamacpp.measure(gguf, **timing)
+        speed["llama.cpp_runtime"] = llamacpp.runtime_version()
+    except FlextronError as e:  # the [gguf] extra is optional
+        speed["llama.cpp"], speed["llama.cpp_missing"] = None, str(e)
+    return speed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,13 @@ def _errors(pred: list[float], meas: list[float]) -> dict:
 
 def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: int = 16, repeats: int = 3,
             n_fit: int = 24, n_validate: int = 10, autocast_dtype: torch.dtype | None = None, seed: int = 0,
-            progress: bool = True) -> dict:
-    """Build the latency table on this device and validate it on unseen random sub-networks."""
+            progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
+            runtime: dict | None = None) -> dict:
+    """Build the latency table on this device and validate it on unseen random sub-networks.
+
+    `timer` measures one sub-network in another runtime (default: this model in HF eager);
+    `runtime` names that runtime in the table (e.g. runtime, threads, outtype).
+    """
     if n_fit < 4 or n_validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
     space = em.space
@@ -144,10 +150,11 @@ def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: 
     val_nets = random_subnets(em, n_validate, seed + 1)
     timings = []
     for s in tqdm(fit_nets + val_nets, desc="profiling", disable=not progress):
-        timings.append(measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
+        timings.append(timer(s) if timer else measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
     em.set_subnet(None)
     device = next(em.parameters()).device
     table = {
+        "runtime": "hf-eager",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -157,6 +164,7 @@ def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: 
         "validation": {},
         "measurements": [],
     }
+    table.update(runtime or {})
     for key in ("decode_ms", "prefill_ms"):
         fitted = _fit(em, fit_nets, [t[key] for t in timings[: len(fit_nets)]])
         table[key] = fitted

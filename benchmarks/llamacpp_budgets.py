@@ -1,0 +1,111 @@
+"""Do latency budgets hold where the model runs? Each budget's sub-network of a checkpoint whose
+latency table was measured in llama.cpp (`flextron profile CKPT --runtime llama.cpp`) is exported
+to a GGUF and timed in llama.cpp: measured decode (and prefill) ms against the budget's target,
+beside what the table predicted. With routers (`flextron route`) the routed per-layer
+sub-networks are measured, else the largest uniform ones.
+
+    python benchmarks/llamacpp_budgets.py CKPT [--budgets 0.45,0.55,...] [--threads N]
+    python benchmarks/llamacpp_budgets.py --smoke      # a tiny random model, seconds; writes no results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _results import update_section, write_json
+from flextron import api, llamacpp
+from flextron.checkpoint import save_checkpoint
+from flextron.config import Budget, Subnet
+from flextron.cost import budget_grid, cost_table
+from flextron.errors import FlextronError
+from flextron.routers import select_subnet
+
+TIMING = {"context": 256, "decode_steps": 32, "repeats": 5}
+
+
+def smoke_checkpoint(work: Path) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer, profiled in llama.cpp on tiny settings."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_bpe_tokenizer, make_elastic
+
+    ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), work / "ckpt", {})
+    api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, n_fit=6, n_validate=2,
+                threads=1, progress=False)
+    return ckpt
+
+
+def measure(ckpt: Path, subnet: Subnet, work: Path, outtype: str, threads: int | None, timing: dict) -> dict:
+    path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf",
+                      outtype=outtype)
+    return llamacpp.measure(path, threads=threads, **timing)
+
+
+def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timing: dict) -> tuple[dict, list[dict]]:
+    em, _, _ = api.load(ckpt, "cpu")
+    if not (em.latency or {}).get("runtime", "").startswith(llamacpp.RUNTIME):
+        raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
+    outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
+    full = measure(ckpt, em.space.full(), work, outtype, threads, timing)
+    rows = []
+    for b in budgets:
+        subnet = select_subnet(em, Budget(fraction=b))
+        got = measure(ckpt, subnet, work, outtype, threads, timing)
+        row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()}}
+        for metric, key in (("latency_ms", "decode_ms"), ("prefill_ms", "prefill_ms")):
+            table = cost_table(em, metric)
+            row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
+            row[f"{key}_ratio"] = got[key] / row[f"{key}_target"]
+            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table(em.space, em.space.full()))
+        rows.append(row)
+        print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
+              f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
+              f"(x{row['prefill_ms_ratio']:.3f})")
+    return {"full": full, "outtype": outtype, "threads": threads, "routed": em.routers is not None}, rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", nargs="?")
+    p.add_argument("--budgets", default=None, help="fractions of the full model's decode latency "
+                   "(default: the checkpoint's feasible grid plus two budgets between its points)")
+    p.add_argument("--threads", type=int, default=None, help="default: the table's")
+    p.add_argument("--smoke", action="store_true")
+    a = p.parse_args()
+    timing = {"context": 16, "decode_steps": 2, "repeats": 1} if a.smoke else TIMING
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = smoke_checkpoint(work) if a.smoke else Path(a.ckpt)
+        if a.budgets:
+            budgets = [float(x) for x in a.budgets.split(",")]
+        else:
+            grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms")
+            budgets = sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
+        meta, rows = run(ckpt, budgets, work, a.threads, timing)
+    lines = [
+        "## Latency budgets measured in llama.cpp",
+        "",
+        f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}` — {llamacpp.runtime_version()}, "
+        f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
+        f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
+        f"them; target = budget x the full model's measured time.",
+        "",
+        "| budget | decode ms (measured / target) | measured / target | table's prediction / target | "
+        "prefill measured / target |",
+        "|---|---|---|---|---|",
+        *(f"| {r['budget']:.1%} | {r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
+          f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} |"
+          for r in rows),
+    ]
+    print("\n".join(lines))
+    if not a.smoke:
+        write_json("llamacpp_budgets", {**meta, "timing": timing, "rows": rows, "checkpoint": str(a.ckpt)})
+        update_section("llamacpp_budgets", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""GGUF export: a static sub-network as a llama.cpp model file.
+
+Uniform sub-networks get the family's own llama.cpp architecture (`llama`, `qwen2`, `qwen3`),
+with the tensor names, q/k rotary row order, hyper-parameters and tokenizer fields that
+llama.cpp's `convert_hf_to_gguf.py` writes for the stock model. Per-layer sub-networks get
+llama.cpp's `deci` architecture, whose loader reads the MLP width and the query / KV head
+counts as per-layer arrays. Weights come from `export.sliced_state_dict`: the slicing rule
+lives there only. What llama.cpp cannot express is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from flextron import __version__
+from flextron.config import Subnet
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.export import layer_sizes, sliced_state_dict
+from flextron.fsutil import atomic_write
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# model_type -> llama.cpp architecture of a uniform sub-network
+UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+# Architectures whose rotary layout is llama.cpp's "normal" one: q/k rows are permuted on export.
+_PERMUTED = {"llama", "deci"}
+# Pre-tokenizer names llama.cpp knows, by the split regex of a tokenizer.json `Split` step.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_PRE = {_WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe", _WORDS + r"\p{N}" + _REST: "qwen2"}
+
+
+def layer_counts(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
+    """Per layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv.
+
+    The one place sub-network choices become llama.cpp counts. For depth (choice 0): attention 0
+    can be head_count 0, but MLP 0 must become a minimal FFN with a zero down projection, since
+    `deci` drops the attention output of a layer whose feed_forward_length is 0."""
+    return layer_sizes(em, subnet)
+
+
+def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
+    return all(len(set(c)) == 1 for c in counts)
+
+
+def gguf_arch(em: ElasticModel, subnet: Subnet) -> str:
+    """The llama.cpp architecture `subnet` is written as; FlextronError (one line) where none fits."""
+    model_type = em.config.model_type
+    if model_type not in UNIFORM_ARCH:
+        raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
+                            "export with --format hf instead")
+    counts = layer_counts(em, subnet)
+    if model_type == "gpt2" and not (is_uniform(counts) and subnet.attn == em.space.full().attn):
+        raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
+                            "(head size = hidden / heads); export this sub-network with --format hf")
+    if is_uniform(counts):
+        narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
+        # llama.cpp's qwen2 sizes the query projection by the hidden size; deci takes any head count.
+        return "deci" if model_type == "qwen2" and narrow else UNIFORM_ARCH[model_type]
+    if model_type == "qwen3":
+        raise FlextronError("llama.cpp's per-layer architecture (deci) has no q/k norms, so a per-layer "
+                            "Qwen3 sub-network cannot be a GGUF; export a uniform budget, or use --format hf")
+    return "deci"
+
+
+def _rope_theta(em: ElasticModel) -> tuple[float, float | None]:
+    """RoPE base and linear scaling factor; other RoPE scalings are refused."""
+    cfg = em.config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    params = params.get("full_attention", params)
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        raise FlextronError(f"GGUF export supports default and linear RoPE, not {kind!r}; export with --format hf")
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return float(theta), (float(params["factor"]) if kind == "linear" else None)
+
+
+def permute_rotary(w: Tensor, n_head: int) -> Tensor:
+    """HF's half-split rotary rows -> llama.cpp's interleaved pairs, per head (as its converter does)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Tensor]]:
+    import gguf
+
+    _, heads, kv = layer_counts(em, subnet)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], em.space.n_layers)
+    tied = bool(getattr(em.config, "tie_word_embeddings", False))
+    out = []
+    for name, t in sliced_state_dict(em, subnet).items():
+        if "rotary_emb" in name or (tied and name == "lm_head.weight"):
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise FlextronError(f"no llama.cpp tensor for {name}; export with --format hf instead")
+        if arch in _PERMUTED and (".q_proj." in name or ".k_proj." in name):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            t = permute_rotary(t, heads[layer] if ".q_proj." in name else kv[layer])
+        if arch == "gpt2" and t.ndim == 2 and name.startswith("transformer.h."):
+            t = t.T  # Conv1D stores [in, out]
+        out.append((target, t.detach().float().cpu()))
+    return out
+
+
+def _encode(name: str, t: Tensor, outtype: str) -> tuple[np.ndarray, object]:
+    """The array and GGML type llama.cpp's converter stores `t` as for `outtype`."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    data = t.numpy()
+    if data.ndim <= 1 or name.endswith("_norm.weight") or outtype == "f32":
+        return data.astype(np.float32, copy=False), Q.F32
+    if outtype == "f16":
+        return data.astype(np.float16), Q.F16
+    qtype = Q.BF16 if outtype == "bf16" else Q.Q8_0
+    try:
+        return quants.quantize(data, qtype), qtype
+    except quants.QuantError:  # rows not a multiple of the block: the converter falls back to f16
+        return data.astype(np.float16), Q.F16
+
+
+def _file_type(outtype: str):
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype]
+
+
+def _pre_tokenizer(spec: dict | None) -> str:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer, read from tokenizer.json."""
+    steps = (spec or {}).get("pretokenizers") if (spec or {}).get("type") == "Sequence" else [spec]
+    kinds = [s.get("type") if s else None for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = _SPLIT_PRE.get(steps[0].get("pattern", {}).get("Regex"))
+        if name is not None:
+            return name
+    raise FlextronError(f"the tokenizer's pre-tokenizer ({'+'.join(map(str, kinds))}) has no llama.cpp "
+                        "equivalent here; export with --format hf instead")
+
+
+def _vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, spec: dict) -> tuple[list[str], list[int]]:
+    """Token strings and types as the converter's `get_vocab_base` writes them."""
+    from gguf import TokenType
+
+    if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise FlextronError("GGUF export needs a byte-level BPE tokenizer (tokenizer.json), as GPT-2, Llama 3, "
+                            "SmolLM and Qwen use; export with --format hf instead")
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(reverse) >= vocab_size:
+        raise FlextronError(f"the tokenizer has ids up to {max(reverse)} but the model only {vocab_size} embeddings")
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            looks_special = token.startswith("<|") and token.endswith("|>")
+            types.append(TokenType.CONTROL if decoder[i].special or looks_special else TokenType.USER_DEFINED)
+        else:
+            types.append(TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types
+
+
+def _tokenizer_fields(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callable[[object], None]:
+    """Check the tokenizer and return the function that writes its `tokenizer.ggml.*` fields."""
+    import gguf
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise FlextronError("GGUF export needs a fast tokenizer (tokenizer.json); export with --format hf instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        tokens, types = _vocab(tokenizer, vocab_size, spec)
+        pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
+    # What the HF tokenizer really does, so llama.cpp tokenizes a prompt the same way.
+    ids = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+
+    def write(writer) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special.add_to_gguf(writer)
+
+    return write
+
+
+def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype: str) -> None:
+    cfg = em.config
+    ff, heads, kv = layer_counts(em, subnet)
+    if arch == "gpt2":
+        writer.add_block_count(em.space.n_layers)
+        writer.add_context_length(cfg.n_positions)
+        writer.add_embedding_length(cfg.n_embd)
+        writer.add_feed_forward_length(ff[0])
+        writer.add_head_count(heads[0])
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        writer.add_file_type(_file_type(outtype))
+        return
+    head_dim = em.blocks[0].geometry.head_dim
+    theta, linear = _rope_theta(em)
+    uniform = arch != "deci"
+    writer.add_block_count(em.space.n_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(ff[0] if uniform else ff)
+    writer.add_head_count(heads[0] if uniform else heads)
+    writer.add_head_count_kv(kv[0] if uniform else kv)
+    writer.add_rope_freq_base(theta)
+    if linear is not None:
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(linear)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(_file_type(outtype))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+
+
+def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
+               outtype: str = "f32", overwrite: bool = False, name: str = "flextron", info: dict | None = None) -> dict:
+    """Write `subnet` as one GGUF file at `out` (atomically); returns what was written.
+
+    `info` (e.g. source checkpoint, budget) is stored as `flextron.*` metadata strings."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise FlextronError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+    out = Path(out)
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise FlextronError(f"{out} already exists; pass --overwrite or choose another --out")
+    em.space.validate(subnet)
+    arch = gguf_arch(em, subnet)
+    if arch != "gpt2":
+        _rope_theta(em)  # refuse unsupported RoPE before any work
+    write_tokenizer = _tokenizer_fields(tokenizer, em.config.vocab_size)
+    tensors = _tensors(em, subnet, arch)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_string("flextron.version", __version__)
+        writer.add_string("flextron.subnet", json.dumps(subnet.to_dict()))
+        for key, value in (info or {}).items():
+            if value is not None:
+                writer.add_string(f"flextron.{key}", str(value))
+        _write_hparams(writer, em, subnet, arch, outtype)
+        write_tokenizer(writer)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for tname, t in tensors:
+            data, qtype = _encode(tname, t, outtype)
+            writer.add_tensor(tname, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(out, write)
+    return {"path": str(out), "architecture": arch, "outtype": outtype, "per_layer": arch == "deci",
+            "bytes": out.stat().st_size}

@@ -1,0 +1,123 @@
+"""The llama.cpp runtime (through `llama-cpp-python`): load a GGUF, logits, greedy decoding, timing."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from flextron.errors import FlextronError
+from flextron.latency import _trimmed_mean
+
+RUNTIME = "llama.cpp"
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FlextronError("the llama.cpp runtime needs llama-cpp-python: pip install 'flextron[gguf]' "
+                            "(it builds from source with cmake and g++, a few minutes)") from None
+    return llama_cpp
+
+
+def runtime_version() -> str:
+    return f"{RUNTIME} (llama-cpp-python {_llama_cpp().__version__})"
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = False,
+         all_logits: bool = False):
+    """A `llama_cpp.Llama` on `path`, quiet. `f32_cache`: f32 KV cache (exact comparisons; default f16).
+
+    `all_logits` keeps every position's logits (`logits`); otherwise only the last one is computed.
+    """
+    llama_cpp = _llama_cpp()
+    if not Path(path).is_file():
+        raise FlextronError(f"{path} is not a GGUF file")
+    threads = threads or default_threads()
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                               n_threads_batch=threads, logits_all=all_logits, verbose=False, **cache)
+    except ValueError as e:  # llama.cpp refused the file
+        raise FlextronError(f"llama.cpp cannot load {path} ({e})") from None
+
+
+@contextmanager
+def opened(path: str | Path, **options) -> Iterator:
+    """`load` as a context manager that frees the model at the end."""
+    llm = load(path, **options)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits after the last evaluated token."""
+    ptr = _llama_cpp().llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def logits(llm, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] logits of a fresh sequence (the model must be loaded with `all_logits`)."""
+    llm.reset()
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)])
+
+
+def greedy(llm, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy continuation of `ids`: the new token ids (stops after `eos_token_id`)."""
+    llm.reset()
+    llm.eval(list(ids))
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        nxt = int(np.argmax(last_logits(llm)))
+        out.append(nxt)
+        if nxt == eos_token_id or len(out) == max_new_tokens:
+            break
+        llm.eval([nxt])
+    return out
+
+
+def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeats: int = 3,
+            threads: int | None = None) -> dict[str, float]:
+    """Prefill latency (ms) of `context` tokens and decode latency (ms per token, batch 1) after them."""
+    with opened(path, n_ctx=context + decode_steps + 1, threads=threads) as llm:
+        ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context + 1).tolist()
+        prefill, decode = [], []
+        for r in range(repeats + 1):  # the first round warms up
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[:context])
+            t_prefill = time.perf_counter() - t
+            nxt = ids[context]
+            t = time.perf_counter()
+            for _ in range(decode_steps):
+                llm.eval([nxt])
+                nxt = int(np.argmax(last_logits(llm)))
+            if r > 0:
+                prefill.append(t_prefill * 1e3)
+                decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
+    return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
+
+
+def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context: int = 256,
+               decode_steps: int = 16, repeats: int = 3, threads: int | None = None):
+    """A `latency.profile` timer: each sub-network is exported to a GGUF in `workdir` and timed in llama.cpp."""
+    from flextron.gguf import write_gguf
+
+    def timer(subnet) -> dict[str, float]:
+        path = Path(workdir) / "subnet.gguf"
+        write_gguf(em, tokenizer, subnet, path, outtype, overwrite=True)
+        return measure(path, context, decode_steps, repeats, threads)
+
+    return timer

@@ -1,0 +1,231 @@
+"""GGUF export: llama.cpp runs the written file with the elastic model's logits and tokens."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, make_bpe_tokenizer, make_elastic, make_tokenizer
+from flextron import api, llamacpp
+from flextron.checkpoint import save_checkpoint
+from flextron.cli import main
+from flextron.config import Subnet
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.gguf import write_gguf
+
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+# f32 weights and KV cache: llama.cpp's logits equal the elastic model's to float rounding (about
+# 2e-7 observed on these models); a wrong q/k row order is off by about 0.3 (see below).
+TOL = 1e-4
+SMOLLM_TOL = 2e-3  # logits of magnitude ~30 on SmolLM2
+THREADS = 1  # llama.cpp's threads wait on each other by spinning: on a busy shared CPU one is faster
+IDS = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def sharp_elastic(kind: str) -> ElasticModel:
+    """A tiny elastic model whose attention is peaked (q/k weights x8), so the rotary layout shows in the logits."""
+    em = make_elastic(kind)
+    with torch.no_grad():
+        for name, p in em.model.named_parameters():
+            if ".q_proj." in name or ".k_proj." in name:
+                p.mul_(8)
+    return em
+
+
+def subnet_for(em: ElasticModel, case: str) -> Subnet:
+    s = em.space
+    if case == "full":
+        return s.full()
+    if case == "uniform":  # GPT-2: llama.cpp needs all its heads
+        return s.uniform(1, 3) if em.config.model_type == "gpt2" else s.uniform(1, 1)
+    return Subnet(mlp=[s.mlp[0][0], s.mlp[1][2]], attn=[s.attn[0][1], s.attn[1][3]])
+
+
+def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarray:
+    em.set_subnet(subnet)
+    try:
+        with torch.no_grad():
+            return em(input_ids=torch.tensor([ids])).logits[0].numpy()
+    finally:
+        em.set_subnet(None)
+
+
+def gguf_logits(path, ids: list[int]) -> np.ndarray:
+    with llamacpp.opened(path, n_ctx=64, threads=THREADS, f32_cache=True, all_logits=True) as llm:
+        return llamacpp.logits(llm, ids)
+
+
+@pytest.mark.parametrize("case", ["full", "uniform", "per_layer"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_llamacpp_logits_equal_elastic_model(kind, case, tmp_path):
+    em, tok = sharp_elastic(kind), make_bpe_tokenizer()
+    sub = subnet_for(em, case)
+    if kind in ("qwen3", "gpt2") and case == "per_layer":
+        with pytest.raises(FlextronError, match="q/k norms" if kind == "qwen3" else "all heads"):
+            write_gguf(em, tok, sub, tmp_path / "m.gguf")
+        assert not any(tmp_path.iterdir())
+        return
+    info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
+    # Qwen2's own llama.cpp architecture needs all query heads (its q width is the hidden size).
+    per_layer = case == "per_layer" or (kind == "qwen2" and case == "uniform")
+    assert info["architecture"] == ("deci" if per_layer else {"mistral": "llama"}.get(kind, kind))
+    diff = np.abs(gguf_logits(tmp_path / "m.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
+    assert diff < TOL, diff
+
+
+@pytest.mark.parametrize("wrong", ["unpermuted", "one head"])
+def test_wrong_rotary_row_order_fails_the_tolerance(wrong, tmp_path, monkeypatch):
+    """The tolerance catches a q/k layout that is not the one llama.cpp expects (about 0.3 off)."""
+    from flextron.gguf import permute_rotary
+
+    em, tok = sharp_elastic("llama"), make_bpe_tokenizer()
+    sub = subnet_for(em, "per_layer")
+    bad = (lambda w, n_head: w) if wrong == "unpermuted" else (lambda w, n_head: permute_rotary(w, 1))
+    monkeypatch.setattr("flextron.gguf.permute_rotary", bad)
+    write_gguf(em, tok, sub, tmp_path / "wrong.gguf")
+    assert np.abs(gguf_logits(tmp_path / "wrong.gguf", IDS) - elastic_logits(em, sub, IDS)).max() > 1000 * TOL
+
+
+def hf_greedy(em: ElasticModel, subnet: Subnet, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation by the elastic model at `subnet`, with its KV cache."""
+    em.set_subnet(subnet)
+    try:
+        with torch.no_grad():
+            out, new = em(input_ids=torch.tensor([ids]), use_cache=True), []
+            for _ in range(n):
+                new.append(int(out.logits[0, -1].argmax()))
+                out = em(input_ids=torch.tensor([new[-1:]]), cache=out.cache, use_cache=True)
+    finally:
+        em.set_subnet(None)
+    return new
+
+
+@pytest.mark.parametrize("case", ["uniform", "per_layer"])
+def test_greedy_32_tokens_equal(case, tmp_path):
+    em, tok = sharp_elastic("llama"), make_bpe_tokenizer()
+    sub = subnet_for(em, case)
+    write_gguf(em, tok, sub, tmp_path / "m.gguf")
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS, f32_cache=True) as llm:
+        assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, sub, IDS[:8], 32)
+
+
+def test_tokenizer_fields(tmp_path):
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    write_gguf(em, tok, em.space.full(), tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == VOCAB and tokens[:3] == ["<|endoftext|>", "Ġ", "!"] and tokens[-1] == f"[PAD{VOCAB - 1}]"
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"].contents() == [" ".join(m) for m in merges]
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # as the HF tokenizer does
+
+
+def _pre_tokenizers() -> dict:
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    from flextron.gguf import _REST, _WORDS
+
+    def split(digits: str):
+        return pt.Sequence([pt.Split(Regex(_WORDS + digits + _REST), "isolated"), pt.ByteLevel(False, use_regex=False)])
+
+    return {"gpt-2": pt.ByteLevel(add_prefix_space=False),
+            "smollm": pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
+            "llama-bpe": split(r"\p{N}{1,3}"), "qwen2": split(r"\p{N}")}
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_name_gives_hf_tokenization(name, tmp_path):
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = _pre_tokenizers()[name]
+    write_gguf(em, tok, em.space.full(), tmp_path / "m.gguf")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == name
+    text = "It's 2024: 12345 cats, 7 dogs.\n\n  then  THE END'RE 99"
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS) as llm:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
+
+
+@pytest.mark.parametrize("outtype,tol", [("f16", 0.05), ("bf16", 0.3), ("q8_0", 0.3)])
+def test_smaller_outtypes_load_and_stay_close(outtype, tol, tmp_path):
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    sub = subnet_for(em, "per_layer")
+    info = write_gguf(em, tok, sub, tmp_path / "m.gguf", outtype=outtype)
+    f32 = write_gguf(em, tok, sub, tmp_path / "f32.gguf")
+    assert info["bytes"] < 0.7 * f32["bytes"]
+    diff = np.abs(gguf_logits(tmp_path / "m.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
+    assert diff < tol, diff
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt"
+    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), path, {})
+    return path
+
+
+def test_cli_export_gguf(ckpt, tmp_path, capsys):
+    out = tmp_path / "half.gguf"
+    assert main(["export", str(ckpt), "--budget", "0.5", "--format", "gguf", "--out", str(out)]) == 0
+    assert "GGUF" in capsys.readouterr().out
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["flextron.budget"].contents() == "50%"
+    assert fields["flextron.source_checkpoint"].contents() == str(ckpt)
+    # An existing file is kept unless --overwrite.
+    before = out.read_bytes()
+    assert main(["export", str(ckpt), "--budget", "0.6", "--format", "gguf", "--out", str(out)]) == 2
+    assert out.read_bytes() == before
+    assert main(["export", str(ckpt), "--budget", "0.6", "--format", "gguf", "--out", str(out), "--overwrite",
+                 "--outtype", "f16"]) == 0
+    assert out.read_bytes() != before
+
+
+def test_refused_exports_write_nothing(tmp_path, capsys):
+    word_level = tmp_path / "word"
+    save_checkpoint(make_elastic("llama"), make_tokenizer(), word_level, {})
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(word_level), "--budget", "0.5", "--format", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "byte-level BPE" in err and "--format hf" in err
+    for kind in ("gpt2", "qwen3"):  # GPT-2 with fewer heads; Qwen3 per-layer
+        em = make_elastic(kind)
+        save_checkpoint(em, make_bpe_tokenizer(), tmp_path / kind, {})
+        sub = em.space.uniform(1, 1) if kind == "gpt2" else subnet_for(em, "per_layer")
+        with pytest.raises(FlextronError, match="--format hf"):
+            api.export(tmp_path / kind, None, out, subnet=sub, format="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "qwen3", "word"]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from flextron.assets import load_hf
+
+    model, tok, _ = load_hf(None)
+    return ElasticModel(model), tok
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("case", ["uniform-75", "uniform-50", "per_layer-a", "per_layer-b"])
+def test_smollm2_gguf_logits_and_greedy_equal(smollm, case, tmp_path):
+    """The packaged SmolLM2 at two uniform budgets and two per-layer sub-networks."""
+    from flextron.latency import random_subnets
+
+    em, tok = smollm
+    s = em.space
+    sub = {"uniform-75": s.uniform(2, 1), "uniform-50": s.uniform(1, 1),
+           "per_layer-a": random_subnets(em, 1, seed=1)[0], "per_layer-b": random_subnets(em, 1, seed=2)[0]}[case]
+    info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
+    assert info["architecture"] == ("llama" if case.startswith("uniform") else "deci")
+    ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time, in 1868,")["input_ids"]
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=128, threads=THREADS, f32_cache=True, all_logits=True) as llm:
+        assert llm.tokenize(tok.decode(ids).encode(), add_bos=False) == ids
+        diff = np.abs(llamacpp.logits(llm, ids) - elastic_logits(em, sub, ids)).max()
+        assert diff < SMOLLM_TOL, diff
+        if case in ("uniform-50", "per_layer-a"):  # greedy decoding once per kind: HF decoding is the slow part
+            assert llamacpp.greedy(llm, ids, 32) == hf_greedy(em, sub, ids, 32)

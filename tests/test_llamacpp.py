@@ -1,0 +1,58 @@
+"""The llama.cpp runtime: timing GGUFs, the llama.cpp latency table, the missing-extra message."""
+
+import sys
+
+import pytest
+
+from conftest import make_bpe_tokenizer, make_elastic
+from flextron import api, llamacpp
+from flextron.checkpoint import save_checkpoint
+from flextron.cli import main
+from flextron.config import Budget
+from flextron.cost import budget_target
+from flextron.errors import FlextronError
+from flextron.gguf import write_gguf
+from flextron.latency import load_table
+
+TINY = dict(context=16, decode_steps=2, repeats=1)
+
+
+def test_measure_times_prefill_and_decode(tmp_path):
+    em = make_elastic("llama")
+    write_gguf(em, make_bpe_tokenizer(), em.space.full(), tmp_path / "m.gguf")
+    t = llamacpp.measure(tmp_path / "m.gguf", threads=1, **TINY)
+    assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
+
+
+def test_load_refuses_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FlextronError, match="not a GGUF file"):
+        llamacpp.load(tmp_path / "none.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(FlextronError, match="llama.cpp cannot load"):
+        llamacpp.load(tmp_path / "bad.gguf")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(FlextronError, match=r"flextron\[gguf\]"):
+        llamacpp.runtime_version()
+
+
+def test_profile_in_llamacpp_stores_a_named_table_budgets_use(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), ckpt, {})
+    args = ["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "f16",
+            "--samples", "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1"]
+    assert main(args) == 0
+    assert "llama.cpp" in capsys.readouterr().out
+    table = load_table(ckpt)
+    assert table["runtime"].startswith("llama.cpp (llama-cpp-python ")
+    assert (table["threads"], table["outtype"]) == (1, "f16")
+    assert len(table["measurements"]) == 7 and table["validation"]["decode_ms"]["n"] == 2
+    em, _, _ = api.load(ckpt, "cpu")  # latency budgets now mean llama.cpp decode ms
+    cost, target = budget_target(em, Budget.parse("latency_ms=1e6"))
+    d, full = table["decode_ms"], em.space.full()
+    by_layer = sum(d["mlp"][str(m)] + d["attn"][str(a)] for m, a in zip(full.mlp, full.attn))
+    assert cost.metric == "latency_ms" and cost(em.space, full) == pytest.approx(d["overhead"] + by_layer)
+    with pytest.raises(FlextronError, match="batch 1"):
+        api.profile(ckpt, runtime="llama.cpp", batch=2, **TINY)
