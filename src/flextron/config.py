@@ -196,7 +196,8 @@ class TrainConfig:
     budget_probs: tuple[float, ...] | None = None
     full_prob: float = 0.25  # budgets sampling: chance that a draw is the full model
     dtype: str = "bf16"  # autocast dtype: bf16 or fp32
-    teacher_dtype: str = "fp32"  # teacher weights: fp32, or bf16 to halve its memory
+    teacher_dtype: str = "auto"  # teacher weights: fp32, bf16 (half the memory), auto = bf16 on CUDA, else fp32
+    loss_chunk: int = 1024  # tokens whose full-vocabulary logits the loss holds at a time
     activation_checkpointing: bool = False
     fsdp: bool = False
     save_every: int = 100
@@ -210,16 +211,17 @@ class TrainConfig:
             raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
         if (self.max_steps is None) == (self.tokens is None):
             raise FlextronError("give exactly one of --max-steps or --tokens")
-        for name in ("seq_len", "micro_batch", "grad_accum", "save_every"):
+        for name in ("seq_len", "micro_batch", "grad_accum", "save_every", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
         if self.budget_probs is not None and len(self.budget_probs) != len(self.budgets):
             raise FlextronError("--budget-probs needs one probability per budget")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
-        for name in ("dtype", "teacher_dtype"):
-            if getattr(self, name) not in ("fp32", "bf16"):
-                raise FlextronError(f"{name.replace('_', '-')} must be fp32 or bf16")
+        if self.dtype not in ("fp32", "bf16"):
+            raise FlextronError("dtype must be fp32 or bf16")
+        if self.teacher_dtype not in ("fp32", "bf16", "auto"):
+            raise FlextronError("teacher-dtype must be fp32, bf16 or auto")
 
 
 @dataclass

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.checkpoint import load_checkpoint, read_manifest
@@ -23,6 +22,7 @@ from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
 from flextron.fsutil import atomic_write
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
+from flextron.train.distill import Head, chunked_distill_terms
 from flextron.train.loop import (
     Dist,
     MetricsLog,
@@ -31,10 +31,11 @@ from flextron.train.loop import (
     enable_activation_checkpointing,
     grad_sync,
     init_distributed,
-    kd_loss,
     load_training_state,
     prune_checkpoints,
     save_training_checkpoint,
+    shard_frozen,
+    teacher_dtype,
     warmup_cosine,
     wrap,
 )
@@ -43,12 +44,19 @@ from flextron.train.loop import (
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
 
 
-def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
-    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE."""
-    kd = kd_loss(student, teacher, cfg.kd_temperature)
-    lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    loss = cfg.kd_weight * kd + cfg.lm_weight * lm
-    return loss, {"kd": kd.item(), "lm": lm.item()}
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: Head = _identity,
+                 t_head: Head = _identity) -> tuple[Tensor, dict]:
+    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE.
+
+    `student` / `teacher` are logits, or final hidden states with the heads that make logits of
+    them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens).
+    """
+    kd, lm = chunked_distill_terms(student, teacher, ids, s_head, t_head, cfg.kd_temperature, cfg.loss_chunk)
+    return cfg.kd_weight * kd + cfg.lm_weight * lm, {"kd": kd.item(), "lm": lm.item()}
 
 
 def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
@@ -129,9 +137,11 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     start = existing[-1] if resume and existing else ckpt
 
     torch.manual_seed(cfg.seed)
-    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device),
-                                      dtype=torch.bfloat16 if cfg.teacher_dtype == "bf16" else torch.float32)
+    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device), dtype=teacher_dtype(cfg.teacher_dtype, d.device))
     teacher.requires_grad_(False)
+    if cfg.fsdp:
+        shard_frozen(teacher)
+    t_head = teacher.model.get_output_embeddings()
     em, _, _ = load_checkpoint(start, device=str(d.device))
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
@@ -176,13 +186,16 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
                 lo = (a * d.world + d.rank) * cfg.micro_batch
                 ids = rows[lo : lo + cfg.micro_batch].to(d.device)
                 with torch.no_grad(), autocast(d.device, amp):
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                    t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
+
+                def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
+                    return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
+
                 for j, sub in enumerate(subnets):
                     em.set_subnet(sub)
                     last = a == cfg.grad_accum - 1 and j == len(subnets) - 1
                     with grad_sync(model, last), autocast(d.device, amp):
-                        s_logits = model(input_ids=ids, use_cache=False).logits
-                        loss, p = distill_loss(s_logits, t_logits, ids, cfg)
+                        loss, p = model(input_ids=ids, use_cache=False, head=head)
                         (loss / n_passes).backward()
                     loss_sum += loss.item() / n_passes
                     for k in parts:

@@ -63,6 +63,22 @@ def wrap(em: ElasticModel, d: Dist, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(em, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The teacher's weight dtype: --teacher-dtype, where auto is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def shard_frozen(model: ElasticModel) -> None:
+    """Shard a frozen model's decoder blocks across ranks (FSDP2); embeddings, final norm and output
+    layer stay whole on every rank, so the chunked loss can read them outside its forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.family.blocks(model.model):
+        fully_shard(block)
+
+
 def enable_activation_checkpointing(em: ElasticModel) -> None:
     """Recompute each decoder block's activations in backward instead of keeping them."""
     enable = getattr(em.model, "activation_checkpointing_enable", None)  # the newer transformers name
