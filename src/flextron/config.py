@@ -197,7 +197,7 @@ class TrainConfig:
     full_prob: float = 0.25  # budgets sampling: chance that a draw is the full model
     dtype: str = "bf16"  # autocast dtype: bf16 or fp32
     teacher_dtype: str = "auto"  # teacher weights: fp32, bf16 (half the memory), auto = bf16 on CUDA, else fp32
-    loss_chunk: int = 1024  # tokens whose full-vocabulary logits the loss holds at a time
+    loss_chunk: int = 256  # tokens whose full-vocabulary logits the loss holds at a time
     activation_checkpointing: bool = False
     fsdp: bool = False
     save_every: int = 100

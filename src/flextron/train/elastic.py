@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -22,7 +23,7 @@ from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
 from flextron.fsutil import atomic_write
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
-from flextron.train.distill import Head, chunked_distill_terms
+from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
     Dist,
     MetricsLog,
@@ -31,6 +32,7 @@ from flextron.train.loop import (
     enable_activation_checkpointing,
     grad_sync,
     init_distributed,
+    kd_loss,
     load_training_state,
     prune_checkpoints,
     save_training_checkpoint,
@@ -44,19 +46,21 @@ from flextron.train.loop import (
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: Head = _identity,
-                 t_head: Head = _identity) -> tuple[Tensor, dict]:
+def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: nn.Linear | None = None,
+                 t_head: nn.Module | None = None) -> tuple[Tensor, dict]:
     """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE.
 
-    `student` / `teacher` are logits, or final hidden states with the heads that make logits of
-    them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens).
+    `student` / `teacher` are logits, or final hidden states with the output layers that make logits
+    of them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens, `chunked_distill_loss`).
     """
-    kd, lm = chunked_distill_terms(student, teacher, ids, s_head, t_head, cfg.kd_temperature, cfg.loss_chunk)
-    return cfg.kd_weight * kd + cfg.lm_weight * lm, {"kd": kd.item(), "lm": lm.item()}
+    if s_head is not None:
+        loss, kd, lm = chunked_distill_loss(student, teacher, ids, s_head, t_head, cfg.kd_weight, cfg.lm_weight,
+                                            cfg.kd_temperature, cfg.loss_chunk)
+    else:
+        kd = kd_loss(student, teacher, cfg.kd_temperature)
+        lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = cfg.kd_weight * kd + cfg.lm_weight * lm
+    return loss, {"kd": kd.item(), "lm": lm.item()}
 
 
 def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
