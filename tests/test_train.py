@@ -193,3 +193,24 @@ def test_activation_checkpointing_keeps_fewer_activations():
     before = saved_bytes()
     enable_activation_checkpointing(em)
     assert saved_bytes() < 0.5 * before
+
+
+def test_sharded_teacher_is_frozen_and_computes_the_same(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from flextron.train.loop import shard_frozen
+
+    teacher, ref = ElasticModel(make_model("llama")), ElasticModel(make_model("llama"))
+    ids = torch.randint(0, 128, (2, 8))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        shard_frozen(teacher.requires_grad_(False))
+        with torch.no_grad():
+            out = teacher(input_ids=ids).logits
+    finally:
+        dist.destroy_process_group()
+    blocks = teacher.family.blocks(teacher.model)
+    assert all(isinstance(p, DTensor) for b in blocks for p in b.parameters())
+    assert not isinstance(teacher.model.get_output_embeddings().weight, DTensor)  # read by the chunked loss
+    assert torch.allclose(out, ref(input_ids=ids).logits, atol=1e-6)

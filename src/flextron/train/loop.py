@@ -75,8 +75,8 @@ def shard_frozen(model: ElasticModel) -> None:
     layer stay whole on every rank, so the chunked loss can read them outside its forward."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.family.blocks(model.model):
-        fully_shard(block)
+    for block in model.family.blocks(model.model):  # each block is a root: ask it to reshard after forward
+        fully_shard(block, reshard_after_forward=True)
 
 
 def enable_activation_checkpointing(em: ElasticModel) -> None:
