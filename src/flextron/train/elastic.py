@@ -16,13 +16,14 @@ from tqdm.auto import tqdm
 
 from flextron.checkpoint import load_checkpoint, read_manifest
 from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
-from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
+from flextron.data import PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
 from flextron.fsutil import atomic_write
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
+from flextron.tokens import corpus_tokens
 from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
     Dist,
@@ -153,7 +154,11 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         enable_activation_checkpointing(em)
     em.train()
 
-    sequences = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    ids = corpus_tokens(data, tok) if d.main else None  # rank 0 tokenizes once, the others map its file
+    if d.world > 1:
+        dist.barrier()
+        ids = ids if d.main else corpus_tokens(data, tok, build=False)
+    sequences = PackedSequences(ids, cfg.seq_len, cfg.seed)
     per_step = d.world * cfg.micro_batch * cfg.grad_accum
     total = cfg.max_steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
     model = wrap(em, d, cfg.fsdp)
@@ -183,12 +188,11 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     try:
         while step < total:
             subnets = sample_subnets(em, cfg, step)
-            rows = sequences.rows(step * per_step, per_step)
             loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
             n_passes = cfg.grad_accum * len(subnets)
             for a in range(cfg.grad_accum):
                 lo = (a * d.world + d.rank) * cfg.micro_batch
-                ids = rows[lo : lo + cfg.micro_batch].to(d.device)
+                ids = sequences.rows(step * per_step + lo, cfg.micro_batch).to(d.device)  # this rank's rows only
                 with torch.no_grad(), autocast(d.device, amp):
                     t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
 
