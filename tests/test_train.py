@@ -70,7 +70,7 @@ def test_two_process_torchrun_equals_one_process(setup):
     assert two.stdout.count("Trained 1 steps") == 1
     fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29534", "-m", "flextron", "train", str(ckpt), "--out", str(root / "fsdp"),
-                           "--micro-batch", "1", "--fsdp", *common], capture_output=True, text=True, env=env,
+                           "--micro-batch", "1", "--fsdp", "--sharded-checkpoints", *common], capture_output=True, text=True, env=env,
                           timeout=300)
     assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     a, start = weights(root / "one", 1), load_file(ckpt / "model.safetensors")
@@ -80,6 +80,29 @@ def test_two_process_torchrun_equals_one_process(setup):
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (other, k)
     assert any(not torch.equal(a[k], start[k]) for k in a)
+    assert len(list((root / "fsdp" / "checkpoints" / "step-0000001" / "dcp").glob("*.distcp"))) == 2  # a shard a rank
+
+
+def test_sharded_checkpoints_resume_exactly_and_end_as_an_elastic_checkpoint(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(max_steps=4, save_every=2, sharded_checkpoints=True, **FAST)
+    api.train(ckpt, root / "sharded", cfg, [str(data)], device="cpu", progress=False)
+
+    def interrupt(step, row):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    from flextron.train.elastic import train
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt, root / "sharded-cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
+    mid = root / "sharded-cut" / "checkpoints" / "step-0000002"
+    assert (mid / "dcp").is_dir() and not (mid / "model.safetensors").exists()  # shards only, nothing gathered
+    api.train(ckpt, root / "sharded-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
+    a, b = weights(root / "sharded", 4), weights(root / "sharded-cut", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (root / "sharded-cut" / "checkpoints" / "step-0000004" / "dcp").is_dir()
+    em, _, _ = api.load(root / "sharded" / "checkpoints" / "step-0000004", device="cpu")  # the last is whole
+    assert torch.equal(em.model.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
 def test_teacher_gets_no_gradients_and_loss_is_kd():

@@ -201,6 +201,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fsdp: bool = False
     save_every: int = 100
+    sharded_checkpoints: bool = False  # step checkpoints as per-rank DCP shards (no gather); the last also whole
     eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)
     eval_limit: int | None = 16  # held-out windows for the before/after table; 0 skips it, None: all
     seed: int = 0

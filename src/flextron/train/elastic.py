@@ -42,6 +42,7 @@ from flextron.train.loop import (
     warmup_cosine,
     wrap,
 )
+from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
 # Settings a resumed run must share with the run it continues.
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
@@ -147,7 +148,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if cfg.fsdp:
         shard_frozen(teacher)
     t_head = teacher.model.get_output_embeddings()
-    em, _, _ = load_checkpoint(start, device=str(d.device))
+    em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
     if cfg.activation_checkpointing:
@@ -167,6 +168,8 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     step = 0
     if start != ckpt:
         step = load_training_state(start, model, em, optimizer, scheduler)["step"]
+        if is_sharded(start):
+            load_sharded_state(start, em, optimizer)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
@@ -176,8 +179,12 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     def save(at: int) -> Path:
         out = run / "checkpoints" / f"step-{at:07d}"
         training = {"step": at, "tokens": at * per_step * cfg.seq_len, "config": info["config"]}
-        save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
-                                 {**manifest, "training": training}, {"step": at}, d)
+        if cfg.sharded_checkpoints:
+            save_sharded_checkpoint(em, optimizer, scheduler, tok, out, {**manifest, "training": training},
+                                    {"step": at}, d, elastic=at == total)
+        else:
+            save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
+                                     {**manifest, "training": training}, {"step": at}, d)
         if d.main:
             prune_checkpoints(run, keep=2)
         return out

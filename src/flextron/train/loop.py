@@ -151,8 +151,9 @@ def load_training_state(path: Path, model: nn.Module, em: ElasticModel, optimize
     except Exception as e:  # a truncated or foreign file: say which
         raise FlextronError(f"cannot read {path / STATE_FILE} ({type(e).__name__}); the checkpoint is corrupt") \
             from None
-    set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+    if "optimizer" in state:  # sharded checkpoints keep it in their shards (train/sharded.py)
+        set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
