@@ -70,8 +70,8 @@ def test_two_process_torchrun_equals_one_process(setup):
     assert two.stdout.count("Trained 1 steps") == 1
     fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29534", "-m", "flextron", "train", str(ckpt), "--out", str(root / "fsdp"),
-                           "--micro-batch", "1", "--fsdp", "--sharded-checkpoints", *common], capture_output=True, text=True, env=env,
-                          timeout=300)
+                           "--micro-batch", "1", "--fsdp", "--sharded-checkpoints", *common], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     a, start = weights(root / "one", 1), load_file(ckpt / "model.safetensors")
     for other in ("two", "fsdp"):

@@ -42,6 +42,7 @@ from flextron.train.loop import (
     warmup_cosine,
     wrap,
 )
+from flextron.train.memory import estimate_memory
 from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
 # Settings a resumed run must share with the run it continues.
@@ -151,6 +152,10 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
+    if d.main and progress:
+        est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, 4 if compute_dtype(cfg.dtype) is None
+                              else 2)
+        tqdm.write(est.summary())
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(em)
     em.train()
