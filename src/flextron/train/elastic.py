@@ -66,6 +66,32 @@ def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig
     return loss, {"kd": kd.item(), "lm": lm.item()}
 
 
+def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batches: list[Tensor],
+                 subnets: list[Subnet], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
+    """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
+    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts."""
+    amp, t_head = compute_dtype(cfg.dtype), teacher.model.get_output_embeddings()
+    loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
+    n_passes = len(batches) * len(subnets)
+    for a, ids in enumerate(batches):
+        ids = ids.to(device)
+        with torch.no_grad(), autocast(device, amp):
+            t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
+
+        def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
+            return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
+
+        for j, sub in enumerate(subnets):
+            em.set_subnet(sub)
+            with grad_sync(model, a == len(batches) - 1 and j == len(subnets) - 1), autocast(device, amp):
+                loss, p = model(input_ids=ids, use_cache=False, head=head)
+                (loss / n_passes).backward()
+            loss_sum += loss.item() / n_passes
+            for k in parts:
+                parts[k] += p[k] / n_passes
+    return loss_sum, parts
+
+
 def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
     """Each layer's choice drawn independently (heterogeneous) or one index for all (uniform)."""
     def pick(choices: list[list[int]]) -> list[int]:
@@ -148,7 +174,6 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     teacher.requires_grad_(False)
     if cfg.fsdp:
         shard_frozen(teacher)
-    t_head = teacher.model.get_output_embeddings()
     em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
@@ -179,7 +204,6 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
     log = MetricsLog(run, step, cfg.tensorboard) if d.main else None
-    amp = compute_dtype(cfg.dtype)
 
     def save(at: int) -> Path:
         out = run / "checkpoints" / f"step-{at:07d}"
@@ -200,26 +224,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     try:
         while step < total:
             subnets = sample_subnets(em, cfg, step)
-            loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
-            n_passes = cfg.grad_accum * len(subnets)
-            for a in range(cfg.grad_accum):
-                lo = (a * d.world + d.rank) * cfg.micro_batch
-                ids = sequences.rows(step * per_step + lo, cfg.micro_batch).to(d.device)  # this rank's rows only
-                with torch.no_grad(), autocast(d.device, amp):
-                    t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
-
-                def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
-                    return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
-
-                for j, sub in enumerate(subnets):
-                    em.set_subnet(sub)
-                    last = a == cfg.grad_accum - 1 and j == len(subnets) - 1
-                    with grad_sync(model, last), autocast(d.device, amp):
-                        loss, p = model(input_ids=ids, use_cache=False, head=head)
-                        (loss / n_passes).backward()
-                    loss_sum += loss.item() / n_passes
-                    for k in parts:
-                        parts[k] += p[k] / n_passes
+            batches = [sequences.rows(step * per_step + (a * d.world + d.rank) * cfg.micro_batch, cfg.micro_batch)
+                       for a in range(cfg.grad_accum)]  # this rank's rows only
+            loss_sum, parts = distill_step(model, em, teacher, batches, subnets, cfg, d.device)
             loss_mean = all_mean(loss_sum, d)
             if not math.isfinite(loss_mean):
                 raise FlextronError(f"the loss became {loss_mean} at step {step + 1}; training stopped, the last good "
