@@ -33,25 +33,32 @@ def weights(run, step):
     return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
 
 
-def test_resume_after_interruption_is_exact(setup):
+def run_and_interrupt(setup, cfg: TrainConfig, name: str):
+    """Run `name` straight through, and `name`-cut stopped by an interrupt after step 3."""
+    from flextron.train.elastic import train
+
     root, ckpt, data = setup
-    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
-    api.train(ckpt, root / "straight", cfg, [str(data)], device="cpu", progress=False)
+    api.train(ckpt, root / name, cfg, [str(data)], device="cpu", progress=False)
 
     def interrupt(step, row):
         if step == 3:
             raise KeyboardInterrupt
 
-    from flextron.train.elastic import train
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, root / "cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
-    assert [p.name for p in (root / "cut" / "checkpoints").iterdir()] == ["step-0000002"]
-    api.train(ckpt, root / "cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
-    a, b = weights(root / "straight", 4), weights(root / "cut", 4)
+        train(ckpt, root / f"{name}-cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
+
+
+def test_resume_after_interruption_is_exact(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
+    run_and_interrupt(setup, cfg, "straight")
+    assert [p.name for p in (root / "straight-cut" / "checkpoints").iterdir()] == ["step-0000002"]
+    api.train(ckpt, root / "straight-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
+    a, b = weights(root / "straight", 4), weights(root / "straight-cut", 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(ckpt / "model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed the weights
-    rows = (root / "cut" / "metrics.csv").read_text().splitlines()
+    rows = (root / "straight-cut" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
@@ -86,15 +93,7 @@ def test_two_process_torchrun_equals_one_process(setup):
 def test_sharded_checkpoints_resume_exactly_and_end_as_an_elastic_checkpoint(setup):
     root, ckpt, data = setup
     cfg = TrainConfig(max_steps=4, save_every=2, sharded_checkpoints=True, **FAST)
-    api.train(ckpt, root / "sharded", cfg, [str(data)], device="cpu", progress=False)
-
-    def interrupt(step, row):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    from flextron.train.elastic import train
-    with pytest.raises(KeyboardInterrupt):
-        train(ckpt, root / "sharded-cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
+    run_and_interrupt(setup, cfg, "sharded")
     mid = root / "sharded-cut" / "checkpoints" / "step-0000002"
     assert (mid / "dcp").is_dir() and not (mid / "model.safetensors").exists()  # shards only, nothing gathered
     api.train(ckpt, root / "sharded-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
