@@ -36,25 +36,32 @@ def weights(run, step):
     return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
 
 
-def test_resume_after_interruption_is_exact(setup):
+def run_and_interrupt(setup, cfg: TrainConfig, name: str):
+    """Run `name` straight through, and `name`-cut stopped by an interrupt after step 3."""
+    from flextron.train.elastic import train
+
     root, ckpt, data = setup
-    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
-    api.train(ckpt, root / "straight", cfg, [str(data)], device="cpu", progress=False)
+    api.train(ckpt, root / name, cfg, [str(data)], device="cpu", progress=False)
 
     def interrupt(step, row):
         if step == 3:
             raise KeyboardInterrupt
 
-    from flextron.train.elastic import train
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, root / "cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
-    assert [p.name for p in (root / "cut" / "checkpoints").iterdir()] == ["step-0000002"]
-    api.train(ckpt, root / "cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
-    a, b = weights(root / "straight", 4), weights(root / "cut", 4)
+        train(ckpt, root / f"{name}-cut", cfg, [str(data)], callbacks=[interrupt], progress=False)
+
+
+def test_resume_after_interruption_is_exact(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
+    run_and_interrupt(setup, cfg, "straight")
+    assert [p.name for p in (root / "straight-cut" / "checkpoints").iterdir()] == ["step-0000002"]
+    api.train(ckpt, root / "straight-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
+    a, b = weights(root / "straight", 4), weights(root / "straight-cut", 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(ckpt / "model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in a)  # training changed the weights
-    rows = (root / "cut" / "metrics.csv").read_text().splitlines()
+    rows = (root / "straight-cut" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
@@ -73,8 +80,8 @@ def test_two_process_torchrun_equals_one_process(setup):
     assert two.stdout.count("Trained 1 steps") == 1
     fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_port=29534", "-m", "flextron", "train", str(ckpt), "--out", str(root / "fsdp"),
-                           "--micro-batch", "1", "--fsdp", *common], capture_output=True, text=True, env=env,
-                          timeout=300)
+                           "--micro-batch", "1", "--fsdp", "--sharded-checkpoints", *common], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     a, start = weights(root / "one", 1), load_file(ckpt / "model.safetensors")
     for other in ("two", "fsdp"):
@@ -83,6 +90,21 @@ def test_two_process_torchrun_equals_one_process(setup):
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), (other, k)
     assert any(not torch.equal(a[k], start[k]) for k in a)
+    assert len(list((root / "fsdp" / "checkpoints" / "step-0000001" / "dcp").glob("*.distcp"))) == 2  # a shard a rank
+
+
+def test_sharded_checkpoints_resume_exactly_and_end_as_an_elastic_checkpoint(setup):
+    root, ckpt, data = setup
+    cfg = TrainConfig(max_steps=4, save_every=2, sharded_checkpoints=True, **FAST)
+    run_and_interrupt(setup, cfg, "sharded")
+    mid = root / "sharded-cut" / "checkpoints" / "step-0000002"
+    assert (mid / "dcp").is_dir() and not (mid / "model.safetensors").exists()  # shards only, nothing gathered
+    api.train(ckpt, root / "sharded-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
+    a, b = weights(root / "sharded", 4), weights(root / "sharded-cut", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (root / "sharded-cut" / "checkpoints" / "step-0000004" / "dcp").is_dir()
+    em, _, _ = api.load(root / "sharded" / "checkpoints" / "step-0000004", device="cpu")  # the last is whole
+    assert torch.equal(em.model.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
 def test_teacher_gets_no_gradients_and_loss_is_kd():
@@ -261,3 +283,24 @@ def test_sampling_in_a_depth_space_keeps_the_floor():
     assert em.space.smallest().mlp.count(0) == 2
     budgets = sample_subnets(em, TrainConfig(max_steps=1, sampling="budgets", budgets=(0.3,), full_prob=0.0), 0)
     assert all(0 in s.mlp for s in budgets)  # the smallest widths alone exceed 30% of the parameters
+
+
+def test_sharded_teacher_is_frozen_and_computes_the_same(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from flextron.train.loop import shard_frozen
+
+    teacher, ref = ElasticModel(make_model("llama")), ElasticModel(make_model("llama"))
+    ids = torch.randint(0, 128, (2, 8))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        shard_frozen(teacher.requires_grad_(False))
+        with torch.no_grad():
+            out = teacher(input_ids=ids).logits
+    finally:
+        dist.destroy_process_group()
+    blocks = teacher.family.blocks(teacher.model)
+    assert all(isinstance(p, DTensor) for b in blocks for p in b.parameters())
+    assert not isinstance(teacher.model.get_output_embeddings().weight, DTensor)  # read by the chunked loss
+    assert torch.allclose(out, ref(input_ids=ids).logits, atol=1e-6)

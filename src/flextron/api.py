@@ -81,7 +81,9 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
         raise FlextronError(f"unknown order {order!r}; use importance or random")
     autocast = compute_dtype(dtype)
     device = resolve_device(device)
-    hf, tok, source = load_hf(model, device=device)
+    # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
+    weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
+    hf, tok, source = load_hf(model, dtype=weights, device=device)
     em = ElasticModel(hf)
     first = em.blocks[0]
     space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,

@@ -316,10 +316,12 @@ class TrainConfig:
     budget_probs: tuple[float, ...] | None = None
     full_prob: float = 0.25  # budgets sampling: chance that a draw is the full model
     dtype: str = "bf16"  # autocast dtype: bf16 or fp32
-    teacher_dtype: str = "fp32"  # teacher weights: fp32, or bf16 to halve its memory
+    teacher_dtype: str = "auto"  # teacher weights: fp32, bf16 (half the memory), auto = bf16 on CUDA, else fp32
+    loss_chunk: int = 256  # tokens whose full-vocabulary logits the loss holds at a time
     activation_checkpointing: bool = False
     fsdp: bool = False
     save_every: int = 100
+    sharded_checkpoints: bool = False  # step checkpoints as per-rank DCP shards (no gather); the last also whole
     eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)
     eval_limit: int | None = 16  # held-out windows for the before/after table; 0 skips it, None: all
     seed: int = 0
@@ -333,6 +335,7 @@ class TrainConfig:
         check_fields(self, {
             "lr": {**_POSITIVE_FLOAT, "high": _FP32_MAX},
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "grad_accum": _POSITIVE, "save_every": _POSITIVE,
+            "loss_chunk": _POSITIVE,
             "max_steps": {**_POSITIVE, "optional": True}, "tokens": {**_POSITIVE, "optional": True},
             "min_lr_ratio": {"low": 0.0, "high": 1.0},
             "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
@@ -352,9 +355,10 @@ class TrainConfig:
                 raise FlextronError("--budget-probs must not all be 0")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
-        for name in ("dtype", "teacher_dtype"):
-            if getattr(self, name) not in ("fp32", "bf16"):
-                raise FlextronError(f"{name.replace('_', '-')} must be fp32 or bf16")
+        if self.dtype not in ("fp32", "bf16"):
+            raise FlextronError("dtype must be fp32 or bf16")
+        if self.teacher_dtype not in ("fp32", "bf16", "auto"):
+            raise FlextronError("teacher-dtype must be fp32, bf16 or auto")
 
 
 @dataclass

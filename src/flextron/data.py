@@ -8,7 +8,9 @@ everything else. The held-out text is never used for calibration or training.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,7 +38,7 @@ def default_splits() -> dict[str, str]:
     return {"train": text[:start] + text[end:], "heldout": text[start:end]}
 
 
-def _tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
+def tokenizer_key(tok: PreTrainedTokenizerBase) -> str:
     backend = getattr(tok, "backend_tokenizer", None)
     ident = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
@@ -46,7 +48,7 @@ def tokenize(tok: PreTrainedTokenizerBase, text: str) -> Tensor:
     """Token ids of `text` (no special tokens) as a 1-D long tensor, cached on disk."""
     if not text.strip():
         raise FlextronError("the text to tokenize is empty")
-    key = hashlib.sha1(text.encode()).hexdigest()[:16] + "-" + _tokenizer_key(tok)
+    key = hashlib.sha1(text.encode()).hexdigest()[:16] + "-" + tokenizer_key(tok)
     path = cache_dir() / "tokens" / f"{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path).astype(np.int64))
@@ -80,18 +82,36 @@ def sample_sequences(ids: Tensor, n: int, seq_len: int, seed: int) -> Tensor:
 
 
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
+_BLOCK_CHARS = 1 << 20
 
 
-def _read_file(path: Path) -> list[str]:
+def _text_blocks(read: Callable[[int], str]) -> Iterator[str]:
+    """A text in pieces of about a million characters cut at paragraph breaks ("\n\n", which
+    joining the pieces restores), so a large .txt file never sits in memory whole."""
+    rest = ""
+    while chunk := read(_BLOCK_CHARS):
+        rest += chunk
+        cut = rest.rfind("\n\n")
+        if cut > 0:
+            yield rest[:cut]
+            rest = rest[cut + 2 :]
+    if rest:
+        yield rest
+
+
+def _read_file(path: Path) -> Iterator[str]:
     try:
         if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [str(json.loads(line)["text"]) for line in lines if line.strip()]
-        import pyarrow.parquet as pq  # optional: only parquet inputs need it
+            with path.open(encoding="utf-8") as f:
+                yield from _text_blocks(f.read)
+        elif path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                yield from (str(json.loads(line)["text"]) for line in f if line.strip())
+        else:
+            import pyarrow.parquet as pq  # optional: only parquet inputs need it
 
-        return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+            for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
+                yield from (str(t) for t in batch.column("text").to_pylist())
     except ImportError:
         raise FlextronError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError) as e:
@@ -99,7 +119,7 @@ def _read_file(path: Path) -> list[str]:
                             ".parquet files a 'text' column") from None
 
 
-def _read_hf_dataset(name: str) -> list[str]:
+def _read_hf_dataset(name: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -109,17 +129,15 @@ def _read_hf_dataset(name: str) -> list[str]:
     except Exception as e:  # datasets raises many types for offline / missing data
         raise FlextronError(f"cannot load dataset {name!r} ({type(e).__name__}); offline machines need a "
                             "local copy: pass .txt/.jsonl/.parquet files instead") from None
-    return [str(t) for t in ds["text"]]
+    yield from (str(row["text"]) for row in ds)
 
 
-def load_corpus(sources: list[str] | None = None) -> str:
-    """Training text: the default train split, or files / folders (.txt, .jsonl, .parquet) / hf:NAME."""
-    if not sources:
-        return default_splits()["train"]
-    docs: list[str] = []
+def source_files(sources: list[str]) -> list[Path | str]:
+    """The files of `sources` (folders expanded, sorted), and hf:NAME entries as they are."""
+    out: list[Path | str] = []
     for src in sources:
         if src.startswith("hf:"):
-            docs += _read_hf_dataset(src[3:])
+            out.append(src)
             continue
         path = Path(src)
         if path.is_dir():
@@ -132,19 +150,39 @@ def load_corpus(sources: list[str] | None = None) -> str:
             files = [path]
         else:
             raise FlextronError(f"training data {src} does not exist")
-        for f in files:
-            docs += _read_file(f)
-    text = "\n\n".join(d for d in docs if d.strip())
+        out += files
+    return out
+
+
+def documents(sources: list[str] | None = None) -> Iterator[str]:
+    """Training documents one at a time: the default train split, or files / folders (.txt, .jsonl,
+    .parquet) / hf:NAME; a .txt file comes in paragraph-aligned pieces. Blank documents are skipped."""
+    if not sources:
+        yield from _text_blocks(io.StringIO(default_splits()["train"]).read)
+        return
+    for f in source_files(sources):
+        docs = _read_hf_dataset(f[3:]) if isinstance(f, str) else _read_file(f)
+        yield from (d for d in docs if d.strip())
+
+
+def load_corpus(sources: list[str] | None = None) -> str:
+    """All training documents as one text (joined by blank lines)."""
+    text = "\n\n".join(documents(sources))
     if not text.strip():
-        raise FlextronError(f"the training data {', '.join(sources)} holds no text")
+        raise FlextronError(f"the training data {', '.join(sources or ['default'])} holds no text")
     return text
 
 
 class PackedSequences:
-    """A token stream cut into fixed-length sequences, reshuffled each epoch from a seed."""
+    """A token stream (a tensor, or a memory-mapped token file) cut into fixed-length sequences,
+    reshuffled each epoch from a seed; only the rows asked for are read."""
 
-    def __init__(self, ids: Tensor, seq_len: int, seed: int = 0) -> None:
-        self.data = windows(ids, seq_len)
+    def __init__(self, ids: Tensor | np.ndarray, seq_len: int, seed: int = 0) -> None:
+        ids = ids.numpy() if isinstance(ids, Tensor) else ids
+        n = len(ids) // seq_len
+        if n == 0:
+            raise FlextronError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        self.data = ids[: n * seq_len].reshape(n, seq_len)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -155,8 +193,8 @@ class PackedSequences:
         out = []
         for pos in range(start, start + count):
             epoch, i = divmod(pos, len(self.data))
-            out.append(self.data[self._order(epoch)[i]])
-        return torch.stack(out)
+            out.append(self.data[int(self._order(epoch)[i])])
+        return torch.from_numpy(np.stack(out).astype(np.int64))
 
     @lru_cache(maxsize=2)  # noqa: B019  (an instance lives as long as its training run)
     def _order(self, epoch: int) -> Tensor:

@@ -17,6 +17,8 @@ scales the whole contribution, the "in" projection's bias included.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -258,8 +260,14 @@ class ElasticModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, head: Callable[[Tensor, nn.Module], Any] | None = None, **kwargs):
+        """The HF forward; with `head`, head(final hidden states, output layer) instead of logits
+        (a loss that reads the vocabulary in chunks runs inside the forward, where FSDP has the
+        output layer gathered)."""
+        if head is None:
+            return self.model(*args, **kwargs)
+        hidden = self.model.base_model(*args, **kwargs).last_hidden_state
+        return head(hidden, self.model.get_output_embeddings())
 
     def set_subnet(self, subnet: Subnet | None = None) -> None:
         """Run the given sub-network (the full model when None) by hard slicing."""

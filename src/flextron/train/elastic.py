@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.checkpoint import load_checkpoint, read_manifest
 from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
-from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
+from flextron.data import PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
@@ -24,6 +24,8 @@ from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import context_length
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
+from flextron.tokens import corpus_tokens
+from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
     Dist,
     MetricsLog,
@@ -36,20 +38,59 @@ from flextron.train.loop import (
     load_training_state,
     prune_checkpoints,
     save_training_checkpoint,
+    shard_frozen,
+    teacher_dtype,
     warmup_cosine,
     wrap,
 )
+from flextron.train.memory import estimate_memory
+from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
 # Settings a resumed run must share with the run it continues.
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
 
 
-def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict]:
-    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE."""
-    kd = kd_loss(student, teacher, cfg.kd_temperature)
-    lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    loss = cfg.kd_weight * kd + cfg.lm_weight * lm
+def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: nn.Linear | None = None,
+                 t_head: nn.Module | None = None) -> tuple[Tensor, dict]:
+    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE.
+
+    `student` / `teacher` are logits, or final hidden states with the output layers that make logits
+    of them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens, `chunked_distill_loss`).
+    """
+    if s_head is not None:
+        loss, kd, lm = chunked_distill_loss(student, teacher, ids, s_head, t_head, cfg.kd_weight, cfg.lm_weight,
+                                            cfg.kd_temperature, cfg.loss_chunk)
+    else:
+        kd = kd_loss(student, teacher, cfg.kd_temperature)
+        lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = cfg.kd_weight * kd + cfg.lm_weight * lm
     return loss, {"kd": kd.item(), "lm": lm.item()}
+
+
+def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batches: list[Tensor],
+                 subnets: list[Subnet], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
+    """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
+    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts."""
+    amp, t_head = compute_dtype(cfg.dtype), teacher.model.get_output_embeddings()
+    loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
+    n_passes = len(batches) * len(subnets)
+    for a, ids in enumerate(batches):
+        ids = ids.to(device)
+        with torch.no_grad(), autocast(device, amp):
+            t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
+
+        def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
+            return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
+
+        for j, sub in enumerate(subnets):
+            em.set_subnet(sub)
+            with grad_sync(model, a == len(batches) - 1 and j == len(subnets) - 1), autocast(device, amp):
+                loss, p = model(input_ids=ids, use_cache=False, head=head)
+                (loss / n_passes).backward()
+            loss_sum += loss.item() / n_passes
+            for k in parts:
+                parts[k] += p[k] / n_passes
+    return loss_sum, parts
 
 
 def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
@@ -138,17 +179,26 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     start = existing[-1] if resume and existing else ckpt
 
     torch.manual_seed(cfg.seed)
-    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device),
-                                      dtype=torch.bfloat16 if cfg.teacher_dtype == "bf16" else torch.float32)
+    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device), dtype=teacher_dtype(cfg.teacher_dtype, d.device))
     teacher.requires_grad_(False)
-    em, _, _ = load_checkpoint(start, device=str(d.device))
+    if cfg.fsdp:
+        shard_frozen(teacher)
+    em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
     if cfg.seq_len > _context(em):
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
+    if d.main and progress:
+        est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, 4 if compute_dtype(cfg.dtype) is None
+                              else 2)
+        tqdm.write(est.summary())
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(em)
     em.train()
 
-    sequences = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    ids = corpus_tokens(data, tok) if d.main else None  # rank 0 tokenizes once, the others map its file
+    if d.world > 1:
+        dist.barrier()
+        ids = ids if d.main else corpus_tokens(data, tok, build=False)
+    sequences = PackedSequences(ids, cfg.seq_len, cfg.seed)
     per_step = d.world * cfg.micro_batch * cfg.grad_accum
     total = cfg.max_steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
     model = wrap(em, d, cfg.fsdp)
@@ -157,17 +207,22 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     step = 0
     if start != ckpt:
         step = load_training_state(start, model, em, optimizer, scheduler)["step"]
+        if is_sharded(start):
+            load_sharded_state(start, em, optimizer)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
     log = MetricsLog(run, step, cfg.tensorboard) if d.main else None
-    amp = compute_dtype(cfg.dtype)
 
     def save(at: int) -> Path:
         out = run / "checkpoints" / f"step-{at:07d}"
         training = {"step": at, "tokens": at * per_step * cfg.seq_len, "config": info["config"]}
-        save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
-                                 {**manifest, "training": training}, {"step": at}, d)
+        if cfg.sharded_checkpoints:
+            save_sharded_checkpoint(em, optimizer, scheduler, tok, out, {**manifest, "training": training},
+                                    {"step": at}, d, elastic=at == total)
+        else:
+            save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
+                                     {**manifest, "training": training}, {"step": at}, d)
         if d.main:
             prune_checkpoints(run, keep=2)
         return out
@@ -178,24 +233,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     try:
         while step < total:
             subnets = sample_subnets(em, cfg, step)
-            rows = sequences.rows(step * per_step, per_step)
-            loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
-            n_passes = cfg.grad_accum * len(subnets)
-            for a in range(cfg.grad_accum):
-                lo = (a * d.world + d.rank) * cfg.micro_batch
-                ids = rows[lo : lo + cfg.micro_batch].to(d.device)
-                with torch.no_grad(), autocast(d.device, amp):
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits
-                for j, sub in enumerate(subnets):
-                    em.set_subnet(sub)
-                    last = a == cfg.grad_accum - 1 and j == len(subnets) - 1
-                    with grad_sync(model, last), autocast(d.device, amp):
-                        s_logits = model(input_ids=ids, use_cache=False).logits
-                        loss, p = distill_loss(s_logits, t_logits, ids, cfg)
-                        (loss / n_passes).backward()
-                    loss_sum += loss.item() / n_passes
-                    for k in parts:
-                        parts[k] += p[k] / n_passes
+            batches = [sequences.rows(step * per_step + (a * d.world + d.rank) * cfg.micro_batch, cfg.micro_batch)
+                       for a in range(cfg.grad_accum)]  # this rank's rows only
+            loss_sum, parts = distill_step(model, em, teacher, batches, subnets, cfg, d.device)
             loss_mean = all_mean(loss_sum, d)
             if not math.isfinite(loss_mean):
                 raise FlextronError(f"the loss became {loss_mean} at step {step + 1}; training stopped, the last good "

@@ -62,6 +62,22 @@ def wrap(em: ElasticModel, d: Dist, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(em, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The teacher's weight dtype: --teacher-dtype, where auto is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def shard_frozen(model: ElasticModel) -> None:
+    """Shard a frozen model's decoder blocks across ranks (FSDP2); embeddings, final norm and output
+    layer stay whole on every rank, so the chunked loss can read them outside its forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.family.blocks(model.model):  # each block is a root: ask it to reshard after forward
+        fully_shard(block, reshard_after_forward=True)
+
+
 def enable_activation_checkpointing(em: ElasticModel) -> None:
     """Recompute each decoder block's activations in backward instead of keeping them."""
     enable = getattr(em.model, "activation_checkpointing_enable", None)  # the newer transformers name
@@ -134,8 +150,9 @@ def load_training_state(path: Path, model: nn.Module, em: ElasticModel, optimize
     except Exception as e:  # a truncated or foreign file: say which
         raise FlextronError(f"cannot read {path / STATE_FILE} ({type(e).__name__}); the checkpoint is corrupt") \
             from None
-    set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+    if "optimizer" in state:  # sharded checkpoints keep it in their shards (train/sharded.py)
+        set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():

@@ -1,0 +1,61 @@
+"""The CUDA subset (`pytest -m cuda`, run by benchmarks/gpu.py); skipped where no GPU is."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import make_model, make_tokenizer, word_text
+from flextron import api
+from flextron.config import CalibrationConfig, TrainConfig
+from flextron.elastic import ElasticModel
+from flextron.train.distill import chunked_distill_loss
+from flextron.train.loop import kd_loss
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_convert_in_bf16_on_cuda_holds_no_fp32_copy(tmp_path):
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    make_tokenizer().save_pretrained(tmp_path / "hf")
+    (tmp_path / "calib.txt").write_text(word_text(3000))
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    torch.cuda.reset_peak_memory_stats()
+    ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", dtype="bf16", multiple=8,
+                       calibration=CalibrationConfig(n_sequences=4, seq_len=32, source=str(tmp_path / "calib.txt")),
+                       progress=False)
+    assert torch.cuda.max_memory_allocated() < fp32_bytes
+    assert all(t.dtype == torch.bfloat16 for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_chunked_loss_matches_full_logits_under_bf16_autocast():
+    em = ElasticModel(make_model("llama", seed=0)).cuda()
+    teacher = ElasticModel(make_model("llama", seed=1)).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (4, 64), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+            t_hidden = teacher(input_ids=ids, head=lambda h, out: h)
+        logits = em(input_ids=ids).logits
+        full = kd_loss(logits, t_logits) + 0.5 * F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                                 ids[:, 1:].flatten())
+        head = teacher.model.get_output_embeddings()
+        loss, _, _ = em(input_ids=ids, head=lambda h, out: chunked_distill_loss(h, t_hidden, ids, out, head, 1.0, 0.5,
+                                                                                chunk=48))
+    assert torch.allclose(loss, full, rtol=2e-2)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in em.parameters() if p.grad is not None)
+
+
+def test_training_steps_on_cuda_with_a_bf16_teacher(tmp_path):
+    make_model("llama").save_pretrained(tmp_path / "hf")
+    make_tokenizer().save_pretrained(tmp_path / "hf")
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(4000))
+    calib = CalibrationConfig(n_sequences=4, seq_len=32, source=str(data))
+    ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", multiple=8, calibration=calib,
+                       progress=False)
+    cfg = TrainConfig(max_steps=2, seq_len=32, micro_batch=2, warmup_steps=1, eval_limit=0)  # bf16 autocast
+    summary = api.train(ckpt, tmp_path / "run", cfg, [str(data)], device="cuda", progress=False)
+    assert summary["steps"] == 2

@@ -1,0 +1,61 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model
+from flextron.elastic import ElasticModel
+from flextron.train.distill import chunked_distill_loss
+from flextron.train.loop import kd_loss
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_chunked_loss_equals_the_full_logits_loss_in_value_and_gradient(kind):
+    em, teacher = ElasticModel(make_model(kind, seed=0)), ElasticModel(make_model(kind, seed=1))
+    em.set_subnet(em.space.smallest())
+    ids = torch.randint(0, 128, (3, 11))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+        t_hidden = teacher(input_ids=ids, head=lambda h, out: h)
+
+    logits = em(input_ids=ids).logits
+    full_kd = kd_loss(logits, t_logits, 2.0)
+    full_lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    (full_kd + 0.3 * full_lm).backward()
+    ref = {n: p.grad.clone() for n, p in em.named_parameters()}
+    em.zero_grad()
+
+    t_head = teacher.model.get_output_embeddings()
+    loss, kd, lm = em(input_ids=ids, head=lambda h, out: chunked_distill_loss(h, t_hidden, ids, out, t_head, 1.0,
+                                                                               0.3, 2.0, chunk=5))
+    (2 * loss).backward()  # the upstream gradient scales what the forward accumulated
+    assert torch.allclose(kd, full_kd, rtol=1e-5) and torch.allclose(lm, full_lm, rtol=1e-5)
+    assert torch.allclose(loss, full_kd + 0.3 * full_lm, rtol=1e-5)
+    for n, p in em.named_parameters():
+        assert torch.allclose(p.grad, 2 * ref[n], rtol=1e-4, atol=1e-6), n
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_no_vocabulary_wide_tensor_is_kept_for_backward():
+    em = ElasticModel(make_model("llama"))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        t_hidden = em(input_ids=ids, head=lambda h, out: h)
+    head = em.model.get_output_embeddings()
+
+    def saved_shapes(loss_of) -> list[tuple]:
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_of()
+        loss.backward()
+        return shapes
+
+    chunked = saved_shapes(lambda: em(input_ids=ids, head=lambda h, out: chunked_distill_loss(
+        h, t_hidden, ids, out, head, lm_weight=1.0, chunk=8))[0])
+    plain = saved_shapes(lambda: em(input_ids=ids).logits.float().log_softmax(-1).sum())
+    assert not any(s[-1] == 128 for s in chunked)  # [..., vocab]: logits or probabilities
+    assert any(s[-1] == 128 for s in plain)
