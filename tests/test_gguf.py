@@ -25,9 +25,9 @@ THREADS = 1  # llama.cpp's threads wait on each other by spinning: on a busy sha
 IDS = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def sharp_elastic(kind: str) -> ElasticModel:
+def sharp_elastic(kind: str, **space) -> ElasticModel:
     """A tiny elastic model whose attention is peaked (q/k weights x8), so the rotary layout shows in the logits."""
-    em = make_elastic(kind)
+    em = make_elastic(kind, **space)
     with torch.no_grad():
         for name, p in em.model.named_parameters():
             if ".q_proj." in name or ".k_proj." in name:
@@ -110,6 +110,28 @@ def test_greedy_32_tokens_equal(case, tmp_path):
     write_gguf(em, tok, sub, tmp_path / "m.gguf")
     with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS, f32_cache=True) as llm:
         assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, sub, IDS[:8], 32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_depth_sub_networks_run_in_llamacpp(kind, tmp_path):
+    """Layer 0 without attention, layer 1 without MLP (the deci trap: a zero FFN keeps its attention
+    output), layer 2 skipped whole (left out), layer 3 full; then layer 2 without attention (deci's
+    attention-free layer, head_count 0): logits and greedy tokens equal."""
+    em, tok = sharp_elastic(kind, n_layers=4, min_layers=1), make_bpe_tokenizer()
+    s = em.space
+    sub = Subnet(mlp=[s.mlp[0][2], 0, 0, s.mlp[3][-1]], attn=[0, s.attn[1][2], 0, s.attn[3][-1]])
+    info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
+    assert info["architecture"] == "deci"
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["deci.block_count"].contents() == 3
+    assert reader.fields["deci.attention.head_count"].contents() == [2, 4, 8]  # layer 0: a zero KV group
+    middle = Subnet(mlp=[s.mlp[0][1], 0, s.mlp[2][-1], s.mlp[3][-1]], attn=[s.attn[0][1], s.attn[1][2], 0, 0])
+    write_gguf(em, tok, middle, tmp_path / "middle.gguf")
+    for path, net in ((tmp_path / "m.gguf", sub), (tmp_path / "middle.gguf", middle)):
+        diff = np.abs(gguf_logits(path, IDS) - elastic_logits(em, net, IDS)).max()
+        assert diff < TOL, diff
+        with llamacpp.opened(path, n_ctx=64, threads=THREADS, f32_cache=True) as llm:
+            assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, net, IDS[:8], 32)
 
 
 def test_tokenizer_fields(tmp_path):

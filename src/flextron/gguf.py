@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -23,7 +24,7 @@ from flextron import __version__
 from flextron.config import Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.export import layer_sizes, sliced_state_dict
+from flextron.export import kept_layers, layer_sizes, sliced_state_dict
 from flextron.fsutil import atomic_write
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -31,6 +32,8 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 # Architectures whose rotary layout is llama.cpp's "normal" one: q/k rows are permuted on export.
 _PERMUTED = {"llama", "deci"}
+# Width of the all-zero FFN that stands for a skipped MLP (it adds exactly 0 to the residual stream).
+ZERO_FFN = 32
 # Pre-tokenizer names llama.cpp knows, by the split regex of a tokenizer.json `Split` step.
 _WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
 _REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -38,12 +41,37 @@ _SPLIT_PRE = {_WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe", _WORDS + r"\p{N}" + _
 
 
 def layer_counts(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
-    """Per layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv.
+    """Per kept layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv.
 
-    The one place sub-network choices become llama.cpp counts. For depth (choice 0): attention 0
-    can be head_count 0, but MLP 0 must become a minimal FFN with a zero down projection, since
-    `deci` drops the attention output of a layer whose feed_forward_length is 0."""
-    return layer_sizes(em, subnet)
+    The one place sub-network choices become llama.cpp counts. A skipped attention is head_count 0
+    (`deci` builds an attention-free layer), except in the first layer: llama.cpp reads the head size
+    only when layer 0 has heads, so there it is one KV group whose projections are zero. A skipped MLP
+    in a layer that keeps its attention is a zero FFN of `ZERO_FFN` neurons, because `deci` drops the
+    attention output of a layer whose feed_forward_length is 0. Zero sub-layers add exactly nothing.
+    Layers that skip both are left out, as in the HF export."""
+    ff, heads, kv = layer_sizes(em, subnet)
+    if heads and heads[0] == 0:
+        heads[0], kv[0] = em.blocks[kept_layers(subnet)[0]].geometry.heads_per_unit, 1
+    return [w or ZERO_FFN for w in ff], heads, kv
+
+
+def _zero_tensors(em: ElasticModel, subnet: Subnet) -> list[tuple[str, Tensor]]:
+    """The all-zero stand-ins `layer_counts` promises for skipped sub-layers that llama.cpp must see."""
+    import gguf
+
+    hidden, head_dim = em.config.hidden_size, em.blocks[0].geometry.head_dim
+    widths, heads, _ = layer_sizes(em, subnet)
+    _, counted, _ = layer_counts(em, subnet)
+    shapes = []
+    if heads and heads[0] == 0:
+        q = counted[0] * head_dim
+        shapes.append((0, {"ATTN_NORM": (hidden,), "ATTN_Q": (q, hidden), "ATTN_K": (head_dim, hidden),
+                           "ATTN_V": (head_dim, hidden), "ATTN_OUT": (hidden, q)}))
+    shapes += [(layer, {"FFN_NORM": (hidden,), "FFN_GATE": (ZERO_FFN, hidden), "FFN_UP": (ZERO_FFN, hidden),
+                        "FFN_DOWN": (hidden, ZERO_FFN)}) for layer, w in enumerate(widths) if w == 0]
+    return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]].format(bid=layer) + ".weight",
+             torch.ones(shape) if kind.endswith("NORM") else torch.zeros(shape))
+            for layer, tensors in shapes for kind, shape in tensors.items()]
 
 
 def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
@@ -57,10 +85,13 @@ def gguf_arch(em: ElasticModel, subnet: Subnet) -> str:
         raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
                             "export with --format hf instead")
     counts = layer_counts(em, subnet)
-    if model_type == "gpt2" and not (is_uniform(counts) and subnet.attn == em.space.full().attn):
+    widths, heads, _ = layer_sizes(em, subnet)
+    partial = 0 in widths or 0 in heads  # a layer without MLP or without attention
+    kept_full = all(subnet.attn[i] == em.blocks[i].attn.n_units for i in kept_layers(subnet))
+    if model_type == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
         raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
                             "(head size = hidden / heads); export this sub-network with --format hf")
-    if is_uniform(counts):
+    if is_uniform(counts) and not partial:
         narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
         # llama.cpp's qwen2 sizes the query projection by the hidden size; deci takes any head count.
         return "deci" if model_type == "qwen2" and narrow else UNIFORM_ARCH[model_type]
@@ -106,7 +137,7 @@ def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Ten
         if arch == "gpt2" and t.ndim == 2 and name.startswith("transformer.h."):
             t = t.T  # Conv1D stores [in, out]
         out.append((target, t.detach().float().cpu()))
-    return out
+    return out + _zero_tensors(em, subnet)
 
 
 def _encode(name: str, t: Tensor, outtype: str) -> tuple[np.ndarray, object]:
@@ -208,7 +239,7 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
     cfg = em.config
     ff, heads, kv = layer_counts(em, subnet)
     if arch == "gpt2":
-        writer.add_block_count(em.space.n_layers)
+        writer.add_block_count(len(kept_layers(subnet)))
         writer.add_context_length(cfg.n_positions)
         writer.add_embedding_length(cfg.n_embd)
         writer.add_feed_forward_length(ff[0])
@@ -219,7 +250,7 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
     head_dim = em.blocks[0].geometry.head_dim
     theta, linear = _rope_theta(em)
     uniform = arch != "deci"
-    writer.add_block_count(em.space.n_layers)
+    writer.add_block_count(len(kept_layers(subnet)))
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(ff[0] if uniform else ff)
