@@ -295,7 +295,7 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     device = resolve_device(device)
     grid = sorted(cfg.budgets)
     if unseen is None:  # between the grid's two lowest and two highest budgets
-        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in (grid[:2], grid[-2:]) if len(grid) > 1}))
+        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in (grid[:2], grid[-2:])})) if len(grid) > 1 else ()
     out = Path(out or ckpt)
     if out != Path(ckpt):
         check_output_dir(out, overwrite)
