@@ -33,6 +33,7 @@ from flextron.elastic import ElasticModel
 from flextron.engine import Busy, Engine, EngineConfig, Result
 from flextron.engine import Request as EngineRequest
 from flextron.errors import FlextronError
+from flextron.generation import context_length
 from flextron.protocol import (
     Job,
     Protocol,
@@ -60,7 +61,7 @@ class Service:
         self.em, self.tokenizer, self.name = em, tokenizer, name
         self.config = config or ServeConfig()
         cfg = em.config
-        context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        context = context_length(cfg)
         self.engine = Engine(em, tokenizer, EngineConfig(self.config.max_batch, self.config.max_queue,
                                                          self.config.max_budgets))
         self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve,
