@@ -143,7 +143,6 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
         full_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
         full = speeds(full_model)
         del full_model
-        full_gguf = gguf_speeds(ckpt, em.space.full(), work, name, a) if llamacpp else None
         full_cost = subnet_cost(em, None, context=a.prefill // 2, weight_dtype_bytes=dtype.itemsize)
         print(f"{name} full model: decode {full['decode_tps']:.1f} tok/s, prefill {full['prefill_tps']:.0f} tok/s")
         for b, d in exports.items():
@@ -163,9 +162,9 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
                    "params_fraction": cost.params_nonembed / full_cost.params_nonembed, "full": full,
                    "ideal": ideal}
             runs = [("export", exported, full), ("elastic", elastic, full)]
-            if llamacpp:
-                row["llamacpp_full"] = full_gguf
-                runs.append(("llamacpp", gguf_speeds(ckpt, subnet, work, name, a), full_gguf))
+            if llamacpp:  # the full GGUF is timed beside each sub-network: a drifting machine cancels out
+                row["llamacpp_full"] = gguf_speeds(ckpt, em.space.full(), work, name, a)
+                runs.append(("llamacpp", gguf_speeds(ckpt, subnet, work, name, a), row["llamacpp_full"]))
             for path, got, base in runs:
                 speedup = {k: got[f"{k}_tps"] / base[f"{k}_tps"] for k in ideal}
                 row[path] = {**got, "speedup": speedup,
