@@ -54,7 +54,7 @@ def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarr
 
 
 def gguf_logits(path, ids: list[int]) -> np.ndarray:
-    with llamacpp.opened(path, n_ctx=64, threads=THREADS, f32_cache=True, all_logits=True) as llm:
+    with llamacpp.opened(path, n_ctx=64, threads=THREADS, exact=True, all_logits=True) as llm:
         return llamacpp.logits(llm, ids)
 
 
@@ -108,7 +108,7 @@ def test_greedy_32_tokens_equal(case, tmp_path):
     em, tok = sharp_elastic("llama"), make_bpe_tokenizer()
     sub = subnet_for(em, case)
     write_gguf(em, tok, sub, tmp_path / "m.gguf")
-    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS, f32_cache=True) as llm:
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=64, threads=THREADS, exact=True) as llm:
         assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, sub, IDS[:8], 32)
 
 
@@ -130,7 +130,7 @@ def test_depth_sub_networks_run_in_llamacpp(kind, tmp_path):
     for path, net in ((tmp_path / "m.gguf", sub), (tmp_path / "middle.gguf", middle)):
         diff = np.abs(gguf_logits(path, IDS) - elastic_logits(em, net, IDS)).max()
         assert diff < TOL, diff
-        with llamacpp.opened(path, n_ctx=64, threads=THREADS, f32_cache=True) as llm:
+        with llamacpp.opened(path, n_ctx=64, threads=THREADS, exact=True) as llm:
             assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, net, IDS[:8], 32)
 
 
@@ -245,7 +245,7 @@ def test_smollm2_gguf_logits_and_greedy_equal(smollm, case, tmp_path):
     info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
     assert info["architecture"] == ("llama" if case.startswith("uniform") else "deci")
     ids = tok("The quick brown fox jumps over the lazy dog. Once upon a time, in 1868,")["input_ids"]
-    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=128, threads=THREADS, f32_cache=True, all_logits=True) as llm:
+    with llamacpp.opened(tmp_path / "m.gguf", n_ctx=128, threads=THREADS, exact=True, all_logits=True) as llm:
         assert llm.tokenize(tok.decode(ids).encode(), add_bos=False) == ids
         diff = np.abs(llamacpp.logits(llm, ids) - elastic_logits(em, sub, ids)).max()
         assert diff < SMOLLM_TOL, diff

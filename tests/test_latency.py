@@ -140,3 +140,23 @@ def test_noisy_timings_give_a_monotone_table_and_feasible_projections():
                   "prefill_ms": fitted,
                   "measurements": [{"role": "fit", "subnet": s.to_dict(), "decode_ms": v} for s, v in zip(nets, y)]}
     assert latency_table(em, "latency_ms") == table
+
+
+def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each():
+    from flextron.latency import profile
+
+    em = make_elastic()
+    true_mlp = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}
+    calls = []
+
+    def timer(subnet):
+        calls.append(subnet)
+        ms = 5.0 + sum(true_mlp[w] for w in subnet.mlp)
+        slow = 10.0 if 6 <= len(calls) < 14 else 1.0  # the machine is busy for 8 consecutive timings
+        return {"decode_ms": ms * slow, "prefill_ms": ms * slow}
+
+    table = profile(em, n_fit=6, n_validate=2, timer=timer, rounds=3, progress=False)
+    assert len(calls) == 3 * 8 and calls[:8] == calls[8:16]  # round after round, in the same order
+    assert table["rounds"] == 3 and table["validation"]["decode_ms"]["max_pct"] < 1e-6
+    assert [m["decode_ms"] for m in table["measurements"]] == [
+        5.0 + sum(true_mlp[w] for w in m["subnet"]["mlp"]) for m in table["measurements"]]

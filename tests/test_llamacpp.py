@@ -24,6 +24,19 @@ def test_measure_times_prefill_and_decode(tmp_path):
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
 
 
+def test_load_defaults_to_llamacpps_own_settings_and_exact_turns_them_off(tmp_path):
+    import llama_cpp
+
+    em = make_elastic("llama")
+    write_gguf(em, make_bpe_tokenizer(), em.space.full(), tmp_path / "m.gguf")
+    on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    for exact, fa in ((False, on), (True, off)):
+        with llamacpp.opened(tmp_path / "m.gguf", n_ctx=32, threads=1, exact=exact) as llm:
+            assert llm.context_params.flash_attn_type == fa
+            want = llama_cpp.GGML_TYPE_F32 if exact else llama_cpp.GGML_TYPE_F16
+            assert (llm.context_params.type_k, llm.context_params.type_v) == (want, want)
+
+
 def test_load_refuses_missing_and_foreign_files(tmp_path):
     with pytest.raises(FlextronError, match="not a GGUF file"):
         llamacpp.load(tmp_path / "none.gguf")

@@ -279,17 +279,18 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, *, device
 def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32", batch: int = 1,
             context: int = 256, decode_steps: int = 16, repeats: int = 3, n_fit: int = 24, n_validate: int = 10,
             progress: bool = True, runtime: str = "hf", threads: int | None = None, outtype: str = "f32",
-            verify: bool = True) -> dict:
+            verify: bool = True, rounds: int = 1) -> dict:
     """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint.
 
     `runtime="llama.cpp"` times GGUF exports (`outtype`) of the sub-networks in llama.cpp with
     `threads` threads instead of the elastic model in HF eager; budgets then refer to that table.
+    `rounds` > 1 times every sub-network once per round, interleaved, and keeps the median.
     """
     from flextron.latency import profile as measure_table
     from flextron.latency import save_table
 
     for name, value in (("batch", batch), ("context", context), ("decode_steps", decode_steps),
-                        ("repeats", repeats), ("samples", n_fit), ("validate", n_validate)):
+                        ("repeats", repeats), ("samples", n_fit), ("validate", n_validate), ("rounds", rounds)):
         check_number(name, value, integer=True, low=1)
     check_number("threads", threads, integer=True, low=1, optional=True)
     if runtime not in ("hf", "llama.cpp"):
@@ -297,7 +298,7 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
     if runtime == "hf":
         em, _, _ = load(ckpt, device, verify)
         table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
-                              progress=progress)
+                              progress=progress, rounds=rounds)
     else:
         import tempfile
 
@@ -312,7 +313,7 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
         with tempfile.TemporaryDirectory() as tmp:
             timer = llamacpp.gguf_timer(em, tok, tmp, outtype, context, decode_steps, repeats, threads)
             table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, progress=progress,
-                                  timer=timer, runtime=named)
+                                  timer=timer, runtime=named, rounds=rounds)
     save_table(Path(ckpt), table)
     return table
 

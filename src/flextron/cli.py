@@ -187,7 +187,7 @@ def cmd_report(a: argparse.Namespace) -> None:
 def cmd_profile(a: argparse.Namespace) -> None:
     table = api.profile(a.ckpt, device=a.device, dtype=a.dtype, batch=a.batch, context=a.context,
                         decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate,
-                        runtime=a.runtime, threads=a.threads, outtype=a.outtype,
+                        runtime=a.runtime, threads=a.threads, outtype=a.outtype, rounds=a.rounds,
                         verify=a.verify)
     t = Table(title=f"Latency lookup table — {table.get('runtime', 'hf-eager')}, {table['device']}, "
                     f"{table['dtype']}, batch {table['batch']}, context {table['context']}")
@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=_POS_INT, default=1)
     pr.add_argument("--context", type=_POS_INT, default=256, help="prompt tokens (prefill) before decoding")
     pr.add_argument("--decode-steps", type=_POS_INT, default=16)
-    pr.add_argument("--repeats", type=_POS_INT, default=3)
+    pr.add_argument("--repeats", type=_POS_INT, default=3, help="timed runs per sub-network (after a warm-up)")
+    pr.add_argument("--rounds", type=_POS_INT, default=1,
+                    help="time every sub-network once per round, interleaved, and keep the median (noisy machines)")
     pr.add_argument("--samples", type=_POS_INT, default=24, help="random sub-networks the table is fitted on")
     pr.add_argument("--validate", type=_POS_INT, default=10, help="further sub-networks it is checked on")
     pr.add_argument("--runtime", choices=["hf", "llama.cpp"], default="hf",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,20 +138,28 @@ def _errors(pred: list[float], meas: list[float]) -> dict:
 def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: int = 16, repeats: int = 3,
             n_fit: int = 24, n_validate: int = 10, autocast_dtype: torch.dtype | None = None, seed: int = 0,
             progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
-            runtime: dict | None = None) -> dict:
+            runtime: dict | None = None, rounds: int = 1) -> dict:
     """Build the latency table on this device and validate it on unseen random sub-networks.
 
     `timer` measures one sub-network in another runtime (default: this model in HF eager);
-    `runtime` names that runtime in the table (e.g. runtime, threads, outtype).
+    `runtime` names that runtime in the table (e.g. runtime, threads, outtype). With `rounds` > 1
+    every sub-network is timed once per round, round after round, and keeps its median: a slow
+    spell of a shared machine then lands on one round of many sub-networks, not on all of one.
     """
     if n_fit < 4 or n_validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
     space = em.space
     fit_nets = [space.full(), space.smallest(), *random_subnets(em, n_fit - 2, seed)]
     val_nets = random_subnets(em, n_validate, seed + 1)
-    timings = []
-    for s in tqdm(fit_nets + val_nets, desc="profiling", disable=not progress):
-        timings.append(timer(s) if timer else measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
+    nets = fit_nets + val_nets
+    runs: list[list[dict[str, float]]] = [[] for _ in nets]
+    with tqdm(total=rounds * len(nets), desc="profiling", disable=not progress) as bar:
+        for _ in range(rounds):
+            for i, s in enumerate(nets):
+                runs[i].append(timer(s) if timer else measure(em, s, batch, context, decode_steps, repeats,
+                                                              autocast_dtype))
+                bar.update()
+    timings = [{k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs]
     em.set_subnet(None)
     device = next(em.parameters()).device
     table = {
@@ -159,7 +168,7 @@ def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: 
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32",
-        "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats,
+        "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats, "rounds": rounds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "validation": {},
         "measurements": [],

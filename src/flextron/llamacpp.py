@@ -33,9 +33,13 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = False,
+def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, exact: bool = False,
          all_logits: bool = False):
-    """A `llama_cpp.Llama` on `path`, quiet. `f32_cache`: f32 KV cache (exact comparisons; default f16).
+    """A `llama_cpp.Llama` on `path`, quiet, set up as llama.cpp's own tools default to: f16 KV cache
+    and flash attention (`-fa auto` resolves to on for CPUs and GPUs; without it llama.cpp pads
+    every layer's V cache to the widest layer's, so per-layer `deci` sub-networks would be timed with
+    attention they do not have). `exact`: f32 KV cache and no flash attention (which rounds through
+    f16 on CPUs), for comparisons with the elastic model.
 
     `all_logits` keeps every position's logits (`logits`); otherwise only the last one is computed.
     """
@@ -43,10 +47,11 @@ def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, f32_
     if not Path(path).is_file():
         raise FlextronError(f"{path} is not a GGUF file")
     threads = threads or default_threads()
-    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                               n_threads_batch=threads, logits_all=all_logits, verbose=False, **cache)
+                               n_threads_batch=threads, logits_all=all_logits, flash_attn=not exact, verbose=False,
+                               **cache)
     except ValueError as e:  # llama.cpp refused the file
         raise FlextronError(f"llama.cpp cannot load {path} ({e})") from None
 
