@@ -20,6 +20,12 @@ from flextron.generation import generate_text
 from flextron.modeling_flextron import PER_LAYER
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
+# What existing exports' config.json names: these never change.
+AUTO_MAP = {kind: {"AutoConfig": f"modeling_flextron.Flextron{name}Config",
+                   "AutoModelForCausalLM": f"modeling_flextron.Flextron{name}{head}"}
+            for kind, name, head in (("llama", "Llama", "ForCausalLM"), ("mistral", "Mistral", "ForCausalLM"),
+                                     ("qwen2", "Qwen2", "ForCausalLM"), ("qwen3", "Qwen3", "ForCausalLM"),
+                                     ("gpt2", "GPT2", "LMHeadModel"))}
 # The start of a script run in a subprocess where importing flextron fails.
 BLOCK_FLEXTRON = r"""
 import importlib.abc, sys
@@ -81,13 +87,17 @@ def test_export_matches_elastic_model(exports, kind, case):
     assert per_layer == per_layer_expected(kind, case), type(model).__name__
     assert json.loads((d / "flextron_export.json").read_text())["per_layer"] == per_layer
     assert (d / "modeling_flextron.py").is_file() == per_layer
+    config = json.loads((d / "config.json").read_text())
+    if per_layer:
+        assert config["auto_map"] == AUTO_MAP[kind] and config["model_type"] == f"flextron_{kind}"
     assert sum(p.numel() for p in model.parameters()) == params
     with torch.no_grad():
         assert (model(ids).logits - expected).abs().max().item() < 1e-4
 
 
 def test_exports_load_without_flextron(exports, tmp_path):
-    """Stock exports load with plain transformers, per-layer ones with trust_remote_code; flextron is blocked."""
+    """Stock exports load with plain transformers, per-layer ones with trust_remote_code (and save_pretrained
+    of those writes a directory that loads the same way); flextron is blocked."""
     root, _, out = exports
     script = BLOCK_FLEXTRON + r"""
 import json
@@ -95,28 +105,40 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-root, remote = Path(sys.argv[1]), json.loads(sys.argv[2])
+root, resaved, remote = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 ids = torch.load(root / "ids.pt")
 diffs = {}
 for name, trust in remote.items():
     d = root / name
     model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=trust)
+    dirs = [d]
+    if trust:
+        model.save_pretrained(resaved / name)
+        model = AutoModelForCausalLM.from_pretrained(resaved / name, trust_remote_code=True)
+        dirs.append(resaved / name)
     with torch.no_grad():
-        diffs[d.name] = [type(model).__name__, (model(ids).logits - torch.load(d / "expected.pt")).abs().max().item()]
+        diff = (model(ids).logits - torch.load(d / "expected.pt")).abs().max().item()
+    diffs[name] = [type(model).__name__, diff, [json.loads((p / "config.json").read_text()).get("auto_map")
+                                                for p in dirs]]
 assert "flextron" not in sys.modules
 print(json.dumps(diffs))
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     remote = {f"{k}-{c}": per_layer_expected(k, c) for k, c in out}
-    r = subprocess.run([sys.executable, "-c", script, str(root), json.dumps(remote)], capture_output=True,
-                       text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script, str(root), str(tmp_path / "resaved"), json.dumps(remote)],
+                       capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     diffs = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(diffs) == len(out)
     for (kind, case), _ in out.items():
-        cls, diff = diffs[f"{kind}-{case}"]
-        assert cls.startswith("Flextron") == per_layer_expected(kind, case), (kind, case, cls)
+        cls, diff, auto_maps = diffs[f"{kind}-{case}"]
+        per_layer = per_layer_expected(kind, case)
+        assert cls.startswith("Flextron") == per_layer, (kind, case, cls)
         assert diff < 1e-4, (kind, case, diff)
+        assert auto_maps == ([AUTO_MAP[kind]] * 2 if per_layer else [None]), (kind, case, auto_maps)
+        if per_layer:  # the round trip carries the same code
+            name = f"{kind}-{case}/modeling_flextron.py"
+            assert (tmp_path / "resaved" / name).read_bytes() == (root / name).read_bytes()
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)

@@ -12,6 +12,8 @@ head stay the same, so the stock forward runs unchanged. A size of 0 removes the
 its norm: the residual stream passes through (`SkippedAttention`, `SkippedMLP`).
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import (
@@ -21,6 +23,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -121,107 +124,63 @@ def _resize_gpt2_block(block: nn.Module, width: int, heads: int, kv_heads: int) 
         attn.num_heads = heads
 
 
+# The config fields added to each family's config: one entry per layer.
+_LAYER_LISTS = ("layer_intermediate_sizes", "layer_num_attention_heads", "layer_num_key_value_heads")
+
+
 class _PerLayer:
-    """Mixin for the models: resize each layer after the stock model is built."""
+    """Mixin for the models: build the stock model, then resize each layer."""
 
     _layers_path: str
-    _resize_layer = staticmethod(_resize_llama_layer)
+    _resize_layer: Callable[[nn.Module, int, int, int], None]
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__(config)
+        self._apply_layer_sizes()
 
     def _apply_layer_sizes(self) -> None:
         c = self.config
         layers = self.get_submodule(self._layers_path)
-        lists = (c.layer_intermediate_sizes, c.layer_num_attention_heads, c.layer_num_key_value_heads)
+        lists = [getattr(c, name) for name in _LAYER_LISTS]
         if any(v is None or len(v) != len(layers) for v in lists):
-            raise ValueError(
-                f"{type(c).__name__} needs layer_intermediate_sizes, layer_num_attention_heads and "
-                f"layer_num_key_value_heads with one entry per layer ({len(layers)})"
-            )
+            raise ValueError(f"{type(c).__name__} needs {', '.join(_LAYER_LISTS)} with one entry per layer "
+                             f"({len(layers)})")
         for layer, width, heads, kv_heads in zip(layers, *lists):
             self._resize_layer(layer, width, heads, kv_heads)
         # Initializes only the new projections (the others are marked initialized) and re-ties weights.
         self.post_init()
 
 
-class FlextronLlamaConfig(LlamaConfig):
-    model_type = "flextron_llama"
-    layer_intermediate_sizes: list[int] | None = None
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
+def _family(base_config: type, base_model: type, layers_path: str = "model.layers",
+            resize_layer: Callable[[nn.Module, int, int, int], None] = _resize_llama_layer) -> tuple[type, type]:
+    """The per-layer config and model of one family: `Flextron<base name>`, model type `flextron_<base type>`.
+
+    Exports name these classes in `config.json`'s `auto_map`, so the names and model types never change.
+    """
+    config_cls = type(f"Flextron{base_config.__name__}", (base_config,), {
+        "__module__": __name__,
+        "__annotations__": dict.fromkeys(_LAYER_LISTS, list[int] | None),  # config fields (a dataclass)
+        "model_type": f"flextron_{base_config.model_type}",
+        **dict.fromkeys(_LAYER_LISTS),
+    })
+    model_cls = type(f"Flextron{base_model.__name__}", (_PerLayer, base_model), {
+        "__module__": __name__,
+        "config_class": config_cls,
+        "_layers_path": layers_path,
+        "_resize_layer": staticmethod(resize_layer),
+    })
+    # save_pretrained copies this file beside the weights and writes `auto_map` into config.json.
+    config_cls.register_for_auto_class()
+    model_cls.register_for_auto_class("AutoModelForCausalLM")
+    return config_cls, model_cls
 
 
-class FlextronMistralConfig(MistralConfig):
-    model_type = "flextron_mistral"
-    layer_intermediate_sizes: list[int] | None = None
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-
-
-class FlextronQwen2Config(Qwen2Config):
-    model_type = "flextron_qwen2"
-    layer_intermediate_sizes: list[int] | None = None
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-
-
-class FlextronQwen3Config(Qwen3Config):
-    model_type = "flextron_qwen3"
-    layer_intermediate_sizes: list[int] | None = None
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-
-
-class FlextronGPT2Config(GPT2Config):
-    model_type = "flextron_gpt2"
-    layer_intermediate_sizes: list[int] | None = None
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-
-
-class FlextronLlamaForCausalLM(_PerLayer, LlamaForCausalLM):
-    config_class = FlextronLlamaConfig
-    _layers_path = "model.layers"
-
-    def __init__(self, config: FlextronLlamaConfig) -> None:
-        super().__init__(config)
-        self._apply_layer_sizes()
-
-
-class FlextronMistralForCausalLM(_PerLayer, MistralForCausalLM):
-    config_class = FlextronMistralConfig
-    _layers_path = "model.layers"
-
-    def __init__(self, config: FlextronMistralConfig) -> None:
-        super().__init__(config)
-        self._apply_layer_sizes()
-
-
-class FlextronQwen2ForCausalLM(_PerLayer, Qwen2ForCausalLM):
-    config_class = FlextronQwen2Config
-    _layers_path = "model.layers"
-
-    def __init__(self, config: FlextronQwen2Config) -> None:
-        super().__init__(config)
-        self._apply_layer_sizes()
-
-
-class FlextronQwen3ForCausalLM(_PerLayer, Qwen3ForCausalLM):
-    config_class = FlextronQwen3Config
-    _layers_path = "model.layers"
-
-    def __init__(self, config: FlextronQwen3Config) -> None:
-        super().__init__(config)
-        self._apply_layer_sizes()
-
-
-class FlextronGPT2LMHeadModel(_PerLayer, GPT2LMHeadModel):
-    config_class = FlextronGPT2Config
-    _layers_path = "transformer.h"
-    _resize_layer = staticmethod(_resize_gpt2_block)
-
-    def __init__(self, config: FlextronGPT2Config) -> None:
-        super().__init__(config)
-        self._apply_layer_sizes()
-
+# Module-level names: `trust_remote_code` looks the classes up by the names in `auto_map`.
+FlextronLlamaConfig, FlextronLlamaForCausalLM = _family(LlamaConfig, LlamaForCausalLM)
+FlextronMistralConfig, FlextronMistralForCausalLM = _family(MistralConfig, MistralForCausalLM)
+FlextronQwen2Config, FlextronQwen2ForCausalLM = _family(Qwen2Config, Qwen2ForCausalLM)
+FlextronQwen3Config, FlextronQwen3ForCausalLM = _family(Qwen3Config, Qwen3ForCausalLM)
+FlextronGPT2Config, FlextronGPT2LMHeadModel = _family(GPT2Config, GPT2LMHeadModel, "transformer.h", _resize_gpt2_block)
 
 # Base HF model_type -> (per-layer config, per-layer model).
 PER_LAYER = {
@@ -231,10 +190,5 @@ PER_LAYER = {
     "qwen3": (FlextronQwen3Config, FlextronQwen3ForCausalLM),
     "gpt2": (FlextronGPT2Config, FlextronGPT2LMHeadModel),
 }
-
-# save_pretrained copies this file beside the weights and writes `auto_map` into config.json.
-for _config_cls, _model_cls in PER_LAYER.values():
-    _config_cls.register_for_auto_class()
-    _model_cls.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [c.__name__ for pair in PER_LAYER.values() for c in pair] + ["PER_LAYER"]
