@@ -291,6 +291,7 @@ class CalibrationConfig:
 
 
 SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
+LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the others add a tracker
 
 
 @dataclass
@@ -325,11 +326,13 @@ class TrainConfig:
     eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)
     eval_limit: int | None = 16  # held-out windows for the before/after table; 0 skips it, None: all
     seed: int = 0
-    tensorboard: bool = False
+    logger: str = "csv"  # csv | tensorboard | wandb (train/metrics.py)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING:
             raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
+        if self.logger not in LOGGERS:
+            raise FlextronError(f"unknown logger {self.logger!r}; use one of {', '.join(LOGGERS)}")
         if (self.max_steps is None) == (self.tokens is None):
             raise FlextronError("give exactly one of --max-steps or --tokens")
         check_fields(self, {

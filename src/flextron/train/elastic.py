@@ -28,7 +28,6 @@ from flextron.tokens import corpus_tokens
 from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
     Dist,
-    MetricsLog,
     all_mean,
     checkpoints,
     enable_activation_checkpointing,
@@ -44,6 +43,7 @@ from flextron.train.loop import (
     wrap,
 )
 from flextron.train.memory import estimate_memory
+from flextron.train.metrics import MetricsLog
 from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
 # Settings a resumed run must share with the run it continues.
@@ -212,7 +212,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
-    log = MetricsLog(run, step, cfg.tensorboard) if d.main else None
+    log = MetricsLog(run, step, cfg.logger, info["config"], cpu=d.device.type == "cpu") if d.main else None
 
     def save(at: int) -> Path:
         out = run / "checkpoints" / f"step-{at:07d}"

@@ -1,9 +1,8 @@
 """What every training stage shares: torchrun set-up, DDP / FSDP2 wrapping, the LR schedule,
-atomic checkpoints with optimizer / scheduler / RNG state, CSV and TensorBoard logs."""
+atomic checkpoints with optimizer / scheduler / RNG state (the logs: train/metrics.py)."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write, remove_tree
+from flextron.fsutil import remove_tree
 
 STATE_FILE = "training_state.pt"
 
@@ -168,42 +167,3 @@ def checkpoints(run: Path) -> list[Path]:
 def prune_checkpoints(run: Path, keep: int) -> None:
     for old in checkpoints(run)[:-keep]:
         remove_tree(old)  # renamed out of the listing first: a kill never leaves a half-deleted step-N
-
-
-class MetricsLog:
-    """metrics.csv always (rows past a resumed step are dropped), TensorBoard when asked."""
-
-    FIELDS = ("step", "tokens", "loss", "kd", "lm", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
-
-    def __init__(self, run: Path, start_step: int, tensorboard: bool) -> None:
-        self.path = run / "metrics.csv"
-        rows = []
-        if start_step > 0 and self.path.is_file():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        atomic_write(self.path, lambda p: self._write(p, rows))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise FlextronError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-
-    def _write(self, path: Path, rows: list[dict]) -> None:
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-
-    def log(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.FIELDS).writerow(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
