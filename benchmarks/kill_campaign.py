@@ -76,32 +76,44 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name)
 
 
-def train_campaign(root: Path, kills: int, rng: random.Random) -> dict:
-    ck, data = root / "ck", root / "data.txt"
-    common = ["train", str(ck), "--data", str(data), *TRAIN]
-    duration = timed(*common, "--out", str(root / "ref"))
-    run, killed, starts, errors = root / "killed", 0, 0, []
-    while True:
+def killed_run(common: list[str], run: Path, duration: float, kills_left: int, rng: random.Random
+               ) -> tuple[int, int, list[str]]:
+    """One training run in `run`, killed at random until `kills_left` kills are spent, then finished."""
+    killed, starts, errors = 0, 0, []
+    while len(errors) <= 3:
         resume = ["--resume"] if (run / "run.json").is_file() else []
-        delay = rng.uniform(0.0, duration) if killed < kills else 1e9
+        delay = rng.uniform(0.0, duration) if killed < kills_left else 1e9
         was_killed, code, err = run_or_kill([*common, "--out", str(run), *resume], delay)
         starts += 1
         if was_killed:
             killed += 1
-            continue
-        if code != 0:
+        elif code == 0:
+            break
+        else:
             errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {code}")
-            if len(errors) > 3:
-                break
-            continue
-        break
-    a, b = final_weights(root / "ref"), final_weights(run) if (run / "checkpoints").is_dir() else {}
-    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] if (
-        run / "metrics.csv").is_file() else []
-    return {"command": "train --resume", "kills": killed, "starts": starts, "errors": errors,
-            "lost": int(not equal) + int(steps != [str(i) for i in range(1, 9)]), "bitwise_equal": equal,
-            "metrics_steps": steps, "leftovers": leftovers(run), "uninterrupted_s": round(duration, 1)}
+    return killed, starts, errors
+
+
+def train_campaign(root: Path, kills: int, rng: random.Random) -> dict:
+    """Killed training runs, one after another until `kills` kills landed, each compared with the reference."""
+    ck, data = root / "ck", root / "data.txt"
+    common = ["train", str(ck), "--data", str(data), *TRAIN]
+    duration = timed(*common, "--out", str(root / "ref"))
+    reference = final_weights(root / "ref")
+    killed = starts = lost = runs = 0
+    errors, left = [], []
+    while killed < kills and len(errors) <= 3:
+        run = root / f"killed-{runs}"
+        k, n, e = killed_run(common, run, duration, kills - killed, rng)
+        killed, starts, runs, errors = killed + k, starts + n, runs + 1, errors + e
+        got = final_weights(run) if (run / "checkpoints").is_dir() else {}
+        equal = reference.keys() == got.keys() and all(torch.equal(reference[x], got[x]) for x in reference)
+        steps = [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()[1:]] if (
+            run / "metrics.csv").is_file() else []
+        lost += int(not equal) + int(steps != [str(i) for i in range(1, 9)])
+        left += leftovers(run)
+    return {"command": "train --resume", "kills": killed, "starts": starts, "runs": runs, "errors": errors,
+            "lost": lost, "leftovers": left, "uninterrupted_s": round(duration, 1)}
 
 
 def complete(path: Path, kind: str) -> bool:
