@@ -162,7 +162,8 @@ def main() -> None:
             "balance": {"first_20": sum(r["balance"] for r in log[:20]) / 20,
                         "last_20": sum(r["balance"] for r in log[-20:]) / 20},
             "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "metric": result["metric"], "rows": result["budgets"], "mlp_speed": speed, "widths_by_kind": by_kind,
+            "metric": result["metric"], "rows": [r.to_dict() for r in result["budgets"]], "mlp_speed": speed,
+            "widths_by_kind": by_kind,
             "widths_budget": mid, "total_seconds": round(time.time() - t0),
             "train_seconds": next(r for r in reversed(result["log"]) if "elapsed_s" in r)["elapsed_s"]}
     write_json("adaptive", data)

@@ -85,20 +85,23 @@ def main() -> None:
 
     ckpt = api.convert(None, work / "ckpt", calibration=CalibrationConfig(), device=a.device, dtype="bf16",
                        overwrite=True)
-    results = {"original": api.evaluate(None, **ev)[0], "prune-only": api.evaluate(ckpt, BUDGETS, **ev)}
+    def evaluate(path: Path | None, budgets: list[str] | None = None) -> list[dict]:
+        return [r.to_dict() for r in api.evaluate(path, budgets, **ev)]
+
+    results = {"original": evaluate(None)[0], "prune-only": evaluate(ckpt, BUDGETS)}
     seconds = {}
     for name, sampling in (("uniform sampling", "uniform"), ("flextron", "sandwich")):
         t = time.time()
         run = api.train(ckpt, work / f"run-{sampling}", TrainConfig(sampling=sampling, **base), device=a.device)
         seconds[name] = time.time() - t
-        results[name] = api.evaluate(run["final"], BUDGETS, **ev)
+        results[name] = evaluate(run["final"], BUDGETS)
     results["trained alone"] = []
     for budget in ALONE:
         t = time.time()
         run = api.train(ckpt, work / f"run-alone-{budget}",
                         TrainConfig(sampling="fixed", budgets=(float(budget),), **base), device=a.device)
         seconds[f"alone {budget}"] = time.time() - t
-        results["trained alone"] += api.evaluate(run["final"], [budget], **ev)
+        results["trained alone"] += evaluate(run["final"], [budget])
     cfg = TrainConfig(**base)
     data = {
         "command": f"python benchmarks/elastic_training.py --tokens {a.tokens} --device {a.device}",

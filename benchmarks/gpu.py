@@ -175,7 +175,7 @@ def smollm2_run(device: str) -> dict:
     ckpt = api.convert(None, Path(tempfile.mkdtemp()) / "ckpt", device=device, dtype="bf16", progress=False)
     cfg = TrainConfig(max_steps=60, seq_len=512, micro_batch=8, lr=5e-5, eval_limit=16)
     summary = api.train(ckpt, Path(tempfile.mkdtemp()) / "run", cfg, device=device, progress=False)
-    return {"ran": True, "before": summary["before"], "after": summary["after"]}
+    return {"ran": True, **{k: [r.to_dict() for r in summary[k]] for k in ("before", "after")}}
 
 
 def markdown(result: dict) -> str:

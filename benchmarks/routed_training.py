@@ -37,7 +37,8 @@ def main() -> None:
                        dtype="bf16", eval_limit=previous["eval_tokens"] // 1023)
     routed = api.route(base, cfg, unseen=(), device=a.device)
     data = {"command": f"python benchmarks/routed_training.py --ckpt {a.ckpt} --steps {a.steps}",
-            "source": a.ckpt, "steps": a.steps, "rows": routed["budgets"], "previous": previous["results"],
+            "source": a.ckpt, "steps": a.steps, "rows": [r.to_dict() for r in routed["budgets"]],
+            "previous": previous["results"],
             "eval_tokens": previous["eval_tokens"], "total_seconds": round(time.time() - t0)}
     write_json("routed_training", data)
     report(data)

@@ -93,7 +93,8 @@ def main() -> None:
         "seconds": seconds, "total_seconds": round(time.time() - t0),
         "surrogate_steps": [sum(r["surrogate_used"] for r in runs["surrogate"]["log"]), a.steps],
         "surrogate_warmup": a.surrogate_warmup,
-        "routes": {k: v["budgets"] for k, v in runs.items()}, "metric": runs["surrogate"]["metric"],
+        "routes": {k: [r.to_dict() for r in v["budgets"]] for k, v in runs.items()},
+        "metric": runs["surrogate"]["metric"],
     }
     write_json("routers", data)
     report(data)

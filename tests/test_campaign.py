@@ -20,6 +20,7 @@ from conftest import make_device, make_model, make_tokenizer, rewrite_weights, w
 from flextron import api
 from flextron.cli import main
 from flextron.config import CalibrationConfig
+from flextron.evaluate import rows_json
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def arena(tmp_path_factory):
     make_device(root / "device.json")  # a device node of our own: a regression must never hit the real /dev
     (root / "file").write_text("a file, not a directory")
     (root / "outdir").mkdir()
-    (root / "result.json").write_text(json.dumps(api.evaluate(root / "ck", ["1.0"], limit=1, seq_len=16,
-                                                              progress=False)))
+    (root / "result.json").write_text(rows_json(api.evaluate(root / "ck", ["1.0"], limit=1, seq_len=16,
+                                                             progress=False)))
     for name, space in (("space_inf.json", '{"mlp": [[1e400]], "attn": [[1]]}'),
                         ("space_float.json", '{"mlp": [[24.5, 96], [96]], "attn": [[4], [4]]}'),
                         ("space_bool.json", '{"mlp": [[true, 96], [96]], "attn": [[4], [4]]}'),

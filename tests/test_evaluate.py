@@ -1,14 +1,20 @@
-"""Perplexity equals a plain Hugging Face loop (the model's own shifted loss)."""
+"""Perplexity equals a plain Hugging Face loop (the model's own shifted loss); typed result rows
+that write the JSON every run file holds."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_model
-from flextron.evaluate import perplexity
+from conftest import make_elastic, make_model
+from flextron.adaptive import AdaptiveRouters
+from flextron.config import Budget, RouterConfig, Subnet
+from flextron.evaluate import EvalRow, adaptive_at_budgets, eval_at_budgets, perplexity, router_report, rows_json
+from flextron.routers import Routers, StaticRouter
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -19,3 +25,54 @@ def test_perplexity_equals_the_hf_loss_loop(batch_size):
         losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     assert perplexity(model, windows, batch_size=batch_size, progress=False) == pytest.approx(
         math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+# The keys, in order, that each kind of row has always been written with (routing.json,
+# adaptive.json, eval.json, results.json).
+EVAL_KEYS = ["budget", "subnet", "cost", "params_fraction", "ppl", "tokens"]
+ROUTER_KEYS = ["budget", "metric", "subnet", "raw_cost_ratio", "cost_ratio", "fraction_of_full", "uniform_subnet",
+               "uniform_fraction_of_full", "ppl", "uniform_ppl"]
+ADAPTIVE_KEYS = ["budget", "metric", "adaptive", "ppl", "realised_fraction", "cost_ratio"]
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def routed():
+    """A tiny elastic model with (untrained) static and adaptive routers over params, and windows."""
+    grid = (0.5, 1.0)
+    em = make_elastic()
+    em.routers = Routers(StaticRouter(em.space, grid).eval(), "params", RouterConfig(budgets=grid))
+    em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16).eval()
+    return em, torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_rows_are_typed_and_write_the_json_they_always_have(routed):
+    em, windows = routed
+    evaluated = eval_at_budgets(em, windows, [Budget.parse("1.0"), Budget.parse("params=50%")], progress=False)
+    reported = router_report(em, windows, [0.5, 1.0], progress=False)
+    adaptive = adaptive_at_budgets(em, windows, [Budget(fraction=0.5)], progress=False)
+    for rows, keys in ((evaluated, EVAL_KEYS), (reported, ROUTER_KEYS), (adaptive, ADAPTIVE_KEYS)):
+        assert all(isinstance(r, EvalRow) for r in rows)
+        for r in rows:
+            d = r.to_dict()
+            assert list(d) == keys
+            assert EvalRow.from_dict(json.loads(json.dumps(d))) == r
+    # One budget type; the JSON keeps its two spellings: text as asked, a fraction of the routers' metric.
+    assert [str(r.budget) for r in evaluated] == ["100%", "params=50%"]
+    assert [r.to_dict()["budget"] for r in evaluated] == ["100%", "params=50%"]
+    assert [r.to_dict()["budget"] for r in reported] == [0.5, 1.0] and str(reported[0].budget) == "50%"
+    assert isinstance(evaluated[0].subnet, Subnet) and evaluated[0].to_dict()["subnet"] == evaluated[0].subnet.to_dict()
+    assert json.loads(rows_json({"rows": evaluated}))["rows"] == [r.to_dict() for r in evaluated]
+
+
+def test_rows_of_files_written_before_round_trip_byte_for_byte():
+    files = {"adaptive.json": lambda d: d["rows"], "routers.json": lambda d: [*d["routes"].values()][0],
+             "elastic_training.json": lambda d: [d["results"]["original"], *d["results"]["prune-only"]]}
+    for name, rows_of in files.items():
+        rows = rows_of(json.loads((RESULTS / name).read_text()))
+        assert rows
+        for row in rows:
+            assert json.dumps(EvalRow.from_dict(row).to_dict()) == json.dumps(row), name
+    static = json.loads((RESULTS / "adaptive.json").read_text())["rows"][0]
+    row = EvalRow.from_dict(static)
+    assert row.adaptive and isinstance(row.static_subnet, Subnet) and row.budget == Budget(fraction=static["budget"])

@@ -32,7 +32,7 @@ def tiny_ckpt(tiny_hf_dir, tmp_path):
 def test_lm_eval_equals_our_scorer(tiny_ckpt, tmp_path, budget):
     requests = tmp_path / "mc.jsonl.gz"
     write_requests(requests, random_docs(40, seed=1))
-    ours = api.evaluate(tiny_ckpt, [budget], tasks=[str(requests)], device="cpu", progress=False)[0]["tasks"]
+    ours = api.evaluate(tiny_ckpt, [budget], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
     ours = ours[str(requests)]
     lm = FlextronLM(tiny_ckpt, budget=budget, device="cpu", batch_size=8)
     out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(str(requests), tmp_path)], log_samples=False)
@@ -44,7 +44,7 @@ def test_lm_eval_equals_our_scorer(tiny_ckpt, tmp_path, budget):
 def test_lm_eval_lambada_style(tiny_ckpt, tmp_path):
     requests = tmp_path / "single.jsonl.gz"
     write_requests(requests, [([d[g]], 0) for d, g in random_docs(20, seed=2)])
-    ours = api.evaluate(tiny_ckpt, tasks=[str(requests)], device="cpu", progress=False)[0]["tasks"][str(requests)]
+    ours = api.evaluate(tiny_ckpt, tasks=[str(requests)], device="cpu", progress=False)[0].tasks[str(requests)]
     out = lm_eval.simple_evaluate(model=FlextronLM(tiny_ckpt, device="cpu"),
                                   tasks=[task_config(str(requests), tmp_path)], log_samples=False)
     theirs = next(iter(out["results"].values()))
@@ -72,7 +72,7 @@ def test_lm_eval_command_line_runs_flextron(routed_ckpt, tmp_path, adaptive):
     requests = tmp_path / "mc.jsonl.gz"
     write_requests(requests, random_docs(40, seed=1))
     ours = api.evaluate(routed_ckpt, ["0.5"], tasks=[str(requests)], device="cpu", progress=False, batch_size=1,
-                        adaptive=adaptive)[0]["tasks"][str(requests)]
+                        adaptive=adaptive)[0].tasks[str(requests)]
     config = task_config(str(requests), tmp_path)
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mc.yaml").write_text(json.dumps(config))

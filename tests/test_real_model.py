@@ -75,7 +75,7 @@ def test_lm_eval_matches_our_scorer_on_arc_easy(tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from flextron.harness import FlextronLM, task_config
 
-    ours = api.evaluate(None, tasks=["arc_easy"], limit=24, device="cpu", progress=False)[0]["tasks"]["arc_easy"]
+    ours = api.evaluate(None, tasks=["arc_easy"], limit=24, device="cpu", progress=False)[0].tasks["arc_easy"]
     out = lm_eval.simple_evaluate(model=FlextronLM(None, device="cpu"), tasks=[task_config("arc_easy", tmp_path, 24)],
                                   log_samples=False)
     theirs = out["results"]["flextron_arc_easy"]

@@ -8,7 +8,13 @@ import pytest
 
 from flextron.cli import main
 from flextron.errors import FlextronError
+from flextron.evaluate import EvalRow
 from flextron.report import read_run, report, update_section
+
+ROUTE = {"budget": 0.5, "metric": "params", "subnet": {"mlp": [96, 48], "attn": [4, 2]}, "raw_cost_ratio": 1.02,
+         "cost_ratio": 0.99, "fraction_of_full": 0.5, "uniform_subnet": {"mlp": [48, 48], "attn": [2, 2]},
+         "uniform_fraction_of_full": 0.45, "ppl": 30.0, "uniform_ppl": 31.0, "kept": "router",
+         "calib_ppl": {"router": 29.0, "uniform": 30.0}}
 
 
 def row(budget: str, fraction: float, ppl: float | None = None, tasks: dict | None = None) -> dict:
@@ -25,9 +31,10 @@ def test_report_tables_every_series_and_plots(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     arc = {"n": 10, "acc": 0.5, "acc_norm": 0.6}
-    data = {"original": row("-", 1.0, 20.0), "prune_only": [row("100%", 1.0, 20.0), row("50%", 0.5, 900.0)],
+    data = {"original": row("100%", 1.0, 20.0), "prune_only": [row("100%", 1.0, 20.0), row("50%", 0.5, 900.0)],
             "flextron": [row("100%", 1.0, 21.0, {"arc_easy": arc}), row("50%", 0.45, 80.0, {"arc_easy": arc})],
-            "export_eval": row("-", 0.45, 80.0), "preset": "tiny"}
+            "export_eval": row("50%", 0.45, 80.0), "preset": "tiny", "router_metric": "params",
+            "routes": [ROUTE, ROUTE | {"budget": 1.0, "kept": "uniform"}]}
     (run / "results.json").write_text(json.dumps(data))
     path, text = report(run, "tiny run")
     assert path == run / "report.md" and path.read_text() == text
@@ -36,7 +43,22 @@ def test_report_tables_every_series_and_plots(tmp_path):
     assert lines[0] == "# tiny run"
     assert "| flextron | 50% | 48-96 | 2-4 | 0.5 M (45%) | 80.00 | 50.0% (60.0%) |" in lines
     assert sum(line.startswith("| prune only |") for line in lines) == 2
-    assert "| original |" in text and "| export |" in text and "![pareto](pareto.png)" in text
+    assert "| original | - |" in text and "| export | - |" in text and "![pareto](pareto.png)" in text
+    assert "| 50% | 0.990 | 30.00 | 31.00 | router |" in lines and "| 100% | 0.990 | 30.00 | 31.00 | uniform |" in lines
+
+
+def test_report_reads_files_the_old_code_wrote(tmp_path):
+    old = {"original": row("100%", 1.0, 20.0), "prune_only": [row("100%", 1.0, 20.0), row("params=500000", 0.5, 40.0)],
+           "routes": [ROUTE], "export_speed": {"hf": None}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    data, folder = read_run(tmp_path)
+    assert folder == tmp_path and data["export_speed"] == {"hf": None}
+    assert isinstance(data["original"], EvalRow) and all(isinstance(r, EvalRow) for r in data["prune_only"])
+    assert data["original"].to_dict() == old["original"]
+    assert [r.to_dict() for r in data["prune_only"]] == old["prune_only"]
+    assert data["routes"][0].to_dict() == ROUTE and str(data["routes"][0].budget) == "50%"
+    _, text = report(tmp_path)
+    assert "| prune only | params=500000 | 48-96 | 2-4 | 0.5 M (50%) | 40.00 |" in text
 
 
 def test_report_into_results_md_replaces_only_its_section(tmp_path):
@@ -62,4 +84,7 @@ def test_report_refuses_what_it_cannot_read(tmp_path):
         read_run(tmp_path)
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(FlextronError, match="cannot read"):
+        read_run(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"eval": [row("fast", 1.0)]}))
+    with pytest.raises(FlextronError, match="cannot read the rows of .*cannot read budget 'fast'"):
         read_run(tmp_path)

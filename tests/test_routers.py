@@ -10,7 +10,7 @@ from flextron.cost import cost_table, uniform_subnet_for
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project, select_subnet
-from flextron.train.routers import OnlineSurrogate, guided_fraction, random_logits, train_routers
+from flextron.train.routers import guided_fraction, train_routers
 
 
 def test_budget_encoding_interpolates_between_grid_neighbours():
@@ -194,33 +194,6 @@ def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(tr
             assert latency(em.space, chosen) <= target
     finally:
         em.latency = None
-
-
-def test_surrogate_learns_a_known_loss_of_the_choices():
-    space = ElasticSpace(mlp=[[8, 16, 24, 32]] * 4, attn=[[1, 2], [1, 2], [1, 2, 3], [1, 2, 3]])
-    router = StaticRouter(space, (0.5, 1.0))
-    cfg = RouterConfig()
-    gen = torch.Generator().manual_seed(0)
-    w_mlp, w_attn = torch.rand(4, 4, generator=gen), torch.rand(4, 3, generator=gen)
-
-    def loss(mlp, attn):  # additive per-layer terms and one interaction between layers 0 and 1
-        im, ia = mlp.argmax(-1), attn.argmax(-1)
-        return (w_mlp[range(4), im].sum() + w_attn[range(4), ia].sum() + 0.5 * (im[0] == im[1])).item()
-
-    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, torch.device("cpu"))
-    assert not surrogate.accurate  # nothing seen yet
-    for _ in range(300):
-        logits = random_logits(router.mlp_mask, gen), random_logits(router.attn_mask, gen)
-        mlp, attn = (gumbel(x, 1.0, gen) for x in logits)
-        assert attn[:2, 2].sum() == 0  # padding never chosen
-        surrogate.observe(tuple(x.softmax(-1) for x in logits), (mlp, attn), loss(mlp, attn))
-    assert surrogate.accurate and surrogate.error < cfg.surrogate_threshold
-    # Its gradient ranks one layer's choices as the known loss does (other layers held one-hot).
-    mlp = torch.nn.functional.one_hot(torch.tensor([3, 0, 1, 2]), 4).float().requires_grad_(True)
-    attn = torch.nn.functional.one_hot(torch.tensor([1, 1, 2, 0]), 3).float()
-    surrogate.predict(mlp, attn).backward()
-    best, worst = w_mlp[2].argmin(), w_mlp[2].argmax()
-    assert mlp.grad[2, best] < mlp.grad[2, worst]
 
 
 def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(trained, tmp_path):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
-from flextron.checkpoint import MANIFEST, load_checkpoint, save_checkpoint
+from flextron.checkpoint import MANIFEST, load_checkpoint
 from flextron.config import (
     Budget,
     CalibrationConfig,
@@ -23,15 +20,15 @@ from flextron.config import (
     TrainConfig,
     check_number,
 )
-from flextron.cost import smallest_fraction, subnet_cost
-from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
+from flextron.convert import convert as convert_checkpoint
+from flextron.cost import subnet_cost
+from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, router_report
+from flextron.evaluate import EvalRow, adaptive_at_budgets, eval_at_budgets
 from flextron.export import export as export_model
-from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
+from flextron.fsutil import check_output_dir, clean_leftovers
 from flextron.generation import complete, generate_text, prompt_inputs
-from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.precision import compute_dtype
 from flextron.routers import select_subnet
 from flextron.serve import ServeConfig, Server, Service
@@ -49,18 +46,6 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _calibration_text(source: str) -> str:
-    if source == "default":
-        return default_splits()["train"]
-    path = Path(source)
-    if not path.is_file():
-        raise FlextronError(f"calibration file {path} does not exist; pass a .txt file or 'default'")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FlextronError(f"cannot read calibration file {path}: {e}") from None
-
-
 def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
             mlp_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
             attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
@@ -74,42 +59,10 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", *,
     `depth` adds choice 0 (skip the sub-layer) to every list; `min_layers` is the floor of layers
     that keep each kind of sub-layer. Sub-layers are skipped in ascending importance.
     """
-    calibration = calibration or CalibrationConfig()
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    if order not in ("importance", "random"):
-        raise FlextronError(f"unknown order {order!r}; use importance or random")
-    autocast = compute_dtype(dtype)
-    device = resolve_device(device)
-    # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
-    weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
-    hf, tok, source = load_hf(model, dtype=weights, device=device)
-    em = ElasticModel(hf)
-    first = em.blocks[0]
-    space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
-                                          tuple(mlp_fractions), tuple(attn_fractions), multiple)
-    if depth:
-        space = space.with_depth(min_layers)
-    elif min_layers is not None:
-        space = dataclasses.replace(space, min_layers=min_layers)
-    em.set_space(space)
-    if order == "importance":
-        ids = tokenize(tok, _calibration_text(calibration.source))
-        seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)
-        imp = measure_importance(em, seqs, calibration.batch_size, autocast, progress)
-    else:
-        imp = random_importance(em, calibration.seed)
-    imp = sort_by_importance(em, imp)
-    if em.space.depth and imp.layers is not None:
-        em.set_space(dataclasses.replace(em.space, skip_order=imp.skip_order()))
-    manifest = {
-        "source_model": source,
-        "order": order,
-        "calibration": vars(calibration),
-        "importance": imp.to_dict(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return save_checkpoint(em, tok, out, manifest, overwrite=overwrite)
+    return convert_checkpoint(model, Path(out), mlp_fractions=mlp_fractions, attn_fractions=attn_fractions,
+                              multiple=multiple, calibration=calibration or CalibrationConfig(), order=order,
+                              device=resolve_device(device), dtype=dtype, overwrite=overwrite, progress=progress,
+                              space=space, depth=depth, min_layers=min_layers)
 
 
 def load(path: str | Path, device: str | None = None, verify: bool = True
@@ -137,7 +90,7 @@ def open_model(path: str | Path | None, budgets: list[Budget], device: str | Non
 
 def evaluate(path: str | Path | None, budgets: list[str] | None = None, *, tasks: list[str] | None = None,
              limit: int | None = None, seq_len: int = 1024, batch_size: int = 4, device: str | None = None,
-             dtype: str = "fp32", adaptive: bool = False, progress: bool = True, verify: bool = True) -> list[dict]:
+             dtype: str = "fp32", adaptive: bool = False, progress: bool = True, verify: bool = True) -> list[EvalRow]:
     """Held-out perplexity (task `ppl`) and zero-shot task scores (`flextron.tasks.TASKS` or request
     files) of an elastic checkpoint at each budget. `limit` caps windows and documents per task.
     `adaptive`: route per token and per request (rows then report the realised average cost).
@@ -300,20 +253,14 @@ def profile(ckpt: str | Path, *, device: str | None = None, dtype: str = "fp32",
         table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, compute_dtype(dtype),
                               progress=progress, rounds=rounds)
     else:
-        import tempfile
-
         from flextron import llamacpp
 
         if batch != 1:
             raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
         em, tok, _ = load(ckpt, "cpu", verify)
-        threads = threads or llamacpp.default_threads()
-        named = {"runtime": llamacpp.runtime_version(), "threads": threads, "outtype": outtype, "dtype": outtype,
-                 "device": f"cpu ({threads} threads)"}
-        with tempfile.TemporaryDirectory() as tmp:
-            timer = llamacpp.gguf_timer(em, tok, tmp, outtype, context, decode_steps, repeats, threads)
-            table = measure_table(em, batch, context, decode_steps, repeats, n_fit, n_validate, progress=progress,
-                                  timer=timer, runtime=named, rounds=rounds)
+        table = llamacpp.profile(em, tok, context=context, decode_steps=decode_steps, repeats=repeats, n_fit=n_fit,
+                                 n_validate=n_validate, threads=threads, outtype=outtype, progress=progress,
+                                 rounds=rounds)
     save_table(Path(ckpt), table)
     return table
 
@@ -327,60 +274,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None = None, *,
     perplexity.
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
-    report them against the static router at the same realised cost."""
-    from flextron.data import PackedSequences, load_corpus
-    from flextron.train.routers import check_against_uniform, guided_fraction, rows_used, train_adaptive, train_routers
+    report them against the static router at the same realised cost; see `flextron.train.routers.route`."""
+    from flextron.train.routers import route as route_stage  # torch.distributed only when training
 
-    device = resolve_device(device)
-    grid = sorted(cfg.budgets)
-    if unseen is None:  # between the grid's two lowest and two highest budgets
-        pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
-        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
-    out = Path(out or ckpt)
-    if out != Path(ckpt):
-        check_output_dir(out, overwrite)
-    em, tok, manifest = load(ckpt, device)
-    if adaptive and em.routers is None:
-        raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
-    lowest = smallest_fraction(em, cfg.metric)
-    if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
-        raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
-                            f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
-    teacher, _, _ = load(ckpt, device)
-    teacher.requires_grad_(False)
-    data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
-    if adaptive:
-        em.routers.adaptive, log = train_adaptive(em, teacher, data_seq, cfg, progress=progress)
-        em.routers.adaptive_config = cfg
-    else:
-        em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
-    del teacher
-    fractions = sorted(set(cfg.budgets) | set(unseen))
-    amp = compute_dtype(cfg.dtype)
-    if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
-        check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
-    key = "adaptive_routing" if adaptive else "routing"
-    manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
-                     "surrogate": cfg.surrogate and not adaptive}
-    if cfg.surrogate and not adaptive:
-        manifest[key]["surrogate_guided"] = guided_fraction(log)
-    save_checkpoint(em, tok, out, manifest, overwrite=True)
-    wins = heldout_windows(tok, 1024, cfg.eval_limit)
-    if adaptive:
-        rows = adaptive_at_budgets(em, wins, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
-                                   progress=progress)
-        # The static router at the very cost the adaptive routing realised: a like-for-like comparison.
-        static = router_report(em, wins, [r["realised_fraction"] for r in rows], autocast_dtype=amp,
-                               progress=progress, uniform=False)
-        for r, s in zip(rows, static):
-            r |= {"static_ppl": s["ppl"], "static_fraction_of_full": s["fraction_of_full"],
-                  "static_subnet": s["subnet"]}
-    else:
-        rows = router_report(em, wins, fractions, autocast_dtype=amp, progress=progress)
-        for r, c in zip(rows, em.routers.checked or []):
-            r |= {"kept": c["kept"], "calib_ppl": c["calib_ppl"]}
-    result = {"checkpoint": str(out), "metric": em.routers.metric, "budgets": rows, "log": log,
-              **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
-    atomic_write(out / ("adaptive.json" if adaptive else "routing.json"),
-                 lambda p: p.write_text(json.dumps(result, indent=1)))
-    return result
+    return route_stage(ckpt, cfg, data, out=out, overwrite=overwrite, device=resolve_device(device), unseen=unseen,
+                       adaptive=adaptive, progress=progress)

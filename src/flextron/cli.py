@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 from flextron import __version__, api
 from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig, check_number
 from flextron.errors import FlextronError
+from flextron.evaluate import EvalRow, rows_json
 from flextron.fsutil import atomic_write, check_target
 from flextron.gguf import OUTTYPES
 from flextron.precision import DTYPES
@@ -98,32 +99,31 @@ def print_space(rows: list[dict]) -> None:
     console.print(table)
 
 
-def print_ppl(rows: list[dict], original: dict | None = None, label: str = "elastic",
-              more: dict[str, list[dict]] | None = None) -> None:
+def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str = "elastic",
+              more: dict[str, list[EvalRow]] | None = None) -> None:
     table = Table(title="Held-out perplexity (War and Peace, last 300k chars)")
     for col in ("model", "budget", "MLP width", "attn units", "non-emb params", "ppl"):
         table.add_column(col, justify="right")
     if original is not None:
-        table.add_row("original", "-", "-", "-", _human(original["cost"]["params_nonembed"]),
-                      f"{original['ppl']:.2f}")
+        table.add_row("original", "-", "-", "-", _human(original.cost["params_nonembed"]), f"{original.ppl:.2f}")
     for name, group in {label: rows, **(more or {})}.items():
         for r in group:
-            table.add_row(name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                          f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})",
-                          f"{r['ppl']:.2f}" if "ppl" in r else "-")
+            table.add_row(name, str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn),
+                          f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
+                          f"{r.ppl:.2f}" if r.ppl is not None else "-")
     console.print(table)
 
 
-def print_tasks(rows: list[dict]) -> None:
-    names = list(rows[0].get("tasks", {}))
+def print_tasks(rows: list[EvalRow]) -> None:
+    names = list(rows[0].tasks or {})
     if not names:
         return
     table = Table(title="Zero-shot tasks: accuracy (length-normalised) | LAMBADA: accuracy (ppl)")
     for col in ("budget", "non-emb params", *names):
         table.add_column(col, justify="right")
     for r in rows:
-        cells = [task_cell(r["tasks"][name]) for name in names]
-        table.add_row(r["budget"], f"{_human(r['cost']['params_nonembed'])} ({r['params_fraction']:.0%})", *cells)
+        cells = [task_cell(r.tasks[name]) for name in names]
+        table.add_row(str(r.budget), f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})", *cells)
     console.print(table)
 
 
@@ -152,12 +152,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
                         verify=a.verify)
     if a.adaptive:
         print_adaptive(rows)
-    elif "ppl" in rows[0]:
+    elif rows[0].ppl is not None:
         print_ppl(rows)
     print_tasks(rows)
     if a.out:
         out = Path(a.out)
-        atomic_write(out, lambda f: f.write_text(json.dumps(rows, indent=1)))
+        atomic_write(out, lambda f: f.write_text(rows_json(rows)))
         console.print(f"Results: {out}")
 
 
@@ -217,8 +217,8 @@ def cmd_route(a: argparse.Namespace) -> None:
     for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl", "kept"):
         t.add_column(col, justify="right")
     for r in result["budgets"]:
-        t.add_row(f"{r['budget']:.0%}", _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                  f"{r['cost_ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['uniform_ppl']:.2f}", r.get("kept", "router"))
+        t.add_row(str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn), f"{r.cost_ratio:.3f}",
+                  f"{r.ppl:.2f}", f"{r.uniform_ppl:.2f}", r.kept or "router")
     console.print(t)
     if "surrogate_guided" in result:
         console.print(f"The surrogate guided {result['surrogate_guided']:.0%} of the router steps (straight-through "
@@ -226,13 +226,14 @@ def cmd_route(a: argparse.Namespace) -> None:
     console.print(f"Routers stored in {result['checkpoint']}; details in {result['checkpoint']}/routing.json")
 
 
-def print_adaptive(rows: list[dict]) -> None:
-    t = Table(title=f"Input-adaptive routing (budgets in {rows[0]['metric']})")
+def print_adaptive(rows: list[EvalRow]) -> None:
+    t = Table(title=f"Input-adaptive routing (budgets in {rows[0].metric})")
     for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(f"{r['budget']:.0%}", f"{r['realised_fraction']:.1%}", f"{r['cost_ratio']:.3f}",
-                  f"{r['ppl']:.2f}" if "ppl" in r else "-", f"{r['static_ppl']:.2f}" if "static_ppl" in r else "-")
+        t.add_row(str(r.budget), f"{r.realised_fraction:.1%}", f"{r.cost_ratio:.3f}",
+                  f"{r.ppl:.2f}" if r.ppl is not None else "-",
+                  f"{r.static_ppl:.2f}" if r.static_ppl is not None else "-")
     console.print(t)
 
 
@@ -279,8 +280,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         for col in ("budget", "MLP width", "attn units", "before", "after"):
             table.add_column(col, justify="right")
         for b, r in zip(summary["before"], summary["after"]):
-            table.add_row(r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                          f"{b['ppl']:.2f}", f"{r['ppl']:.2f}")
+            table.add_row(str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn), f"{b.ppl:.2f}",
+                          f"{r.ppl:.2f}")
         console.print(table)
         console.print(f"Plot: {a.out}/eval.png")
 

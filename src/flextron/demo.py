@@ -7,7 +7,6 @@ on 2 CPU cores), `bench` (larger)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from flextron import api
 from flextron.config import Budget, CalibrationConfig, RouterConfig, TrainConfig
 from flextron.cost import budget_grid
 from flextron.errors import FlextronError
+from flextron.evaluate import rows_json
 from flextron.fsutil import atomic_write
 from flextron.report import report
 
@@ -59,7 +59,8 @@ PRESETS = {
 
 def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
         progress: bool = True) -> dict:
-    """Run the pipeline into `out`; returns (and writes to out/results.json) every number it shows."""
+    """Run the pipeline into `out`; returns (and writes to out/results.json) every number it shows,
+    evaluations as `EvalRow`s."""
     if preset not in PRESETS:
         raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -92,7 +93,7 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
         "latency_validation": latency["validation"], "router_metric": routed["metric"],
         "routes": routed["budgets"], "space": api.describe(out / "elastic"),
     }
-    atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    atomic_write(out / "results.json", lambda f: f.write_text(rows_json(result)))
     result["report"], _ = report(out, f"SmolLM2-135M, preset {preset}")
     return result
 

@@ -1,9 +1,11 @@
-"""Held-out perplexity and task scores of the sub-networks that budgets select; the plot."""
+"""Held-out perplexity and task scores of the sub-networks that budgets select, as typed rows; the plot."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -12,11 +14,74 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
-from flextron.config import Budget
+from flextron.config import Budget, Subnet
 from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
 from flextron.elastic import ElasticModel
 from flextron.precision import autocast
 from flextron.routers import decode, select_subnet
+
+_SUBNETS = ("subnet", "uniform_subnet", "static_subnet")
+
+
+@dataclass
+class EvalRow:
+    """One budget's result: of `eval_at_budgets`, `adaptive_at_budgets` or `router_report`.
+
+    `budget` is the `Budget` the row answers; its `str` is the label every table prints (50%,
+    params=8e+07). Rows with a `metric` (adaptive routing, the router report) hold a fraction of
+    the full cost in that metric, the routers'. Fields that do not apply stay None. `to_dict` is
+    the JSON every run file holds: unset fields left out, the budget a number where `metric` is
+    set and its label elsewhere.
+    """
+
+    budget: Budget
+    metric: str | None = None
+    adaptive: bool = False
+    subnet: Subnet | None = None
+    cost: dict | None = None  # `Cost.to_dict()`
+    params_fraction: float | None = None  # non-embedding parameters / the full model's
+    raw_cost_ratio: float | None = None  # the router's argmax before projection: cost / target
+    cost_ratio: float | None = None  # realised cost / target
+    fraction_of_full: float | None = None  # cost / full cost, in `metric`
+    uniform_subnet: Subnet | None = None  # the largest uniform sub-network within the budget
+    uniform_fraction_of_full: float | None = None
+    ppl: float | None = None
+    tokens: int | None = None  # the tokens `ppl` scored
+    tasks: dict[str, dict] | None = None  # per task, its scores (`flextron.tasks.score_task`)
+    uniform_ppl: float | None = None
+    realised_fraction: float | None = None  # adaptive: the average realised cost / full cost
+    kept: str | None = None  # what the check on held-out training rows kept (router, uniform, lower budget)
+    calib_ppl: dict[str, float] | None = None  # that check's perplexity per candidate
+    static_ppl: float | None = None  # adaptive: the static router at the realised cost
+    static_fraction_of_full: float | None = None
+    static_subnet: Subnet | None = None
+
+    def to_dict(self) -> dict:
+        out = {f.name: v.to_dict() if isinstance(v, Subnet) else v for f in fields(self)
+               if (v := getattr(self, f.name)) is not None and v is not False}
+        out["budget"] = self.budget.fraction if self.metric is not None else str(self.budget)
+        if self.adaptive:  # adaptive rows have always ended with the cost ratio and the static router
+            for key in ("cost_ratio", "static_ppl", "static_fraction_of_full", "static_subnet"):
+                if key in out:
+                    out[key] = out.pop(key)
+        return out
+
+    @classmethod
+    def from_dict(cls, row: dict) -> EvalRow:
+        """A row as `to_dict` wrote it (every run file so far)."""
+        b = row["budget"]
+        budget = Budget.parse(b) if isinstance(b, str) else Budget(fraction=float(b))
+        return cls(**{**row, "budget": budget, **{k: Subnet(**row[k]) for k in _SUBNETS if k in row}})
+
+
+def rows_json(data: object) -> str:
+    """`data` as indented JSON, its `EvalRow`s as `to_dict` writes them."""
+    def encode(x: object) -> dict:
+        if isinstance(x, EvalRow):
+            return x.to_dict()
+        raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+    return json.dumps(data, indent=1, default=encode)
 
 
 @torch.no_grad()
@@ -41,7 +106,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
 
 def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                     autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                    tasks: Callable[[nn.Module], dict] | None = None) -> list[dict]:
+                    tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
     """Per budget, the sub-network it selects (router, else largest uniform), its cost, held-out
     perplexity on `windows` (unless None) and `tasks(model)` (unless None)."""
     full = subnet_cost(em).params_nonembed
@@ -50,13 +115,12 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
         subnet = select_subnet(em, budget)
         cost = subnet_cost(em, subnet)
         em.set_subnet(subnet)
-        row = {"budget": str(budget), "subnet": subnet.to_dict(), "cost": cost.to_dict(),
-               "params_fraction": cost.params_nonembed / full}
+        row = EvalRow(budget, subnet=subnet, cost=cost.to_dict(), params_fraction=cost.params_nonembed / full)
         if windows is not None:
-            row["ppl"] = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
-            row["tokens"] = int(windows[:, 1:].numel())
+            row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
+            row.tokens = int(windows[:, 1:].numel())
         if tasks is not None:
-            row["tasks"] = tasks(em)
+            row.tasks = tasks(em)
         rows.append(row)
     em.set_subnet(None)
     return rows
@@ -64,7 +128,7 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
 
 def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                         autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                        tasks: Callable[[nn.Module], dict] | None = None) -> list[dict]:
+                        tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
     """Per budget (in the routers' metric), input-adaptive routing: each sequence a request, each
     token its MLP width. Rows hold the budget as a fraction, the realised average cost / full cost,
     perplexity and tasks."""
@@ -75,14 +139,14 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
     try:
         for fraction in fractions:
             lm = AdaptiveLM(routing, fraction)
-            row = {"budget": fraction, "metric": em.routers.metric, "adaptive": True}
+            row = EvalRow(Budget(fraction=fraction), metric=em.routers.metric, adaptive=True)
             if windows is not None:
-                row["ppl"] = perplexity(lm, windows, batch_size, autocast_dtype, progress,
-                                        desc=f"adaptive @ {fraction:.0%}")
+                row.ppl = perplexity(lm, windows, batch_size, autocast_dtype, progress,
+                                     desc=f"adaptive @ {fraction:.0%}")
             if tasks is not None:
-                row["tasks"] = tasks(lm)
-            row["realised_fraction"] = sum(lm.costs) / max(len(lm.costs), 1)
-            row["cost_ratio"] = row["realised_fraction"] / fraction
+                row.tasks = tasks(lm)
+            row.realised_fraction = sum(lm.costs) / max(len(lm.costs), 1)
+            row.cost_ratio = row.realised_fraction / fraction
             rows.append(row)
     finally:
         routing.detach()
@@ -92,7 +156,7 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
 @torch.no_grad()
 def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], batch_size: int = 4,
                   autocast_dtype: torch.dtype | None = None, progress: bool = True, uniform: bool = True
-                  ) -> list[dict]:
+                  ) -> list[EvalRow]:
     """Per budget: the routed sub-network (raw argmax and projected) and its realised cost in the
     routers' metric, its held-out perplexity, and (if `uniform`) the same for the largest uniform
     sub-network."""
@@ -104,17 +168,17 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         mlp, attn = em.routers.static(fraction)
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
-        row = {"budget": fraction, "metric": table.metric, "subnet": routed.to_dict(),
-               "raw_cost_ratio": table(em.space, raw) / target, "cost_ratio": table(em.space, routed) / target,
-               "fraction_of_full": table(em.space, routed) / full}
+        row = EvalRow(budget, metric=table.metric, subnet=routed, raw_cost_ratio=table(em.space, raw) / target,
+                      cost_ratio=table(em.space, routed) / target, fraction_of_full=table(em.space, routed) / full)
         evaluated = [("ppl", routed)]
         if uniform:
             sub, _ = uniform_subnet_for(em, budget)
-            row |= {"uniform_subnet": sub.to_dict(), "uniform_fraction_of_full": table(em.space, sub) / full}
+            row.uniform_subnet, row.uniform_fraction_of_full = sub, table(em.space, sub) / full
             evaluated.append(("uniform_ppl", sub))
         for key, sub in evaluated:
             em.set_subnet(sub)
-            row[key] = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"{key} @ {fraction:.0%}")
+            setattr(row, key, perplexity(em, windows, batch_size, autocast_dtype, progress,
+                                         desc=f"{key} @ {fraction:.0%}"))
         rows.append(row)
     em.set_subnet(None)
     return rows

@@ -1,8 +1,10 @@
-"""The llama.cpp runtime (through `llama-cpp-python`): load a GGUF, logits, greedy decoding, timing."""
+"""The llama.cpp runtime (through `llama-cpp-python`): load a GGUF, logits, greedy decoding, timing,
+and the latency table of a checkpoint's sub-networks as GGUF exports."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ import numpy as np
 
 from flextron.errors import FlextronError
 from flextron.latency import _trimmed_mean
+from flextron.latency import profile as fit_table
 
 RUNTIME = "llama.cpp"
 
@@ -126,3 +129,17 @@ def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context
         return measure(path, context, decode_steps, repeats, threads)
 
     return timer
+
+
+def profile(em, tokenizer, *, context: int, decode_steps: int, repeats: int, n_fit: int, n_validate: int,
+            threads: int | None, outtype: str, progress: bool, rounds: int) -> dict:
+    """The latency table (`flextron.latency.profile`, batch 1, `rounds` interleaved timing rounds) of
+    the sub-networks exported as GGUF files (`outtype`) and timed in llama.cpp with `threads` threads
+    (default: every core)."""
+    threads = threads or default_threads()
+    named = {"runtime": runtime_version(), "threads": threads, "outtype": outtype, "dtype": outtype,
+             "device": f"cpu ({threads} threads)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        timer = gguf_timer(em, tokenizer, tmp, outtype, context, decode_steps, repeats, threads)
+        return fit_table(em, 1, context, decode_steps, repeats, n_fit, n_validate, progress=progress, timer=timer,
+                         runtime=named, rounds=rounds)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from flextron.errors import FlextronError
-from flextron.evaluate import plot_ppl_vs_size
+from flextron.evaluate import EvalRow, plot_ppl_vs_size
 from flextron.fsutil import atomic_write, check_target
 
 RUN_FILES = ("results.json", "eval.json")
@@ -23,8 +24,24 @@ def _is_series(x: object) -> bool:
     return _is_row(x) or (isinstance(x, list) and bool(x) and _is_row(x[0]))
 
 
+def _typed(key: str, value: object) -> object:
+    """A series (or the router rows, `routes`) as `EvalRow`s; anything else as it is."""
+    if _is_row(value):
+        return EvalRow.from_dict(value)
+    if _is_series(value) or (key == "routes" and isinstance(value, list)):
+        return [EvalRow.from_dict(r) for r in value]
+    return value
+
+
+def _table_rows(value: object) -> list[EvalRow]:
+    """The rows of a series: one row or a list of rows, with costs (not the router rows)."""
+    rows = value if isinstance(value, list) else [value]
+    return rows if rows and all(isinstance(r, EvalRow) and r.cost is not None for r in rows) else []
+
+
 def read_run(path: str | Path) -> tuple[dict, Path]:
-    """The run's JSON, as {series name: [eval rows]} plus the rest; and the directory it lives in."""
+    """The run's JSON (any flextron version's), its series and router rows as `EvalRow`s; and the
+    directory it lives in."""
     path = Path(path)
     file = next((path / f for f in RUN_FILES if (path / f).is_file()), None) if path.is_dir() else path
     if file is None or not file.is_file():
@@ -38,7 +55,10 @@ def read_run(path: str | Path) -> tuple[dict, Path]:
         data = {"eval": data}
     if not any(_is_series(v) for v in data.values()):
         raise FlextronError(f"{file} holds no evaluation rows (budget, sub-network, cost); nothing to report")
-    return data, file.parent
+    try:
+        return {k: _typed(k, v) for k, v in data.items()}, file.parent
+    except (KeyError, TypeError, ValueError, FlextronError) as e:
+        raise FlextronError(f"cannot read the rows of {file}: {e}") from None
 
 
 def _widths(values: list[int]) -> str:
@@ -49,15 +69,14 @@ def _label(key: str) -> str:
     return key.replace("_eval", "").replace("_", " ")
 
 
-def _groups(data: dict) -> dict[str, list[dict]]:
+def _groups(data: dict) -> dict[str, list[EvalRow]]:
     """Every series of eval rows; single rows (the original, an export) as one-row groups. With an
     original, sizes are fractions of it (an export evaluated alone is 100% of itself)."""
-    groups = {_label(k): (v if isinstance(v, list) else [v]) for k, v in data.items() if _is_series(v)}
+    groups = {_label(k): rows for k, v in data.items() if (rows := _table_rows(v))}
     original = data.get("original")
-    if _is_row(original):
-        full = original["cost"]["params_nonembed"]
-        groups = {name: [r | {"params_fraction": r["cost"]["params_nonembed"] / full,
-                              "budget": r["budget"] if len(rows) > 1 else "-"} for r in rows]
+    if isinstance(original, EvalRow):
+        full = original.cost["params_nonembed"]
+        groups = {name: [replace(r, params_fraction=r.cost["params_nonembed"] / full) for r in rows]
                   for name, rows in groups.items()}
     return groups
 
@@ -67,18 +86,19 @@ def task_cell(m: dict) -> str:
     return f"{m['acc']:.1%} ({m['acc_norm']:.1%})" if "acc_norm" in m else f"{m['acc']:.1%} (ppl {m['ppl']:.1f})"
 
 
-def markdown(data: dict, groups: dict[str, list[dict]], plots: list[str]) -> str:
+def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> str:
     """Tables of every series of `groups` (budget, widths, size, perplexity, task scores), the
-    routers of `data` and the plots."""
-    tasks = next((list(r["tasks"]) for rows in groups.values() for r in rows if r.get("tasks")), [])
+    routers of `data` and the plots. Beside an original, single rows show no budget."""
+    tasks = next((list(r.tasks) for rows in groups.values() for r in rows if r.tasks), [])
     head = ["model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    relative = isinstance(data.get("original"), EvalRow)
     for name, rows in groups.items():
         for r in rows:
-            cells = [name, r["budget"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
-                     f"{r['cost']['params_nonembed'] / 1e6:.1f} M ({r['params_fraction']:.0%})",
-                     f"{r['ppl']:.2f}" if "ppl" in r else "-"]
-            cells += [task_cell(r["tasks"][t]) if t in r.get("tasks", {}) else "-" for t in tasks]
+            cells = [name, "-" if relative and len(rows) == 1 else str(r.budget), _widths(r.subnet.mlp),
+                     _widths(r.subnet.attn), f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})",
+                     f"{r.ppl:.2f}" if r.ppl is not None else "-"]
+            cells += [task_cell(r.tasks[t]) if t in (r.tasks or {}) else "-" for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")
     if tasks:
         lines += ["", "Tasks: accuracy (length-normalised accuracy); LAMBADA: greedy accuracy (perplexity)."]
@@ -88,24 +108,24 @@ def markdown(data: dict, groups: dict[str, list[dict]], plots: list[str]) -> str
                   "target, and held-out perplexity of the routed vs the largest uniform sub-network within it; "
                   "kept: what a check on held-out training rows chose (router, uniform, or the lower budget's).", "",
                   "| budget | cost/target | routed ppl | uniform ppl | kept |", "|---|---|---|---|---|"]
-        lines += [f"| {r['budget']:.0%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | {r['uniform_ppl']:.2f} | "
-                  f"{r.get('kept', '-')} |" for r in routes]
+        lines += [f"| {r.budget} | {r.cost_ratio:.3f} | {r.ppl:.2f} | {r.uniform_ppl:.2f} | {r.kept or '-'} |"
+                  for r in routes]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines)
 
 
-def plot_tasks(groups: dict[str, list[dict]], out: Path, title: str) -> Path:
+def plot_tasks(groups: dict[str, list[EvalRow]], out: Path, title: str) -> Path:
     """Accuracy against size, one panel per task, one line per series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = next(list(r["tasks"]) for rows in groups.values() for r in rows if r.get("tasks"))
+    tasks = next(list(r.tasks) for rows in groups.values() for r in rows if r.tasks)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for name, rows in groups.items():
-            pts = sorted((r["params_fraction"], r["tasks"][task]["acc"]) for r in rows if task in r.get("tasks", {}))
+            pts = sorted((r.params_fraction, r.tasks[task]["acc"]) for r in rows if task in (r.tasks or {}))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_title(task)
@@ -132,17 +152,16 @@ def report(run: str | Path, title: str | None = None, into: Path | None = None, 
     original = groups.get("original", [None])[0]
     series = {n: rows for n, rows in groups.items() if n != "original"}
     plots = []
-    lines = {n: rows for n, rows in series.items() if len(rows) > 1 and "ppl" in rows[0]}
-    points = {n: rows for n, rows in series.items() if len(rows) == 1 and "ppl" in rows[0]}
+    lines = {n: rows for n, rows in series.items() if len(rows) > 1 and rows[0].ppl is not None}
+    points = {n: rows for n, rows in series.items() if len(rows) == 1 and rows[0].ppl is not None}
     if lines or points:
-        def xy(rows: list[dict]) -> tuple[list[float], list[float]]:
-            return [r["params_fraction"] for r in rows], [r["ppl"] for r in rows]
+        def xy(rows: list[EvalRow]) -> tuple[list[float], list[float]]:
+            return [r.params_fraction for r in rows], [r.ppl for r in rows]
 
         plot_ppl_vs_size({n: xy(rows) for n, rows in lines.items()}, folder / "pareto.png", title,
-                         original["ppl"] if original and "ppl" in original else None,
-                         {n: xy(rows) for n, rows in points.items()})
+                         original.ppl if original else None, {n: xy(rows) for n, rows in points.items()})
         plots.append("pareto.png")
-    if any(r.get("tasks") for rows in series.values() for r in rows):
+    if any(r.tasks for rows in series.values() for r in rows):
         plots.append(plot_tasks(groups, folder / "tasks.png", title).name)
     text = f"# {title}\n\n" + markdown(data, groups, plots) + "\n"
     atomic_write(folder / "report.md", lambda f: f.write_text(text))

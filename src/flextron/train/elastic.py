@@ -19,7 +19,7 @@ from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import eval_at_budgets, plot_ppl_vs_size
+from flextron.evaluate import EvalRow, eval_at_budgets, plot_ppl_vs_size, rows_json
 from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import context_length
 from flextron.precision import autocast, compute_dtype
@@ -149,7 +149,7 @@ def _weights_finite(em: ElasticModel, d: Dist) -> bool:
     return all_mean(float(local), d) == 1.0
 
 
-def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[dict]:
+def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[EvalRow]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
     wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
@@ -278,8 +278,8 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if d.main and cfg.eval_limit != 0:
         before, after = _evaluate(ckpt, cfg, d), _evaluate(last_good, cfg, d)
         summary |= {"before": before, "after": after}
-        atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
-        plot_ppl_vs_size({label: ([r["params_fraction"] for r in rows], [r["ppl"] for r in rows])
+        atomic_write(run / "eval.json", lambda p: p.write_text(rows_json(summary)))
+        plot_ppl_vs_size({label: ([r.params_fraction for r in rows], [r.ppl for r in rows])
                           for label, rows in (("before training", before), ("after training", after))},
                          run / "eval.png", "Uniform sub-networks before / after elastic training")
     if d.world > 1:

@@ -1,38 +1,40 @@
-"""Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning; and the
-input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way.
+"""Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning; the
+input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way; and
+`route`, the stage that runs them on a checkpoint, checks, stores and reports them.
 
 Stage 2 keeps the LLM frozen. The surrogate (an MLP from the router's per-layer choice
-probabilities to the LLM's distillation loss) first warms up on random architectures of every
-size. Then each step draws a budget from the grid, a relaxed Gumbel-softmax sample of the
-router's choices (annealed temperature) and a fresh training batch; the sampled architecture's
-loss is measured and fitted. While the surrogate's running error on architectures it had not
-yet seen is under the threshold, the router descends surrogate + budget loss and the LLM only
-runs forward (hard slices); otherwise the step back-propagates the LLM's loss through soft
+probabilities to the LLM's distillation loss, `flextron.train.surrogate`) first warms up on random
+architectures of every size. Then each step draws a budget from the grid, a relaxed Gumbel-softmax
+sample of the router's choices (annealed temperature) and a fresh training batch; the sampled
+architecture's loss is measured and fitted. While the surrogate's running error on architectures
+it had not yet seen is under the threshold, the router descends surrogate + budget loss and the
+LLM only runs forward (hard slices); otherwise the step back-propagates the LLM's loss through soft
 masks (straight-through), as the ablation (`surrogate=False`) does at every step. Stage 3 drops
 the surrogate and fine-tunes LLM and router together through the soft masks.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveRouters, AdaptiveRouting, calibrate
+from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, RouterConfig
-from flextron.cost import budget_metric, cost_table, uniform_subnet_for
-from flextron.data import PackedSequences
+from flextron.cost import budget_metric, cost_table, smallest_fraction, uniform_subnet_for
+from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import perplexity
+from flextron.evaluate import EvalRow, adaptive_at_budgets, perplexity, router_report, rows_json
+from flextron.fsutil import atomic_write, check_output_dir
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import (
     Routers,
     StaticRouter,
-    Surrogate,
     decode,
     expected_cost,
     gumbel,
@@ -41,6 +43,82 @@ from flextron.routers import (
     straight_through,
 )
 from flextron.train.loop import kd_loss
+from flextron.train.surrogate import OnlineSurrogate, random_logits
+
+
+def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: str | Path | None, overwrite: bool,
+          device: str, unseen: tuple[float, ...] | None, adaptive: bool, progress: bool) -> dict:
+    """Train static routers (surrogate-guided) and fine-tune jointly; per budget keep the better of
+    the routed and the largest uniform sub-network on held-out training rows; store them in the
+    checkpoint (or in `out`) and report (also in routing.json), per budget, the kept sub-network,
+    its cost and held-out perplexity on the grid and the `unseen` budgets (default: midway between
+    the grid's two lowest and its two highest).
+
+    `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
+    report them (adaptive.json) against the static router at the same realised cost."""
+    ckpt = Path(ckpt)
+    grid = sorted(cfg.budgets)
+    if unseen is None:
+        pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
+        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
+    out = Path(out or ckpt)
+    if out != ckpt:
+        check_output_dir(out, overwrite)
+    em, tok, manifest = load_checkpoint(ckpt, device=device)
+    if adaptive and em.routers is None:
+        raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
+    lowest = smallest_fraction(em, cfg.metric)
+    if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
+        raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
+                            f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
+    teacher, _, _ = load_checkpoint(ckpt, device=device)
+    teacher.requires_grad_(False)
+    data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    if adaptive:
+        em.routers.adaptive, log = train_adaptive(em, teacher, data_seq, cfg, progress=progress)
+        em.routers.adaptive_config = cfg
+    else:
+        em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
+    del teacher
+    fractions = sorted(set(cfg.budgets) | set(unseen))
+    amp = compute_dtype(cfg.dtype)
+    if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
+        check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
+    key = "adaptive_routing" if adaptive else "routing"
+    manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
+                     "surrogate": cfg.surrogate and not adaptive}
+    if cfg.surrogate and not adaptive:
+        manifest[key]["surrogate_guided"] = guided_fraction(log)
+    save_checkpoint(em, tok, out, manifest, overwrite=True)
+    windows = heldout_windows(tok, 1024, cfg.eval_limit)
+    report = _adaptive_report if adaptive else _static_report
+    result = {"checkpoint": str(out), "metric": em.routers.metric,
+              "budgets": report(em, windows, fractions, amp, progress), "log": log,
+              **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
+    atomic_write(out / ("adaptive.json" if adaptive else "routing.json"), lambda p: p.write_text(rows_json(result)))
+    return result
+
+
+def _static_report(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
+                   amp: torch.dtype | None, progress: bool) -> list[EvalRow]:
+    """The router report, with what the check against uniform kept per budget."""
+    rows = router_report(em, windows, fractions, autocast_dtype=amp, progress=progress)
+    for r, c in zip(rows, em.routers.checked or []):
+        r.kept, r.calib_ppl = c["kept"], c["calib_ppl"]
+    return rows
+
+
+def _adaptive_report(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
+                     amp: torch.dtype | None, progress: bool) -> list[EvalRow]:
+    """Adaptive routing per budget beside the static router at the very cost the adaptive routing
+    realised: a like-for-like comparison."""
+    rows = adaptive_at_budgets(em, windows, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
+                               progress=progress)
+    static = router_report(em, windows, [r.realised_fraction for r in rows], autocast_dtype=amp,
+                           progress=progress, uniform=False)
+    for r, s in zip(rows, static):
+        r.static_ppl, r.static_fraction_of_full, r.static_subnet = s.ppl, s.fraction_of_full, s.subnet
+    return rows
 
 
 def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
@@ -175,64 +253,6 @@ def guided_fraction(log: list[dict]) -> float:
     return sum(r["surrogate_used"] for r in steps) / max(len(steps), 1)
 
 
-class OnlineSurrogate:
-    """The surrogate, its optimizer and everything measured so far; `accurate` once its recent
-    error on architectures it had not yet been fitted on is small against the loss's spread."""
-
-    window = 16  # recent predictions the running error averages
-
-    def __init__(self, n_in: int, cfg: RouterConfig, gen: torch.Generator, device: torch.device) -> None:
-        self.model = Surrogate(n_in, cfg.surrogate_hidden).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.cfg, self.gen = cfg, gen
-        self.xs: list[torch.Tensor] = []
-        self.ys: list[float] = []
-        self.misses: list[float] = []
-
-    @property
-    def error(self) -> float:
-        """Mean |prediction - loss| of the last `window` predictions over the mean |loss - mean loss|:
-        a surrogate that only knows the mean loss scores ~1, one that tells architectures apart ~0."""
-        if len(self.misses) < self.window:
-            return math.inf
-        ys = torch.tensor(self.ys, dtype=torch.float64)
-        spread = (ys - ys.mean()).abs().mean().item()
-        return sum(self.misses[-self.window :]) / self.window / max(spread, 1e-12)
-
-    @property
-    def accurate(self) -> bool:
-        return self.error < self.cfg.surrogate_threshold
-
-    def predict(self, mlp: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The predicted loss, differentiable in the choice probabilities (not in the surrogate)."""
-        self.model.requires_grad_(False)
-        out = self.model(torch.cat([mlp.flatten(), attn.flatten()]).float())
-        self.model.requires_grad_(True)
-        return out
-
-    def observe(self, probs: tuple[torch.Tensor, torch.Tensor], sample: tuple[torch.Tensor, torch.Tensor],
-                loss: float) -> None:
-        """Score the prediction for the sampled architecture (one-hot), then fit on it and on the
-        router's probabilities, both with the measured loss, and on everything before."""
-        x = torch.cat([t.flatten() for t in sample]).float()
-        with torch.no_grad():
-            self.misses.append(abs(self.model(x).item() - loss))
-        # The surrogate reads E[loss] under the router's probabilities: at a one-hot that is the
-        # architecture's loss, elsewhere the sampled loss is an unbiased draw of it.
-        self.xs += [x, torch.cat([t.flatten() for t in probs]).float()]
-        self.ys += [loss, loss]
-        _fit_surrogate(self.model, self.opt, self.xs, self.ys, self.cfg.surrogate_fit_steps, self.gen)
-
-
-def random_logits(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random router logits, tilted towards small or large choices (so warm-up covers every budget)
-    and from flat to sharp."""
-    k = mask.shape[-1]
-    tilt = (torch.rand((), generator=gen) * 8 - 4) * torch.arange(k) / max(k - 1, 1)
-    sharpness = 4 ** (torch.rand((), generator=gen) * 2 - 1)
-    return ((torch.randn(mask.shape, generator=gen) + tilt) * sharpness).masked_fill(~mask.cpu(), float("-inf"))
-
-
 def _schedule(em: ElasticModel, cfg: RouterConfig, step: int, llm_opt: torch.optim.Optimizer | None,
               gen: torch.Generator) -> tuple[bool, torch.optim.Optimizer | None, float, float]:
     """The step's stage (joint or not), the LLM optimizer (made when the joint stage starts), the
@@ -319,17 +339,3 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
         em.requires_grad_(False)
         em.eval()
     return routers.eval(), log
-
-
-def _fit_surrogate(model: Surrogate, opt: torch.optim.Optimizer, xs: list[torch.Tensor], ys: list[float],
-                   steps: int, gen: torch.Generator) -> None:
-    """A few Adam steps of MSE on random mini-batches of everything measured so far."""
-    x, y = torch.stack(xs), torch.tensor(ys, device=xs[0].device)
-    model.offset.fill_(y.mean().item())
-    model.scale.fill_(max(y.std().item() if len(ys) > 1 else 1.0, 1e-8))
-    for _ in range(steps):
-        i = torch.randint(len(xs), (min(64, len(xs)),), generator=gen).to(x.device)
-        loss = F.mse_loss((model(x[i]) - y[i]) / model.scale, torch.zeros_like(y[i]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()

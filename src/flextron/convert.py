@@ -1,0 +1,73 @@
+"""Stage 0, `flextron convert`: a Hugging Face model as an elastic checkpoint — its elastic space,
+its units sorted by importance on calibration text (or randomly, the ablation), a manifest of how."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from flextron.assets import load_hf
+from flextron.checkpoint import save_checkpoint
+from flextron.config import CalibrationConfig, ElasticSpace
+from flextron.data import default_splits, sample_sequences, tokenize
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.fsutil import check_output_dir
+from flextron.importance import measure_importance, random_importance, sort_by_importance
+from flextron.precision import compute_dtype
+
+
+def _calibration_text(source: str) -> str:
+    """The calibration text: the packaged train split ("default") or a .txt file."""
+    if source == "default":
+        return default_splits()["train"]
+    path = Path(source)
+    if not path.is_file():
+        raise FlextronError(f"calibration file {path} does not exist; pass a .txt file or 'default'")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlextronError(f"cannot read calibration file {path}: {e}") from None
+
+
+def convert(model: str | None, out: Path, *, mlp_fractions: tuple[float, ...], attn_fractions: tuple[float, ...],
+            multiple: int, calibration: CalibrationConfig, order: str, device: str, dtype: str, overwrite: bool,
+            progress: bool, space: ElasticSpace | None, depth: bool, min_layers: int | None) -> Path:
+    """Load an HF model (None: the packaged one) on `device`, score and sort its units on
+    calibration text, save the elastic checkpoint in `out`; see `flextron.api.convert`."""
+    check_output_dir(out, overwrite)
+    if order not in ("importance", "random"):
+        raise FlextronError(f"unknown order {order!r}; use importance or random")
+    autocast = compute_dtype(dtype)
+    # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
+    weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
+    hf, tok, source = load_hf(model, dtype=weights, device=device)
+    em = ElasticModel(hf)
+    first = em.blocks[0]
+    space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
+                                          tuple(mlp_fractions), tuple(attn_fractions), multiple)
+    if depth:
+        space = space.with_depth(min_layers)
+    elif min_layers is not None:
+        space = dataclasses.replace(space, min_layers=min_layers)
+    em.set_space(space)
+    if order == "importance":
+        ids = tokenize(tok, _calibration_text(calibration.source))
+        seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)
+        imp = measure_importance(em, seqs, calibration.batch_size, autocast, progress)
+    else:
+        imp = random_importance(em, calibration.seed)
+    imp = sort_by_importance(em, imp)
+    if em.space.depth and imp.layers is not None:
+        em.set_space(dataclasses.replace(em.space, skip_order=imp.skip_order()))
+    manifest = {
+        "source_model": source,
+        "order": order,
+        "calibration": vars(calibration),
+        "importance": imp.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return save_checkpoint(em, tok, out, manifest, overwrite=overwrite)
