@@ -1,4 +1,6 @@
-"""Public entry points; each CLI subcommand calls the function of the same name."""
+"""Public entry points; each CLI subcommand calls the function of the same name. They resolve the
+device, load and delegate: each stage's work lives in its own module (`convert`, `train.elastic`,
+`train.routers`, `latency` / `llamacpp`, `evaluate`, `export`, `generation`, `serve`)."""
 
 from __future__ import annotations
 

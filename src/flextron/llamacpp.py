@@ -9,12 +9,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flextron.errors import FlextronError
 from flextron.latency import _trimmed_mean
 from flextron.latency import profile as fit_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from flextron.elastic import ElasticModel
 
 RUNTIME = "llama.cpp"
 
@@ -131,8 +137,8 @@ def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context
     return timer
 
 
-def profile(em, tokenizer, *, context: int, decode_steps: int, repeats: int, n_fit: int, n_validate: int,
-            threads: int | None, outtype: str, progress: bool, rounds: int) -> dict:
+def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, *, context: int, decode_steps: int, repeats: int,
+            n_fit: int, n_validate: int, threads: int | None, outtype: str, progress: bool, rounds: int) -> dict:
     """The latency table (`flextron.latency.profile`, batch 1, `rounds` interleaved timing rounds) of
     the sub-networks exported as GGUF files (`outtype`) and timed in llama.cpp with `threads` threads
     (default: every core)."""
