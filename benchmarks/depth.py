@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from _results import publish
 from flextron import api
-from flextron.config import Budget, CalibrationConfig, RouterConfig, Subnet, TrainConfig
+from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
 from flextron.cost import budget_grid, subnet_cost, uniform_subnet_for
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
@@ -59,10 +59,10 @@ def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
         if not src.is_dir():
             make_model("llama", n_layers=6).save_pretrained(src)
             make_tokenizer().save_pretrained(src)
-        model, calib, kw = str(src), CalibrationConfig(n_sequences=8, seq_len=32), {"multiple": 8}
+        model, kw = str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
     else:
-        model, calib, kw = None, CalibrationConfig(), {}
-    ckpt = api.convert(model, work / f"{name}-converted", calibration=calib, depth=depth, min_layers=a.min_layers,
+        model, kw = None, {}
+    ckpt = api.convert(model, work / f"{name}-converted", depth=depth, min_layers=a.min_layers,
                        device=a.device, progress=False, **kw)
     if a.train_steps:
         log(f"{name}: elastic training, {a.train_steps} steps")
@@ -70,8 +70,8 @@ def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
                           dtype=a.dtype)
         ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
     log(f"{name}: latency table")
-    api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, n_fit=a.profile_samples,
-                n_validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
+    api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, samples=a.profile_samples,
+                validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
     grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms", points=a.budgets)
     log(f"{name}: routers over latency budgets {grid}")
     cfg = RouterConfig(budgets=grid, metric="latency_ms", steps=a.router_steps, joint_steps=a.joint_steps,

@@ -25,7 +25,6 @@ import torch
 
 from _results import publish
 from flextron import api
-from flextron.config import CalibrationConfig
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.evaluate import perplexity
@@ -40,7 +39,7 @@ def tiny_checkpoint(work: Path, n_layers: int = 6) -> Path:
     make_model("llama", n_layers=n_layers).save_pretrained(src)
     make_tokenizer().save_pretrained(src)
     return api.convert(str(src), work / "ckpt", multiple=8, depth=True, min_layers=1, device="cpu",
-                       calibration=CalibrationConfig(n_sequences=8, seq_len=32), overwrite=True, progress=False)
+                       calib_sequences=8, calib_seq_len=32, overwrite=True, progress=False)
 
 
 def skipping_ppl(em: ElasticModel, order: dict[str, list[int]], k: int, windows: torch.Tensor) -> float:
@@ -68,8 +67,7 @@ def main() -> None:
         if a.smoke:
             ckpt, seq_len = tiny_checkpoint(Path(tmp)), 64
         else:
-            calib = CalibrationConfig(n_sequences=a.calib_sequences)
-            ckpt = api.convert(None, Path(tmp) / "ckpt", depth=True, min_layers=1, calibration=calib,
+            ckpt = api.convert(None, Path(tmp) / "ckpt", depth=True, min_layers=1, calib_sequences=a.calib_sequences,
                                device=a.device, progress=False)
             seq_len = 1024
         em, tok, manifest = api.load(ckpt, a.device)

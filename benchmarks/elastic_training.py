@@ -23,7 +23,7 @@ from _results import IMG_DIR, update_section, write_json
 from flextron import api
 from flextron.assets import load_hf
 from flextron.checkpoint import load_checkpoint
-from flextron.config import Budget, CalibrationConfig, TrainConfig
+from flextron.config import Budget, TrainConfig
 from flextron.evaluate import plot_ppl_vs_size
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
@@ -83,12 +83,12 @@ def main() -> None:
                 save_every=10**9, eval_limit=0)
     ev = {"limit": a.eval_limit, "device": a.device, "dtype": "bf16"}
 
-    ckpt = api.convert(None, work / "ckpt", calibration=CalibrationConfig(), device=a.device, dtype="bf16",
-                       overwrite=True)
-    def evaluate(path: Path | None, budgets: list[str] | None = None) -> list[dict]:
-        return [r.to_dict() for r in api.evaluate(path, budgets, **ev)]
+    ckpt = api.convert(None, work / "ckpt", device=a.device, dtype="bf16", overwrite=True)
 
-    results = {"original": evaluate(None)[0], "prune-only": evaluate(ckpt, BUDGETS)}
+    def evaluate(path: Path | None, budgets: list[str]) -> list[dict]:
+        return [r.to_dict() for r in api.evaluate(path, budgets=budgets, **ev)]
+
+    results = {"original": evaluate(None, ["1.0"])[0], "prune-only": evaluate(ckpt, BUDGETS)}
     seconds = {}
     for name, sampling in (("uniform sampling", "uniform"), ("flextron", "sandwich")):
         t = time.time()

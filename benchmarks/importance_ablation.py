@@ -30,12 +30,12 @@ def main() -> None:
     a = p.parse_args()
     t0 = time.time()
     kw = {"limit": a.limit, "device": a.device}
-    original = api.evaluate(None, **kw)[0].to_dict()
+    original = api.evaluate(None, budgets=["1.0"], **kw)[0].to_dict()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for order in ("importance", "random"):
             ckpt = api.convert(None, f"{tmp}/{order}", order=order, device=a.device)
-            runs[order] = [r.to_dict() for r in api.evaluate(ckpt, BUDGETS, **kw)]
+            runs[order] = [r.to_dict() for r in api.evaluate(ckpt, budgets=BUDGETS, **kw)]
     data = {
         "command": "python benchmarks/importance_ablation.py" + (f" --limit {a.limit}" if a.limit else ""),
         "device": a.device, "cpu": platform.processor() or platform.machine(),

@@ -33,7 +33,7 @@ def smoke_checkpoint(work: Path) -> Path:
     from conftest import make_bpe_tokenizer, make_elastic
 
     ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), work / "ckpt", {})
-    api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, n_fit=6, n_validate=2,
+    api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, samples=6, validate=2,
                 threads=1, progress=False)
     return ckpt
 

@@ -34,7 +34,7 @@ import torch
 
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
-from flextron.config import CalibrationConfig, RouterConfig
+from flextron.config import RouterConfig
 from flextron.cost import budget_grid
 from flextron.evaluate import plot_ppl_vs_size
 
@@ -66,9 +66,9 @@ def main() -> None:
             shutil.rmtree(base)
         shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
     else:
-        api.convert(None, base, calibration=CalibrationConfig(), device=a.device, dtype="bf16", overwrite=True)
-    table = api.profile(base, device=a.device, dtype=a.dtype, context=a.profile_context, n_fit=a.profile_samples,
-                        n_validate=max(1, a.profile_samples * 10 // 24))
+        api.convert(None, base, device=a.device, dtype="bf16", overwrite=True)
+    table = api.profile(base, device=a.device, dtype=a.dtype, context=a.profile_context, samples=a.profile_samples,
+                        validate=max(1, a.profile_samples * 10 // 24))
     if a.metric == "params":
         grid = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     else:  # what latency budgets this machine allows

@@ -19,7 +19,6 @@ import pytest
 from conftest import make_device, make_model, make_tokenizer, rewrite_weights, word_text
 from flextron import api
 from flextron.cli import main
-from flextron.config import CalibrationConfig
 from flextron.evaluate import rows_json
 
 
@@ -29,8 +28,8 @@ def arena(tmp_path_factory):
     make_model("llama").save_pretrained(root / "hf")
     make_tokenizer().save_pretrained(root / "hf")
     (root / "data.txt").write_text(word_text(3000))
-    calib = CalibrationConfig(n_sequences=4, seq_len=16, source=str(root / "data.txt"))
-    api.convert(str(root / "hf"), root / "ck", calibration=calib, multiple=8, device="cpu", progress=False)
+    api.convert(str(root / "hf"), root / "ck", calib_sequences=4, calib_seq_len=16, calib_data=str(root / "data.txt"),
+                multiple=8, device="cpu", progress=False)
     api.export(root / "ck", "0.5", root / "export")
     (root / "victim.json").write_text('{"keep": true}')
     (root / "link.json").symlink_to(root / "victim.json")
@@ -39,7 +38,7 @@ def arena(tmp_path_factory):
     make_device(root / "device.json")  # a device node of our own: a regression must never hit the real /dev
     (root / "file").write_text("a file, not a directory")
     (root / "outdir").mkdir()
-    (root / "result.json").write_text(rows_json(api.evaluate(root / "ck", ["1.0"], limit=1, seq_len=16,
+    (root / "result.json").write_text(rows_json(api.evaluate(root / "ck", budgets=["1.0"], limit=1, seq_len=16,
                                                              progress=False)))
     for name, space in (("space_inf.json", '{"mlp": [[1e400]], "attn": [[1]]}'),
                         ("space_float.json", '{"mlp": [[24.5, 96], [96]], "attn": [[4], [4]]}'),

@@ -1,12 +1,47 @@
+import argparse
+import inspect
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
+from safetensors.torch import load_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from conftest import make_tokenizer
-from flextron.cli import main
+from flextron import api
+from flextron.cli import _options, build_parser, main
+from flextron.config import RouterConfig, TrainConfig
+from flextron.options import (
+    ConvertOptions,
+    DemoOptions,
+    EvalOptions,
+    ExportOptions,
+    GenerateOptions,
+    ProfileOptions,
+    ReportOptions,
+    ServeOptions,
+)
+
+# command: (its options dataclass, the api function, the shortest command line, the options it means)
+COMMANDS = {
+    "convert": (ConvertOptions, api.convert, ["--out", "o"], ConvertOptions()),
+    "eval": (EvalOptions, api.evaluate, [], EvalOptions()),
+    "report": (ReportOptions, api.report, ["run"], ReportOptions()),
+    "demo": (DemoOptions, api.demo, [], DemoOptions()),
+    "train": (TrainConfig, api.train, ["ck", "--out", "r", "--max-steps", "1"], TrainConfig(max_steps=1)),
+    "profile": (ProfileOptions, api.profile, ["ck"], ProfileOptions()),
+    "route": (RouterConfig, api.route, ["ck"], RouterConfig()),
+    "export": (ExportOptions, api.export, ["ck", "--budget", "0.5", "--out", "o"], ExportOptions()),
+    "generate": (GenerateOptions, api.generate, ["ck", "hi"], GenerateOptions()),
+    "serve": (ServeOptions, api.serve, ["ck"], ServeOptions()),
+}
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -104,3 +139,68 @@ def test_convert_with_depth_then_export_below_the_width_only_minimum(tiny_hf_dir
     assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--depth", "--min-layers", "3"]) == 2
     assert "--min-layers 3 must be between 1 and the model's 2 layers" in capsys.readouterr().err
     assert not (tmp_path / "c2").exists()
+
+
+def test_every_flag_of_every_command_has_help():
+    commands = subparsers()
+    assert set(commands) == set(COMMANDS)
+    for name, sp in commands.items():
+        for action in sp._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+        sp.format_help()  # every help string formats (no stray %)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_cli_and_api_defaults_come_from_the_options_dataclass(command):
+    cls, function, argv, expected = COMMANDS[command]
+    assert _options(build_parser().parse_args([command, *argv]), cls) == expected
+    params = inspect.signature(function).parameters
+    assert not {f.name for f in fields(cls)} & set(params), "an option redeclared (with its own default) in the api"
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # the fields as keywords
+    assert f"{cls.__name__} | None" in {str(p.annotation) for p in params.values()}  # or the dataclass itself
+
+
+@pytest.fixture
+def tiny_ckpt(tiny_hf_dir, tmp_path):
+    model_dir, text = tiny_hf_dir
+    return api.convert(str(model_dir), tmp_path / "ckpt", calib_data=str(text), calib_sequences=4, calib_seq_len=16,
+                       multiple=8, device="cpu", progress=False), text
+
+
+def test_train_from_a_yaml_config_equals_the_same_run_from_flags(tiny_ckpt, tmp_path):
+    ckpt, text = tiny_ckpt
+    flags = ["--max-steps", "1", "--seq-len", "32", "--micro-batch", "2", "--eval-limit", "0", "--dtype", "fp32",
+             "--budgets", "1.0,0.5", "--no-activation-checkpointing", "--data", str(text), "--device", "cpu"]
+    assert main(["train", str(ckpt), "--out", str(tmp_path / "flags"), *flags, "--lr", "1e-4"]) == 0
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"max-steps: 1\nseq_len: 32\nmicro_batch: 2\neval_limit: 0\ndtype: fp32\nbudgets: [1.0, 0.5]\n"
+                   f"activation_checkpointing: false\ndata: [{json.dumps(str(text))}]\ndevice: cpu\nlr: 5.0e-3\n")
+    # --lr given on the command line wins over the file, even at its default value
+    assert main(["train", str(ckpt), "--out", str(tmp_path / "yaml"), "--config", str(cfg), "--lr", "1e-4"]) == 0
+    recorded = (tmp_path / "flags" / "config.yaml").read_text()
+    assert (tmp_path / "yaml" / "config.yaml").read_text() == recorded
+    run = json.loads((tmp_path / "flags" / "run.json").read_text())
+    assert json.loads((tmp_path / "yaml" / "run.json").read_text())["config"] == run["config"]
+    assert run["config"]["lr"] == 1e-4 and run["config"]["budgets"] == [1.0, 0.5]
+    # the recorded config.yaml repeats the run: the same options and the same weights
+    assert main(["train", str(ckpt), "--out", str(tmp_path / "again"), "--config", str(tmp_path / "flags" /
+                                                                                        "config.yaml")]) == 0
+    assert (tmp_path / "again" / "config.yaml").read_text() == recorded
+    a, b = (load_file(tmp_path / r / "checkpoints" / "step-0000001" / "model.safetensors") for r in ("flags", "again"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sample: 3\nbatch: 1\nfoo-bar: 2\n", "unknown options foo_bar, sample for `flextron profile`"),
+    ("batch: 0\n", "batch: must be in [1, inf], got 0"),
+    ("runtime: onnx\n", "runtime must be one of hf, llama.cpp, not 'onnx'"),
+    ("verify: maybe\n", "verify must be true or false"),
+    ("!!python/object/apply:os.system ['touch PWNED']\n", "cannot read the config"),
+])
+def test_bad_config_files_are_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["profile", str(tmp_path / "missing-ckpt"), "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "PWNED").exists()

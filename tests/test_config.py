@@ -1,6 +1,6 @@
 import pytest
 
-from flextron.config import Budget, CalibrationConfig, ElasticSpace, RouterConfig, Subnet, TrainConfig
+from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet, TrainConfig
 from flextron.errors import FlextronError
 
 
@@ -98,11 +98,8 @@ def test_train_config_rejects_bad_numbers(kwargs, message):
     (RouterConfig, {"router_lr": float("inf")}, "--router-lr must be a finite number"),
     (RouterConfig, {"eval_limit": 0}, "--eval-limit must be in"),
     (RouterConfig, {"hidden": 12.5}, "--hidden must be an integer"),
-    (CalibrationConfig, {"n_sequences": 0}, "--calib-sequences must be in"),
-    (CalibrationConfig, {"seq_len": 0}, "--calib-seq-len must be in"),
-    (CalibrationConfig, {"batch_size": 0}, "--batch-size must be in"),
 ])
-def test_router_and_calibration_configs_reject_bad_numbers(cls, kwargs, message):
+def test_router_config_rejects_bad_numbers(cls, kwargs, message):
     with pytest.raises(FlextronError, match=message):
         cls(**kwargs)
 

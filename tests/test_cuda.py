@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import make_model, make_tokenizer, word_text
 from flextron import api
-from flextron.config import CalibrationConfig, TrainConfig
+from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import kd_loss
@@ -23,7 +23,7 @@ def test_convert_in_bf16_on_cuda_holds_no_fp32_copy(tmp_path):
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     torch.cuda.reset_peak_memory_stats()
     ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", dtype="bf16", multiple=8,
-                       calibration=CalibrationConfig(n_sequences=4, seq_len=32, source=str(tmp_path / "calib.txt")),
+                       calib_sequences=4, calib_seq_len=32, calib_data=str(tmp_path / "calib.txt"),
                        progress=False)
     assert torch.cuda.max_memory_allocated() < fp32_bytes
     assert all(t.dtype == torch.bfloat16 for t in load_file(ckpt / "model.safetensors").values())
@@ -53,8 +53,8 @@ def test_training_steps_on_cuda_with_a_bf16_teacher(tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "hf")
     data = tmp_path / "data.txt"
     data.write_text(word_text(4000))
-    calib = CalibrationConfig(n_sequences=4, seq_len=32, source=str(data))
-    ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", multiple=8, calibration=calib,
+    calib = {"calib_sequences": 4, "calib_seq_len": 32, "calib_data": str(data)}
+    ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", multiple=8, **calib,
                        progress=False)
     cfg = TrainConfig(max_steps=2, seq_len=32, micro_batch=2, warmup_steps=1, eval_limit=0)  # bf16 autocast
     summary = api.train(ckpt, tmp_path / "run", cfg, [str(data)], device="cuda", progress=False)

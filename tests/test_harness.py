@@ -16,7 +16,6 @@ import lm_eval  # noqa: E402
 from lm_eval.api.registry import get_model, model_registry  # noqa: E402
 
 from flextron import api  # noqa: E402
-from flextron.config import CalibrationConfig  # noqa: E402
 from flextron.harness import FlextronLM, task_config  # noqa: E402
 from test_tasks import random_docs, write_requests  # noqa: E402
 
@@ -25,14 +24,14 @@ from test_tasks import random_docs, write_requests  # noqa: E402
 def tiny_ckpt(tiny_hf_dir, tmp_path):
     model_dir, text = tiny_hf_dir
     return api.convert(str(model_dir), tmp_path / "ckpt", multiple=8, device="cpu", progress=False,
-                       calibration=CalibrationConfig(n_sequences=8, seq_len=32, source=str(text)))
+                       calib_sequences=8, calib_seq_len=32, calib_data=str(text))
 
 
 @pytest.mark.parametrize("budget", ["1.0", "0.5"])
 def test_lm_eval_equals_our_scorer(tiny_ckpt, tmp_path, budget):
     requests = tmp_path / "mc.jsonl.gz"
     write_requests(requests, random_docs(40, seed=1))
-    ours = api.evaluate(tiny_ckpt, [budget], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
+    ours = api.evaluate(tiny_ckpt, budgets=[budget], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
     ours = ours[str(requests)]
     lm = FlextronLM(tiny_ckpt, budget=budget, device="cpu", batch_size=8)
     out = lm_eval.simple_evaluate(model=lm, tasks=[task_config(str(requests), tmp_path)], log_samples=False)
@@ -44,7 +43,8 @@ def test_lm_eval_equals_our_scorer(tiny_ckpt, tmp_path, budget):
 def test_lm_eval_lambada_style(tiny_ckpt, tmp_path):
     requests = tmp_path / "single.jsonl.gz"
     write_requests(requests, [([d[g]], 0) for d, g in random_docs(20, seed=2)])
-    ours = api.evaluate(tiny_ckpt, tasks=[str(requests)], device="cpu", progress=False)[0].tasks[str(requests)]
+    ours = api.evaluate(tiny_ckpt, budgets=["1.0"], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
+    ours = ours[str(requests)]
     out = lm_eval.simple_evaluate(model=FlextronLM(tiny_ckpt, device="cpu"),
                                   tasks=[task_config(str(requests), tmp_path)], log_samples=False)
     theirs = next(iter(out["results"].values()))
@@ -71,8 +71,8 @@ def routed_ckpt(tiny_ckpt, tmp_path):
 def test_lm_eval_command_line_runs_flextron(routed_ckpt, tmp_path, adaptive):
     requests = tmp_path / "mc.jsonl.gz"
     write_requests(requests, random_docs(40, seed=1))
-    ours = api.evaluate(routed_ckpt, ["0.5"], tasks=[str(requests)], device="cpu", progress=False, batch_size=1,
-                        adaptive=adaptive)[0].tasks[str(requests)]
+    ours = api.evaluate(routed_ckpt, budgets=["0.5"], tasks=[str(requests)], device="cpu", progress=False,
+                        batch_size=1, adaptive=adaptive)[0].tasks[str(requests)]
     config = task_config(str(requests), tmp_path)
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mc.yaml").write_text(json.dumps(config))

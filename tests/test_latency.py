@@ -33,7 +33,7 @@ def test_trimmed_mean_drops_outliers():
 def test_profile_stores_a_validated_table_that_budgets_use(tmp_path):
     em = make_elastic()
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
-    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, n_fit=6, n_validate=2,
+    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, samples=6, validate=2,
                         progress=False)
     assert set(table["validation"]) == {"decode_ms", "prefill_ms"}
     assert table["validation"]["decode_ms"]["n"] == 2 and len(table["measurements"]) == 8
@@ -83,7 +83,7 @@ def test_fit_and_random_sub_networks_cover_skips_within_the_floor():
 def test_profile_measures_a_depth_space(tmp_path):
     em = make_elastic(n_layers=4, min_layers=1)
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
-    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, n_fit=12, n_validate=2,
+    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, samples=12, validate=2,
                         progress=False)
     assert "0" in table["decode_ms"]["mlp"] and "0" in table["decode_ms"]["attn"]
     assert table["measurements"][1]["subnet"] == em.space.smallest().to_dict()
@@ -144,6 +144,7 @@ def test_noisy_timings_give_a_monotone_table_and_feasible_projections():
 
 def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each():
     from flextron.latency import profile
+    from flextron.options import ProfileOptions
 
     em = make_elastic()
     true_mlp = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}
@@ -155,7 +156,7 @@ def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each()
         slow = 10.0 if 6 <= len(calls) < 14 else 1.0  # the machine is busy for 8 consecutive timings
         return {"decode_ms": ms * slow, "prefill_ms": ms * slow}
 
-    table = profile(em, n_fit=6, n_validate=2, timer=timer, rounds=3, progress=False)
+    table = profile(em, ProfileOptions(samples=6, validate=2, rounds=3), timer=timer, progress=False)
     assert len(calls) == 3 * 8 and calls[:8] == calls[8:16]  # round after round, in the same order
     assert table["rounds"] == 3 and table["validation"]["decode_ms"]["max_pct"] < 1e-6
     assert [m["decode_ms"] for m in table["measurements"]] == [

@@ -17,7 +17,14 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return api.demo("tiny", tmp_path_factory.mktemp("demo"), device="cpu", progress=False)
+    return api.demo(preset="tiny", out=str(tmp_path_factory.mktemp("demo")), device="cpu", progress=False)
+
+
+def test_demo_records_its_options(demo):
+    from flextron.options import read_yaml
+
+    out = Path(demo["checkpoint"]).parent
+    assert read_yaml(out / "config.yaml") == {"preset": "tiny", "out": str(out), "device": "cpu"}
 
 
 def test_demo_full_width_ppl_equals_original(demo):
@@ -75,7 +82,8 @@ def test_lm_eval_matches_our_scorer_on_arc_easy(tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from flextron.harness import FlextronLM, task_config
 
-    ours = api.evaluate(None, tasks=["arc_easy"], limit=24, device="cpu", progress=False)[0].tasks["arc_easy"]
+    ours = api.evaluate(None, budgets=["1.0"], tasks=["arc_easy"], limit=24, device="cpu", progress=False)[0].tasks
+    ours = ours["arc_easy"]
     out = lm_eval.simple_evaluate(model=FlextronLM(None, device="cpu"), tasks=[task_config("arc_easy", tmp_path, 24)],
                                   log_samples=False)
     theirs = out["results"]["flextron_arc_easy"]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import make_tokenizer, word_text
 from flextron import api
-from flextron.config import CalibrationConfig, TrainConfig
+from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.train.memory import GIB, estimate_memory
 
@@ -53,7 +53,7 @@ def test_real_shape_convert_train_export(name, tmp_path):
     weights = bound.weights
     del model
     ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cpu", progress=False,
-                       calibration=CalibrationConfig(n_sequences=4, seq_len=32, source=str(data)))
+                       calib_sequences=4, calib_seq_len=32, calib_data=str(data))
     run = subprocess.run([sys.executable, "-c", _STEP, str(ckpt), str(tmp_path / "run"), json.dumps(ARGS), str(data)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

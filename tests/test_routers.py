@@ -135,6 +135,7 @@ def test_router_output_shapes_follow_the_space():
 
 def test_route_end_to_end_through_the_cli(tmp_path, capsys):
     from flextron.cli import main
+    from flextron.options import read_yaml
 
     em = make_elastic()
     tok = make_tokenizer()
@@ -150,6 +151,8 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
     assert routed.routers is not None and manifest["routing"]["steps"] == 20
     assert 0 <= manifest["routing"]["surrogate_guided"] <= 1
     report = json.loads((tmp_path / "routed" / "routing.json").read_text())
+    recorded = read_yaml(tmp_path / "routed" / "routing.yaml")  # the resolved options, for `route --config`
+    assert recorded["steps"] == 20 and recorded["budgets"] == [0.5, 1.0] and recorded["data"] == [str(data)]
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
     assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])

@@ -226,7 +226,7 @@ def test_lm_eval_local_completions_scores_as_ours(setup, tmp_path):
     server, _, _, _, ckpt = setup
     requests = tmp_path / "mc.jsonl.gz"
     write_requests(requests, random_docs(40, seed=1))
-    ours = api.evaluate(ckpt, ["0.5"], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
+    ours = api.evaluate(ckpt, budgets=["0.5"], tasks=[str(requests)], device="cpu", progress=False)[0].tasks
     ours = ours[str(requests)]
     args = {"base_url": server.url + "/v1/completions", "model": "ckpt@50%", "tokenizer": str(ckpt),
             "tokenizer_backend": "huggingface", "max_length": 256, "num_concurrent": 4}

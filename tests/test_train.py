@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
 from flextron.checkpoint import load_checkpoint
-from flextron.config import CalibrationConfig, ElasticSpace, TrainConfig
+from flextron.config import ElasticSpace, TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.train.elastic import distill_loss, sample_subnets
@@ -27,8 +27,8 @@ def setup(tmp_path_factory):
     make_tokenizer().save_pretrained(root / "hf")
     data = root / "data.txt"
     data.write_text(word_text(6000))
-    calib = CalibrationConfig(n_sequences=8, seq_len=32, source=str(data))
-    ckpt = api.convert(str(root / "hf"), root / "ckpt", calibration=calib, multiple=8, device="cpu", progress=False)
+    ckpt = api.convert(str(root / "hf"), root / "ckpt", calib_sequences=8, calib_seq_len=32, calib_data=str(data),
+                       multiple=8, device="cpu", progress=False)
     return root, ckpt, data
 
 

@@ -1,31 +1,43 @@
-"""The `flextron` command line: parse, call `flextron.api`, print."""
+"""The `flextron` command line: parse, call `flextron.api`, print.
+
+Each command's flags come from its options dataclass (`flextron.options`, `flextron.config`);
+`--config FILE.yaml` fills the options not given on the command line."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api
-from flextron.config import CalibrationConfig, ElasticSpace, RouterConfig, TrainConfig, check_number
+from flextron.config import RouterConfig, TrainConfig, check_number, field_type
 from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, rows_json
 from flextron.fsutil import atomic_write, check_target
-from flextron.gguf import OUTTYPES
-from flextron.precision import DTYPES
+from flextron.options import (
+    ConvertOptions,
+    DemoOptions,
+    EvalOptions,
+    ExportOptions,
+    GenerateOptions,
+    ProfileOptions,
+    ReportOptions,
+    ServeOptions,
+    read_yaml,
+)
 from flextron.report import task_cell
-from flextron.tasks import TASKS
 
 console = Console()
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +45,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _to_number(text: str, integer: bool) -> float | int:
@@ -57,10 +76,6 @@ def number(integer: bool = False, **rules) -> Callable[[str], float | int]:
     return parse
 
 
-_POS_INT = number(integer=True, low=1)
-_SEED = number(integer=True, low=0, high=2**32 - 1)
-
-
 def _floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(","))
@@ -71,8 +86,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _list(text: str) -> list[str]:
-    return [x for x in text.split(",") if x]
+def _strings(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
 
 
 def _human(n: float) -> str:
@@ -127,19 +142,13 @@ def print_tasks(rows: list[EvalRow]) -> None:
     console.print(table)
 
 
+def _options(a: argparse.Namespace, cls: type[T], **changes: object) -> T:
+    """The `cls` options of a parsed command line."""
+    return cls(**{f.name: getattr(a, f.name) for f in fields(cls)} | changes)
+
+
 def cmd_convert(a: argparse.Namespace) -> None:
-    calib = CalibrationConfig(n_sequences=a.calib_sequences, seq_len=a.calib_seq_len,
-                              batch_size=a.batch_size, seed=a.seed, source=a.calib_data)
-    space = None
-    if a.space:
-        try:
-            space = ElasticSpace.from_dict(json.loads(Path(a.space).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FlextronError(f"cannot read the elastic space {a.space} ({e}); it needs "
-                                '{"mlp": [[widths per layer]], "attn": [[units per layer]]}') from None
-    out = api.convert(a.model, a.out, mlp_fractions=a.mlp_fractions, attn_fractions=a.attn_fractions,
-                      multiple=a.multiple, calibration=calib, order=a.order, device=a.device,
-                      dtype=a.dtype, overwrite=a.overwrite, space=space, depth=a.depth, min_layers=a.min_layers)
+    out = api.convert(a.model, a.out, _options(a, ConvertOptions), device=a.device, overwrite=a.overwrite)
     console.print(f"Elastic checkpoint written to [bold]{out}[/bold]")
     print_space(api.describe(out))
 
@@ -147,9 +156,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     if a.out:
         check_target(Path(a.out))  # before the work, not after
-    rows = api.evaluate(a.path, a.budgets, tasks=a.tasks, limit=a.limit, seq_len=a.seq_len,
-                        batch_size=a.batch_size, device=a.device, dtype=a.dtype, adaptive=a.adaptive,
-                        verify=a.verify)
+    rows = api.evaluate(a.path, _options(a, EvalOptions), device=a.device)
     if a.adaptive:
         print_adaptive(rows)
     elif rows[0].ppl is not None:
@@ -162,7 +169,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    result = api.demo(a.preset, a.out, device=a.device)
+    result = api.demo(_options(a, DemoOptions), device=a.device)
     print_space(result["space"])
     print_ppl(result["prune_only"], result["original"], label="prune only",
               more={"flextron": result["flextron"], "export": [result["export_eval"]]})
@@ -179,16 +186,13 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
-    path, text = api.report(a.run, title=a.title, into=a.into, section=a.section)
+    path, text = api.report(a.run, _options(a, ReportOptions))
     console.print(text, markup=False, highlight=False)
     console.print(f"Report: {path}" + (f"; section {a.section!r} of {a.into} updated" if a.into else ""))
 
 
 def cmd_profile(a: argparse.Namespace) -> None:
-    table = api.profile(a.ckpt, device=a.device, dtype=a.dtype, batch=a.batch, context=a.context,
-                        decode_steps=a.decode_steps, repeats=a.repeats, n_fit=a.samples, n_validate=a.validate,
-                        runtime=a.runtime, threads=a.threads, outtype=a.outtype, rounds=a.rounds,
-                        verify=a.verify)
+    table = api.profile(a.ckpt, _options(a, ProfileOptions), device=a.device)
     t = Table(title=f"Latency lookup table — {table.get('runtime', 'hf-eager')}, {table['device']}, "
                     f"{table['dtype']}, batch {table['batch']}, context {table['context']}")
     for col in ("", "decode ms/token", "prefill ms"):
@@ -206,8 +210,7 @@ def cmd_profile(a: argparse.Namespace) -> None:
 
 
 def cmd_route(a: argparse.Namespace) -> None:
-    cfg = RouterConfig(**{f.name: getattr(a, f.name) for f in fields(RouterConfig)})
-    result = api.route(a.ckpt, cfg, a.data, out=a.out, device=a.device, adaptive=a.adaptive)
+    result = api.route(a.ckpt, _options(a, RouterConfig), a.data, out=a.out, device=a.device, adaptive=a.adaptive)
     if a.adaptive:
         print_adaptive(result["budgets"])
         console.print(f"Adaptive routers stored in {result['checkpoint']}; details in "
@@ -240,8 +243,7 @@ def print_adaptive(rows: list[EvalRow]) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
-    out = api.export(a.ckpt, a.budget, a.out, overwrite=a.overwrite, format=a.format, outtype=a.outtype,
-                     verify=a.verify)
+    out = api.export(a.ckpt, a.budget, a.out, _options(a, ExportOptions), overwrite=a.overwrite)
     if a.format == "gguf":
         console.print(f"Exported a llama.cpp GGUF ({a.outtype}) to [bold]{out}[/bold]")
         return
@@ -263,15 +265,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    api.generate(a.path, a.prompt, a.budget, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                 top_p=a.top_p, raw=a.raw, device=a.device, seed=a.seed, stream=emit, adaptive=a.adaptive,
-                 verify=a.verify)
+    api.generate(a.path, a.prompt, _options(a, GenerateOptions), device=a.device, stream=emit)
     sys.stdout.write("\n")
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
-    summary = api.train(a.ckpt, a.out, cfg, a.data, device=a.device, resume=a.resume)
+    summary = api.train(a.ckpt, a.out, _options(a, TrainConfig), a.data, device=a.device, resume=a.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one report, from rank 0
         return
     console.print(f"Trained {summary['steps']} steps ({summary['tokens']:,} tokens); checkpoint: {summary['final']}")
@@ -289,36 +288,30 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import logging
 
-    from flextron.serve import ServeConfig
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = ServeConfig(max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
-                         default_max_tokens=min(a.default_max_tokens, a.max_tokens), max_body_bytes=a.max_body_bytes,
-                         max_queue=a.max_queue, max_batch=a.max_batch, max_connections=a.max_connections)
+    options = _options(a, ServeOptions, default_max_tokens=min(a.default_max_tokens, a.max_tokens))
 
     def ready(server: api.Server) -> None:
         console.print(f"Serving [bold]{server.name}[/bold] at [bold]{server.url}/v1[/bold] "
                       f"(OpenAI-compatible; a budget as model \"{server.name}@50%\"); Ctrl-C stops")
 
-    api.serve(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, name=a.name, config=config, on_ready=ready,
-              verify=a.verify)
+    api.serve(a.ckpt, options, device=a.device, on_ready=ready)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --option per dataclass field, typed from its default (tuples are comma-separated floats)."""
+    """One --option per field of an options dataclass: typed from its annotation (bools as --x / --no-x,
+    tuples as comma lists), with the help text, choices and number rules of its `opt`."""
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple) or f.name == "budget_probs":
-            parser.add_argument(flag, type=_floats, default=default, metavar="X,Y,...")
-        elif default is None or isinstance(default, int):
-            parser.add_argument(flag, type=number(integer=True), default=default)
-        elif isinstance(default, float):
-            parser.add_argument(flag, type=number(), default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
+        kind, item, _ = field_type(cls, f.name)
+        meta = f.metadata
+        kw = {"default": f.default, "help": meta["help"].replace("%", "%%"), "choices": meta["choices"]}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kw |= {"type": _floats if item is float else _strings, "metavar": "X,Y,..."}
+        elif kind in (int, float):
+            kw["type"] = number(integer=kind is int, **meta["rules"])
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,149 +319,139 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"flextron {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def command(name: str, cls: type | None, func: Callable[[argparse.Namespace], None], help: str
+                ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                            formatter_class=_Help)
+        sp.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
+                        help="YAML mapping of this command's options (flag names) to values; "
+                             "flags given on the command line override it")
+        if cls is not None:
+            add_dataclass_args(sp, cls)
+        sp.set_defaults(func=func)
+        return sp
+
+    def device(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-        sp.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype")
 
-    def no_verify(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip checking the weights against the sha256 recorded in the checkpoint (faster)")
-
-    c = sub.add_parser("convert", help="score and sort units, write an elastic checkpoint")
+    c = command("convert", ConvertOptions, cmd_convert, "score and sort units, write an elastic checkpoint")
     c.add_argument("model", nargs="?", default=None, help="HF model dir or hub id (default: packaged)")
     c.add_argument("--out", required=True, help="checkpoint directory to write")
-    c.add_argument("--mlp-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
-    c.add_argument("--attn-fractions", type=_floats, default=(0.25, 0.5, 0.75, 1.0))
-    c.add_argument("--multiple", type=_POS_INT, default=64, help="MLP widths are multiples of this")
-    c.add_argument("--space", default=None,
-                   help='JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]}'
-                        "; a list may start with 0 (skip)")
-    c.add_argument("--depth", action="store_true",
-                   help="also allow skipping each layer's attention or MLP (choice 0), least important first")
-    c.add_argument("--min-layers", type=int, default=None,
-                   help="depth floor: layers that keep their attention, and their MLP (default with --depth: 1/3)")
-    c.add_argument("--calib-data", default="default", help="a .txt file, or 'default' (train split)")
-    c.add_argument("--calib-sequences", type=_POS_INT, default=256)
-    c.add_argument("--calib-seq-len", type=_POS_INT, default=256)
-    c.add_argument("--batch-size", type=_POS_INT, default=16)
-    c.add_argument("--seed", type=_SEED, default=0)
-    c.add_argument("--order", default="importance", choices=["importance", "random"])
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    common(c)
-    c.set_defaults(func=cmd_convert)
+    device(c)
 
-    e = sub.add_parser("eval", help="held-out perplexity and zero-shot tasks across budgets")
-    e.add_argument("path", nargs="?", default=None, help="elastic checkpoint or HF model dir")
-    e.add_argument("--budgets", type=_list, default=["1.0", "0.75", "0.5"])
-    e.add_argument("--tasks", type=_list, default=["ppl"],
-                   help=f"ppl and/or {','.join(TASKS)}, or requests.jsonl(.gz) files")
-    e.add_argument("--limit", type=_POS_INT, default=None, help="at most this many windows / documents per task")
+    e = command("eval", EvalOptions, cmd_eval, "held-out perplexity and zero-shot tasks across budgets")
+    e.add_argument("path", nargs="?", default=None, help="elastic checkpoint or HF model dir (default: packaged)")
     e.add_argument("--out", default=None, help="write the results as JSON here")
-    e.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
-    e.add_argument("--seq-len", type=_POS_INT, default=1024)
-    e.add_argument("--batch-size", type=_POS_INT, default=4)
-    common(e)
-    no_verify(e)
-    e.set_defaults(func=cmd_eval)
+    device(e)
 
-    rp = sub.add_parser("report", help="markdown tables and PNG plots from a run's JSON")
+    rp = command("report", ReportOptions, cmd_report, "markdown tables and PNG plots from a run's JSON")
     rp.add_argument("run", help="demo or training run directory, or a JSON file from `eval --out`")
-    rp.add_argument("--title", default=None)
-    rp.add_argument("--into", type=Path, default=None, help="also replace a marked section of this markdown file")
-    rp.add_argument("--section", default="report", help="the section name in --into (<!-- NAME:start -->)")
-    rp.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="the pipeline on the packaged model")
-    d.add_argument("--preset", default="demo", choices=["tiny", "demo", "bench"])
-    d.add_argument("--out", default="flextron-demo")
-    d.add_argument("--device", default=None)
-    d.set_defaults(func=cmd_demo)
-    t = sub.add_parser("train", help="elastic continued training (distillation over sampled sub-networks)")
+    device(command("demo", DemoOptions, cmd_demo, "the pipeline on the packaged model"))
+
+    t = command("train", TrainConfig, cmd_train,
+                "elastic continued training (distillation over sampled sub-networks)")
     t.add_argument("ckpt", help="elastic checkpoint from `flextron convert`")
-    t.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, eval.json/png)")
+    t.add_argument("--out", required=True,
+                   help="run directory (checkpoints, metrics.csv, eval.json/png, run.json, config.yaml)")
     t.add_argument("--data", action="append", default=None,
                    help=".txt/.jsonl/.parquet file or folder, or hf:NAME; repeatable (default: packaged train split)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--device", default=None)
-    add_dataclass_args(t, TrainConfig)
-    t.set_defaults(func=cmd_train)
+    device(t)
 
-    pr = sub.add_parser("profile", help="measure the latency lookup table on this device")
-    pr.add_argument("ckpt")
-    pr.add_argument("--batch", type=_POS_INT, default=1)
-    pr.add_argument("--context", type=_POS_INT, default=256, help="prompt tokens (prefill) before decoding")
-    pr.add_argument("--decode-steps", type=_POS_INT, default=16)
-    pr.add_argument("--repeats", type=_POS_INT, default=3, help="timed runs per sub-network (after a warm-up)")
-    pr.add_argument("--rounds", type=_POS_INT, default=1,
-                    help="time every sub-network once per round, interleaved, and keep the median (noisy machines)")
-    pr.add_argument("--samples", type=_POS_INT, default=24, help="random sub-networks the table is fitted on")
-    pr.add_argument("--validate", type=_POS_INT, default=10, help="further sub-networks it is checked on")
-    pr.add_argument("--runtime", choices=["hf", "llama.cpp"], default="hf",
-                    help="time the elastic model in HF eager, or GGUF exports in llama.cpp")
-    pr.add_argument("--threads", type=_POS_INT, default=None, help="llama.cpp threads (default: all cores)")
-    pr.add_argument("--outtype", choices=OUTTYPES, default="f32", help="llama.cpp weights")
-    common(pr)
-    no_verify(pr)
-    pr.set_defaults(func=cmd_profile)
+    pr = command("profile", ProfileOptions, cmd_profile, "measure the latency lookup table on this device")
+    pr.add_argument("ckpt", help="elastic checkpoint (the table is stored in it)")
+    device(pr)
 
-    r = sub.add_parser("route", help="train static routers (budget -> per-layer widths)")
-    r.add_argument("ckpt")
+    r = command("route", RouterConfig, cmd_route, "train static routers (budget -> per-layer widths)")
+    r.add_argument("ckpt", help="elastic checkpoint")
     r.add_argument("--out", default=None, help="write the routed checkpoint here (default: in place)")
-    r.add_argument("--data", action="append", default=None)
-    r.add_argument("--device", default=None)
+    r.add_argument("--data", action="append", default=None,
+                   help=".txt/.jsonl/.parquet file or folder, or hf:NAME; repeatable (default: packaged train split)")
     r.add_argument("--adaptive", action="store_true",
                    help="train input-adaptive routers (per-token MLP, per-request attention) on a routed checkpoint")
-    add_dataclass_args(r, RouterConfig)
-    r.set_defaults(func=cmd_route)
+    device(r)
 
-    x = sub.add_parser("export", help="slice the sub-network for a budget into a standalone HF directory")
+    x = command("export", ExportOptions, cmd_export,
+                "slice the sub-network for a budget into a standalone HF directory or a GGUF file")
     x.add_argument("ckpt", help="elastic checkpoint")
     x.add_argument("--budget", required=True, help="0.6, 60%%, or metric=value such as params=80e6")
-    x.add_argument("--out", required=True, help="directory to write")
+    x.add_argument("--out", required=True, help="directory (or GGUF file) to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    no_verify(x)
-    x.add_argument("--format", choices=["hf", "gguf"], default="hf", help="HF directory, or one llama.cpp GGUF file")
-    x.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF weight type")
-    x.set_defaults(func=cmd_export)
 
-    g = sub.add_parser("generate", help="continue a prompt with a checkpoint at a budget, or an HF model dir")
+    g = command("generate", GenerateOptions, cmd_generate,
+                "continue a prompt with a checkpoint at a budget, or an HF model dir")
     g.add_argument("path", help="elastic checkpoint or HF model directory (e.g. an export)")
-    g.add_argument("prompt")
-    g.add_argument("--budget", default=None, help="elastic checkpoints only (default: the full model)")
-    g.add_argument("--max-new-tokens", type=_POS_INT, default=128)
-    g.add_argument("--temperature", type=number(low=0.0), default=0.0, help="0: greedy (default); >0: sampling")
-    g.add_argument("--top-p", type=number(low=0.0, high=1.0, low_open=True), default=1.0,
-                   help="nucleus sampling threshold")
-    g.add_argument("--seed", type=_SEED, default=None, help="sampling seed")
-    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    g.add_argument("--adaptive", action="store_true", help="route per token (MLP) and per request (attention)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    no_verify(g)
-    g.set_defaults(func=cmd_generate)
+    g.add_argument("prompt", help="the text to continue")
+    device(g)
 
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server: every budget from one elastic checkpoint")
+    v = command("serve", ServeOptions, cmd_serve,
+                "OpenAI-compatible HTTP server: every budget from one elastic checkpoint")
     v.add_argument("ckpt", help="elastic checkpoint")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    v.add_argument("--port", type=number(integer=True, low=0, high=65535), default=8000)
-    v.add_argument("--name", default=None, help="model id reported to clients (default: checkpoint dir name)")
-    v.add_argument("--max-prompt-tokens", type=_POS_INT, default=4096, help="longer prompts get 400")
-    v.add_argument("--max-tokens", type=_POS_INT, default=1024, help="largest max_tokens a request may ask")
-    v.add_argument("--default-max-tokens", type=_POS_INT, default=128, help="when a request gives none")
-    v.add_argument("--max-body-bytes", type=_POS_INT, default=1 << 20, help="larger request bodies get 413")
-    v.add_argument("--max-queue", type=_POS_INT, default=64, help="requests generating or waiting; more get 503")
-    v.add_argument("--max-batch", type=_POS_INT, default=16, help="sequences decoding together (1: one at a time)")
-    v.add_argument("--max-connections", type=_POS_INT, default=256, help="open connections; more get 503")
-    common(v)
-    no_verify(v)
-    v.set_defaults(func=cmd_serve)
+    device(v)
     return p
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options given on the command line: the same argv parsed with every default suppressed."""
+    saved = {action: action.default for action in sub._actions}
+    for action in saved:
+        action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved.items():
+            action.default = default
+
+
+def _config_value(action: argparse.Action, value: object, where: str) -> object:
+    """A YAML value read as the flag's command-line text would be (same type, checks and choices)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # --x / --no-x, or a switch
+        if not isinstance(value, bool):
+            raise FlextronError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        return [str(v) for v in (value if isinstance(value, list) else [value])]
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        value = action.type(text) if action.type else text
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise FlextronError(f"{where}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise FlextronError(f"{where} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return value
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Set the options of `args` not given on the command line from its `--config` YAML file."""
+    sub = _subparser(parser, args.command)
+    values = read_yaml(args.config)
+    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise FlextronError(f"{args.config}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                            f"for `flextron {args.command}` (see `flextron {args.command} --help`)")
+    given = _given(parser, sub, argv)
+    for dest, value in values.items():
+        if dest not in given:
+            setattr(args, dest, _config_value(actions[dest], value, f"{args.config}: {dest}"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Our own bars show the work; transformers' per-load bars would only add noise.
     hf_logging.disable_progress_bar()
     try:
+        if args.config is not None:
+            apply_config(parser, args, argv)
         args.func(args)
     except FlextronError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,60 @@
-"""Configuration dataclasses: the elastic search space, a sub-network, a budget."""
+"""Configuration dataclasses: the elastic search space, a sub-network, a budget, training and routers.
+
+Options are fields made with `opt` (default, help text, choices, number rules): the CLI builds its
+flags from them (`flextron.cli.add_dataclass_args`) and the API takes them as keyword arguments.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import asdict, dataclass
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from flextron.errors import FlextronError
 
 KINDS = ("mlp", "attn")
+DTYPE_NAMES = ("fp32", "bf16")  # the keys of flextron.precision.DTYPES
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, **rules: Any) -> Any:
+    """A dataclass field that is a command option: its default, its --help text, its allowed values
+    and its `check_number` rules (low, high, low_open), applied by `check_options` and the CLI."""
+    return field(default=default, metadata={"help": help, "choices": choices, "rules": rules})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls: type, name: str) -> tuple[Any, Any, bool]:
+    """(type, element type of a tuple or None, whether None is allowed) of a dataclass field."""
+    hint, optional = _hints(cls)[name], False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint, optional = args[0], len(args) < len(typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return tuple, typing.get_args(hint)[0], optional
+    return hint, None, optional
+
+
+def check_options(obj: object) -> None:
+    """Check each `opt` field of a dataclass: numbers by their rules, choices, sequences made tuples."""
+    for f in fields(obj):
+        kind, _, optional = field_type(type(obj), f.name)
+        value, meta = getattr(obj, f.name), f.metadata
+        if kind is tuple and isinstance(value, list):
+            setattr(obj, f.name, value := tuple(value))
+        if kind in (int, float):
+            check_number(f.name, value, integer=kind is int, optional=optional, **meta.get("rules", {}))
+        choices = meta.get("choices")
+        if choices and value not in choices and not (optional and value is None):
+            raise FlextronError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def check_number(name: str, value: object, *, integer: bool = False, low: float | None = None,
@@ -42,7 +88,8 @@ def check_fractions(name: str, values: tuple[float, ...]) -> None:
         check_number(name, v, low=0.0, high=1.0, low_open=True)
 
 
-_SEED = {"integer": True, "low": 0, "high": 2**32 - 1}
+SEED_RANGE = {"low": 0, "high": 2**32 - 1}
+_SEED = {"integer": True, **SEED_RANGE}
 _POSITIVE = {"integer": True, "low": 1}
 _POSITIVE_FLOAT = {"low": 0.0, "low_open": True}
 _FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
@@ -274,22 +321,6 @@ class Budget:
         return f"{prefix}{self.value:g}"
 
 
-@dataclass
-class CalibrationConfig:
-    """Where importance is measured: sequences sampled from the training split."""
-
-    n_sequences: int = 256
-    seq_len: int = 256
-    batch_size: int = 16
-    seed: int = 0
-    source: str = "default"
-
-    def __post_init__(self) -> None:
-        check_number("calib_sequences", self.n_sequences, **_POSITIVE)
-        check_number("calib_seq_len", self.seq_len, **_POSITIVE)
-        check_fields(self, {"batch_size": _POSITIVE, "seed": _SEED})
-
-
 SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
 LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the others add a tracker
 
@@ -298,35 +329,40 @@ LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the 
 class TrainConfig:
     """Elastic continued training (distillation from the frozen original over sampled sub-networks)."""
 
-    seq_len: int = 512
-    micro_batch: int = 4  # sequences per process per forward
-    grad_accum: int = 1
-    max_steps: int | None = None
-    tokens: int | None = None  # alternative to max_steps: data tokens to train on
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    kd_temperature: float = 1.0
-    kd_weight: float = 1.0
-    lm_weight: float = 0.0
-    sampling: str = "sandwich"  # sandwich | uniform (MatFormer baseline) | budgets | fixed
-    n_random: int = 2  # random sub-networks per step besides the full and the smallest
-    budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)  # for sampling="budgets", and "fixed" uses the first
-    budget_probs: tuple[float, ...] | None = None
-    full_prob: float = 0.25  # budgets sampling: chance that a draw is the full model
-    dtype: str = "bf16"  # autocast dtype: bf16 or fp32
-    teacher_dtype: str = "auto"  # teacher weights: fp32, bf16 (half the memory), auto = bf16 on CUDA, else fp32
-    loss_chunk: int = 256  # tokens whose full-vocabulary logits the loss holds at a time
-    activation_checkpointing: bool = False
-    fsdp: bool = False
-    save_every: int = 100
-    sharded_checkpoints: bool = False  # step checkpoints as per-rank DCP shards (no gather); the last also whole
-    eval_budgets: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)
-    eval_limit: int | None = 16  # held-out windows for the before/after table; 0 skips it, None: all
-    seed: int = 0
-    logger: str = "csv"  # csv | tensorboard | wandb (train/metrics.py)
+    seq_len: int = opt(512, "tokens per training sequence")
+    micro_batch: int = opt(4, "sequences per process per forward")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    max_steps: int | None = opt(None, "optimizer steps to train (give this or --tokens)")
+    tokens: int | None = opt(None, "data tokens to train on, instead of --max-steps")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at this fraction of --lr")
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    clip: float = opt(1.0, "gradient norm clipping threshold")
+    kd_temperature: float = opt(1.0, "distillation softmax temperature")
+    kd_weight: float = opt(1.0, "weight of the distillation loss (KL to the frozen original)")
+    lm_weight: float = opt(0.0, "weight of the next-token cross-entropy loss")
+    sampling: str = opt("sandwich", "sub-networks per step: sandwich (full, smallest, random), uniform "
+                        "(MatFormer baseline), budgets (routed budgets), fixed (the first budget only)",
+                        choices=SAMPLING)
+    n_random: int = opt(2, "random sub-networks per step besides the full and the smallest")
+    budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
+                                     "budget fractions for --sampling budgets; fixed uses the first")
+    budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)")
+    full_prob: float = opt(0.25, "budgets sampling: chance that a draw is the full model")
+    dtype: str = opt("bf16", "autocast dtype", choices=DTYPE_NAMES)
+    teacher_dtype: str = opt("auto", "teacher weights: fp32, bf16 (half the memory), auto (bf16 on CUDA, else fp32)",
+                             choices=("fp32", "bf16", "auto"))
+    loss_chunk: int = opt(256, "tokens whose full-vocabulary logits the loss holds at a time")
+    activation_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes (torchrun)")
+    save_every: int = opt(100, "optimizer steps between checkpoints")
+    sharded_checkpoints: bool = opt(False, "step checkpoints as per-rank DCP shards (no gather); the last also whole")
+    eval_budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35), "budgets of the before/after perplexity table")
+    eval_limit: int | None = opt(16, "held-out windows for the before/after table (0 skips it)")
+    seed: int = opt(0, "seed of the data order and the sampled sub-networks")
+    logger: str = opt("csv", "tracker besides metrics.csv (always written): csv (none), tensorboard, or wandb "
+                             "(offline unless WANDB_MODE says otherwise)", choices=LOGGERS)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLING:
@@ -368,29 +404,31 @@ class TrainConfig:
 class RouterConfig:
     """Static routers (budget -> per-layer choices), surrogate-guided, then joint fine-tuning."""
 
-    budgets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the trained grid (fractions)
-    metric: str = "auto"  # cost the budgets refer to: auto = measured decode latency if profiled, else params
-    steps: int = 200  # router steps (LLM frozen)
-    joint_steps: int = 40  # LLM + routers fine-tuned together
-    hidden: int = 128
-    router_lr: float = 3e-3
-    llm_lr: float = 1e-5
-    tau_start: float = 5.0  # Gumbel-softmax temperature, annealed exponentially
-    tau_end: float = 0.3
-    budget_weight: float = 10.0
-    tolerance: float = 0.01  # |expected cost / target - 1| below this costs nothing
-    surrogate: bool = True  # False: straight-through Gumbel through the LLM (the ablation baseline)
-    surrogate_threshold: float = 0.25  # surrogate error / the loss's spread under which routers follow it
-    surrogate_warmup: int = 64  # random architectures the surrogate is fitted on before router steps
-    surrogate_hidden: int = 128
-    surrogate_fit_steps: int = 5  # more overfits the noisy targets at the router's probabilities
-    balance_weight: float = 0.01  # adaptive routers: keeps token routers from collapsing onto one width
-    check_sequences: int = 16  # held-out training sequences each budget's choice is checked on vs uniform (0: off)
-    seq_len: int = 256
-    micro_batch: int = 4
-    dtype: str = "bf16"
-    eval_limit: int = 16
-    seed: int = 0
+    budgets: tuple[float, ...] = opt((0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the trained grid of budget fractions")
+    metric: str = opt("auto", "cost the budgets refer to: auto (measured decode latency if profiled, else params), "
+                      "params, flops, kv_bytes, decode_bytes, latency_ms or prefill_ms")
+    steps: int = opt(200, "router steps (LLM frozen)")
+    joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together")
+    hidden: int = opt(128, "router MLP hidden size")
+    router_lr: float = opt(3e-3, "router learning rate")
+    llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps")
+    tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially")
+    tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end")
+    budget_weight: float = opt(10.0, "weight of the budget penalty")
+    tolerance: float = opt(0.01, "|expected cost / target - 1| below this costs nothing")
+    surrogate: bool = opt(True, "guide routers by a loss surrogate (off: straight-through Gumbel through the LLM)")
+    surrogate_threshold: float = opt(0.25, "surrogate error / the loss's spread under which routers follow it")
+    surrogate_warmup: int = opt(64, "random architectures the surrogate is fitted on before router steps")
+    surrogate_hidden: int = opt(128, "surrogate MLP hidden size")
+    surrogate_fit_steps: int = opt(5, "surrogate fitting steps per router step (more overfits noisy targets)")
+    balance_weight: float = opt(0.01, "adaptive routers: keeps token routers from collapsing onto one width")
+    check_sequences: int = opt(16, "held-out training sequences each budget's choice is checked on against "
+                               "the uniform sub-network (0: off)")
+    seq_len: int = opt(256, "tokens per training sequence")
+    micro_batch: int = opt(4, "sequences per step")
+    dtype: str = opt("bf16", "autocast dtype", choices=DTYPE_NAMES)
+    eval_limit: int = opt(16, "held-out windows for the perplexity report")
+    seed: int = opt(0, "seed of the data order, the routers' initialisation and their random draws")
 
     def __post_init__(self) -> None:
         check_fractions("budgets", self.budgets)

@@ -4,6 +4,7 @@ its units sorted by importance on calibration text (or randomly, the ablation), 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import torch
 
 from flextron.assets import load_hf
 from flextron.checkpoint import save_checkpoint
-from flextron.config import CalibrationConfig, ElasticSpace
+from flextron.config import ElasticSpace
 from flextron.data import default_splits, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import check_output_dir
 from flextron.importance import measure_importance, random_importance, sort_by_importance
+from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
 
 
@@ -33,40 +35,46 @@ def _calibration_text(source: str) -> str:
         raise FlextronError(f"cannot read calibration file {path}: {e}") from None
 
 
-def convert(model: str | None, out: Path, *, mlp_fractions: tuple[float, ...], attn_fractions: tuple[float, ...],
-            multiple: int, calibration: CalibrationConfig, order: str, device: str, dtype: str, overwrite: bool,
-            progress: bool, space: ElasticSpace | None, depth: bool, min_layers: int | None) -> Path:
+def _read_space(path: str) -> ElasticSpace:
+    try:
+        return ElasticSpace.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlextronError(f"cannot read the elastic space {path} ({e}); it needs "
+                            '{"mlp": [[widths per layer]], "attn": [[units per layer]]}') from None
+
+
+def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, overwrite: bool, progress: bool) -> Path:
     """Load an HF model (None: the packaged one) on `device`, score and sort its units on
     calibration text, save the elastic checkpoint in `out`; see `flextron.api.convert`."""
+    space = None if o.space is None else _read_space(o.space)
     check_output_dir(out, overwrite)
-    if order not in ("importance", "random"):
-        raise FlextronError(f"unknown order {order!r}; use importance or random")
-    autocast = compute_dtype(dtype)
+    autocast = compute_dtype(o.dtype)
     # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
     weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
     hf, tok, source = load_hf(model, dtype=weights, device=device)
     em = ElasticModel(hf)
     first = em.blocks[0]
     space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
-                                          tuple(mlp_fractions), tuple(attn_fractions), multiple)
-    if depth:
-        space = space.with_depth(min_layers)
-    elif min_layers is not None:
-        space = dataclasses.replace(space, min_layers=min_layers)
+                                          o.mlp_fractions, o.attn_fractions, o.multiple)
+    if o.depth:
+        space = space.with_depth(o.min_layers)
+    elif o.min_layers is not None:
+        space = dataclasses.replace(space, min_layers=o.min_layers)
     em.set_space(space)
-    if order == "importance":
-        ids = tokenize(tok, _calibration_text(calibration.source))
-        seqs = sample_sequences(ids, calibration.n_sequences, calibration.seq_len, calibration.seed)
-        imp = measure_importance(em, seqs, calibration.batch_size, autocast, progress)
+    if o.order == "importance":
+        ids = tokenize(tok, _calibration_text(o.calib_data))
+        seqs = sample_sequences(ids, o.calib_sequences, o.calib_seq_len, o.seed)
+        imp = measure_importance(em, seqs, o.batch_size, autocast, progress)
     else:
-        imp = random_importance(em, calibration.seed)
+        imp = random_importance(em, o.seed)
     imp = sort_by_importance(em, imp)
     if em.space.depth and imp.layers is not None:
         em.set_space(dataclasses.replace(em.space, skip_order=imp.skip_order()))
     manifest = {
         "source_model": source,
-        "order": order,
-        "calibration": vars(calibration),
+        "order": o.order,
+        "calibration": {"n_sequences": o.calib_sequences, "seq_len": o.calib_seq_len, "batch_size": o.batch_size,
+                        "seed": o.seed, "source": o.calib_data},
         "importance": imp.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

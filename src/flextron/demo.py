@@ -8,15 +8,16 @@ on 2 CPU cores), `bench` (larger)."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from flextron import api
-from flextron.config import Budget, CalibrationConfig, RouterConfig, TrainConfig
+from flextron.config import Budget, RouterConfig, TrainConfig
 from flextron.cost import budget_grid
 from flextron.errors import FlextronError
 from flextron.evaluate import rows_json
 from flextron.fsutil import atomic_write
+from flextron.options import ConvertOptions, DemoOptions, write_yaml
 from flextron.report import report
 
 _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
@@ -24,7 +25,7 @@ _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
 
 @dataclass(frozen=True)
 class Preset:
-    calibration: CalibrationConfig
+    convert: ConvertOptions
     train: TrainConfig
     route: RouterConfig
     profile: dict = field(default_factory=dict)
@@ -35,21 +36,21 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset(
-        calibration=CalibrationConfig(n_sequences=16, seq_len=128),
+        convert=ConvertOptions(calib_sequences=16, calib_seq_len=128, dtype="bf16"),
         train=TrainConfig(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
         route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, eval_limit=1, surrogate_warmup=8,
                            check_sequences=2),
-        profile={"context": 32, "decode_steps": 2, "repeats": 1, "n_fit": 6, "n_validate": 2},
+        profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
         eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"),
     ),
     "demo": Preset(
-        calibration=CalibrationConfig(),
+        convert=ConvertOptions(dtype="bf16"),
         train=TrainConfig(max_steps=20, seq_len=256, micro_batch=4, eval_limit=0, save_every=_NO_SAVE),
         route=RouterConfig(steps=60, joint_steps=4, eval_limit=4, surrogate_warmup=32),
         profile={"repeats": 2},
     ),
     "bench": Preset(
-        calibration=CalibrationConfig(),
+        convert=ConvertOptions(dtype="bf16"),
         train=TrainConfig(tokens=200_000, seq_len=256, micro_batch=4, eval_limit=0, save_every=50),
         route=RouterConfig(steps=300, joint_steps=40, eval_limit=16),
         eval_windows=69,
@@ -57,19 +58,19 @@ PRESETS = {
 }
 
 
-def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | None = None,
-        progress: bool = True) -> dict:
-    """Run the pipeline into `out`; returns (and writes to out/results.json) every number it shows,
-    evaluations as `EvalRow`s."""
+def run(options: DemoOptions, device: str | None = None, progress: bool = True) -> dict:
+    """Run the pipeline into `options.out` (its options in config.yaml there); returns (and writes to
+    out/results.json) every number it shows, evaluations as `EvalRow`s."""
+    preset = options.preset
     if preset not in PRESETS:
         raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = Path(out)
+    out = Path(options.out)
     ev = {"limit": p.eval_windows, "seq_len": p.eval_seq_len, "device": device, "progress": progress}
-    ckpt = api.convert(None, out / "ckpt", calibration=p.calibration, device=device, dtype="bf16",
-                       overwrite=True, progress=progress)
-    original = api.evaluate(None, **ev)[0]
-    pruned = api.evaluate(ckpt, list(p.budgets), **ev)
+    ckpt = api.convert(None, out / "ckpt", p.convert, device=device, overwrite=True, progress=progress)
+    write_yaml(out / "config.yaml", {**asdict(options), "device": api.resolve_device(device)})
+    original = api.evaluate(None, budgets=["1.0"], **ev)[0]
+    pruned = api.evaluate(ckpt, budgets=p.budgets, **ev)
     run_dir = out / "train"
     shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts afresh
     trained = Path(api.train(ckpt, run_dir, p.train, device=device, progress=progress)["final"])
@@ -84,8 +85,8 @@ def run(preset: str = "demo", out: str | Path = "flextron-demo", device: str | N
     gguf = api.export(out / "elastic", export_budget, out / f"export-{export_budget}.gguf", overwrite=True,
                       format="gguf")
     speed = export_speed(out / "elastic", gguf, export_budget, p.profile, device)
-    final = api.evaluate(out / "elastic", [str(b) for b in grid], **ev)
-    export_row = api.evaluate(exported, **ev)[0]
+    final = api.evaluate(out / "elastic", budgets=[str(b) for b in grid], **ev)
+    export_row = api.evaluate(exported, budgets=["1.0"], **ev)[0]
     result = {
         "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
         "export_budget": export_budget, "gguf": str(gguf), "export_speed": speed,

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from flextron.errors import FlextronError
+from flextron.options import Sampling, resolve
 
 
 def context_length(config: object) -> int | None:
@@ -114,21 +115,19 @@ class Completion:
 
 
 @torch.no_grad()
-def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[str, Tensor], *,
-             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] = (), stream: Callable[[str], None] | None = None) -> Completion:
-    """Continue the token ids `inputs` (see `prompt_inputs`): greedy at temperature 0, else nucleus sampling.
+def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[str, Tensor],
+             sampling: Sampling | None = None, *, stop: Sequence[str] = (), stream: Callable[[str], None] | None = None,
+             **overrides: Any) -> Completion:
+    """Continue the token ids `inputs` (see `prompt_inputs`): greedy at temperature 0, else nucleus sampling
+    (`sampling`, or its fields as keyword arguments).
 
     Generation ends at the end-of-text token, after `max_new_tokens` (or at the model's context
     length, whichever comes first), or at the first of the `stop` strings (left out of the text);
     `stream` receives the text piece by piece as it comes.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise FlextronError(f"--max-new-tokens must be an integer of at least 1, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise FlextronError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise FlextronError(f"--top-p must be in (0, 1], got {top_p}")
+    sampling = resolve(Sampling, sampling, overrides)
+    max_new_tokens, temperature, top_p, seed = (sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                                sampling.seed)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
@@ -164,10 +163,8 @@ def complete(model: nn.Module, tokenizer: PreTrainedTokenizerBase, inputs: dict[
     return Completion(text, prompt_len, len(new), "stop" if ended or len(new) < max_new_tokens else "length")
 
 
-def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, *,
-                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                  raw: bool = False, seed: int | None = None,
-                  stream: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`: greedy at temperature 0, else sampling with nucleus `top_p`; the new text."""
-    return complete(model, tokenizer, prompt_inputs(tokenizer, prompt, raw), max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, seed=seed, stream=stream).text
+def generate_text(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, sampling: Sampling | None = None,
+                  *, raw: bool = False, stream: Callable[[str], None] | None = None, **overrides: Any) -> str:
+    """Continue `prompt` (in the chat template unless `raw`) as `complete` does; the new text."""
+    return complete(model, tokenizer, prompt_inputs(tokenizer, prompt, raw), sampling, stream=stream,
+                    **overrides).text

@@ -28,6 +28,7 @@ from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
+from flextron.options import ProfileOptions
 from flextron.precision import autocast
 
 LATENCY_FILE = "latency.json"
@@ -135,26 +136,27 @@ def _errors(pred: list[float], meas: list[float]) -> dict:
     return {"median_pct": err[len(err) // 2], "max_pct": err[-1], "n": len(err)}
 
 
-def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: int = 16, repeats: int = 3,
-            n_fit: int = 24, n_validate: int = 10, autocast_dtype: torch.dtype | None = None, seed: int = 0,
+def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dtype | None = None, seed: int = 0,
             progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
-            runtime: dict | None = None, rounds: int = 1) -> dict:
-    """Build the latency table on this device and validate it on unseen random sub-networks.
+            runtime: dict | None = None) -> dict:
+    """Build the latency table on this device (`options.samples` sub-networks) and validate it on
+    `options.validate` unseen random ones.
 
     `timer` measures one sub-network in another runtime (default: this model in HF eager);
-    `runtime` names that runtime in the table (e.g. runtime, threads, outtype). With `rounds` > 1
-    every sub-network is timed once per round, round after round, and keeps its median: a slow
+    `runtime` names that runtime in the table (e.g. runtime, threads, outtype). With `options.rounds`
+    > 1 every sub-network is timed once per round, round after round, and keeps its median: a slow
     spell of a shared machine then lands on one round of many sub-networks, not on all of one.
     """
-    if n_fit < 4 or n_validate < 1:
+    if options.samples < 4 or options.validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
+    batch, context, decode_steps, repeats = options.batch, options.context, options.decode_steps, options.repeats
     space = em.space
-    fit_nets = [space.full(), space.smallest(), *random_subnets(em, n_fit - 2, seed)]
-    val_nets = random_subnets(em, n_validate, seed + 1)
+    fit_nets = [space.full(), space.smallest(), *random_subnets(em, options.samples - 2, seed)]
+    val_nets = random_subnets(em, options.validate, seed + 1)
     nets = fit_nets + val_nets
     runs: list[list[dict[str, float]]] = [[] for _ in nets]
-    with tqdm(total=rounds * len(nets), desc="profiling", disable=not progress) as bar:
-        for _ in range(rounds):
+    with tqdm(total=options.rounds * len(nets), desc="profiling", disable=not progress) as bar:
+        for _ in range(options.rounds):
             for i, s in enumerate(nets):
                 runs[i].append(timer(s) if timer else measure(em, s, batch, context, decode_steps, repeats,
                                                               autocast_dtype))
@@ -168,7 +170,8 @@ def profile(em: ElasticModel, batch: int = 1, context: int = 256, decode_steps: 
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "dtype": "bf16" if autocast_dtype == torch.bfloat16 else "fp32",
-        "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats, "rounds": rounds,
+        "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats,
+        "rounds": options.rounds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "validation": {},
         "measurements": [],

@@ -16,6 +16,7 @@ import numpy as np
 from flextron.errors import FlextronError
 from flextron.latency import _trimmed_mean
 from flextron.latency import profile as fit_table
+from flextron.options import ProfileOptions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,15 +138,15 @@ def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context
     return timer
 
 
-def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, *, context: int, decode_steps: int, repeats: int,
-            n_fit: int, n_validate: int, threads: int | None, outtype: str, progress: bool, rounds: int) -> dict:
-    """The latency table (`flextron.latency.profile`, batch 1, `rounds` interleaved timing rounds) of
-    the sub-networks exported as GGUF files (`outtype`) and timed in llama.cpp with `threads` threads
-    (default: every core)."""
-    threads = threads or default_threads()
-    named = {"runtime": runtime_version(), "threads": threads, "outtype": outtype, "dtype": outtype,
+def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: ProfileOptions, *, progress: bool
+            ) -> dict:
+    """The latency table (`flextron.latency.profile`, batch 1, `options.rounds` interleaved timing
+    rounds) of the sub-networks exported as GGUF files (`options.outtype`) and timed in llama.cpp
+    with `options.threads` threads (default: every core)."""
+    threads = options.threads or default_threads()
+    named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}
     with tempfile.TemporaryDirectory() as tmp:
-        timer = gguf_timer(em, tokenizer, tmp, outtype, context, decode_steps, repeats, threads)
-        return fit_table(em, 1, context, decode_steps, repeats, n_fit, n_validate, progress=progress, timer=timer,
-                         runtime=named, rounds=rounds)
+        timer = gguf_timer(em, tokenizer, tmp, options.outtype, options.context, options.decode_steps,
+                           options.repeats, threads)
+        return fit_table(em, options, progress=progress, timer=timer, runtime=named)

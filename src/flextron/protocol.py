@@ -23,37 +23,13 @@ from flextron.cost import Cost
 from flextron.engine import Request, Result, TokenLogprob
 from flextron.errors import FlextronError
 from flextron.generation import prompt_inputs
+from flextron.options import ServeConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_LOGPROBS = 20
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
                dict: "an object"}
 _NUMBER = (int, float)
-
-
-@dataclass
-class ServeConfig:
-    """Limits of the server (tokens, bytes, requests, connections, seconds) and its batching."""
-
-    max_prompt_tokens: int = 4096
-    max_tokens: int = 1024  # the most new tokens one request may ask for
-    default_max_tokens: int = 128  # when a request gives no max_tokens
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64  # prompts generating or waiting; more get 503
-    max_batch: int = 16  # sequences decoding at once (over all budgets); 1 runs one request at a time
-    max_connections: int = 256  # open connections; more get 503
-    max_budgets: int = 256  # distinct budgets kept resolved (least recently used dropped)
-    timeout_s: float = 120.0  # an idle keep-alive connection is closed after this long
-
-    def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_body_bytes", "max_queue",
-                     "max_batch", "max_connections", "max_budgets"):
-            if getattr(self, name) < 1:
-                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
-        if self.default_max_tokens > self.max_tokens:
-            raise FlextronError("default-max-tokens cannot exceed max-tokens")
-        if not self.timeout_s > 0:
-            raise FlextronError("timeout must be positive")
 
 
 class RequestError(Exception):

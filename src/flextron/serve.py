@@ -34,11 +34,11 @@ from flextron.engine import Busy, Engine, EngineConfig, Result
 from flextron.engine import Request as EngineRequest
 from flextron.errors import FlextronError
 from flextron.generation import context_length
+from flextron.options import ServeConfig
 from flextron.protocol import (
     Job,
     Protocol,
     RequestError,
-    ServeConfig,
     completion_choice,
     count_prompts,
     parse_json,

@@ -22,6 +22,7 @@ from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, eval_at_budgets, plot_ppl_vs_size, rows_json
 from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import context_length
+from flextron.options import write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import select_subnet
 from flextron.tokens import corpus_tokens
@@ -160,8 +161,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
           resume: bool = False, callbacks: list | None = None, progress: bool = True) -> dict:
     """Distil the elastic checkpoint `ckpt` into itself over sampled sub-networks; outputs in `run`.
 
-    Returns the summary (also in run/eval.json). `callbacks` are called as cb(step, row) after
-    each optimizer step, on every rank.
+    Returns the summary (also in run/eval.json). The resolved options go to run/config.yaml (beside
+    run.json), which `flextron train --config` reads back. `callbacks` are called as cb(step, row)
+    after each optimizer step, on every rank.
     """
     d = init_distributed(device)
     manifest = read_manifest(ckpt)
@@ -212,6 +214,7 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
+        write_yaml(run / "config.yaml", {**info["config"], "data": data, "device": device})
     log = MetricsLog(run, step, cfg.logger, info["config"], cpu=d.device.type == "cpu") if d.main else None
 
     def save(at: int) -> Path:

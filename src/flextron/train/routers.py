@@ -16,6 +16,7 @@ the surrogate and fine-tunes LLM and router together through the soft masks.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, adaptive_at_budgets, perplexity, router_report, rows_json
 from flextron.fsutil import atomic_write, check_output_dir
+from flextron.options import write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import (
     Routers,
@@ -55,7 +57,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     the grid's two lowest and its two highest).
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
-    report them (adaptive.json) against the static router at the same realised cost."""
+    report them (adaptive.json) against the static router at the same realised cost. The resolved
+    options go beside the report (routing.yaml, adaptive.yaml) for `flextron route --config`."""
     ckpt = Path(ckpt)
     grid = sorted(cfg.budgets)
     if unseen is None:
@@ -95,7 +98,9 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     result = {"checkpoint": str(out), "metric": em.routers.metric,
               "budgets": report(em, windows, fractions, amp, progress), "log": log,
               **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
-    atomic_write(out / ("adaptive.json" if adaptive else "routing.json"), lambda p: p.write_text(rows_json(result)))
+    name = "adaptive" if adaptive else "routing"
+    atomic_write(out / f"{name}.json", lambda p: p.write_text(rows_json(result)))
+    write_yaml(out / f"{name}.yaml", {**asdict(cfg), "data": data, "device": device, "adaptive": adaptive})
     return result
 
 
