@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from _results import publish
 from flextron import api
-from flextron.config import Budget, CalibrationConfig
+from flextron.config import Budget
 from flextron.errors import FlextronError
 from flextron.fsutil import clean_leftovers
 
@@ -155,8 +155,8 @@ def main() -> None:
         make_model("llama", n_layers=4).save_pretrained(root / "hf")
         make_tokenizer().save_pretrained(root / "hf")
         (root / "data.txt").write_text(word_text(6000))
-        calib = CalibrationConfig(n_sequences=8, seq_len=32, source=str(root / "data.txt"))
-        api.convert(str(root / "hf"), root / "ck", calibration=calib, multiple=8, device="cpu", progress=False)
+        api.convert(str(root / "hf"), root / "ck", calib_sequences=8, calib_seq_len=32,
+                    calib_data=str(root / "data.txt"), multiple=8, device="cpu", progress=False)
         convert = ["convert", str(root / "hf"), "--out", str(root / "conv"), "--overwrite", "--multiple", "8",
                    "--calib-data", str(root / "data.txt"), "--calib-sequences", "8", "--calib-seq-len", "32"]
         export = ["export", str(root / "ck"), "--budget", "0.5", "--out", str(root / "exp"), "--overwrite"]
