@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +65,7 @@ def running(ckpt):
         ready.set()
 
     thread = threading.Thread(target=api.serve, args=(ckpt,), daemon=True,
-                              kwargs={"port": 0, "device": "cpu", "config": CONFIG, "on_ready": on_ready})
+                              kwargs={"device": "cpu", "on_ready": on_ready, "port": 0, **asdict(CONFIG)})
     thread.start()
     assert ready.wait(60), "server did not start"
     server = box["server"]
