@@ -149,11 +149,10 @@ def main() -> None:
                   balance_weight=a.balance_weight)
     result = api.route(base, cfg, adaptive=True, device=a.device)
     em, tok, _ = api.load(base, a.device)
-    routing = AdaptiveRouting.for_model(em).attach()
-    speed = mlp_speed(routing, a.tokens, a.repeats, a.device)
     mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
-    by_kind = widths_by_kind(routing, tok, heldout_windows(tok, 256, 4), mid)
-    routing.detach()
+    with AdaptiveRouting.for_model(em).attached() as routing:
+        speed = mlp_speed(routing, a.tokens, a.repeats, a.device)
+        by_kind = widths_by_kind(routing, tok, heldout_windows(tok, 256, 4), mid)
     IMG_DIR.mkdir(parents=True, exist_ok=True)
     plot_widths(by_kind, mid, IMG_DIR / "adaptive-widths.png")
     log = [r for r in result["log"] if r["stage"] != "calibration"]

@@ -32,15 +32,15 @@ from transformers import AutoModelForCausalLM
 
 from _results import publish
 from flextron import api
+from flextron.budgets import budget_grid, select_subnet, uniform_subnet_for
 from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
-from flextron.cost import budget_grid, subnet_cost, uniform_subnet_for
+from flextron.cost import subnet_cost
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import perplexity
 from flextron.latency import measure
 from flextron.precision import compute_dtype
-from flextron.routers import select_subnet
 from speed import decode_tps
 
 

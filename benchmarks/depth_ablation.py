@@ -46,10 +46,8 @@ def skipping_ppl(em: ElasticModel, order: dict[str, list[int]], k: int, windows:
     """Held-out perplexity at full width with the first k layers of `order` skipped, per kind."""
     em.set_space(dataclasses.replace(em.space, skip_order=order))
     last = max(len(c) for c in em.space.mlp + em.space.attn)
-    em.set_subnet(em.space.uniform(last, last, k, k))
-    ppl = perplexity(em, windows, batch_size=4, progress=False)
-    em.set_subnet(None)
-    return ppl
+    with em.subnet(em.space.uniform(last, last, k, k)):
+        return perplexity(em, windows, batch_size=4, progress=False)
 
 
 def main() -> None:

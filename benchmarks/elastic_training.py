@@ -22,11 +22,11 @@ import torch
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
 from flextron.assets import load_hf
+from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint
 from flextron.config import Budget, TrainConfig
 from flextron.evaluate import plot_ppl_vs_size
 from flextron.precision import autocast, compute_dtype
-from flextron.routers import select_subnet
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 ALONE = ["0.75", "0.5"]

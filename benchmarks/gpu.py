@@ -36,6 +36,7 @@ from flextron.assets import cache_dir
 from flextron.config import TrainConfig
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
+from flextron.latency import sync
 from flextron.train.elastic import distill_step, sample_subnets
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -74,11 +75,6 @@ def peak_flops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def cuda_tests() -> dict:
     run = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
                           str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT)
@@ -103,13 +99,13 @@ def train_throughput(shape: dict, device: str, compiled: bool, a: argparse.Names
     steps = [sample_subnets(em, cfg, s) for s in range(a.steps)]
 
     def run_steps() -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         for subnets in steps:
             distill_step(em, em, teacher, [ids], subnets, cfg, torch.device(device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     warmup = run_steps()
@@ -131,10 +127,10 @@ def decode_tps(model, batch: int, new_tokens: int, static: bool, device: str) ->
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static" if static else None)
     model.generate(prompt, **kwargs)  # warm-up (and compilation with a static cache)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     model.generate(prompt, **kwargs)
-    _sync(device)
+    sync(device)
     return batch * new_tokens / (time.perf_counter() - t)
 
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from _results import update_section, write_json
 from flextron import api, llamacpp
+from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
-from flextron.cost import budget_grid, cost_table
 from flextron.errors import FlextronError
-from flextron.routers import select_subnet
 
 TIMING = {"context": 256, "decode_steps": 32, "repeats": 5}
 
@@ -61,7 +60,7 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
             table = cost_table(em, metric)
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
             row[f"{key}_ratio"] = got[key] / row[f"{key}_target"]
-            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table(em.space, em.space.full()))
+            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table.full)
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "

@@ -34,8 +34,8 @@ import torch
 
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
+from flextron.budgets import budget_grid
 from flextron.config import RouterConfig
-from flextron.cost import budget_grid
 from flextron.evaluate import plot_ppl_vs_size
 
 

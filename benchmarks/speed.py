@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,22 +38,19 @@ from transformers.utils import logging as hf_logging
 
 from _results import update_section, write_json
 from flextron import api
+from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.errors import FlextronError
 from flextron.export import read_export_info
 from flextron.latency import random_subnets
-from flextron.routers import select_subnet
+from flextron.latency import sync as sync_device
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OUTTYPES = {"fp32": "f32", "bf16": "bf16"}
 PER_LAYER = "per-layer"
-
-
-def _sync(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 @torch.inference_mode()
@@ -117,7 +115,7 @@ def hardware_name(device: str) -> str:
 def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: str, a: argparse.Namespace
         ) -> list[dict]:
     """One row per dtype x budget with the export's and the elastic slice's speeds and speedups."""
-    sync = _sync(device)
+    sync = partial(sync_device, device)
     gen = torch.Generator().manual_seed(0)
     exports = {}
     for b in budgets:
@@ -151,9 +149,8 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
             model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
             exported = speeds(model)
             del model
-            em.set_subnet(subnet)
-            elastic = speeds(em.model)
-            em.set_subnet(None)
+            with em.subnet(subnet):
+                elastic = speeds(em.model)
             ideal = {"decode": full_cost.decode_bytes_per_token / cost.decode_bytes_per_token,
                      "prefill": full_cost.flops_per_token / cost.flops_per_token}
             uniform = b != PER_LAYER

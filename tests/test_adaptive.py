@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import make_elastic
-from flextron.adaptive import AdaptiveLM, AdaptiveRouters, AdaptiveRouting
-from flextron.cost import cost_table
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting
+from flextron.budgets import cost_table
+from flextron.routers import AdaptiveRouters
 
 GRID = (0.4, 0.7, 1.0)
 
@@ -76,7 +77,7 @@ def test_training_mode_sends_gradients_to_both_routers_and_costs_are_consistent(
     (logits.logsumexp(-1).mean() + ratio + routing.balance()).backward()
     r = routing.routers
     assert r.token_in[0].weight.grad.abs().sum() > 0 and r.request[0].weight.grad.abs().sum() > 0
-    smallest = cost_table(em, "params")(em.space, em.space.smallest()) / routing.full
+    smallest = cost_table(em, "params").smallest / routing.full
     assert smallest <= routing.realised_fraction() <= 1.0 and smallest <= ratio.item() <= 1.0
 
 
@@ -91,6 +92,23 @@ def test_adaptive_lm_scores_each_sequence_as_its_own_request():
     assert len(lm.costs) == 3 and all(0 < c <= 1 for c in lm.costs)
     routing.detach()
     assert "forward" not in vars(routing.em.blocks[0].mlp.module)
+
+
+def test_attached_routing_restores_the_static_sub_network_even_after_an_error():
+    routing = routed()
+    routing.detach()
+    em, sub = routing.em, routing.em.space.uniform(1, 2)
+    ids = torch.randint(0, 128, (1, 10))
+    em.set_subnet(sub)
+    with torch.no_grad():
+        before = em(input_ids=ids).logits
+    with pytest.raises(RuntimeError, match="boom"), routing.attached():
+        assert "forward" in vars(em.blocks[0].mlp.module) and em.current == em.space.full()
+        routing.start(0.4, ids)
+        raise RuntimeError("boom")
+    assert "forward" not in vars(em.blocks[0].mlp.module) and em.current == sub
+    with torch.no_grad():
+        assert torch.equal(em(input_ids=ids).logits, before)
 
 
 def test_trained_adaptive_routers_meet_their_budgets_on_average():

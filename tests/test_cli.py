@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from conftest import make_tokenizer
-from flextron import api
+from flextron import api, demo
 from flextron.cli import _options, build_parser, main
 from flextron.config import RouterConfig, TrainConfig
 from flextron.options import (
@@ -29,7 +29,7 @@ COMMANDS = {
     "convert": (ConvertOptions, api.convert, ["--out", "o"], ConvertOptions()),
     "eval": (EvalOptions, api.evaluate, [], EvalOptions()),
     "report": (ReportOptions, api.report, ["run"], ReportOptions()),
-    "demo": (DemoOptions, api.demo, [], DemoOptions()),
+    "demo": (DemoOptions, demo.run, [], DemoOptions()),
     "train": (TrainConfig, api.train, ["ck", "--out", "r", "--max-steps", "1"], TrainConfig(max_steps=1)),
     "profile": (ProfileOptions, api.profile, ["ck"], ProfileOptions()),
     "route": (RouterConfig, api.route, ["ck"], RouterConfig()),

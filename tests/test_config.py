@@ -150,3 +150,22 @@ def test_all_skipped_sub_network_is_refused():
     space = ElasticSpace(mlp=[[0, 64]] * 2, attn=[[0, 2]] * 2)
     with pytest.raises(FlextronError, match="keeps the MLP of 0 layers, below the elastic space's floor of 1"):
         space.validate(Subnet(mlp=[0, 0], attn=[2, 0]))
+
+
+def test_random_sub_networks_follow_one_documented_stream():
+    import torch
+
+    space = ElasticSpace.default(4, 96, 4, multiple=8).with_depth(min_layers=2)
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+
+    def draw(k: int) -> int:
+        return torch.randint(k, (1,), generator=ref).item()
+
+    for _ in range(20):  # heterogeneous: each layer's MLP, then each layer's attention; the floor holds
+        sub = space.sample(gen)
+        space.validate(sub)
+        assert sub == space.floor(Subnet(mlp=[c[draw(len(c))] for c in space.mlp],
+                                         attn=[c[draw(len(c))] for c in space.attn]))
+    for _ in range(20):  # uniform: a width index per kind, then skip counts per kind
+        i, j = draw(len(space.widths("mlp", 0))), draw(len(space.widths("attn", 0)))
+        assert space.sample(gen, uniform=True) == space.uniform(i, j, draw(3), draw(3))

@@ -2,9 +2,8 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import VOCAB, make_elastic
-from flextron.config import Budget, Subnet
-from flextron.cost import subnet_cost, uniform_subnet_for
-from flextron.errors import FlextronError
+from flextron.config import Subnet
+from flextron.cost import analytic_table, subnet_cost
 
 H, HEAD_DIM, REP = 64, 8, 2  # tiny Llama-like: 8 query heads in 4 KV groups
 
@@ -54,38 +53,6 @@ def test_gpt2_params_equal_hand_count():
     assert cost.params_nonembed == 2 * layer + 2 * H
 
 
-def test_uniform_budget_picks_largest_within():
-    em = make_elastic("llama")
-    full = subnet_cost(em).params_nonembed
-    for fraction in (1.0, 0.75, 0.5):
-        sub, value = uniform_subnet_for(em, Budget.parse(fraction))
-        assert value == subnet_cost(em, sub).params_nonembed <= fraction * full
-        # No uniform sub-network within the budget is bigger.
-        for i in range(4):
-            for j in range(4):
-                c = subnet_cost(em, em.space.uniform(i, j)).params_nonembed
-                assert c <= value or c > fraction * full
-    assert uniform_subnet_for(em, Budget.parse("1.0"))[0] == em.space.full()
-
-
-def test_budget_below_smallest_is_refused():
-    with pytest.raises(FlextronError, match="below the smallest sub-network"):
-        uniform_subnet_for(make_elastic("llama"), Budget.parse("0.01"))
-
-
-def test_budget_grid_spans_the_feasible_range():
-    from flextron.cost import budget_grid, smallest_fraction
-
-    em = make_elastic("llama")
-    low = smallest_fraction(em, "params")
-    grid = budget_grid(em, "params", points=5)
-    assert grid[-1] == 1.0 and len(grid) == 5
-    assert low <= grid[0] < low + 0.05 + 1e-9
-    assert list(grid) == sorted(grid)
-    for b in grid:  # every grid budget resolves
-        uniform_subnet_for(em, Budget(fraction=b))
-
-
 def test_skipped_sub_layers_cost_nothing_by_hand_count():
     em = make_elastic("qwen2", n_layers=3, min_layers=1)  # q/k/v biases
     sub = Subnet(mlp=[24, 0, 0], attn=[0, 3, 0])  # layer 2 skipped whole
@@ -101,18 +68,9 @@ def test_skipped_sub_layers_cost_nothing_by_hand_count():
                                                + VOCAB * H)
 
 
-def test_uniform_budget_skips_layers_in_importance_order():
-    import dataclasses
-
-    em = make_elastic("llama", n_layers=4, min_layers=1)
-    em.set_space(dataclasses.replace(em.space, skip_order={"mlp": [1, 2, 3, 0], "attn": [2, 1, 3, 0]}))
-    full = subnet_cost(em).params_nonembed
-    smallest = subnet_cost(em, em.space.smallest()).params_nonembed
-    assert em.space.smallest() == Subnet(mlp=[24, 0, 0, 0], attn=[1, 0, 0, 0])
-    for fraction in (0.9, 0.6, 0.3, smallest / full):
-        sub, value = uniform_subnet_for(em, Budget(metric="params", fraction=fraction))
-        assert value <= fraction * full * (1 + 1e-9)
-        for kind, order in em.space.skip_order.items():
-            skipped = [i for i in order if getattr(sub, kind)[i] == 0]
-            assert skipped == order[: len(skipped)]  # always a prefix of the skip order
-    assert uniform_subnet_for(em, Budget(metric="params", fraction=smallest / full))[0] == em.space.smallest()
+def test_a_table_knows_the_full_and_smallest_costs_of_its_space():
+    em = make_elastic("llama", n_layers=4, min_layers=2)
+    table = analytic_table(em, "params")
+    assert table.space == em.space
+    assert table.full == subnet_cost(em).params_nonembed == table(em.space, em.space.full())
+    assert table.smallest == subnet_cost(em, em.space.smallest()).params_nonembed < table.full

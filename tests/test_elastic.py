@@ -3,18 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VOCAB, make_elastic, make_model
-from flextron.config import ElasticSpace, Subnet
+from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 
 
 def tiny_elastic(kind: str) -> tuple[torch.nn.Module, ElasticModel]:
     return make_model(kind), make_elastic(kind)
-
-
-def random_subnet(space: ElasticSpace, gen: torch.Generator) -> Subnet:
-    pick = lambda cs: [c[torch.randint(len(c), (1,), generator=gen).item()] for c in cs]  # noqa: E731
-    return Subnet(mlp=pick(space.mlp), attn=pick(space.attn))
 
 
 def one_hot(choices: list[list[int]], chosen: list[int]) -> list[torch.Tensor]:
@@ -43,7 +38,7 @@ def test_hard_slice_equals_soft_one_hot(kind):
     x = torch.randint(0, VOCAB, (2, 12))
     gen = torch.Generator().manual_seed(2)
     for _ in range(4):
-        sub = random_subnet(em.space, gen)
+        sub = em.space.sample(gen)
         em.set_subnet(sub)
         hard = em(input_ids=x).logits
         em.set_soft(one_hot(em.space.mlp, sub.mlp), one_hot(em.space.attn, sub.attn))
@@ -163,7 +158,7 @@ def test_soft_one_hot_skip_equals_hard_skip(kind):
     x = torch.randint(0, VOCAB, (2, 9))
     gen = torch.Generator().manual_seed(3)
     for _ in range(4):
-        sub = em.space.floor(random_subnet(em.space, gen))
+        sub = em.space.sample(gen)
         sub.mlp[0] = sub.attn[3] = 0
         em.set_subnet(sub)
         hard = em(input_ids=x).logits
@@ -193,3 +188,41 @@ def test_a_sub_network_below_the_floor_is_refused():
     sub.attn[:3] = [0, 0, 0]
     with pytest.raises(FlextronError, match="keeps the attention of 1 layers, below the elastic space's floor of 2"):
         em.set_subnet(sub)
+
+
+def test_a_scoped_sub_network_restores_the_previous_one_in_order(kind):
+    ref, em = tiny_elastic(kind)
+    x = torch.randint(0, VOCAB, (2, 9))
+    outer, inner = em.space.uniform(1, 1), em.space.smallest()
+    em.set_subnet(outer)
+    at_outer = em(input_ids=x).logits
+    em.set_subnet(None)
+    with em.subnet(outer) as active:
+        assert active == em.current == outer
+        with em.subnet(inner):
+            assert em.current == inner
+        assert em.current == outer
+        assert torch.equal(em(input_ids=x).logits, at_outer)
+    assert em.current == em.space.full()
+    assert torch.equal(em(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_a_scoped_sub_network_is_undone_by_an_exception():
+    ref, em = tiny_elastic("llama")
+    x = torch.randint(0, VOCAB, (1, 7))
+    with pytest.raises(RuntimeError, match="boom"), em.subnet(em.space.smallest()):
+        raise RuntimeError("boom")
+    assert em.current == em.space.full()
+    assert torch.equal(em(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_a_scoped_sub_network_restores_a_soft_mix():
+    _, em = tiny_elastic("llama")
+    x = torch.randint(0, VOCAB, (1, 7))
+    em.set_soft([torch.full((len(c),), 1 / len(c)) for c in em.space.mlp],
+                [torch.full((len(c),), 1 / len(c)) for c in em.space.attn])
+    mixed = em(input_ids=x).logits
+    with em.subnet(em.space.smallest()):
+        assert em.current == em.space.smallest()
+    assert em.current is None
+    assert torch.equal(em(input_ids=x).logits, mixed)

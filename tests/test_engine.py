@@ -19,9 +19,9 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19], [20], [3
 
 def alone(em, req: Request) -> list[int]:
     """Greedy tokens of one request by HF generate, batch of one, at its sub-network."""
-    em.set_subnet(req.subnet)
-    out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=req.max_new_tokens, do_sample=False,
-                            eos_token_id=stop_token_ids(em.model, make_tokenizer()), pad_token_id=0)
+    with em.subnet(req.subnet):
+        out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=req.max_new_tokens, do_sample=False,
+                                eos_token_id=stop_token_ids(em.model, make_tokenizer()), pad_token_id=0)
     return out[0, len(req.input_ids):].tolist()
 
 
@@ -106,8 +106,7 @@ def test_logprobs_match_one_forward(engine):
     req = Request(PROMPTS[2], sub, 5, top_logprobs=3, prompt_logprobs=True)
     res = engine.generate([req])[0]
     ids = req.input_ids + res.token_ids
-    engine.em.set_subnet(sub)
-    with torch.no_grad():
+    with engine.em.subnet(sub), torch.no_grad():
         logp = F.log_softmax(engine.em.model(torch.tensor([ids])).logits[0].float(), -1)
     scored = res.prompt_logprobs + res.logprobs
     assert [t for t, _, _ in scored] == ids and scored[0][1] is None
@@ -138,9 +137,8 @@ def test_queue_and_budget_cache_are_bounded():
 
 def with_adaptive_routers(em):
     """Untrained static and adaptive routers (params metric), the token routers' choices spread over all widths."""
-    from flextron.adaptive import AdaptiveRouters
     from flextron.config import RouterConfig
-    from flextron.routers import Routers, StaticRouter
+    from flextron.routers import AdaptiveRouters, Routers, StaticRouter
 
     grid = (0.4, 0.7, 1.0)
     em.routers = Routers(StaticRouter(em.space, grid), "params", RouterConfig(budgets=grid))
@@ -162,13 +160,12 @@ def test_adaptive_requests_run_alone_next_to_batched_ones():
         routed = [Request(p, em.space.full(), NEW, adaptive=fraction) for p in PROMPTS[:3]]
         static = [Request(p, em.space.uniform(1, 1), NEW) for p in PROMPTS[:3]]
         results = eng.generate([x for pair in zip(routed, static) for x in pair])
-        routing = AdaptiveRouting.for_model(em).attach()
-        for req, res in zip(routed, results[::2]):
-            routing.start(fraction, torch.tensor([req.input_ids]))
-            out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=NEW, do_sample=False,
-                                    eos_token_id=stop_token_ids(em.model, tok), pad_token_id=0)
-            assert res.token_ids == out[0, len(req.input_ids):].tolist()
-        routing.detach()
+        with AdaptiveRouting.for_model(em).attached() as routing:
+            for req, res in zip(routed, results[::2]):
+                routing.start(fraction, torch.tensor([req.input_ids]))
+                out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=NEW, do_sample=False,
+                                        eos_token_id=stop_token_ids(em.model, tok), pad_token_id=0)
+                assert res.token_ids == out[0, len(req.input_ids):].tolist()
         assert [r.token_ids for r in results[1::2]] == [alone(em, r) for r in static]
         assert results[0].token_ids != alone(em, Request(PROMPTS[0], em.space.full(), NEW))
     finally:

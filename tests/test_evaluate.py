@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from conftest import make_elastic, make_model
-from flextron.adaptive import AdaptiveRouters
 from flextron.config import Budget, RouterConfig, Subnet
 from flextron.evaluate import EvalRow, adaptive_at_budgets, eval_at_budgets, perplexity, router_report, rows_json
-from flextron.routers import Routers, StaticRouter
+from flextron.routers import AdaptiveRouters, Routers, StaticRouter
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -68,10 +68,8 @@ def exports(tmp_path_factory):
         for case in CASES:
             sub = subnet_for(em, kind, case)
             d = export(em, make_tokenizer(), sub, root / f"{kind}-{case}")
-            em.set_subnet(sub)
-            with torch.no_grad():
+            with em.subnet(sub), torch.no_grad():
                 logits = em(ids).logits
-            em.set_subnet(None)
             torch.save(logits, d / "expected.pt")
             out[kind, case] = (d, sub, subnet_cost(em, sub).params, logits)
     return root, ids, out
@@ -253,13 +251,12 @@ def test_depth_pruned_exports_match_the_elastic_model(kind, tmp_path):
         assert (type(model).__name__ in PER_LAYER_CLASSES) == (case == "partial")
         assert model.config.num_hidden_layers == {"whole": 2, "partial": 3}[case]
         assert sum(p.numel() for p in model.parameters()) == subnet_cost(em, sub).params
-        em.set_subnet(sub)
-        with torch.no_grad():
-            assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4
-        # Cached greedy decoding through attention-free layers equals the elastic model's.
-        expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=8)
+        with em.subnet(sub):
+            with torch.no_grad():
+                assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4
+            # Cached greedy decoding through attention-free layers equals the elastic model's.
+            expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=8)
         assert generate_text(model, tok, "w5 w6 w7", max_new_tokens=8) == expected and expected
-        em.set_subnet(None)
 
 
 def test_partial_depth_export_loads_without_flextron(tmp_path):

@@ -45,12 +45,8 @@ def subnet_for(em: ElasticModel, case: str) -> Subnet:
 
 
 def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarray:
-    em.set_subnet(subnet)
-    try:
-        with torch.no_grad():
-            return em(input_ids=torch.tensor([ids])).logits[0].numpy()
-    finally:
-        em.set_subnet(None)
+    with em.subnet(subnet), torch.no_grad():
+        return em(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
 def gguf_logits(path, ids: list[int]) -> np.ndarray:
@@ -91,15 +87,11 @@ def test_wrong_rotary_row_order_fails_the_tolerance(wrong, tmp_path, monkeypatch
 
 def hf_greedy(em: ElasticModel, subnet: Subnet, ids: list[int], n: int) -> list[int]:
     """Greedy continuation by the elastic model at `subnet`, with its KV cache."""
-    em.set_subnet(subnet)
-    try:
-        with torch.no_grad():
-            out, new = em(input_ids=torch.tensor([ids]), use_cache=True), []
-            for _ in range(n):
-                new.append(int(out.logits[0, -1].argmax()))
-                out = em(input_ids=torch.tensor([new[-1:]]), cache=out.cache, use_cache=True)
-    finally:
-        em.set_subnet(None)
+    with em.subnet(subnet), torch.no_grad():
+        out, new = em(input_ids=torch.tensor([ids]), use_cache=True), []
+        for _ in range(n):
+            new.append(int(out.logits[0, -1].argmax()))
+            out = em(input_ids=torch.tensor([new[-1:]]), cache=out.cache, use_cache=True)
     return new
 
 

@@ -6,10 +6,10 @@ import pytest
 
 from conftest import make_bpe_tokenizer, make_elastic
 from flextron import api, llamacpp
+from flextron.budgets import budget_target
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
 from flextron.config import Budget
-from flextron.cost import budget_target
 from flextron.errors import FlextronError
 from flextron.gguf import write_gguf
 from flextron.latency import load_table

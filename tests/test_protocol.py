@@ -8,11 +8,11 @@ import pytest
 
 from conftest import make_elastic, make_tokenizer
 from flextron import protocol as op
+from flextron.budgets import select_subnet
 from flextron.config import Budget
 from flextron.cost import subnet_cost
 from flextron.engine import Engine, Result
 from flextron.protocol import Protocol, RequestError, ServeConfig
-from flextron.routers import select_subnet
 from test_engine import with_adaptive_routers
 
 

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from flextron import api
+from flextron import demo as pipeline
 from flextron.assets import load_hf
+from flextron.budgets import select_subnet
 from flextron.config import Budget
 from flextron.data import heldout_windows
 from flextron.evaluate import perplexity
-from flextron.routers import select_subnet
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return api.demo(preset="tiny", out=str(tmp_path_factory.mktemp("demo")), device="cpu", progress=False)
+    return pipeline.run(preset="tiny", out=str(tmp_path_factory.mktemp("demo")), device="cpu", progress=False)
 
 
 def test_demo_records_its_options(demo):

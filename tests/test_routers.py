@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import make_elastic, make_model, make_tokenizer, word_text
+from flextron.budgets import cost_table, select_subnet, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
-from flextron.cost import cost_table, uniform_subnet_for
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
-from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project, select_subnet
+from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project
 from flextron.train.routers import guided_fraction, train_routers
 
 
@@ -37,7 +37,7 @@ def test_gumbel_is_one_hot_forward_with_soft_gradient_and_skips_masked():
 def test_projection_meets_the_budget():
     em = make_elastic()
     table = cost_table(em, "params")
-    full = table(em.space, em.space.full())
+    full = table.full
     gen = torch.Generator().manual_seed(3)
     for fraction in (0.3, 0.5, 0.7, 0.9):
         lm = torch.randn(2, 4, generator=gen).log_softmax(-1)
@@ -95,7 +95,7 @@ def test_temperature_anneals_and_stages_follow(trained):
 def test_router_meets_its_budgets(trained):
     em, routers, _, _ = trained
     table = cost_table(em, "params")
-    full = table(em.space, em.space.full())
+    full = table.full
     raw_costs = []
     for fraction in (0.4, 0.6, 0.8, 1.0):
         mlp, attn = routers.static(fraction)
@@ -163,8 +163,8 @@ def test_route_end_to_end_through_the_cli(tmp_path, capsys):
 def test_projection_never_skips_below_the_floor():
     em = make_elastic(n_layers=4, min_layers=2)
     table = cost_table(em, "params")
-    full = table(em.space, em.space.full())
-    smallest = table(em.space, em.space.smallest())
+    full = table.full
+    smallest = table.smallest
     skip_first = torch.tensor([[0.0, -9, -9, -9, -9]] * 4)  # the router wants every sub-layer skipped
     for fraction in (smallest / full, 0.5, 0.9):
         sub = project(em.space, table, skip_first, skip_first, fraction * full)
@@ -174,7 +174,7 @@ def test_projection_never_skips_below_the_floor():
 
 
 def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(trained):
-    from flextron.routers import router_fraction
+    from flextron.budgets import router_fraction
 
     em, routers, _, _ = trained
     # A latency table where attention dominates: 50% of the latency is not 50% of the params.
@@ -184,9 +184,9 @@ def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(tr
         "overhead": 1.0, "mlp": mlp, "attn": attn}}
     try:
         params = cost_table(em, "params")
-        assert router_fraction(em, params, 0.6 * params(em.space, em.space.full())) == pytest.approx(0.6)
+        assert router_fraction(em, params, 0.6 * params.full) == pytest.approx(0.6)
         latency = cost_table(em, "latency_ms")
-        full = latency(em.space, em.space.full())
+        full = latency.full
         for f in (0.5, 0.7):
             target = f * full
             r = router_fraction(em, latency, target)
@@ -206,7 +206,7 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
     em, _, _, tok = trained
     held = PackedSequences(tokenize(tok, word_text(2000, seed=7)), 16, seed=1).rows(0, 8)
     table = cost_table(em, "params")
-    full = table(em.space, em.space.full())
+    full = table.full
     try:
         checks = check_against_uniform(em, held, [0.4, 0.5, 0.6, 0.8, 1.0], progress=False)
         assert [c["budget"] for c in checks] == [0.4, 0.5, 0.6, 0.8, 1.0]
@@ -216,8 +216,8 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
             assert c["calib_ppl"][c["kept"]] == min(c["calib_ppl"].values())
             chosen = select_subnet(em, Budget(fraction=c["budget"]))  # what every command now uses
             assert chosen.to_dict() == c["subnet"] and table(em.space, chosen) <= c["budget"] * full * (1 + 1e-9)
-            em.set_subnet(chosen)
-            kept.append(perplexity(em, held, progress=False))
+            with em.subnet(chosen):
+                kept.append(perplexity(em, held, progress=False))
             assert kept[-1] == pytest.approx(c["calib_ppl"][c["kept"]], rel=1e-5)
             assert kept[-1] <= c["calib_ppl"]["uniform"] * (1 + 1e-6)  # never worse than the baseline
         assert kept == sorted(kept, reverse=True)  # a larger budget is never worse
@@ -228,4 +228,3 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
         assert select_subnet(loaded, Budget(fraction=0.7)) == select_subnet(em, Budget(fraction=0.7))
     finally:
         em.routers.checked = None
-        em.set_subnet(None)

@@ -113,14 +113,13 @@ def test_teacher_gets_no_gradients_and_loss_is_kd():
     ids = torch.randint(0, 128, (2, 8))
     with torch.no_grad():
         t = teacher(input_ids=ids).logits
-    em.set_subnet(em.space.smallest())
-    loss, parts = distill_loss(em(input_ids=ids).logits, t, ids, TrainConfig(max_steps=1, lm_weight=0.5))
-    loss.backward()
+    with em.subnet(em.space.smallest()):
+        loss, parts = distill_loss(em(input_ids=ids).logits, t, ids, TrainConfig(max_steps=1, lm_weight=0.5))
+        loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
     assert loss.item() == pytest.approx(parts["kd"] + 0.5 * parts["lm"], rel=1e-5)
     # Identical student and teacher: zero KL.
-    em.set_subnet(None)
     same, _ = distill_loss(t, t, ids, TrainConfig(max_steps=1))
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 

@@ -17,57 +17,19 @@ cost meets the budget (sampling at the final temperature and the argmax differ i
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flextron.budgets import budget_target, cost_table
 from flextron.config import Budget
-from flextron.cost import CostTable, budget_target, cost_table
+from flextron.cost import CostTable
 from flextron.elastic import ElasticModel, ElasticPart, nested_mask, skip_keep
 from flextron.errors import FlextronError
-from flextron.routers import choice_mask, encode_budget, gumbel
-
-
-class AdaptiveRouters(nn.Module):
-    """Per-layer token routers over MLP widths and one request router over attention widths."""
-
-    def __init__(self, mlp_choices: list[list[int]], attn_choices: list[list[int]], hidden_size: int,
-                 grid: tuple[float, ...], hidden: int = 64) -> None:
-        super().__init__()
-        self.register_buffer("grid", torch.tensor(sorted(grid), dtype=torch.float64))
-        self.register_buffer("mlp_mask", choice_mask(mlp_choices))
-        self.register_buffer("attn_mask", choice_mask(attn_choices))
-        g, (n_layers, k_mlp), k_attn = len(grid), self.mlp_mask.shape, self.attn_mask.shape[1]
-        self.token_in = nn.ModuleList(nn.Linear(hidden_size, hidden) for _ in range(n_layers))
-        self.token_budget = nn.Linear(g, n_layers * hidden)
-        self.token_out = nn.ModuleList(nn.Linear(hidden, k_mlp) for _ in range(n_layers))
-        self.request = nn.Sequential(nn.Linear(hidden_size + g, 4 * hidden), nn.GELU(),
-                                     nn.Linear(4 * hidden, n_layers * k_attn))
-        self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
-        self.hidden = hidden
-
-    @torch.no_grad()
-    def zero_residual_(self) -> None:
-        """Output layers at zero: routing starts as the static router's prior, then learns per input."""
-        for lin in (*self.token_out, self.request[-1]):
-            lin.weight.zero_()
-            lin.bias.zero_()
-
-    def budget(self, fraction: float) -> Tensor:
-        return encode_budget(self.grid, fraction).to(self.token_budget.weight.device)
-
-    def token_logits(self, layer: int, x: Tensor, budget: Tensor) -> Tensor:
-        """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
-        b = self.token_budget(budget).view(-1, self.hidden)[layer]
-        logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
-        return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
-
-    def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
-        """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
-        x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
-        logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
-        return logits.masked_fill(~self.attn_mask, float("-inf"))
+from flextron.routers import AdaptiveRouters, gumbel
 
 
 def grouped_forward(part: ElasticPart, module: nn.Module, widths: list[int], x: Tensor, choice: Tensor,
@@ -94,7 +56,8 @@ def grouped_forward(part: ElasticPart, module: nn.Module, widths: list[int], x: 
 
 
 class AdaptiveRouting:
-    """Runs an elastic model input-adaptively at a budget: `attach`, then `start` per batch of requests.
+    """Runs an elastic model input-adaptively at a budget: `attached` (or `attach`), then `start` per
+    batch of requests.
 
     With `tau` set (training), widths are sampled with straight-through Gumbel-softmax and the
     attention of each sequence is a one-hot soft mask; without (inference) the argmax is taken, and
@@ -108,7 +71,7 @@ class AdaptiveRouting:
         device = routers.shift.device
         self.mlp_penalty = (tm / tm.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
         self.attn_penalty = (ta / ta.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
-        self.full = table(em.space, em.space.full())
+        self.full = table.full
         self.tau: float | None = None
         self.generator: torch.Generator | None = None
         self._budget: Tensor | None = None
@@ -128,6 +91,17 @@ class AdaptiveRouting:
         if table.metric != self.table.metric:
             raise FlextronError(f"the adaptive routers take budgets in {self.table.metric}, not {table.metric}")
         return target / self.full
+
+    @contextmanager
+    def attached(self) -> Iterator[AdaptiveRouting]:
+        """Attached inside the `with` block; on leaving it, by an exception too, detached with the
+        model's previous sub-network (or soft mix) back."""
+        with self.em.subnet(None):
+            self.attach()
+            try:
+                yield self
+            finally:
+                self.detach()
 
     def attach(self) -> AdaptiveRouting:
         """Route every block's MLP per token (the module's own forward runs on each width group)."""

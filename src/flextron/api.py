@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
+from flextron.budgets import select_subnet
 from flextron.checkpoint import MANIFEST, load_checkpoint
 from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
 from flextron.convert import convert as convert_checkpoint
@@ -26,7 +27,6 @@ from flextron.fsutil import check_output_dir, clean_leftovers
 from flextron.generation import complete, generate_text, prompt_inputs
 from flextron.options import (
     ConvertOptions,
-    DemoOptions,
     EvalOptions,
     ExportOptions,
     GenerateOptions,
@@ -36,7 +36,6 @@ from flextron.options import (
     resolve,
 )
 from flextron.precision import compute_dtype
-from flextron.routers import select_subnet
 from flextron.serve import Server, Service
 from flextron.tasks import load_docs, score_task, task_names
 
@@ -132,14 +131,6 @@ def report(run: str | Path, options: ReportOptions | None = None, **overrides: A
 
     o = resolve(ReportOptions, options, overrides)
     return make_report(run, o.title, None if o.into is None else Path(o.into), o.section)
-
-
-def demo(options: DemoOptions | None = None, *, device: str | None = None, progress: bool = True,
-         **overrides: Any) -> dict:
-    """The whole pipeline on the packaged model; see `flextron.demo`."""
-    from flextron import demo as pipeline  # it calls back into this module
-
-    return pipeline.run(resolve(DemoOptions, options, overrides), device=device, progress=progress)
 
 
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, options: ExportOptions | None = None, *,

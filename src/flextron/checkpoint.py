@@ -15,7 +15,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from flextron import __version__
 from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -23,6 +22,7 @@ from flextron.families import FAMILIES
 from flextron.fsutil import atomic_dir, clean_leftovers, file_sha256
 from flextron.latency import LATENCY_FILE, load_table
 from flextron.routers import Routers
+from flextron.version import __version__
 
 MANIFEST = "flextron.json"
 FORMAT_VERSION = 1
@@ -51,8 +51,7 @@ def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: P
         "family": em.family.name,
         "elastic_space": em.space.to_dict(),
     }
-    em.set_subnet(None)
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+    with em.subnet(None), atomic_dir(Path(out), overwrite=overwrite) as tmp:
         em.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if em.latency is not None:

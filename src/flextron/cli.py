@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from flextron import __version__, api
+from flextron import __version__, api, demo
 from flextron.config import RouterConfig, TrainConfig, check_number, field_type
 from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, rows_json
@@ -34,7 +34,7 @@ from flextron.options import (
     ServeOptions,
     read_yaml,
 )
-from flextron.report import task_cell
+from flextron.report import task_cell, widths_cell
 
 console = Console()
 T = TypeVar("T")
@@ -97,10 +97,6 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _widths(values: list[int]) -> str:
-    return str(values[0]) if len(set(values)) == 1 else f"{min(values)}..{max(values)}"
-
-
 def print_space(rows: list[dict]) -> None:
     table = Table(title="Elastic search space")
     for col in ("sub-network", "MLP width", "attn units", "params", "non-emb params",
@@ -108,7 +104,7 @@ def print_space(rows: list[dict]) -> None:
         table.add_column(col, justify="right")
     for r in rows:
         c = r["cost"]
-        table.add_row(r["name"], _widths(r["subnet"]["mlp"]), _widths(r["subnet"]["attn"]),
+        table.add_row(r["name"], widths_cell(r["subnet"]["mlp"]), widths_cell(r["subnet"]["attn"]),
                       _human(c["params"]), _human(c["params_nonembed"]),
                       _human(c["flops_per_token"]), _human(c["kv_bytes_per_token"]))
     console.print(table)
@@ -123,7 +119,7 @@ def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str =
         table.add_row("original", "-", "-", "-", _human(original.cost["params_nonembed"]), f"{original.ppl:.2f}")
     for name, group in {label: rows, **(more or {})}.items():
         for r in group:
-            table.add_row(name, str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn),
+            table.add_row(name, str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn),
                           f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
                           f"{r.ppl:.2f}" if r.ppl is not None else "-")
     console.print(table)
@@ -169,7 +165,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    result = api.demo(_options(a, DemoOptions), device=a.device)
+    result = demo.run(_options(a, DemoOptions), device=a.device)
     print_space(result["space"])
     print_ppl(result["prune_only"], result["original"], label="prune only",
               more={"flextron": result["flextron"], "export": [result["export_eval"]]})
@@ -220,7 +216,7 @@ def cmd_route(a: argparse.Namespace) -> None:
     for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl", "kept"):
         t.add_column(col, justify="right")
     for r in result["budgets"]:
-        t.add_row(str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn), f"{r.cost_ratio:.3f}",
+        t.add_row(str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn), f"{r.cost_ratio:.3f}",
                   f"{r.ppl:.2f}", f"{r.uniform_ppl:.2f}", r.kept or "router")
     console.print(t)
     if "surrogate_guided" in result:
@@ -254,7 +250,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     for col in ("MLP width", "attn units", "params", "non-emb params", "FLOPs/token", "KV bytes/token"):
         table.add_column(col, justify="right")
     c, sub = info["cost"], info["subnet"]
-    table.add_row(_widths(sub["mlp"]), _widths(sub["attn"]), _human(c["params"]), _human(c["params_nonembed"]),
+    table.add_row(widths_cell(sub["mlp"]), widths_cell(sub["attn"]), _human(c["params"]), _human(c["params_nonembed"]),
                   _human(c["flops_per_token"]), _human(c["kv_bytes_per_token"]))
     console.print(table)
 
@@ -279,7 +275,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         for col in ("budget", "MLP width", "attn units", "before", "after"):
             table.add_column(col, justify="right")
         for b, r in zip(summary["before"], summary["after"]):
-            table.add_row(str(r.budget), _widths(r.subnet.mlp), _widths(r.subnet.attn), f"{b.ppl:.2f}",
+            table.add_row(str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn), f"{b.ppl:.2f}",
                           f"{r.ppl:.2f}")
         console.print(table)
         console.print(f"Plot: {a.out}/eval.png")

@@ -14,6 +14,8 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
+
 from flextron.errors import FlextronError
 
 KINDS = ("mlp", "attn")
@@ -204,6 +206,19 @@ class ElasticSpace:
                 chosen[i] = 0
             out[kind] = chosen
         return Subnet(**out)
+
+    def sample(self, gen: torch.Generator, uniform: bool = False) -> Subnet:
+        """A random sub-network: each layer's choice drawn independently (skips restored up to the
+        floor), or with `uniform` one width index per kind for all layers plus, in a depth space,
+        skip counts. Draws from `gen` in that order, so a seed gives the same sub-networks."""
+        def draw(k: int) -> int:
+            return torch.randint(k, (1,), generator=gen).item()
+
+        if uniform:
+            i, j = (draw(max(len(self.widths(k, layer)) for layer in range(self.n_layers))) for k in KINDS)
+            skips = (draw(self.n_layers - self.min_layers + 1) for _ in range(2)) if self.depth else (0, 0)
+            return self.uniform(i, j, *skips)
+        return self.floor(Subnet(mlp=[c[draw(len(c))] for c in self.mlp], attn=[c[draw(len(c))] for c in self.attn]))
 
     def floor(self, subnet: Subnet) -> Subnet:
         """`subnet` with skipped sub-layers restored (most important first, at their smallest width)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from flextron import api
+from flextron.budgets import budget_grid, select_subnet
 from flextron.config import Budget, RouterConfig, TrainConfig
-from flextron.cost import budget_grid
 from flextron.errors import FlextronError
 from flextron.evaluate import rows_json
 from flextron.fsutil import atomic_write
-from flextron.options import ConvertOptions, DemoOptions, write_yaml
+from flextron.options import ConvertOptions, DemoOptions, resolve, write_yaml
 from flextron.report import report
 
 _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
@@ -58,9 +59,12 @@ PRESETS = {
 }
 
 
-def run(options: DemoOptions, device: str | None = None, progress: bool = True) -> dict:
-    """Run the pipeline into `options.out` (its options in config.yaml there); returns (and writes to
-    out/results.json) every number it shows, evaluations as `EvalRow`s."""
+def run(options: DemoOptions | None = None, *, device: str | None = None, progress: bool = True,
+        **overrides: Any) -> dict:
+    """`flextron demo`: run the pipeline into `options.out` (its options in config.yaml there); returns
+    (and writes to out/results.json) every number it shows, evaluations as `EvalRow`s. A client of
+    `flextron.api`, like the CLI, so `api` itself has no `demo`."""
+    options = resolve(DemoOptions, options, overrides)
     preset = options.preset
     if preset not in PRESETS:
         raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -102,7 +106,6 @@ def run(options: DemoOptions, device: str | None = None, progress: bool = True) 
 def export_speed(ckpt: Path, gguf: Path, budget: str, profile: dict, device: str | None) -> dict:
     """Decode and prefill ms of the exported sub-network: the elastic model in HF eager, the GGUF in llama.cpp."""
     from flextron import latency, llamacpp
-    from flextron.routers import select_subnet
 
     timing = {k: profile[k] for k in ("context", "decode_steps", "repeats") if k in profile}
     em, _, _ = api.load(ckpt, device)

@@ -17,7 +17,8 @@ scales the whole contribution, the "in" projection's bias included.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -270,13 +271,15 @@ class ElasticModel(nn.Module):
         return head(hidden, self.model.get_output_embeddings())
 
     def set_subnet(self, subnet: Subnet | None = None) -> None:
-        """Run the given sub-network (the full model when None) by hard slicing."""
+        """Run the given sub-network (the full model when None) by hard slicing, until told otherwise;
+        `subnet` sets one for a `with` block only."""
         subnet = subnet or self.space.full()
         self.space.validate(subnet)
         for block, w, a in zip(self.blocks, subnet.mlp, subnet.attn):
             block.mlp.set_hard(w)
             block.set_attn_hard(a)
-        self.subnet = subnet
+        self.current: Subnet | None = subnet  # None while soft
+        self._soft: tuple[list[Tensor], list[Tensor]] | None = None
 
     def set_soft(self, mlp_weights: list[Tensor], attn_weights: list[Tensor]) -> None:
         """Mix nested choices per layer: weights [..., K] over that layer's choices."""
@@ -285,7 +288,21 @@ class ElasticModel(nn.Module):
                                skip_keep(self.space.mlp[i], wm))
             block.set_attn_soft(nested_mask(self.space.attn[i], wa, block.attn.n_units),
                                 skip_keep(self.space.attn[i], wa))
-        self.subnet = None
+        self.current, self._soft = None, (mlp_weights, attn_weights)
+
+    @contextmanager
+    def subnet(self, subnet: Subnet | None = None) -> Iterator[Subnet]:
+        """Run `subnet` (the full model when None) inside the `with` block; on leaving it, by an
+        exception too, the previous sub-network (or soft mix) is back."""
+        previous, soft = self.current, self._soft
+        self.set_subnet(subnet)
+        try:
+            yield self.current
+        finally:
+            if soft is not None:
+                self.set_soft(*soft)
+            else:
+                self.set_subnet(previous)
 
     def permute_(self, mlp_perms: list[Tensor], attn_perms: list[Tensor]) -> None:
         """Reorder every layer's MLP neurons and attention units; the function is unchanged."""

@@ -33,12 +33,12 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveRouting
+from flextron.budgets import select_subnet
 from flextron.config import Budget, Subnet
 from flextron.cost import Cost, subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.generation import _StopFilter, cut_at_stop, stop_token_ids
-from flextron.routers import select_subnet
 
 log = logging.getLogger("flextron.engine")
 
@@ -339,15 +339,13 @@ class Engine:
     def _at(self, subnet: Subnet, adaptive: float | None, input_ids: list[int]) -> Iterator[None]:
         """Run the model at a sub-network, or routed by the adaptive routers for one request's prompt."""
         if adaptive is None:
-            self.em.set_subnet(subnet)
-            yield
+            with self.em.subnet(subnet):
+                yield
             return
-        self._routing.attach()
-        try:  # the prompt fixes the attention widths (the same at every step), each token its MLP width
+        with self._routing.attached():
+            # The prompt fixes the attention widths (the same at every step), each token its MLP width.
             self._routing.start(adaptive, torch.tensor([input_ids], device=self.device))
             yield
-        finally:
-            self._routing.detach()
 
     def _prefill(self, req: Request) -> None:
         if not req.future.set_running_or_notify_cancel():

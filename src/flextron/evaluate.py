@@ -14,11 +14,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
+from flextron.budgets import budget_target, select_subnet, uniform_subnet_for
 from flextron.config import Budget, Subnet
-from flextron.cost import budget_target, subnet_cost, uniform_subnet_for
+from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.precision import autocast
-from flextron.routers import decode, select_subnet
+from flextron.routers import decode
 
 _SUBNETS = ("subnet", "uniform_subnet", "static_subnet")
 
@@ -114,15 +115,14 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
     for budget in budgets:
         subnet = select_subnet(em, budget)
         cost = subnet_cost(em, subnet)
-        em.set_subnet(subnet)
         row = EvalRow(budget, subnet=subnet, cost=cost.to_dict(), params_fraction=cost.params_nonembed / full)
-        if windows is not None:
-            row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
-            row.tokens = int(windows[:, 1:].numel())
-        if tasks is not None:
-            row.tasks = tasks(em)
+        with em.subnet(subnet):
+            if windows is not None:
+                row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
+                row.tokens = int(windows[:, 1:].numel())
+            if tasks is not None:
+                row.tasks = tasks(em)
         rows.append(row)
-    em.set_subnet(None)
     return rows
 
 
@@ -134,9 +134,8 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
     perplexity and tasks."""
     routing = AdaptiveRouting.for_model(em)
     fractions = [routing.fraction(b) for b in budgets]
-    routing.attach()
     rows = []
-    try:
+    with routing.attached():
         for fraction in fractions:
             lm = AdaptiveLM(routing, fraction)
             row = EvalRow(Budget(fraction=fraction), metric=em.routers.metric, adaptive=True)
@@ -148,8 +147,6 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
             row.realised_fraction = sum(lm.costs) / max(len(lm.costs), 1)
             row.cost_ratio = row.realised_fraction / fraction
             rows.append(row)
-    finally:
-        routing.detach()
     return rows
 
 
@@ -164,7 +161,7 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
     for fraction in fractions:
         budget = Budget(fraction=fraction)
         table, target = budget_target(em, budget)
-        full = table(em.space, em.space.full())
+        full = table.full
         mlp, attn = em.routers.static(fraction)
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
@@ -176,11 +173,10 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
             row.uniform_subnet, row.uniform_fraction_of_full = sub, table(em.space, sub) / full
             evaluated.append(("uniform_ppl", sub))
         for key, sub in evaluated:
-            em.set_subnet(sub)
-            setattr(row, key, perplexity(em, windows, batch_size, autocast_dtype, progress,
-                                         desc=f"{key} @ {fraction:.0%}"))
+            with em.subnet(sub):
+                setattr(row, key, perplexity(em, windows, batch_size, autocast_dtype, progress,
+                                             desc=f"{key} @ {fraction:.0%}"))
         rows.append(row)
-    em.set_subnet(None)
     return rows
 
 

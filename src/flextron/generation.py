@@ -15,7 +15,8 @@ from flextron.options import Sampling, resolve
 
 
 def context_length(config: object) -> int | None:
-    """The most positions a model takes (None where its config does not say)."""
+    """The most positions a model takes: `max_position_embeddings`, else `n_positions`; None where the
+    config gives neither, which every caller reads as no known limit (nothing is cut or refused)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from flextron import __version__
 from flextron.config import OUTTYPES, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.export import kept_layers, layer_sizes, sliced_state_dict
 from flextron.fsutil import atomic_write
+from flextron.version import __version__
 
 # model_type -> llama.cpp architecture of a uniform sub-network
 UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}

@@ -55,7 +55,7 @@ class FlextronLM(HFLM):
         super().__init__(pretrained=self.elastic.model, tokenizer=tok, batch_size=batch_size, **kwargs)
 
     def set_budget(self, budget: str | float) -> None:
-        from flextron.routers import select_subnet
+        from flextron.budgets import select_subnet
 
         if self.routing is not None:
             raise FlextronError("an adaptive FlextronLM keeps its budget; make another for a new budget")

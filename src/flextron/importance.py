@@ -70,7 +70,6 @@ def _block_hooks(part, store: list[Tensor], idx: int) -> list:
 def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16,
                        autocast_dtype: torch.dtype | None = None, progress: bool = True) -> Importance:
     """Run the full model over `sequences` [N, T] and score every neuron and unit."""
-    em.set_subnet(None)
     device = next(em.parameters()).device
     mlp = [torch.zeros(b.mlp.n_units, device=device) for b in em.blocks]
     attn = [torch.zeros(b.attn.n_units, device=device) for b in em.blocks]
@@ -85,10 +84,11 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
     was_training = em.training
     em.eval()
     try:
-        for start in tqdm(range(0, len(sequences), batch_size), desc="calibration", disable=not progress):
-            batch = sequences[start : start + batch_size].to(device)
-            with autocast(device, autocast_dtype):
-                em(input_ids=batch, use_cache=False)
+        with em.subnet(None):
+            for start in tqdm(range(0, len(sequences), batch_size), desc="calibration", disable=not progress):
+                batch = sequences[start : start + batch_size].to(device)
+                with autocast(device, autocast_dtype):
+                    em(input_ids=batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()

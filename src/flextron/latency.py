@@ -35,7 +35,9 @@ LATENCY_FILE = "latency.json"
 _METRIC_KEY = {"latency_ms": "decode_ms", "prefill_ms": "prefill_ms"}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device | str) -> None:
+    """Wait for the work queued on `device` (a no-op off CUDA), so that a timer reads finished work."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -52,24 +54,23 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
             repeats: int = 3, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """End-to-end prefill latency (ms) of `context` tokens and decode latency (ms per token) after them."""
     device = next(em.parameters()).device
-    em.set_subnet(subnet)
     em.eval()
     ids = torch.randint(0, em.config.vocab_size, (batch, context + 1), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     prefill, decode = [], []
-    with autocast(device, autocast_dtype):
+    with em.subnet(subnet), autocast(device, autocast_dtype):
         for r in range(repeats + 1):  # the first round warms up
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             out = em(input_ids=ids[:, :context], use_cache=True)
-            _sync(device)
+            sync(device)
             t_prefill = time.perf_counter() - t
             cache, nxt = out.cache, ids[:, context:]
             t = time.perf_counter()
             for _ in range(decode_steps):
                 out = em(input_ids=nxt, cache=cache, use_cache=True)
                 cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-            _sync(device)
+            sync(device)
             if r > 0:
                 prefill.append(t_prefill * 1e3)
                 decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
@@ -77,13 +78,9 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
 
 
 def random_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
-    """Each layer's choices drawn independently (skips included, restored up to the space's floor)."""
+    """`n` heterogeneous sub-networks of a seeded generator (`ElasticSpace.sample`)."""
     gen = torch.Generator().manual_seed(seed)
-
-    def pick(lists: list[list[int]]) -> list[int]:
-        return [c[torch.randint(len(c), (1,), generator=gen).item()] for c in lists]
-
-    return [em.space.floor(Subnet(mlp=pick(em.space.mlp), attn=pick(em.space.attn))) for _ in range(n)]
+    return [em.space.sample(gen) for _ in range(n)]
 
 
 def _columns(em: ElasticModel) -> tuple[list[int], list[int]]:
@@ -162,7 +159,6 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
                                                               autocast_dtype))
                 bar.update()
     timings = [{k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs]
-    em.set_subnet(None)
     device = next(em.parameters()).device
     table = {
         "runtime": "hf-eager",
@@ -238,4 +234,4 @@ def _as_table(em: ElasticModel, metric: str, t: dict) -> CostTable:
         attn = [[t["attn"][str(c)] for c in cs] for cs in em.space.attn]
     except KeyError as e:
         raise FlextronError(f"the latency table lacks choice {e}; re-run `flextron profile`") from None
-    return CostTable(metric, t["overhead"], mlp, attn)
+    return CostTable(metric, t["overhead"], mlp, attn, em.space)

@@ -61,7 +61,8 @@ def read_run(path: str | Path) -> tuple[dict, Path]:
         raise FlextronError(f"cannot read the rows of {file}: {e}") from None
 
 
-def _widths(values: list[int]) -> str:
+def widths_cell(values: list[int]) -> str:
+    """A sub-network's choices of one kind: the width where all layers share it, else the range."""
     return str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
 
 
@@ -95,8 +96,8 @@ def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> 
     relative = isinstance(data.get("original"), EvalRow)
     for name, rows in groups.items():
         for r in rows:
-            cells = [name, "-" if relative and len(rows) == 1 else str(r.budget), _widths(r.subnet.mlp),
-                     _widths(r.subnet.attn), f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})",
+            cells = [name, "-" if relative and len(rows) == 1 else str(r.budget), widths_cell(r.subnet.mlp),
+                     widths_cell(r.subnet.attn), f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})",
                      f"{r.ppl:.2f}" if r.ppl is not None else "-"]
             cells += [task_cell(r.tasks[t]) if t in (r.tasks or {}) else "-" for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")

@@ -1,4 +1,5 @@
-"""Static routers (budget -> per-layer choices), the surrogate model, and budget resolution.
+"""Routers: the static router (budget -> per-layer choices), the input-adaptive routers' networks
+(run by `flextron.adaptive`), the surrogate model, projection onto a budget, and their storage.
 
 The static router reads the budget as a one-hot over its trained grid (linear interpolation
 between the two neighbours for a budget in between) and outputs, per layer, logits over the
@@ -19,9 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
-from flextron.cost import CostTable, budget_target, uniform_subnet_for
-from flextron.elastic import ElasticModel
+from flextron.config import ElasticSpace, RouterConfig, Subnet
+from flextron.cost import CostTable
 from flextron.errors import FlextronError
 
 ROUTER_WEIGHTS = "routers.safetensors"
@@ -68,6 +68,47 @@ class StaticRouter(nn.Module):
         mlp = out[:m].view(self.mlp_mask.shape).masked_fill(~self.mlp_mask, float("-inf"))
         attn = out[m:].view(self.attn_mask.shape).masked_fill(~self.attn_mask, float("-inf"))
         return mlp, attn
+
+
+class AdaptiveRouters(nn.Module):
+    """Per-layer token routers over MLP widths and one request router over attention widths."""
+
+    def __init__(self, mlp_choices: list[list[int]], attn_choices: list[list[int]], hidden_size: int,
+                 grid: tuple[float, ...], hidden: int = 64) -> None:
+        super().__init__()
+        self.register_buffer("grid", torch.tensor(sorted(grid), dtype=torch.float64))
+        self.register_buffer("mlp_mask", choice_mask(mlp_choices))
+        self.register_buffer("attn_mask", choice_mask(attn_choices))
+        g, (n_layers, k_mlp), k_attn = len(grid), self.mlp_mask.shape, self.attn_mask.shape[1]
+        self.token_in = nn.ModuleList(nn.Linear(hidden_size, hidden) for _ in range(n_layers))
+        self.token_budget = nn.Linear(g, n_layers * hidden)
+        self.token_out = nn.ModuleList(nn.Linear(hidden, k_mlp) for _ in range(n_layers))
+        self.request = nn.Sequential(nn.Linear(hidden_size + g, 4 * hidden), nn.GELU(),
+                                     nn.Linear(4 * hidden, n_layers * k_attn))
+        self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
+        self.hidden = hidden
+
+    @torch.no_grad()
+    def zero_residual_(self) -> None:
+        """Output layers at zero: routing starts as the static router's prior, then learns per input."""
+        for lin in (*self.token_out, self.request[-1]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+
+    def budget(self, fraction: float) -> Tensor:
+        return encode_budget(self.grid, fraction).to(self.token_budget.weight.device)
+
+    def token_logits(self, layer: int, x: Tensor, budget: Tensor) -> Tensor:
+        """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
+        b = self.token_budget(budget).view(-1, self.hidden)[layer]
+        logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
+        return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
+
+    def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
+        """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
+        x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
+        logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
+        return logits.masked_fill(~self.attn_mask, float("-inf"))
 
 
 class Surrogate(nn.Module):
@@ -163,12 +204,12 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
 @dataclass
 class Routers:
     """Trained routers of a checkpoint: the static router, the metric its budgets refer to, and
-    the input-adaptive routers (`flextron.adaptive.AdaptiveRouters`) once trained."""
+    the input-adaptive routers once trained."""
 
     static: StaticRouter
     metric: str
     config: RouterConfig
-    adaptive: nn.Module | None = None
+    adaptive: AdaptiveRouters | None = None
     adaptive_config: RouterConfig | None = None
     checked: list[dict] | None = None  # per checked budget: the kept sub-network (train.routers.check_against_uniform)
 
@@ -202,8 +243,6 @@ class Routers:
             router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
             routers = cls(router.eval(), metric, config, checked=checked)
             if adaptive_cfg is not None:
-                from flextron.adaptive import AdaptiveRouters  # it builds on this module
-
                 routers.adaptive_config = _router_config(adaptive_cfg)
                 state = load_file(directory / ADAPTIVE_WEIGHTS)
                 routers.adaptive = AdaptiveRouters(space.mlp, space.attn, state["token_in.0.weight"].shape[1],
@@ -224,52 +263,3 @@ class Routers:
 
 def _router_config(cfg: dict) -> RouterConfig:
     return RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-
-
-@torch.no_grad()
-def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
-    """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
-    own metric, or without routers the largest uniform sub-network within it. Where `route`
-    checked the largest budget at or below this one and kept the uniform sub-network (or a lower
-    budget's), that rule applies instead."""
-    if em.routers is None:
-        return uniform_subnet_for(em, budget)[0]
-    table, target = budget_target(em, budget)
-    fraction = router_fraction(em, table, target)
-    check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
-    if check is not None and check["kept"] == "uniform":
-        return uniform_subnet_for(em, budget)[0]
-    if check is not None and check["kept"] == "lower budget":
-        subnet = Subnet(**check["subnet"])
-        if table(em.space, subnet) <= target * (1 + 1e-9):  # unless the table changed since (re-profiled)
-            return subnet
-    mlp, attn = em.routers.static(fraction)
-    return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
-
-
-@torch.no_grad()
-def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: int = 30) -> float:
-    """The budget to ask the router for, as a fraction of the full cost in its own metric.
-
-    A budget in the routers' metric is read as it is. A budget in another metric (say params=50%
-    to latency routers) is not a fraction the router knows: take the router's largest budget
-    whose choice (argmax) costs at most the target in the requested metric (bisection; the
-    router's sub-networks grow with its budget), so projection in that metric starts from
-    preferences of the right size."""
-    full = table(em.space, em.space.full())
-    if table.metric == em.routers.metric:
-        return target / full
-    grid = em.routers.static.grid
-    lo, hi = grid[0].item(), 1.0
-
-    def fits(fraction: float) -> bool:
-        return table(em.space, decode(em.space, *em.routers.static(fraction))) <= target * (1 + 1e-9)
-
-    if fits(hi):
-        return hi
-    if not fits(lo):
-        return lo
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo

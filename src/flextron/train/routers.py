@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flextron.adaptive import AdaptiveRouters, AdaptiveRouting, calibrate
+from flextron.adaptive import AdaptiveRouting, calibrate
+from flextron.budgets import budget_metric, cost_table, select_subnet, smallest_fraction, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, RouterConfig
-from flextron.cost import budget_metric, cost_table, smallest_fraction, uniform_subnet_for
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -35,13 +35,13 @@ from flextron.fsutil import atomic_write, check_output_dir
 from flextron.options import write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.routers import (
+    AdaptiveRouters,
     Routers,
     StaticRouter,
     decode,
     expected_cost,
     gumbel,
     relaxed,
-    select_subnet,
     straight_through,
 )
 from flextron.train.loop import kd_loss
@@ -134,10 +134,16 @@ def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
 def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
                   progress: bool = True) -> tuple[Routers, list[dict]]:
     """Train a static router for `em` (stage 2) and fine-tune both (stage 3); returns routers and a log."""
+    with em.subnet(None):  # the steps slice the model: the full one after them, whatever happens
+        return _train_routers(em, teacher, data, cfg, progress)
+
+
+def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
+                   progress: bool) -> tuple[Routers, list[dict]]:
     device = next(em.parameters()).device
     metric = budget_metric(em, Budget(metric=cfg.metric, fraction=1.0))
     table = cost_table(em, metric)
-    full = table(em.space, em.space.full())
+    full = table.full
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     router = StaticRouter(em.space, cfg.budgets, cfg.hidden).to(device)
@@ -209,7 +215,6 @@ def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences
         bar.set_postfix(kd=f"{measured:.3f}", cost=f"{ratio.item():.2f}", sm_err=f"{surrogate.error:.2f}")
     bar.close()
     em.requires_grad_(False)
-    em.set_subnet(None)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
 
@@ -240,14 +245,14 @@ def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: li
         ppl: dict[str, float] = {}
         for name, subnet in candidates.items():
             same = next((k for k in ppl if candidates[k] == subnet), None)
-            if same is None:
-                em.set_subnet(subnet)
-            ppl[name] = ppl[same] if same is not None else perplexity(
-                em, windows, 4, autocast_dtype, progress, desc=f"check {name} @ {fraction:.0%}")
+            if same is not None:
+                ppl[name] = ppl[same]
+                continue
+            with em.subnet(subnet):
+                ppl[name] = perplexity(em, windows, 4, autocast_dtype, progress, desc=f"check {name} @ {fraction:.0%}")
         kept = min(ppl, key=ppl.get)  # ties keep the router's choice (first)
         lower = candidates[kept]
         checks.append({"budget": fraction, "kept": kept, "subnet": lower.to_dict(), "calib_ppl": ppl})
-    em.set_subnet(None)
     em.routers.checked = checks
     return checks
 
@@ -301,7 +306,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     torch.manual_seed(cfg.seed)
     routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, cfg.budgets, cfg.hidden).to(device)
     routers.zero_residual_()  # start from the static router's choices
-    routing = AdaptiveRouting(em, routers, table).attach()
+    routing = AdaptiveRouting(em, routers, table)
     opt = torch.optim.Adam(routers.parameters(), lr=cfg.router_lr)
     amp = compute_dtype(cfg.dtype)
     em.requires_grad_(False)
@@ -310,37 +315,37 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     total = cfg.steps + cfg.joint_steps
     bar = tqdm(total=total, desc="adaptive routers", disable=not progress)
     try:
-        for step in range(total):
-            joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
-            ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
-            with torch.no_grad(), autocast(device, amp):
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            routing.start(fraction, ids, tau, gen)
+        with routing.attached():
+            for step in range(total):
+                joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
+                ids = data.rows(step * cfg.micro_batch, cfg.micro_batch).to(device)
+                with torch.no_grad(), autocast(device, amp):
+                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                routing.start(fraction, ids, tau, gen)
+                with autocast(device, amp):
+                    kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
+                # The budget binds the average cost over tokens and requests, not each token's.
+                ratio = routing.expected_ratio() / fraction
+                balance = routing.balance()
+                loss = kd + cfg.budget_weight * F.relu((ratio - 1).abs() - cfg.tolerance) + cfg.balance_weight * balance
+                _update(em, loss, opt, llm_opt)
+                # The gates are one-hot in value, so `ratio` is the realised cost of the sampled widths.
+                log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
+                            "cost_ratio": ratio.item(), "kd": kd.item(), "balance": balance.item(),
+                            "elapsed_s": time.time() - t0})
+                bar.update(1)
+                bar.set_postfix(kd=f"{kd.item():.3f}", cost=f"{ratio.item():.2f}")
+            em.requires_grad_(False)
+            em.eval()
+            routers.eval()
+            # Sampling at the last temperature and the argmax realise different costs: calibrate the argmax.
+            held = data.rows(total * cfg.micro_batch, max(8, cfg.micro_batch)).to(device)
             with autocast(device, amp):
-                kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
-            # The budget binds the average cost over tokens and requests, not each token's.
-            ratio = routing.expected_ratio() / fraction
-            balance = routing.balance()
-            loss = kd + cfg.budget_weight * F.relu((ratio - 1).abs() - cfg.tolerance) + cfg.balance_weight * balance
-            _update(em, loss, opt, llm_opt)
-            # The gates are one-hot in value, so `ratio` is the realised cost of the sampled widths.
-            log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
-                        "cost_ratio": ratio.item(), "kd": kd.item(), "balance": balance.item(),
-                        "elapsed_s": time.time() - t0})
-            bar.update(1)
-            bar.set_postfix(kd=f"{kd.item():.3f}", cost=f"{ratio.item():.2f}")
-        em.requires_grad_(False)
-        em.eval()
-        routers.eval()
-        # Sampling at the last temperature and the argmax realise different costs: calibrate the argmax.
-        held = data.rows(total * cfg.micro_batch, max(8, cfg.micro_batch)).to(device)
-        with autocast(device, amp):
-            realised = calibrate(routing, held)
-        log.append({"stage": "calibration", "budgets": list(cfg.budgets), "realised": realised,
-                    "shift": routers.shift.tolist(), "elapsed_s": time.time() - t0})
+                realised = calibrate(routing, held)
+            log.append({"stage": "calibration", "budgets": list(cfg.budgets), "realised": realised,
+                        "shift": routers.shift.tolist(), "elapsed_s": time.time() - t0})
     finally:
         bar.close()
-        routing.detach()
         em.requires_grad_(False)
         em.eval()
     return routers.eval(), log

@@ -1,0 +1,138 @@
+"""Budgets: which metric a budget is in, its cost table and target, and the sub-network it selects.
+
+A budget (`0.5`, `latency_ms=25`, ...) resolves in one place: `budget_metric` (an `auto` budget
+follows the routers, else a measured latency table, else params), `cost_table`, `budget_target`
+(checked against the smallest sub-network), then `select_subnet`: the static router's choice
+projected onto the target, or without routers the largest uniform sub-network within it.
+`AdaptiveRouting.fraction` reads budgets through `budget_target` too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flextron.config import KINDS, Budget, Subnet
+from flextron.cost import MEASURED, CostTable, analytic_table
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.latency import has_latency_table, latency_table
+from flextron.routers import decode, project
+
+
+def budget_metric(em: ElasticModel, budget: Budget) -> str:
+    """The metric a budget refers to: its own; for `auto`, the routers' metric where routers were
+    trained, else decode latency where measured, else params."""
+    if budget.metric != "auto":
+        return budget.metric
+    if em.routers is not None:
+        return em.routers.metric
+    return "latency_ms" if has_latency_table(em) else "params"
+
+
+def cost_table(em: ElasticModel, metric: str) -> CostTable:
+    """The table of `metric`: measured (the checkpoint's latency table) or analytic."""
+    return latency_table(em, metric) if metric in MEASURED else analytic_table(em, metric)
+
+
+def smallest_fraction(em: ElasticModel, metric: str) -> float:
+    """The smallest sub-network's cost as a fraction of the full model's, in `metric` ("auto" allowed)."""
+    table = cost_table(em, budget_metric(em, Budget(metric=metric, fraction=1.0)))
+    return table.smallest / table.full
+
+
+def budget_grid(em: ElasticModel, metric: str = "auto", points: int = 5) -> tuple[float, ...]:
+    """`points` budgets from the smallest feasible fraction (rounded up to 5%) to 1.0: how low a
+    latency budget can go depends on the machine."""
+    # Timing noise can put the smallest sub-network above the full one: cap at 1.
+    lowest = min(1.0, math.ceil(smallest_fraction(em, metric) * 20) / 20)
+    return tuple(sorted({round(lowest + (1 - lowest) * i / (points - 1), 2) for i in range(points)}))
+
+
+def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
+    """The cost table of the budget's metric and the target value, checked against what is feasible."""
+    table = cost_table(em, budget_metric(em, budget))
+    full, smallest = table.full, table.smallest
+    target = budget.fraction * full if budget.fraction is not None else budget.value
+    if target < smallest * (1 - 1e-9):
+        raise FlextronError(
+            f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full model's "
+            f"{table.metric}, {smallest:.4g}); choose a budget between {smallest / full:.2f} and 1.0"
+        )
+    return table, target
+
+
+def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]:
+    """The largest uniform sub-network within the budget: the same width index in every layer and,
+    in a depth space, the first layers of each kind's skip order skipped (`ElasticSpace.uniform`)."""
+    table, target = budget_target(em, budget)
+    space, n = em.space, em.space.n_layers
+    skips = range(n - space.min_layers + 1) if space.depth else range(1)
+    # The cost separates into an MLP part and an attention part: enumerate each kind alone.
+    parts: dict[str, dict[tuple[int, ...], float]] = {}
+    for kind in KINDS:
+        rows, lists = getattr(table, kind), getattr(space, kind)
+        parts[kind] = {}
+        for i in range(max(len(space.widths(kind, layer)) for layer in range(n))):
+            for skip in skips:
+                chosen = getattr(space.uniform(i, i, skip, skip), kind)
+                parts[kind][tuple(chosen)] = sum(rows[layer][lists[layer].index(c)] for layer, c in enumerate(chosen))
+    best: tuple[float, Subnet] | None = None
+    for mlp, cost_mlp in parts["mlp"].items():
+        for attn, cost_attn in parts["attn"].items():
+            value = table.const + cost_mlp + cost_attn
+            if value <= target * (1 + 1e-9) and (best is None or value > best[0]):
+                best = (value, Subnet(mlp=list(mlp), attn=list(attn)))
+    if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
+        raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
+    return best[1], best[0]
+
+
+@torch.no_grad()
+def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
+    """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
+    own metric, or without routers the largest uniform sub-network within it. Where `route`
+    checked the largest budget at or below this one and kept the uniform sub-network (or a lower
+    budget's), that rule applies instead."""
+    if em.routers is None:
+        return uniform_subnet_for(em, budget)[0]
+    table, target = budget_target(em, budget)
+    fraction = router_fraction(em, table, target)
+    check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
+    if check is not None and check["kept"] == "uniform":
+        return uniform_subnet_for(em, budget)[0]
+    if check is not None and check["kept"] == "lower budget":
+        subnet = Subnet(**check["subnet"])
+        if table(em.space, subnet) <= target * (1 + 1e-9):  # unless the table changed since (re-profiled)
+            return subnet
+    mlp, attn = em.routers.static(fraction)
+    return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+
+
+@torch.no_grad()
+def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: int = 30) -> float:
+    """The budget to ask the router for, as a fraction of the full cost in its own metric.
+
+    A budget in the routers' metric is read as it is. A budget in another metric (say params=50%
+    to latency routers) is not a fraction the router knows: take the router's largest budget
+    whose choice (argmax) costs at most the target in the requested metric (bisection; the
+    router's sub-networks grow with its budget), so projection in that metric starts from
+    preferences of the right size."""
+    if table.metric == em.routers.metric:
+        return target / table.full
+    grid = em.routers.static.grid
+    lo, hi = grid[0].item(), 1.0
+
+    def fits(fraction: float) -> bool:
+        return table(em.space, decode(em.space, *em.routers.static(fraction))) <= target * (1 + 1e-9)
+
+    if fits(hi):
+        return hi
+    if not fits(lo):
+        return lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

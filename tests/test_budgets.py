@@ -1,0 +1,92 @@
+import dataclasses
+
+import pytest
+
+from conftest import make_elastic
+from flextron.budgets import (
+    budget_grid,
+    budget_metric,
+    budget_target,
+    cost_table,
+    select_subnet,
+    smallest_fraction,
+    uniform_subnet_for,
+)
+from flextron.config import Budget, Subnet
+from flextron.cost import analytic_table, subnet_cost
+from flextron.errors import FlextronError
+from flextron.latency import latency_table
+
+FITTED = {"overhead": 1.0, "mlp": {"24": 0.0, "48": 0.1, "72": 0.2, "96": 0.3},
+          "attn": {"1": 0.0, "2": 2.0, "3": 4.0, "4": 6.0}}
+
+
+def test_uniform_budget_picks_largest_within():
+    em = make_elastic("llama")
+    full = subnet_cost(em).params_nonembed
+    for fraction in (1.0, 0.75, 0.5):
+        sub, value = uniform_subnet_for(em, Budget.parse(fraction))
+        assert value == subnet_cost(em, sub).params_nonembed <= fraction * full
+        # No uniform sub-network within the budget is bigger.
+        for i in range(4):
+            for j in range(4):
+                c = subnet_cost(em, em.space.uniform(i, j)).params_nonembed
+                assert c <= value or c > fraction * full
+    assert uniform_subnet_for(em, Budget.parse("1.0"))[0] == em.space.full()
+
+
+def test_budget_below_smallest_is_refused():
+    with pytest.raises(FlextronError, match="below the smallest sub-network"):
+        uniform_subnet_for(make_elastic("llama"), Budget.parse("0.01"))
+
+
+def test_budget_grid_spans_the_feasible_range():
+    em = make_elastic("llama")
+    low = smallest_fraction(em, "params")
+    grid = budget_grid(em, "params", points=5)
+    assert grid[-1] == 1.0 and len(grid) == 5
+    assert low <= grid[0] < low + 0.05 + 1e-9
+    assert list(grid) == sorted(grid)
+    for b in grid:  # every grid budget resolves
+        uniform_subnet_for(em, Budget(fraction=b))
+
+
+def test_uniform_budget_skips_layers_in_importance_order():
+    em = make_elastic("llama", n_layers=4, min_layers=1)
+    em.set_space(dataclasses.replace(em.space, skip_order={"mlp": [1, 2, 3, 0], "attn": [2, 1, 3, 0]}))
+    full = subnet_cost(em).params_nonembed
+    smallest = subnet_cost(em, em.space.smallest()).params_nonembed
+    assert em.space.smallest() == Subnet(mlp=[24, 0, 0, 0], attn=[1, 0, 0, 0])
+    for fraction in (0.9, 0.6, 0.3, smallest / full):
+        sub, value = uniform_subnet_for(em, Budget(metric="params", fraction=fraction))
+        assert value <= fraction * full * (1 + 1e-9)
+        for kind, order in em.space.skip_order.items():
+            skipped = [i for i in order if getattr(sub, kind)[i] == 0]
+            assert skipped == order[: len(skipped)]  # always a prefix of the skip order
+    assert uniform_subnet_for(em, Budget(metric="params", fraction=smallest / full))[0] == em.space.smallest()
+
+
+def test_latency_budget_without_table_says_what_to_do():
+    with pytest.raises(FlextronError, match="run `flextron profile CKPT` first"):
+        budget_target(make_elastic(), Budget.parse("latency_ms=20"))
+    assert budget_metric(make_elastic(), Budget.parse("0.5")) == "params"
+
+
+def test_cost_table_is_the_measured_table_where_profiled_else_the_analytic_one():
+    em = make_elastic()
+    assert cost_table(em, "flops") == analytic_table(em, "flops")
+    with pytest.raises(FlextronError, match="unknown cost metric 'joules'; use one of params, .*, prefill_ms"):
+        cost_table(em, "joules")
+    em.latency = {"decode_ms": FITTED, "prefill_ms": FITTED}
+    assert cost_table(em, "latency_ms") == latency_table(em, "latency_ms")
+    assert budget_metric(em, Budget.parse("0.5")) == "latency_ms"  # measured latency is the default
+
+
+def test_a_budget_target_is_a_fraction_of_the_full_cost_in_its_metric():
+    em = make_elastic()
+    em.latency = {"decode_ms": FITTED, "prefill_ms": FITTED}
+    table, target = budget_target(em, Budget.parse("0.5"))
+    assert table.metric == "latency_ms" and target == pytest.approx(0.5 * table.full)
+    table, target = budget_target(em, Budget.parse("params=90%"))
+    assert table.metric == "params" and target == pytest.approx(0.9 * table.full)
+    assert select_subnet(em, Budget.parse("0.5")) == uniform_subnet_for(em, Budget.parse("0.5"))[0]

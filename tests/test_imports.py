@@ -1,0 +1,77 @@
+"""No import cycles inside the package: every `flextron.*` import, at module level or inside a
+function (a lazy import that dodges a cycle is still one), is an edge of a graph without cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def module_names() -> dict[str, Path]:
+    """flextron's modules by dotted name (a package by its own name, for its __init__)."""
+    out = {}
+    for path in sorted((SRC / "flextron").rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The flextron modules that `path` imports anywhere in its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from flextron import api` names a module; `from flextron import __version__` the package.
+            found |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                      for alias in node.names}
+    return {name for name in found if name in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {name: imports(path, set(modules)) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path that comes back to its start, or None."""
+    done: set[str] = set()
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in stack:
+            return stack[stack.index(node):] + [node]
+        if node in done:
+            return None
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if cycle := visit(nxt):
+                return cycle
+        stack.pop()
+        done.add(node)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_the_graph_sees_module_and_function_level_imports():
+    graph = import_graph()
+    assert "flextron.budgets" in graph["flextron.adaptive"]  # module level
+    assert "flextron.train.elastic" in graph["flextron.api"]  # inside `api.train`
+    assert "flextron.version" in graph["flextron.export"]
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    if cycle:
+        pytest.fail("import cycle: " + " -> ".join(cycle))
