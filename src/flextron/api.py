@@ -171,16 +171,13 @@ def generate(path: str | Path, prompt: str, options: GenerateOptions | None = No
     if o.adaptive:
         routing = AdaptiveRouting.for_model(em)
         fraction = routing.fraction(parsed[0] if parsed else Budget(fraction=1.0))
-        routing.attach()
         inputs = prompt_inputs(tok, prompt, o.raw)
-        try:
+        with routing.attached():
             routing.start(fraction, inputs["input_ids"].to(next(em.parameters()).device))
             return complete(em.model, tok, inputs, o, stream=stream).text
-        finally:
-            routing.detach()
-    if parsed:  # no budget: the full model, whatever the routers would pick at 100%
-        em.set_subnet(select_subnet(em, parsed[0]))
-    return generate_text(em.model, tok, prompt, o, raw=o.raw, stream=stream)
+    # No budget: the full model, whatever the routers would pick at 100%.
+    with em.subnet(select_subnet(em, parsed[0]) if parsed else None):
+        return generate_text(em.model, tok, prompt, o, raw=o.raw, stream=stream)
 
 
 def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig | None = None, data: list[str] | None = None, *,
