@@ -48,6 +48,13 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     if not (em.latency or {}).get("runtime", "").startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
     outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
+    full = measure(ckpt, em.space.full(), work, outtype, threads, timing)
+    small = measure(ckpt, em.space.smallest(), work, outtype, threads, timing)
+    decode = cost_table(em, "latency_ms")
+    smallest = {"measured_fraction": small["decode_ms"] / full["decode_ms"],
+                "table_fraction": decode.smallest / decode.full, "subnet": em.space.smallest().to_dict()}
+    print(f"smallest sub-network: decode {smallest['measured_fraction']:.3f} of the full model's (table "
+          f"{smallest['table_fraction']:.3f})")
     rows = []
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
@@ -65,7 +72,10 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
-    return {"outtype": outtype, "threads": threads, "routed": em.routers is not None}, rows
+    return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
+            "validation": em.latency["validation"], "table": {k: em.latency[k] for k in (
+                "runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds") if k in em.latency}
+            }, rows
 
 
 def main() -> None:
@@ -94,6 +104,14 @@ def main() -> None:
         f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
         f"them; target = budget x the full model's measured time.",
+        "",
+        f"The checkpoint's latency table (`flextron profile CKPT --runtime llama.cpp`, {meta['table']}): "
+        f"|predicted - measured| / measured on {meta['validation']['decode_ms']['n']} unseen random sub-networks, "
+        f"median (max): decode {meta['validation']['decode_ms']['median_pct']:.1f}% "
+        f"({meta['validation']['decode_ms']['max_pct']:.1f}%), prefill "
+        f"{meta['validation']['prefill_ms']['median_pct']:.1f}% ({meta['validation']['prefill_ms']['max_pct']:.1f}%). "
+        f"The smallest sub-network decodes in {meta['smallest']['measured_fraction']:.2f} of the full model's time "
+        f"(table: {meta['smallest']['table_fraction']:.2f}), the lowest feasible latency budget.",
         "",
         "| budget | decode ms (measured / target) | measured / target | table's prediction / target | "
         "prefill measured / target |",

@@ -5,7 +5,7 @@ the order), batch 1, for each budget and each weight dtype:
 - decode tokens/s: greedy steps with a KV cache after a short prompt (median of repeats);
 - prefill tokens/s: one forward pass over a long prompt, logits at every position;
 for the exported model, and for the elastic checkpoint switched to that sub-network
-(`ElasticModel.set_subnet`), both against the full model; plus one per-layer sub-network (the
+(`with em.subnet(...)`), both against the full model (timed beside each); plus one per-layer sub-network (the
 routers' at 50 % where the checkpoint has routers, else a seeded random one). Where llama.cpp is
 installed (`flextron[gguf]`), each sub-network's GGUF export (f32 for fp32, bf16 for bf16) is timed
 in llama.cpp in the same run: prefill of the prefill prompt, then decode after it (batch 1).
@@ -139,11 +139,10 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
                     "prefill_tps": prefill_tps(model, long, a.repeats, sync)}
 
         full_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
-        full = speeds(full_model)
-        del full_model
         full_cost = subnet_cost(em, None, context=a.prefill // 2, weight_dtype_bytes=dtype.itemsize)
-        print(f"{name} full model: decode {full['decode_tps']:.1f} tok/s, prefill {full['prefill_tps']:.0f} tok/s")
         for b, d in exports.items():
+            full = speeds(full_model)  # timed beside each sub-network: a drifting machine cancels out
+            print(f"{name} full model: decode {full['decode_tps']:.1f} tok/s, prefill {full['prefill_tps']:.0f} tok/s")
             subnet = Subnet(**{k: list(v) for k, v in read_export_info(d)["subnet"].items()})
             cost = subnet_cost(em, subnet, context=a.prefill // 2, weight_dtype_bytes=dtype.itemsize)
             model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
@@ -171,7 +170,7 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
                 f"{p} decode {row[p]['decode_tps']:.1f} tok/s (x{row[p]['speedup']['decode']:.2f}), "
                 f"prefill {row[p]['prefill_tps']:.0f} tok/s (x{row[p]['speedup']['prefill']:.2f})"
                 for p in ("export", "elastic")) + f"; ideal x{ideal['decode']:.2f} / x{ideal['prefill']:.2f}")
-        del em
+        del em, full_model
         gc.collect()
     return rows
 
@@ -272,7 +271,8 @@ def main() -> None:
         f"torch {torch.__version__}, {round(time.time() - t0)} s. Decode: {a.new_tokens} greedy tokens with a KV "
         f"cache after a {a.prompt}-token prompt; prefill: one {a.prefill}-token forward pass; median of "
         f"{a.repeats}. Ideal speedup: weight bytes read per decoded token (decode), FLOPs per token "
-        f"(prefill). Elastic: the checkpoint's own hard slices (`set_subnet`), no export.",
+        f"(prefill). Elastic: the checkpoint's own hard slices (`em.subnet`), no export. The full model is "
+        "timed beside each row.",
         "",
         *table(rows),
     ]

@@ -30,25 +30,25 @@ def test_demo_records_its_options(demo):
 
 def test_demo_full_width_ppl_equals_original(demo):
     full = demo["prune_only"][0]
-    assert full["budget"] == "100%"
-    assert abs(full["ppl"] / demo["original"]["ppl"] - 1) < 1e-3
+    assert str(full.budget) == "100%"
+    assert abs(full.ppl / demo["original"].ppl - 1) < 1e-3
     # Smaller budgets cost less and (without training) lose quality.
-    fractions = [r["params_fraction"] for r in demo["prune_only"]]
+    fractions = [r.params_fraction for r in demo["prune_only"]]
     assert fractions == sorted(fractions, reverse=True) and fractions[-1] <= 0.5
-    assert demo["prune_only"][-1]["ppl"] > full["ppl"]
+    assert demo["prune_only"][-1].ppl > full.ppl
     assert [r["name"] for r in demo["space"]] == ["min", "centroid", "max"]
 
 
 def test_demo_pipeline_routes_exports_and_evaluates(demo):
-    assert all(r["cost_ratio"] <= 1 + 1e-9 for r in demo["routes"])
+    assert all(r.cost_ratio <= 1 + 1e-9 for r in demo["routes"])
     # Each budget kept the best of router, uniform and the lower budget's choice on held-out rows.
-    kept = [r["calib_ppl"][r["kept"]] for r in demo["routes"]]
-    assert all(k <= r["calib_ppl"].get("uniform", k) for k, r in zip(kept, demo["routes"]))
+    kept = [r.calib_ppl[r.kept] for r in demo["routes"]]
+    assert all(k <= r.calib_ppl.get("uniform", k) for k, r in zip(kept, demo["routes"]))
     assert kept == sorted(kept, reverse=True)
     assert demo["router_metric"] == "latency_ms"  # profiled, so budgets mean decode latency
-    half = next(r for r in demo["flextron"] if r["budget"] == f"{float(demo['export_budget']):.0%}")
+    half = next(r for r in demo["flextron"] if str(r.budget) == f"{float(demo['export_budget']):.0%}")
     # The exported directory is the same sub-network the elastic checkpoint runs at that budget.
-    assert abs(demo["export_eval"]["ppl"] / half["ppl"] - 1) < 1e-3
+    assert abs(demo["export_eval"].ppl / half.ppl - 1) < 1e-3
     report = Path(demo["report"])
     assert (report.parent / "pareto.png").is_file()
     text = report.read_text()
@@ -73,9 +73,8 @@ def test_export_at_half_budget_matches_the_elastic_model(demo, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert type(exported).__name__ == "LlamaForCausalLM"  # uniform: the stock architecture
     em, tok, _ = api.load(demo["converted"], "cpu")
-    em.set_subnet(select_subnet(em, Budget.parse("0.5")))
     x = heldout_windows(tok, 64, limit=1)
-    with torch.no_grad():
+    with torch.no_grad(), em.subnet(select_subnet(em, Budget.parse("0.5"))):
         assert (exported(input_ids=x).logits - em(input_ids=x).logits).abs().max().item() < 1e-4
 
 

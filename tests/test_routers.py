@@ -1,14 +1,18 @@
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import make_elastic, make_model, make_tokenizer, word_text
-from flextron.budgets import cost_table, select_subnet, uniform_subnet_for
+from flextron import api
+from flextron.budgets import cost_table, select_subnet, smallest_fraction, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
 from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project
 from flextron.train.routers import guided_fraction, train_routers
 
@@ -228,3 +232,24 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
         assert select_subnet(loaded, Budget(fraction=0.7)) == select_subnet(em, Budget(fraction=0.7))
     finally:
         em.routers.checked = None
+
+
+def test_default_grid_starts_at_the_smallest_sub_network_when_it_is_above_the_grid(tmp_path):
+    from flextron.config import ElasticSpace
+    from flextron.options import read_yaml
+
+    em = make_elastic()
+    em.set_space(ElasticSpace(mlp=[[72, 96]] * 2, attn=[[3, 4]] * 2))  # the smallest keeps most parameters
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(2000))
+    lowest = smallest_fraction(em, "params")
+    assert lowest > 0.6
+    cfg = RouterConfig(metric="params", steps=2, joint_steps=0, seq_len=16, micro_batch=2, eval_limit=1,
+                       check_sequences=0, surrogate=False, dtype="fp32")
+    result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
+    grid = read_yaml(ckpt / "routing.yaml")["budgets"]
+    assert grid[0] == math.ceil(lowest * 100) / 100 and grid[-3:] == [0.8, 0.9, 1.0]
+    assert all(r.budget.fraction >= lowest for r in result["budgets"])
+    with pytest.raises(FlextronError, match="smallest sub-network"):  # a grid the user chose is not moved
+        api.route(ckpt, replace(cfg, budgets=(0.5, 1.0)), [str(data)], device="cpu", progress=False)

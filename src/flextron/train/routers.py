@@ -15,8 +15,9 @@ the surrogate and fine-tunes LLM and router together through the soft masks.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -60,10 +61,6 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     report them (adaptive.json) against the static router at the same realised cost. The resolved
     options go beside the report (routing.yaml, adaptive.yaml) for `flextron route --config`."""
     ckpt = Path(ckpt)
-    grid = sorted(cfg.budgets)
-    if unseen is None:
-        pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
-        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
     out = Path(out or ckpt)
     if out != ckpt:
         check_output_dir(out, overwrite)
@@ -71,6 +68,12 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     if adaptive and em.routers is None:
         raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
     lowest = smallest_fraction(em, cfg.metric)
+    if cfg.budgets == RouterConfig().budgets:  # the default grid starts at the smallest sub-network when above it
+        cfg = replace(cfg, budgets=tuple(sorted({max(b, math.ceil(lowest * 100) / 100) for b in cfg.budgets})))
+    grid = sorted(cfg.budgets)
+    if unseen is None:
+        pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
+        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
     if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
         raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
                             f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
