@@ -1,17 +1,23 @@
-"""The bad-input campaign: every invalid CLI input we know of, run on a tiny checkpoint.
+"""The bad-input campaign: every invalid CLI input and server request we know of, on a tiny checkpoint.
 
-Each must end with exit code 2 and a one-line `error:` naming the problem, never a traceback, and
-leave every watched file byte-for-byte intact. Most cases run in-process through `flextron.cli.main`
-(a subprocess costs seconds of imports); a few run as real subprocesses. The counts print with `-s`.
+Each CLI input must end with exit code 2 and a one-line `error:` naming the problem, never a
+traceback, and leave every watched file byte-for-byte intact. Most cases run in-process through
+`flextron.cli.main` (a subprocess costs seconds of imports); a few run as real subprocesses. Each
+bad request to `flextron serve` (over real HTTP) must get a 4xx with an OpenAI-style JSON error, no
+traceback in the server's log, and leave the server serving. The counts print with `-s`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +257,292 @@ def test_campaign_cases_would_reach_the_model_without_the_bad_input(arena, capsy
     assert main(["export", str(arena / "ck"), "--budget", "0.5", "--out", str(arena / "x0")]) == 0
     capsys.readouterr()
 
+
+
+# The server: every bad request we know of, over real HTTP, to `flextron serve` on the same checkpoint.
+
+TRANSPORT = None  # answered by uvicorn itself (malformed HTTP): a plain-text 4xx, no JSON body
+ANY = ""  # a JSON error whose code is not pinned
+GOOD = {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0}
+
+
+def server_cases(name: str, cfg, vocab: int) -> list[tuple[str, tuple, int, str | None]]:
+    """(label, request, status, error code); a request is ("http", method, path, body, headers) or
+    ("raw", bytes) for what http.client will not send."""
+    jh = {"Content-Type": "application/json"}
+
+    def post(body: bytes | dict, path: str = "/v1/completions", headers: dict | None = None) -> tuple:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return ("http", "POST", path, data, jh if headers is None else headers)
+
+    def c(**fields) -> tuple:  # a completions request with `fields` changed
+        return post({"model": name, **GOOD, **fields})
+
+    def chat(**fields) -> tuple:
+        return post({"model": name, "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2, **fields},
+                    "/v1/chat/completions")
+
+    def literal(text: str) -> tuple:  # JSON that json.dumps will not write (NaN, 1e400, huge integers)
+        return post(f'{{"model": "{name}", "prompt": "w5", {text}}}'.encode())
+
+    def raw(head: str, body: bytes = b"") -> tuple:
+        return ("raw", head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body)
+
+    def method(verb: str, path: str) -> tuple:
+        return ("http", verb, path, None, {})
+
+    over = cfg.max_prompt_tokens + 1
+    cases = [
+        # bodies that are not JSON, or not an object
+        ("not JSON", post(b"{not json"), 400, "invalid_json"),
+        ("empty body", post(b""), 400, "invalid_json"),
+        ("truncated JSON", post(b'{"prompt": "w5",'), 400, "invalid_json"),
+        ("invalid UTF-8", post(b'{"prompt": "\xff\xfe"}'), 400, "invalid_json"),
+        ("a NUL byte", post(b"\x00"), 400, "invalid_json"),
+        ("16000 nested [", post(b"[" * 16000), 400, "invalid_json"),
+        ("2500 nested objects", post(b'{"a":' * 2500 + b"1" + b"}" * 2500), 400, "invalid_json"),
+        ("a lone surrogate", c(prompt="w5 \ud800"), 400, "invalid_json"),
+        ("a 5000-digit integer", literal('"max_tokens": ' + "9" * 5000), 400, "invalid_json"),
+        *[(f"JSON {b.decode()}", post(b), 400, "invalid_json") for b in (b"[1, 2]", b'"w5"', b"42", b"null",
+                                                                          b"true", b"[]")],
+        ("a duplicate key", post(f'{{"model": "{name}", "prompt": "w5", "prompt": 7}}'.encode()), 400,
+         "invalid_type"),
+        ("no prompt", post({"model": name}), 400, "missing_field"),
+        ("prompt null", c(prompt=None), 400, "missing_field"),
+        ("no messages", post({"model": name}, "/v1/chat/completions"), 400, "missing_field"),
+        ("Content-Type text/plain", post({"model": name, **GOOD}, headers={"Content-Type": "text/plain"}), 415,
+         "unsupported_media_type"),
+        ("Content-Type form", post(b"prompt=w5", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+         415, "unsupported_media_type"),
+        ("Content-Type multipart", post(b"--x--", headers={"Content-Type": "multipart/form-data; boundary=x"}),
+         415, "unsupported_media_type"),
+        ("no Content-Type, not JSON", post(b"prompt=w5", headers={}), 400, "invalid_json"),
+    ]
+    # every field with a value of the wrong type
+    wrong = {"model": [7, True, [], {}], "prompt": [7, True, {}, 1.5], "max_tokens": ["ten", "2", 1.5, True, [], {}],
+             "temperature": ["nan", "inf", "0.5", True, []], "top_p": ["0.9", True, {}], "n": ["1", 1.0, True],
+             "stream": ["yes", 1, []], "logprobs": ["2", True, 1.5], "echo": ["yes", 1], "stop": [7, {"a": 1}, True],
+             "seed": ["7", 1.5, True, []], "budget": [True, [], {}], "adaptive": ["yes", 1],
+             "stream_options": ["x", [], {"include_usage": "yes"}]}
+    cases += [(f"{k}={json.dumps(v)}", c(**{k: v}), 400, "invalid_type") for k, vs in wrong.items() for v in vs]
+    cases += [(f"prompt={json.dumps(v)}", c(prompt=v), 400, "invalid_value")
+              for v in ([1, "a"], [[]], [], [True], [1.5], [["w5"]], [None], [[1], 2])]
+    cases += [(f"stop={json.dumps(v)}", c(stop=v), 400, "invalid_value") for v in ([7], [None], ["a"] * 5)]
+    cases += [(f"messages={json.dumps(v)}", chat(messages=v), 400, code) for v, code in (
+        ("w5", "invalid_type"), ({}, "invalid_type"), (7, "invalid_type"), ([], "invalid_value"),
+        ([1], "invalid_value"), ([{"role": "user"}], "missing_field"),
+        ([{"role": 5, "content": "w5"}], "invalid_type"), ([{"role": "wizard", "content": "w5"}], "invalid_value"),
+        ([{"role": "user", "content": 7}], "invalid_type"), ([{"role": "user", "content": ["w5"]}], "invalid_value"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "invalid_value"))]
+    cases += [
+        ("chat max_completion_tokens='ten'", chat(max_completion_tokens="ten"), 400, "invalid_type"),
+        ("chat echo", chat(echo=True), 400, "invalid_value"),
+        ("chat logprobs", chat(logprobs=True), 400, "invalid_value"),
+        ("chat without a chat template", chat(), 400, ANY),
+    ]
+    # numbers out of range (NaN and infinities as JSON literals too)
+    out = {"max_tokens": [-1, 0, cfg.max_tokens + 1, 10**30], "temperature": [-1, 2.5, 1e308],
+           "top_p": [0, -0.1, 1.5], "n": [0, 2, -1], "logprobs": [-1, 21, 10**9],
+           "seed": [2**64, -(2**63) - 1, 10**100],
+           "prompt": [[-1], [vocab], [2**70], [[1, -5]]]}
+    cases += [(f"{k}={json.dumps(v)}", c(**{k: v}), 400, "invalid_value") for k, vs in out.items() for v in vs]
+    cases += [(text, literal(text), 400, code) for text, code in (
+        ('"temperature": NaN', "invalid_value"), ('"temperature": -Infinity', "invalid_value"),
+        ('"temperature": 1e400', "invalid_value"), ('"top_p": NaN', "invalid_value"),
+        ('"top_p": 1e-400', "invalid_value"), ('"max_tokens": Infinity', "invalid_type"),
+        ('"seed": NaN', "invalid_type"), ('"budget": NaN', "invalid_budget"),
+        ('"budget": 1e400', "invalid_budget"), ('"budget": -Infinity', "invalid_budget"))]
+    cases += [("stream with two prompts", c(prompt=["w5", "w6"], stream=True), 400, "invalid_value")]
+    # unknown models, malformed NAME@budget, budgets the checkpoint cannot serve
+    cases += [(f"model {m!r}", c(model=m), 404, "model_not_found")
+              for m in ("gpt-4", "", f"{name}@", name.upper(), f"{name} ", f"x/{name}", f"@{name}")]
+    cases += [(f"model {name}@{b}", c(model=f"{name}@{b}"), 400, "invalid_budget")
+              for b in ("abc", "200%", "params=-1", "latency_ms=20", "latency_ms=", "0.001", "1%", "nonsense=5",
+                        "50%@50%", "nan", "inf", "1e400", "params=0", "-50%", "0", "flops=200%", "params=1")]
+    cases += [(f"budget={json.dumps(b)}", c(budget=b), 400, "invalid_budget")
+              for b in ("lots", "", 0, -0.5, 1.7, "1%", 0.001, "latency_ms=20", "params=0", "flops=200%")]
+    cases += [
+        ("a budget in the name and in 'budget'", c(model=f"{name}@50%", budget="50%"), 400, "invalid_value"),
+        ("adaptive without routers", c(adaptive=True), 400, "invalid_budget"),
+        # the server's limits
+        (f"a prompt of {over} tokens", c(prompt="w5 " * over), 400, "context_length_exceeded"),
+        (f"{over} token ids", c(prompt=[5] * over), 400, "context_length_exceeded"),
+        ("one long prompt of two", c(prompt=["w5", "w5 " * over]), 400, "context_length_exceeded"),
+        (f"max_tokens={cfg.max_tokens + 1}", c(max_tokens=cfg.max_tokens + 1), 400, "invalid_value"),
+        (f"{cfg.max_queue + 1} prompts (over --max-queue)", c(prompt=["w5"] * (cfg.max_queue + 1)), 400,
+         "too_many_prompts"),
+        (f"a body over {cfg.max_body_bytes} bytes", c(prompt="w5 " * (cfg.max_body_bytes // 3)), 413,
+         "body_too_large"),
+        ("Content-Length of 1e12, no body", raw(f"POST /v1/completions HTTP/1.1\nHost: x\n"
+                                                 f"Content-Type: application/json\nContent-Length: {10**12}"), 413,
+         "body_too_large"),
+        ("a chunked body", raw("POST /v1/completions HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+                               "Transfer-Encoding: chunked", b"2\r\n{}\r\n0\r\n\r\n"), 411, "length_required"),
+        # wrong methods and paths
+        *[(f"{v} {p}", method(v, p), 405, "method_not_allowed") for v, p in (
+            ("GET", "/v1/completions"), ("GET", "/v1/chat/completions"), ("PUT", "/v1/chat/completions"),
+            ("DELETE", "/v1/models"), ("POST", "/v1/models"), ("PATCH", "/health"), ("OPTIONS", "/v1/completions"))],
+        *[(f"GET {p}", method("GET", p), 404, "not_found") for p in (
+            "/", "/v2/nothing", "/v1/embeddings", "/v1/completions/../../etc/passwd", "/v1/%ff%fe", "/v1/models/x")],
+        ("POST /v1/embeddings", post({"model": name, "input": "w5"}, "/v1/embeddings"), 404, "not_found"),
+        # malformed HTTP: uvicorn answers 400 itself
+        ("garbage", ("raw", b"GARBAGE\r\n\r\n"), 400, TRANSPORT),
+        ("TLS bytes", ("raw", bytes.fromhex("16030100a5010000a10303") + b"\x00" * 40 + b"\r\n\r\n"), 400, TRANSPORT),
+        ("HTTP/1.1 without Host", raw("GET /health HTTP/1.1"), 400, TRANSPORT),
+        ("a bad HTTP version", raw("GET /health HTTP/one\nHost: x"), 400, TRANSPORT),
+        ("a bad method", raw("G(T /health HTTP/1.1\nHost: x"), 400, TRANSPORT),
+        ("Content-Length: abc", raw("POST /v1/completions HTTP/1.1\nHost: x\nContent-Length: abc"), 400,
+         TRANSPORT),
+        ("Content-Length: -5", raw("POST /v1/completions HTTP/1.1\nHost: x\nContent-Length: -5"), 400, TRANSPORT),
+        ("two Content-Lengths", raw("POST /v1/completions HTTP/1.1\nHost: x\nContent-Length: 2\nContent-Length: 3",
+                                    b"{}"), 400, TRANSPORT),
+        ("a header without a colon", raw("GET /health HTTP/1.1\nHost: x\nno colon here"), 400, TRANSPORT),
+        ("a NUL in a header", raw("GET /health HTTP/1.1\nHost: x\nX-A: a\x00b"), 400, TRANSPORT),
+        ("Transfer-Encoding: gzip", raw("POST /v1/completions HTTP/1.1\nHost: x\nTransfer-Encoding: gzip"), 400,
+         TRANSPORT),
+        ("a 20 kB URL", ("raw", f"GET /{'a' * 20000}".encode()), 400, TRANSPORT),  # the head never ends: h11's 16 kB
+        ("a 20 kB header", ("raw", f"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 20000}".encode()), 400,
+         TRANSPORT),
+    ]
+    return cases
+
+
+def send(server, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=20)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def send_raw(server, data: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(server.server_address[:2], timeout=20) as s:
+        s.sendall(data)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, r.read()
+
+
+def error_code(body: bytes) -> str | None:
+    """The `code` of an OpenAI-style error body (`{"error": {"message", "type", ...}}`), or None if it is not one."""
+    try:
+        err = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"] and isinstance(
+        err.get("type"), str)
+    return (err.get("code") or "") if ok else None
+
+
+def answers(server, name: str) -> bool:
+    """Whether the server still serves a good request (a moment's 503 while closed sockets drain is waited out)."""
+    for _ in range(30):
+        status, body = send(server, "POST", "/v1/completions", json.dumps({"model": name, **GOOD}).encode(),
+                            {"Content-Type": "application/json"})
+        if status != 503:
+            return status == 200 and json.loads(body)["choices"][0]["finish_reason"] in ("stop", "length")
+        time.sleep(0.1)
+    return False
+
+
+def hang_up(server, data: bytes, read: int = 0) -> None:
+    """Send `data`, read `read` bytes of the answer, then drop the connection."""
+    s = socket.create_connection(server.server_address[:2], timeout=20)
+    try:
+        s.sendall(data)
+        if read:
+            assert s.recv(read)
+        s.shutdown(socket.SHUT_RDWR)
+    finally:
+        s.close()
+
+
+def too_many_connections(server, cfg) -> tuple[int, bytes]:
+    idle = [socket.create_connection(server.server_address[:2]) for _ in range(cfg.max_connections)]
+    try:
+        time.sleep(0.3)
+        return send(server, "GET", "/health", None, {})
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_every_bad_request_is_a_clean_4xx_and_harms_nothing(arena, caplog, capsys):
+    """The server's side of the campaign: each bad request gets its 4xx (503 past the connection cap) with
+    an OpenAI-style JSON error body (a plain 400 from uvicorn for malformed HTTP), no traceback in the
+    server's log or stderr, and a good request right after it is still served; the checkpoint is hashed
+    before and after. Clients that hang up mid-body, mid-generation or mid-stream are one log line."""
+    from test_serve import CONFIG, running  # the server of tests/test_serve.py and its limits
+
+    name = "ck"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    def framed(fields: dict) -> bytes:
+        body = json.dumps({"prompt": "w5 w6", "max_tokens": CONFIG.max_tokens, "stop": ["never"], **fields}).encode()
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+    hangups = [  # (label, what is sent, bytes of the answer read first, the log line it must leave)
+        ("hang up mid-body", f"{head}Content-Length: 100\r\n\r\n".encode() + b'{"prompt": ', 0,
+         "before its request was read"),
+        ("hang up before the body", f"{head}Content-Length: 50\r\n\r\n".encode(), 0, "before its request was read"),
+        ("hang up mid-stream", framed({"model": f"{name}@75%", "stream": True}), 200, "went away"),
+        ("hang up mid-generation", framed({"model": name}), 0, ""),
+    ]
+    before = snapshot(arena)
+    tried = clean = transport = tracebacks = 0
+    problems = []
+    with caplog.at_level(logging.INFO), running(arena / "ck") as (server, _):
+        assert answers(server, name)
+        cases = [*server_cases(name, CONFIG, server.service.em.config.vocab_size),
+                 ("too many connections", ("cap",), 503, TRANSPORT),
+                 *[(label, ("hangup", data, read), None, line) for label, data, read, line in hangups]]
+        for label, request, status, code in cases:
+            tried += 1
+            seen = len(caplog.records)
+            got, body = None, b""
+            try:
+                if request[0] == "http":
+                    got, body = send(server, *request[1:])
+                elif request[0] == "raw":
+                    got, body = send_raw(server, request[1])
+                elif request[0] == "cap":
+                    got, body = too_many_connections(server, CONFIG)
+                else:
+                    hang_up(server, *request[1:])
+                    deadline = time.time() + 10
+                    while code and time.time() < deadline and not any(
+                            code in r.getMessage() for r in caplog.records[seen:]):
+                        time.sleep(0.05)
+            except (OSError, http.client.HTTPException) as e:
+                problems.append(f"{label}: {type(e).__name__}: {e}")
+                continue
+            alive = answers(server, name)
+            records = caplog.records[seen:]
+            traced = "Traceback" in capsys.readouterr().err or any(
+                r.exc_info or "Traceback" in r.getMessage() for r in records)
+            tracebacks += traced
+            got_code = error_code(body)
+            if status is None:  # a hang-up: no answer to read, only the log line it must leave
+                right = not code or any(code in r.getMessage() for r in records)
+            elif code is TRANSPORT:
+                right = got == status and (got_code is not None or body.strip() != b"")
+                transport += right and got_code is None
+            else:
+                right = got == status and got_code is not None and code in (ANY, got_code)
+            loud = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+            if right and alive and not traced and not loud:
+                clean += 1
+            else:
+                problems.append(f"{label}: HTTP {got} {body[:200]!r} (wanted {status} {code!r}); served after: "
+                                f"{alive}; traceback: {traced}; errors logged: {loud}")
+    after = snapshot(arena)
+    damaged = sorted(k for k in before if after.get(k) != before[k])
+    created = sorted(set(after) - set(before))
+    with capsys.disabled():
+        print(f"\nbad-request campaign (server): {tried} requests tried, {clean} clean errors ({transport} "
+              f"answered by uvicorn itself), {tracebacks} tracebacks, {len(damaged)} files damaged, "
+              f"{len(created)} files created")
+    assert not problems, "\n".join(problems)
+    assert tracebacks == 0 and not damaged and not created and clean == tried

@@ -8,7 +8,8 @@ module is the transport: Starlette routes on uvicorn.
 
 Endpoints: `POST /v1/completions` (with `logprobs` / `echo`), `POST /v1/chat/completions` (both with
 `stream` as server-sent events in OpenAI's chunk format), `GET /v1/models`, `GET /health`. Errors
-are OpenAI-style JSON with a 4xx status for a bad request, 503 when the queue is full.
+are OpenAI-style JSON with a 4xx status for a bad request (415 for a Content-Type other than JSON,
+so no web page can POST to it without a CORS preflight), 503 when the queue is full.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from concurrent.futures import Future
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -73,6 +75,10 @@ class Service:
         return self.protocol.models(self.em.space.to_dict(), routed)
 
 
+def _client(request: HTTPRequest) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "client"
+
+
 def _error(e: RequestError) -> JSONResponse:
     return JSONResponse(e.body(), e.status)
 
@@ -90,7 +96,15 @@ async def _body(request: HTTPRequest, limit: int) -> dict:
     if length > limit:
         raise RequestError(f"request body of {length} bytes is over the limit of {limit}", 413,
                            code="body_too_large")
-    return parse_json(await request.body())
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind and kind != "application/json" and not kind.endswith("+json"):  # no cross-site "simple" POSTs
+        raise RequestError(f"Content-Type {kind!r} is not supported; send application/json", 415,
+                           code="unsupported_media_type")
+    try:
+        data = await request.body()
+    except ClientDisconnect:
+        raise ClientGone from None
+    return parse_json(data)
 
 
 async def _wait(request: HTTPRequest, futures: list) -> list[Result]:
@@ -152,9 +166,12 @@ def _submit(service: Service, req: EngineRequest) -> Future:
 
 async def _generate(request: HTTPRequest, chat: bool) -> Response:
     service: Service = request.app.state.service
-    client = f"{request.client.host}:{request.client.port}" if request.client else "client"
+    client = _client(request)
     body = await _body(request, service.config.max_body_bytes)
     n = count_prompts(body, chat)
+    if n > service.config.max_queue:  # never fits the queue: 503 would ask the client to retry in vain
+        raise RequestError(f"a request may hold at most {service.config.max_queue} prompts (the server's "
+                           f"--max-queue), this one holds {n}", code="too_many_prompts", param="prompt")
     try:
         service.engine.reserve(n)  # before parsing: resolving budgets and tokenizing count as queued work
     except Busy:
@@ -190,6 +207,9 @@ def _route(handler):
             return await handler(request)
         except RequestError as e:
             return _error(e)
+        except ClientGone:
+            log.info("client %s went away before its request was read", _client(request))
+            return Response(status_code=499)
         except Exception as e:
             log.exception("request failed")
             return _error(RequestError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error"))
