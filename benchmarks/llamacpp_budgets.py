@@ -37,10 +37,8 @@ def smoke_checkpoint(work: Path) -> Path:
     return ckpt
 
 
-def measure(ckpt: Path, subnet: Subnet, work: Path, outtype: str, threads: int | None, timing: dict) -> dict:
-    path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf",
-                      outtype=outtype)
-    return llamacpp.measure(path, threads=threads, **timing)
+def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
+    return api.export(ckpt, None, path, overwrite=True, subnet=subnet, format="gguf", outtype=outtype)
 
 
 def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timing: dict) -> tuple[dict, list[dict]]:
@@ -48,9 +46,15 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     if not (em.latency or {}).get("runtime", "").startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
     outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
-    full = measure(ckpt, em.space.full(), work, outtype, threads, timing)
-    small = measure(ckpt, em.space.smallest(), work, outtype, threads, timing)
-    decode = cost_table(em, "latency_ms")
+
+    def measure(path: Path) -> dict:
+        return llamacpp.measure(path, threads=threads, **timing)
+
+    full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
+    tables = {"decode_ms": cost_table(em, "latency_ms"), "prefill_ms": cost_table(em, "prefill_ms")}
+    full = measure(full_gguf)
+    small = measure(gguf(ckpt, em.space.smallest(), work / "subnet.gguf", outtype))
+    decode = tables["decode_ms"]
     smallest = {"measured_fraction": small["decode_ms"] / full["decode_ms"],
                 "table_fraction": decode.smallest / decode.full, "subnet": em.space.smallest().to_dict()}
     print(f"smallest sub-network: decode {smallest['measured_fraction']:.3f} of the full model's (table "
@@ -59,12 +63,11 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
         # the full model is timed beside each sub-network so that a drifting machine cancels out
-        full = measure(ckpt, em.space.full(), work, outtype, threads, timing)
-        got = measure(ckpt, subnet, work, outtype, threads, timing)
+        full = measure(full_gguf)
+        got = measure(gguf(ckpt, subnet, work / "subnet.gguf", outtype))
         row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
-        for metric, key in (("latency_ms", "decode_ms"), ("prefill_ms", "prefill_ms")):
-            table = cost_table(em, metric)
+        for key, table in tables.items():
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
             row[f"{key}_ratio"] = got[key] / row[f"{key}_target"]
             row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table.full)

@@ -140,6 +140,7 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
 
         full_model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
         full_cost = subnet_cost(em, None, context=a.prefill // 2, weight_dtype_bytes=dtype.itemsize)
+        full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", name) if llamacpp else None  # written once
         for b, d in exports.items():
             full = speeds(full_model)  # timed beside each sub-network: a drifting machine cancels out
             print(f"{name} full model: decode {full['decode_tps']:.1f} tok/s, prefill {full['prefill_tps']:.0f} tok/s")
@@ -159,8 +160,9 @@ def run(ckpt: Path, work: Path, budgets: list[str], dtypes: list[str], device: s
                    "ideal": ideal}
             runs = [("export", exported, full), ("elastic", elastic, full)]
             if llamacpp:  # the full GGUF is timed beside each sub-network: a drifting machine cancels out
-                row["llamacpp_full"] = gguf_speeds(ckpt, em.space.full(), work, name, a)
-                runs.append(("llamacpp", gguf_speeds(ckpt, subnet, work, name, a), row["llamacpp_full"]))
+                row["llamacpp_full"] = gguf_speeds(full_gguf, a)
+                runs.append(("llamacpp", gguf_speeds(gguf(ckpt, subnet, work / "subnet.gguf", name), a),
+                             row["llamacpp_full"]))
             for path, got, base in runs:
                 speedup = {k: got[f"{k}_tps"] / base[f"{k}_tps"] for k in ideal}
                 row[path] = {**got, "speedup": speedup,
@@ -194,12 +196,15 @@ def per_layer_subnet(ckpt: Path) -> Subnet:
     return next(s for s in random_subnets(em, 100, seed=0) if len(set(s.mlp)) > 1 or len(set(s.attn)) > 1)
 
 
-def gguf_speeds(ckpt: Path, subnet: Subnet, work: Path, dtype: str, a: argparse.Namespace) -> dict:
-    """llama.cpp tokens/s of `subnet`'s GGUF: prefill of `a.prefill` tokens, then decode after them."""
+def gguf(ckpt: Path, subnet: Subnet, path: Path, dtype: str) -> Path:
+    """`subnet` exported to a GGUF at `path` (f32 for fp32, bf16 for bf16)."""
+    return api.export(ckpt, None, path, overwrite=True, subnet=subnet, format="gguf", outtype=OUTTYPES[dtype])
+
+
+def gguf_speeds(path: Path, a: argparse.Namespace) -> dict:
+    """llama.cpp tokens/s of a GGUF: prefill of `a.prefill` tokens, then decode after them."""
     from flextron.llamacpp import measure
 
-    path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf",
-                      outtype=OUTTYPES[dtype])
     t = measure(path, context=a.prefill, decode_steps=a.new_tokens, repeats=a.repeats, threads=a.threads)
     return {"decode_tps": 1e3 / t["decode_ms"], "prefill_tps": 1e3 * a.prefill / t["prefill_ms"]}
 

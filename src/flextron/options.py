@@ -39,6 +39,8 @@ class Options:
         check_options(self)
 
 
+_VERIFY = "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)"
+
 @dataclass
 class ConvertOptions(Options):
     """`flextron convert`: the elastic space and the importance calibration."""
@@ -74,7 +76,7 @@ class EvalOptions(Options):
     batch_size: int = opt(4, "sequences per forward", **_POSITIVE)
     adaptive: bool = opt(False, "route per token (MLP) and per request (attention)")
     dtype: str = opt("fp32", "compute dtype", choices=DTYPE_NAMES)
-    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
@@ -94,7 +96,7 @@ class ProfileOptions(Options):
     threads: int | None = opt(None, "llama.cpp threads (default: all cores)", **_POSITIVE)
     outtype: str = opt("f32", "llama.cpp weights", choices=OUTTYPES)
     dtype: str = opt("fp32", "compute dtype (HF runtime)", choices=DTYPE_NAMES)
-    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
@@ -103,7 +105,7 @@ class ExportOptions(Options):
 
     format: str = opt("hf", "an HF directory, or one llama.cpp GGUF file", choices=("hf", "gguf"))
     outtype: str = opt("f32", "GGUF weight type", choices=OUTTYPES)
-    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class GenerateOptions(Sampling):
     budget: str | None = opt(None, "0.6, 60%, or metric=value; elastic checkpoints only (default: the full model)")
     raw: bool = opt(False, "do not wrap the prompt in the chat template")
     adaptive: bool = opt(False, "route per token (MLP) and per request (attention)")
-    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
@@ -155,7 +157,7 @@ class ServeOptions(ServeConfig):
     port: int = opt(8000, "port to listen on (0: any free port)", low=0, high=65535)
     name: str | None = opt(None, "model id reported to clients (default: the checkpoint directory's name)")
     dtype: str = opt("fp32", "compute dtype", choices=DTYPE_NAMES)
-    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
