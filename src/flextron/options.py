@@ -41,6 +41,7 @@ class Options:
 
 _VERIFY = "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)"
 
+
 @dataclass
 class ConvertOptions(Options):
     """`flextron convert`: the elastic space and the importance calibration."""
