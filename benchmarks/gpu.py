@@ -13,6 +13,11 @@ SmolLM2 weights are present) a short elastic training run.
 
     python benchmarks/gpu.py                         # on the GPU machine: JSON + a docs/results.md section
     python benchmarks/gpu.py --device cpu --tiny     # dry run in seconds (tests/test_benchmarks.py)
+
+The packaged SmolLM2 GGUF (98 MB) is larger than what travels to a GPU machine in one call (64 MiB): it
+travels in two halves in two calls, and `--gguf FILE` dequantizes it there. One call can run some of
+the parts (`--parts`) into its own JSON (`--out`), bounded by `--deadline`; `--report A.json B.json`
+merges such files into benchmarks/results/gpu.json and the docs/results.md section.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +39,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from _results import ROOT, update_section, write_json
 from flextron import api
-from flextron.assets import cache_dir
+from flextron.assets import DEFAULT_MODEL, cache_dir, dequantize_gguf
 from flextron.config import TrainConfig
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
@@ -51,6 +58,7 @@ SHAPES = {  # Llama-architecture shapes of real checkpoints, random weights
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, no sparsity
+PARTS = ("tests", "train", "decode", "smollm2")
 PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "tqdm", "rich", "matplotlib", "pytest")
 
 
@@ -66,6 +74,15 @@ def _version(package: str) -> str:
         return md.version(package)
     except md.PackageNotFoundError:
         return "absent"
+
+
+def attempt(fn: Callable, *args) -> object:
+    """`fn(*args)`; a failure is recorded as the result (a GPU run is one shot: the rest goes on)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
 def peak_flops(device: str) -> float | None:
@@ -127,96 +144,165 @@ def decode_tps(model, batch: int, new_tokens: int, static: bool, device: str) ->
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   cache_implementation="static" if static else None)
     model.generate(prompt, **kwargs)  # warm-up (and compilation with a static cache)
-    sync(device)
-    t = time.perf_counter()
-    model.generate(prompt, **kwargs)
-    sync(device)
-    return batch * new_tokens / (time.perf_counter() - t)
+    times = []
+    for _ in range(3):  # the median of 3: one run of launch-bound eager decoding varied up to 2x on an H200
+        sync(device)
+        t = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return batch * new_tokens / sorted(times)[1]
 
 
-def decode_speedups(shape: dict, device: str, work: Path, a: argparse.Namespace, compiled: bool) -> list[dict]:
+def decode_speedups(shape: dict, device: str, work: Path, a: argparse.Namespace, static: bool) -> list[dict]:
     """Exports at 75 % / 50 % of the parameters vs the full model (a random unit order: speed does not
-    depend on it); the ideal speed-up is the ratio of weight bytes read per token."""
+    depend on it); the ideal speed-up is the ratio of weight bytes read per token. Eager at batch 1 and 8;
+    with `static`, also a static cache compiled by transformers (batch 1: compiling costs ~30 s a model)."""
     torch.manual_seed(0)
     src = work / "hf"
-    LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=512)).save_pretrained(src)
-    make_tokenizer().save_pretrained(src)
-    ckpt = api.convert(str(src), work / "ckpt", order="random", multiple=8 if a.tiny else 64, device=device,
-                       overwrite=True, progress=False)
-    dirs = {"1.0": ckpt} | {b: api.export(ckpt, b, work / f"export-{b}", overwrite=True) for b in ("0.75", "0.5")}
+    if not (work / "ckpt").is_dir():
+        LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=512)).save_pretrained(src)
+        make_tokenizer().save_pretrained(src)
+        api.convert(str(src), work / "ckpt", order="random", multiple=8 if a.tiny else 64, device=device,
+                    overwrite=True, progress=False)
+        for b in ("0.75", "0.5"):
+            api.export(work / "ckpt", b, work / f"export-{b}", overwrite=True)
+    dirs = {"1.0": work / "ckpt"} | {b: work / f"export-{b}" for b in ("0.75", "0.5")}
     rows, dtype = [], torch.bfloat16 if device == "cuda" else torch.float32
     for budget, path in dirs.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        for batch in (1, 8):
-            for static in (False, True):
-                if static and not (compiled and device == "cuda"):
-                    continue  # compiling costs ~30 s a model and batch: only where asked, on CUDA
-                rows.append({"budget": budget, "batch": batch, "static_compiled": static, "weight_bytes": weight_bytes,
-                             "tokens_per_s": round(decode_tps(model, batch, a.new_tokens, static, device), 1)})
+        for batch in (1,) if static else (1, 8):
+            rows.append({"budget": budget, "batch": batch, "static_compiled": static, "weight_bytes": weight_bytes,
+                         "tokens_per_s": round(decode_tps(model, batch, a.new_tokens, static, device), 1)})
         del model
     for r in rows:
-        full = next(f for f in rows if f["budget"] == "1.0" and f["batch"] == r["batch"]
-                    and f["static_compiled"] == r["static_compiled"])
+        full = next(f for f in rows if f["budget"] == "1.0" and f["batch"] == r["batch"])
         r["speedup"] = round(r["tokens_per_s"] / full["tokens_per_s"], 2)
         r["bytes_ratio"] = round(full["weight_bytes"] / r["weight_bytes"], 2)
     return rows
 
 
-def smollm2_run(device: str) -> dict:
-    """A short elastic run of the packaged SmolLM2 when its converted weights are already cached here."""
-    cached = cache_dir() / "models"
-    if not any(cached.glob("**/model.safetensors")):
-        return {"ran": False, "why": f"no converted SmolLM2 weights under {cached} (the GGUF does not travel)"}
+def smollm2_run(device: str, gguf: str | None, steps: int) -> dict:
+    """A short elastic run of the packaged SmolLM2 (from `gguf`, or its converted weights cached here)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if gguf:
+        dequantize_gguf(Path(gguf), target)
+    if not (target / "model.safetensors").is_file():
+        return {"ran": False, "why": f"no converted SmolLM2 weights under {target} and no --gguf"}
+    t = time.perf_counter()
     ckpt = api.convert(None, Path(tempfile.mkdtemp()) / "ckpt", device=device, dtype="bf16", progress=False)
-    cfg = TrainConfig(max_steps=60, seq_len=512, micro_batch=8, lr=5e-5, eval_limit=16)
+    convert_s = time.perf_counter() - t
+    cfg = TrainConfig(max_steps=steps, seq_len=512, micro_batch=8, lr=5e-5, eval_limit=16)
+    t = time.perf_counter()
     summary = api.train(ckpt, Path(tempfile.mkdtemp()) / "run", cfg, device=device, progress=False)
-    return {"ran": True, **{k: [r.to_dict() for r in summary[k]] for k in ("before", "after")}}
+    return {"ran": True, "steps": steps, "tokens": steps * 8 * 512, "convert_s": round(convert_s, 1),
+            "train_s": round(time.perf_counter() - t, 1),
+            **{k: [r.to_dict() for r in summary[k]] for k in ("before", "after")}}
 
 
 def markdown(result: dict) -> str:
-    v = result["versions"]
+    v, tests = result["versions"], result.get("cuda_tests", {})
     lines = [f"GPU: **{v.get('gpu', 'none')}** (CUDA {v.get('cuda')}), torch {v['torch']}, transformers "
-             f"{v['transformers']}; CUDA tests: {result['cuda_tests']['summary']} (`python benchmarks/gpu.py`).\n",
+             f"{v['transformers']}; CUDA tests: {tests.get('summary', tests.get('error', 'not run'))} "
+             "(`python benchmarks/gpu.py`).\n",
              "| model | compiled | tokens/s | TFLOP/s | MFU | peak memory (GiB) |", "|---|---|---:|---:|---:|---:|"]
-    for name, rows in result["training"].items():
+    for name, rows in result.get("training", {}).items():
         lines += [f"| {name} | {r['compiled']} | {r['tokens_per_s']:,} | {r['tflops']} | {r['mfu']} | "
-                  f"{r['peak_memory_gib']} |" for r in rows]
+                  f"{r['peak_memory_gib']} |" if "error" not in r else f"| {name} | | {r['error']} | | | |"
+                  for r in rows]
     lines += ["", "| model | export | batch | static cache, compiled | tokens/s | speed-up | bytes ratio |",
               "|---|---|---:|---|---:|---:|---:|"]
-    for name, rows in result["decode"].items():
+    for name, rows in result.get("decode", {}).items():
+        rows = rows if isinstance(rows, list) else [rows]
         lines += [f"| {name} | {r['budget']} | {r['batch']} | {r['static_compiled']} | {r['tokens_per_s']} | "
-                  f"{r['speedup']} | {r['bytes_ratio']} |" for r in rows]
-    s = result["smollm2"]
-    lines += ["", "SmolLM2 elastic run: " + (f"before {s['before']}, after {s['after']}" if s["ran"] else s["why"])]
+                  f"{r['speedup']} | {r['bytes_ratio']} |" if "error" not in r else f"| {name} | {r['error']} |||||"
+                  for r in rows]
+    s = result.get("smollm2", {"ran": False, "why": "not run"})
+    if s.get("ran"):
+        lines += ["", f"SmolLM2 elastic run ({s['steps']} steps, {s['tokens']:,} tokens, {s['train_s']} s):", "",
+                  "| budget | held-out ppl before | after |", "|---|---:|---:|"]
+        lines += [f"| {b['budget']} | {b['ppl']:.2f} | {a['ppl']:.2f} |" for b, a in zip(s["before"], s["after"])]
+    else:
+        lines += ["", f"SmolLM2 elastic run: not run ({s.get('why', s.get('error'))})"]
     return "\n".join(lines) + "\n"
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """The parts asked for, in order, each failure recorded; optional work stops at the deadline."""
+    start, result = time.perf_counter(), {"versions": versions(a.device), "parts": a.parts}
+    print(result["versions"], flush=True)
+    late = lambda: time.perf_counter() - start > a.deadline  # noqa: E731
+    shapes = {"tiny": TINY} if a.tiny else SHAPES
+
+    def save() -> None:
+        if a.out:
+            Path(a.out).write_text(json.dumps(result, indent=1))
+
+    def smollm2() -> object:
+        return {"ran": False, "why": "--tiny"} if a.tiny else attempt(smollm2_run, a.device, a.gguf, a.smollm2_steps)
+
+    if "tests" in a.parts:
+        result["cuda_tests"] = attempt(cuda_tests) if a.device == "cuda" else {"summary": "not run (CPU)"}
+        print(result["cuda_tests"], flush=True)
+        save()
+    if "train" in a.parts:
+        # Compiling is for CUDA (inductor); tracing the blocks on a CPU dry run would take minutes.
+        result["training"] = {name: [attempt(train_throughput, shape, a.device, False, a)]
+                              for name, shape in shapes.items()}
+        for name, shape in reversed(shapes.items()):  # the largest first: its MFU is the target
+            compiled = a.device == "cuda" and not late()
+            result["training"][name].append(attempt(train_throughput, shape, a.device, compiled, a))
+            print(name, result["training"][name], flush=True)
+            save()
+    if "decode" in a.parts:
+        result["decode"] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, shape in shapes.items():
+                (Path(tmp) / name).mkdir()
+                result["decode"][name] = attempt(decode_speedups, shape, a.device, Path(tmp) / name, a, False)
+                print(name, result["decode"][name], flush=True)
+                save()
+            if "smollm2" in a.parts:  # before the compiled rows, which the deadline may cut
+                result["smollm2"] = smollm2()
+                save()
+            for name, shape in shapes.items():
+                if a.device == "cuda" and not late() and isinstance(result["decode"][name], list):
+                    rows = attempt(decode_speedups, shape, a.device, Path(tmp) / name, a, True)
+                    result["decode"][name] += rows if isinstance(rows, list) else [rows]
+                    print(name, rows, flush=True)
+                    save()
+    if "smollm2" in a.parts and "smollm2" not in result:
+        result["smollm2"] = smollm2()
+    print(result.get("smollm2"), flush=True)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    save()
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and few steps: a dry run in seconds")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--deadline", type=float, default=420, help="seconds after which compiled runs are skipped")
+    ap.add_argument("--gguf", default=None, help="the packaged SmolLM2 GGUF file, for the SmolLM2 run")
+    ap.add_argument("--smollm2-steps", type=int, default=200, help="optimizer steps of the SmolLM2 run")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu.json)")
+    ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                    help="merge the JSON of earlier runs into benchmarks/results/gpu.json and docs/results.md")
     a = ap.parse_args()
-    a.seq_len, a.micro_batch, a.steps, a.new_tokens = (32, 2, 2, 4) if a.tiny else (2048, 4, 5, 128)
-    shapes = {"tiny": TINY} if a.tiny else SHAPES
-    result = {"versions": versions(a.device)}
-    print(result["versions"], flush=True)
-    result["cuda_tests"] = cuda_tests() if a.device == "cuda" else {"returncode": None, "summary": "not run (CPU)"}
-    print(result["cuda_tests"], flush=True)
-    result["training"], result["decode"] = {}, {}
-    for name, shape in shapes.items():
-        # Compiling is for CUDA (inductor); tracing the blocks on a CPU dry run would take minutes.
-        result["training"][name] = [train_throughput(shape, a.device, c, a) for c in (False, a.device == "cuda")]
-        print(name, result["training"][name], flush=True)
-        with tempfile.TemporaryDirectory() as work:
-            result["decode"][name] = decode_speedups(shape, a.device, Path(work), a, compiled=name != "SmolLM2-135M")
-        print(name, result["decode"][name], flush=True)
-    result["smollm2"] = smollm2_run(a.device) if not a.tiny else {"ran": False, "why": "--tiny"}
-    print(result["smollm2"], flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.report:
+        result = {}
+        for path in a.report:
+            result |= json.loads(Path(path).read_text())
     else:
+        a.parts = [p for p in a.parts.split(",") if p]
+        if unknown := set(a.parts) - set(PARTS):
+            ap.error(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+        a.seq_len, a.micro_batch, a.steps, a.new_tokens = (32, 2, 2, 4) if a.tiny else (2048, 4, 5, 64)
+        result = measure(a)
+    if not a.out:
         write_json("gpu", result)
         update_section("gpu", markdown(result))
     print(markdown(result))

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_model, make_tokenizer, word_text
 from flextron import api
@@ -16,7 +17,11 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_convert_in_bf16_on_cuda_holds_no_fp32_copy(tmp_path):
-    model = make_model("llama")
+    # Weights of ~270 MB in fp32: large enough that an fp32 copy would dwarf cuBLAS's workspace (~32 MB),
+    # which alone exceeded a tiny model's fp32 bytes on an H200.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=64))
     model.save_pretrained(tmp_path / "hf")
     make_tokenizer().save_pretrained(tmp_path / "hf")
     (tmp_path / "calib.txt").write_text(word_text(3000))

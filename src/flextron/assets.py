@@ -59,7 +59,11 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    gguf = package_file(*_GGUF)
+    return dequantize_gguf(package_file(*_GGUF), target)
+
+
+def dequantize_gguf(gguf: Path, target: Path) -> Path:
+    """A GGUF model file dequantized into an fp32 safetensors directory at `target` (replaced whole)."""
     if importlib.util.find_spec("gguf") is None:
         raise FlextronError("reading the packaged GGUF model needs `pip install gguf`")
     print(f"Dequantizing {gguf.name} into {target} (once) ...")
