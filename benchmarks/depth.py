@@ -139,7 +139,9 @@ def main() -> None:
         em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
         deep = select_subnet(em_d, Budget(fraction=0.5))
         params = subnet_cost(em_d, deep).params_nonembed
-        wide = uniform_subnet_for(em_w, Budget(metric="params", value=params))[0]
+        # The same total parameter count (a params budget counts the embeddings), or width only's smallest.
+        floor = subnet_cost(em_w, em_w.space.smallest()).params
+        wide = uniform_subnet_for(em_w, Budget(metric="params", value=max(subnet_cost(em_d, deep).params, floor)))[0]
         dirs = {"full": api.export(ckpts["width"], None, work / "export-full", subnet=em_w.space.full()),
                 "depth+width": api.export(ckpts["depth"], None, work / "export-depth", subnet=deep),
                 "width only": api.export(ckpts["width"], None, work / "export-width", subnet=wide)}

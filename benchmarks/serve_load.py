@@ -1,8 +1,10 @@
 """`flextron serve` under load: continuous batching vs one request at a time, in the same run.
 
 The packaged SmolLM2-135M (converted with a random unit order: speed does not depend on it) is
-served by `flextron serve` in a subprocess, once with `--max-batch 1` (the old serialized server)
-and once batched (`--max-batch 16`). For 1, 4, 16 and 64 concurrent clients, each request asks
+served by `flextron serve` in a subprocess three times: with `--max-batch 1` (the old serialized
+server), batched (`--max-batch 16`: a batch per sub-network, the batches taking turns), and with
+all budgets in one batch (`--max-batch 16 --mix-budgets`). For 1, 4, 16 and 64 concurrent
+clients, each request asks
 for 64 greedy tokens of a token-id prompt (8 prompts of 8-64 tokens), at one of three budgets in
 the model name (`NAME@100%`, `@75%`, `@50%`), half of them streamed. Reported per policy and
 level: aggregate generated tokens/s, p50/p99 time to first token (streamed requests) and total
@@ -53,13 +55,14 @@ def rss_mb(pid: int) -> float:
 class Served:
     """`flextron serve CKPT` in a subprocess, until closed."""
 
-    def __init__(self, ckpt: Path, max_batch: int, device: str, dtype: str) -> None:
+    def __init__(self, ckpt: Path, max_batch: int, device: str, dtype: str, mix: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flextron", "serve", str(ckpt), "--port", str(self.port), "--name", "ckpt",
              "--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", "256", "--device", device,
-             "--dtype", dtype], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--dtype", dtype, *(["--mix-budgets"] if mix else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 600
         while True:
             try:
@@ -164,8 +167,8 @@ def main() -> None:
         vocab = api.load(ckpt, "cpu")[0].config.vocab_size
         prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (8, 16, 24, 32, 40, 48, 56, 64)]
         runs, reference = {}, None
-        for policy, max_batch in (("serial", 1), ("batched", a.max_batch)):
-            server = Served(ckpt, max_batch, device, a.dtype)
+        for policy, max_batch in (("serial", 1), ("batched", a.max_batch), ("mixed", a.max_batch)):
+            server = Served(ckpt, max_batch, device, a.dtype, mix=policy == "mixed")
             try:
                 if reference is None:  # each request alone, one at a time
                     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
@@ -192,7 +195,9 @@ def main() -> None:
     lines = ["## Serving under load (`flextron serve`, continuous batching vs one at a time)", "",
              f"`{command}` on {hardware} ({device}, {a.dtype}, torch {torch.__version__}); SmolLM2-135M "
              f"(packaged), {a.max_tokens}-token greedy completions at {', '.join(BUDGETS)} (model `ckpt@B`), half "
-             f"streamed. serial = `--max-batch 1` (the old server), batched = `--max-batch {a.max_batch}`. "
+             f"streamed. serial = `--max-batch 1` (the old server), batched = `--max-batch {a.max_batch}` (a batch "
+             f"per sub-network, taking turns), mixed = `--max-batch {a.max_batch} --mix-budgets` (one batch, "
+             "full width, rows masked). "
              "Time to first token over streamed requests; mismatches: outputs that differ from the same request "
              "sent alone.", "",
              "| clients | policy | tokens/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | errors | mismatches |",

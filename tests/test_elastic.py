@@ -226,3 +226,20 @@ def test_a_scoped_sub_network_restores_a_soft_mix():
         assert em.current == em.space.smallest()
     assert em.current is None
     assert torch.equal(em(input_ids=x).logits, mixed)
+
+
+def test_each_row_runs_its_own_sub_network_in_one_batch(kind):
+    em = depth_elastic(kind)
+    gen = torch.Generator().manual_seed(5)
+    subs = [em.space.full(), em.space.smallest(), em.space.sample(gen), em.space.sample(gen)]
+    subs[3].mlp[0] = subs[3].attn[3] = 0
+    x = torch.randint(0, VOCAB, (len(subs), 9))
+    alone = []
+    for i, sub in enumerate(subs):
+        with em.subnet(sub):
+            alone.append(em(input_ids=x[i : i + 1]).logits)
+    with em.rows(subs):
+        together = em(input_ids=x).logits
+        assert em.current is None
+    assert (together - torch.cat(alone)).abs().max() < 1e-4
+    assert em.current == em.space.full()  # the previous state is back

@@ -29,10 +29,12 @@ def subnets(em):
     return [em.space.full(), em.space.uniform(1, 1), em.space.uniform(0, 2)]
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=[("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True)],
+                ids=["llama", "qwen2", "llama-mixed", "qwen2-mixed"])
 def engine(request):
-    em, tok = make_elastic(request.param), make_tokenizer()
-    eng = Engine(em, tok, EngineConfig(max_batch=6))
+    kind, mix = request.param  # mixed: all budgets in one batch, each row masked to its sub-network
+    em, tok = make_elastic(kind), make_tokenizer()
+    eng = Engine(em, tok, EngineConfig(max_batch=6, mix_budgets=mix))
     yield eng
     eng.close()
 
@@ -170,3 +172,24 @@ def test_adaptive_requests_run_alone_next_to_batched_ones():
         assert results[0].token_ids != alone(em, Request(PROMPTS[0], em.space.full(), NEW))
     finally:
         eng.close()
+
+
+def test_mixed_budgets_share_one_decode_step():
+    em, tok = make_elastic("llama"), make_tokenizer()
+    calls = []
+    em.model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
+                                   with_kwargs=True)
+    steps = {}
+    for mix in (False, True):
+        eng = Engine(em, tok, EngineConfig(max_batch=8, mix_budgets=mix))
+        reqs = [Request(PROMPTS[0], s, NEW) for s in subnets(em)]
+        gate = threading.Event()
+        reqs[0].on_text = lambda _, gate=gate: gate.wait(30)  # hold the engine until all three are queued
+        futures = [eng.submit(r) for r in reqs]
+        gate.set()
+        tokens = [f.result(60).token_ids for f in futures]
+        eng.close()
+        steps[mix] = sum(shape[1] == 1 for shape in calls)  # decode steps (one new token per row)
+        assert tokens == [alone(em, r) for r in reqs]
+        calls.clear()
+    assert steps[True] * 2 < steps[False]  # one step for all three budgets, not one per budget

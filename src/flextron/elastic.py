@@ -299,10 +299,33 @@ class ElasticModel(nn.Module):
         try:
             yield self.current
         finally:
-            if soft is not None:
-                self.set_soft(*soft)
-            else:
-                self.set_subnet(previous)
+            self._restore(previous, soft)
+
+    @contextmanager
+    def rows(self, subnets: list[Subnet]) -> Iterator[None]:
+        """Batch row b runs `subnets[b]` inside the `with` block: full width, each row's units masked
+        (so that one forward serves many budgets); on leaving it, the previous state is back."""
+        for s in subnets:
+            self.space.validate(s)
+        device = next(self.parameters()).device
+
+        def one_hot(choices: list[list[int]], picks: list[list[int]]) -> list[Tensor]:  # per layer [rows, 1, K]
+            return [torch.tensor([[[float(c == p[i]) for c in layer]] for p in picks], device=device)
+                    for i, layer in enumerate(choices)]
+
+        previous, soft = self.current, self._soft
+        self.set_soft(one_hot(self.space.mlp, [s.mlp for s in subnets]),
+                      one_hot(self.space.attn, [s.attn for s in subnets]))
+        try:
+            yield
+        finally:
+            self._restore(previous, soft)
+
+    def _restore(self, previous: Subnet | None, soft: tuple[list[Tensor], list[Tensor]] | None) -> None:
+        if soft is not None:
+            self.set_soft(*soft)
+        else:
+            self.set_subnet(previous)
 
     def permute_(self, mlp_perms: list[Tensor], attn_perms: list[Tensor]) -> None:
         """Reorder every layer's MLP neurons and attention units; the function is unchanged."""

@@ -14,6 +14,12 @@ Scheduling: waiting requests are admitted first come, first served while fewer t
 take one decode step each, in turn (round robin). Every running sequence so gets one token per
 round whatever its budget or its group's size, and a waiting request is admitted as soon as a
 sequence ends, so no budget starves. `max_batch=1` is the old one-request-at-a-time server.
+
+With `EngineConfig.mix_budgets`, requests of every budget share one batch instead: the model runs
+at full width and each row's MLP neurons and KV groups beyond its sub-network are masked to zero
+(`ElasticModel.rows`), so one decode step serves all budgets at the cost of the widest. That wins
+where a step's cost is mostly fixed per layer (HF eager on CPUs, launch-bound GPUs), and loses
+where it is mostly the bytes or FLOPs of the widths.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class EngineConfig:
     max_batch: int = 16  # sequences in KV caches at once, over all sub-networks; 1 serializes
     max_queue: int = 64  # requests running or waiting; more are refused
     max_budgets: int = 256  # resolved budgets kept (least recently used dropped)
+    mix_budgets: bool = False  # one batch for all budgets: full width, each row's units masked
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_budgets"):
@@ -169,8 +176,8 @@ def _scored(logp: Tensor, token: int, top: int | None) -> TokenLogprob:
 class _Group:
     """The running sequences of one sub-network: one KV cache, rows left-padded to one length."""
 
-    def __init__(self, subnet: Subnet, adaptive: float | None = None) -> None:
-        self.subnet, self.adaptive = subnet, adaptive
+    def __init__(self, adaptive: float | None = None) -> None:
+        self.adaptive = adaptive
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: Tensor | None = None  # [rows, cached length], 1 where a row has a token
@@ -336,10 +343,11 @@ class Engine:
                 arg.keep([])
 
     @contextmanager
-    def _at(self, subnet: Subnet, adaptive: float | None, input_ids: list[int]) -> Iterator[None]:
-        """Run the model at a sub-network, or routed by the adaptive routers for one request's prompt."""
+    def _at(self, subnets: list[Subnet], adaptive: float | None, input_ids: list[int]) -> Iterator[None]:
+        """Run the model with each row at its sub-network, or routed by the adaptive routers for one
+        request's prompt."""
         if adaptive is None:
-            with self.em.subnet(subnet):
+            with self.em.rows(subnets) if self.config.mix_budgets else self.em.subnet(subnets[0]):
                 yield
             return
         with self._routing.attached():
@@ -355,7 +363,7 @@ class Engine:
             return
         ids = torch.tensor([req.input_ids], device=self.device)
         cache = DynamicCache()
-        with self._at(req.subnet, req.adaptive, req.input_ids):
+        with self._at([req.subnet], req.adaptive, req.input_ids):
             out = self.em.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True,
                                 logits_to_keep=0 if req.prompt_logprobs else 1)
         logits = out.logits[0]
@@ -371,8 +379,11 @@ class Engine:
         if row.finish is not None:
             req.future.set_result(row.result())
             return
-        key = ("adaptive", id(req)) if req.adaptive is not None else (tuple(req.subnet.mlp), tuple(req.subnet.attn))
-        self._groups.setdefault(key, _Group(req.subnet, req.adaptive)).join(row, cache)
+        if req.adaptive is not None:
+            key = ("adaptive", id(req))
+        else:
+            key = ("mixed",) if self.config.mix_budgets else (tuple(req.subnet.mlp), tuple(req.subnet.attn))
+        self._groups.setdefault(key, _Group(req.adaptive)).join(row, cache)
 
     def _step(self, group: _Group) -> None:
         for r in group.rows:
@@ -383,7 +394,7 @@ class Engine:
             return
         rows = group.rows
         group.mask = torch.cat([group.mask, group.mask.new_ones(len(rows), 1)], 1)
-        with self._at(group.subnet, group.adaptive, rows[0].req.input_ids):
+        with self._at([r.req.subnet for r in rows], group.adaptive, rows[0].req.input_ids):
             out = self.em.model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=self.device),
                                 position_ids=torch.tensor([[r.position] for r in rows], device=self.device),
                                 attention_mask=group.mask, **{self._cache_arg: group.cache}, use_cache=True)

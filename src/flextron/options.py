@@ -139,6 +139,8 @@ class ServeConfig(Options):
     max_body_bytes: int = opt(1 << 20, "larger request bodies get 413", **_POSITIVE)
     max_queue: int = opt(64, "requests generating or waiting; more get 503", **_POSITIVE)
     max_batch: int = opt(16, "sequences decoding together, over all budgets (1: one at a time)", **_POSITIVE)
+    mix_budgets: bool = opt(False, "decode all budgets in one batch (full width, each row masked to its "
+                            "sub-network) instead of one batch per sub-network taking turns")
     max_connections: int = opt(256, "open connections; more get 503", **_POSITIVE)
     max_budgets: int = opt(256, "distinct budgets kept resolved (least recently used dropped)", **_POSITIVE)
     timeout_s: float = opt(120.0, "seconds after which an idle keep-alive connection is closed", low=0.0,

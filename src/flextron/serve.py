@@ -65,7 +65,7 @@ class Service:
         cfg = em.config
         context = context_length(cfg)
         self.engine = Engine(em, tokenizer, EngineConfig(self.config.max_batch, self.config.max_queue,
-                                                         self.config.max_budgets))
+                                                         self.config.max_budgets, self.config.mix_budgets))
         self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve,
                                  self.engine.adaptive_fraction)
 
