@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=16, help="requests per level at least (spread over clients)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--work", default=None, help="keep the checkpoint here (default: a temp dir)")
+    p.add_argument("--name", default="serve_load", help="the JSON file and docs/results.md section written")
     p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens; writes no results")
     a = p.parse_args()
     if a.smoke:
@@ -188,8 +189,9 @@ def main() -> None:
     if a.smoke:
         print(f"smoke run done in {time.time() - t_start:.0f} s (no results written)")
         return
-    command = "python benchmarks/serve_load.py" + (f" --device {a.device}" if a.device != "cpu" else "")
-    write_json("serve_load", {"command": command, "device": device, "hardware": hardware, "torch": torch.__version__,
+    command = "python benchmarks/serve_load.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "work" and v != p.get_default(k))
+    write_json(a.name, {"command": command, "device": device, "hardware": hardware, "torch": torch.__version__,
                               "dtype": a.dtype, "max_tokens": a.max_tokens, "budgets": BUDGETS, "runs": runs,
                               "seconds": time.time() - t_start})
     lines = ["## Serving under load (`flextron serve`, continuous batching vs one at a time)", "",
@@ -210,7 +212,7 @@ def main() -> None:
                          f"{r['errors']} | {r['mismatches']} |")
     lines += [""] + [f"Server memory ({policy}): {run['rss_before_mb']:.0f} MB before, {run['rss_after_mb']:.0f} MB "
                      "after the run." for policy, run in runs.items()]
-    update_section("serve_load", "\n".join(lines))
+    update_section(a.name, "\n".join(lines))
 
 
 if __name__ == "__main__":
