@@ -155,8 +155,8 @@ def main() -> None:
         exports = {"depth+width": {"subnet": deep.to_dict(), "params_nonembed": params},
                    "width only": {"subnet": wide.to_dict(), "params_nonembed": subnet_cost(em_w, wide).params_nonembed},
                    "decode_tokens_per_s": speed}
-    command = (f"python benchmarks/depth.py --train-steps {a.train_steps} --router-steps {a.router_steps} "
-               f"--min-layers {a.min_layers}" + (f" --device {a.device}" if a.device != "cpu" else ""))
+    command = "python benchmarks/depth.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "work" and v != p.get_default(k))
     data = {"command": command, "device": a.device, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
             "seconds": round(time.time() - t0), "curves": curves, "exports": exports}
