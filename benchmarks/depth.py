@@ -128,8 +128,9 @@ def main() -> None:
                 except FlextronError as e:  # below this variant's smallest sub-network
                     rows.append({"budget": f, "infeasible": str(e)})
                     continue
-                ms = measured_ms(em, subnet, a)  # sets the sub-network
-                ppl = perplexity(em, windows, autocast_dtype=compute_dtype(a.dtype), progress=False)
+                ms = measured_ms(em, subnet, a)
+                with em.subnet(subnet):  # `measure` restores the previous sub-network when it returns
+                    ppl = perplexity(em, windows, autocast_dtype=compute_dtype(a.dtype), progress=False)
                 rows.append({"budget": f, "ppl": ppl, "decode_ms": ms, "measured_fraction": ms / full_ms,
                              "skipped": [subnet.mlp.count(0), subnet.attn.count(0)], "subnet": subnet.to_dict()})
             smallest_ms = measured_ms(em, em.space.smallest(), a)
@@ -139,9 +140,9 @@ def main() -> None:
         em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
         deep = select_subnet(em_d, Budget(fraction=0.5))
         params = subnet_cost(em_d, deep).params_nonembed
-        # The same total parameter count (a params budget counts the embeddings), or width only's smallest.
-        floor = subnet_cost(em_w, em_w.space.smallest()).params
-        wide = uniform_subnet_for(em_w, Budget(metric="params", value=max(subnet_cost(em_d, deep).params, floor)))[0]
+        # The same non-embedding parameter count (what a params budget counts), or width only's smallest.
+        floor = subnet_cost(em_w, em_w.space.smallest()).params_nonembed
+        wide = uniform_subnet_for(em_w, Budget(metric="params", value=max(params, floor)))[0]
         dirs = {"full": api.export(ckpts["width"], None, work / "export-full", subnet=em_w.space.full()),
                 "depth+width": api.export(ckpts["depth"], None, work / "export-depth", subnet=deep),
                 "width only": api.export(ckpts["width"], None, work / "export-width", subnet=wide)}
@@ -187,7 +188,8 @@ def main() -> None:
         "",
         f"Exports (decode tokens/s, {new_tokens} greedy tokens after a {a.context}-token prompt): full "
         f"{speed['full']:.1f}; width + depth at 50% latency ({params / 1e6:.1f}M non-embedding params) "
-        f"{speed['depth+width']:.1f} (x{speed['depth+width'] / speed['full']:.2f}); width only, same params "
+        f"{speed['depth+width']:.1f} (x{speed['depth+width'] / speed['full']:.2f}); width only, the largest uniform "
+        "within those params (or its smallest) "
         f"({exports['width only']['params_nonembed'] / 1e6:.1f}M) {speed['width only']:.1f} "
         f"(x{speed['width only'] / speed['full']:.2f}).",
     ]
