@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -12,6 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 IMG_DIR = ROOT / "docs" / "img"
+
+
+def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that reproduces a run: the script and each flag whose value is not its default
+    (`--work`, where results do not depend on it, left out)."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+             for k, v in vars(args).items() if k != "work" and v != parser.get_default(k)]
+    return " ".join([f"python benchmarks/{script}", *flags])
 
 
 def write_json(name: str, data: dict) -> Path:

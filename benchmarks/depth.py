@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from _results import publish
+from _results import command_line, publish
 from flextron import api
 from flextron.budgets import budget_grid, select_subnet, uniform_subnet_for
 from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
@@ -156,8 +156,7 @@ def main() -> None:
         exports = {"depth+width": {"subnet": deep.to_dict(), "params_nonembed": params},
                    "width only": {"subnet": wide.to_dict(), "params_nonembed": subnet_cost(em_w, wide).params_nonembed},
                    "decode_tokens_per_s": speed}
-    command = "python benchmarks/depth.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "work" and v != p.get_default(k))
+    command = command_line("depth.py", p, a)
     data = {"command": command, "device": a.device, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
             "seconds": round(time.time() - t0), "curves": curves, "exports": exports}

@@ -31,7 +31,7 @@ from pathlib import Path
 import openai
 import torch
 
-from _results import update_section, write_json
+from _results import command_line, update_section, write_json
 from flextron import api
 from speed import bench_checkpoint, hardware_name
 
@@ -189,8 +189,7 @@ def main() -> None:
     if a.smoke:
         print(f"smoke run done in {time.time() - t_start:.0f} s (no results written)")
         return
-    command = "python benchmarks/serve_load.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "work" and v != p.get_default(k))
+    command = command_line("serve_load.py", p, a)
     write_json(a.name, {"command": command, "device": device, "hardware": hardware, "torch": torch.__version__,
                               "dtype": a.dtype, "max_tokens": a.max_tokens, "budgets": BUDGETS, "runs": runs,
                               "seconds": time.time() - t_start})

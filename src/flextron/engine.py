@@ -174,7 +174,8 @@ def _scored(logp: Tensor, token: int, top: int | None) -> TokenLogprob:
 
 
 class _Group:
-    """The running sequences of one sub-network: one KV cache, rows left-padded to one length."""
+    """The running sequences of one sub-network (or, mixing budgets, of all of them): one KV cache,
+    rows left-padded to one length."""
 
     def __init__(self, adaptive: float | None = None) -> None:
         self.adaptive = adaptive
