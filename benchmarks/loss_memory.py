@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -24,10 +23,11 @@ from torch import nn
 from _results import update_section, write_json
 from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import kd_loss
+from flextron.train.memory import peak_rss_bytes
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_bytes() / 2**20
 
 
 def child(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ def _tokenizer(smoke: bool):
 def child(files: list[str], seq_len: int, smoke: bool) -> dict:
     from flextron.data import PackedSequences
     from flextron.tokens import corpus_tokens
+    from flextron.train.memory import peak_rss_bytes
 
     tok = _tokenizer(smoke)
     t0 = time.perf_counter()
@@ -46,7 +46,7 @@ def child(files: list[str], seq_len: int, smoke: bool) -> dict:
     seqs = PackedSequences(ids, seq_len, seed=0)
     seqs.rows(0, 8)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2**20
     return {"chars": sum(os.path.getsize(f) for f in files), "tokens": len(ids), "sequences": len(seqs),
             "seconds": round(seconds, 2), "tokens_per_s": round(len(ids) / seconds),
             "peak_rss_mb": round(peak)}

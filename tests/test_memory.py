@@ -1,7 +1,10 @@
+import subprocess
+import sys
+
 from conftest import make_model
 from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
-from flextron.train.memory import estimate_memory
+from flextron.train.memory import estimate_memory, peak_rss_bytes
 
 
 def test_memory_estimate_against_a_hand_count():
@@ -21,3 +24,12 @@ def test_memory_estimate_against_a_hand_count():
     assert fsdp.teacher == 2 * (layer + (params - 2 * layer))  # blocks sharded, the rest whole
     assert fsdp.activations == 64 * 2 * 4 * 64 + 2 * 64 * 64 * 4
     assert "GiB" in fsdp.summary()
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    # ru_maxrss survives exec: a child of this (deliberately large) process would report our peak.
+    big = bytearray(b"\x01" * (1 << 30))
+    assert peak_rss_bytes() >= len(big)
+    code = "from flextron.train.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < len(big) // 2

@@ -30,12 +30,13 @@ ARGS = dict(max_steps=2, seq_len=32, micro_batch=1, n_random=0, warmup_steps=1, 
             dtype="fp32", teacher_dtype="bf16", lr=1e-4)
 # One training step in a subprocess; prints its peak RSS.
 _STEP = """
-import json, resource, sys
+import json, sys
 from flextron import api
 from flextron.config import TrainConfig
+from flextron.train.memory import peak_rss_bytes
 api.train(sys.argv[1], sys.argv[2], TrainConfig(**json.loads(sys.argv[3])), [sys.argv[4]], device="cpu",
           progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_rss_bytes())
 """
 
 

@@ -7,12 +7,28 @@ estimates (saved activations per token and layer of a pre-norm decoder, one loss
 
 from __future__ import annotations
 
+import resource
+import sys
 from dataclasses import asdict, dataclass
 
 from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
 
 GIB = 1 << 30
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM of its own address space, because ru_maxrss
+    survives exec and a child started by a large process would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 @dataclass(frozen=True)
