@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +30,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _results import command_line, publish
+from _variants import build, log
 from flextron import api
-from flextron.budgets import budget_grid, select_subnet, uniform_subnet_for
-from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
+from flextron.budgets import select_subnet, uniform_subnet_for
+from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
@@ -42,42 +42,6 @@ from flextron.evaluate import perplexity
 from flextron.latency import measure
 from flextron.precision import compute_dtype
 from speed import decode_tps
-
-
-def log(text: str, t0: float = time.time()) -> None:
-    print(f"[{time.time() - t0:7.0f} s] {text}", flush=True)
-
-
-def build(work: Path, name: str, depth: bool, a: argparse.Namespace) -> Path:
-    """Convert (with or without depth), train, profile and route one variant; returns its checkpoint."""
-    log(f"{name}: convert")
-    if a.smoke:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from conftest import make_model, make_tokenizer
-
-        src = work / "tiny-hf"
-        if not src.is_dir():
-            make_model("llama", n_layers=6).save_pretrained(src)
-            make_tokenizer().save_pretrained(src)
-        model, kw = str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
-    else:
-        model, kw = None, {}
-    ckpt = api.convert(model, work / f"{name}-converted", depth=depth, min_layers=a.min_layers,
-                       device=a.device, progress=False, **kw)
-    if a.train_steps:
-        log(f"{name}: elastic training, {a.train_steps} steps")
-        cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
-                          dtype=a.dtype)
-        ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
-    log(f"{name}: latency table")
-    api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, samples=a.profile_samples,
-                validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
-    grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms", points=a.budgets)
-    log(f"{name}: routers over latency budgets {grid}")
-    cfg = RouterConfig(budgets=grid, metric="latency_ms", steps=a.router_steps, joint_steps=a.joint_steps,
-                       dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
-    api.route(ckpt, cfg, out=work / f"{name}-routed", device=a.device, progress=False)
-    return work / f"{name}-routed"
 
 
 def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> float:
@@ -111,7 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        ckpts = {"width": build(work, "width", False, a), "depth": build(work, "depth", True, a)}
+        ckpts = {"width": build(work, "width", a, "latency_ms", depth=False),
+                 "depth": build(work, "depth", a, "latency_ms", depth=True, min_layers=a.min_layers)}
         seq_len = 64 if a.smoke else 1024
         # Every budget of either grid, for both variants (below the width-only minimum: infeasible).
         fractions = sorted({r for c in ckpts.values() for r in api.load(c, "cpu")[0].routers.config.budgets})

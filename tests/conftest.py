@@ -49,20 +49,24 @@ def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
     return model.eval()
 
 
-def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_layers: int | None = None):
+def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_layers: int | None = None,
+                 attn_unit: str = "group"):
     """A tiny elastic model with the default space at multiples of 8 neurons (4 MLP choices);
-    with `min_layers`, every sub-layer may also be skipped (depth) down to that floor."""
+    with `min_layers`, every sub-layer may also be skipped (depth) down to that floor; with
+    `attn_unit="head"`, attention choices are query heads (llama-like: 1, 2, 3, 4 or 8 of 8)."""
     from flextron.config import ElasticSpace
     from flextron.elastic import ElasticModel
 
-    em = ElasticModel(make_model(kind, seed, n_layers))
+    em = ElasticModel(make_model(kind, seed, n_layers), attn_unit=attn_unit)
     b = em.blocks[0]
-    space = ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8)
+    space = ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8, attn_unit=attn_unit,
+                                 kv_groups=b.geometry.n_kv_heads)
     em.set_space(space if min_layers is None else space.with_depth(min_layers))
     return em
 
 
 FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+LLAMA_KINDS = FAMILY_KINDS[:4]  # grouped-query attention: query heads can be trimmed inside KV groups
 
 
 @pytest.fixture(params=FAMILY_KINDS)

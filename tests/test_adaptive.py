@@ -141,12 +141,14 @@ def test_trained_adaptive_routers_meet_their_budgets_on_average():
     assert realised == sorted(realised)
 
 
-def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys):
+@pytest.mark.parametrize("attn_unit", ["group", "head"])
+def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys, attn_unit):
     from conftest import make_tokenizer, word_text
     from flextron.checkpoint import load_checkpoint, save_checkpoint
     from flextron.cli import main
 
-    ckpt = save_checkpoint(make_elastic(), make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    ckpt = save_checkpoint(make_elastic(attn_unit=attn_unit), make_tokenizer(), tmp_path / "ckpt",
+                           {"source_model": "tiny"})
     data = tmp_path / "data.txt"
     data.write_text(word_text(3000))
     common = ["--data", str(data), "--steps", "6", "--joint-steps", "1", "--seq-len", "16", "--micro-batch", "2",
@@ -160,6 +162,7 @@ def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys):
     assert "Input-adaptive routing" in capsys.readouterr().out
     em, _, manifest = load_checkpoint(ckpt)
     assert em.routers.adaptive is not None and manifest["adaptive_routing"]["steps"] == 6
+    assert em.attn_unit == attn_unit and em.blocks[0].head_units == (attn_unit == "head")
     assert main(["eval", str(ckpt), "--adaptive", "--budgets", "0.5,1.0", "--limit", "2", "--seq-len", "32",
                  "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())

@@ -121,6 +121,25 @@ def test_per_layer_space_from_json(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "c2").exists()
 
 
+def test_convert_with_query_head_choices_then_export(tiny_hf_dir, tmp_path, capsys):
+    model_dir, text = tiny_hf_dir
+    out = tmp_path / "ckpt"
+    assert main(["convert", str(model_dir), "--out", str(out), "--attn-unit", "head", "--calib-data", str(text),
+                 "--calib-sequences", "4", "--calib-seq-len", "16", "--multiple", "8"]) == 0
+    space = json.loads((out / "flextron.json").read_text())["elastic_space"]
+    assert space["attn_unit"] == "head" and space["attn"][0] == [1, 2, 3, 4, 8]  # 8 query heads in 4 groups
+    api.export(out, None, tmp_path / "e", subnet={"mlp": [48, 48], "attn": [4, 4]})
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 4)
+    space_file = tmp_path / "space.json"
+    space_file.write_text(json.dumps({"mlp": [[96]] * 2, "attn": [[4, 8]] * 2}))
+    capsys.readouterr()
+    assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--space", str(space_file),
+                 "--attn-unit", "head"]) == 2
+    assert "contradicts the space file" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()
+
+
 def test_convert_with_depth_then_export_below_the_width_only_minimum(tiny_hf_dir, tmp_path, capsys):
     model_dir, text = tiny_hf_dir
     out = tmp_path / "ckpt"

@@ -74,3 +74,26 @@ def test_a_table_knows_the_full_and_smallest_costs_of_its_space():
     assert table.space == em.space
     assert table.full == subnet_cost(em).params_nonembed == table(em.space, em.space.full())
     assert table.smallest == subnet_cost(em, em.space.smallest()).params_nonembed < table.full
+
+
+@pytest.mark.parametrize("kind,bias", [("llama", False), ("qwen2", True)])
+def test_query_head_choices_cost_their_heads_and_groups_by_hand_count(kind, bias):
+    em = make_elastic(kind, attn_unit="head")
+    sub = Subnet(mlp=[24, 72], attn=[2, 4])  # 2 groups of one head; 4 groups of one head
+
+    def layer(w: int, heads: int, groups: int) -> int:
+        q = o = heads * HEAD_DIM
+        kv = groups * HEAD_DIM
+        return H * (q + 2 * kv) + o * H + ((q + 2 * kv) if bias else 0) + 3 * H * w + 2 * H
+
+    cost = subnet_cost(em, sub, context=100)
+    assert cost.params_nonembed == layer(24, 2, 2) + layer(72, 4, 4) + H
+    assert cost.kv_bytes_per_token == 2 * (2 + 4) * HEAD_DIM * 2
+    weights = sum(H * (heads * HEAD_DIM * 2 + 2 * groups * HEAD_DIM) + 3 * H * w
+                  for w, heads, groups in ((24, 2, 2), (72, 4, 4)))
+    assert cost.flops_per_token == 2 * (weights + VOCAB * H) + 4 * HEAD_DIM * (2 + 4) * 100
+    # Same query heads as the group choice 2 (4 heads), half the KV cache: one head per group.
+    cfg = em.config.to_dict() | {"intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 4}
+    standalone = (LlamaForCausalLM(LlamaConfig(**cfg)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**cfg)))
+    assert subnet_cost(em, Subnet(mlp=[48, 48], attn=[4, 4])).params == sum(
+        p.numel() for p in standalone.parameters())

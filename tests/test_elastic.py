@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import VOCAB, make_elastic, make_model
+from conftest import LLAMA_KINDS, VOCAB, make_elastic, make_model
 from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -243,3 +246,115 @@ def test_each_row_runs_its_own_sub_network_in_one_batch(kind):
         assert em.current is None
     assert (together - torch.cat(alone)).abs().max() < 1e-4
     assert em.current == em.space.full()  # the previous state is back
+
+
+# Query heads trimmed inside KV groups (attn_unit="head"). The tiny llama-likes have 8 query heads in
+# 4 groups (R = 2): choice 8 = all, 4 = one head per group, 1-3 = that many groups of one head.
+
+
+def heads_reference(model: torch.nn.Module, heads: list[int], groups: list[int]) -> torch.nn.Module:
+    """The HF model with only the given query heads and KV groups in every layer, cut by hand."""
+    cfg = model.config.to_dict() | {"num_attention_heads": len(heads), "num_key_value_heads": len(groups)}
+    ref = type(model)(type(model.config).from_dict(cfg)).eval()
+    d = model.config.head_dim
+    rows = lambda idx: torch.tensor([i * d + j for i in idx for j in range(d)])  # noqa: E731
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".q_proj." in k:
+            v = v[rows(heads)]
+        elif ".k_proj." in k or ".v_proj." in k:
+            v = v[rows(groups)]
+        elif ".o_proj." in k:
+            v = v[:, rows(heads)]
+        state[k] = v
+    ref.load_state_dict(state)
+    return ref
+
+
+@pytest.mark.parametrize("kind", LLAMA_KINDS)
+def test_query_head_choices_equal_the_hand_cut_model(kind):
+    ref = make_model(kind)
+    em = make_elastic(kind, attn_unit="head")
+    assert em.space.attn == [[1, 2, 3, 4, 8]] * 2
+    x = torch.randint(0, VOCAB, (2, 10))
+    assert torch.equal(em(input_ids=x).logits, ref(input_ids=x).logits)
+    # HF head h reads group h // 2: c = 4 keeps head 0 of every group, c = 2 groups 0-1 with one head.
+    for c, heads, groups in ((4, [0, 2, 4, 6], [0, 1, 2, 3]), (2, [0, 2], [0, 1]), (1, [0], [0])):
+        sub = em.space.full()
+        sub.attn = [c, c]
+        with em.subnet(sub):
+            got = em(input_ids=x).logits
+            assert em.blocks[0].attn.module.num_key_value_groups == 1
+        want = heads_reference(ref, heads, groups)(input_ids=x).logits
+        assert (got - want).abs().max() < 1e-5, c
+    assert em.blocks[0].attn.module.num_key_value_groups == 2  # back at full width
+
+
+@pytest.mark.parametrize("kind", LLAMA_KINDS)
+def test_query_head_hard_slice_equals_soft_one_hot_and_rows(kind):
+    em = make_elastic(kind, n_layers=3, attn_unit="head")
+    x = torch.randint(0, VOCAB, (4, 9))
+    gen = torch.Generator().manual_seed(3)
+    subs = [em.space.sample(gen) for _ in range(4)]
+    alone = []
+    for i, sub in enumerate(subs):
+        with em.subnet(sub):
+            hard = em(input_ids=x).logits
+        em.set_soft(one_hot(em.space.mlp, sub.mlp), one_hot(em.space.attn, sub.attn))
+        assert (hard - em(input_ids=x).logits).abs().max() < 1e-4, sub
+        alone.append(hard[i : i + 1])
+    with em.rows(subs):
+        assert (em(input_ids=x).logits - torch.cat(alone)).abs().max() < 1e-4
+
+
+def test_query_head_permutation_keeps_groups_together_and_the_function():
+    ref, em = make_model("llama"), make_elastic("llama", attn_unit="head")
+    x = torch.randint(0, VOCAB, (2, 10))
+    gen = torch.Generator().manual_seed(4)
+    scores = [torch.rand(8, generator=gen) for _ in em.blocks]
+    perms = [b.attn_order(s) for b, s in zip(em.blocks, scores)]
+    for p, s in zip(perms, scores):  # groups by summed score, heads by score inside each group
+        groups = p.view(4, 2) // 2
+        assert (groups == groups[:, :1]).all()
+        assert torch.equal(groups[:, 0], torch.argsort(s.view(4, 2).sum(1), descending=True))
+        assert (s[p].view(4, 2)[:, 0] >= s[p].view(4, 2)[:, 1]).all()
+    em.permute_([torch.arange(b.mlp.n_units) for b in em.blocks], perms)
+    assert (em(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4
+    with pytest.raises(FlextronError, match="keep each KV group's query heads together"):
+        em.blocks[0].permute_attn_(torch.tensor([1, 2, 0, 3, 4, 5, 6, 7]))
+
+
+def test_query_head_cached_generation_equals_full_recompute():
+    em = make_elastic("llama", attn_unit="head")
+    sub = em.space.full()
+    sub.attn = [4, 3]
+    with em.subnet(sub):
+        x = torch.randint(0, VOCAB, (1, 5))
+        out = em.model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        seq = x
+        for _ in range(4):
+            seq = torch.cat([seq, em(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_query_head_choices_one_kv_head():
+    # Gemma-3-style: 4 query heads, one KV head; whole-group removal has nothing to remove.
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=8)
+    model = LlamaForCausalLM(config).eval()
+    assert ElasticModel(copy.deepcopy(model)).space.attn == [[1]]  # wrapping changes the model in place
+    em = ElasticModel(copy.deepcopy(model), attn_unit="head")
+    assert em.space.attn == [[1, 2, 3, 4]]
+    x = torch.randint(0, VOCAB, (1, 7))
+    for c in (1, 2):  # (HF refuses a config of 3 heads in 32 features)
+        with em.subnet(type(em.space.full())(mlp=[64], attn=[c])):
+            got = em(input_ids=x).logits
+        assert (got - heads_reference(model, list(range(c)), [0])(input_ids=x).logits).abs().max() < 1e-5
+
+
+def test_query_head_space_refuses_unequal_groups():
+    em = make_elastic("llama", attn_unit="head")
+    with pytest.raises(FlextronError, match=r"attention choices \[6\] are not head counts"):
+        em.set_space(ElasticSpace(mlp=em.space.mlp, attn=[[4, 6, 8]] * 2, attn_unit="head"))
+    with pytest.raises(FlextronError, match="counts attention in groups"):
+        em.set_space(ElasticSpace(mlp=em.space.mlp, attn=[[2, 4]] * 2))

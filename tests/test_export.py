@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILY_KINDS, VOCAB, make_elastic, make_tokenizer
+from conftest import FAMILY_KINDS, LLAMA_KINDS, VOCAB, make_elastic, make_tokenizer
 from flextron import api
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
@@ -280,3 +280,19 @@ with torch.no_grad():
                        text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", LLAMA_KINDS)
+def test_query_head_exports_match_the_elastic_model(kind, tmp_path):
+    em = make_elastic(kind, attn_unit="head")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    # One head in each of the 4 groups everywhere (stock config: 4 heads, 4 KV heads); per layer: 2 groups / all.
+    for sub, stock in ((Subnet(mlp=[48, 48], attn=[4, 4]), True), (Subnet(mlp=[24, 96], attn=[2, 8]), False)):
+        d = export(em, make_tokenizer(), sub, tmp_path / f"{sub.attn[0]}")
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert (type(model).__name__ not in PER_LAYER_CLASSES) == stock
+        if stock:
+            assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 4)
+        assert sum(p.numel() for p in model.parameters()) == subnet_cost(em, sub).params
+        with em.subnet(sub), torch.no_grad():
+            assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4

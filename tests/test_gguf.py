@@ -243,3 +243,14 @@ def test_smollm2_gguf_logits_and_greedy_equal(smollm, case, tmp_path):
         assert diff < SMOLLM_TOL, diff
         if case in ("uniform-50", "per_layer-a"):  # greedy decoding once per kind: HF decoding is the slow part
             assert llamacpp.greedy(llm, ids, 32) == hf_greedy(em, sub, ids, 32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_query_heads_within_groups_run_in_llamacpp(kind, tmp_path):
+    em, tok = sharp_elastic(kind, attn_unit="head"), make_bpe_tokenizer()
+    for name, sub in (("uniform", Subnet(mlp=[48, 48], attn=[4, 4])), ("per_layer", Subnet(mlp=[24, 96], attn=[2, 8]))):
+        info = write_gguf(em, tok, sub, tmp_path / f"{name}.gguf")
+        # Qwen2's own architecture sizes q by the hidden size: narrower query heads go to deci.
+        assert info["architecture"] == ("llama" if kind == "llama" and name == "uniform" else "deci")
+        diff = np.abs(gguf_logits(tmp_path / f"{name}.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
+        assert diff < TOL, (name, diff)

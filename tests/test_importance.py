@@ -6,17 +6,23 @@ from flextron.elastic import ElasticModel
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 
 
-def test_scores_are_sorted_and_function_is_kept(kind):
+@pytest.mark.parametrize("attn_unit", ["group", "head"])
+def test_scores_are_sorted_and_function_is_kept(kind, attn_unit):
     ref = make_model(kind)
-    em = ElasticModel(make_model(kind))
+    em = ElasticModel(make_model(kind), attn_unit=attn_unit)
     seqs = torch.randint(0, VOCAB, (6, 16))
     imp = measure_importance(em, seqs, batch_size=4, progress=False)
     assert [s.numel() for s in imp.mlp] == [b.mlp.n_units for b in em.blocks]
     assert [s.numel() for s in imp.attn] == [b.attn.n_units for b in em.blocks]
     assert all((s > 0).all() for s in imp.mlp + imp.attn)
     sorted_imp = sort_by_importance(em, imp)
-    for s in sorted_imp.mlp + sorted_imp.attn:
+    for s in sorted_imp.mlp + ([] if em.blocks[0].head_units else sorted_imp.attn):
         assert (s[:-1] >= s[1:]).all()
+    for b, s in zip(em.blocks, sorted_imp.attn if em.blocks[0].head_units else []):
+        # Heads: groups by descending summed score, heads by descending score inside each group.
+        per_group = s.view(b.geometry.n_kv_heads, -1)
+        assert (per_group[:, :-1] >= per_group[:, 1:]).all()
+        assert (per_group.sum(1)[:-1] >= per_group.sum(1)[1:]).all()
     x = torch.randint(0, VOCAB, (2, 10))
     assert (em(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4
     # Measuring again on the permuted model gives the sorted scores.

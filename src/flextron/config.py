@@ -21,6 +21,7 @@ from flextron.errors import FlextronError
 KINDS = ("mlp", "attn")
 DTYPE_NAMES = ("fp32", "bf16")  # the keys of flextron.precision.DTYPES
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
+ATTN_UNITS = ("group", "head")  # what an attention choice counts (see ElasticSpace)
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, **rules: Any) -> Any:
@@ -99,19 +100,24 @@ _FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weig
 
 @dataclass
 class ElasticSpace:
-    """Per-layer nested choices: MLP widths (neurons) and attention units (KV groups or heads).
+    """Per-layer nested choices: MLP widths (neurons) and attention units.
 
     Every list is ascending and ends with the layer's full size, so a smaller choice is a
     prefix of a larger one once the weights are sorted by importance. A list may start with 0:
     the sub-layer may be skipped (depth). `min_layers` is the floor of layers that keep each
     kind of sub-layer; `skip_order` lists, per kind, the layers from the first to skip (least
     important) to the last (the default: the deepest first).
+
+    `attn_unit` says what an attention choice counts. "group": KV groups, each with all its query
+    heads (whole-group removal). "head": query heads, nested as G*q (all G groups kept, q heads in
+    each) down to G, then c < G (c groups of one head): trims heads inside the groups first.
     """
 
     mlp: list[list[int]]
     attn: list[list[int]]
     min_layers: int = 1
     skip_order: dict[str, list[int]] | None = None
+    attn_unit: str = "group"
 
     def __post_init__(self) -> None:
         if len(self.mlp) != len(self.attn):
@@ -132,6 +138,8 @@ class ElasticSpace:
         for kind, order in (self.skip_order or {}).items():
             if kind not in KINDS or sorted(order) != list(range(n)):
                 raise FlextronError(f"skip_order[{kind!r}] must list each of the {n} layers once")
+        if self.attn_unit not in ATTN_UNITS:
+            raise FlextronError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, not {self.attn_unit!r}")
 
     @property
     def n_layers(self) -> int:
@@ -159,8 +167,12 @@ class ElasticSpace:
         mlp_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
         attn_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
         multiple: int = 64,
+        attn_unit: str = "group",
+        kv_groups: int = 1,
     ) -> ElasticSpace:
-        """Uniform space: MLP fractions rounded to `multiple` neurons, attention fractions of units."""
+        """Uniform space: MLP fractions rounded to `multiple` neurons, attention fractions of units.
+        With `attn_unit="head"` (`attn_units` query heads in `kv_groups` groups): every head count
+        per group, G*q, and below G the fractions of the groups, one head each."""
         for f in (*mlp_fractions, *attn_fractions):
             if not 0.0 < f <= 1.0:
                 raise FlextronError(f"elastic fraction {f} is outside (0, 1]; use values like 0.5")
@@ -169,9 +181,13 @@ class ElasticSpace:
         mlp = {min(intermediate, max(multiple, round(f * intermediate / multiple) * multiple))
                for f in mlp_fractions}
         mlp.add(intermediate)
-        attn = {max(1, math.ceil(f * attn_units - 1e-9)) for f in attn_fractions}
+        if attn_unit == "head":
+            attn = {max(1, math.ceil(f * kv_groups - 1e-9)) for f in attn_fractions}
+            attn |= set(range(kv_groups, attn_units + 1, kv_groups))
+        else:
+            attn = {max(1, math.ceil(f * attn_units - 1e-9)) for f in attn_fractions}
         attn.add(attn_units)
-        return cls(mlp=[sorted(mlp)] * n_layers, attn=[sorted(attn)] * n_layers)
+        return cls(mlp=[sorted(mlp)] * n_layers, attn=[sorted(attn)] * n_layers, attn_unit=attn_unit)
 
     def with_depth(self, min_layers: int | None = None, skip_order: dict[str, list[int]] | None = None
                    ) -> ElasticSpace:
@@ -180,7 +196,7 @@ class ElasticSpace:
         return ElasticSpace(mlp=[sorted({0, *self.widths("mlp", i)}) for i in range(n)],
                             attn=[sorted({0, *self.widths("attn", i)}) for i in range(n)],
                             min_layers=max(1, math.ceil(n / 3)) if min_layers is None else min_layers,
-                            skip_order=skip_order)
+                            skip_order=skip_order, attn_unit=self.attn_unit)
 
     def full(self) -> Subnet:
         return Subnet(mlp=[c[-1] for c in self.mlp], attn=[c[-1] for c in self.attn])
@@ -275,7 +291,8 @@ class ElasticSpace:
         if type(min_layers) is not int:
             raise FlextronError(f"elastic space min_layers must be an integer, got {min_layers!r}")
         return cls(mlp=[list(c) for c in d["mlp"]], attn=[list(c) for c in d["attn"]], min_layers=min_layers,
-                   skip_order={k: list(v) for k, v in order.items()} if order else None)
+                   skip_order={k: list(v) for k, v in order.items()} if order else None,
+                   attn_unit=d.get("attn_unit", "group"))
 
 
 @dataclass

@@ -51,11 +51,16 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
     autocast = compute_dtype(o.dtype)
     # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
     weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
+    if space is not None and o.attn_unit not in (None, space.attn_unit):
+        raise FlextronError(f"--attn-unit {o.attn_unit} contradicts the space file's attn_unit {space.attn_unit!r}; "
+                            "drop one of them")
+    attn_unit = space.attn_unit if space is not None else o.attn_unit or "group"
     hf, tok, source = load_hf(model, dtype=weights, device=device)
-    em = ElasticModel(hf)
+    em = ElasticModel(hf, attn_unit=attn_unit)
     first = em.blocks[0]
     space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
-                                          o.mlp_fractions, o.attn_fractions, o.multiple)
+                                          o.mlp_fractions, o.attn_fractions, o.multiple, attn_unit,
+                                          first.geometry.n_kv_heads)
     if o.depth:
         space = space.with_depth(o.min_layers)
     elif o.min_layers is not None:

@@ -84,7 +84,7 @@ def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_
         raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
     mlp, attn = [], []
     for b, wm, wa in zip(em.blocks, em.space.mlp, em.space.attn):
-        g = b.geometry
+        hd = b.geometry.head_dim
         if metric == "params":
             mlp.append([b.mlp.n_params(c) for c in wm])
             attn.append([b.attn.n_params(c) for c in wa])
@@ -93,11 +93,11 @@ def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_
             bias = metric == "decode_bytes"
             mlp.append([scale * b.mlp.n_params(c, bias=bias) for c in wm])
             attn.append([scale * b.attn.n_params(c, bias=bias)
-                         + (4 * c * g.heads_per_unit * g.head_dim * context if metric == "flops" else 0)
+                         + (4 * b.attn_heads(c)[0] * hd * context if metric == "flops" else 0)
                          for c in wa])
-        else:  # kv_bytes: one KV head per unit, keys and values
+        else:  # kv_bytes: keys and values of each KV head
             mlp.append([0] * len(wm))
-            attn.append([2 * c * g.head_dim * kv_dtype_bytes for c in wa])
+            attn.append([2 * b.attn_heads(c)[1] * hd * kv_dtype_bytes for c in wa])
     total = sum(p.numel() for p in em.model.parameters())
     elastic_full = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
     fixed_nonembed = total - elastic_full - _embedding_params(em.model)

@@ -34,12 +34,12 @@ from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_fo
 class ElasticLinear(nn.Module):
     """A Linear (or GPT-2 Conv1D) whose output or input features form nested units."""
 
-    def __init__(self, base: nn.Module, proj: Proj, unit: int, conv1d: bool) -> None:
+    def __init__(self, base: nn.Module, proj: Proj, unit: int, conv1d: bool, blocks: int | None = None) -> None:
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
         self.side = proj.side
-        self.blocks = proj.blocks
+        self.blocks = blocks or proj.blocks
         self.unit = unit
         self.conv1d = conv1d
         # The weight dimension holding the elastic features: [out, in] for Linear, [in, out] for Conv1D.
@@ -49,10 +49,24 @@ class ElasticLinear(nn.Module):
             raise FlextronError(
                 f"projection {proj.name} has {features} features, not a multiple of its unit {unit}"
             )
-        self.n_units = features // (unit * self.blocks)
+        self.n_units = features // (unit * self.blocks)  # per block
+        # Hard mode runs the first `active` units of each of the first `active_blocks` blocks.
         self.active = self.n_units
+        self.active_blocks = self.blocks
         self.mask: Tensor | None = None
         self.bias_scale: Tensor | None = None  # soft mode with a skip choice: 1 - its weight
+
+    @property
+    def full(self) -> bool:
+        return self.active == self.n_units and self.active_blocks == self.blocks
+
+    def take(self, t: Tensor, dim: int) -> Tensor:
+        """The active features of `t` along `dim` (the weight's elastic dimension, or a bias)."""
+        if self.full:
+            return t
+        width, per_block = self.active * self.unit, self.n_units * self.unit
+        parts = [t.narrow(dim, b * per_block, width) for b in range(self.active_blocks)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
     def _matmul(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if self.conv1d:  # as transformers' Conv1D computes it, so full width matches exactly
@@ -65,38 +79,41 @@ class ElasticLinear(nn.Module):
         if self.side == "in":
             if self.mask is not None:
                 x = x * self.mask.repeat_interleave(self.unit, dim=-1).to(x.dtype)
-            # The input already has the active width: the "out" projections produced it.
-            w = self.weight.narrow(self.edim, 0, x.shape[-1])
+            w = self.take(self.weight, self.edim)
             if self.bias_scale is not None and self.bias is not None:
                 return self._matmul(x, w, None) + self.bias * self.bias_scale.to(x.dtype)
             return self._matmul(x, w, self.bias)
-        if self.active == self.n_units:
+        if self.full:
             return self._matmul(x, self.weight, self.bias)
         width, per_block = self.active * self.unit, self.n_units * self.unit
+        # One matmul per block: cheaper than gathering the weight when the blocks are few and large.
         outs = [
             self._matmul(
                 x,
                 self.weight.narrow(self.edim, b * per_block, width),
                 None if self.bias is None else self.bias.narrow(0, b * per_block, width),
             )
-            for b in range(self.blocks)
+            for b in range(self.active_blocks)
         ]
-        return outs[0] if self.blocks == 1 else torch.cat(outs, dim=-1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @torch.no_grad()
     def permute_(self, perm: Tensor) -> None:
-        """Reorder the units in place: new unit i is old unit perm[i]."""
+        """Reorder the units in place: new unit i is old unit perm[i], the same order in every block
+        (perm of n_units), or across blocks (perm of n_units * blocks, block-major)."""
         offsets = torch.arange(self.unit, device=perm.device)
         idx = (perm[:, None] * self.unit + offsets).reshape(-1)
-        per_block = self.n_units * self.unit
-        idx = torch.cat([idx + b * per_block for b in range(self.blocks)]).to(self.weight.device)
+        if len(perm) == self.n_units:
+            per_block = self.n_units * self.unit
+            idx = torch.cat([idx + b * per_block for b in range(self.blocks)])
+        idx = idx.to(self.weight.device)
         self.weight.copy_(self.weight.index_select(self.edim, idx))
         if self.side == "out" and self.bias is not None:
             self.bias.copy_(self.bias.index_select(0, idx))
 
-    def n_params(self, units: int, bias: bool = True) -> int:
-        """Weights (and biases) in use when `units` units are active."""
-        features = units * self.unit * self.blocks
+    def n_params(self, units: int, blocks: int | None = None, bias: bool = True) -> int:
+        """Weights (and biases) in use when `units` units of `blocks` blocks (default all) are active."""
+        features = units * self.unit * (self.blocks if blocks is None else blocks)
         count = features * self.weight.shape[1 - self.edim]
         if bias and self.bias is not None:
             count += features if self.side == "out" else self.bias.numel()
@@ -120,15 +137,24 @@ def skip_keep(choices: list[int], weights: Tensor) -> Tensor | None:
     return 1 - weights[..., :1] if choices[0] == 0 else None
 
 
+Plan = Callable[[int], tuple[int, int]]  # a part's choice -> (active blocks, active units per block) of one projection
+
+
 class ElasticPart:
-    """One elastic sub-module of a block (its MLP or its attention), and the norm in front of it."""
+    """One elastic sub-module of a block (its MLP or its attention), and the norm in front of it.
+
+    `plans` maps each projection (by id) to how a choice of the part activates it; by default a
+    choice c runs the first c units of every block. `n_units` is the largest choice."""
 
     def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear | None,
-                 norm: nn.Module | None, skipped_forward) -> None:
+                 norm: nn.Module | None, skipped_forward, n_units: int | None = None,
+                 plans: dict[int, Plan] | None = None) -> None:
         self.module = module
         self.outs = outs
         self.inp = inp
         self.norm = norm
+        self._n_units = inp.n_units if n_units is None and inp is not None else n_units or 0
+        self._plans = plans or {}
         projections = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
         self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
                          if id(p) not in projections)
@@ -139,7 +165,16 @@ class ElasticPart:
     @property
     def n_units(self) -> int:
         """0 for a sub-layer that an export left out (its module adds nothing already)."""
-        return 0 if self.inp is None else self.inp.n_units
+        return self._n_units
+
+    @property
+    def linears(self) -> list[ElasticLinear]:
+        return [*self.outs, self.inp] if self.inp is not None else []
+
+    def plan(self, lin: ElasticLinear, units: int) -> tuple[int, int]:
+        """(active blocks, active units per block) of `lin` at choice `units`."""
+        plan = self._plans.get(id(lin))
+        return plan(units) if plan is not None else (lin.blocks, units)
 
     def _skip(self, skipped: bool) -> None:
         # Instance attributes shadow the class forward; only ours are removed (adaptive routing
@@ -153,8 +188,8 @@ class ElasticPart:
     def set_hard(self, units: int) -> None:
         if self.inp is None:
             return
-        for lin in self.outs:
-            lin.active = units
+        for lin in self.linears:
+            lin.active_blocks, lin.active = self.plan(lin, units)
         self.inp.mask = None
         self.inp.bias_scale = None
         self._skip(units == 0)
@@ -164,8 +199,8 @@ class ElasticPart:
         if self.inp is None:
             return
         self._skip(False)
-        for lin in self.outs:
-            lin.active = lin.n_units
+        for lin in self.linears:
+            lin.active, lin.active_blocks = lin.n_units, lin.blocks
         self.inp.mask = mask
         self.inp.bias_scale = keep
 
@@ -174,7 +209,8 @@ class ElasticPart:
         are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
         if units == 0:
             return 0
-        return (self.fixed if bias else 0) + sum(lin.n_params(units, bias) for lin in (*self.outs, self.inp))
+        return (self.fixed if bias else 0) + sum(
+            lin.n_params(self.plan(lin, units)[1], self.plan(lin, units)[0], bias) for lin in self.linears)
 
 
 def _absent(module: nn.Module) -> bool:
@@ -182,9 +218,14 @@ def _absent(module: nn.Module) -> bool:
 
 
 class ElasticBlock:
-    """A decoder block's elastic MLP and attention."""
+    """A decoder block's elastic MLP and attention.
 
-    def __init__(self, block: nn.Module, family: Family) -> None:
+    Attention units are KV groups (`attn_unit="group"`) or query heads (`"head"`, see ElasticSpace):
+    choice c keeps min(c, G) groups with max(1, c // G) query heads each, the first ones of each
+    group. HF's layout is group-major (head h reads KV group h // R), so q/o are G blocks of R heads;
+    soft masks, which count heads in the nested order, are reordered into that layout."""
+
+    def __init__(self, block: nn.Module, family: Family, attn_unit: str = "group") -> None:
         self.family = family
         attn, mlp = block.get_submodule(family.attn), block.get_submodule(family.mlp)
         # An attention that an export left out has no heads: any geometry gives it cost 0.
@@ -192,53 +233,126 @@ class ElasticBlock:
         g = self.geometry
         if g.n_heads % g.n_kv_heads:
             raise FlextronError(f"{g.n_heads} query heads do not split into {g.n_kv_heads} KV groups")
+        # With one head per group the two units coincide: keep the group code path.
+        self.head_units = attn_unit == "head" and g.heads_per_unit > 1
         conv1d = family.linear_type is not nn.Linear
+        G, R = g.n_kv_heads, g.heads_per_unit
 
-        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of, norm: str | None, skipped) -> ElasticPart:
+        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of, norm: str | None, skipped,
+                 heads: bool = False) -> ElasticPart:
             if _absent(parent):
                 return ElasticPart(parent, [], None, None, skipped)
-            wrapped = []
+            wrapped, plans = [], {}
             for p in projs:
-                lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d)
+                blocks = G if heads and p.grouped else None
+                lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d, blocks)
                 setattr(parent, p.name, lin)
                 wrapped.append(lin)
+                if heads:
+                    plans[id(lin)] = (lambda c: (min(c, G), max(1, c // G))) if p.grouped else (
+                        lambda c: (1, min(c, G)))
             outs = [lin for lin in wrapped if lin.side == "out"]
             (inp,) = [lin for lin in wrapped if lin.side == "in"]
-            return ElasticPart(parent, outs, inp, norm and block.get_submodule(norm), skipped)
+            return ElasticPart(parent, outs, inp, norm and block.get_submodule(norm), skipped,
+                               g.n_heads if heads else None, plans)
 
         self.mlp = wrap(mlp, family.mlp_projs, lambda p: 1, family.mlp_norm, skipped_mlp_forward)
-        self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim * (g.heads_per_unit if p.grouped else 1),
-                         family.attn_norm, skipped_attention_forward)
+        if self.head_units:
+            if family.on_attn_width is not None or not hasattr(attn, "num_key_value_groups"):
+                raise FlextronError(f"the {family.name} family's attention cannot trim query heads within "
+                                    "KV groups; convert with --attn-unit group")
+            self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim, family.attn_norm,
+                             skipped_attention_forward, heads=True)
+            # Soft masks count heads in the nested order r * G + g; HF head g * R + r reads that entry.
+            h = torch.arange(g.n_heads)
+            self._mask_order = (h % R) * G + h // R
+        else:
+            self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim * (R if p.grouped else 1),
+                             family.attn_norm, skipped_attention_forward)
+
+    def attn_heads(self, units: int) -> tuple[int, int]:
+        """(query heads, KV heads) that attention choice `units` runs."""
+        g = self.geometry
+        if units == 0:
+            return 0, 0
+        if not self.head_units:
+            return units * g.heads_per_unit, units
+        groups = min(units, g.n_kv_heads)
+        return groups * max(1, units // g.n_kv_heads), groups
+
+    def valid_attn(self, units: int) -> bool:
+        """Whether `units` is an attention choice this block can run."""
+        if not 0 <= units <= self.attn.n_units:
+            return False
+        return not self.head_units or units < self.geometry.n_kv_heads or units % self.geometry.n_kv_heads == 0
 
     def set_attn_hard(self, units: int) -> None:
         self.attn.set_hard(units)
-        if self.family.on_attn_width is not None and self.attn.inp is not None:
+        if self.attn.inp is None:
+            return
+        if self.head_units:  # HF repeats each KV head this many times
+            heads, kv = self.attn_heads(units)
+            self.attn.module.num_key_value_groups = heads // kv if kv else self.geometry.heads_per_unit
+        elif self.family.on_attn_width is not None:
             g = self.geometry
             self.family.on_attn_width(self.attn.module, units * g.heads_per_unit * g.head_dim)
 
     def set_attn_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
+        """Full width; `mask` [..., n_units] over attention units in nested order."""
         self.set_attn_hard(self.attn.n_units)
+        if self.head_units:
+            mask = mask.index_select(-1, self._mask_order.to(mask.device))
         self.attn.set_soft(mask, keep)
+
+    @torch.no_grad()
+    def permute_attn_(self, perm: Tensor) -> None:
+        """Reorder the attention units (heads in HF order in head mode, whole groups kept together)."""
+        if not self.head_units:
+            for lin in self.attn.linears:
+                lin.permute_(perm)
+            return
+        R = self.geometry.heads_per_unit
+        groups = perm.view(-1, R) // R
+        if not (groups == groups[:, :1]).all():
+            raise FlextronError("a head permutation must keep each KV group's query heads together")
+        for lin in self.attn.linears:
+            lin.permute_(perm if lin.n_units * lin.blocks == len(perm) else groups[:, 0])
+
+    def attn_order(self, scores: Tensor) -> Tensor:
+        """The permutation that sorts attention units by descending score; in head mode groups by
+        their summed score, heads within each group by their own."""
+        if not self.head_units:
+            return torch.argsort(scores, descending=True, stable=True)
+        R = self.geometry.heads_per_unit
+        per_group = scores.view(-1, R)
+        groups = torch.argsort(per_group.sum(1), descending=True, stable=True)
+        within = torch.argsort(per_group, dim=1, descending=True, stable=True)
+        return (groups[:, None] * R + within[groups]).reshape(-1)
 
 
 class ElasticModel(nn.Module):
     """A Hugging Face causal LM whose layers run at any width of its elastic space."""
 
     def __init__(self, model: nn.Module, space: ElasticSpace | None = None,
-                 family: Family | None = None) -> None:
+                 family: Family | None = None, attn_unit: str | None = None) -> None:
+        """`attn_unit` (default: the space's, else "group") fixes how attention is sliced; see ElasticSpace."""
         super().__init__()
         self.family = family or detect_family(model)
         self.model = model
         self.train(model.training)  # nn.Module starts in training mode; follow the wrapped model
-        self.blocks = [ElasticBlock(b, self.family) for b in self.family.blocks(model)]
+        self.attn_unit = attn_unit or (space.attn_unit if space is not None else "group")
+        self.blocks = [ElasticBlock(b, self.family, self.attn_unit) for b in self.family.blocks(model)]
         # Budget resolution aids loaded with a checkpoint: the measured latency table and the
         # trained routers (a plain holder, so the routers are not parameters of the LLM).
         self.latency: dict | None = None
         self.routers = None
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
-            spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units)) for b in self.blocks]
+            spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units),
+                                           attn_unit=self.attn_unit, kv_groups=b.geometry.n_kv_heads)
+                      for b in self.blocks]
             space = ElasticSpace(mlp=[sp.mlp[0] if b.mlp.n_units else [0] for sp, b in zip(spaces, self.blocks)],
-                                 attn=[sp.attn[0] if b.attn.n_units else [0] for sp, b in zip(spaces, self.blocks)])
+                                 attn=[sp.attn[0] if b.attn.n_units else [0] for sp, b in zip(spaces, self.blocks)],
+                                 attn_unit=self.attn_unit)
         self.set_space(space)
 
     def set_space(self, space: ElasticSpace) -> None:
@@ -247,6 +361,9 @@ class ElasticModel(nn.Module):
             raise FlextronError(
                 f"elastic space has {space.n_layers} layers but the model has {len(self.blocks)}"
             )
+        if space.attn_unit != self.attn_unit:
+            raise FlextronError(f"the elastic space counts attention in {space.attn_unit}s but the model was "
+                                f"made elastic by {self.attn_unit}s; build the ElasticModel with that space")
         for i, (b, mlp, attn) in enumerate(zip(self.blocks, space.mlp, space.attn)):
             if mlp[-1] != b.mlp.n_units or attn[-1] != b.attn.n_units:
                 raise FlextronError(
@@ -254,6 +371,11 @@ class ElasticModel(nn.Module):
                     f"{attn[-1]}) must equal the layer's size (MLP {b.mlp.n_units}, attention "
                     f"{b.attn.n_units})"
                 )
+            bad = [c for c in attn if not b.valid_attn(c)]
+            if bad:
+                G = b.geometry.n_kv_heads
+                raise FlextronError(f"layer {i}: attention choices {bad} are not head counts this layer can run "
+                                    f"({G} KV groups: fewer than {G} heads, or a multiple of {G})")
         self.space = space
         self.set_subnet(None)
 
@@ -330,7 +452,6 @@ class ElasticModel(nn.Module):
     def permute_(self, mlp_perms: list[Tensor], attn_perms: list[Tensor]) -> None:
         """Reorder every layer's MLP neurons and attention units; the function is unchanged."""
         for block, pm, pa in zip(self.blocks, mlp_perms, attn_perms):
-            for lin in (*block.mlp.outs, block.mlp.inp):
+            for lin in block.mlp.linears:
                 lin.permute_(pm)
-            for lin in (*block.attn.outs, block.attn.inp):
-                lin.permute_(pa)
+            block.permute_attn_(pa)

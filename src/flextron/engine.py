@@ -16,7 +16,7 @@ round whatever its budget or its group's size, and a waiting request is admitted
 sequence ends, so no budget starves. `max_batch=1` is the old one-request-at-a-time server.
 
 With `EngineConfig.mix_budgets`, requests of every budget share one batch instead: the model runs
-at full width and each row's MLP neurons and KV groups beyond its sub-network are masked to zero
+at full width and each row's MLP neurons and attention units beyond its sub-network are masked to zero
 (`ElasticModel.rows`), so one decode step serves all budgets at the cost of the widest. That wins
 where a step's cost is mostly fixed per layer (HF eager on CPUs, launch-bound GPUs), and loses
 where it is mostly the bytes or FLOPs of the widths.

@@ -23,7 +23,7 @@ from transformers.initialization import no_init_weights
 
 from flextron.config import Subnet
 from flextron.cost import subnet_cost
-from flextron.elastic import ElasticLinear, ElasticModel
+from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_dir, file_sha256
 from flextron.modeling_flextron import PER_LAYER
@@ -43,21 +43,6 @@ def register() -> None:
 register()
 
 
-def slice_units(lin: ElasticLinear, units: int) -> tuple[Tensor, Tensor | None]:
-    """Weight and bias of `lin` keeping the first `units` units of each block, as its forward runs them."""
-    width, per_block = units * lin.unit, lin.n_units * lin.unit
-
-    def take(t: Tensor, dim: int) -> Tensor:
-        return torch.cat([t.narrow(dim, b * per_block, width) for b in range(lin.blocks)], dim)
-
-    weight = take(lin.weight.detach(), lin.edim).clone()
-    bias = lin.bias
-    if bias is not None:
-        # An "in" projection's bias is added after the reduction over units: it stays whole.
-        bias = take(bias.detach(), 0).clone() if lin.side == "out" else bias.detach().clone()
-    return weight, bias
-
-
 def kept_layers(subnet: Subnet) -> list[int]:
     """The layers that keep their attention or their MLP."""
     return [i for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)) if w or a]
@@ -66,20 +51,20 @@ def kept_layers(subnet: Subnet) -> list[int]:
 def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
     """The elastic model's state dict with every elastic projection cut to `subnet`; skipped
     sub-layers (and their norms) left out, skipped layers too, the other layers renumbered."""
-    em.space.validate(subnet)
     names = {id(m): n for n, m in em.model.named_modules()}
     state = dict(em.model.state_dict())
     dropped = []
-    for block, width, units in zip(em.blocks, subnet.mlp, subnet.attn):
-        for part, k in ((block.mlp, width), (block.attn, units)):
-            if k == 0:
-                dropped += [f"{names[id(m)]}." for m in (part.module, part.norm) if m is not None]
-                continue
-            for lin in (*part.outs, part.inp):
-                weight, bias = slice_units(lin, k)
-                state[f"{names[id(lin)]}.weight"] = weight
-                if bias is not None:
-                    state[f"{names[id(lin)]}.bias"] = bias
+    with torch.no_grad(), em.subnet(subnet):  # each projection then holds exactly what its forward runs
+        for block, width, units in zip(em.blocks, subnet.mlp, subnet.attn):
+            for part, k in ((block.mlp, width), (block.attn, units)):
+                if k == 0:
+                    dropped += [f"{names[id(m)]}." for m in (part.module, part.norm) if m is not None]
+                    continue
+                for lin in part.linears:
+                    state[f"{names[id(lin)]}.weight"] = lin.take(lin.weight, lin.edim).clone()
+                    # An "in" projection's bias is added after the reduction over units: it stays whole.
+                    if lin.bias is not None and lin.side == "out":
+                        state[f"{names[id(lin)]}.bias"] = lin.take(lin.bias, 0).clone()
     prefix = f"{em.family.layers}."
     renumber = {str(old): str(new) for new, old in enumerate(kept_layers(subnet))}
     out = {}
@@ -96,10 +81,10 @@ def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
 
 
 def layer_sizes(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
-    """Per kept layer: MLP width, query heads, KV heads of `subnet` (a unit holds one KV head)."""
+    """Per kept layer: MLP width, query heads, KV heads of `subnet`."""
     kept = kept_layers(subnet)
-    heads = [subnet.attn[i] * em.blocks[i].geometry.heads_per_unit for i in kept]
-    return [subnet.mlp[i] for i in kept], heads, [subnet.attn[i] for i in kept]
+    heads = [em.blocks[i].attn_heads(subnet.attn[i]) for i in kept]
+    return [subnet.mlp[i] for i in kept], [h for h, _ in heads], [kv for _, kv in heads]
 
 
 def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
@@ -118,7 +103,7 @@ def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
 def _stock_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig | None:
     """The family's own config for a uniform sub-network; None where it cannot express it."""
     widths, heads, kv = layer_sizes(em, subnet)
-    if len(set(widths)) > 1 or len(set(heads)) > 1 or 0 in widths or 0 in heads:
+    if len(set(widths)) > 1 or len(set(heads)) > 1 or len(set(kv)) > 1 or 0 in widths or 0 in heads:
         return None
     fam = em.family
     full_attn = all(a == b.attn.n_units for b, a in zip(em.blocks, subnet.attn) if a)

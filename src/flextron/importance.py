@@ -111,7 +111,7 @@ def random_importance(em: ElasticModel, seed: int = 0) -> Importance:
 def sort_by_importance(em: ElasticModel, imp: Importance) -> Importance:
     """Permute the model so that units come in descending importance; returns sorted scores."""
     mlp_perm = [torch.argsort(s, descending=True, stable=True) for s in imp.mlp]
-    attn_perm = [torch.argsort(s, descending=True, stable=True) for s in imp.attn]
+    attn_perm = [b.attn_order(s) for b, s in zip(em.blocks, imp.attn)]
     em.permute_(mlp_perm, attn_perm)
     return Importance(
         mlp=[s[p] for s, p in zip(imp.mlp, mlp_perm)], attn=[s[p] for s, p in zip(imp.attn, attn_perm)],

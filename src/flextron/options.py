@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from flextron.config import DTYPE_NAMES, OUTTYPES, SEED_RANGE, check_options, opt
+from flextron.config import ATTN_UNITS, DTYPE_NAMES, OUTTYPES, SEED_RANGE, check_options, opt
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 
@@ -47,10 +47,14 @@ class ConvertOptions(Options):
     """`flextron convert`: the elastic space and the importance calibration."""
 
     mlp_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "MLP widths as fractions of the full width")
-    attn_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "attention units as fractions of all units")
+    attn_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "attention units as fractions of all units "
+                                                   "(--attn-unit head: of the KV groups, below one head per group)")
     multiple: int = opt(64, "MLP widths are multiples of this", **_POSITIVE)
     space: str | None = opt(None, 'JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]} '
                                   "(replaces the fractions); a list may start with 0 (skip)")
+    attn_unit: str | None = opt(None, "what an attention choice counts: 'group' (whole KV groups; the default) or "
+                                      "'head' (query heads, trimmed inside every group first, then whole groups)",
+                                choices=ATTN_UNITS)
     depth: bool = opt(False, "also allow skipping each layer's attention or MLP (choice 0), least important first")
     min_layers: int | None = opt(None, "depth floor: layers that keep their attention, and their MLP "
                                        "(default with --depth: 1/3)")

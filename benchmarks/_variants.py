@@ -1,0 +1,53 @@
+"""Shared by the benchmarks that compare elastic variants of one model: convert, train, profile, route."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from flextron import api
+from flextron.budgets import budget_grid
+from flextron.config import RouterConfig, TrainConfig
+
+
+def log(text: str, t0: float = time.time()) -> None:
+    print(f"[{time.time() - t0:7.0f} s] {text}", flush=True)
+
+
+def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
+    """The model to convert (None: the packaged SmolLM2) and convert options; a tiny random Llama when `smoke`."""
+    if not smoke:
+        return None, {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_model, make_tokenizer
+
+    src = work / "tiny-hf"
+    if not src.is_dir():
+        make_model("llama", n_layers=6).save_pretrained(src)
+        make_tokenizer().save_pretrained(src)
+    return str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
+
+
+def build(work: Path, name: str, a: argparse.Namespace, metric: str, **convert: object) -> Path:
+    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric), route over
+    `a.budgets` budgets of `metric` (or the fractions `a.fractions`); returns the routed checkpoint."""
+    log(f"{name}: convert")
+    model, kw = source(work, a.smoke)
+    ckpt = api.convert(model, work / f"{name}-converted", device=a.device, progress=False, **kw, **convert)
+    if a.train_steps:
+        log(f"{name}: elastic training, {a.train_steps} steps")
+        cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
+                          dtype=a.dtype)
+        ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
+    if metric == "latency_ms":
+        log(f"{name}: latency table")
+        api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, samples=a.profile_samples,
+                    validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
+    grid = getattr(a, "fractions", None) or budget_grid(api.load(ckpt, "cpu")[0], metric, points=a.budgets)
+    log(f"{name}: routers over {metric} budgets {grid}")
+    cfg = RouterConfig(budgets=grid, metric=metric, steps=a.router_steps, joint_steps=a.joint_steps,
+                       dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
+    api.route(ckpt, cfg, out=work / f"{name}-routed", device=a.device, progress=False)
+    return work / f"{name}-routed"
