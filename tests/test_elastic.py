@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import LLAMA_KINDS, VOCAB, make_elastic, make_model
 from flextron.config import ElasticSpace
-from flextron.elastic import ElasticModel
+from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
 
 
@@ -358,3 +358,23 @@ def test_query_head_space_refuses_unequal_groups():
         em.set_space(ElasticSpace(mlp=em.space.mlp, attn=[[4, 6, 8]] * 2, attn_unit="head"))
     with pytest.raises(FlextronError, match="counts attention in groups"):
         em.set_space(ElasticSpace(mlp=em.space.mlp, attn=[[2, 4]] * 2))
+
+
+def test_per_token_mlp_choices_equal_each_token_at_its_width(kind):
+    # One layer: attention is the same whatever the MLP widths, so token t's logits are those of the
+    # whole sequence run at token t's width.
+    em = make_elastic(kind, n_layers=1)
+    x = torch.randint(0, VOCAB, (2, 8))
+    gen = torch.Generator().manual_seed(6)
+    picks = PositionChoices.sample(em.space, gen, 2, 8)
+    with em.choices(picks):
+        mixed = em(input_ids=x).logits
+    assert em.current == em.space.full()  # the previous state is back
+    widths = em.space.mlp[0]
+    for b in range(2):
+        attn = em.space.attn[0][picks.attn[0][b, 0]]
+        for w in set(picks.mlp[0][b].tolist()):
+            with em.subnet(type(em.space.full())(mlp=[widths[w]], attn=[attn])):
+                alone = em(input_ids=x[b : b + 1]).logits[0]
+            at = picks.mlp[0][b] == w
+            assert (mixed[b][at] - alone[at]).abs().max() < 1e-4

@@ -303,3 +303,24 @@ def test_sharded_teacher_is_frozen_and_computes_the_same(tmp_path):
     assert all(isinstance(p, DTensor) for b in blocks for p in b.parameters())
     assert not isinstance(teacher.model.get_output_embeddings().weight, DTensor)  # read by the chunked loss
     assert torch.allclose(out, ref(input_ids=ids).logits, atol=1e-6)
+
+
+def test_mixed_token_passes_train_per_token_widths(setup, tmp_path):
+    root, ckpt, data = setup
+    em = ElasticModel(make_model("llama"))
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(2, b.mlp.n_units, b.attn.n_units, multiple=8))
+    cfg = TrainConfig(max_steps=1, n_random=1, mixed_tokens=2, seq_len=16, micro_batch=3)
+    drawn = sample_subnets(em, cfg, step=4)
+    # The sub-networks are those of a run without mixing (same draws first), then two per-position draws.
+    assert drawn[:3] == sample_subnets(em, TrainConfig(max_steps=1, n_random=1), step=4)
+    for picks in drawn[3:]:
+        assert [t.shape for t in picks.mlp] == [(3, 16)] * 2 and [t.shape for t in picks.attn] == [(3, 1)] * 2
+        assert all(len(t.unique()) > 1 for t in picks.mlp)  # widths differ between tokens
+    assert torch.equal(drawn[3].mlp[0], sample_subnets(em, cfg, step=4)[3].mlp[0])  # same on every rank
+    run = tmp_path / "run"
+    api.train(ckpt, run, TrainConfig(max_steps=2, mixed_tokens=1, **FAST), [str(data)], device="cpu", progress=False)
+    start, after = load_file(ckpt / "model.safetensors"), weights(run, 2)
+    assert any(not torch.equal(after[k], start[k]) for k in after)
+    with pytest.raises(FlextronError, match="--mixed-tokens was 1, now 0"):
+        api.train(ckpt, run, TrainConfig(max_steps=3, **FAST), [str(data)], device="cpu", resume=True, progress=False)

@@ -378,6 +378,8 @@ class TrainConfig:
                         "(MatFormer baseline), budgets (routed budgets), fixed (the first budget only)",
                         choices=SAMPLING)
     n_random: int = opt(2, "random sub-networks per step besides the full and the smallest")
+    mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
+                               "(what adaptive routing runs; at full-width compute)")
     budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
                                      "budget fractions for --sampling budgets; fixed uses the first")
     budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)")
@@ -412,6 +414,7 @@ class TrainConfig:
             "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
             "clip": _POSITIVE_FLOAT, "kd_temperature": _POSITIVE_FLOAT, "kd_weight": {"low": 0.0},
             "lm_weight": {"low": 0.0}, "n_random": {"integer": True, "low": 0},
+            "mixed_tokens": {"integer": True, "low": 0},
             "full_prob": {"low": 0.0, "high": 1.0}, "eval_limit": {"integer": True, "low": 0, "optional": True},
             "seed": _SEED,
         })

@@ -19,6 +19,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -330,6 +331,20 @@ class ElasticBlock:
         return (groups[:, None] * R + within[groups]).reshape(-1)
 
 
+@dataclass
+class PositionChoices:
+    """Per layer, indices into its choice lists: MLP [B, T] (per token), attention [B, 1] (per sequence)."""
+
+    mlp: list[Tensor]
+    attn: list[Tensor]
+
+    @classmethod
+    def sample(cls, space: ElasticSpace, gen: torch.Generator, batch: int, seq_len: int) -> PositionChoices:
+        """Every token's MLP choice and every sequence's attention choice drawn uniformly."""
+        return cls(mlp=[torch.randint(len(c), (batch, seq_len), generator=gen) for c in space.mlp],
+                   attn=[torch.randint(len(c), (batch, 1), generator=gen) for c in space.attn])
+
+
 class ElasticModel(nn.Module):
     """A Hugging Face causal LM whose layers run at any width of its elastic space."""
 
@@ -429,15 +444,26 @@ class ElasticModel(nn.Module):
         (so that one forward serves many budgets); on leaving it, the previous state is back."""
         for s in subnets:
             self.space.validate(s)
+
+        def index(choices: list[list[int]], picks: list[list[int]]) -> list[Tensor]:  # per layer [rows, 1]
+            return [torch.tensor([[layer.index(p[i])] for p in picks]) for i, layer in enumerate(choices)]
+
+        with self.choices(PositionChoices(index(self.space.mlp, [s.mlp for s in subnets]),
+                                          index(self.space.attn, [s.attn for s in subnets]))):
+            yield
+
+    @contextmanager
+    def choices(self, picks: PositionChoices) -> Iterator[None]:
+        """Per position choices inside the `with` block (MLP per token or per row, attention per row).
+        Full width with one-hot masks, so each position computes exactly what its choices compute
+        alone; on leaving it, the previous state is back."""
         device = next(self.parameters()).device
 
-        def one_hot(choices: list[list[int]], picks: list[list[int]]) -> list[Tensor]:  # per layer [rows, 1, K]
-            return [torch.tensor([[[float(c == p[i]) for c in layer]] for p in picks], device=device)
-                    for i, layer in enumerate(choices)]
+        def one_hot(idx: list[Tensor], choices: list[list[int]]) -> list[Tensor]:
+            return [F.one_hot(i.to(device), len(c)).float() for i, c in zip(idx, choices)]
 
         previous, soft = self.current, self._soft
-        self.set_soft(one_hot(self.space.mlp, [s.mlp for s in subnets]),
-                      one_hot(self.space.attn, [s.attn for s in subnets]))
+        self.set_soft(one_hot(picks.mlp, self.space.mlp), one_hot(picks.attn, self.space.attn))
         try:
             yield
         finally:

@@ -18,7 +18,7 @@ from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint, read_manifest
 from flextron.config import Budget, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows
-from flextron.elastic import ElasticModel
+from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, eval_at_budgets, plot_ppl_vs_size, rows_json
 from flextron.fsutil import atomic_write, check_output_dir
@@ -48,7 +48,7 @@ from flextron.train.metrics import MetricsLog
 from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
 # Settings a resumed run must share with the run it continues.
-_RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "budgets")
+_RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "mixed_tokens", "budgets")
 
 
 def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: nn.Linear | None = None,
@@ -85,7 +85,8 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
 
         for j, sub in enumerate(subnets):
             last = a == len(batches) - 1 and j == len(subnets) - 1
-            with em.subnet(sub), grad_sync(model, last), autocast(device, amp):
+            scope = em.subnet(sub) if isinstance(sub, Subnet) else em.choices(sub)
+            with scope, grad_sync(model, last), autocast(device, amp):
                 loss, p = model(input_ids=ids, use_cache=False, head=head)
                 (loss / n_passes).backward()
             loss_sum += loss.item() / n_passes
@@ -94,9 +95,16 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
     return loss_sum, parts
 
 
-def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet]:
-    """The sub-networks trained at `step`; seeded by (seed, step), so every rank draws the same."""
+def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet | PositionChoices]:
+    """The sub-networks trained at `step`, then `mixed_tokens` per-position draws; seeded by (seed, step),
+    so every rank draws the same."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    subnets = _subnets(em, cfg, gen)
+    return subnets + [PositionChoices.sample(em.space, gen, cfg.micro_batch, cfg.seq_len)
+                      for _ in range(cfg.mixed_tokens)]
+
+
+def _subnets(em: ElasticModel, cfg: TrainConfig, gen: torch.Generator) -> list[Subnet]:
     space = em.space
     if cfg.sampling == "fixed":
         return [select_subnet(em, Budget(fraction=cfg.budgets[0]))]
@@ -120,9 +128,9 @@ def _check_resume(run: Path, info: dict) -> None:
         if saved["source"][key] != info["source"][key]:
             raise FlextronError(f"cannot resume {run}: it trained another model or elastic space ({key} differs)")
     for key in _RESUME_KEYS:
-        if saved["config"][key] != info["config"][key]:
-            raise FlextronError(f"cannot resume {run}: --{key.replace('_', '-')} was {saved['config'][key]}, "
-                                f"now {info['config'][key]}")
+        was = saved["config"].get(key, getattr(TrainConfig.__dataclass_fields__[key], "default", None))
+        if was != info["config"][key]:
+            raise FlextronError(f"cannot resume {run}: --{key.replace('_', '-')} was {was}, now {info['config'][key]}")
     if saved["world_size"] != info["world_size"]:
         raise FlextronError(f"cannot resume {run}: it ran on {saved['world_size']} processes, now {info['world_size']}")
 
