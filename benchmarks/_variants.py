@@ -16,6 +16,26 @@ def log(text: str, t0: float = time.time()) -> None:
     print(f"[{time.time() - t0:7.0f} s] {text}", flush=True)
 
 
+def add_options(p: argparse.ArgumentParser, train_steps: int, router_steps: int, joint_steps: int) -> None:
+    """The options `build` and the evaluation read, with this benchmark's step defaults."""
+    p.add_argument("--train-steps", type=int, default=train_steps, help="elastic-training steps of each variant "
+                                                                        "(0: none)")
+    p.add_argument("--router-steps", type=int, default=router_steps)
+    p.add_argument("--joint-steps", type=int, default=joint_steps)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--limit", type=int, default=16, help="held-out windows per budget")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default=None, help="keep checkpoints (and exports) here (default: a temp dir)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, few steps; writes no results")
+
+
+def smoke_options(a: argparse.Namespace) -> None:
+    """The shared options of a smoke run: a few steps of short sequences."""
+    a.train_steps, a.router_steps, a.joint_steps, a.seq_len, a.micro_batch, a.limit = 2, 4, 1, 32, 2, 1
+
+
 def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
     """The model to convert (None: the packaged SmolLM2) and convert options; a tiny random Llama when `smoke`."""
     if not smoke:

@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from _results import command_line, publish
-from _variants import build, log
+from _variants import add_options, build, log, smoke_options
 from flextron import api
 from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.config import Budget, Subnet
@@ -52,25 +52,16 @@ def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-steps", type=int, default=100, help="elastic-training steps of each variant (0: none)")
-    p.add_argument("--router-steps", type=int, default=200)
-    p.add_argument("--joint-steps", type=int, default=20)
+    add_options(p, train_steps=100, router_steps=200, joint_steps=20)
     p.add_argument("--min-layers", type=int, default=10, help="depth floor: layers keeping each kind of sub-layer")
     p.add_argument("--budgets", type=int, default=7, help="latency budgets of each variant's router grid")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--context", type=int, default=256, help="prompt tokens before timed decoding")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile-samples", type=int, default=24)
-    p.add_argument("--limit", type=int, default=16, help="held-out windows per budget")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--work", default=None, help="keep checkpoints and exports here (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny random model, few steps; writes no results")
     a = p.parse_args()
     if a.smoke:
-        a.train_steps, a.router_steps, a.joint_steps, a.min_layers = 2, 4, 1, 2
-        a.seq_len, a.micro_batch, a.context, a.repeats, a.profile_samples, a.limit, a.budgets = 32, 2, 16, 1, 8, 1, 5
+        smoke_options(a)
+        a.min_layers, a.context, a.repeats, a.profile_samples, a.budgets = 2, 16, 1, 8, 5
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from _results import command_line, publish
-from _variants import build, log
+from _variants import add_options, build, log, smoke_options
 from flextron import api
 from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.config import Budget
@@ -37,21 +37,12 @@ VARIANTS = {"group": "whole KV groups", "head": "query heads in groups"}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-steps", type=int, default=20, help="elastic-training steps of each variant (0: none)")
-    p.add_argument("--router-steps", type=int, default=60)
-    p.add_argument("--joint-steps", type=int, default=5)
+    add_options(p, train_steps=20, router_steps=60, joint_steps=5)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 1.0],
                    help="non-embedding-parameter budgets the routers train on and are scored at")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--limit", type=int, default=16, help="held-out windows per budget")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--work", default=None, help="keep checkpoints here (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="tiny random model, few steps; writes no results")
     a = p.parse_args()
     if a.smoke:
-        a.train_steps, a.router_steps, a.joint_steps, a.seq_len, a.micro_batch, a.limit = 2, 4, 1, 32, 2, 1
+        smoke_options(a)
     t0 = time.time()
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,12 +61,16 @@ class ElasticLinear(nn.Module):
     def full(self) -> bool:
         return self.active == self.n_units and self.active_blocks == self.blocks
 
+    def _parts(self, t: Tensor, dim: int) -> list[Tensor]:
+        """Per active block, its active features of `t` along `dim` (views)."""
+        width, per_block = self.active * self.unit, self.n_units * self.unit
+        return [t.narrow(dim, b * per_block, width) for b in range(self.active_blocks)]
+
     def take(self, t: Tensor, dim: int) -> Tensor:
         """The active features of `t` along `dim` (the weight's elastic dimension, or a bias)."""
         if self.full:
             return t
-        width, per_block = self.active * self.unit, self.n_units * self.unit
-        parts = [t.narrow(dim, b * per_block, width) for b in range(self.active_blocks)]
+        parts = self._parts(t, dim)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
     def _matmul(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -86,16 +90,9 @@ class ElasticLinear(nn.Module):
             return self._matmul(x, w, self.bias)
         if self.full:
             return self._matmul(x, self.weight, self.bias)
-        width, per_block = self.active * self.unit, self.n_units * self.unit
         # One matmul per block: cheaper than gathering the weight when the blocks are few and large.
-        outs = [
-            self._matmul(
-                x,
-                self.weight.narrow(self.edim, b * per_block, width),
-                None if self.bias is None else self.bias.narrow(0, b * per_block, width),
-            )
-            for b in range(self.active_blocks)
-        ]
+        biases = [None] * self.active_blocks if self.bias is None else self._parts(self.bias, 0)
+        outs = [self._matmul(x, w, b) for w, b in zip(self._parts(self.weight, self.edim), biases)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @torch.no_grad()
@@ -154,7 +151,8 @@ class ElasticPart:
         self.outs = outs
         self.inp = inp
         self.norm = norm
-        self._n_units = inp.n_units if n_units is None and inp is not None else n_units or 0
+        # The largest choice; 0 for a sub-layer that an export left out (its module adds nothing already).
+        self.n_units = n_units if n_units is not None else inp.n_units if inp is not None else 0
         self._plans = plans or {}
         projections = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
         self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
@@ -162,11 +160,6 @@ class ElasticPart:
         self._skips = [(module, types.MethodType(skipped_forward, module))]
         if norm is not None:
             self._skips.append((norm, types.MethodType(_identity, norm)))
-
-    @property
-    def n_units(self) -> int:
-        """0 for a sub-layer that an export left out (its module adds nothing already)."""
-        return self._n_units
 
     @property
     def linears(self) -> list[ElasticLinear]:
@@ -210,8 +203,8 @@ class ElasticPart:
         are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
         if units == 0:
             return 0
-        return (self.fixed if bias else 0) + sum(
-            lin.n_params(self.plan(lin, units)[1], self.plan(lin, units)[0], bias) for lin in self.linears)
+        plans = [(lin, *self.plan(lin, units)) for lin in self.linears]
+        return (self.fixed if bias else 0) + sum(lin.n_params(n, blocks, bias) for lin, blocks, n in plans)
 
 
 def _absent(module: nn.Module) -> bool:
@@ -249,9 +242,8 @@ class ElasticBlock:
                 lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d, blocks)
                 setattr(parent, p.name, lin)
                 wrapped.append(lin)
-                if heads:
-                    plans[id(lin)] = (lambda c: (min(c, G), max(1, c // G))) if p.grouped else (
-                        lambda c: (1, min(c, G)))
+                if heads:  # q/o: G blocks of heads; k/v: one block of KV heads
+                    plans[id(lin)] = self._head_layout if p.grouped else (lambda c: (1, self._head_layout(c)[0]))
             outs = [lin for lin in wrapped if lin.side == "out"]
             (inp,) = [lin for lin in wrapped if lin.side == "in"]
             return ElasticPart(parent, outs, inp, norm and block.get_submodule(norm), skipped,
@@ -271,15 +263,19 @@ class ElasticBlock:
             self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim * (R if p.grouped else 1),
                              family.attn_norm, skipped_attention_forward)
 
+    def _head_layout(self, units: int) -> tuple[int, int]:
+        """Head mode: (KV groups kept, query heads in each) at choice `units`."""
+        G = self.geometry.n_kv_heads
+        return min(units, G), max(1, units // G)
+
     def attn_heads(self, units: int) -> tuple[int, int]:
         """(query heads, KV heads) that attention choice `units` runs."""
-        g = self.geometry
         if units == 0:
             return 0, 0
         if not self.head_units:
-            return units * g.heads_per_unit, units
-        groups = min(units, g.n_kv_heads)
-        return groups * max(1, units // g.n_kv_heads), groups
+            return units * self.geometry.heads_per_unit, units
+        groups, per_group = self._head_layout(units)
+        return groups * per_group, groups
 
     def valid_attn(self, units: int) -> bool:
         """Whether `units` is an attention choice this block can run."""

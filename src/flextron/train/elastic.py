@@ -128,7 +128,7 @@ def _check_resume(run: Path, info: dict) -> None:
         if saved["source"][key] != info["source"][key]:
             raise FlextronError(f"cannot resume {run}: it trained another model or elastic space ({key} differs)")
     for key in _RESUME_KEYS:
-        was = saved["config"].get(key, getattr(TrainConfig.__dataclass_fields__[key], "default", None))
+        was = saved["config"].get(key, TrainConfig.__dataclass_fields__[key].default)  # older runs lack new keys
         if was != info["config"][key]:
             raise FlextronError(f"cannot resume {run}: --{key.replace('_', '-')} was {was}, now {info['config'][key]}")
     if saved["world_size"] != info["world_size"]:
