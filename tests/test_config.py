@@ -1,3 +1,5 @@
+import statistics
+
 import pytest
 
 from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet, TrainConfig
@@ -168,4 +170,45 @@ def test_random_sub_networks_follow_one_documented_stream():
                                          attn=[c[draw(len(c))] for c in space.attn]))
     for _ in range(20):  # uniform: a width index per kind, then skip counts per kind
         i, j = draw(len(space.widths("mlp", 0))), draw(len(space.widths("attn", 0)))
-        assert space.sample(gen, uniform=True) == space.uniform(i, j, draw(3), draw(3))
+        assert space.sample(gen, "uniform") == space.uniform(i, j, draw(3), draw(3))
+
+
+def test_spread_draws_range_from_mostly_narrow_to_mostly_wide():
+    import torch
+
+    space = ElasticSpace.default(30, 1536, 3, multiple=384)
+    gen = torch.Generator().manual_seed(0)
+
+    def mean_index(kind: str, sub: Subnet) -> float:
+        return sum(space.widths(kind, i).index(w) for i, w in enumerate(getattr(sub, kind))) / space.n_layers
+
+    spread = [space.sample(gen, "spread") for _ in range(200)]
+    layers = [space.sample(gen) for _ in range(200)]
+    for sub in spread:
+        space.validate(sub)
+    # Independent draws hold about the same mix of widths; spread ones cover the range.
+    for kind in ("mlp", "attn"):
+        spread_sd = statistics.pstdev(mean_index(kind, s) for s in spread)
+        layers_sd = statistics.pstdev(mean_index(kind, s) for s in layers)
+        assert spread_sd > 2 * layers_sd
+    torch.manual_seed(0)
+    again = torch.Generator().manual_seed(0)
+    assert [space.sample(again, "spread") for _ in range(200)] == spread  # seeded, not global randomness
+
+
+def test_spread_draws_keep_the_depth_floor():
+    import torch
+
+    space = ElasticSpace.default(6, 96, 4, multiple=8).with_depth(min_layers=4)
+    gen = torch.Generator().manual_seed(1)
+    subs = [space.sample(gen, "spread") for _ in range(50)]
+    for sub in subs:
+        space.validate(sub)
+    assert any(0 in s.mlp for s in subs) and any(0 in s.attn for s in subs)
+
+
+def test_an_unknown_sampling_mode_is_refused():
+    import torch
+
+    with pytest.raises(FlextronError, match="unknown sampling mode 'wide'"):
+        ElasticSpace.default(2, 96, 4, multiple=8).sample(torch.Generator(), "wide")

@@ -155,3 +155,31 @@ def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each()
     assert table["rounds"] == 3 and table["validation"]["decode_ms"]["max_pct"] < 1e-6
     assert [m["decode_ms"] for m in table["measurements"]] == [
         5.0 + sum(true_mlp[w] for w in m["subnet"]["mlp"]) for m in table["measurements"]]
+
+
+def test_the_fit_design_predicts_uniform_sub_networks_better_than_independent_draws():
+    # A 30-layer space like SmolLM2's; a known additive cost with 5% multiplicative timing noise.
+    import types
+
+    import numpy as np
+
+    from flextron.config import ElasticSpace
+    from flextron.latency import _as_table, design_subnets
+
+    space = ElasticSpace.default(30, 1536, 3, multiple=384)
+    em = types.SimpleNamespace(space=space)
+
+    def truth(s):
+        return 8.0 + sum(0.9 * (m / 1536) ** 1.1 + 0.25 * a / 3 for m, a in zip(s.mlp, s.attn))
+
+    uniform = [space.uniform(i, j) for i in range(4) for j in range(3)]
+    rng = np.random.default_rng(0)
+    worst = {"design": [], "independent": []}
+    for seed in range(30):
+        for name, draws in (("design", design_subnets(em, 10, seed)), ("independent", random_subnets(em, 10, seed))):
+            nets = [space.full(), space.smallest(), *draws]
+            y = [truth(s) * (1 + 0.05 * rng.standard_normal()) for s in nets]
+            table = _as_table(em, "latency_ms", _fit(em, nets, y))
+            worst[name].append(max(abs(table(space, s) - truth(s)) / truth(s) for s in uniform))
+    assert np.median(worst["design"]) < 0.7 * np.median(worst["independent"])
+    assert sum(s in uniform for s in design_subnets(em, 10, 0)) >= 5  # half are uniform draws

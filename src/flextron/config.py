@@ -22,6 +22,7 @@ KINDS = ("mlp", "attn")
 DTYPE_NAMES = ("fp32", "bf16")  # the keys of flextron.precision.DTYPES
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
 ATTN_UNITS = ("group", "head")  # what an attention choice counts (see ElasticSpace)
+SAMPLE_MODES = ("layers", "uniform", "spread")  # how ElasticSpace.sample draws a sub-network
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, **rules: Any) -> Any:
@@ -223,18 +224,31 @@ class ElasticSpace:
             out[kind] = chosen
         return Subnet(**out)
 
-    def sample(self, gen: torch.Generator, uniform: bool = False) -> Subnet:
-        """A random sub-network: each layer's choice drawn independently (skips restored up to the
-        floor), or with `uniform` one width index per kind for all layers plus, in a depth space,
-        skip counts. Draws from `gen` in that order, so a seed gives the same sub-networks."""
+    def sample(self, gen: torch.Generator, mode: str = "layers") -> Subnet:
+        """A random sub-network (skips restored up to the floor). `mode` "layers": each layer's
+        choice drawn independently; "uniform": one width index per kind for all layers plus, in a
+        depth space, skip counts; "spread": each kind's layers drawn from one random distribution
+        over the width indices (Dirichlet(1)), so sub-networks range from mostly narrow to mostly
+        wide (independent draws concentrate near the middle). Draws from `gen` in that order, so a
+        seed gives the same sub-networks."""
         def draw(k: int) -> int:
             return torch.randint(k, (1,), generator=gen).item()
 
-        if uniform:
+        if mode not in SAMPLE_MODES:
+            raise FlextronError(f"unknown sampling mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
+        if mode == "uniform":
             i, j = (draw(max(len(self.widths(k, layer)) for layer in range(self.n_layers))) for k in KINDS)
             skips = (draw(self.n_layers - self.min_layers + 1) for _ in range(2)) if self.depth else (0, 0)
             return self.uniform(i, j, *skips)
-        return self.floor(Subnet(mlp=[c[draw(len(c))] for c in self.mlp], attn=[c[draw(len(c))] for c in self.attn]))
+        picks = {}
+        for kind in KINDS:
+            lists = getattr(self, kind)
+            if mode == "layers":
+                picks[kind] = [c[draw(len(c))] for c in lists]
+                continue
+            weights = -torch.rand(max(map(len, lists)), generator=gen, dtype=torch.float64).log()
+            picks[kind] = [c[int(torch.multinomial(weights[: len(c)], 1, generator=gen))] for c in lists]
+        return self.floor(Subnet(**picks))
 
     def floor(self, subnet: Subnet) -> Subnet:
         """`subnet` with skipped sub-layers restored (most important first, at their smallest width)
