@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from flextron import api
 from speed import bench_checkpoint, hardware_name
 
 BUDGETS = ["100%", "75%", "50%"]
+BEFORE = "serial (before) = the `--max-batch 1` server of the earlier source tree given by --baseline; "
 
 
 def free_port() -> int:
@@ -55,14 +57,16 @@ def rss_mb(pid: int) -> float:
 class Served:
     """`flextron serve CKPT` in a subprocess, until closed."""
 
-    def __init__(self, ckpt: Path, max_batch: int, device: str, dtype: str, mix: bool = False) -> None:
+    def __init__(self, ckpt: Path, max_batch: int, device: str, dtype: str, mix: bool = False,
+                 src: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flextron", "serve", str(ckpt), "--port", str(self.port), "--name", "ckpt",
              "--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", "256", "--device", device,
              "--dtype", dtype, *(["--mix-budgets"] if mix else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=None if src is None else {**os.environ, "PYTHONPATH": str(Path(src) / "src")})
         deadline = time.time() + 600
         while True:
             try:
@@ -154,6 +158,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--work", default=None, help="keep the checkpoint here (default: a temp dir)")
     p.add_argument("--name", default="serve_load", help="the JSON file and docs/results.md section written")
+    p.add_argument("--baseline", default=None, help="source tree of an earlier flextron (e.g. a git worktree); "
+                                                    "its --max-batch 1 server joins the run as 'serial (before)'")
     p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens; writes no results")
     a = p.parse_args()
     if a.smoke:
@@ -168,8 +174,11 @@ def main() -> None:
         vocab = api.load(ckpt, "cpu")[0].config.vocab_size
         prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (8, 16, 24, 32, 40, 48, 56, 64)]
         runs, reference = {}, None
-        for policy, max_batch in (("serial", 1), ("batched", a.max_batch), ("mixed", a.max_batch)):
-            server = Served(ckpt, max_batch, device, a.dtype, mix=policy == "mixed")
+        policies = [("serial", 1, None), ("batched", a.max_batch, None), ("mixed", a.max_batch, None)]
+        if a.baseline:
+            policies.insert(0, ("serial (before)", 1, Path(a.baseline)))
+        for policy, max_batch, src in policies:
+            server = Served(ckpt, max_batch, device, a.dtype, mix=policy == "mixed", src=src)
             try:
                 if reference is None:  # each request alone, one at a time
                     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
@@ -179,7 +188,8 @@ def main() -> None:
                 rows = [level(server.url, c, max(1, -(-a.min_requests // c)), prompts, a.max_tokens, reference)
                         for c in levels]
                 after = rss_mb(server.proc.pid)
-                runs[policy] = {"max_batch": max_batch, "rss_before_mb": before, "rss_after_mb": after, "levels": rows}
+                runs[policy] = {"max_batch": max_batch, "rss_before_mb": before, "rss_after_mb": after, "levels": rows,
+                                **({"source": str(src)} if src else {})}
             finally:
                 server.close()
             for r in rows:
@@ -196,7 +206,8 @@ def main() -> None:
     lines = ["## Serving under load (`flextron serve`, continuous batching vs one at a time)", "",
              f"`{command}` on {hardware} ({device}, {a.dtype}, torch {torch.__version__}); SmolLM2-135M "
              f"(packaged), {a.max_tokens}-token greedy completions at {', '.join(BUDGETS)} (model `ckpt@B`), half "
-             f"streamed. serial = `--max-batch 1` (the old server), batched = `--max-batch {a.max_batch}` (a batch "
+             f"streamed. {BEFORE if a.baseline else ''}"
+             f"serial = `--max-batch 1` (one request at a time), batched = `--max-batch {a.max_batch}` (a batch "
              f"per sub-network, taking turns), mixed = `--max-batch {a.max_batch} --mix-budgets` (one batch, "
              "full width, rows masked). "
              "Time to first token over streamed requests; mismatches: outputs that differ from the same request "

@@ -222,10 +222,11 @@ def _pad_left(x: Tensor, length: int) -> Tensor:
 
 
 class Engine:
-    """Runs requests on a background thread; `submit` returns at once, the request's future holds the result."""
+    """Runs requests on its own thread (with `start=False`, on the thread that calls `run()`); `submit`
+    returns at once, the request's future holds the result."""
 
-    def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig | None = None
-                 ) -> None:
+    def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig | None = None,
+                 start: bool = True) -> None:
         self.em, self.tokenizer = em, tokenizer
         self.config = config or EngineConfig()
         self.eos = set(stop_token_ids(em.model, tokenizer))
@@ -240,8 +241,10 @@ class Engine:
         self._budget_lock = threading.Lock()
         self._closed = False
         self._routing: AdaptiveRouting | None = None
-        self._thread = threading.Thread(target=self._run, name="flextron-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self.run, name="flextron-engine", daemon=True)
+            self._thread.start()
 
     def resolve(self, budget: Budget) -> tuple[Subnet, Cost]:
         """The sub-network for a budget, as `flextron export` picks it, and its cost (kept, least recent dropped)."""
@@ -291,45 +294,56 @@ class Engine:
         req.cancelled = True
 
     def close(self) -> None:
-        """Stop the thread; requests still queued are cancelled."""
+        """Stop the loop (and wait for the engine's own thread); requests still queued are cancelled."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Submit requests together and wait for all of them (for scripts and tests)."""
         return [f.result() for f in [self.submit(r) for r in requests]]
 
-    # The engine thread.
+    # The engine loop.
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Admit, prefill and decode until `close()`. `Engine(start=False)` leaves the loop to the
+        caller's thread: on CPUs, PyTorch's matmuls ran about half as fast in a secondary thread
+        as in the main one here (`docs/serve.md`), so the server runs it on its main thread."""
         turn = 0
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not (self._closed or self._waiting or self._groups):
-                        self._cond.wait()
-                    if self._closed:
-                        break
-                    for req in [r for r in self._waiting if r.cancelled]:  # give their places back now
-                        self._waiting.remove(req)
-                        _drop(req)
-                    running = sum(len(g.rows) for g in self._groups.values())
-                    admitted = []
-                    while self._waiting and running + len(admitted) < self.config.max_batch:
-                        admitted.append(self._waiting.popleft())
-                for req in admitted:
-                    self._guard(self._prefill, req, [req])
-                if self._groups:
-                    key = list(self._groups)[turn % len(self._groups)]
-                    group = self._groups[key]
-                    self._guard(self._step, group, [r.req for r in group.rows])
-                    if not group.rows:
-                        del self._groups[key]
-                    turn += 1
-        for req in [*self._waiting, *(r.req for g in self._groups.values() for r in g.rows)]:
-            _drop(req)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self._closed or self._waiting or self._groups):
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                        for req in [r for r in self._waiting if r.cancelled]:  # give their places back now
+                            self._waiting.remove(req)
+                            _drop(req)
+                        running = sum(len(g.rows) for g in self._groups.values())
+                        admitted = []
+                        while self._waiting and running + len(admitted) < self.config.max_batch:
+                            admitted.append(self._waiting.popleft())
+                    for req in admitted:
+                        self._guard(self._prefill, req, [req])
+                    if self._groups:
+                        key = list(self._groups)[turn % len(self._groups)]
+                        group = self._groups[key]
+                        self._guard(self._step, group, [r.req for r in group.rows])
+                        if not group.rows:
+                            del self._groups[key]
+                        turn += 1
+        finally:  # closed, or interrupted (Ctrl-C on the main thread): nobody waits forever
+            with self._cond:
+                self._closed = True
+                left = [*self._waiting, *(r.req for g in self._groups.values() for r in g.rows)]
+                self._waiting.clear()
+                self._groups.clear()
+            for req in left:
+                _drop(req)
 
     def _guard(self, fn: Callable, arg, reqs: list[Request]) -> None:
         """Run one prefill or step; a failure fails its requests, never the engine."""
