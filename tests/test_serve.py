@@ -295,3 +295,38 @@ def test_a_depth_checkpoint_serves_budgets_that_skip_sub_layers(tmp_path):
     expected = generate_text(AutoModelForCausalLM.from_pretrained(d), tok, PROMPT, max_new_tokens=MAX_TOKENS, raw=True)
     with running(ckpt) as (_, client):
         assert text_of(ask(client, "params=25%", chat=False), chat=False) == expected and expected
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_server_gracefully_even_as_a_background_job(setup, sig):
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    ckpt = setup[4]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A shell's background job inherits SIGINT ignored; the server must still stop on it.
+    proc = subprocess.Popen([sys.executable, "-m", "flextron", "serve", str(ckpt), "--port", str(port), "--no-verify",
+                             "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.completions.create, model="ckpt", prompt="Hello", max_tokens=8,
+                                 temperature=0)
+            time.sleep(0.2)
+            proc.send_signal(getattr(signal, sig))
+            assert proc.wait(30) == 0
+            assert answer.result().choices[0].text  # the request under way finished
+    finally:
+        proc.kill()

@@ -244,10 +244,6 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     return JSONResponse(err.body(), err.status, headers=exc.headers)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def app(service: Service) -> Starlette:
     """The ASGI application serving `service`."""
     routes = [Route("/v1/completions", _route(_completions), methods=["POST"]),
@@ -296,17 +292,26 @@ class Server:
         main thread as on a secondary one, measured in `docs/serve.md`)."""
         http = threading.Thread(target=self._serve_http, name="flextron-http", daemon=True)
         http.start()
-        previous = None
+        # As uvicorn does on the main thread: Ctrl-C or SIGTERM stops the server gracefully (requests
+        # under way finish within the grace period), a second one at once; also where the shell
+        # started it with SIGINT ignored (a background job).
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _interrupt)
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.service.engine.run()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self._uvicorn.should_exit = True
             http.join(30)
             self._stopped.set()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._uvicorn.should_exit:
+            self._uvicorn.force_exit = True
+            raise KeyboardInterrupt
+        self._uvicorn.should_exit = True  # the HTTP side drains, then closes the engine loop
 
     def _serve_http(self) -> None:
         try:
