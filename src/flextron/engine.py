@@ -314,19 +314,7 @@ class Engine:
         turn = 0
         try:
             with torch.inference_mode():
-                while True:
-                    with self._cond:
-                        while not (self._closed or self._waiting or self._groups):
-                            self._cond.wait()
-                        if self._closed:
-                            break
-                        for req in [r for r in self._waiting if r.cancelled]:  # give their places back now
-                            self._waiting.remove(req)
-                            _drop(req)
-                        running = sum(len(g.rows) for g in self._groups.values())
-                        admitted = []
-                        while self._waiting and running + len(admitted) < self.config.max_batch:
-                            admitted.append(self._waiting.popleft())
+                while (admitted := self._admit()) is not None:
                     for req in admitted:
                         self._guard(self._prefill, req, [req])
                     if self._groups:
@@ -344,6 +332,23 @@ class Engine:
                 self._groups.clear()
             for req in left:
                 _drop(req)
+
+    def _admit(self) -> list[Request] | None:
+        """Wait for work; the waiting requests admitted now (first come, first served, within
+        `max_batch`), or None once closed."""
+        with self._cond:
+            while not (self._closed or self._waiting or self._groups):
+                self._cond.wait()
+            if self._closed:
+                return None
+            for req in [r for r in self._waiting if r.cancelled]:  # give their places back now
+                self._waiting.remove(req)
+                _drop(req)
+            running = sum(len(g.rows) for g in self._groups.values())
+            admitted = []
+            while self._waiting and running + len(admitted) < self.config.max_batch:
+                admitted.append(self._waiting.popleft())
+            return admitted
 
     def _guard(self, fn: Callable, arg, reqs: list[Request]) -> None:
         """Run one prefill or step; a failure fails its requests, never the engine."""

@@ -320,8 +320,8 @@ class Server:
             self.service.engine.close()
 
     def shutdown(self) -> None:
+        """Stop as a signal does: the HTTP side drains, then closes the engine loop (`_serve_http`)."""
         self._uvicorn.should_exit = True
-        self.service.engine.close()
         self._stopped.wait(30)
 
     def server_close(self) -> None:
