@@ -10,6 +10,7 @@ from pathlib import Path
 from flextron import api
 from flextron.budgets import budget_grid
 from flextron.config import RouterConfig, TrainConfig
+from flextron.latency import load_table, save_table
 
 
 def log(text: str, t0: float = time.time()) -> None:
@@ -50,8 +51,10 @@ def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
     return str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
 
 
-def build(work: Path, name: str, a: argparse.Namespace, metric: str, **convert: object) -> Path:
-    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric), route over
+def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path | None = None,
+          **convert: object) -> Path:
+    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric; or copy the
+    latency table of checkpoint `table`, whose choices include this space's), route over
     `a.budgets` budgets of `metric` (or the fractions `a.fractions`); returns the routed checkpoint."""
     log(f"{name}: convert")
     model, kw = source(work, a.smoke)
@@ -61,7 +64,10 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, **convert: 
         cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
                           dtype=a.dtype)
         ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
-    if metric == "latency_ms":
+    if metric == "latency_ms" and table is not None:
+        log(f"{name}: the latency table of {table}")
+        save_table(ckpt, load_table(table))
+    elif metric == "latency_ms":
         log(f"{name}: latency table")
         api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, samples=a.profile_samples,
                     validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)

@@ -15,7 +15,9 @@ skipped, least important first, down to `--min-layers`). Each is profiled on thi
     python benchmarks/depth.py [--train-steps 100] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
     python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
 
-Nothing else may run meanwhile: latency is measured. HF eager only (no GGUF runtime here).
+Both variants route on one latency table, the width + depth variant's (measured on its random
+sub-networks, skips included), so a budget names the same latency for both. Nothing else may run
+meanwhile: latency is measured. HF eager only.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        ckpts = {"width": build(work, "width", a, "latency_ms", depth=False),
-                 "depth": build(work, "depth", a, "latency_ms", depth=True, min_layers=a.min_layers)}
+        # One latency table for both: the depth variant's (its choices include every width-only
+        # choice), so a budget is the same latency for both; two profiles would differ by noise.
+        depth = build(work, "depth", a, "latency_ms", depth=True, min_layers=a.min_layers)
+        ckpts = {"width": build(work, "width", a, "latency_ms", table=depth, depth=False), "depth": depth}
         seq_len = 64 if a.smoke else 1024
         # Every budget of either grid, for both variants (below the width-only minimum: infeasible).
         fractions = sorted({r for c in ckpts.values() for r in api.load(c, "cpu")[0].routers.config.budgets})
@@ -122,7 +126,8 @@ def main() -> None:
         f"`{command}` — {'a tiny random Llama (smoke run)' if a.smoke else 'SmolLM2-135M-Instruct (packaged)'}, "
         f"{a.dtype}, {a.device} ({data['cpu']}, {data['threads']} threads), HF eager, {data['seconds']} s. Both "
         f"variants: {a.train_steps} elastic-training steps, {a.router_steps} router steps, budgets in measured "
-        "decode latency (batch 1) as fractions of the full model's; ppl on held-out windows.",
+        "decode latency (batch 1, the width + depth variant's table for both) as fractions of the full model's; "
+        "ppl on held-out windows.",
         "",
         "| latency budget | width only: ppl (measured fraction) | width + depth: ppl (measured fraction, "
         "skipped MLP/attn) |",

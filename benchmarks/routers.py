@@ -91,7 +91,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},
         "seconds": seconds, "total_seconds": round(time.time() - t0),
-        "surrogate_steps": [sum(r["surrogate_used"] for r in runs["surrogate"]["log"]), a.steps],
+        "surrogate_steps": [sum(r.get("surrogate_used", False) for r in runs["surrogate"]["log"]), a.steps],
         "surrogate_warmup": a.surrogate_warmup,
         "routes": {k: [r.to_dict() for r in v["budgets"]] for k, v in runs.items()},
         "metric": runs["surrogate"]["metric"],

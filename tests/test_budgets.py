@@ -10,6 +10,7 @@ from flextron.budgets import (
     cost_table,
     select_subnet,
     smallest_fraction,
+    uniform_candidates,
     uniform_subnet_for,
 )
 from flextron.config import Budget, Subnet
@@ -64,6 +65,26 @@ def test_uniform_budget_skips_layers_in_importance_order():
             skipped = [i for i in order if getattr(sub, kind)[i] == 0]
             assert skipped == order[: len(skipped)]  # always a prefix of the skip order
     assert uniform_subnet_for(em, Budget(metric="params", fraction=smallest / full))[0] == em.space.smallest()
+
+
+def test_uniform_candidates_are_the_maximal_uniform_sub_networks_within_a_budget():
+    em = make_elastic("llama", n_layers=4, min_layers=1)
+    table = cost_table(em, "params")
+    space = em.space
+    every = [space.uniform(i, j, sm, sa) for i in range(4) for j in range(4) for sm in range(4) for sa in range(4)]
+    for fraction in (0.9, 0.6, 0.35):
+        target = fraction * table.full
+        found = uniform_candidates(em, table, target, skip_points=4)  # skip counts 0-3: every one
+        fits = [s for s in every if table(space, s) <= target * (1 + 1e-9)]
+        assert found and all(s in fits for s in found)
+        assert uniform_subnet_for(em, Budget(metric="params", fraction=fraction))[0] in found
+        # Maximal: no other uniform sub-network within the budget is at least as wide in every layer.
+        for s in found:
+            assert not any(o != s and all(a >= b for a, b in zip(o.mlp + o.attn, s.mlp + s.attn)) for o in fits)
+        assert any(0 in s.mlp + s.attn for s in found) and any(0 not in s.mlp + s.attn for s in found)
+    no_depth = make_elastic("llama", n_layers=4)
+    assert all(0 not in s.mlp + s.attn for s in uniform_candidates(no_depth, cost_table(no_depth, "params"), 0.5 *
+                                                                   cost_table(no_depth, "params").full))
 
 
 def test_latency_budget_without_table_says_what_to_do():

@@ -7,14 +7,15 @@ import torch
 
 from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
-from flextron.budgets import cost_table, select_subnet, smallest_fraction, uniform_subnet_for
+from flextron.budgets import cost_table, select_subnet, smallest_fraction, uniform_candidates, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.config import Budget, ElasticSpace, RouterConfig, Subnet
 from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.routers import StaticRouter, decode, encode_budget, gumbel, project
-from flextron.train.routers import guided_fraction, train_routers
+from flextron.routers import ROUTER_WEIGHTS, Routers, StaticRouter, decode, encode_budget, gumbel, project
+from flextron.train.loop import kd_loss
+from flextron.train.routers import guided_fraction, train_routers, warm_start
 
 
 def test_budget_encoding_interpolates_between_grid_neighbours():
@@ -88,7 +89,9 @@ def test_temperature_anneals_and_stages_follow(trained):
     assert all(a >= b for a, b in zip(taus, taus[1:]))
     assert [r["stage"] for r in log[-4:]] == ["joint"] * 4
     stages = [r["stage"] for r in log]
-    assert stages[:32] == ["warmup"] * 32 and not any(r["surrogate_used"] for r in log[:32])
+    assert stages[:4] == ["warm start"] * 4  # one row per grid budget, before anything else
+    log = log[4:]
+    assert stages[4:36] == ["warmup"] * 32 and not any(r["surrogate_used"] for r in log[:32])
     # A step follows the surrogate exactly when its error before the step was under the threshold.
     for before, row in zip(log[31:], log[32:]):
         if row["stage"] == "router":
@@ -135,6 +138,59 @@ def test_router_output_shapes_follow_the_space():
     mlp, attn = router(0.7)
     assert mlp.shape == (2, 3) and attn.shape == (2, 2)
     assert torch.isinf(mlp[1, 2]) and torch.isfinite(mlp[0]).all()
+
+
+def test_a_prior_sets_the_argmax_at_its_grid_budget_and_survives_a_reload(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    em = make_elastic("llama", n_layers=3, min_layers=1)
+    router = StaticRouter(em.space, (0.5, 1.0))
+    start = em.space.uniform(1, 2, 1, 0)
+    router.set_prior(0.5, start, 3.0)
+    assert decode(em.space, *router(0.5)) == start
+    assert router.prior[1].abs().sum() == 0  # the other grid budget keeps its own logits
+    mlp, _ = router(0.5)
+    # Logits fall with the distance from the start: the next width is a likelier draw than a skip.
+    assert mlp[0, 2] > mlp[0, 3] > mlp[0, 0] and mlp[0, 2] - mlp[0, 0] > 5
+    Routers(router, "params", RouterConfig(budgets=(0.5, 1.0))).save(tmp_path)
+    loaded = Routers.load(tmp_path, em.space).static
+    assert torch.equal(loaded.prior, router.prior) and decode(em.space, *loaded(0.5)) == start
+    # Routers saved before priors existed load with none: their logits are what they were.
+    state = load_file(tmp_path / ROUTER_WEIGHTS)
+    del state["prior"]
+    save_file(state, tmp_path / ROUTER_WEIGHTS)
+    old = Routers.load(tmp_path, em.space).static
+    assert old.prior.abs().sum() == 0
+    assert all(torch.equal(a, b) for a, b in zip(old(1.0), router(1.0)))
+
+
+def test_warm_start_begins_each_budget_where_the_loss_is_lowest():
+    em = make_elastic("llama", n_layers=3, min_layers=1)
+    teacher = ElasticModel(make_model("llama", n_layers=3))  # the same weights: the full model's kd is 0
+    teacher.requires_grad_(False)
+    ids = PackedSequences(tokenize(make_tokenizer(), word_text(600)), 16, seed=0).rows(0, 2)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    table = cost_table(em, "params")
+    router = StaticRouter(em.space, (0.4, 0.7, 1.0))
+    before = em.current
+    rows = warm_start(em, router, table, ids, t_logits, 2.0, None, False)
+
+    def kd(subnet):
+        with em.subnet(subnet), torch.no_grad():
+            return kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+
+    assert [r["budget"] for r in rows] == pytest.approx([0.4, 0.7, 1.0]) and em.current == before
+    for g, row in enumerate(rows):
+        chosen, target = Subnet(**row["subnet"]), row["budget"] * table.full
+        assert table(em.space, chosen) <= target * (1 + 1e-9)
+        assert row["kd"] == pytest.approx(kd(chosen), abs=1e-6)
+        assert row["kd"] <= min(kd(c) for c in uniform_candidates(em, table, target)) + 1e-6
+        if row["start"] == "uniform":
+            assert decode(em.space, *router(row["budget"])) == chosen
+        else:
+            assert router.prior[g].abs().sum() == 0
+    assert rows[-1]["start"] == "uniform" and rows[-1]["kd"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_route_end_to_end_through_the_cli(tmp_path, capsys):

@@ -9,6 +9,7 @@ projected onto the target, or without routers the largest uniform sub-network wi
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -88,6 +89,28 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
     return best[1], best[0]
+
+
+def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_points: int = 5) -> list[Subnet]:
+    """The maximal uniform sub-networks within `target`: every combination of an MLP and an
+    attention width index and, in a depth space, skip counts per kind (`skip_points` counts from 0
+    to the most the floor allows) that fits, kept unless a wider index or fewer skips also fit.
+    Which of them is best is for the loss to say (`flextron.train.routers.warm_start`)."""
+    space, n = em.space, em.space.n_layers
+    most = n - space.min_layers if space.depth else 0
+    skips = sorted({round(most * k / max(1, skip_points - 1)) for k in range(skip_points)})
+    sizes = [max(len(space.widths(kind, layer)) for layer in range(n)) for kind in KINDS] + [len(skips)] * 2
+    fits = {}
+    for i, j, a, b in itertools.product(*(range(k) for k in sizes)):
+        subnet = space.uniform(i, j, skips[a], skips[b])
+        if table(space, subnet) <= target * (1 + 1e-9):
+            fits[(i, j, a, b)] = subnet
+    out: list[Subnet] = []
+    for (i, j, a, b), subnet in fits.items():
+        bigger = ((i + 1, j, a, b), (i, j + 1, a, b), (i, j, a - 1, b), (i, j, a, b - 1))
+        if not any(k in fits for k in bigger) and subnet not in out:
+            out.append(subnet)
+    return out
 
 
 @torch.no_grad()

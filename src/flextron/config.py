@@ -459,6 +459,8 @@ class RouterConfig:
     steps: int = opt(200, "router steps (LLM frozen)")
     joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together")
     hidden: int = opt(128, "router MLP hidden size")
+    warm_start: float = opt(2.0, "each grid budget starts at the uniform sub-network with the lowest loss "
+                            "within it; logit margin per choice away from it (0: a random start)")
     router_lr: float = opt(3e-3, "router learning rate")
     llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps")
     tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially")
@@ -483,8 +485,9 @@ class RouterConfig:
         check_fractions("budgets", self.budgets)
         check_fields(self, {
             "steps": _POSITIVE, "joint_steps": {"integer": True, "low": 0}, "hidden": _POSITIVE,
-            "router_lr": _POSITIVE_FLOAT, "llm_lr": {"low": 0.0}, "tau_start": _POSITIVE_FLOAT,
-            "tau_end": _POSITIVE_FLOAT, "budget_weight": {"low": 0.0}, "tolerance": {"low": 0.0},
+            "router_lr": _POSITIVE_FLOAT, "llm_lr": {"low": 0.0}, "warm_start": {"low": 0.0},
+            "tau_start": _POSITIVE_FLOAT, "tau_end": _POSITIVE_FLOAT, "budget_weight": {"low": 0.0},
+            "tolerance": {"low": 0.0},
             "surrogate_threshold": {"low": 0.0}, "surrogate_hidden": _POSITIVE,
             "surrogate_fit_steps": {"integer": True, "low": 0}, "balance_weight": {"low": 0.0},
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "eval_limit": _POSITIVE,

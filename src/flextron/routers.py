@@ -50,7 +50,8 @@ def choice_mask(choices: list[list[int]]) -> Tensor:
 
 
 class StaticRouter(nn.Module):
-    """Budget -> per-layer logits over MLP choices and attention choices."""
+    """Budget -> per-layer logits over MLP choices and attention choices: a learnt MLP plus a fixed
+    prior per grid budget (`set_prior`; zero unless set), read with the same budget encoding."""
 
     def __init__(self, space: ElasticSpace, grid: tuple[float, ...], hidden: int = 128) -> None:
         super().__init__()
@@ -60,14 +61,30 @@ class StaticRouter(nn.Module):
         n_out = self.mlp_mask.numel() + self.attn_mask.numel()
         self.net = nn.Sequential(nn.Linear(len(grid), hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, n_out))
+        self.register_buffer("prior", torch.zeros(len(grid), n_out))
+        self.space = space
 
     def forward(self, fraction: float) -> tuple[Tensor, Tensor]:
         x = encode_budget(self.grid, fraction).to(self.net[0].weight.device)
-        out = self.net(x)
+        out = self.net(x) + x @ self.prior
         m = self.mlp_mask.numel()
         mlp = out[:m].view(self.mlp_mask.shape).masked_fill(~self.mlp_mask, float("-inf"))
         attn = out[m:].view(self.attn_mask.shape).masked_fill(~self.attn_mask, float("-inf"))
         return mlp, attn
+
+    @torch.no_grad()
+    def set_prior(self, fraction: float, subnet: Subnet, margin: float) -> None:
+        """Start grid budget `fraction` at `subnet`: each layer's logits fall by `margin` per choice
+        away from the subnet's, so neighbouring widths stay likely draws and distant ones
+        (a skip, for a wide layer) rare."""
+        g = int((self.grid - fraction).abs().argmin())
+        flat: list[float] = []
+        for kind, lists in (("mlp", self.space.mlp), ("attn", self.space.attn)):
+            width = self.mlp_mask.shape[1] if kind == "mlp" else self.attn_mask.shape[1]
+            for choices, c in zip(lists, getattr(subnet, kind)):
+                k = choices.index(c)
+                flat += [-margin * abs(i - k) for i in range(len(choices))] + [0.0] * (width - len(choices))
+        self.prior[g] = torch.tensor(flat, dtype=self.prior.dtype)
 
 
 class AdaptiveRouters(nn.Module):
@@ -240,7 +257,9 @@ class Routers:
             checked = cfg.pop("checked", None)
             config = _router_config(cfg)
             router = StaticRouter(space, config.budgets, config.hidden)
-            router.load_state_dict(load_file(directory / ROUTER_WEIGHTS))
+            state = load_file(directory / ROUTER_WEIGHTS)
+            state.setdefault("prior", router.prior)  # routers saved before priors existed had none: zero
+            router.load_state_dict(state)
             routers = cls(router.eval(), metric, config, checked=checked)
             if adaptive_cfg is not None:
                 routers.adaptive_config = _router_config(adaptive_cfg)

@@ -15,6 +15,7 @@ the surrogate and fine-tunes LLM and router together through the soft masks.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -25,9 +26,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveRouting, calibrate
-from flextron.budgets import budget_metric, cost_table, select_subnet, smallest_fraction, uniform_subnet_for
+from flextron.budgets import (
+    budget_metric,
+    cost_table,
+    select_subnet,
+    smallest_fraction,
+    uniform_candidates,
+    uniform_subnet_for,
+)
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.config import Budget, RouterConfig
+from flextron.config import Budget, RouterConfig, Subnet
+from flextron.cost import CostTable
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -42,6 +51,7 @@ from flextron.routers import (
     decode,
     expected_cost,
     gumbel,
+    project,
     relaxed,
     straight_through,
 )
@@ -150,20 +160,22 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     router = StaticRouter(em.space, cfg.budgets, cfg.hidden).to(device)
-    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, device)
     amp = compute_dtype(cfg.dtype)
     em.requires_grad_(False)
-    warmup = cfg.surrogate_warmup if cfg.surrogate else 0
-    total = cfg.steps + cfg.joint_steps
-    bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
-    log, t0 = [], time.time()
+    t0 = time.time()
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Fresh training rows for call i, and the teacher's logits on them."""
         ids = data.rows(i * cfg.micro_batch, cfg.micro_batch).to(device)
         with torch.no_grad(), autocast(device, amp):
             return ids, teacher(input_ids=ids, use_cache=False).logits
+
+    log = warm_start(em, router, table, *batch(0), cfg.warm_start, amp, progress) if cfg.warm_start > 0 else []
+    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
+    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, device)
+    warmup = cfg.surrogate_warmup if cfg.surrogate else 0
+    total = cfg.steps + cfg.joint_steps
+    bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
 
     def measure(ym: torch.Tensor, ya: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
         em.set_subnet(decode(em.space, ym, ya))  # hard slices, no backward: cheap
@@ -220,6 +232,43 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     em.requires_grad_(False)
     em.eval()
     return Routers(router.eval(), metric, cfg), log
+
+
+@torch.no_grad()
+def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: torch.Tensor, t_logits: torch.Tensor,
+               margin: float, amp: torch.dtype | None, progress: bool) -> list[dict]:
+    """Start each grid budget where the distillation loss on `ids` is lowest: at the maximal
+    uniform sub-network within it (`uniform_candidates`) that scores best, set as the router's
+    prior, unless the randomly initialised router's own choice (projected onto the budget)
+    scores better. Returns a log row per budget.
+
+    Why: a random start draws every choice alike, skips included, and with a few steps per
+    budget the router stays near it, which in a depth space is a model with random layers
+    missing; which uniform shape (narrow everywhere, or wide with the least important
+    sub-layers skipped) suits a budget depends on the model, so the loss picks it."""
+    losses: dict[str, float] = {}
+
+    def loss(subnet: Subnet) -> float:
+        key = json.dumps(subnet.to_dict())
+        if key not in losses:
+            em.set_subnet(subnet)
+            with autocast(ids.device, amp):
+                losses[key] = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+        return losses[key]
+
+    rows = []
+    with em.subnet(None):
+        for fraction in tqdm(router.grid.tolist(), desc="warm start", disable=not progress):
+            target = fraction * table.full
+            mlp, attn = router(fraction)
+            own = project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+            best = min(uniform_candidates(em, table, target), key=loss, default=own)
+            start = "uniform" if loss(best) <= loss(own) else "random"
+            if start == "uniform":
+                router.set_prior(fraction, best, margin)
+            rows.append({"stage": "warm start", "budget": fraction, "start": start,
+                         "kd": min(loss(best), loss(own)), "subnet": (best if start == "uniform" else own).to_dict()})
+    return rows
 
 
 def rows_used(cfg: RouterConfig) -> int:
