@@ -237,15 +237,15 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
 @torch.no_grad()
 def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: torch.Tensor, t_logits: torch.Tensor,
                margin: float, amp: torch.dtype | None, progress: bool) -> list[dict]:
-    """Start each grid budget where the distillation loss on `ids` is lowest: at the maximal
-    uniform sub-network within it (`uniform_candidates`) that scores best, set as the router's
-    prior, unless the randomly initialised router's own choice (projected onto the budget)
-    scores better. Returns a log row per budget.
+    """Start each grid budget where the distillation loss on `ids` is lowest: the maximal uniform
+    sub-networks within it (`uniform_candidates`) and the randomly initialised router's own
+    choice projected onto it compete, and the winner becomes the router's prior at that budget.
+    Returns a log row per budget.
 
-    Why: a random start draws every choice alike, skips included, and with a few steps per
-    budget the router stays near it, which in a depth space is a model with random layers
-    missing; which uniform shape (narrow everywhere, or wide with the least important
-    sub-layers skipped) suits a budget depends on the model, so the loss picks it."""
+    Why: without a prior every draw picks each layer's choices alike, skips included, so the
+    router learns from random models missing random layers and, with a few steps per budget,
+    stays near one; which shape (narrow everywhere, wide with the least important sub-layers
+    skipped, or mixed) suits a budget depends on the model, so the loss picks it."""
     losses: dict[str, float] = {}
 
     def loss(subnet: Subnet) -> float:
@@ -263,11 +263,10 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
             mlp, attn = router(fraction)
             own = project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
             best = min(uniform_candidates(em, table, target), key=loss, default=own)
-            start = "uniform" if loss(best) <= loss(own) else "random"
-            if start == "uniform":
-                router.set_prior(fraction, best, margin)
-            rows.append({"stage": "warm start", "budget": fraction, "start": start,
-                         "kd": min(loss(best), loss(own)), "subnet": (best if start == "uniform" else own).to_dict()})
+            start, chosen = ("uniform", best) if loss(best) <= loss(own) else ("random", own)
+            router.set_prior(fraction, chosen, margin)
+            rows.append({"stage": "warm start", "budget": fraction, "start": start, "kd": loss(chosen),
+                         "subnet": chosen.to_dict()})
     return rows
 
 
