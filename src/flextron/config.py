@@ -459,8 +459,9 @@ class RouterConfig:
     steps: int = opt(200, "router steps (LLM frozen)")
     joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together")
     hidden: int = opt(128, "router MLP hidden size")
-    warm_start: float = opt(2.0, "each grid budget starts at the uniform sub-network with the lowest loss "
-                            "within it; logit margin per choice away from it (0: a random start)")
+    warm_start: float = opt(2.0, "each grid budget starts where the loss is lowest (a uniform sub-network "
+                            "within it or the untrained router's choice); logit margin per choice away "
+                            "from that start (0: no start)")
     router_lr: float = opt(3e-3, "router learning rate")
     llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps")
     tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially")

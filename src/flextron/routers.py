@@ -79,9 +79,9 @@ class StaticRouter(nn.Module):
         (a skip, for a wide layer) rare."""
         g = int((self.grid - fraction).abs().argmin())
         flat: list[float] = []
-        for kind, lists in (("mlp", self.space.mlp), ("attn", self.space.attn)):
-            width = self.mlp_mask.shape[1] if kind == "mlp" else self.attn_mask.shape[1]
-            for choices, c in zip(lists, getattr(subnet, kind)):
+        for kind, mask in (("mlp", self.mlp_mask), ("attn", self.attn_mask)):
+            width = mask.shape[1]
+            for choices, c in zip(getattr(self.space, kind), getattr(subnet, kind)):
                 k = choices.index(c)
                 flat += [-margin * abs(i - k) for i in range(len(choices))] + [0.0] * (width - len(choices))
         self.prior[g] = torch.tensor(flat, dtype=self.prior.dtype)

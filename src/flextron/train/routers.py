@@ -15,7 +15,6 @@ the surrogate and fine-tunes LLM and router together through the soft masks.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -178,9 +177,7 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
 
     def measure(ym: torch.Tensor, ya: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
-        em.set_subnet(decode(em.space, ym, ya))  # hard slices, no backward: cheap
-        with torch.no_grad(), autocast(device, amp):
-            return kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+        return subnet_loss(em, decode(em.space, ym, ya), ids, t_logits, amp)
 
     for i in range(warmup):  # diverse random architectures, before any router update
         lm, la = (random_logits(mask, gen).to(device) for mask in (router.mlp_mask, router.attn_mask))
@@ -235,6 +232,15 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
 
 
 @torch.no_grad()
+def subnet_loss(em: ElasticModel, subnet: Subnet, ids: torch.Tensor, t_logits: torch.Tensor,
+                amp: torch.dtype | None) -> float:
+    """Distillation loss of `subnet` (hard slices, forward only: cheap) against the teacher's logits."""
+    em.set_subnet(subnet)
+    with autocast(ids.device, amp):
+        return kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+
+
+@torch.no_grad()
 def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: torch.Tensor, t_logits: torch.Tensor,
                margin: float, amp: torch.dtype | None, progress: bool) -> list[dict]:
     """Start each grid budget where the distillation loss on `ids` is lowest: the maximal uniform
@@ -246,14 +252,12 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
     router learns from random models missing random layers and, with a few steps per budget,
     stays near one; which shape (narrow everywhere, wide with the least important sub-layers
     skipped, or mixed) suits a budget depends on the model, so the loss picks it."""
-    losses: dict[str, float] = {}
+    losses: dict[tuple, float] = {}
 
     def loss(subnet: Subnet) -> float:
-        key = json.dumps(subnet.to_dict())
+        key = (tuple(subnet.mlp), tuple(subnet.attn))
         if key not in losses:
-            em.set_subnet(subnet)
-            with autocast(ids.device, amp):
-                losses[key] = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits).item()
+            losses[key] = subnet_loss(em, subnet, ids, t_logits, amp)
         return losses[key]
 
     rows = []
