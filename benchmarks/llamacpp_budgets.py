@@ -11,6 +11,7 @@ sub-networks are measured, else the largest uniform ones.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +24,9 @@ from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 
-TIMING = {"context": 256, "decode_steps": 32, "repeats": 5}
+KEYS = ("decode_ms", "prefill_ms")
+
+TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
 
 def smoke_checkpoint(work: Path) -> Path:
@@ -47,29 +50,33 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
     outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
 
-    def measure(path: Path) -> dict:
-        return llamacpp.measure(path, threads=threads, **timing)
-
     full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
+
+    def against_full(subnet: Subnet) -> tuple[dict, dict, dict]:
+        """The sub-network's and the full model's median ms, and the median of their per-round ratios:
+        the two are timed back to back in every round, so a slow spell of the machine cancels."""
+        full, got = llamacpp.measure_rounds([full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype)],
+                                            threads=threads, **timing)
+        med = {k: (statistics.median(r[k] for r in full), statistics.median(r[k] for r in got)) for k in KEYS}
+        ratio = {k: statistics.median(g[k] / f[k] for f, g in zip(full, got)) for k in KEYS}
+        return {k: v[0] for k, v in med.items()}, {k: v[1] for k, v in med.items()}, ratio
+
     tables = {"decode_ms": cost_table(em, "latency_ms"), "prefill_ms": cost_table(em, "prefill_ms")}
-    full = measure(full_gguf)
-    small = measure(gguf(ckpt, em.space.smallest(), work / "subnet.gguf", outtype))
+    _, _, small = against_full(em.space.smallest())
     decode = tables["decode_ms"]
-    smallest = {"measured_fraction": small["decode_ms"] / full["decode_ms"],
-                "table_fraction": decode.smallest / decode.full, "subnet": em.space.smallest().to_dict()}
+    smallest = {"measured_fraction": small["decode_ms"], "table_fraction": decode.smallest / decode.full,
+                "subnet": em.space.smallest().to_dict()}
     print(f"smallest sub-network: decode {smallest['measured_fraction']:.3f} of the full model's (table "
           f"{smallest['table_fraction']:.3f})")
     rows = []
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
-        # the full model is timed beside each sub-network so that a drifting machine cancels out
-        full = measure(full_gguf)
-        got = measure(gguf(ckpt, subnet, work / "subnet.gguf", outtype))
+        full, got, ratio = against_full(subnet)
         row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
         for key, table in tables.items():
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
-            row[f"{key}_ratio"] = got[key] / row[f"{key}_target"]
+            row[f"{key}_ratio"] = ratio[key] / b
             row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table.full)
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
@@ -89,7 +96,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="default: the table's")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
-    timing = {"context": 16, "decode_steps": 2, "repeats": 1} if a.smoke else TIMING
+    timing = {"context": 16, "decode_steps": 2, "rounds": 1} if a.smoke else TIMING
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -106,7 +113,8 @@ def main() -> None:
         f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}` — {llamacpp.runtime_version()}, "
         f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
-        f"them; target = budget x the full model's measured time.",
+        f"them; target = budget x the full model's time. The full model and each sub-network are timed back to "
+        f"back in {timing['rounds']} rounds; measured / target is the median of the per-round ratios / budget.",
         "",
         f"The checkpoint's latency table (`flextron profile CKPT --runtime llama.cpp`, {meta['table']}): "
         f"|predicted - measured| / measured on {meta['validation']['decode_ms']['n']} unseen random sub-networks, "

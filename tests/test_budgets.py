@@ -36,6 +36,15 @@ def test_uniform_budget_picks_largest_within():
     assert uniform_subnet_for(em, Budget.parse("1.0"))[0] == em.space.full()
 
 
+def test_uniform_budget_prefers_the_wider_of_equal_costs():
+    """A fitted latency table may price a width step at 0 (timing noise, non-negative fit): the full
+    model is then still the largest uniform sub-network at budget 1.0, not a narrower one of equal cost."""
+    em = make_elastic("llama")
+    flat = {**FITTED, "attn": {**FITTED["attn"], "4": FITTED["attn"]["3"]}}
+    em.latency = {"decode_ms": flat, "prefill_ms": flat}
+    assert uniform_subnet_for(em, Budget(metric="latency_ms", fraction=1.0))[0] == em.space.full()
+
+
 def test_budget_below_smallest_is_refused():
     with pytest.raises(FlextronError, match="below the smallest sub-network"):
         uniform_subnet_for(make_elastic("llama"), Budget.parse("0.01"))

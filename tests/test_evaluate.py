@@ -29,8 +29,8 @@ def test_perplexity_equals_the_hf_loss_loop(batch_size):
 # The keys, in order, that each kind of row has always been written with (routing.json,
 # adaptive.json, eval.json, results.json).
 EVAL_KEYS = ["budget", "subnet", "cost", "params_fraction", "ppl", "tokens"]
-ROUTER_KEYS = ["budget", "metric", "subnet", "raw_cost_ratio", "cost_ratio", "fraction_of_full", "uniform_subnet",
-               "uniform_fraction_of_full", "ppl", "uniform_ppl"]
+ROUTER_KEYS = ["budget", "metric", "subnet", "cost", "params_fraction", "raw_cost_ratio", "cost_ratio",
+               "fraction_of_full", "uniform_subnet", "uniform_fraction_of_full", "ppl", "tokens", "uniform_ppl"]
 ADAPTIVE_KEYS = ["budget", "metric", "adaptive", "ppl", "realised_fraction", "cost_ratio"]
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -75,3 +75,17 @@ def test_rows_of_files_written_before_round_trip_byte_for_byte():
     static = json.loads((RESULTS / "adaptive.json").read_text())["rows"][0]
     row = EvalRow.from_dict(static)
     assert row.adaptive and isinstance(row.static_subnet, Subnet) and row.budget == Budget(fraction=static["budget"])
+
+
+def test_router_report_rows_are_what_eval_reports_at_the_budget(routed):
+    """The demo plots the router report as the flextron curve: each row is the sub-network, cost and
+    perplexity that `eval_at_budgets` gives at that budget; a uniform sub-network that is the routed
+    one is not scored twice."""
+    em, windows = routed
+    reported = router_report(em, windows, [0.5, 1.0], progress=False)
+    evaluated = eval_at_budgets(em, windows, [Budget(fraction=0.5), Budget(fraction=1.0)], progress=False)
+    for r, e in zip(reported, evaluated):
+        assert r.subnet == e.subnet and r.cost == e.cost and r.params_fraction == e.params_fraction
+        assert r.ppl == pytest.approx(e.ppl, rel=1e-6) and r.tokens == e.tokens
+    full = reported[1]
+    assert full.subnet == full.uniform_subnet == em.space.full() and full.uniform_ppl == full.ppl

@@ -24,6 +24,25 @@ def test_measure_times_prefill_and_decode(tmp_path):
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
 
 
+def test_measure_rounds_times_files_in_turn_with_alternating_order(tmp_path, monkeypatch):
+    em = make_elastic("llama")
+    paths = [tmp_path / "full.gguf", tmp_path / "small.gguf"]
+    for path, subnet in zip(paths, (em.space.full(), em.space.smallest())):
+        write_gguf(em, make_bpe_tokenizer(), subnet, path)
+    runs = llamacpp.measure_rounds(paths, 3, context=16, decode_steps=2, threads=1)
+    assert [len(r) for r in runs] == [3, 3] and all(t["decode_ms"] > 0 < t["prefill_ms"] for r in runs for t in r)
+    order, time_once = [], llamacpp._time_once
+
+    def recording(llm, ids, decode_steps):
+        order.append(llm.model_path)
+        return time_once(llm, ids, decode_steps)
+
+    monkeypatch.setattr(llamacpp, "_time_once", recording)
+    llamacpp.measure_rounds(paths, 3, context=16, decode_steps=2, threads=1)
+    full, small = map(str, paths)
+    assert order == [small, full, full, small, small, full, full, small]  # warm-up round, then 3 alternating
+
+
 def test_load_defaults_to_llamacpps_own_settings_and_exact_turns_them_off(tmp_path):
     import llama_cpp
 

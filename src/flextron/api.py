@@ -99,8 +99,8 @@ def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, dev
     """
     o = resolve(EvalOptions, options, overrides)
     limit, seq_len, batch_size = o.limit, o.seq_len, o.batch_size
-    autocast = compute_dtype(o.dtype)
     device = resolve_device(device)
+    autocast = compute_dtype(o.dtype, device)
     tasks = task_names(list(o.tasks) or ["ppl"])
     parsed = [Budget.parse(b) for b in o.budgets]
     docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
@@ -201,7 +201,7 @@ def serve(ckpt: str | Path, options: ServeOptions | None = None, *, device: str 
     """
     o = resolve(ServeOptions, options, overrides)
     device = resolve_device(device)
-    em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(o.dtype) or torch.float32,
+    em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(o.dtype, device) or torch.float32,
                                  verify=o.verify)
     server = Server(Service(em, tok, o.name or Path(ckpt).resolve().name, o), o.host, o.port)
     try:
@@ -229,7 +229,7 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     o = resolve(ProfileOptions, options, overrides)
     if o.runtime == "hf":
         em, _, _ = load(ckpt, device, o.verify)
-        table = measure_table(em, o, compute_dtype(o.dtype), progress=progress)
+        table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
     else:
         from flextron import llamacpp
 

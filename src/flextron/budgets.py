@@ -80,15 +80,16 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
             for skip in skips:
                 chosen = getattr(space.uniform(i, i, skip, skip), kind)
                 parts[kind][tuple(chosen)] = sum(rows[layer][lists[layer].index(c)] for layer, c in enumerate(chosen))
-    best: tuple[float, Subnet] | None = None
+    # Among equal costs (a fitted latency table may price a width step at 0) the wider one wins.
+    best: tuple[tuple[float, int, int], Subnet] | None = None
     for mlp, cost_mlp in parts["mlp"].items():
         for attn, cost_attn in parts["attn"].items():
-            value = table.const + cost_mlp + cost_attn
-            if value <= target * (1 + 1e-9) and (best is None or value > best[0]):
-                best = (value, Subnet(mlp=list(mlp), attn=list(attn)))
+            key = (table.const + cost_mlp + cost_attn, sum(mlp), sum(attn))
+            if key[0] <= target * (1 + 1e-9) and (best is None or key > best[0]):
+                best = (key, Subnet(mlp=list(mlp), attn=list(attn)))
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
-    return best[1], best[0]
+    return best[1], best[0][0]
 
 
 def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_points: int = 5) -> list[Subnet]:

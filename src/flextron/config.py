@@ -19,7 +19,7 @@ import torch
 from flextron.errors import FlextronError
 
 KINDS = ("mlp", "attn")
-DTYPE_NAMES = ("fp32", "bf16")  # the keys of flextron.precision.DTYPES
+DTYPE_NAMES = ("auto", "fp32", "bf16")  # flextron.precision.compute_dtype: auto is bf16 on CUDA, else fp32
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
 ATTN_UNITS = ("group", "head")  # what an attention choice counts (see ElasticSpace)
 SAMPLE_MODES = ("layers", "uniform", "spread")  # how ElasticSpace.sample draws a sub-network
@@ -398,9 +398,10 @@ class TrainConfig:
                                      "budget fractions for --sampling budgets; fixed uses the first")
     budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)")
     full_prob: float = opt(0.25, "budgets sampling: chance that a draw is the full model")
-    dtype: str = opt("bf16", "autocast dtype", choices=DTYPE_NAMES)
+    dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",
+                     choices=DTYPE_NAMES)
     teacher_dtype: str = opt("auto", "teacher weights: fp32, bf16 (half the memory), auto (bf16 on CUDA, else fp32)",
-                             choices=("fp32", "bf16", "auto"))
+                             choices=DTYPE_NAMES)
     loss_chunk: int = opt(256, "tokens whose full-vocabulary logits the loss holds at a time")
     activation_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
     fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes (torchrun)")
@@ -443,10 +444,8 @@ class TrainConfig:
                 raise FlextronError("--budget-probs must not all be 0")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
-        if self.dtype not in ("fp32", "bf16"):
-            raise FlextronError("dtype must be fp32 or bf16")
-        if self.teacher_dtype not in ("fp32", "bf16", "auto"):
-            raise FlextronError("teacher-dtype must be fp32, bf16 or auto")
+        if self.dtype not in DTYPE_NAMES or self.teacher_dtype not in DTYPE_NAMES:
+            raise FlextronError(f"--dtype and --teacher-dtype must each be one of {', '.join(DTYPE_NAMES)}")
 
 
 @dataclass
@@ -478,7 +477,8 @@ class RouterConfig:
                                "the uniform sub-network (0: off)")
     seq_len: int = opt(256, "tokens per training sequence")
     micro_batch: int = opt(4, "sequences per step")
-    dtype: str = opt("bf16", "autocast dtype", choices=DTYPE_NAMES)
+    dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",
+                     choices=DTYPE_NAMES)
     eval_limit: int = opt(16, "held-out windows for the perplexity report")
     seed: int = opt(0, "seed of the data order, the routers' initialisation and their random draws")
 
@@ -494,5 +494,5 @@ class RouterConfig:
             "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "eval_limit": _POSITIVE,
             "seed": _SEED,
         })
-        if self.dtype not in ("fp32", "bf16"):
-            raise FlextronError("--dtype must be fp32 or bf16")
+        if self.dtype not in DTYPE_NAMES:
+            raise FlextronError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")

@@ -48,7 +48,7 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
     calibration text, save the elastic checkpoint in `out`; see `flextron.api.convert`."""
     space = None if o.space is None else _read_space(o.space)
     check_output_dir(out, overwrite)
-    autocast = compute_dtype(o.dtype)
+    autocast = compute_dtype(o.dtype, device)
     # bf16 on CUDA: the weights load in bf16 (no fp32 copy of a large model on the device) and are saved so.
     weights = torch.bfloat16 if autocast is torch.bfloat16 and device.startswith("cuda") else torch.float32
     if space is not None and o.attn_unit not in (None, space.attn_unit):

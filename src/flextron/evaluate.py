@@ -154,9 +154,10 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
 def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], batch_size: int = 4,
                   autocast_dtype: torch.dtype | None = None, progress: bool = True, uniform: bool = True
                   ) -> list[EvalRow]:
-    """Per budget: the routed sub-network (raw argmax and projected) and its realised cost in the
-    routers' metric, its held-out perplexity, and (if `uniform`) the same for the largest uniform
-    sub-network."""
+    """Per budget: the routed sub-network (raw argmax and projected), its realised cost in the
+    routers' metric and its parameters, its held-out perplexity, and (if `uniform`) the same for the
+    largest uniform sub-network (not evaluated twice where it is the routed one)."""
+    params_full = subnet_cost(em).params_nonembed
     rows = []
     for fraction in fractions:
         budget = Budget(fraction=fraction)
@@ -165,17 +166,22 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         mlp, attn = em.routers.static(fraction)
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
-        row = EvalRow(budget, metric=table.metric, subnet=routed, raw_cost_ratio=table(em.space, raw) / target,
-                      cost_ratio=table(em.space, routed) / target, fraction_of_full=table(em.space, routed) / full)
-        evaluated = [("ppl", routed)]
+        cost = subnet_cost(em, routed)
+        row = EvalRow(budget, metric=table.metric, subnet=routed, cost=cost.to_dict(),
+                      params_fraction=cost.params_nonembed / params_full, raw_cost_ratio=table(em.space, raw) / target,
+                      cost_ratio=table(em.space, routed) / target, fraction_of_full=table(em.space, routed) / full,
+                      tokens=int(windows[:, 1:].numel()))
+        with em.subnet(routed):
+            row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {fraction:.0%}")
         if uniform:
             sub, _ = uniform_subnet_for(em, budget)
             row.uniform_subnet, row.uniform_fraction_of_full = sub, table(em.space, sub) / full
-            evaluated.append(("uniform_ppl", sub))
-        for key, sub in evaluated:
-            with em.subnet(sub):
-                setattr(row, key, perplexity(em, windows, batch_size, autocast_dtype, progress,
-                                             desc=f"{key} @ {fraction:.0%}"))
+            if sub == routed:
+                row.uniform_ppl = row.ppl
+            else:
+                with em.subnet(sub):
+                    row.uniform_ppl = perplexity(em, windows, batch_size, autocast_dtype, progress,
+                                                 desc=f"uniform_ppl @ {fraction:.0%}")
         rows.append(row)
     return rows
 

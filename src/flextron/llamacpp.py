@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,26 +103,42 @@ def greedy(llm, ids: list[int], max_new_tokens: int, eos_token_id: int | None = 
     return out
 
 
+def measure_rounds(paths: list[str | Path], rounds: int, context: int = 256, decode_steps: int = 16,
+                   threads: int | None = None) -> list[list[dict[str, float]]]:
+    """Per file, its prefill latency (ms) of `context` tokens and decode latency (ms per token, batch
+    1) after them, once per round. All files are loaded together and timed in turn within each round
+    (the order alternating, after a warm-up round), so a slow spell of a shared machine falls on
+    neighbours alike and the ratio of two files' times in one round cancels it."""
+    out: list[list[dict[str, float]]] = [[] for _ in paths]
+    with ExitStack() as stack:
+        llms = [stack.enter_context(opened(p, n_ctx=context + decode_steps + 1, threads=threads)) for p in paths]
+        ids = np.random.default_rng(0).integers(0, llms[0].n_vocab(), context + 1).tolist()
+        for r in range(rounds + 1):  # the first round warms up
+            for i in (range(len(llms)) if r % 2 else reversed(range(len(llms)))):
+                timing = _time_once(llms[i], ids, decode_steps)
+                if r > 0:
+                    out[i].append(timing)
+    return out
+
+
+def _time_once(llm, ids: list[int], decode_steps: int) -> dict[str, float]:
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids[:-1])
+    prefill = time.perf_counter() - t
+    nxt = ids[-1]
+    t = time.perf_counter()
+    for _ in range(decode_steps):
+        llm.eval([nxt])
+        nxt = int(np.argmax(last_logits(llm)))
+    return {"prefill_ms": prefill * 1e3, "decode_ms": (time.perf_counter() - t) * 1e3 / decode_steps}
+
+
 def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeats: int = 3,
             threads: int | None = None) -> dict[str, float]:
     """Prefill latency (ms) of `context` tokens and decode latency (ms per token, batch 1) after them."""
-    with opened(path, n_ctx=context + decode_steps + 1, threads=threads) as llm:
-        ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context + 1).tolist()
-        prefill, decode = [], []
-        for r in range(repeats + 1):  # the first round warms up
-            llm.reset()
-            t = time.perf_counter()
-            llm.eval(ids[:context])
-            t_prefill = time.perf_counter() - t
-            nxt = ids[context]
-            t = time.perf_counter()
-            for _ in range(decode_steps):
-                llm.eval([nxt])
-                nxt = int(np.argmax(last_logits(llm)))
-            if r > 0:
-                prefill.append(t_prefill * 1e3)
-                decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
-    return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
+    runs = measure_rounds([path], repeats, context, decode_steps, threads)[0]
+    return {k: _trimmed_mean([r[k] for r in runs]) for k in ("prefill_ms", "decode_ms")}
 
 
 def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context: int = 256,

@@ -72,7 +72,7 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
                  subnets: list[Subnet], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
     """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
     distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts."""
-    amp, t_head = compute_dtype(cfg.dtype), teacher.model.get_output_embeddings()
+    amp, t_head = compute_dtype(cfg.dtype, device), teacher.model.get_output_embeddings()
     loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
     n_passes = len(batches) * len(subnets)
     for a, ids in enumerate(batches):
@@ -146,7 +146,7 @@ def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[EvalRow]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
     wins = heldout_windows(tok, min(1024, context_length(em.config) or 1024), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
-    return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype), progress=True)
+    return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype, d.device), progress=True)
 
 
 def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",
@@ -182,8 +182,8 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
     if context is not None and cfg.seq_len > context:
         raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {context} tokens")
     if d.main and progress:
-        est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, 4 if compute_dtype(cfg.dtype) is None
-                              else 2)
+        amp_bytes = 4 if compute_dtype(cfg.dtype, d.device) is None else 2
+        est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, amp_bytes)
         tqdm.write(est.summary())
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(em)

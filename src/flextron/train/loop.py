@@ -18,6 +18,7 @@ from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import remove_tree
+from flextron.precision import compute_dtype
 
 STATE_FILE = "training_state.pt"
 
@@ -63,9 +64,7 @@ def wrap(em: ElasticModel, d: Dist, fsdp: bool) -> nn.Module:
 
 def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     """The teacher's weight dtype: --teacher-dtype, where auto is bf16 on CUDA and fp32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return compute_dtype(name, device) or torch.float32
 
 
 def shard_frozen(model: ElasticModel) -> None:

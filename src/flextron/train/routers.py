@@ -96,7 +96,7 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
         em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
     del teacher
     fractions = sorted(set(cfg.budgets) | set(unseen))
-    amp = compute_dtype(cfg.dtype)
+    amp = compute_dtype(cfg.dtype, device)
     if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
         check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
     key = "adaptive_routing" if adaptive else "routing"
@@ -159,7 +159,7 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     router = StaticRouter(em.space, cfg.budgets, cfg.hidden).to(device)
-    amp = compute_dtype(cfg.dtype)
+    amp = compute_dtype(cfg.dtype, device)
     em.requires_grad_(False)
     t0 = time.time()
 
@@ -363,7 +363,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
     routers.zero_residual_()  # start from the static router's choices
     routing = AdaptiveRouting(em, routers, table)
     opt = torch.optim.Adam(routers.parameters(), lr=cfg.router_lr)
-    amp = compute_dtype(cfg.dtype)
+    amp = compute_dtype(cfg.dtype, device)
     em.requires_grad_(False)
     llm_opt = None
     log, t0 = [], time.time()
