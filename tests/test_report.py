@@ -35,6 +35,8 @@ def test_report_tables_every_series_and_plots(tmp_path):
             "flextron": [row("100%", 1.0, 21.0, {"arc_easy": arc}), row("50%", 0.45, 80.0, {"arc_easy": arc})],
             "export_eval": row("50%", 0.45, 80.0), "preset": "tiny", "router_metric": "params",
             "routes": [ROUTE, ROUTE | {"budget": 1.0, "kept": "uniform"}]}
+    costs = {"cost": {"params_nonembed": 5e5}, "params_fraction": 0.5}  # router rows have held costs since 2026-11-27
+    data["routes"] = [r | costs for r in data["routes"]]
     (run / "results.json").write_text(json.dumps(data))
     path, text = report(run, "tiny run")
     assert path == run / "report.md" and path.read_text() == text
@@ -43,6 +45,7 @@ def test_report_tables_every_series_and_plots(tmp_path):
     assert lines[0] == "# tiny run"
     assert "| flextron | 50% | 48-96 | 2-4 | 0.5 M (45%) | 80.00 | 50.0% (60.0%) |" in lines
     assert sum(line.startswith("| prune only |") for line in lines) == 2
+    assert not any(line.startswith("| routes |") for line in lines)  # router rows (with costs) only in their table
     assert "| original | - |" in text and "| export | - |" in text and "![pareto](pareto.png)" in text
     assert "| 50% | 0.990 | 30.00 | 31.00 | router |" in lines and "| 100% | 0.990 | 30.00 | 31.00 | uniform |" in lines
 

@@ -34,7 +34,7 @@ def _typed(key: str, value: object) -> object:
 
 
 def _table_rows(value: object) -> list[EvalRow]:
-    """The rows of a series: one row or a list of rows, with costs (not the router rows)."""
+    """The rows of a series: one row or a list of rows, with costs."""
     rows = value if isinstance(value, list) else [value]
     return rows if rows and all(isinstance(r, EvalRow) and r.cost is not None for r in rows) else []
 
@@ -71,9 +71,10 @@ def _label(key: str) -> str:
 
 
 def _groups(data: dict) -> dict[str, list[EvalRow]]:
-    """Every series of eval rows; single rows (the original, an export) as one-row groups. With an
-    original, sizes are fractions of it (an export evaluated alone is 100% of itself)."""
-    groups = {_label(k): rows for k, v in data.items() if (rows := _table_rows(v))}
+    """Every series of eval rows but the router rows (`routes`, tabled on their own); single rows (the
+    original, an export) as one-row groups. With an original, sizes are fractions of it (an export
+    evaluated alone is 100% of itself)."""
+    groups = {_label(k): rows for k, v in data.items() if k != "routes" and (rows := _table_rows(v))}
     original = data.get("original")
     if isinstance(original, EvalRow):
         full = original.cost["params_nonembed"]
