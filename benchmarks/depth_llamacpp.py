@@ -9,7 +9,6 @@ decode and prefill time — beside the fraction the checkpoint's own (HF eager) 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +18,6 @@ from flextron import api, llamacpp
 from flextron.budgets import cost_table, select_subnet, smallest_fraction
 from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
-
-KEYS = ("decode_ms", "prefill_ms")
 
 
 def rows(ckpt: Path, budgets: list[float], work: Path, threads: int, rounds: int, timing: dict) -> list[dict]:
@@ -33,14 +30,13 @@ def rows(ckpt: Path, budgets: list[float], work: Path, threads: int, rounds: int
     out = [{"sub-network": f"{b:.0%}", "infeasible": lowest} for b in budgets if b < lowest]
     for name, subnet in picks:
         path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf")
-        full, got = llamacpp.measure_rounds([full_gguf, path], rounds, threads=threads, **timing)
+        full, _, ratio = llamacpp.against(full_gguf, path, rounds, threads=threads, **timing)
         row = {"sub-network": name, "subnet": subnet.to_dict(),
                "hf_table_fraction": table(em.space, subnet) / table.full,
                "params_fraction": subnet_cost(em, subnet).params_nonembed / full_params,
                "skipped": sum(w == 0 for w in subnet.mlp + subnet.attn)}
-        for k in KEYS:
-            row[f"{k}_fraction"] = statistics.median(g[k] / f[k] for f, g in zip(full, got))
-            row[f"full_{k}"] = statistics.median(f[k] for f in full)
+        for k in ratio:
+            row[f"{k}_fraction"], row[f"full_{k}"] = ratio[k], full[k]
         out.append(row)
         print(f"{ckpt.name} {name}: llama.cpp decode x{row['decode_ms_fraction']:.3f} of full (HF table "
               f"x{row['hf_table_fraction']:.3f}), prefill x{row['prefill_ms_fraction']:.3f}")

@@ -11,7 +11,6 @@ sub-networks are measured, else the largest uniform ones.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -23,8 +22,6 @@ from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
-
-KEYS = ("decode_ms", "prefill_ms")
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -53,13 +50,8 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
 
     def against_full(subnet: Subnet) -> tuple[dict, dict, dict]:
-        """The sub-network's and the full model's median ms, and the median of their per-round ratios:
-        the two are timed back to back in every round, so a slow spell of the machine cancels."""
-        full, got = llamacpp.measure_rounds([full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype)],
-                                            threads=threads, **timing)
-        med = {k: (statistics.median(r[k] for r in full), statistics.median(r[k] for r in got)) for k in KEYS}
-        ratio = {k: statistics.median(g[k] / f[k] for f, g in zip(full, got)) for k in KEYS}
-        return {k: v[0] for k, v in med.items()}, {k: v[1] for k, v in med.items()}, ratio
+        return llamacpp.against(full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype), threads=threads,
+                                **timing)
 
     tables = {"decode_ms": cost_table(em, "latency_ms"), "prefill_ms": cost_table(em, "prefill_ms")}
     _, _, small = against_full(em.space.smallest())

@@ -43,6 +43,16 @@ def test_measure_rounds_times_files_in_turn_with_alternating_order(tmp_path, mon
     assert order == [small, full, full, small, small, full, full, small]  # warm-up round, then 3 alternating
 
 
+def test_against_gives_medians_and_the_median_of_per_round_ratios(monkeypatch):
+    # Round 3 is a slow spell that hits both files: the ratio's median ignores it, the times' do not.
+    ref = [{"decode_ms": d, "prefill_ms": 100.0} for d in (10.0, 10.0, 20.0)]
+    got = [{"decode_ms": d, "prefill_ms": 50.0} for d in (5.0, 6.0, 12.0)]
+    monkeypatch.setattr(llamacpp, "measure_rounds", lambda paths, rounds, *a: [ref, got][: len(paths)])
+    full, sub, ratio = llamacpp.against("full.gguf", "sub.gguf", 3)
+    assert full == {"decode_ms": 10.0, "prefill_ms": 100.0} and sub == {"decode_ms": 6.0, "prefill_ms": 50.0}
+    assert ratio == {"decode_ms": 0.6, "prefill_ms": 0.5}
+
+
 def test_load_defaults_to_llamacpps_own_settings_and_exact_turns_them_off(tmp_path):
     import llama_cpp
 

@@ -4,6 +4,7 @@ and the latency table of a checkpoint's sub-networks as GGUF exports."""
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -119,6 +120,20 @@ def measure_rounds(paths: list[str | Path], rounds: int, context: int = 256, dec
                 if r > 0:
                     out[i].append(timing)
     return out
+
+
+def against(reference: str | Path, path: str | Path, rounds: int, context: int = 256, decode_steps: int = 16,
+            threads: int | None = None) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The two files timed back to back in each of `rounds` rounds (`measure_rounds`): the medians
+    of `reference`'s and of `path`'s prefill and decode ms, and the medians of the per-round ratios
+    path / reference, which a slow spell of the machine does not move."""
+    ref, got = measure_rounds([reference, path], rounds, context, decode_steps, threads)
+    keys = ref[0].keys()
+
+    def median(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+    return median(ref), median(got), {k: statistics.median(g[k] / f[k] for f, g in zip(ref, got)) for k in keys}
 
 
 def _time_once(llm, ids: list[int], decode_steps: int) -> dict[str, float]:
