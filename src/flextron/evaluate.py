@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,13 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
     return math.exp(total_nll / total_tokens)
 
 
+def _sized_row(em: ElasticModel, budget: Budget, subnet: Subnet, params_full: float, **more: Any) -> EvalRow:
+    """A row for `subnet` with its cost and its share of the full model's non-embedding parameters."""
+    cost = subnet_cost(em, subnet)
+    return EvalRow(budget, subnet=subnet, cost=cost.to_dict(), params_fraction=cost.params_nonembed / params_full,
+                   **more)
+
+
 def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                     autocast_dtype: torch.dtype | None = None, progress: bool = True,
                     tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
@@ -114,8 +122,7 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
     rows = []
     for budget in budgets:
         subnet = select_subnet(em, budget)
-        cost = subnet_cost(em, subnet)
-        row = EvalRow(budget, subnet=subnet, cost=cost.to_dict(), params_fraction=cost.params_nonembed / full)
+        row = _sized_row(em, budget, subnet, full)
         with em.subnet(subnet):
             if windows is not None:
                 row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
@@ -166,11 +173,9 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         mlp, attn = em.routers.static(fraction)
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
-        cost = subnet_cost(em, routed)
-        row = EvalRow(budget, metric=table.metric, subnet=routed, cost=cost.to_dict(),
-                      params_fraction=cost.params_nonembed / params_full, raw_cost_ratio=table(em.space, raw) / target,
-                      cost_ratio=table(em.space, routed) / target, fraction_of_full=table(em.space, routed) / full,
-                      tokens=int(windows[:, 1:].numel()))
+        row = _sized_row(em, budget, routed, params_full, metric=table.metric,
+                         raw_cost_ratio=table(em.space, raw) / target, cost_ratio=table(em.space, routed) / target,
+                         fraction_of_full=table(em.space, routed) / full, tokens=int(windows[:, 1:].numel()))
         with em.subnet(routed):
             row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {fraction:.0%}")
         if uniform:
