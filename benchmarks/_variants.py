@@ -42,20 +42,21 @@ def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
     if not smoke:
         return None, {}
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_model, make_tokenizer
+    from conftest import make_bpe_tokenizer, make_model
 
     src = work / "tiny-hf"
     if not src.is_dir():
         make_model("llama", n_layers=6).save_pretrained(src)
-        make_tokenizer().save_pretrained(src)
+        make_bpe_tokenizer().save_pretrained(src)  # byte-level BPE: llama.cpp can load it too
     return str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
 
 
 def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path | None = None,
-          **convert: object) -> Path:
-    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric; or copy the
-    latency table of checkpoint `table`, whose choices include this space's), route over
-    `a.budgets` budgets of `metric` (or the fractions `a.fractions`); returns the routed checkpoint."""
+          profile: dict | None = None, **convert: object) -> Path:
+    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric, with
+    `api.profile` options `profile`; or copy the latency table of checkpoint `table`, whose choices
+    include this space's), route over `a.budgets` budgets of `metric` (or the fractions
+    `a.fractions`); returns the routed checkpoint."""
     log(f"{name}: convert")
     model, kw = source(work, a.smoke)
     ckpt = api.convert(model, work / f"{name}-converted", device=a.device, progress=False, **kw, **convert)
@@ -69,8 +70,8 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path
         save_table(ckpt, load_table(table))
     elif metric == "latency_ms":
         log(f"{name}: latency table")
-        api.profile(ckpt, device=a.device, dtype=a.dtype, context=a.context, samples=a.profile_samples,
-                    validate=max(2, a.profile_samples // 3), repeats=a.repeats, progress=False)
+        api.profile(ckpt, device=a.device, samples=a.profile_samples, validate=max(2, a.profile_samples // 3),
+                    progress=False, **(profile or {}))
     grid = getattr(a, "fractions", None) or budget_grid(api.load(ckpt, "cpu")[0], metric, points=a.budgets)
     log(f"{name}: routers over {metric} budgets {grid}")
     cfg = RouterConfig(budgets=grid, metric=metric, steps=a.router_steps, joint_steps=a.joint_steps,

@@ -16,14 +16,17 @@ skipped, least important first, down to `--min-layers`). Each is profiled on thi
     python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
 
 Both variants route on one latency table, the width + depth variant's (measured on its random
-sub-networks, skips included), so a budget names the same latency for both. Nothing else may run
-meanwhile: latency is measured. HF eager only.
+sub-networks, skips included), so a budget names the same latency for both. `--runtime llama.cpp`
+measures that table, each budget's latency and the exports' speed on GGUF exports in llama.cpp
+(`--threads`) instead of the elastic model in HF eager. Latency is measured as a fraction of the
+full model timed back to back with it. Nothing else may run meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from _results import command_line, publish
 from _variants import add_options, build, log, smoke_options
-from flextron import api
+from flextron import api, llamacpp
 from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
@@ -45,11 +48,32 @@ from flextron.latency import measure
 from flextron.precision import compute_dtype
 from speed import decode_tps
 
+LLAMACPP_DECODE_STEPS = 32  # tokens decoded per llama.cpp timing, as benchmarks/llamacpp_budgets.py
 
-def measured_ms(em: ElasticModel, subnet: Subnet, a: argparse.Namespace) -> float:
-    """Decode latency (ms per token) of the sub-network, as the latency table measures it."""
+def fraction(ckpt: Path, em: ElasticModel, subnet: Subnet, a: argparse.Namespace, work: Path) -> float:
+    """Decode latency of the sub-network over the full model's, the two timed back to back: in HF
+    eager as the latency table measures it, or as GGUF exports in llama.cpp (median per-round ratio)."""
+    if a.runtime == "llama.cpp":
+        full, path = (api.export(ckpt, None, work / f"{n}.gguf", overwrite=True, subnet=s, format="gguf")
+                      for n, s in (("full", em.space.full()), ("subnet", subnet)))
+        return llamacpp.against(full, path, a.rounds, a.context, LLAMACPP_DECODE_STEPS, a.threads)[2]["decode_ms"]
     dtype = torch.bfloat16 if a.dtype == "bf16" else None
-    return measure(em, subnet, context=a.context, repeats=a.repeats, autocast_dtype=dtype)["decode_ms"]
+    ms = [measure(em, s, context=a.context, repeats=a.repeats, autocast_dtype=dtype)["decode_ms"]
+          for s in (em.space.full(), subnet)]
+    return ms[1] / ms[0]
+
+
+def export_speed(dirs: dict[str, Path], a: argparse.Namespace, vocab: int, context: int, new_tokens: int
+                 ) -> dict[str, float]:
+    """Decode tokens/s of exported models at batch 1 after a `context`-token prompt: HF exports
+    greedily with a KV cache (HF eager), or GGUF files timed in turn in `a.rounds` rounds (llama.cpp)."""
+    if a.runtime == "llama.cpp":
+        runs = llamacpp.measure_rounds(list(dirs.values()), a.rounds, context, new_tokens, a.threads)
+        return {name: 1e3 / statistics.median(r["decode_ms"] for r in rs) for name, rs in zip(dirs, runs)}
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
+    return {name: decode_tps(AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval(), prompt, new_tokens,
+                             a.repeats, lambda: None) for name, d in dirs.items()}
 
 
 def main() -> None:
@@ -60,17 +84,24 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256, help="prompt tokens before timed decoding")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile-samples", type=int, default=24)
+    p.add_argument("--runtime", default="hf", choices=["hf", "llama.cpp"],
+                   help="where latency is measured: the elastic model in HF eager, or GGUF exports in llama.cpp")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    p.add_argument("--rounds", type=int, default=7, help="llama.cpp: back-to-back timing rounds per comparison")
     a = p.parse_args()
     if a.smoke:
         smoke_options(a)
-        a.min_layers, a.context, a.repeats, a.profile_samples, a.budgets = 2, 16, 1, 8, 5
+        a.min_layers, a.context, a.repeats, a.profile_samples, a.budgets, a.rounds = 2, 16, 1, 8, 5, 1
+    profile = ({"runtime": "llama.cpp", "threads": a.threads, "context": a.context, "rounds": 3, "repeats": 1,
+                "decode_steps": LLAMACPP_DECODE_STEPS} if a.runtime == "llama.cpp" else
+               {"dtype": a.dtype, "context": a.context, "repeats": a.repeats})
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         # One latency table for both: the depth variant's (its choices include every width-only
         # choice), so a budget is the same latency for both; two profiles would differ by noise.
-        depth = build(work, "depth", a, "latency_ms", depth=True, min_layers=a.min_layers)
+        depth = build(work, "depth", a, "latency_ms", profile=profile, depth=True, min_layers=a.min_layers)
         ckpts = {"width": build(work, "width", a, "latency_ms", table=depth, depth=False), "depth": depth}
         seq_len = 64 if a.smoke else 1024
         # Every budget of either grid, for both variants (below the width-only minimum: infeasible).
@@ -80,7 +111,6 @@ def main() -> None:
             log(f"{name}: perplexity and measured latency per budget")
             em, tok, _ = api.load(ckpt, a.device)
             windows = heldout_windows(tok, seq_len, a.limit)
-            full_ms = measured_ms(em, em.space.full(), a)
             rows = []
             for f in fractions:
                 try:
@@ -88,13 +118,11 @@ def main() -> None:
                 except FlextronError as e:  # below this variant's smallest sub-network
                     rows.append({"budget": f, "infeasible": str(e)})
                     continue
-                ms = measured_ms(em, subnet, a)
-                with em.subnet(subnet):  # `measure` restores the previous sub-network when it returns
+                with em.subnet(subnet):
                     ppl = perplexity(em, windows, autocast_dtype=compute_dtype(a.dtype), progress=False)
-                rows.append({"budget": f, "ppl": ppl, "decode_ms": ms, "measured_fraction": ms / full_ms,
+                rows.append({"budget": f, "ppl": ppl, "measured_fraction": fraction(ckpt, em, subnet, a, work),
                              "skipped": [subnet.mlp.count(0), subnet.attn.count(0)], "subnet": subnet.to_dict()})
-            smallest_ms = measured_ms(em, em.space.smallest(), a)
-            curves[name] = {"full_ms": full_ms, "smallest_fraction": smallest_ms / full_ms, "rows": rows}
+            curves[name] = {"smallest_fraction": fraction(ckpt, em, em.space.smallest(), a, work), "rows": rows}
         log("exports: decode speed")
         # Exports: width + depth at ~50% latency vs width only at the same parameter count.
         em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
@@ -103,28 +131,30 @@ def main() -> None:
         # The same non-embedding parameter count (what a params budget counts), or width only's smallest.
         floor = subnet_cost(em_w, em_w.space.smallest()).params_nonembed
         wide = uniform_subnet_for(em_w, Budget(metric="params", value=max(params, floor)))[0]
-        dirs = {"full": api.export(ckpts["width"], None, work / "export-full", subnet=em_w.space.full()),
-                "depth+width": api.export(ckpts["depth"], None, work / "export-depth", subnet=deep),
-                "width only": api.export(ckpts["width"], None, work / "export-width", subnet=wide)}
-        prompt = torch.randint(0, em_d.config.vocab_size, (1, a.context), generator=torch.Generator().manual_seed(0))
+        fmt = {"format": "gguf"} if a.runtime == "llama.cpp" else {}
+        suffix = ".gguf" if fmt else ""
+        dirs = {"full": api.export(ckpts["width"], None, work / f"export-full{suffix}", subnet=em_w.space.full(),
+                                   **fmt),
+                "depth+width": api.export(ckpts["depth"], None, work / f"export-depth{suffix}", subnet=deep, **fmt),
+                "width only": api.export(ckpts["width"], None, work / f"export-width{suffix}", subnet=wide, **fmt)}
         new_tokens = 8 if a.smoke else 64
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-        speed = {}
-        for name, d in dirs.items():
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-            speed[name] = decode_tps(model, prompt, new_tokens, a.repeats, lambda: None)
+        speed = export_speed(dirs, a, em_d.config.vocab_size, a.context, new_tokens)
         exports = {"depth+width": {"subnet": deep.to_dict(), "params_nonembed": params},
                    "width only": {"subnet": wide.to_dict(), "params_nonembed": subnet_cost(em_w, wide).params_nonembed},
                    "decode_tokens_per_s": speed}
     command = command_line("depth.py", p, a)
+    where = (f"{llamacpp.runtime_version()}, f32 GGUF, {a.threads} thread(s), {a.rounds} back-to-back rounds"
+             if a.runtime == "llama.cpp" else "HF eager")
     data = {"command": command, "device": a.device, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
+            "runtime": where, "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
             "seconds": round(time.time() - t0), "curves": curves, "exports": exports}
     lines = [
-        "## Depth: routers over width + depth vs width only, at measured decode latency",
+        "## Depth: routers over width + depth vs width only, at measured decode latency"
+        + (" in llama.cpp" if a.runtime == "llama.cpp" else ""),
         "",
         f"`{command}` — {'a tiny random Llama (smoke run)' if a.smoke else 'SmolLM2-135M-Instruct (packaged)'}, "
-        f"{a.dtype}, {a.device} ({data['cpu']}, {data['threads']} threads), HF eager, {data['seconds']} s. Both "
+        f"{a.dtype}, {a.device} ({data['cpu']}, {data['threads']} threads), latency in {where}, "
+        f"{data['seconds']} s. Both "
         f"variants: {a.train_steps} elastic-training steps, {a.router_steps} router steps, budgets in measured "
         "decode latency (batch 1, the width + depth variant's table for both) as fractions of the full model's; "
         "ppl on held-out windows.",
@@ -146,14 +176,16 @@ def main() -> None:
         f"**{curves['width']['smallest_fraction']:.2f}**, "
         f"width + depth **{curves['depth']['smallest_fraction']:.2f}**.",
         "",
-        f"Exports (decode tokens/s, {new_tokens} greedy tokens after a {a.context}-token prompt): full "
+        f"Exports (decode tokens/s in {'llama.cpp' if a.runtime == 'llama.cpp' else 'HF eager'}, {new_tokens} "
+        f"greedy tokens after a {a.context}-token prompt): full "
         f"{speed['full']:.1f}; width + depth at 50% latency ({params / 1e6:.1f}M non-embedding params) "
         f"{speed['depth+width']:.1f} (x{speed['depth+width'] / speed['full']:.2f}); width only, the largest uniform "
         "within those params (or its smallest) "
         f"({exports['width only']['params_nonembed'] / 1e6:.1f}M) {speed['width only']:.1f} "
         f"(x{speed['width only'] / speed['full']:.2f}).",
     ]
-    publish("depth", "depth", data, lines, a.smoke)
+    name = "depth_routed_llamacpp" if a.runtime == "llama.cpp" else "depth"
+    publish(name, name, data, lines, a.smoke)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from _results import IMG_DIR, update_section, write_json
+from _results import IMG_DIR, command_line, update_section, write_json
 from flextron import api
 from flextron.budgets import budget_grid
-from flextron.config import RouterConfig
+from flextron.config import DTYPE_NAMES, RouterConfig
 from flextron.evaluate import plot_ppl_vs_size
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--joint-steps", type=int, default=20)
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--eval-limit", type=int, default=16)
     p.add_argument("--metric", default="params", choices=["params", "latency_ms"])
     p.add_argument("--device", default="cpu")
@@ -83,10 +83,7 @@ def main() -> None:
         runs[name] = api.route(base, cfg, out=work / f"routed-{name}", device=a.device)
         seconds[name] = time.time() - t
     data = {
-        "command": f"python benchmarks/routers.py --steps {a.steps} --metric {a.metric} --device {a.device}"
-                   f" --surrogate-warmup {a.surrogate_warmup} --surrogate-threshold {a.surrogate_threshold}"
-                   + (f" --check-sequences {a.check_sequences}" if a.check_sequences else "")
-                   + (f" --ckpt {a.ckpt}" if a.ckpt else ""),
+        "command": command_line("routers.py", p, a),
         "source": a.ckpt or "packaged model, converted", "device": table["device"],
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},

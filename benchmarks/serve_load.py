@@ -203,7 +203,9 @@ def main() -> None:
     write_json(a.name, {"command": command, "device": device, "hardware": hardware, "torch": torch.__version__,
                               "dtype": a.dtype, "max_tokens": a.max_tokens, "budgets": BUDGETS, "runs": runs,
                               "seconds": time.time() - t_start})
-    lines = ["## Serving under load (`flextron serve`, continuous batching vs one at a time)", "",
+    against = ", against an earlier build" if a.baseline else ""
+    lines = [f"## Serving under load: {', '.join(map(str, levels))} clients{against} (`flextron serve`, continuous "
+             "batching vs one at a time)", "",
              f"`{command}` on {hardware} ({device}, {a.dtype}, torch {torch.__version__}); SmolLM2-135M "
              f"(packaged), {a.max_tokens}-token greedy completions at {', '.join(BUDGETS)} (model `ckpt@B`), half "
              f"streamed. {BEFORE if a.baseline else ''}"

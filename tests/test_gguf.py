@@ -72,6 +72,21 @@ def test_llamacpp_logits_equal_elastic_model(kind, case, tmp_path):
     assert diff < TOL, diff
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_uniform_sub_network_written_per_layer(kind, tmp_path):
+    """`per_layer` writes a uniform sub-network as deci with the same logits; GPT-2 has no deci form."""
+    em, tok = sharp_elastic(kind), make_bpe_tokenizer()
+    sub = em.space.full()
+    if kind == "gpt2":
+        with pytest.raises(FlextronError, match="no per-layer architecture for GPT-2"):
+            write_gguf(em, tok, sub, tmp_path / "m.gguf", per_layer=True)
+        assert not any(tmp_path.iterdir())
+        return
+    assert write_gguf(em, tok, sub, tmp_path / "m.gguf", per_layer=True)["architecture"] == "deci"
+    diff = np.abs(gguf_logits(tmp_path / "m.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
+    assert diff < TOL, diff
+
+
 @pytest.mark.parametrize("wrong", ["unpermuted", "one head"])
 def test_wrong_rotary_row_order_fails_the_tolerance(wrong, tmp_path, monkeypatch):
     """The tolerance catches a q/k layout that is not the one llama.cpp expects (about 0.3 off)."""

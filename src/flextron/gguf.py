@@ -77,8 +77,9 @@ def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
     return all(len(set(c)) == 1 for c in counts)
 
 
-def gguf_arch(em: ElasticModel, subnet: Subnet) -> str:
-    """The llama.cpp architecture `subnet` is written as; FlextronError (one line) where none fits."""
+def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
+    """The llama.cpp architecture `subnet` is written as (`per_layer`: `deci` even where the family's
+    own would do); FlextronError (one line) where none fits."""
     model_type = em.config.model_type
     if model_type not in UNIFORM_ARCH:
         raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
@@ -87,10 +88,12 @@ def gguf_arch(em: ElasticModel, subnet: Subnet) -> str:
     widths, heads, _ = layer_sizes(em, subnet)
     partial = 0 in widths or 0 in heads  # a layer without MLP or without attention
     kept_full = all(subnet.attn[i] == em.blocks[i].attn.n_units for i in kept_layers(subnet))
+    if model_type == "gpt2" and per_layer:
+        raise FlextronError("llama.cpp has no per-layer architecture for GPT-2; write it as gpt2 (drop per_layer)")
     if model_type == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
         raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
                             "(head size = hidden / heads); export this sub-network with --format hf")
-    if is_uniform(counts) and not partial:
+    if is_uniform(counts) and not partial and not per_layer:
         narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
         # llama.cpp's qwen2 sizes the query projection by the hidden size; deci takes any head count.
         return "deci" if model_type == "qwen2" and narrow else UNIFORM_ARCH[model_type]
@@ -270,10 +273,13 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
 
 
 def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
-               outtype: str = "f32", overwrite: bool = False, name: str = "flextron", info: dict | None = None) -> dict:
+               outtype: str = "f32", overwrite: bool = False, name: str = "flextron", info: dict | None = None,
+               per_layer: bool = False) -> dict:
     """Write `subnet` as one GGUF file at `out` (atomically); returns what was written.
 
-    `info` (e.g. source checkpoint, budget) is stored as `flextron.*` metadata strings."""
+    `info` (e.g. source checkpoint, budget) is stored as `flextron.*` metadata strings. `per_layer`
+    writes llama.cpp's `deci` even for a sub-network the family's own architecture can hold (the
+    two run at different speeds: benchmarks/gguf_arch.py)."""
     import gguf
 
     if outtype not in OUTTYPES:
@@ -282,7 +288,7 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
     if out.is_dir() or (out.exists() and not overwrite):
         raise FlextronError(f"{out} already exists; pass --overwrite or choose another --out")
     em.space.validate(subnet)
-    arch = gguf_arch(em, subnet)
+    arch = gguf_arch(em, subnet, per_layer)
     if arch != "gpt2":
         _rope_theta(em)  # refuse unsupported RoPE before any work
     write_tokenizer = _tokenizer_fields(tokenizer, em.config.vocab_size)

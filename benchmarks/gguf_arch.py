@@ -1,0 +1,73 @@
+"""The same uniform sub-networks written as the family's own llama.cpp architecture (`llama` for
+SmolLM2) and as the per-layer `deci` one, timed back to back in llama.cpp (`llamacpp.against`:
+both files loaded, timed in turn in each round, ratio = median of the per-round ratios).
+
+Why it matters: `flextron export --format gguf` writes a uniform sub-network (the full model
+included) as `llama` and a per-layer one as `deci`, so a latency table fitted on both kinds of
+file, and budgets that are fractions of the full `llama` file's time, carry any speed difference
+between the two graphs.
+
+    python benchmarks/gguf_arch.py --ckpt CKPT [--threads 1,2] [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _results import command_line, publish
+from flextron import api, llamacpp
+from flextron.gguf import gguf_arch, write_gguf
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="an elastic checkpoint (width choices)")
+    p.add_argument("--threads", default="1,2", help="llama.cpp thread counts, comma-separated")
+    p.add_argument("--rounds", type=int, default=9)
+    a = p.parse_args()
+    t0 = time.time()
+    em, tok, _ = api.load(a.ckpt, "cpu")
+    space = em.space
+    # Width indices (a skip choice, width 0, is never taken): full; narrower MLP; narrower both; smallest.
+    m, at = (len(c) - 1 for c in (space.mlp[0], space.attn[0]))
+    lo_m, lo_a = (int(c[0] == 0) for c in (space.mlp[0], space.attn[0]))
+    picks = [(m, at), (m - 1, at), (max(lo_m, m - 2), max(lo_a, at - 1)), (lo_m, lo_a)]
+    timing = {"context": 256, "decode_steps": 32}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mi, ai in picks:
+            subnet = space.uniform(mi, ai)
+            mlp, attn = subnet.mlp[0], subnet.attn[0]
+            files = [write_gguf(em, tok, subnet, Path(tmp) / f"{kind}.gguf", overwrite=True,
+                                per_layer=kind == "deci")["path"] for kind in ("own", "deci")]
+            for threads in (int(t) for t in a.threads.split(",")):
+                own, deci, ratio = llamacpp.against(*files, a.rounds, threads=threads, **timing)
+                rows.append({"mlp": mlp, "attn": attn, "threads": threads, "own": own, "deci": deci,
+                             "deci_over_own": ratio, "subnet": subnet.to_dict()})
+                print(f"MLP {mlp}, {attn} KV groups, {threads} thread(s): deci / own decode "
+                      f"{ratio['decode_ms']:.3f}, prefill {ratio['prefill_ms']:.3f}", flush=True)
+    lines = [
+        "## llama.cpp: the family's own architecture vs per-layer `deci`, same weights",
+        "",
+        f"`{command_line('gguf_arch.py', p, a)}` — {llamacpp.runtime_version()}, f32 GGUF, decode ms/token after "
+        f"{timing['context']} tokens and prefill ms of them, {a.rounds} back-to-back rounds, "
+        f"{round(time.time() - t0)} s. Uniform sub-networks of {Path(a.ckpt).name} written as "
+        f"`{gguf_arch(em, space.full())}` (own) and as `deci`; "
+        "ratio = deci / own (below 1: deci is faster).",
+        "",
+        "| MLP width | KV groups | threads | own decode ms | deci / own decode | own prefill ms | deci / own prefill |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['mlp']} | {r['attn']} | {r['threads']} | {r['own']['decode_ms']:.2f} | "
+          f"{r['deci_over_own']['decode_ms']:.3f} | {r['own']['prefill_ms']:.0f} | "
+          f"{r['deci_over_own']['prefill_ms']:.3f} |" for r in rows),
+    ]
+    publish("gguf_arch", "gguf_arch", {"command": command_line("gguf_arch.py", p, a), "timing": timing,
+                                       "rounds": a.rounds, "runtime": llamacpp.runtime_version(), "rows": rows},
+            lines, smoke=False)
+
+
+if __name__ == "__main__":
+    main()
