@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +68,7 @@ def export_speed(dirs: dict[str, Path], a: argparse.Namespace, vocab: int, conte
     greedily with a KV cache (HF eager), or GGUF files timed in turn in `a.rounds` rounds (llama.cpp)."""
     if a.runtime == "llama.cpp":
         runs = llamacpp.measure_rounds(list(dirs.values()), a.rounds, context, new_tokens, a.threads)
-        return {name: 1e3 / statistics.median(r["decode_ms"] for r in rs) for name, rs in zip(dirs, runs)}
+        return {name: 1e3 / llamacpp.medians(rs)["decode_ms"] for name, rs in zip(dirs, runs)}
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
     return {name: decode_tps(AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval(), prompt, new_tokens,

@@ -22,6 +22,7 @@ from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
+from flextron.gguf import write_gguf
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -42,19 +43,26 @@ def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
 
 
 def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timing: dict) -> tuple[dict, list[dict]]:
-    em, _, _ = api.load(ckpt, "cpu")
+    em, tok, _ = api.load(ckpt, "cpu")
     if not (em.latency or {}).get("runtime", "").startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
     outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
 
     full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
+    # The full model written as deci too: the per-layer graph runs the same weights at another speed
+    # (benchmarks/gguf_arch.py), and routed sub-networks are deci files.
+    full_deci = write_gguf(em, tok, em.space.full(), work / "full-deci.gguf", outtype, per_layer=True)["path"]
 
-    def against_full(subnet: Subnet) -> tuple[dict, dict, dict]:
-        return llamacpp.against(full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype), threads=threads,
-                                **timing)
+    def against_full(subnet: Subnet) -> tuple[dict, dict, dict, dict]:
+        """Medians of the full model and of `subnet`, and `subnet`'s per-round ratios to the full
+        model as written (`llama`) and as deci."""
+        paths = [full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype), full_deci]
+        full, got, deci = llamacpp.measure_rounds(paths, threads=threads, **timing)
+        return (llamacpp.medians(full), llamacpp.medians(got), llamacpp.median_ratios(got, full),
+                llamacpp.median_ratios(got, deci))
 
     tables = {"decode_ms": cost_table(em, "latency_ms"), "prefill_ms": cost_table(em, "prefill_ms")}
-    _, _, small = against_full(em.space.smallest())
+    _, _, small, _ = against_full(em.space.smallest())
     decode = tables["decode_ms"]
     smallest = {"measured_fraction": small["decode_ms"], "table_fraction": decode.smallest / decode.full,
                 "subnet": em.space.smallest().to_dict()}
@@ -63,13 +71,14 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     rows = []
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
-        full, got, ratio = against_full(subnet)
+        full, got, ratio, to_deci = against_full(subnet)
         row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
         for key, table in tables.items():
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
             row[f"{key}_ratio"] = ratio[key] / b
             row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table.full)
+            row[f"{key}_ratio_to_deci_full"] = to_deci[key] / b
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
@@ -116,12 +125,15 @@ def main() -> None:
         f"The smallest sub-network decodes in {meta['smallest']['measured_fraction']:.2f} of the full model's time "
         f"(table: {meta['smallest']['table_fraction']:.2f}), the lowest feasible latency budget.",
         "",
+        "Last column: the same sub-network against the full model written as `deci` (the per-layer graph "
+        "of routed sub-networks), timed in the same rounds.",
+        "",
         "| budget | decode ms (measured / target) | measured / target | table's prediction / target | "
-        "prefill measured / target |",
-        "|---|---|---|---|---|",
+        "prefill measured / target | measured / target, full as deci |",
+        "|---|---|---|---|---|---|",
         *(f"| {r['budget']:.1%} | {r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
-          f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} |"
-          for r in rows),
+          f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} | "
+          f"{r['decode_ms_ratio_to_deci_full']:.3f} |" for r in rows),
     ]
     print("\n".join(lines))
     if not a.smoke:

@@ -128,12 +128,17 @@ def against(reference: str | Path, path: str | Path, rounds: int, context: int =
     of `reference`'s and of `path`'s prefill and decode ms, and the medians of the per-round ratios
     path / reference, which a slow spell of the machine does not move."""
     ref, got = measure_rounds([reference, path], rounds, context, decode_steps, threads)
-    keys = ref[0].keys()
+    return medians(ref), medians(got), median_ratios(got, ref)
 
-    def median(runs: list[dict[str, float]]) -> dict[str, float]:
-        return {k: statistics.median(r[k] for r in runs) for k in keys}
 
-    return median(ref), median(got), {k: statistics.median(g[k] / f[k] for f, g in zip(ref, got)) for k in keys}
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per timing (prefill_ms, decode_ms), the median over one file's rounds."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def median_ratios(runs: list[dict[str, float]], reference: list[dict[str, float]]) -> dict[str, float]:
+    """Per timing, the median over rounds of one file's time / the reference file's in the same round."""
+    return {k: statistics.median(g[k] / f[k] for f, g in zip(reference, runs)) for k in runs[0]}
 
 
 def _time_once(llm, ids: list[int], decode_steps: int) -> dict[str, float]:
