@@ -28,6 +28,7 @@ import argparse
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,17 +50,26 @@ from speed import decode_tps
 
 LLAMACPP_DECODE_STEPS = 32  # tokens decoded per llama.cpp timing, as benchmarks/llamacpp_budgets.py
 
-def fraction(ckpt: Path, em: ElasticModel, subnet: Subnet, a: argparse.Namespace, work: Path) -> float:
-    """Decode latency of the sub-network over the full model's, the two timed back to back: in HF
-    eager as the latency table measures it, or as GGUF exports in llama.cpp (median per-round ratio)."""
+def fraction_timer(ckpt: Path, em: ElasticModel, a: argparse.Namespace, work: Path) -> Callable[[Subnet], float]:
+    """A function giving a sub-network's decode latency over the full model's, the two timed back to
+    back: in HF eager as the latency table measures it, or as GGUF exports in llama.cpp (median
+    per-round ratio; the full model's file is written once)."""
     if a.runtime == "llama.cpp":
-        full, path = (api.export(ckpt, None, work / f"{n}.gguf", overwrite=True, subnet=s, format="gguf")
-                      for n, s in (("full", em.space.full()), ("subnet", subnet)))
-        return llamacpp.against(full, path, a.rounds, a.context, LLAMACPP_DECODE_STEPS, a.threads)[2]["decode_ms"]
+        full = api.export(ckpt, None, work / "full.gguf", overwrite=True, subnet=em.space.full(), format="gguf")
+
+        def in_llamacpp(subnet: Subnet) -> float:
+            path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf")
+            return llamacpp.against(full, path, a.rounds, a.context, LLAMACPP_DECODE_STEPS, a.threads)[2]["decode_ms"]
+
+        return in_llamacpp
     dtype = torch.bfloat16 if a.dtype == "bf16" else None
-    ms = [measure(em, s, context=a.context, repeats=a.repeats, autocast_dtype=dtype)["decode_ms"]
-          for s in (em.space.full(), subnet)]
-    return ms[1] / ms[0]
+
+    def in_hf(subnet: Subnet) -> float:
+        ms = [measure(em, s, context=a.context, repeats=a.repeats, autocast_dtype=dtype)["decode_ms"]
+              for s in (em.space.full(), subnet)]
+        return ms[1] / ms[0]
+
+    return in_hf
 
 
 def export_speed(dirs: dict[str, Path], a: argparse.Namespace, vocab: int, context: int, new_tokens: int
@@ -110,6 +120,7 @@ def main() -> None:
             log(f"{name}: perplexity and measured latency per budget")
             em, tok, _ = api.load(ckpt, a.device)
             windows = heldout_windows(tok, seq_len, a.limit)
+            fraction = fraction_timer(ckpt, em, a, work)
             rows = []
             for f in fractions:
                 try:
@@ -119,9 +130,9 @@ def main() -> None:
                     continue
                 with em.subnet(subnet):
                     ppl = perplexity(em, windows, autocast_dtype=compute_dtype(a.dtype), progress=False)
-                rows.append({"budget": f, "ppl": ppl, "measured_fraction": fraction(ckpt, em, subnet, a, work),
+                rows.append({"budget": f, "ppl": ppl, "measured_fraction": fraction(subnet),
                              "skipped": [subnet.mlp.count(0), subnet.attn.count(0)], "subnet": subnet.to_dict()})
-            curves[name] = {"smallest_fraction": fraction(ckpt, em, em.space.smallest(), a, work), "rows": rows}
+            curves[name] = {"smallest_fraction": fraction(em.space.smallest()), "rows": rows}
         log("exports: decode speed")
         # Exports: width + depth at ~50% latency vs width only at the same parameter count.
         em_d, em_w = api.load(ckpts["depth"], "cpu")[0], api.load(ckpts["width"], "cpu")[0]
