@@ -22,7 +22,7 @@ from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
-from flextron.gguf import write_gguf
+from flextron.gguf import gguf_arch, write_gguf
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -72,7 +72,8 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
         full, got, ratio, to_deci = against_full(subnet)
-        row = {"budget": b, "subnet": subnet.to_dict(), **{f"measured_{k}": v for k, v in got.items()},
+        row = {"budget": b, "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
+               **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
         for key, table in tables.items():
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
@@ -84,9 +85,21 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
     return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
-            "validation": em.latency["validation"], "table": {k: em.latency[k] for k in (
+            "validation": em.latency["validation"],
+            "stock": {k: em.latency["stock"][k] for k in ("graph", "validation", "fit_error")}
+            if "stock" in em.latency else None,
+            "table": {k: em.latency[k] for k in (
                 "runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds") if k in em.latency}
             }, rows
+
+
+def _stock_error(stock: dict) -> str:
+    """On unseen uniform sub-networks, or on the fitted ones where the fit took every one."""
+    part, which = (stock["validation"], "unseen") if stock["validation"]["decode_ms"]["n"] else (
+        stock["fit_error"], "fitted (every uniform sub-network was fitted on)")
+    d, p = part["decode_ms"], part["prefill_ms"]
+    return (f"decode {d['median_pct']:.1f}% ({d['max_pct']:.1f}%), prefill {p['median_pct']:.1f}% "
+            f"({p['max_pct']:.1f}%) on {d['n']} {which}")
 
 
 def main() -> None:
@@ -125,13 +138,17 @@ def main() -> None:
         f"The smallest sub-network decodes in {meta['smallest']['measured_fraction']:.2f} of the full model's time "
         f"(table: {meta['smallest']['table_fraction']:.2f}), the lowest feasible latency budget.",
         "",
+        *([f"The table prices uniform sub-networks (the full model included) by its {meta['stock']['graph']} "
+           f"table, fitted on them written as {meta['stock']['graph']}, and the others by the `deci` one above. "
+           f"The {meta['stock']['graph']} table's error, median (max): {_stock_error(meta['stock'])}.", ""]
+          if meta["stock"] else []),
         "Last column: the same sub-network against the full model written as `deci` (the per-layer graph "
         "of routed sub-networks), timed in the same rounds.",
         "",
-        "| budget | decode ms (measured / target) | measured / target | table's prediction / target | "
+        "| budget | written as | decode ms (measured / target) | measured / target | table's prediction / target | "
         "prefill measured / target | measured / target, full as deci |",
-        "|---|---|---|---|---|---|",
-        *(f"| {r['budget']:.1%} | {r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
+        "|---|---|---|---|---|---|---|",
+        *(f"| {r['budget']:.1%} | {r['graph']} | {r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
           f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} | "
           f"{r['decode_ms_ratio_to_deci_full']:.3f} |" for r in rows),
     ]

@@ -1,12 +1,13 @@
 import json
 
 import pytest
+import torch
 
 from conftest import make_elastic, make_tokenizer
 from flextron import api
 from flextron.budgets import budget_metric, budget_target
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.config import Budget
+from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 from flextron.latency import _fit, _trimmed_mean, latency_table, random_subnets
 
@@ -183,3 +184,47 @@ def test_the_fit_design_predicts_uniform_sub_networks_better_than_independent_dr
             worst[name].append(max(abs(table(space, s) - truth(s)) / truth(s) for s in uniform))
     assert np.median(worst["design"]) < 0.7 * np.median(worst["independent"])
     assert sum(s in uniform for s in design_subnets(em, 10, 0)) >= 5  # half are uniform draws
+
+
+def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
+    """llama.cpp runs uniform sub-networks (the full model included) in the family's own graph and
+    the others as deci: each is priced by the table of its graph, and budgets are fractions of the
+    full model in its own graph."""
+    from flextron.budgets import uniform_subnet_for
+    from flextron.latency import StockGraph, profile
+    from flextron.options import ProfileOptions
+    from flextron.routers import project
+
+    em = make_elastic()
+    mlp_ms, attn_ms = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {1: 0.5, 2: 0.9, 3: 1.4, 4: 1.6}
+
+    def deci(s):
+        ms = 5.0 + sum(mlp_ms[w] for w in s.mlp) + sum(attn_ms[a] for a in s.attn)
+        return {"decode_ms": ms, "prefill_ms": 10 * ms}
+
+    def own(s):  # the stock graph: slower by a constant
+        return {k: v + 2.0 for k, v in deci(s).items()}
+
+    uniform = StockGraph("llama", lambda s: len(set(s.mlp)) == len(set(s.attn)) == 1, own)
+    table = profile(em, ProfileOptions(samples=10, validate=3), timer=deci, stock=uniform, progress=False)
+    assert table["stock"]["graph"] == "llama"
+    stock_rows = [m for m in table["measurements"] if m["role"].endswith("-stock")]
+    assert stock_rows and all(uniform.written(Subnet(**m["subnet"])) for m in stock_rows)
+    for fitted in (table, table["stock"]):
+        assert fitted["validation"]["decode_ms"]["max_pct"] < 1e-6
+    em.latency = table
+    cost = latency_table(em, "latency_ms")
+    full, mixed = em.space.full(), Subnet(mlp=[96, 48], attn=[4, 2])
+    assert cost.full == pytest.approx(own(full)["decode_ms"])  # a budget's 100% is the stock full model
+    assert cost(em.space, mixed) == pytest.approx(deci(mixed)["decode_ms"])
+    # The largest uniform sub-network within a budget is chosen by its stock time.
+    target = own(Subnet(mlp=[72, 72], attn=[3, 3]))["decode_ms"]
+    chosen, chosen_ms = uniform_subnet_for(em, Budget(metric="latency_ms", value=target))
+    assert chosen_ms == pytest.approx(own(chosen)["decode_ms"]) and chosen_ms <= target + 1e-9
+    assert deci(Subnet(mlp=[96, 96], attn=[3, 3]))["decode_ms"] <= target  # fits as deci, not as stock
+    # Projection never widens onto a sub-network whose stock time breaks the budget.
+    for w in (24, 48, 72, 96):
+        logits = torch.full((2, 4), -5.0)
+        logits[:, [24, 48, 72, 96].index(w)] = 0.0
+        target = deci(Subnet(mlp=[w, w], attn=[4, 4]))["decode_ms"] + 1.0
+        assert cost(em.space, project(em.space, cost, logits, torch.zeros(2, 4), target)) <= target

@@ -9,7 +9,7 @@ from flextron import api, llamacpp
 from flextron.budgets import budget_target
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import Budget
+from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 from flextron.gguf import write_gguf
 from flextron.latency import load_table
@@ -90,11 +90,19 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(tmp_path, capsys):
     table = load_table(ckpt)
     assert table["runtime"].startswith("llama.cpp (llama-cpp-python ")
     assert (table["threads"], table["outtype"]) == (1, "f16")
-    assert len(table["measurements"]) == 7 and table["validation"]["decode_ms"]["n"] == 2
+    roles = [m["role"] for m in table["measurements"]]
+    assert roles.count("fit") >= 5 and roles.count("validate") == table["validation"]["decode_ms"]["n"] == 2
+    # The uniform sub-networks are timed again as written by `export` (llama), the rest only as deci.
+    assert table["stock"]["graph"] == "llama" and roles.count("fit-stock") >= 2
+    assert all(len(set(m["subnet"]["mlp"])) == 1 for m in table["measurements"] if m["role"].endswith("-stock"))
     em, _, _ = api.load(ckpt, "cpu")  # latency budgets now mean llama.cpp decode ms
     cost, target = budget_target(em, Budget.parse("latency_ms=1e6"))
-    d, full = table["decode_ms"], em.space.full()
-    by_layer = sum(d["mlp"][str(m)] + d["attn"][str(a)] for m, a in zip(full.mlp, full.attn))
-    assert cost.metric == "latency_ms" and cost(em.space, full) == pytest.approx(d["overhead"] + by_layer)
+
+    def by_table(d: dict, s) -> float:
+        return d["overhead"] + sum(d["mlp"][str(m)] + d["attn"][str(a)] for m, a in zip(s.mlp, s.attn))
+
+    full, mixed = em.space.full(), Subnet(mlp=[96, 48], attn=[2, 1])
+    assert cost.metric == "latency_ms" and cost.full == pytest.approx(by_table(table["stock"]["decode_ms"], full))
+    assert cost(em.space, mixed) == pytest.approx(by_table(table["decode_ms"], mixed))
     with pytest.raises(FlextronError, match="batch 1"):
         api.profile(ckpt, runtime="llama.cpp", batch=2, **TINY)

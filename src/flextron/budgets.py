@@ -84,9 +84,11 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
     best: tuple[tuple[float, int, int], Subnet] | None = None
     for mlp, cost_mlp in parts["mlp"].items():
         for attn, cost_attn in parts["attn"].items():
-            key = (table.const + cost_mlp + cost_attn, sum(mlp), sum(attn))
+            subnet = Subnet(mlp=list(mlp), attn=list(attn))
+            cost = table.const + cost_mlp + cost_attn if table.stock is None else table(space, subnet)
+            key = (cost, sum(mlp), sum(attn))
             if key[0] <= target * (1 + 1e-9) and (best is None or key > best[0]):
-                best = (key, Subnet(mlp=list(mlp), attn=list(attn)))
+                best = (key, subnet)
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
     return best[1], best[0][0]

@@ -199,9 +199,17 @@ def cmd_profile(a: argparse.Namespace) -> None:
         for choice in d[kind]:
             t.add_row(f"{kind} {choice} (per layer)", f"{d[kind][choice]:.3f}", f"{p[kind][choice]:.2f}")
     console.print(t)
-    for key, v in table["validation"].items():
-        console.print(f"{key}: |predicted - measured| / measured over {v['n']} unseen sub-networks: "
-                      f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
+    parts = [("", table)]
+    if "stock" in table:  # llama.cpp: uniform sub-networks run in the family's own graph, the rest as deci
+        parts = [("deci graph (per-layer sub-networks) ", table), (f"{table['stock']['graph']} graph (uniform) ",
+                                                                    table["stock"])]
+    for graph, part in parts:
+        for key, v in part["validation"].items():
+            which = "unseen"
+            if not v["n"]:  # every one of them was fitted on
+                v, which = part["fit_error"][key], "fitted"
+            console.print(f"{graph}{key}: |predicted - measured| / measured over {v['n']} {which} sub-networks: "
+                          f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
     console.print(f"Stored in {a.ckpt}/latency.json")
 
 

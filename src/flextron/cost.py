@@ -15,6 +15,7 @@ Routers read the same tables as tensors for expected costs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,15 +32,24 @@ MEASURED = ("latency_ms", "prefill_ms")
 @dataclass(frozen=True)
 class CostTable:
     """cost(subnet) = const + sum_l mlp[l][choice index] + attn[l][choice index], for one metric
-    over the choices of `space`."""
+    over the choices of `space`.
+
+    A runtime may run some sub-networks in another graph (llama.cpp: a uniform sub-network, the
+    full model included, in the family's own architecture; the others in the per-layer `deci`):
+    those for which `in_stock` holds are priced by the `stock` table measured in that graph, the
+    rest (and routers' expected costs) by this one."""
 
     metric: str
     const: float
     mlp: list[list[float]]
     attn: list[list[float]]
     space: ElasticSpace
+    stock: CostTable | None = None
+    in_stock: Callable[[Subnet], bool] | None = None
 
     def __call__(self, space: ElasticSpace, subnet: Subnet) -> float:
+        if self.stock is not None and self.in_stock(subnet):
+            return self.stock(space, subnet)
         total = self.const
         for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)):
             total += self.mlp[i][space.mlp[i].index(w)] + self.attn[i][space.attn[i].index(a)]

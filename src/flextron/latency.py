@@ -19,17 +19,19 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flextron.config import Subnet
+from flextron.config import KINDS, Subnet
 from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
+from flextron.gguf import gguf_arch
 from flextron.options import ProfileOptions
 from flextron.precision import autocast
 
@@ -79,10 +81,10 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
     return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
 
 
-def random_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
-    """`n` heterogeneous sub-networks of a seeded generator (`ElasticSpace.sample`)."""
+def random_subnets(em: ElasticModel, n: int, seed: int, mode: str = "layers") -> list[Subnet]:
+    """`n` sub-networks of a seeded generator (`ElasticSpace.sample`; default: heterogeneous)."""
     gen = torch.Generator().manual_seed(seed)
-    return [em.space.sample(gen) for _ in range(n)]
+    return [em.space.sample(gen, mode) for _ in range(n)]
 
 
 def design_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
@@ -138,12 +140,14 @@ def _fit(em: ElasticModel, subnets: list[Subnet], y: list[float]) -> dict:
 
 def _errors(pred: list[float], meas: list[float]) -> dict:
     err = sorted(abs(p - m) / m * 100 for p, m in zip(pred, meas))
+    if not err:  # every stock sub-network of a small space is in the fit
+        return {"median_pct": None, "max_pct": None, "n": 0}
     return {"median_pct": err[len(err) // 2], "max_pct": err[-1], "n": len(err)}
 
 
 def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dtype | None = None, seed: int = 0,
             progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
-            runtime: dict | None = None) -> dict:
+            runtime: dict | None = None, stock: StockGraph | None = None) -> dict:
     """Build the latency table on this device (`options.samples` sub-networks) and validate it on
     `options.validate` unseen random ones.
 
@@ -151,6 +155,9 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     `runtime` names that runtime in the table (e.g. runtime, threads, outtype). With `options.rounds`
     > 1 every sub-network is timed once per round, round after round, and keeps its median: a slow
     spell of a shared machine then lands on one round of many sub-networks, not on all of one.
+    With `stock`, the sub-networks the runtime runs in its stock graph are timed there as well,
+    each right after the same sub-network in the other graph, and a second table fitted and
+    validated on them is stored under "stock".
     """
     if options.samples < 4 or options.validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
@@ -158,13 +165,28 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     space = em.space
     fit_nets = [space.full(), space.smallest(), *design_subnets(em, options.samples - 2, seed)]
     val_nets = random_subnets(em, options.validate, seed + 1)
-    nets = fit_nets + val_nets
-    runs: list[list[dict[str, float]]] = [[] for _ in nets]
-    with tqdm(total=options.rounds * len(nets), desc="profiling", disable=not progress) as bar:
+    default = timer or (lambda s: measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
+    jobs = [(s, default, "fit") for s in fit_nets]
+    stock_val: list[Subnet] = []
+    if stock is not None:
+        # Every width of each kind in the stock fit; each stock timing right after its twin's, and
+        # the stock validation between the others, so a drift of the machine spares the comparison.
+        fit_nets += [s for s in _uniform_cover(em) if s not in fit_nets]
+        jobs = []
+        for i, s in enumerate(fit_nets):
+            jobs.append((s, default, "fit"))
+            if stock.written(s) and s not in fit_nets[:i]:
+                jobs.append((s, stock.timer, "fit-stock"))
+        stock_val = _distinct((s for s in random_subnets(em, 20 * options.validate, seed + 2, "uniform")
+                               if stock.written(s) and s not in fit_nets), options.validate)
+    for i in range(max(len(val_nets), len(stock_val))):
+        jobs += [(s, default, "validate") for s in val_nets[i : i + 1]]
+        jobs += [(s, stock.timer, "validate-stock") for s in stock_val[i : i + 1]]
+    runs: list[list[dict[str, float]]] = [[] for _ in jobs]
+    with tqdm(total=options.rounds * len(jobs), desc="profiling", disable=not progress) as bar:
         for _ in range(options.rounds):
-            for i, s in enumerate(nets):
-                runs[i].append(timer(s) if timer else measure(em, s, batch, context, decode_steps, repeats,
-                                                              autocast_dtype))
+            for i, (s, time_it, _) in enumerate(jobs):
+                runs[i].append(time_it(s))
                 bar.update()
     timings = [{k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs]
     device = next(em.parameters()).device
@@ -177,20 +199,54 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
         "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats,
         "rounds": options.rounds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "validation": {},
-        "measurements": [],
+        "measurements": [{"role": role, "subnet": s.to_dict(), **t} for (s, _, role), t in zip(jobs, timings)],
     }
     table.update(runtime or {})
-    for key in ("decode_ms", "prefill_ms"):
-        fitted = _fit(em, fit_nets, [t[key] for t in timings[: len(fit_nets)]])
-        table[key] = fitted
-        meas = [t[key] for t in timings[len(fit_nets) :]]
-        predict = _as_table(em, key, fitted)
-        pred = [predict(space, s) for s in val_nets]
-        table["validation"][key] = _errors(pred, meas)
-    for s, t, role in zip(fit_nets + val_nets, timings, ["fit"] * len(fit_nets) + ["validate"] * len(val_nets)):
-        table["measurements"].append({"role": role, "subnet": s.to_dict(), **t})
+    table.update(_fitted(em, table["measurements"], ""))
+    if stock is not None:
+        table["stock"] = {"graph": stock.name, **_fitted(em, table["measurements"], "-stock")}
     return table
+
+
+@dataclass(frozen=True)
+class StockGraph:
+    """Where a runtime runs some sub-networks in another graph than the rest: its name, which
+    sub-networks it takes (`written`) and how to time one there."""
+
+    name: str
+    written: Callable[[Subnet], bool]
+    timer: Callable[[Subnet], dict[str, float]]
+
+
+def _uniform_cover(em: ElasticModel) -> list[Subnet]:
+    """Uniform sub-networks at every MLP width with all attention, and at every attention width with
+    the widest MLP: fitted on with the smallest, they determine each width's cost in a uniform graph."""
+    space = em.space
+    top = [max(len(space.widths(k, i)) for i in range(space.n_layers)) - 1 for k in KINDS]
+    return [space.uniform(i, top[1]) for i in range(top[0] + 1)] + [space.uniform(top[0], j) for j in range(top[1])]
+
+
+def _distinct(subnets, limit: int | None = None) -> list[Subnet]:
+    out: list[Subnet] = []
+    for s in subnets:
+        if s not in out:
+            out.append(s)
+        if len(out) == limit:
+            break
+    return out
+
+
+def _fitted(em: ElasticModel, rows: list[dict], suffix: str) -> dict:
+    """The decode and prefill fits of the rows with role "fit" + `suffix`, validated on "validate" + `suffix`."""
+    fit = [r for r in rows if r["role"] == "fit" + suffix]
+    val = [r for r in rows if r["role"] == "validate" + suffix]
+    out: dict = {"validation": {}, "fit_error": {}}
+    for key in ("decode_ms", "prefill_ms"):
+        out[key] = _fit(em, [Subnet(**r["subnet"]) for r in fit], [r[key] for r in fit])
+        predict = _as_table(em, key, out[key])
+        for name, part in (("validation", val), ("fit_error", fit)):
+            out[name][key] = _errors([predict(em.space, Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
+    return out
 
 
 def save_table(ckpt: Path, table: dict) -> Path:
@@ -228,7 +284,12 @@ def latency_table(em: ElasticModel, metric: str) -> CostTable:
         if not rows:
             raise FlextronError(f"the latency table's {key} decreases with width; re-run `flextron profile`")
         fitted = _fit(em, [Subnet(**m["subnet"]) for m in rows], [m[key] for m in rows])
-    return _as_table(em, metric, fitted)
+    table = _as_table(em, metric, fitted)
+    if "stock" not in em.latency:
+        return table
+    stock = _as_table(em, metric, em.latency["stock"][key])
+    # The export's own rule says which graph a sub-network is written in.
+    return replace(table, stock=stock, in_stock=lambda s: gguf_arch(em, s) != "deci")
 
 
 def _ascending(costs: dict[str, float]) -> bool:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flextron.errors import FlextronError
-from flextron.latency import _trimmed_mean
+from flextron.gguf import gguf_arch, write_gguf
+from flextron.latency import StockGraph, _trimmed_mean
 from flextron.latency import profile as fit_table
 from flextron.options import ProfileOptions
 
@@ -162,13 +163,12 @@ def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeat
 
 
 def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context: int = 256,
-               decode_steps: int = 16, repeats: int = 3, threads: int | None = None):
-    """A `latency.profile` timer: each sub-network is exported to a GGUF in `workdir` and timed in llama.cpp."""
-    from flextron.gguf import write_gguf
-
+               decode_steps: int = 16, repeats: int = 3, threads: int | None = None, per_layer: bool = False):
+    """A `latency.profile` timer: each sub-network is exported to a GGUF in `workdir` (`per_layer`:
+    as `deci`, see `write_gguf`) and timed in llama.cpp."""
     def timer(subnet) -> dict[str, float]:
         path = Path(workdir) / "subnet.gguf"
-        write_gguf(em, tokenizer, subnet, path, outtype, overwrite=True)
+        write_gguf(em, tokenizer, subnet, path, outtype, overwrite=True, per_layer=per_layer)
         return measure(path, context, decode_steps, repeats, threads)
 
     return timer
@@ -178,11 +178,24 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
             ) -> dict:
     """The latency table (`flextron.latency.profile`, batch 1, `options.rounds` interleaved timing
     rounds) of the sub-networks exported as GGUF files (`options.outtype`) and timed in llama.cpp
-    with `options.threads` threads (default: every core)."""
+    with `options.threads` threads (default: every core).
+
+    `export` writes a uniform sub-network (the full model included) in the family's own
+    architecture and the others as `deci`, and llama.cpp runs the same weights up to ~8% apart in
+    the two graphs. Where the family has both, the table is fitted on every sub-network written as
+    `deci` and its "stock" table on the uniform ones written as `export` writes them, so budgets
+    are fractions of the full model a user deploys and each sub-network is priced in its own graph."""
     threads = options.threads or default_threads()
     named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}
+    timing = (options.outtype, options.context, options.decode_steps, options.repeats, threads)
     with tempfile.TemporaryDirectory() as tmp:
-        timer = gguf_timer(em, tokenizer, tmp, options.outtype, options.context, options.decode_steps,
-                           options.repeats, threads)
-        return fit_table(em, options, progress=progress, timer=timer, runtime=named)
+        try:
+            own = gguf_arch(em, em.space.full())
+            gguf_arch(em, em.space.full(), per_layer=True)
+        except FlextronError:  # one graph only (GPT-2; Qwen3 has no per-layer one)
+            return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing),
+                             runtime=named)
+        stock = StockGraph(own, lambda s: gguf_arch(em, s) != "deci", gguf_timer(em, tokenizer, tmp, *timing))
+        return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing, per_layer=True),
+                         runtime=named, stock=stock)

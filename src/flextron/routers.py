@@ -214,7 +214,11 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
             break
         _, k, layer = max(moves)
         idx[k][layer] += 1
-        cost = table(space, current())
+        widened = table(space, current())
+        if widened > target * (1 + 1e-9):  # the step changed the graph the runtime runs (CostTable.stock)
+            idx[k][layer] -= 1
+            break
+        cost = widened
     return current()
 
 
