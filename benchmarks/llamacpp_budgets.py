@@ -23,6 +23,7 @@ from flextron.checkpoint import save_checkpoint
 from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, write_gguf
+from flextron.latency import reported_error
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -95,9 +96,8 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
 
 def _stock_error(stock: dict) -> str:
     """On unseen uniform sub-networks, or on the fitted ones where the fit took every one."""
-    part, which = (stock["validation"], "unseen") if stock["validation"]["decode_ms"]["n"] else (
-        stock["fit_error"], "fitted (every uniform sub-network was fitted on)")
-    d, p = part["decode_ms"], part["prefill_ms"]
+    (d, which), (p, _) = (reported_error(stock, key) for key in ("decode_ms", "prefill_ms"))
+    which += " (every uniform sub-network was fitted on)" if which == "fitted" else ""
     return (f"decode {d['median_pct']:.1f}% ({d['max_pct']:.1f}%), prefill {p['median_pct']:.1f}% "
             f"({p['max_pct']:.1f}%) on {d['n']} {which}")
 

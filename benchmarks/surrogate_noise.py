@@ -37,11 +37,10 @@ def floors(losses: torch.Tensor) -> dict[str, float]:
     def share(y: torch.Tensor, fitted: torch.Tensor) -> float:
         return ((y - fitted).abs().mean() / (y - y.mean()).abs().mean()).item()
 
-    raw = losses
-    batch_effect = raw.mean(1, keepdim=True) + raw.mean(0, keepdim=True) - raw.mean()
+    batch_effect = losses.mean(1, keepdim=True) + losses.mean(0, keepdim=True) - losses.mean()
     minus, over = (losses - losses[:1])[1:], (losses / losses[:1])[1:]
-    return {"raw": share(raw, raw.mean(1, keepdim=True)),
-            "additive_batch_effect": share(raw, batch_effect),
+    return {"raw": share(losses, losses.mean(1, keepdim=True)),
+            "additive_batch_effect": share(losses, batch_effect),
             "minus_reference": share(minus, minus.mean(1, keepdim=True)),
             "over_reference": share(over, over.mean(1, keepdim=True))}
 

@@ -23,6 +23,7 @@ from flextron.config import RouterConfig, TrainConfig, check_number, field_type
 from flextron.errors import FlextronError
 from flextron.evaluate import EvalRow, rows_json
 from flextron.fsutil import atomic_write, check_target
+from flextron.latency import reported_error
 from flextron.options import (
     ConvertOptions,
     DemoOptions,
@@ -204,10 +205,8 @@ def cmd_profile(a: argparse.Namespace) -> None:
         parts = [("deci graph (per-layer sub-networks) ", table), (f"{table['stock']['graph']} graph (uniform) ",
                                                                     table["stock"])]
     for graph, part in parts:
-        for key, v in part["validation"].items():
-            which = "unseen"
-            if not v["n"]:  # every one of them was fitted on
-                v, which = part["fit_error"][key], "fitted"
+        for key in part["validation"]:
+            v, which = reported_error(part, key)
             console.print(f"{graph}{key}: |predicted - measured| / measured over {v['n']} {which} sub-networks: "
                           f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
     console.print(f"Stored in {a.ckpt}/latency.json")

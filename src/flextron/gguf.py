@@ -77,6 +77,11 @@ def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
     return all(len(set(c)) == 1 for c in counts)
 
 
+def in_own_arch(em: ElasticModel, subnet: Subnet) -> bool:
+    """Whether `export --format gguf` writes `subnet` in the family's own architecture (not `deci`)."""
+    return gguf_arch(em, subnet) != "deci"
+
+
 def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     """The llama.cpp architecture `subnet` is written as (`per_layer`: `deci` even where the family's
     own would do); FlextronError (one line) where none fits."""

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
-from flextron.gguf import gguf_arch
+from flextron.gguf import in_own_arch
 from flextron.options import ProfileOptions
 from flextron.precision import autocast
 
@@ -249,6 +250,14 @@ def _fitted(em: ElasticModel, rows: list[dict], suffix: str) -> dict:
     return out
 
 
+def reported_error(fitted: dict, key: str) -> tuple[dict, str]:
+    """A fit's error on `key` (decode_ms, prefill_ms) on unseen sub-networks, or on the fitted ones
+    where none was left unseen (a small space's stock graph), and which of the two it is."""
+    if fitted["validation"][key]["n"]:
+        return fitted["validation"][key], "unseen"
+    return fitted["fit_error"][key], "fitted"
+
+
 def save_table(ckpt: Path, table: dict) -> Path:
     path = Path(ckpt) / LATENCY_FILE
     atomic_write(path, lambda p: p.write_text(json.dumps(table, indent=1)))
@@ -288,8 +297,7 @@ def latency_table(em: ElasticModel, metric: str) -> CostTable:
     if "stock" not in em.latency:
         return table
     stock = _as_table(em, metric, em.latency["stock"][key])
-    # The export's own rule says which graph a sub-network is written in.
-    return replace(table, stock=stock, in_stock=lambda s: gguf_arch(em, s) != "deci")
+    return replace(table, stock=stock, in_stock=partial(in_own_arch, em))
 
 
 def _ascending(costs: dict[str, float]) -> bool:

@@ -9,13 +9,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flextron.errors import FlextronError
-from flextron.gguf import gguf_arch, write_gguf
+from flextron.gguf import gguf_arch, in_own_arch, write_gguf
 from flextron.latency import StockGraph, _trimmed_mean
 from flextron.latency import profile as fit_table
 from flextron.options import ProfileOptions
@@ -196,6 +197,6 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
         except FlextronError:  # one graph only (GPT-2; Qwen3 has no per-layer one)
             return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing),
                              runtime=named)
-        stock = StockGraph(own, lambda s: gguf_arch(em, s) != "deci", gguf_timer(em, tokenizer, tmp, *timing))
+        stock = StockGraph(own, partial(in_own_arch, em), gguf_timer(em, tokenizer, tmp, *timing))
         return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing, per_layer=True),
                          runtime=named, stock=stock)
