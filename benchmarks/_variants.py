@@ -21,6 +21,9 @@ def add_options(p: argparse.ArgumentParser, train_steps: int, router_steps: int,
     """The options `build` and the evaluation read, with this benchmark's step defaults."""
     p.add_argument("--train-steps", type=int, default=train_steps, help="elastic-training steps of each variant "
                                                                         "(0: none)")
+    p.add_argument("--deploy-steps", type=int, default=0,
+                   help="of --train-steps, how many run after routing on the sub-networks the routers deploy "
+                        "(`train --sampling budgets` over the router grid, the full model a quarter of the time)")
     p.add_argument("--router-steps", type=int, default=router_steps)
     p.add_argument("--joint-steps", type=int, default=joint_steps)
     p.add_argument("--seq-len", type=int, default=256)
@@ -35,6 +38,7 @@ def add_options(p: argparse.ArgumentParser, train_steps: int, router_steps: int,
 def smoke_options(a: argparse.Namespace) -> None:
     """The shared options of a smoke run: a few steps of short sequences."""
     a.train_steps, a.router_steps, a.joint_steps, a.seq_len, a.micro_batch, a.limit = 2, 4, 1, 32, 2, 1
+    a.deploy_steps = min(a.deploy_steps, 1)
 
 
 def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
@@ -53,17 +57,19 @@ def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
 
 def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path | None = None,
           profile: dict | None = None, **convert: object) -> Path:
-    """Convert with `convert` options, train `a.train_steps`, profile (a latency metric, with
-    `api.profile` options `profile`; or copy the latency table of checkpoint `table`, whose choices
-    include this space's), route over `a.budgets` budgets of `metric` (or the fractions
-    `a.fractions`); returns the routed checkpoint."""
+    """Convert with `convert` options, train `a.train_steps - a.deploy_steps` (sandwich), profile (a
+    latency metric, with `api.profile` options `profile`; or copy the latency table of checkpoint
+    `table`, whose choices include this space's), route over `a.budgets` budgets of `metric` (or the
+    fractions `a.fractions`), then train `a.deploy_steps` on what the routers deploy; returns the
+    routed checkpoint."""
     log(f"{name}: convert")
     model, kw = source(work, a.smoke)
     ckpt = api.convert(model, work / f"{name}-converted", device=a.device, progress=False, **kw, **convert)
-    if a.train_steps:
-        log(f"{name}: elastic training, {a.train_steps} steps")
-        cfg = TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0,
-                          dtype=a.dtype)
+    deploy = getattr(a, "deploy_steps", 0)
+    if a.train_steps > deploy:
+        log(f"{name}: elastic training, {a.train_steps - deploy} steps")
+        cfg = TrainConfig(max_steps=a.train_steps - deploy, seq_len=a.seq_len, micro_batch=a.micro_batch,
+                          eval_limit=0, dtype=a.dtype)
         ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
     if metric == "latency_ms" and table is not None:
         log(f"{name}: the latency table of {table}")
@@ -76,5 +82,13 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path
     log(f"{name}: routers over {metric} budgets {grid}")
     cfg = RouterConfig(budgets=grid, metric=metric, steps=a.router_steps, joint_steps=a.joint_steps,
                        dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
-    api.route(ckpt, cfg, out=work / f"{name}-routed", device=a.device, progress=False)
-    return work / f"{name}-routed"
+    routed = work / f"{name}-routed"
+    api.route(ckpt, cfg, out=routed, device=a.device, progress=False)
+    if not deploy:
+        return routed
+    # Deployment-aware training: the routers' sub-networks (and the full model), not every draw of
+    # the space; the routers stay as they are, so what was trained is what deploys.
+    log(f"{name}: deployment-aware training, {deploy} steps")
+    cfg = TrainConfig(max_steps=deploy, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0, dtype=a.dtype,
+                      sampling="budgets", budgets=tuple(grid), warmup_steps=1, seed=1)
+    return Path(api.train(routed, work / f"{name}-deployed", cfg, device=a.device, progress=False)["final"])

@@ -12,7 +12,8 @@ skipped, least important first, down to `--min-layers`). Each is profiled on thi
    export at ~50% latency vs a width-only export of the same parameter count (the largest
    uniform one within it) and vs the full model.
 
-    python benchmarks/depth.py [--train-steps 100] [--router-steps 200] [--min-layers 10] [--device cpu|cuda]
+    python benchmarks/depth.py [--train-steps 100] [--deploy-steps 0] [--router-steps 200] [--min-layers 10]
+                               [--device cpu|cuda]
     python benchmarks/depth.py --smoke      # a tiny random model, minutes; writes no results
 
 Both variants route on one latency table, the width + depth variant's (measured on its random
@@ -20,6 +21,8 @@ sub-networks, skips included), so a budget names the same latency for both. `--r
 measures that table, each budget's latency and the exports' speed on GGUF exports in llama.cpp
 (`--threads`) instead of the elastic model in HF eager. Latency is measured as a fraction of the
 full model timed back to back with it. Nothing else may run meanwhile.
+`--deploy-steps N` trains the last N of the `--train-steps` after routing, on the sub-networks the
+routers deploy and the full model (`train --sampling budgets`): deployment-aware training.
 """
 
 from __future__ import annotations
@@ -158,16 +161,19 @@ def main() -> None:
     data = {"command": command, "device": a.device, "cpu": platform.processor() or platform.machine(),
             "runtime": where, "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
             "seconds": round(time.time() - t0), "curves": curves, "exports": exports}
+    deployed = (f" ({a.train_steps - a.deploy_steps} sandwich before routing, the last {a.deploy_steps} on the "
+                "routed sub-networks and the full model, `--sampling budgets`)" if a.deploy_steps else "")
     lines = [
         "## Depth: routers over width + depth vs width only, at measured decode latency"
-        + (" in llama.cpp" if a.runtime == "llama.cpp" else ""),
+        + (" in llama.cpp" if a.runtime == "llama.cpp" else "")
+        + (", deployment-aware training" if a.deploy_steps else ""),
         "",
         f"`{command}` — {'a tiny random Llama (smoke run)' if a.smoke else 'SmolLM2-135M-Instruct (packaged)'}, "
         f"{a.dtype}, {a.device} ({data['cpu']}, {data['threads']} threads), latency in {where}, "
         f"{data['seconds']} s. Both "
-        f"variants: {a.train_steps} elastic-training steps, {a.router_steps} router steps, budgets in measured "
-        "decode latency (batch 1, the width + depth variant's table for both) as fractions of the full model's; "
-        "ppl on held-out windows.",
+        f"variants: {a.train_steps} elastic-training steps{deployed}, {a.router_steps} router steps, budgets in "
+        "measured decode latency (batch 1, the width + depth variant's table for both) as fractions of the full "
+        "model's; ppl on held-out windows.",
         "",
         "| latency budget | width only: ppl (measured fraction) | width + depth: ppl (measured fraction, "
         "skipped MLP/attn) |",
@@ -194,7 +200,7 @@ def main() -> None:
         f"({exports['width only']['params_nonembed'] / 1e6:.1f}M) {speed['width only']:.1f} "
         f"(x{speed['width only'] / speed['full']:.2f}).",
     ]
-    name = "depth_routed_llamacpp" if a.runtime == "llama.cpp" else "depth"
+    name = ("depth_routed_llamacpp" if a.runtime == "llama.cpp" else "depth") + ("_deployed" if a.deploy_steps else "")
     publish(name, name, data, lines, a.smoke)
 
 

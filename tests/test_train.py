@@ -10,10 +10,12 @@ from safetensors.torch import load_file
 
 from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
+from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint
-from flextron.config import ElasticSpace, TrainConfig
+from flextron.config import Budget, ElasticSpace, RouterConfig, TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.routers import Routers, StaticRouter
 from flextron.train.elastic import distill_loss, sample_subnets
 from flextron.train.loop import STATE_FILE, checkpoints, prune_checkpoints
 
@@ -137,6 +139,17 @@ def test_sampling_rules():
     assert any(len(set(s.mlp)) > 1 for s in hetero)
     fixed = sample_subnets(em, TrainConfig(max_steps=1, sampling="fixed", budgets=(0.5,)), step=0)
     assert len(fixed) == 1 and fixed[0] != em.space.full()
+
+
+def test_budgets_sampling_on_a_routed_checkpoint_trains_what_the_routers_deploy():
+    em = make_elastic()
+    em.routers = Routers(StaticRouter(em.space, (0.5, 1.0)).eval(), "params", RouterConfig(budgets=(0.5, 1.0)))
+    routed = select_subnet(em, Budget(fraction=0.5))
+    assert routed != uniform_subnet_for(em, Budget(fraction=0.5))[0]  # so the test tells the two apart
+    cfg = TrainConfig(max_steps=1, sampling="budgets", budgets=(0.5,), full_prob=0.3)
+    draws = [s for step in range(10) for s in sample_subnets(em, cfg, step)]
+    n_routed, n_full = sum(s == routed for s in draws), sum(s == em.space.full() for s in draws)
+    assert n_routed + n_full == len(draws) and n_routed > n_full > 0
 
 
 def test_bad_inputs(setup, tmp_path):

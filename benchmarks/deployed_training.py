@@ -1,0 +1,100 @@
+"""Deployment-aware elastic training at the token count of benchmarks/elastic_training.py.
+
+Column (e) of that comparison: the same T tokens, settings and held-out windows, spent in two
+halves. The first half is sandwich sampling (as column (c)). Then static routers are trained on
+it (LLM frozen, as benchmarks/routed_training.py). The second half trains only what deploys:
+`train --sampling budgets` over the routers' budgets, the full model a quarter of the time, the
+routers kept. Reported: held-out perplexity of the routed sub-network at each parameter budget,
+beside columns (b) uniform sampling, (c) sandwich routed and (d) trained alone.
+
+    python benchmarks/deployed_training.py [--tokens 100000] [--router-steps 200] [--device cpu|cuda]
+    python benchmarks/deployed_training.py --smoke   # a tiny random model, a minute; writes no results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from _results import RESULTS_DIR, command_line, publish
+from _variants import source
+from flextron import api
+from flextron.config import RouterConfig, TrainConfig
+
+
+def budget(fraction: float) -> str:
+    return f"params={fraction:.4%}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=100_000, help="T: training tokens in all (half before routing)")
+    p.add_argument("--router-steps", type=int, default=200)
+    p.add_argument("--full-prob", type=float, default=0.25, help="second half: chance a draw is the full model")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="autocast dtype (default: the elastic-training table's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default="/tmp/flextron-deployed-training")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, few tokens; writes no results")
+    a = p.parse_args()
+    t0 = time.time()
+    previous = json.loads((RESULTS_DIR / "elastic_training.json").read_text())
+    routed_c = json.loads((RESULTS_DIR / "routed_training.json").read_text())
+    settings = {**previous["settings"], "dtype": a.dtype or previous["settings"]["dtype"]}
+    fractions = sorted({round(r["params_fraction"], 4) for r in previous["results"]["uniform sampling"]})
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for old in ("run-first", "run-second"):  # a scratch directory: an earlier run's are replaced
+        shutil.rmtree(work / old, ignore_errors=True)
+    model, convert = source(work, a.smoke)
+    seq_len, micro, limit = (32, 2, 1) if a.smoke else (settings["seq_len"], settings["micro_batch"],
+                                                       previous["eval_tokens"] // 1023)
+    tokens = 2 * seq_len * micro * 2 if a.smoke else a.tokens
+    a.router_steps = 4 if a.smoke else a.router_steps
+    base = dict(seq_len=seq_len, micro_batch=micro, tokens=tokens // 2, lr=settings["lr"], dtype=settings["dtype"],
+                save_every=10**9, eval_limit=0)
+    ckpt = api.convert(model, work / "ckpt", device=a.device, dtype=settings["dtype"], overwrite=True, **convert)
+    first = api.train(ckpt, work / "run-first", TrainConfig(sampling="sandwich", **base), device=a.device)
+    cfg = RouterConfig(budgets=tuple(fractions), metric="params", steps=a.router_steps, joint_steps=0,
+                       surrogate=False, dtype=settings["dtype"], seq_len=seq_len, eval_limit=limit)
+    api.route(first["final"], cfg, out=work / "routed", overwrite=True, unseen=(), device=a.device)
+    second = api.train(work / "routed", work / "run-second",
+                       TrainConfig(sampling="budgets", budgets=tuple(fractions), full_prob=a.full_prob,
+                                   warmup_steps=5, seed=1, **base), device=a.device)
+    rows = [r.to_dict() for r in api.evaluate(second["final"], budgets=[budget(f) for f in fractions], limit=limit,
+                                              seq_len=1024 if not a.smoke else 64, device=a.device,
+                                              dtype=settings["dtype"])]
+    data = {"command": command_line("deployed_training.py", p, a), "device": a.device,
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "settings": {**settings, "tokens": tokens, "full_prob": a.full_prob, "router_steps": a.router_steps},
+            "eval_tokens": rows[0]["tokens"], "seconds": round(time.time() - t0), "rows": rows}
+    prev = previous["results"]
+
+    def at(fraction: float, rows: list[dict]) -> str:
+        hit = [r for r in rows if abs(r["params_fraction"] - fraction) < 2e-3]
+        return f"{hit[0]['ppl']:.2f}" if hit else "-"
+
+    c_rows = [{**r, "params_fraction": r["budget"]} for r in routed_c["rows"]]
+    lines = ["## Deployment-aware elastic training at equal tokens", "",
+             f"`{data['command']}` — {data['seconds'] / 60:.0f} min; {settings['dtype']}, T = {tokens:,} tokens "
+             f"({tokens // 2:,} sandwich, routers ({a.router_steps} steps, LLM frozen), {tokens // 2:,} on the "
+             f"routed sub-networks and the full model ({a.full_prob:.0%} of draws)); held-out perplexity on "
+             f"{data['eval_tokens']:,} tokens, the windows of the elastic-training table. Columns (b)-(d) repeat "
+             "the two tables above; (c) and (e) are routed sub-networks.", "",
+             "| params budget | (b) uniform sampling | (c) sandwich, routed | (e) deployment-aware, routed "
+             "(params) | (d) alone, 2x tokens |", "|---|---|---|---|---|"]
+    for f, r in zip(fractions, rows):
+        lines.append(f"| {f:.1%} | {at(f, prev['uniform sampling'])} | {at(f, c_rows)} | {r['ppl']:.2f} "
+                     f"({r['params_fraction']:.1%}) | {at(f, prev['trained alone'])} |")
+    lines += ["", f"Original model: {prev['original']['ppl']:.2f}."]
+    publish("deployed_training", "deployed-training", data, lines, a.smoke)
+
+
+if __name__ == "__main__":
+    main()
