@@ -62,10 +62,12 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path
     `table`, whose choices include this space's), route over `a.budgets` budgets of `metric` (or the
     fractions `a.fractions`), then train `a.deploy_steps` on what the routers deploy; returns the
     routed checkpoint."""
+    deploy = a.deploy_steps
+    if deploy > a.train_steps:
+        sys.exit(f"--deploy-steps {deploy} is more than --train-steps {a.train_steps}; it counts steps out of them")
     log(f"{name}: convert")
     model, kw = source(work, a.smoke)
     ckpt = api.convert(model, work / f"{name}-converted", device=a.device, progress=False, **kw, **convert)
-    deploy = getattr(a, "deploy_steps", 0)
     if a.train_steps > deploy:
         log(f"{name}: elastic training, {a.train_steps - deploy} steps")
         cfg = TrainConfig(max_steps=a.train_steps - deploy, seq_len=a.seq_len, micro_batch=a.micro_batch,
