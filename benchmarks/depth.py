@@ -100,6 +100,8 @@ def main() -> None:
                    help="where latency is measured: the elastic model in HF eager, or GGUF exports in llama.cpp")
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     p.add_argument("--rounds", type=int, default=7, help="llama.cpp: back-to-back timing rounds per comparison")
+    p.add_argument("--name", default=None,
+                   help="results JSON and docs/results.md section (default: by --runtime and --deploy-steps)")
     a = p.parse_args()
     if a.smoke:
         smoke_options(a)
@@ -200,7 +202,8 @@ def main() -> None:
         f"({exports['width only']['params_nonembed'] / 1e6:.1f}M) {speed['width only']:.1f} "
         f"(x{speed['width only'] / speed['full']:.2f}).",
     ]
-    name = ("depth_routed_llamacpp" if a.runtime == "llama.cpp" else "depth") + ("_deployed" if a.deploy_steps else "")
+    name = a.name or (("depth_routed_llamacpp" if a.runtime == "llama.cpp" else "depth")
+                      + ("_deployed" if a.deploy_steps else ""))
     publish(name, name, data, lines, a.smoke)
 
 

@@ -7,7 +7,9 @@ included) as `llama` and a per-layer one as `deci`, so a latency table fitted on
 file, and budgets that are fractions of the full `llama` file's time, carry any speed difference
 between the two graphs.
 
-    python benchmarks/gguf_arch.py --ckpt CKPT [--threads 1,2] [--rounds 9]
+    python benchmarks/gguf_arch.py --ckpt CKPT [--threads 1,2] [--rounds 9] [--decode-steps 32] [--name gguf_arch]
+
+The spread column is the range of the per-round ratios: what one round alone could have said.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main() -> None:
     p.add_argument("--ckpt", required=True, help="an elastic checkpoint (width choices)")
     p.add_argument("--threads", default="1,2", help="llama.cpp thread counts, comma-separated")
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--decode-steps", type=int, default=32, help="tokens decoded per timing")
+    p.add_argument("--name", default="gguf_arch", help="results JSON and docs/results.md section")
     a = p.parse_args()
     t0 = time.time()
     em, tok, _ = api.load(a.ckpt, "cpu")
@@ -35,7 +39,7 @@ def main() -> None:
     m, at = (len(c) - 1 for c in (space.mlp[0], space.attn[0]))
     lo_m, lo_a = (int(c[0] == 0) for c in (space.mlp[0], space.attn[0]))
     picks = [(m, at), (m - 1, at), (max(lo_m, m - 2), max(lo_a, at - 1)), (lo_m, lo_a)]
-    timing = {"context": 256, "decode_steps": 32}
+    timing = {"context": 256, "decode_steps": a.decode_steps}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mi, ai in picks:
@@ -44,9 +48,12 @@ def main() -> None:
             files = [write_gguf(em, tok, subnet, Path(tmp) / f"{kind}.gguf", overwrite=True,
                                 per_layer=kind == "deci")["path"] for kind in ("own", "deci")]
             for threads in (int(t) for t in a.threads.split(",")):
-                own, deci, ratio = llamacpp.against(*files, a.rounds, threads=threads, **timing)
-                rows.append({"mlp": mlp, "attn": attn, "threads": threads, "own": own, "deci": deci,
-                             "deci_over_own": ratio, "subnet": subnet.to_dict()})
+                own, deci = llamacpp.measure_rounds(files, a.rounds, threads=threads, **timing)
+                ratio = llamacpp.median_ratios(deci, own)
+                per_round = [d["decode_ms"] / o["decode_ms"] for o, d in zip(own, deci)]
+                rows.append({"mlp": mlp, "attn": attn, "threads": threads, "own": llamacpp.medians(own),
+                             "deci": llamacpp.medians(deci), "deci_over_own": ratio,
+                             "decode_ratio_range": [min(per_round), max(per_round)], "subnet": subnet.to_dict()})
                 print(f"MLP {mlp}, {attn} KV groups, {threads} thread(s): deci / own decode "
                       f"{ratio['decode_ms']:.3f}, prefill {ratio['prefill_ms']:.3f}", flush=True)
     lines = [
@@ -58,13 +65,15 @@ def main() -> None:
         f"`{gguf_arch(em, space.full())}` (own) and as `deci`; "
         "ratio = deci / own (below 1: deci is faster).",
         "",
-        "| MLP width | KV groups | threads | own decode ms | deci / own decode | own prefill ms | deci / own prefill |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| MLP width | KV groups | threads | own decode ms | deci / own decode | spread over rounds | own prefill ms | "
+        "deci / own prefill |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|",
         *(f"| {r['mlp']} | {r['attn']} | {r['threads']} | {r['own']['decode_ms']:.2f} | "
-          f"{r['deci_over_own']['decode_ms']:.3f} | {r['own']['prefill_ms']:.0f} | "
+          f"{r['deci_over_own']['decode_ms']:.3f} | {'-'.join(f'{x:.2f}' for x in r['decode_ratio_range'])} | "
+          f"{r['own']['prefill_ms']:.0f} | "
           f"{r['deci_over_own']['prefill_ms']:.3f} |" for r in rows),
     ]
-    publish("gguf_arch", "gguf_arch", {"command": command_line("gguf_arch.py", p, a), "timing": timing,
+    publish(a.name, a.name, {"command": command_line("gguf_arch.py", p, a), "timing": timing,
                                        "rounds": a.rounds, "runtime": llamacpp.runtime_version(), "rows": rows},
             lines, smoke=False)
 

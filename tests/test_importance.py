@@ -44,6 +44,37 @@ def test_dead_neuron_and_group_sort_last():
     assert (em.blocks[0].attn.outs[2].weight[-8:] == 0).all()
 
 
+def test_output_score_is_what_each_attention_unit_adds_through_the_output_projection(kind):
+    em = ElasticModel(make_model(kind))
+    seqs = torch.randint(0, VOCAB, (3, 10))
+    inp = em.blocks[1].attn.inp
+    seen = []
+    handle = inp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    imp = measure_importance(em, seqs, batch_size=2, progress=False, attn_score="output")
+    handle.remove()
+    w = inp.weight.detach() if inp.conv1d else inp.weight.detach().T  # [in, out]
+    per_seq = []
+    for x in torch.cat(seen):  # [T, in]: one sequence
+        per_seq.append(torch.stack([(x[:, u * inp.unit:(u + 1) * inp.unit] @ w[u * inp.unit:(u + 1) * inp.unit])
+                                    .norm(dim=-1).mean() for u in range(inp.n_units)]))
+    assert torch.allclose(imp.attn[1], torch.stack(per_seq).norm(dim=0), rtol=1e-4)
+
+
+def test_heads_inside_groups_are_scored_by_output_whole_groups_by_input():
+    seqs = torch.randint(0, VOCAB, (4, 12))
+    for unit, rule in (("head", "output"), ("group", "input")):
+        em = ElasticModel(make_model("llama"), attn_unit=unit)
+        inp = em.blocks[0].attn.inp
+        with torch.no_grad():  # unit 0's activations are unchanged, but nothing of it reaches the residual stream
+            inp.weight[:, :inp.unit].zero_()
+        default = measure_importance(em, seqs, progress=False)
+        assert all(torch.equal(a, b) for a, b in
+                   zip(default.attn, measure_importance(em, seqs, progress=False, attn_score=rule).attn))
+        assert (default.attn[0][0] == 0) == (rule == "output") and (default.attn[0][1:] > 0).all()
+    with pytest.raises(ValueError, match="attn_score"):
+        measure_importance(em, seqs, progress=False, attn_score="outputs")
+
+
 def test_random_importance_is_seeded():
     em = ElasticModel(make_model("llama"))
     a, b = random_importance(em, 3), random_importance(em, 3)

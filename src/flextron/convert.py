@@ -17,7 +17,7 @@ from flextron.data import default_splits, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import check_output_dir
-from flextron.importance import measure_importance, random_importance, sort_by_importance
+from flextron.importance import default_attn_score, measure_importance, random_importance, sort_by_importance
 from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
 
@@ -79,7 +79,7 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
         "source_model": source,
         "order": o.order,
         "calibration": {"n_sequences": o.calib_sequences, "seq_len": o.calib_seq_len, "batch_size": o.batch_size,
-                        "seed": o.seed, "source": o.calib_data},
+                        "seed": o.seed, "source": o.calib_data, "attn_score": default_attn_score(em)},
         "importance": imp.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,8 +1,13 @@
 """Importance of MLP neurons and attention units, and the permutation that sorts by it.
 
-Scores follow Minitron: for each calibration sequence, the mean over tokens of the
-activation magnitude entering the "in" projection (per neuron: |x|; per head or KV group:
-the L2 norm of its slice), then the L2 norm of that over sequences.
+Scores aggregate as Minitron's: for each calibration sequence, the mean over tokens of a
+per-token magnitude, then the L2 norm of that over sequences. The magnitude of an MLP neuron and of
+a whole KV group is Minitron's: |x| entering the "in" (output) projection, or the L2 norm of the
+unit's slice there. A query head inside its KV group (`attn_unit="head"`) is scored by what it adds
+to the residual stream, ||W_h x_h||: its slice times that slice's output columns. The slice's norm
+alone ignores how much the projection amplifies each head, and on SmolLM2 it chose the head to keep
+in each group worse than at random; for whole groups the two rules measured about even
+(docs/results.md, "Which heads to keep").
 
 Sub-layers (depth) are scored in the same single pass by Minitron's block importance: the mean
 over tokens of 1 - cos(x, x + f(x)), where x is the residual stream entering the sub-layer and
@@ -22,6 +27,8 @@ from tqdm.auto import tqdm
 
 from flextron.elastic import ElasticLinear, ElasticModel
 from flextron.precision import autocast
+
+ATTN_SCORES = ("input", "output")  # an attention unit's score: Minitron's, or what it adds (see above)
 
 
 @dataclass
@@ -51,6 +58,21 @@ def _hook(store: list[Tensor], idx: int, unit: int):
     return hook
 
 
+def _contribution_hook(store: list[Tensor], idx: int):
+    """Per unit, the norm of its contribution W_u x_u to the output, as sqrt(x_u^T (W_u^T W_u) x_u):
+    no [tokens, units, hidden] tensor, so it scales to wide models."""
+    def hook(module: ElasticLinear, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach().float()
+        b, t, f = x.shape
+        w = module.weight.detach().float()
+        w = (w if module.conv1d else w.T).reshape(f // module.unit, module.unit, -1)  # [units, unit, out]
+        z = x.view(b, t, f // module.unit, module.unit)
+        sq = torch.einsum("btui,uij,btuj->btu", z, w @ w.transpose(1, 2), z)
+        store[idx] += sq.clamp_min(0).sqrt().mean(dim=1).pow(2).sum(dim=0)
+
+    return hook
+
+
 def _block_hooks(part, store: list[Tensor], idx: int) -> list:
     """Accumulate sum over tokens of 1 - cos(x, x + f(x)) for the sub-layer of `part`."""
     seen: dict[str, Tensor] = {}
@@ -66,10 +88,20 @@ def _block_hooks(part, store: list[Tensor], idx: int) -> list:
     return [part.norm.register_forward_pre_hook(pre), part.module.register_forward_hook(post)]
 
 
+def default_attn_score(em: ElasticModel) -> str:
+    """"output" where attention units are query heads inside KV groups, else Minitron's "input"."""
+    return "output" if em.attn_unit == "head" else "input"
+
+
 @torch.no_grad()
 def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16,
-                       autocast_dtype: torch.dtype | None = None, progress: bool = True) -> Importance:
-    """Run the full model over `sequences` [N, T] and score every neuron and unit."""
+                       autocast_dtype: torch.dtype | None = None, progress: bool = True,
+                       attn_score: str | None = None) -> Importance:
+    """Run the full model over `sequences` [N, T] and score every neuron and unit. `attn_score`
+    forces one attention rule (an ablation); default: `default_attn_score(em)`."""
+    attn_score = attn_score or default_attn_score(em)
+    if attn_score not in ATTN_SCORES:
+        raise ValueError(f"attn_score must be one of {ATTN_SCORES}, not {attn_score!r}")
     device = next(em.parameters()).device
     mlp = [torch.zeros(b.mlp.n_units, device=device) for b in em.blocks]
     attn = [torch.zeros(b.attn.n_units, device=device) for b in em.blocks]
@@ -78,7 +110,8 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
     handles = []
     for i, b in enumerate(em.blocks):
         handles.append(b.mlp.inp.register_forward_pre_hook(_hook(mlp, i, b.mlp.inp.unit)))
-        handles.append(b.attn.inp.register_forward_pre_hook(_hook(attn, i, b.attn.inp.unit)))
+        score = _contribution_hook(attn, i) if attn_score == "output" else _hook(attn, i, b.attn.inp.unit)
+        handles.append(b.attn.inp.register_forward_pre_hook(score))
         for kind in layers if with_norms else ():
             handles += _block_hooks(getattr(b, kind), layers[kind], i)
     was_training = em.training

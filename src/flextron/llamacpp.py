@@ -182,7 +182,7 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
     with `options.threads` threads (default: every core).
 
     `export` writes a uniform sub-network (the full model included) in the family's own
-    architecture and the others as `deci`, and llama.cpp runs the same weights up to ~8% apart in
+    architecture and the others as `deci`, and llama.cpp runs the same weights up to ~17% apart in
     the two graphs. Where the family has both, the table is fitted on every sub-network written as
     `deci` and its "stock" table on the uniform ones written as `export` writes them, so budgets
     are fractions of the full model a user deploys and each sub-network is priced in its own graph."""
