@@ -38,6 +38,7 @@ VARIANTS = {"group": "whole KV groups", "head": "query heads in groups"}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(p, train_steps=20, router_steps=60, joint_steps=5)
+    p.add_argument("--name", default="head_choices", help="results JSON and docs/results.md section")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.7, 1.0],
                    help="non-embedding-parameter budgets the routers train on and are scored at")
     a = p.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
         cells = [f"{r['ppl']:.2f} ({r['params_fraction']:.2f}, {r['query_heads']}/{r['kv_heads']})" for r in (rg, rh)]
         lines.append(f"| {rg['budget']:.2f} | {rg['kind']} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Full model: {g['full']['query_heads']} query / {g['full']['kv_heads']} KV heads over all layers."]
-    publish("head_choices", "head_choices", data, lines, a.smoke)
+    publish(a.name, a.name, data, lines, a.smoke)
 
 
 if __name__ == "__main__":
