@@ -85,7 +85,7 @@ def main() -> None:
         api.route(first["final"], cfg, out=work / "routed", overwrite=True, unseen=(), device=a.device)
         (work / "first.json").write_text(json.dumps(stamp))
     shutil.rmtree(work / "run-second", ignore_errors=True)
-    lr = a.second_lr or settings["lr"]
+    lr = settings["lr"] if a.second_lr is None else a.second_lr
     second = api.train(work / "routed", work / "run-second",
                        TrainConfig(sampling="budgets", budgets=tuple(fractions), budget_probs=probs,
                                    full_prob=a.full_prob, warmup_steps=5, seed=1, lr=lr, **base), device=a.device)

@@ -2,8 +2,8 @@
 
 Scores aggregate as Minitron's: for each calibration sequence, the mean over tokens of a
 per-token magnitude, then the L2 norm of that over sequences. The magnitude of an MLP neuron and of
-a whole KV group is Minitron's: |x| entering the "in" (output) projection, or the L2 norm of the
-unit's slice there. A query head inside its KV group (`attn_unit="head"`) is scored by what it adds
+a whole KV group is Minitron's: |x| entering the "in" projection (down, or attention output), or
+the L2 norm of the unit's slice there. A query head inside its KV group (`attn_unit="head"`) is scored by what it adds
 to the residual stream, ||W_h x_h||: its slice times that slice's output columns. The slice's norm
 alone ignores how much the projection amplifies each head, and on SmolLM2 it chose the head to keep
 in each group worse than at random; for whole groups the two rules measured about even
