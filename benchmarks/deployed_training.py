@@ -99,7 +99,7 @@ def main() -> None:
            "eval_tokens": rows[0]["tokens"], "seconds": round(time.time() - t0), "rows": rows}
     path = RESULTS_DIR / "deployed_training.json"
     old = json.loads(path.read_text()) if path.is_file() and not a.smoke else {"runs": []}
-    runs = [r for r in old.get("runs", [old] if "rows" in old else []) if r["command"] != run["command"]] + [run]
+    runs = [r for r in old["runs"] if r["command"] != run["command"]] + [run]
     prev = previous["results"]
 
     def at(fraction: float, rows: list[dict]) -> str:
