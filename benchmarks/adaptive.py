@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _results import IMG_DIR, update_section, write_json
+from _results import IMG_DIR, command_line, update_section, write_json
 from flextron import api
 from flextron.adaptive import AdaptiveRouting, grouped_forward
 from flextron.data import heldout_windows
@@ -137,6 +137,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="/tmp/flextron-adaptive")
+    p.add_argument("--name", default="adaptive", help="results JSON, docs/results.md section and plot name")
     a = p.parse_args()
     t0 = time.time()
     work = Path(a.work)
@@ -154,10 +155,9 @@ def main() -> None:
         speed = mlp_speed(routing, a.tokens, a.repeats, a.device)
         by_kind = widths_by_kind(routing, tok, heldout_windows(tok, 256, 4), mid)
     IMG_DIR.mkdir(parents=True, exist_ok=True)
-    plot_widths(by_kind, mid, IMG_DIR / "adaptive-widths.png")
+    plot_widths(by_kind, mid, IMG_DIR / f"{a.name}-widths.png")
     log = [r for r in result["log"] if r["stage"] != "calibration"]
-    data = {"command": f"python benchmarks/adaptive.py --ckpt {a.ckpt} --steps {a.steps} --balance-weight "
-                       f"{a.balance_weight} --device {a.device}",
+    data = {"command": command_line("adaptive.py", p, a), "name": a.name,
             "balance": {"first_20": sum(r["balance"] for r in log[:20]) / 20,
                         "last_20": sum(r["balance"] for r in log[-20:]) / 20},
             "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -165,7 +165,7 @@ def main() -> None:
             "widths_by_kind": by_kind,
             "widths_budget": mid, "total_seconds": round(time.time() - t0),
             "train_seconds": next(r for r in reversed(result["log"]) if "elapsed_s" in r)["elapsed_s"]}
-    write_json("adaptive", data)
+    write_json(a.name, data)
     report(data)
 
 
@@ -203,8 +203,8 @@ def report(data: dict) -> None:
         lines.append(f"| {dt} | {s['full_ms']:.2f} ms | {s['routed_ms']:.2f} ms | {s['routed_speedup']:.2f}x | "
                      f"{s['sliced_50_ms']:.2f} ms | {s['sliced_speedup']:.2f}x |")
     lines += ["", f"Routed MLP widths per layer and kind of token at the {data['widths_budget']:.0%} budget:", "",
-              "![adaptive widths](img/adaptive-widths.png)"]
-    update_section("adaptive", "\n".join(lines))
+              f"![adaptive widths](img/{data['name']}-widths.png)"]
+    update_section(data["name"], "\n".join(lines))
     print("\n".join(lines))
 
 

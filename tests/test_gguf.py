@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, make_bpe_tokenizer, make_elastic, make_tokenizer
+from conftest import VOCAB, make_bpe_tokenizer, make_elastic, make_tokenizer, two_graph_table
 from flextron import api, llamacpp
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
@@ -78,7 +78,7 @@ def test_uniform_sub_network_written_per_layer(kind, tmp_path):
     em, tok = sharp_elastic(kind), make_bpe_tokenizer()
     sub = em.space.full()
     if kind == "gpt2":
-        with pytest.raises(FlextronError, match="no per-layer architecture for GPT-2"):
+        with pytest.raises(FlextronError, match=r"no per-layer architecture \(deci\) for GPT-2; .*--graph auto or own"):
             write_gguf(em, tok, sub, tmp_path / "m.gguf", per_layer=True)
         assert not any(tmp_path.iterdir())
         return
@@ -213,6 +213,34 @@ def test_cli_export_gguf(ckpt, tmp_path, capsys):
     assert main(["export", str(ckpt), "--budget", "0.6", "--format", "gguf", "--out", str(out), "--overwrite",
                  "--outtype", "f16"]) == 0
     assert out.read_bytes() != before
+
+
+def test_export_writes_a_uniform_sub_network_in_the_graph_its_latency_table_prices(tmp_path, capsys):
+    """`--graph auto` writes a uniform sub-network as deci where the checkpoint's llama.cpp table
+    says deci decodes it faster, which is the graph its budgets were priced in; `own` and `deci`
+    force a graph, and `own` refuses a sub-network only deci can hold, writing nothing."""
+    em = make_elastic("llama")
+    em.latency, _, _ = two_graph_table(em)  # own graph faster when narrow, deci when wide
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(em, make_bpe_tokenizer(), ckpt, {})
+    full, small, mixed = em.space.full(), em.space.smallest(), subnet_for(em, "per_layer")
+
+    def arch(subnet, **options):
+        out = tmp_path / "m.gguf"
+        api.export(ckpt, None, out, subnet=subnet, format="gguf", overwrite=True, **options)
+        return gguf.GGUFReader(out).fields["general.architecture"].contents()
+
+    assert [arch(s) for s in (full, small, mixed)] == ["deci", "llama", "deci"]
+    assert [arch(full, graph="own"), arch(small, graph="deci")] == ["llama", "deci"]
+    assert main(["export", str(ckpt), "--budget", "1.0", "--format", "gguf", "--out", str(tmp_path / "f.gguf")]) == 0
+    assert "deci" in capsys.readouterr().out
+    with pytest.raises(FlextronError, match="--graph auto or deci"):
+        api.export(ckpt, None, tmp_path / "x.gguf", subnet=mixed, format="gguf", graph="own")
+    assert not (tmp_path / "x.gguf").exists()
+    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), tmp_path / "plain", {})  # no table: own graph
+    out = tmp_path / "plain.gguf"
+    api.export(tmp_path / "plain", None, out, subnet=full, format="gguf")
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
 
 
 def test_refused_exports_write_nothing(tmp_path, capsys):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_elastic, make_tokenizer
+from conftest import make_elastic, make_tokenizer, two_graph_table
 from flextron import api
 from flextron.budgets import budget_metric, budget_target
 from flextron.checkpoint import load_checkpoint, save_checkpoint
@@ -187,42 +187,46 @@ def test_the_fit_design_predicts_uniform_sub_networks_better_than_independent_dr
 
 
 def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
-    """llama.cpp runs uniform sub-networks (the full model included) in the family's own graph and
-    the others as deci: each is priced by the table of its graph, and budgets are fractions of the
-    full model in its own graph."""
+    """llama.cpp can run uniform sub-networks (the full model included) in the family's own graph as
+    well as in deci, and runs the others as deci: a uniform one is priced in the graph the table says
+    decodes it faster, which is the graph export writes, and budgets are fractions of the full model
+    in that graph."""
     from flextron.budgets import uniform_subnet_for
-    from flextron.latency import StockGraph, profile
-    from flextron.options import ProfileOptions
+    from flextron.latency import faster_as_deci, runs_in_stock
     from flextron.routers import project
 
     em = make_elastic()
-    mlp_ms, attn_ms = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {1: 0.5, 2: 0.9, 3: 1.4, 4: 1.6}
+    table, deci, own = two_graph_table(em)
 
-    def deci(s):
-        ms = 5.0 + sum(mlp_ms[w] for w in s.mlp) + sum(attn_ms[a] for a in s.attn)
-        return {"decode_ms": ms, "prefill_ms": 10 * ms}
+    def best(s):
+        return min(own(s)["decode_ms"], deci(s)["decode_ms"])
 
-    def own(s):  # the stock graph: slower by a constant
-        return {k: v + 2.0 for k, v in deci(s).items()}
-
-    uniform = StockGraph("llama", lambda s: len(set(s.mlp)) == len(set(s.attn)) == 1, own)
-    table = profile(em, ProfileOptions(samples=10, validate=3), timer=deci, stock=uniform, progress=False)
     assert table["stock"]["graph"] == "llama"
     stock_rows = [m for m in table["measurements"] if m["role"].endswith("-stock")]
-    assert stock_rows and all(uniform.written(Subnet(**m["subnet"])) for m in stock_rows)
+    assert stock_rows and all(len(set(m["subnet"]["mlp"])) == 1 for m in stock_rows)
     for fitted in (table, table["stock"]):
         assert fitted["validation"]["decode_ms"]["max_pct"] < 1e-6
     em.latency = table
     cost = latency_table(em, "latency_ms")
-    full, mixed = em.space.full(), Subnet(mlp=[96, 48], attn=[4, 2])
-    assert cost.full == pytest.approx(own(full)["decode_ms"])  # a budget's 100% is the stock full model
+    full, small, mixed = em.space.full(), em.space.smallest(), Subnet(mlp=[96, 48], attn=[4, 2])
+    assert own(small)["decode_ms"] < deci(small)["decode_ms"] and deci(full)["decode_ms"] < own(full)["decode_ms"]
+    assert runs_in_stock(em, small) and not faster_as_deci(em, small)
+    assert faster_as_deci(em, full) and not runs_in_stock(em, full)
+    assert not faster_as_deci(em, mixed) and not runs_in_stock(em, mixed)  # only deci holds it
+    assert cost.full == pytest.approx(deci(full)["decode_ms"])  # a budget's 100% is the full model as deci
+    assert cost.smallest == pytest.approx(own(small)["decode_ms"])
     assert cost(em.space, mixed) == pytest.approx(deci(mixed)["decode_ms"])
-    # The largest uniform sub-network within a budget is chosen by its stock time.
-    target = own(Subnet(mlp=[72, 72], attn=[3, 3]))["decode_ms"]
+    # Every metric prices a uniform sub-network in the graph export writes (chosen by decode).
+    prefill = latency_table(em, "prefill_ms")
+    assert prefill(em.space, full) == pytest.approx(deci(full)["prefill_ms"])
+    assert prefill(em.space, small) == pytest.approx(own(small)["prefill_ms"])
+    # The largest uniform sub-network within a budget is chosen by its time in its faster graph.
+    target = own(Subnet(mlp=[48, 48], attn=[3, 3]))["decode_ms"]
     chosen, chosen_ms = uniform_subnet_for(em, Budget(metric="latency_ms", value=target))
-    assert chosen_ms == pytest.approx(own(chosen)["decode_ms"]) and chosen_ms <= target + 1e-9
-    assert deci(Subnet(mlp=[96, 96], attn=[3, 3]))["decode_ms"] <= target  # fits as deci, not as stock
-    # Projection never widens onto a sub-network whose stock time breaks the budget.
+    assert chosen_ms == pytest.approx(best(chosen)) and chosen_ms <= target + 1e-9
+    assert all(best(em.space.uniform(i, j)) > target for i in range(4) for j in range(4)
+               if em.space.uniform(i, j).mlp[0] > chosen.mlp[0] and em.space.uniform(i, j).attn[0] >= chosen.attn[0])
+    # Projection never widens onto a sub-network whose time in its graph breaks the budget.
     for w in (24, 48, 72, 96):
         logits = torch.full((2, 4), -5.0)
         logits[:, [24, 48, 72, 96].index(w)] = 0.0

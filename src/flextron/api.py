@@ -136,7 +136,9 @@ def report(run: str | Path, options: ReportOptions | None = None, **overrides: A
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, options: ExportOptions | None = None, *,
            overwrite: bool = False, subnet: Subnet | dict | None = None, **overrides: Any) -> Path:
     """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory,
-    or with `format="gguf"` into one llama.cpp file (`outtype`: f32, f16, bf16 or q8_0)."""
+    or with `format="gguf"` into one llama.cpp file (`outtype`: f32, f16, bf16 or q8_0; `graph`: which
+    llama.cpp graph a uniform sub-network is written in, by default the faster by the checkpoint's
+    llama.cpp latency table, as its budgets were priced)."""
     o = resolve(ExportOptions, options, overrides)
     out = Path(out)
     if (budget is None) == (subnet is None):
@@ -150,9 +152,15 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
         subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
     if o.format == "gguf":
-        from flextron.gguf import write_gguf
+        from flextron.gguf import in_own_arch, write_gguf
+        from flextron.latency import faster_as_deci
 
-        write_gguf(em, tok, subnet, out, o.outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info)
+        if o.graph == "own" and not in_own_arch(em, subnet):
+            raise FlextronError(f"llama.cpp's {em.config.model_type} graph cannot hold this sub-network (per-layer "
+                                "sizes or head counts); export it with --graph auto or deci")
+        per_layer = o.graph == "deci" or (o.graph == "auto" and faster_as_deci(em, subnet))
+        write_gguf(em, tok, subnet, out, o.outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info,
+                   per_layer=per_layer)
         return out
     return export_model(em, tok, subnet, out, overwrite=overwrite, info=info)
 

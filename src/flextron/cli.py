@@ -248,7 +248,10 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     out = api.export(a.ckpt, a.budget, a.out, _options(a, ExportOptions), overwrite=a.overwrite)
     if a.format == "gguf":
-        console.print(f"Exported a llama.cpp GGUF ({a.outtype}) to [bold]{out}[/bold]")
+        import gguf
+
+        arch = gguf.GGUFReader(out).fields["general.architecture"].contents()
+        console.print(f"Exported a llama.cpp GGUF ([bold]{arch}[/bold], {a.outtype}) to [bold]{out}[/bold]")
         return
     info = read_export_info(out)
     kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"

@@ -21,6 +21,7 @@ from flextron.errors import FlextronError
 KINDS = ("mlp", "attn")
 DTYPE_NAMES = ("auto", "fp32", "bf16")  # flextron.precision.compute_dtype: auto is bf16 on CUDA, else fp32
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
+GRAPHS = ("auto", "own", "deci")  # llama.cpp graphs a uniform sub-network can be written in
 ATTN_UNITS = ("group", "head")  # what an attention choice counts (see ElasticSpace)
 SAMPLE_MODES = ("layers", "uniform", "spread")  # how ElasticSpace.sample draws a sub-network
 

@@ -78,7 +78,7 @@ def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
 
 
 def in_own_arch(em: ElasticModel, subnet: Subnet) -> bool:
-    """Whether `export --format gguf` writes `subnet` in the family's own architecture (not `deci`)."""
+    """Whether the family's own llama.cpp architecture can hold `subnet` (else only `deci` can)."""
     return gguf_arch(em, subnet) != "deci"
 
 
@@ -94,7 +94,8 @@ def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     partial = 0 in widths or 0 in heads  # a layer without MLP or without attention
     kept_full = all(subnet.attn[i] == em.blocks[i].attn.n_units for i in kept_layers(subnet))
     if model_type == "gpt2" and per_layer:
-        raise FlextronError("llama.cpp has no per-layer architecture for GPT-2; write it as gpt2 (drop per_layer)")
+        raise FlextronError("llama.cpp has no per-layer architecture (deci) for GPT-2; export it with --graph "
+                            "auto or own")
     if model_type == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
         raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
                             "(head size = hidden / heads); export this sub-network with --format hf")

@@ -297,7 +297,25 @@ def latency_table(em: ElasticModel, metric: str) -> CostTable:
     if "stock" not in em.latency:
         return table
     stock = _as_table(em, metric, em.latency["stock"][key])
-    return replace(table, stock=stock, in_stock=partial(in_own_arch, em))
+    return replace(table, stock=stock, in_stock=partial(runs_in_stock, em))
+
+
+def faster_as_deci(em: ElasticModel, subnet: Subnet) -> bool:
+    """Whether the checkpoint's llama.cpp table prices `subnet`'s decode lower in the per-layer `deci`
+    graph than in the family's own, where the family's own graph can hold it (llama.cpp runs the
+    same weights up to ~17% apart in the two, and which is faster depends on the width, the CPU and
+    the threads: benchmarks/gguf_arch.py)."""
+    table = getattr(em, "latency", None)
+    if table is None or "stock" not in table or not in_own_arch(em, subnet):
+        return False
+    deci, own = (_as_table(em, "latency_ms", t["decode_ms"]) for t in (table, table["stock"]))
+    return deci(em.space, subnet) < own(em.space, subnet)
+
+
+def runs_in_stock(em: ElasticModel, subnet: Subnet) -> bool:
+    """Whether `export --format gguf` (`--graph auto`) writes `subnet` in the family's own llama.cpp
+    graph: where that graph can hold it, unless the latency table says `deci` decodes it faster."""
+    return in_own_arch(em, subnet) and not faster_as_deci(em, subnet)
 
 
 def _ascending(costs: dict[str, float]) -> bool:

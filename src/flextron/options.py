@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from flextron.config import ATTN_UNITS, DTYPE_NAMES, OUTTYPES, SEED_RANGE, check_options, opt
+from flextron.config import ATTN_UNITS, DTYPE_NAMES, GRAPHS, OUTTYPES, SEED_RANGE, check_options, opt
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 
@@ -110,6 +110,9 @@ class ExportOptions(Options):
 
     format: str = opt("hf", "an HF directory, or one llama.cpp GGUF file", choices=("hf", "gguf"))
     outtype: str = opt("f32", "GGUF weight type", choices=OUTTYPES)
+    graph: str = opt("auto", "GGUF: llama.cpp graph of a uniform sub-network: the family's own, per-layer deci, or "
+                     "auto (the one the checkpoint's llama.cpp latency table says decodes faster; own without one)",
+                     choices=GRAPHS)
     verify: bool = opt(True, _VERIFY)
 
 
