@@ -201,9 +201,8 @@ def cmd_profile(a: argparse.Namespace) -> None:
             t.add_row(f"{kind} {choice} (per layer)", f"{d[kind][choice]:.3f}", f"{p[kind][choice]:.2f}")
     console.print(t)
     parts = [("", table)]
-    if "stock" in table:  # llama.cpp: uniform sub-networks run in the family's own graph, the rest as deci
-        parts = [("deci graph (per-layer sub-networks) ", table), (f"{table['stock']['graph']} graph (uniform) ",
-                                                                    table["stock"])]
+    if "stock" in table:  # llama.cpp: uniform sub-networks can run in the family's own graph, all as deci
+        parts = [("deci graph ", table), (f"{table['stock']['graph']} graph (uniform only) ", table["stock"])]
     for graph, part in parts:
         for key in part["validation"]:
             v, which = reported_error(part, key)
