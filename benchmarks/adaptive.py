@@ -158,8 +158,8 @@ def main() -> None:
     plot_widths(by_kind, mid, IMG_DIR / f"{a.name}-widths.png")
     log = [r for r in result["log"] if r["stage"] != "calibration"]
     data = {"command": command_line("adaptive.py", p, a), "name": a.name,
-            "balance": {"first_20": sum(r["balance"] for r in log[:20]) / 20,
-                        "last_20": sum(r["balance"] for r in log[-20:]) / 20},
+            "balance": {"first_20": statistics.mean(r["balance"] for r in log[:20]),
+                        "last_20": statistics.mean(r["balance"] for r in log[-20:])},
             "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "metric": result["metric"], "rows": [r.to_dict() for r in result["budgets"]], "mlp_speed": speed,
             "widths_by_kind": by_kind,
