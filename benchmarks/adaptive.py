@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--joint-steps", type=int, default=10)
     p.add_argument("--eval-limit", type=int, default=16)
     p.add_argument("--balance-weight", type=float, default=0.01)
+    p.add_argument("--router-lr", type=float, default=None,
+                   help="adaptive routers' learning rate (default: the static routers')")
     p.add_argument("--tokens", type=int, default=4096, help="MLP speed test batch (tokens)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
@@ -147,7 +149,7 @@ def main() -> None:
     shutil.copytree(a.ckpt, base)
     em, _, _ = api.load(base, a.device)
     cfg = replace(em.routers.config, steps=a.steps, joint_steps=a.joint_steps, eval_limit=a.eval_limit,
-                  balance_weight=a.balance_weight)
+                  balance_weight=a.balance_weight, router_lr=a.router_lr or em.routers.config.router_lr)
     result = api.route(base, cfg, adaptive=True, device=a.device)
     em, tok, _ = api.load(base, a.device)
     mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
