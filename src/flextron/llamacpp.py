@@ -181,11 +181,11 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
     rounds) of the sub-networks exported as GGUF files (`options.outtype`) and timed in llama.cpp
     with `options.threads` threads (default: every core).
 
-    `export` writes a uniform sub-network (the full model included) in the family's own
-    architecture and the others as `deci`, and llama.cpp runs the same weights up to ~17% apart in
-    the two graphs. Where the family has both, the table is fitted on every sub-network written as
-    `deci` and its "stock" table on the uniform ones written as `export` writes them, so budgets
-    are fractions of the full model a user deploys and each sub-network is priced in its own graph."""
+    llama.cpp runs the same weights up to ~17% apart in the family's own architecture, which holds
+    uniform sub-networks only (the full model included), and in `deci`, which holds all. Where the
+    family has both, the table is fitted on every sub-network written as `deci` and its "stock"
+    table on the uniform ones written in the family's own, so `export --graph auto` can write each
+    uniform sub-network in its faster graph and budgets price it there (`latency.runs_in_stock`)."""
     threads = options.threads or default_threads()
     named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}
