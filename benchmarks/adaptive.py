@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--balance-weight", type=float, default=0.01)
     p.add_argument("--router-lr", type=float, default=None,
                    help="adaptive routers' learning rate (default: the static routers')")
+    p.add_argument("--check-sequences", type=int, default=16,
+                   help="held-out rows the trained routing is checked on against its start (0: off)")
     p.add_argument("--tokens", type=int, default=4096, help="MLP speed test batch (tokens)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
@@ -149,7 +151,8 @@ def main() -> None:
     shutil.copytree(a.ckpt, base)
     em, _, _ = api.load(base, a.device)
     cfg = replace(em.routers.config, steps=a.steps, joint_steps=a.joint_steps, eval_limit=a.eval_limit,
-                  balance_weight=a.balance_weight, router_lr=a.router_lr or em.routers.config.router_lr)
+                  balance_weight=a.balance_weight, router_lr=a.router_lr or em.routers.config.router_lr,
+                  check_sequences=a.check_sequences)
     result = api.route(base, cfg, adaptive=True, device=a.device)
     em, tok, _ = api.load(base, a.device)
     mid = sorted(cfg.budgets)[len(cfg.budgets) // 2]
@@ -158,7 +161,7 @@ def main() -> None:
         by_kind = widths_by_kind(routing, tok, heldout_windows(tok, 256, 4), mid)
     IMG_DIR.mkdir(parents=True, exist_ok=True)
     plot_widths(by_kind, mid, IMG_DIR / f"{a.name}-widths.png")
-    log = [r for r in result["log"] if r["stage"] != "calibration"]
+    log = [r for r in result["log"] if r["stage"] in ("router", "joint")]
     data = {"command": command_line("adaptive.py", p, a), "name": a.name,
             "balance": {"first_20": statistics.mean(r["balance"] for r in log[:20]),
                         "last_20": statistics.mean(r["balance"] for r in log[-20:])},
@@ -179,14 +182,15 @@ def report(data: dict) -> None:
         f"`{data['command']}` — {data['cpu']}, torch {data['torch']}; {data['total_seconds'] / 60:.0f} min in all. "
         f"Budgets in {data['metric']}. Adaptive: each token picks its MLP width, each request (held-out window) "
         "its attention widths; static: the static router's sub-network at the *realised* average cost of the "
-        "adaptive routing, so both columns cost the same.",
+        "adaptive routing, so both columns cost the same. Kept: what the check on held-out training rows "
+        "kept at each grid budget, the trained routing or its untrained start (the static router's choices).",
         "",
-        "| budget | adaptive realised cost | cost/target | adaptive ppl | static ppl (same cost) |",
-        "|---|---|---|---|---|",
+        "| budget | adaptive realised cost | cost/target | adaptive ppl | static ppl (same cost) | kept |",
+        "|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         lines.append(f"| {r['budget']:.0%} | {r['realised_fraction']:.1%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | "
-                     f"{r['static_ppl']:.2f} |")
+                     f"{r['static_ppl']:.2f} | {r.get('kept', '-')} |")
     if "balance" in data:
         lines += ["", f"Token-router balance (1 = even use of a layer's widths, 4 = every token on one width), mean "
                   f"over layers: first 20 steps {data['balance']['first_20']:.2f}, last 20 "

@@ -127,7 +127,7 @@ def test_trained_adaptive_routers_meet_their_budgets_on_average():
     teacher.requires_grad_(False)
     data = PackedSequences(tokenize(make_tokenizer(), word_text(3000)), 16, seed=0)
     routers, log = train_adaptive(em, teacher, data, cfg, progress=False)
-    assert [r["stage"] for r in log[-5:]] == ["joint"] * 4 + ["calibration"]
+    assert [r["stage"] for r in log[-8:]] == ["joint"] * 4 + ["calibration"] + ["check"] * 3
     assert "forward" not in vars(em.blocks[0].mlp.module)  # detached after training
     routing = AdaptiveRouting(em, routers, cost_table(em, "params")).attach()
     ids = data.rows(500, 8)  # not the calibration batch
@@ -139,6 +139,77 @@ def test_trained_adaptive_routers_meet_their_budgets_on_average():
         realised.append(lm.costs[-1])
         assert abs(lm.costs[-1] / fraction - 1) < 0.15, (fraction, lm.costs[-1])
     assert realised == sorted(realised)
+
+
+def _checked_routing(token_bias: float | None) -> tuple[AdaptiveRouting, torch.Tensor, list[dict]]:
+    """Adaptive routers over a static router's prior, their trained term either zero (None: the
+    start itself) or a bias towards each layer's narrowest MLP; then checked against the start."""
+    from flextron.adaptive import calibrate
+    from flextron.config import RouterConfig
+    from flextron.routers import Routers, StaticRouter
+    from flextron.train.routers import check_against_start
+
+    em = make_elastic()
+    torch.manual_seed(0)
+    em.routers = Routers(StaticRouter(em.space, GRID, hidden=16), "params", RouterConfig(budgets=GRID, hidden=16))
+    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, GRID, hidden=16)
+    routers.zero_residual_()
+    if token_bias is not None:
+        with torch.no_grad():
+            for lin in routers.token_out:
+                lin.bias[0] = token_bias
+    routing = AdaptiveRouting(em, routers, cost_table(em, "params"))
+    calib, windows = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (6, 16))
+    with routing.attached():
+        calibrate(routing, calib)
+        log = check_against_start(routing, calib, windows, progress=False)
+    return routing, windows, log
+
+
+@pytest.mark.parametrize("token_bias", [None, 50.0])
+def test_check_keeps_per_budget_the_better_of_the_trained_routing_and_its_start(token_bias):
+    from flextron.evaluate import perplexity
+
+    routing, windows, log = _checked_routing(token_bias)
+    routers = routing.routers
+    assert [r["budget"] for r in log] == list(GRID)
+    for i, row in enumerate(log):
+        assert row["kept"] == min(row["calib_ppl"], key=row["calib_ppl"].get)
+        assert routers.learned[i].item() == (1.0 if row["kept"] == "trained" else 0.0)
+    if token_bias is None:  # no trained term: a tie at every budget keeps the trained routing
+        assert {r["kept"] for r in log} == {"trained"}
+    else:  # every token at the narrowest width wastes the full budget: the start, the full model, is better
+        assert log[-1]["kept"] == "start" and log[-1]["calib_ppl"]["start"] < log[-1]["calib_ppl"]["trained"]
+        assert log[-1]["realised"]["start"] == pytest.approx(1.0)
+    with routing.attached():
+        for i, row in enumerate(log):  # the kept routing and its shift are what now runs
+            lm = AdaptiveLM(routing, GRID[i])
+            assert perplexity(lm, windows, 4, progress=False) == pytest.approx(row["calib_ppl"][row["kept"]], rel=1e-6)
+            assert sum(lm.costs) / len(lm.costs) == pytest.approx(row["realised"][row["kept"]])
+            if row["kept"] == "start":  # the input-dependent term is off: one width per layer
+                routing.start(GRID[i], windows[:1])
+                routing.em(input_ids=windows[:1])
+                assert all(c.unique().numel() == 1 for c in routing.token_choices)
+
+
+def test_kept_start_survives_a_reload_and_older_adaptive_routers_load_as_trained(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_tokenizer
+    from flextron.checkpoint import load_checkpoint, save_checkpoint
+    from flextron.routers import ADAPTIVE_WEIGHTS
+
+    routing, _, log = _checked_routing(50.0)
+    em = routing.em
+    em.routers.adaptive, em.routers.adaptive_config = routing.routers, em.routers.config
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    loaded, _, _ = load_checkpoint(ckpt)
+    assert torch.equal(loaded.routers.adaptive.learned, routing.routers.learned)
+    assert torch.equal(loaded.routers.adaptive.shift, routing.routers.shift)
+    state = load_file(ckpt / ADAPTIVE_WEIGHTS)
+    del state["learned"]  # as saved before the check existed
+    save_file(state, ckpt / ADAPTIVE_WEIGHTS)
+    assert torch.equal(load_checkpoint(ckpt, verify=False)[0].routers.adaptive.learned, torch.ones(len(GRID)))
 
 
 @pytest.mark.parametrize("attn_unit", ["group", "head"])

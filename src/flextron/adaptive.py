@@ -202,10 +202,10 @@ class AdaptiveRouting:
 
 @torch.no_grad()
 def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, bound: float = 30.0,
-              slack: float = 0.01) -> list[float]:
-    """Set each grid budget's shift by bisection so that the argmax routing of `input_ids` realises
-    just under that budget's average cost (at most, and within `slack` below where reachable);
-    returns the realised fractions."""
+              slack: float = 0.01, only: int | None = None) -> list[float]:
+    """Set each grid budget's shift (or grid budget `only`'s) by bisection so that the argmax
+    routing of `input_ids` realises just under that budget's average cost (at most, and within
+    `slack` below where reachable); returns the realised fractions."""
     routers, realised = routing.routers, []
 
     def run(i: int, fraction: float, shift: float) -> float:
@@ -215,11 +215,13 @@ def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, boun
         return routing.realised_fraction()
 
     for i, fraction in enumerate(routers.grid.tolist()):
+        if only is not None and i != only:
+            continue
         target = fraction * (1 - slack)  # aiming a little low keeps the shift moderate at 100%
         lo, hi = -bound, bound  # a larger shift makes every layer cheaper
         for _ in range(iters):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if run(i, fraction, mid) > target else (lo, mid)
+            lo, hi = (mid, hi) if run(i, fraction, mid) > target * (1 + 1e-6) else (lo, mid)
         realised.append(run(i, fraction, hi))  # the side that stays within the budget
     return realised
 

@@ -233,12 +233,15 @@ def cmd_route(a: argparse.Namespace) -> None:
 
 def print_adaptive(rows: list[EvalRow]) -> None:
     t = Table(title=f"Input-adaptive routing (budgets in {rows[0].metric})")
-    for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost"):
+    checked = any(r.kept for r in rows)  # route: what the check against the untrained start kept
+    for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost",
+                *(["kept"] if checked else [])):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(str(r.budget), f"{r.realised_fraction:.1%}", f"{r.cost_ratio:.3f}",
                   f"{r.ppl:.2f}" if r.ppl is not None else "-",
-                  f"{r.static_ppl:.2f}" if r.static_ppl is not None else "-")
+                  f"{r.static_ppl:.2f}" if r.static_ppl is not None else "-",
+                  *([r.kept or "-"] if checked else []))
     console.print(t)
 
 

@@ -103,6 +103,9 @@ class AdaptiveRouters(nn.Module):
         self.request = nn.Sequential(nn.Linear(hidden_size + g, 4 * hidden), nn.GELU(),
                                      nn.Linear(4 * hidden, n_layers * k_attn))
         self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
+        # Per grid budget: 1 routes with the trained input-dependent term, 0 with the static start
+        # only (set by `train.routers.check_against_start`).
+        self.register_buffer("learned", torch.ones(g))
         self.hidden = hidden
 
     @torch.no_grad()
@@ -119,13 +122,17 @@ class AdaptiveRouters(nn.Module):
         """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
         b = self.token_budget(budget).view(-1, self.hidden)[layer]
         logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
-        return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
+        return (self._learned(budget) * logits).masked_fill(~self.mlp_mask[layer], float("-inf"))
 
     def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
         """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
         x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
         logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
-        return logits.masked_fill(~self.attn_mask, float("-inf"))
+        return (self._learned(budget) * logits).masked_fill(~self.attn_mask, float("-inf"))
+
+    def _learned(self, budget: Tensor) -> Tensor:
+        """How much of the trained term a budget uses (between grid budgets, interpolated)."""
+        return (budget.to(self.learned.dtype) * self.learned).sum()
 
 
 class Surrogate(nn.Module):
@@ -268,6 +275,8 @@ class Routers:
             if adaptive_cfg is not None:
                 routers.adaptive_config = _router_config(adaptive_cfg)
                 state = load_file(directory / ADAPTIVE_WEIGHTS)
+                # Routers trained before the check against their start used the trained term everywhere.
+                state.setdefault("learned", torch.ones(len(routers.adaptive_config.budgets)))
                 routers.adaptive = AdaptiveRouters(space.mlp, space.attn, state["token_in.0.weight"].shape[1],
                                                    routers.adaptive_config.budgets, routers.adaptive_config.hidden)
                 routers.adaptive.load_state_dict(state)

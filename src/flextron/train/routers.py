@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flextron.adaptive import AdaptiveRouting, calibrate
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting, calibrate
 from flextron.budgets import (
     budget_metric,
     cost_table,
@@ -66,7 +66,8 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     its cost and held-out perplexity on the grid and the `unseen` budgets (default: midway between
     the grid's two lowest and its two highest).
 
-    `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
+    `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead, per
+    grid budget keep the better of the trained routing and its start (`check_against_start`), and
     report them (adaptive.json) against the static router at the same realised cost. The resolved
     options go beside the report (routing.yaml, adaptive.yaml) for `flextron route --config`."""
     ckpt = Path(ckpt)
@@ -133,8 +134,12 @@ def _adaptive_report(em: ElasticModel, windows: torch.Tensor, fractions: list[fl
                                progress=progress)
     static = router_report(em, windows, [r.realised_fraction for r in rows], autocast_dtype=amp,
                            progress=progress, uniform=False)
+    grid, learned = em.routers.adaptive.grid.tolist(), em.routers.adaptive.learned.tolist()
     for r, s in zip(rows, static):
         r.static_ppl, r.static_fraction_of_full, r.static_subnet = s.ppl, s.fraction_of_full, s.subnet
+        i = next((i for i, g in enumerate(grid) if abs(g - r.budget.fraction) < 1e-9), None)
+        if i is not None:  # what the check against the start kept
+            r.kept = "trained" if learned[i] else "start"
     return rows
 
 
@@ -312,6 +317,36 @@ def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: li
     return checks
 
 
+@torch.no_grad()
+def check_against_start(routing: AdaptiveRouting, calib_ids: torch.Tensor, windows: torch.Tensor,
+                        autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[dict]:
+    """Never worse than where training started: per grid budget, perplexity on held-out `windows`
+    of the trained adaptive routing and of its start (the input-dependent term off, i.e. the static
+    router's choices, with its own shift calibrated on `calib_ids`); the better is kept
+    (`AdaptiveRouters.learned`, with its shift). Returns a log row per budget.
+
+    Why: straight-through router training can lead away from a start that already routes as well
+    as the static router (kd rising through training while the budget is held)."""
+    routers, rows = routing.routers, []
+    device = calib_ids.device
+    for i, fraction in enumerate(routers.grid.tolist()):
+        ppl, realised, shift = {}, {}, {}
+        for name, learned in (("trained", 1.0), ("start", 0.0)):
+            routers.learned[i] = learned
+            if name == "start":  # every token and request routes alike: the cost is exact, no slack needed
+                with autocast(device, autocast_dtype):
+                    calibrate(routing, calib_ids, only=i, slack=0.0)
+            shift[name] = routers.shift[i].item()
+            lm = AdaptiveLM(routing, fraction)
+            ppl[name] = perplexity(lm, windows, 4, autocast_dtype, progress, desc=f"check {name} @ {fraction:.0%}")
+            realised[name] = sum(lm.costs) / len(lm.costs)
+        kept = min(ppl, key=ppl.get)  # ties keep the trained routing (first)
+        routers.learned[i] = 1.0 if kept == "trained" else 0.0
+        routers.shift[i] = shift[kept]
+        rows.append({"stage": "check", "budget": fraction, "kept": kept, "calib_ppl": ppl, "realised": realised})
+    return rows
+
+
 def guided_fraction(log: list[dict]) -> float:
     """The share of router steps (LLM frozen) that descended the surrogate."""
     steps = [r for r in log if r.get("stage") == "router"]
@@ -399,6 +434,9 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
                 realised = calibrate(routing, held)
             log.append({"stage": "calibration", "budgets": list(cfg.budgets), "realised": realised,
                         "shift": routers.shift.tolist(), "elapsed_s": time.time() - t0})
+            if cfg.check_sequences > 0:  # on rows neither training nor calibration read
+                rows = data.rows(total * cfg.micro_batch + len(held), cfg.check_sequences)
+                log += check_against_start(routing, held, rows, amp, progress)
     finally:
         bar.close()
         em.requires_grad_(False)
