@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--router-lr", type=float, default=None,
                    help="adaptive routers' learning rate (default: the static routers')")
     p.add_argument("--check-sequences", type=int, default=16,
-                   help="held-out rows the trained routing is checked on against its start (0: off)")
+                   help="held-out rows adaptive routing is checked on against static (0: off)")
     p.add_argument("--tokens", type=int, default=4096, help="MLP speed test batch (tokens)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu")
@@ -183,7 +183,8 @@ def report(data: dict) -> None:
         f"Budgets in {data['metric']}. Adaptive: each token picks its MLP width, each request (held-out window) "
         "its attention widths; static: the static router's sub-network at the *realised* average cost of the "
         "adaptive routing, so both columns cost the same. Kept: what the check on held-out training rows "
-        "kept at each grid budget, the trained routing or its untrained start (the static router's choices).",
+        "kept at each grid budget (adaptive routing, or the static router's sub-network served instead); "
+        "a budget between grid budgets routes as the grid budget below it.",
         "",
         "| budget | adaptive realised cost | cost/target | adaptive ppl | static ppl (same cost) | kept |",
         "|---|---|---|---|---|---|",

@@ -11,6 +11,7 @@ import torch
 from conftest import make_elastic
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.budgets import cost_table
+from flextron.errors import FlextronError
 from flextron.routers import AdaptiveRouters
 
 GRID = (0.4, 0.7, 1.0)
@@ -142,12 +143,12 @@ def test_trained_adaptive_routers_meet_their_budgets_on_average():
 
 
 def _checked_routing(token_bias: float | None) -> tuple[AdaptiveRouting, torch.Tensor, list[dict]]:
-    """Adaptive routers over a static router's prior, their trained term either zero (None: the
-    start itself) or a bias towards each layer's narrowest MLP; then checked against the start."""
+    """Calibrated adaptive routers over a static router's prior, their input-dependent term either
+    zero (None) or a bias towards each layer's narrowest MLP; then checked against static routing."""
     from flextron.adaptive import calibrate
     from flextron.config import RouterConfig
     from flextron.routers import Routers, StaticRouter
-    from flextron.train.routers import check_against_start
+    from flextron.train.routers import check_against_static
 
     em = make_elastic()
     torch.manual_seed(0)
@@ -159,53 +160,60 @@ def _checked_routing(token_bias: float | None) -> tuple[AdaptiveRouting, torch.T
             for lin in routers.token_out:
                 lin.bias[0] = token_bias
     routing = AdaptiveRouting(em, routers, cost_table(em, "params"))
-    calib, windows = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (6, 16))
+    windows = torch.randint(0, 128, (6, 16))
     with routing.attached():
-        calibrate(routing, calib)
-        log = check_against_start(routing, calib, windows, progress=False)
+        calibrate(routing, torch.randint(0, 128, (4, 16)))
+        log = check_against_static(routing, windows, progress=False)
     return routing, windows, log
 
 
 @pytest.mark.parametrize("token_bias", [None, 50.0])
-def test_check_keeps_per_budget_the_better_of_the_trained_routing_and_its_start(token_bias):
+def test_check_serves_per_budget_the_better_of_adaptive_routing_and_the_static_sub_network(token_bias):
+    from flextron.budgets import select_subnet
+    from flextron.config import Budget
     from flextron.evaluate import perplexity
 
     routing, windows, log = _checked_routing(token_bias)
-    routers = routing.routers
+    em, routers = routing.em, routing.routers
     assert [r["budget"] for r in log] == list(GRID)
     for i, row in enumerate(log):
         assert row["kept"] == min(row["calib_ppl"], key=row["calib_ppl"].get)
-        assert routers.learned[i].item() == (1.0 if row["kept"] == "trained" else 0.0)
-    if token_bias is None:  # no trained term: a tie at every budget keeps the trained routing
-        assert {r["kept"] for r in log} == {"trained"}
-    else:  # every token at the narrowest width wastes the full budget: the start, the full model, is better
-        assert log[-1]["kept"] == "start" and log[-1]["calib_ppl"]["start"] < log[-1]["calib_ppl"]["trained"]
-        assert log[-1]["realised"]["start"] == pytest.approx(1.0)
+        assert routers.learned[i].item() == (1.0 if row["kept"] == "adaptive" else 0.0)
+        static = select_subnet(em, Budget(fraction=GRID[i]))
+        assert row["realised"]["static"] == pytest.approx(routing.table(em.space, static) / routing.full)
+        with em.subnet(static):  # served static: the same model as the sub-network itself
+            assert row["calib_ppl"]["static"] == pytest.approx(perplexity(em, windows, 4, progress=False), rel=1e-5)
+    if token_bias is not None:  # every token at the narrowest width wastes the full budget: static serves it
+        assert log[-1]["kept"] == "static" and log[-1]["realised"]["static"] == pytest.approx(1.0)
     with routing.attached():
-        for i, row in enumerate(log):  # the kept routing and its shift are what now runs
+        for i, row in enumerate(log):  # the kept routing is what now runs
             lm = AdaptiveLM(routing, GRID[i])
             assert perplexity(lm, windows, 4, progress=False) == pytest.approx(row["calib_ppl"][row["kept"]], rel=1e-6)
-            assert sum(lm.costs) / len(lm.costs) == pytest.approx(row["realised"][row["kept"]])
-            if row["kept"] == "start":  # the input-dependent term is off: one width per layer
-                routing.start(GRID[i], windows[:1])
-                routing.em(input_ids=windows[:1])
-                assert all(c.unique().numel() == 1 for c in routing.token_choices)
+        # Between grid budgets: the grid budget below, or the static sub-network at the budget itself.
+        lm = AdaptiveLM(routing, 0.85)
+        lm(input_ids=windows)
+        below = log[1]
+        expected = (routing.table(em.space, select_subnet(em, Budget(fraction=0.85))) / routing.full
+                    if below["kept"] == "static" else below["realised"]["adaptive"])
+        assert lm.costs[-1] <= 0.85 and lm.costs[-1] == pytest.approx(expected, rel=0.2)
+        with pytest.raises(FlextronError, match="serve budgets from 40%"):
+            routing.start(0.3, windows)
 
 
-def test_kept_start_survives_a_reload_and_older_adaptive_routers_load_as_trained(tmp_path):
+def test_served_static_survives_a_reload_and_older_adaptive_routers_load_as_adaptive(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from conftest import make_tokenizer
     from flextron.checkpoint import load_checkpoint, save_checkpoint
     from flextron.routers import ADAPTIVE_WEIGHTS
 
-    routing, _, log = _checked_routing(50.0)
+    routing, _, _ = _checked_routing(50.0)
     em = routing.em
     em.routers.adaptive, em.routers.adaptive_config = routing.routers, em.routers.config
+    assert routing.routers.learned.tolist() != [1.0] * len(GRID)
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
     loaded, _, _ = load_checkpoint(ckpt)
     assert torch.equal(loaded.routers.adaptive.learned, routing.routers.learned)
-    assert torch.equal(loaded.routers.adaptive.shift, routing.routers.shift)
     state = load_file(ckpt / ADAPTIVE_WEIGHTS)
     del state["learned"]  # as saved before the check existed
     save_file(state, ckpt / ADAPTIVE_WEIGHTS)

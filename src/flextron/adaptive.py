@@ -11,7 +11,10 @@ Training uses straight-through Gumbel-softmax: the forward pass takes the sample
 output is multiplied by the one-hot gate (1 in value) whose gradient reaches the router. At
 inference the argmax is taken; a per-budget shift, calibrated after training, lowers every
 logit by shift x (the choice's share of its layer's largest cost) so that the average realised
-cost meets the budget (sampling at the final temperature and the argmax differ in cost).
+cost meets the budget (sampling at the final temperature and the argmax differ in cost). The
+shift exists only at the grid budgets: a budget between two routes as the one below it. At a
+grid budget where adaptive routing did worse than the static router's sub-network on held-out
+rows, that sub-network is served instead (`AdaptiveRouters.learned`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flextron.budgets import budget_target, cost_table
-from flextron.config import Budget
+from flextron.budgets import budget_target, cost_table, select_subnet
+from flextron.config import Budget, Subnet
 from flextron.cost import CostTable
 from flextron.elastic import ElasticModel, ElasticPart, nested_mask, skip_keep
 from flextron.errors import FlextronError
@@ -75,6 +78,8 @@ class AdaptiveRouting:
         self.tau: float | None = None
         self.generator: torch.Generator | None = None
         self._budget: Tensor | None = None
+        self._static = False
+        self._served: dict[float, tuple[Tensor, Tensor]] = {}  # static sub-networks served, by budget
         self.reset_stats()
 
     @classmethod
@@ -129,20 +134,31 @@ class AdaptiveRouting:
               generator: torch.Generator | None = None) -> list[list[int]]:
         """Choose each sequence's attention widths from its prompt and the budget; returns them [B][L]."""
         self.tau, self.generator = tau, generator
-        self._budget = self.routers.budget(fraction)
-        self._shift = (self._budget * self.routers.shift).sum()
-        # The static router's choice for this budget is the prior the adaptive routers refine.
-        self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
-        if self.em.routers is not None:
-            with torch.no_grad():
-                mlp, attn = self.em.routers.static(fraction)
-            self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
-                           attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
+        i = self.routers.grid_index(fraction)
+        self._budget = self.routers.budget(self.routers.grid[i].item())
+        self._shift = self.routers.shift[i]
+        # Where `route`'s check kept the static router's sub-network, it is served (at this very
+        # budget, projected onto it): the routing is fixed to it, every token and request alike.
+        self._static = tau is None and self.routers.learned[i].item() == 0
+        if self._static:
+            if fraction not in self._served:
+                self._served[fraction] = self._fixed(select_subnet(self.em, Budget(fraction=fraction)))
+            self._prior = self._served[fraction]
+        else:  # the static router's choice for this grid budget is the prior the adaptive routers refine
+            self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
+            if self.em.routers is not None:
+                with torch.no_grad():
+                    mlp, attn = self.em.routers.static(self.routers.grid[i].item())
+                self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
+                               attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
         self.reset_stats()
         with torch.set_grad_enabled(tau is not None and torch.is_grad_enabled()):
-            pooled = self.em.model.get_input_embeddings()(input_ids).mean(dim=1)
-            logits = (self.routers.request_logits(pooled, self._budget) + self._prior[1]
-                      - self._shift * self.attn_penalty)
+            if self._static:
+                logits = self._prior[1].expand(len(input_ids), -1, -1)
+            else:
+                pooled = self.em.model.get_input_embeddings()(input_ids).mean(dim=1)
+                logits = (self.routers.request_logits(pooled, self._budget) + self._prior[1]
+                          - self._shift * self.attn_penalty)
         onehot = gumbel(logits, tau, generator) if tau is not None else F.one_hot(
             logits.argmax(-1), logits.shape[-1]).float()
         self.attn_onehot = onehot
@@ -160,11 +176,25 @@ class AdaptiveRouting:
                                     None if keep is None else keep[:, None, :])
         return widths
 
+    def _fixed(self, subnet: Subnet) -> tuple[Tensor, Tensor]:
+        """Logits that pick `subnet`'s choice in every layer (0 there, -inf elsewhere)."""
+        def one(choices: list[list[int]], taken: list[int], like: Tensor) -> Tensor:
+            out = torch.full_like(like, float("-inf"))
+            for layer, (cs, c) in enumerate(zip(choices, taken)):
+                out[layer, cs.index(c)] = 0.0
+            return out
+
+        return (one(self.em.space.mlp, subnet.mlp, self.mlp_penalty),
+                one(self.em.space.attn, subnet.attn, self.attn_penalty))
+
     def _mlp_forward(self, layer: int, module: nn.Module, x: Tensor) -> Tensor:
         part = self.em.blocks[layer].mlp
         flat = x.reshape(-1, x.shape[-1])
-        logits = (self.routers.token_logits(layer, flat, self._budget) + self._prior[0][layer]
-                  - self._shift * self.mlp_penalty[layer])
+        if self._static:
+            logits = self._prior[0][layer].expand(len(flat), -1)
+        else:
+            logits = (self.routers.token_logits(layer, flat, self._budget) + self._prior[0][layer]
+                      - self._shift * self.mlp_penalty[layer])
         train = self.tau is not None
         gate = gumbel(logits, self.tau, self.generator) if train else None
         choice = (gate if train else logits).argmax(-1)
@@ -202,10 +232,10 @@ class AdaptiveRouting:
 
 @torch.no_grad()
 def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, bound: float = 30.0,
-              slack: float = 0.01, only: int | None = None) -> list[float]:
-    """Set each grid budget's shift (or grid budget `only`'s) by bisection so that the argmax
-    routing of `input_ids` realises just under that budget's average cost (at most, and within
-    `slack` below where reachable); returns the realised fractions."""
+              slack: float = 0.01) -> list[float]:
+    """Set each grid budget's shift by bisection so that the argmax routing of `input_ids` realises
+    just under that budget's average cost (at most, and within `slack` below where reachable);
+    returns the realised fractions."""
     routers, realised = routing.routers, []
 
     def run(i: int, fraction: float, shift: float) -> float:
@@ -215,13 +245,11 @@ def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, boun
         return routing.realised_fraction()
 
     for i, fraction in enumerate(routers.grid.tolist()):
-        if only is not None and i != only:
-            continue
         target = fraction * (1 - slack)  # aiming a little low keeps the shift moderate at 100%
         lo, hi = -bound, bound  # a larger shift makes every layer cheaper
         for _ in range(iters):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if run(i, fraction, mid) > target * (1 + 1e-6) else (lo, mid)
+            lo, hi = (mid, hi) if run(i, fraction, mid) > target else (lo, mid)
         realised.append(run(i, fraction, hi))  # the side that stays within the budget
     return realised
 

@@ -233,7 +233,7 @@ def cmd_route(a: argparse.Namespace) -> None:
 
 def print_adaptive(rows: list[EvalRow]) -> None:
     t = Table(title=f"Input-adaptive routing (budgets in {rows[0].metric})")
-    checked = any(r.kept for r in rows)  # route: what the check against the untrained start kept
+    checked = any(r.kept for r in rows)  # route: what the check against static routing kept
     for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost",
                 *(["kept"] if checked else [])):
         t.add_column(col, justify="right")

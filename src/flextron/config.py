@@ -475,8 +475,8 @@ class RouterConfig:
     surrogate_fit_steps: int = opt(5, "surrogate fitting steps per router step (more overfits noisy targets)")
     balance_weight: float = opt(0.01, "adaptive routers: keeps token routers from collapsing onto one width")
     check_sequences: int = opt(16, "held-out training sequences each budget's choice is checked on against "
-                               "the uniform sub-network (with --adaptive: the trained routing against its "
-                               "start) (0: off)")
+                               "the uniform sub-network (with --adaptive: adaptive routing against the "
+                               "static sub-network) (0: off)")
     seq_len: int = opt(256, "tokens per training sequence")
     micro_batch: int = opt(4, "sequences per step")
     dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",

@@ -53,7 +53,7 @@ class EvalRow:
     uniform_ppl: float | None = None
     realised_fraction: float | None = None  # adaptive: the average realised cost / full cost
     kept: str | None = None  # what the check on held-out training rows kept (router, uniform, lower budget;
-    # adaptive: trained or start)
+    # adaptive: adaptive or static)
     calib_ppl: dict[str, float] | None = None  # that check's perplexity per candidate
     static_ppl: float | None = None  # adaptive: the static router at the realised cost
     static_fraction_of_full: float | None = None

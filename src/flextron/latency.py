@@ -297,25 +297,33 @@ def latency_table(em: ElasticModel, metric: str) -> CostTable:
     if "stock" not in em.latency:
         return table
     stock = _as_table(em, metric, em.latency["stock"][key])
-    return replace(table, stock=stock, in_stock=partial(runs_in_stock, em))
+    return replace(table, stock=stock, in_stock=partial(runs_in_stock, em, decode=_decode_tables(em)))
 
 
-def faster_as_deci(em: ElasticModel, subnet: Subnet) -> bool:
+def _decode_tables(em: ElasticModel) -> tuple[CostTable, CostTable] | None:
+    """The llama.cpp table's decode fits in the `deci` graph and the family's own (None without)."""
+    table = getattr(em, "latency", None)
+    if table is None or "stock" not in table:
+        return None
+    return _as_table(em, "latency_ms", table["decode_ms"]), _as_table(em, "latency_ms", table["stock"]["decode_ms"])
+
+
+def faster_as_deci(em: ElasticModel, subnet: Subnet, decode: tuple[CostTable, CostTable] | None = None) -> bool:
     """Whether the checkpoint's llama.cpp table prices `subnet`'s decode lower in the per-layer `deci`
     graph than in the family's own, where the family's own graph can hold it (llama.cpp runs the
     same weights up to ~17% apart in the two, and which is faster depends on the width, the CPU and
-    the threads: benchmarks/gguf_arch.py)."""
-    table = getattr(em, "latency", None)
-    if table is None or "stock" not in table or not in_own_arch(em, subnet):
+    the threads: benchmarks/gguf_arch.py). `decode`: `_decode_tables(em)`, when already built."""
+    decode = _decode_tables(em) if decode is None else decode
+    if decode is None or not in_own_arch(em, subnet):
         return False
-    deci, own = (_as_table(em, "latency_ms", t["decode_ms"]) for t in (table, table["stock"]))
+    deci, own = decode
     return deci(em.space, subnet) < own(em.space, subnet)
 
 
-def runs_in_stock(em: ElasticModel, subnet: Subnet) -> bool:
+def runs_in_stock(em: ElasticModel, subnet: Subnet, decode: tuple[CostTable, CostTable] | None = None) -> bool:
     """Whether `export --format gguf` (`--graph auto`) writes `subnet` in the family's own llama.cpp
     graph: where that graph can hold it, unless the latency table says `deci` decodes it faster."""
-    return in_own_arch(em, subnet) and not faster_as_deci(em, subnet)
+    return in_own_arch(em, subnet) and not faster_as_deci(em, subnet, decode)
 
 
 def _ascending(costs: dict[str, float]) -> bool:

@@ -103,8 +103,8 @@ class AdaptiveRouters(nn.Module):
         self.request = nn.Sequential(nn.Linear(hidden_size + g, 4 * hidden), nn.GELU(),
                                      nn.Linear(4 * hidden, n_layers * k_attn))
         self.register_buffer("shift", torch.zeros(g))  # per grid budget, set by `calibrate`
-        # Per grid budget: 1 routes with the trained input-dependent term, 0 with the static start
-        # only (set by `train.routers.check_against_start`).
+        # Per grid budget: 1 routes adaptively, 0 serves the static router's sub-network instead
+        # (set by `train.routers.check_against_static`).
         self.register_buffer("learned", torch.ones(g))
         self.hidden = hidden
 
@@ -122,17 +122,22 @@ class AdaptiveRouters(nn.Module):
         """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
         b = self.token_budget(budget).view(-1, self.hidden)[layer]
         logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
-        return (self._learned(budget) * logits).masked_fill(~self.mlp_mask[layer], float("-inf"))
+        return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
 
     def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
         """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
         x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
         logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
-        return (self._learned(budget) * logits).masked_fill(~self.attn_mask, float("-inf"))
+        return logits.masked_fill(~self.attn_mask, float("-inf"))
 
-    def _learned(self, budget: Tensor) -> Tensor:
-        """How much of the trained term a budget uses (between grid budgets, interpolated)."""
-        return (budget.to(self.learned.dtype) * self.learned).sum()
+    def grid_index(self, fraction: float) -> int:
+        """The largest grid budget at or below `fraction`: the per-token cost is calibrated only on
+        the grid, so a budget between grid points routes as the one below it (within the budget)."""
+        grid = self.grid.tolist()
+        if fraction < grid[0] * (1 - 1e-9):
+            raise FlextronError(f"the adaptive routers serve budgets from {grid[0]:.0%} (their lowest grid budget); "
+                                "ask at least that, or re-route --adaptive with a lower --budgets point")
+        return max(i for i, g in enumerate(grid) if g <= fraction * (1 + 1e-9))
 
 
 class Surrogate(nn.Module):
@@ -275,7 +280,7 @@ class Routers:
             if adaptive_cfg is not None:
                 routers.adaptive_config = _router_config(adaptive_cfg)
                 state = load_file(directory / ADAPTIVE_WEIGHTS)
-                # Routers trained before the check against their start used the trained term everywhere.
+                # Routers trained before the check against static routed adaptively at every budget.
                 state.setdefault("learned", torch.ones(len(routers.adaptive_config.budgets)))
                 routers.adaptive = AdaptiveRouters(space.mlp, space.attn, state["token_in.0.weight"].shape[1],
                                                    routers.adaptive_config.budgets, routers.adaptive_config.hidden)
