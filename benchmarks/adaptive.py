@@ -168,7 +168,9 @@ def main() -> None:
             "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "metric": result["metric"], "rows": [r.to_dict() for r in result["budgets"]], "mlp_speed": speed,
             "widths_by_kind": by_kind,
-            "widths_budget": mid, "total_seconds": round(time.time() - t0),
+            "widths_budget": mid, "check_sequences": cfg.check_sequences,
+            "check": [r for r in result["log"] if r["stage"] == "check"],
+            "total_seconds": round(time.time() - t0),
             "train_seconds": next(r for r in reversed(result["log"]) if "elapsed_s" in r)["elapsed_s"]}
     write_json(a.name, data)
     report(data)
@@ -192,6 +194,13 @@ def report(data: dict) -> None:
     for r in data["rows"]:
         lines.append(f"| {r['budget']:.0%} | {r['realised_fraction']:.1%} | {r['cost_ratio']:.3f} | {r['ppl']:.2f} | "
                      f"{r['static_ppl']:.2f} | {r.get('kept', '-')} |")
+    if data.get("check"):
+        lines += ["", f"The check, on {data['check_sequences']} held-out training rows: perplexity of adaptive "
+                  "routing vs the static sub-network per grid budget (realised cost):",
+                  "", "| budget | adaptive | static | kept |", "|---|---|---|---|"]
+        lines += [f"| {c['budget']:.0%} | {c['calib_ppl']['adaptive']:.2f} ({c['realised']['adaptive']:.1%}) | "
+                  f"{c['calib_ppl']['static']:.2f} ({c['realised']['static']:.1%}) | {c['kept']} |"
+                  for c in data["check"]]
     if "balance" in data:
         lines += ["", f"Token-router balance (1 = even use of a layer's widths, 4 = every token on one width), mean "
                   f"over layers: first 20 steps {data['balance']['first_20']:.2f}, last 20 "

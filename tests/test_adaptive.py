@@ -196,8 +196,9 @@ def test_check_serves_per_budget_the_better_of_adaptive_routing_and_the_static_s
         expected = (routing.table(em.space, select_subnet(em, Budget(fraction=0.85))) / routing.full
                     if below["kept"] == "static" else below["realised"]["adaptive"])
         assert lm.costs[-1] <= 0.85 and lm.costs[-1] == pytest.approx(expected, rel=0.2)
-        with pytest.raises(FlextronError, match="serve budgets from 40%"):
-            routing.start(0.3, windows)
+        for refused in (lambda: routing.start(0.3, windows), lambda: routing.fraction(Budget(fraction=0.3))):
+            with pytest.raises(FlextronError, match="serve budgets from 40%"):
+                refused()
 
 
 def test_served_static_survives_a_reload_and_older_adaptive_routers_load_as_adaptive(tmp_path):
@@ -218,6 +219,28 @@ def test_served_static_survives_a_reload_and_older_adaptive_routers_load_as_adap
     del state["learned"]  # as saved before the check existed
     save_file(state, ckpt / ADAPTIVE_WEIGHTS)
     assert torch.equal(load_checkpoint(ckpt, verify=False)[0].routers.adaptive.learned, torch.ones(len(GRID)))
+
+
+def test_report_compares_with_the_smallest_sub_network_where_tokens_skipped_below_it():
+    from flextron.budgets import smallest_fraction
+    from flextron.config import RouterConfig
+    from flextron.routers import Routers, StaticRouter
+    from flextron.train.routers import _adaptive_report
+
+    em = make_elastic("llama", n_layers=4, min_layers=2)  # the floor binds sub-networks, not tokens
+    lowest = smallest_fraction(em, "params")
+    grid = (lowest, 1.0)
+    em.routers = Routers(StaticRouter(em.space, grid, hidden=16), "params", RouterConfig(budgets=grid, hidden=16))
+    em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
+    with torch.no_grad():  # every token skips every MLP, every request every attention
+        for lin in (*em.routers.adaptive.token_out, em.routers.adaptive.request[-1]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        for lin in em.routers.adaptive.token_out:
+            lin.bias[0] = 50.0
+        em.routers.adaptive.request[-1].bias.view(len(em.blocks), -1)[:, 0] = 50.0
+    (row,) = _adaptive_report(em, torch.randint(0, 128, (2, 16)), [lowest], None, False)
+    assert row.realised_fraction < lowest <= row.static_fraction_of_full + 1e-9 and row.static_ppl > 0
 
 
 @pytest.mark.parametrize("attn_unit", ["group", "head"])

@@ -95,6 +95,7 @@ class AdaptiveRouting:
         table, target = budget_target(self.em, budget)
         if table.metric != self.table.metric:
             raise FlextronError(f"the adaptive routers take budgets in {self.table.metric}, not {table.metric}")
+        self.routers.grid_index(target / self.full)  # refuses a budget below the routers' grid
         return target / self.full
 
     @contextmanager

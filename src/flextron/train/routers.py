@@ -129,10 +129,12 @@ def _static_report(em: ElasticModel, windows: torch.Tensor, fractions: list[floa
 def _adaptive_report(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
                      amp: torch.dtype | None, progress: bool) -> list[EvalRow]:
     """Adaptive routing per budget beside the static router at the very cost the adaptive routing
-    realised: a like-for-like comparison."""
+    realised (a like-for-like comparison), or at the smallest sub-network's where per-token routing
+    realised less."""
     rows = adaptive_at_budgets(em, windows, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
                                progress=progress)
-    static = router_report(em, windows, [r.realised_fraction for r in rows], autocast_dtype=amp,
+    lowest = smallest_fraction(em, em.routers.metric)
+    static = router_report(em, windows, [max(r.realised_fraction, lowest) for r in rows], autocast_dtype=amp,
                            progress=progress, uniform=False)
     grid, learned = em.routers.adaptive.grid.tolist(), em.routers.adaptive.learned.tolist()
     for r, s in zip(rows, static):
