@@ -136,7 +136,8 @@ class AdaptiveRouting:
         """Choose each sequence's attention widths from its prompt and the budget; returns them [B][L]."""
         self.tau, self.generator = tau, generator
         i = self.routers.grid_index(fraction)
-        self._budget = self.routers.budget(self.routers.grid[i].item())
+        grid_fraction = self.routers.grid[i].item()
+        self._budget = self.routers.budget(grid_fraction)
         self._shift = self.routers.shift[i]
         # Where `route`'s check kept the static router's sub-network, it is served (at this very
         # budget, projected onto it): the routing is fixed to it, every token and request alike.
@@ -149,7 +150,7 @@ class AdaptiveRouting:
             self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
             if self.em.routers is not None:
                 with torch.no_grad():
-                    mlp, attn = self.em.routers.static(self.routers.grid[i].item())
+                    mlp, attn = self.em.routers.static(grid_fraction)
                 self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
                                attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
         self.reset_stats()

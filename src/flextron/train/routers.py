@@ -136,12 +136,12 @@ def _adaptive_report(em: ElasticModel, windows: torch.Tensor, fractions: list[fl
     lowest = smallest_fraction(em, em.routers.metric)
     static = router_report(em, windows, [max(r.realised_fraction, lowest) for r in rows], autocast_dtype=amp,
                            progress=progress, uniform=False)
-    grid, learned = em.routers.adaptive.grid.tolist(), em.routers.adaptive.learned.tolist()
+    adaptive = em.routers.adaptive
     for r, s in zip(rows, static):
         r.static_ppl, r.static_fraction_of_full, r.static_subnet = s.ppl, s.fraction_of_full, s.subnet
-        i = next((i for i, g in enumerate(grid) if abs(g - r.budget.fraction) < 1e-9), None)
-        if i is not None:  # what the check against static routing kept
-            r.kept = "adaptive" if learned[i] else "static"
+        i = adaptive.grid_index(r.budget.fraction)
+        if abs(adaptive.grid[i].item() - r.budget.fraction) < 1e-9:  # a grid budget: what the check kept
+            r.kept = "adaptive" if adaptive.learned[i] else "static"
     return rows
 
 
