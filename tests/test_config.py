@@ -173,6 +173,41 @@ def test_random_sub_networks_follow_one_documented_stream():
         assert space.sample(gen, "uniform") == space.uniform(i, j, draw(3), draw(3))
 
 
+def test_ordered_skips_draw_the_nested_depth_family():
+    import torch
+
+    space = ElasticSpace.default(6, 96, 4, multiple=8).with_depth(
+        min_layers=2, skip_order={"mlp": [2, 5, 0, 1, 4, 3], "attn": [4, 0, 5, 3, 2, 1]})
+    gen = torch.Generator().manual_seed(7)
+    counts = {"mlp": set(), "attn": set()}
+    for mode in ("layers", "spread"):
+        for _ in range(60):
+            sub = space.sample(gen, mode, ordered_skips=True)
+            space.validate(sub)
+            for kind in ("mlp", "attn"):
+                chosen, order = getattr(sub, kind), space.order(kind)
+                k = chosen.count(0)
+                assert sorted(i for i, c in enumerate(chosen) if c == 0) == sorted(order[:k])  # a prefix
+                counts[kind].add(k)
+    assert counts == {"mlp": set(range(5)), "attn": set(range(5))}  # 0 up to the floor, each drawn
+    gen, ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+
+    def draw(k: int) -> int:
+        return torch.randint(k, (1,), generator=ref).item()
+
+    for _ in range(20):  # the stream: running widths per layer and kind, then a skip count per kind
+        widths = {k: [w[draw(len(w))] for w in (space.widths(k, i) for i in range(6))] for k in ("mlp", "attn")}
+        skips = {"mlp": draw(5), "attn": draw(5)}
+        expected = {k: [0 if i in space.order(k)[: skips[k]] else w for i, w in enumerate(widths[k])]
+                    for k in ("mlp", "attn")}
+        assert space.sample(gen, ordered_skips=True) == Subnet(**expected)
+    width_only = ElasticSpace.default(6, 96, 4, multiple=8)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for mode in ("layers", "spread"):  # no depth: the flag changes nothing
+        assert [width_only.sample(a, mode, ordered_skips=True) for _ in range(10)] == \
+            [width_only.sample(b, mode) for _ in range(10)]
+
+
 def test_spread_draws_range_from_mostly_narrow_to_mostly_wide():
     import torch
 

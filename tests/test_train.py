@@ -291,6 +291,10 @@ def test_sampling_in_a_depth_space_keeps_the_floor():
         assert any(0 in s.mlp for s in subs) and any(0 in s.attn for s in subs)
         if sampling == "uniform":
             assert all(len({w for w in s.mlp if w}) == 1 for s in subs)
+        for s in subs:  # both skip the least important layers first: the nested depth family
+            for kind in ("mlp", "attn"):
+                chosen = getattr(s, kind)
+                assert {i for i, c in enumerate(chosen) if c == 0} == set(em.space.order(kind)[: chosen.count(0)])
     assert sample_subnets(em, TrainConfig(max_steps=1), 0)[1] == em.space.smallest()
     assert em.space.smallest().mlp.count(0) == 2
     budgets = sample_subnets(em, TrainConfig(max_steps=1, sampling="budgets", budgets=(0.3,), full_prob=0.0), 0)

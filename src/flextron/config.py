@@ -218,37 +218,46 @@ class ElasticSpace:
         out = {}
         for kind, index, skip in (("mlp", mlp_index, skip_mlp), ("attn", attn_index, skip_attn)):
             ws = [self.widths(kind, i) for i in range(self.n_layers)]
-            chosen = [w[min(index, len(w) - 1)] for w in ws]
-            skippable = [i for i in self.order(kind) if getattr(self, kind)[i][0] == 0]
-            for i in skippable[: min(skip, self.n_layers - self.min_layers)]:
-                chosen[i] = 0
-            out[kind] = chosen
+            out[kind] = self._skip_first(kind, [w[min(index, len(w) - 1)] for w in ws], skip)
         return Subnet(**out)
 
-    def sample(self, gen: torch.Generator, mode: str = "layers") -> Subnet:
+    def _skip_first(self, kind: str, chosen: list[int], skip: int) -> list[int]:
+        """`chosen` with the first `skip` skippable layers of the skip order skipped (within the floor)."""
+        skippable = [i for i in self.order(kind) if getattr(self, kind)[i][0] == 0]
+        out = list(chosen)
+        for i in skippable[: min(skip, self.n_layers - self.min_layers)]:
+            out[i] = 0
+        return out
+
+    def sample(self, gen: torch.Generator, mode: str = "layers", ordered_skips: bool = False) -> Subnet:
         """A random sub-network (skips restored up to the floor). `mode` "layers": each layer's
         choice drawn independently; "uniform": one width index per kind for all layers plus, in a
         depth space, skip counts; "spread": each kind's layers drawn from one random distribution
         over the width indices (Dirichlet(1)), so sub-networks range from mostly narrow to mostly
-        wide (independent draws concentrate near the middle). Draws from `gen` in that order, so a
-        seed gives the same sub-networks."""
+        wide (independent draws concentrate near the middle). `ordered_skips` (a depth space,
+        "layers" and "spread"): the widths are drawn among the running choices, then a skip count
+        per kind, skipped in the skip order as "uniform" does: the nested depth family, not skips
+        at random layers. Draws from `gen` in that order, so a seed gives the same sub-networks."""
         def draw(k: int) -> int:
             return torch.randint(k, (1,), generator=gen).item()
 
         if mode not in SAMPLE_MODES:
             raise FlextronError(f"unknown sampling mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
+        skip_counts = self.depth and (mode == "uniform" or ordered_skips)
         if mode == "uniform":
             i, j = (draw(max(len(self.widths(k, layer)) for layer in range(self.n_layers))) for k in KINDS)
-            skips = (draw(self.n_layers - self.min_layers + 1) for _ in range(2)) if self.depth else (0, 0)
+            skips = (draw(self.n_layers - self.min_layers + 1) for _ in range(2)) if skip_counts else (0, 0)
             return self.uniform(i, j, *skips)
         picks = {}
         for kind in KINDS:
-            lists = getattr(self, kind)
+            lists = [self.widths(kind, i) for i in range(self.n_layers)] if skip_counts else getattr(self, kind)
             if mode == "layers":
                 picks[kind] = [c[draw(len(c))] for c in lists]
                 continue
             weights = -torch.rand(max(map(len, lists)), generator=gen, dtype=torch.float64).log()
             picks[kind] = [c[int(torch.multinomial(weights[: len(c)], 1, generator=gen))] for c in lists]
+        if skip_counts:
+            picks = {k: self._skip_first(k, picks[k], draw(self.n_layers - self.min_layers + 1)) for k in KINDS}
         return self.floor(Subnet(**picks))
 
     def floor(self, subnet: Subnet) -> Subnet:

@@ -110,7 +110,7 @@ def _subnets(em: ElasticModel, cfg: TrainConfig, gen: torch.Generator) -> list[S
         return [select_subnet(em, Budget(fraction=cfg.budgets[0]))]
     if cfg.sampling in ("sandwich", "uniform"):
         mode = "uniform" if cfg.sampling == "uniform" else "layers"
-        randoms = [space.sample(gen, mode) for _ in range(cfg.n_random)]
+        randoms = [space.sample(gen, mode, ordered_skips=True) for _ in range(cfg.n_random)]
         return [space.full(), space.smallest(), *randoms]
     probs = torch.tensor(cfg.budget_probs or [1.0] * len(cfg.budgets), dtype=torch.float64)
     out = []
