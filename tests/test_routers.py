@@ -287,6 +287,27 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
         em.routers.checked = None
 
 
+def test_between_grid_budgets_a_kept_uniform_or_lower_sub_network_is_served_as_checked(trained):
+    em, _, _, _ = trained
+    table = cost_table(em, "params")
+    checked = uniform_subnet_for(em, Budget(fraction=0.5))[0]
+    wider = uniform_subnet_for(em, Budget(fraction=0.9))[0]
+    assert wider != checked and table(em.space, wider) > table(em.space, checked)
+    try:
+        for kept in ("uniform", "lower budget"):
+            em.routers.checked = [{"budget": 0.5, "kept": kept, "subnet": checked.to_dict(), "calib_ppl": {}}]
+            for f in (0.5, 0.7, 0.9):  # not the largest uniform at 90%: that shape was never measured
+                assert select_subnet(em, Budget(fraction=f)) == checked
+        em.routers.checked[0].update(kept="uniform", subnet=em.space.full().to_dict())  # re-profiled since
+        assert select_subnet(em, Budget(fraction=0.9)) == wider
+        em.routers.checked[0]["kept"] = "router"
+        routed = select_subnet(em, Budget(fraction=0.9))
+        em.routers.checked = None
+        assert routed == select_subnet(em, Budget(fraction=0.9))
+    finally:
+        em.routers.checked = None
+
+
 def test_default_grid_starts_at_the_smallest_sub_network_when_it_is_above_the_grid(tmp_path):
     from flextron.config import ElasticSpace
     from flextron.options import read_yaml

@@ -120,19 +120,21 @@ def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_p
 def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
     """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
     own metric, or without routers the largest uniform sub-network within it. Where `route`
-    checked the largest budget at or below this one and kept the uniform sub-network (or a lower
-    budget's), that rule applies instead."""
+    checked the largest budget at or below this one and kept the uniform sub-network or a lower
+    budget's, the sub-network it kept is served: it fits, and its quality was measured. (The
+    largest uniform one at a budget between grid points can be another shape, never checked:
+    full MLPs with one KV group at 84% measured 585 against 79 for the checked one at 70%.)"""
     if em.routers is None:
         return uniform_subnet_for(em, budget)[0]
     table, target = budget_target(em, budget)
     fraction = router_fraction(em, table, target)
     check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
-    if check is not None and check["kept"] == "uniform":
-        return uniform_subnet_for(em, budget)[0]
-    if check is not None and check["kept"] == "lower budget":
+    if check is not None and check["kept"] != "router":
         subnet = Subnet(**check["subnet"])
-        if table(em.space, subnet) <= target * (1 + 1e-9):  # unless the table changed since (re-profiled)
+        if table(em.space, subnet) <= target * (1 + 1e-9):
             return subnet
+        if check["kept"] == "uniform":  # the table changed since (re-profiled): the rule, not the choice
+            return uniform_subnet_for(em, budget)[0]
     mlp, attn = em.routers.static(fraction)
     return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
 
