@@ -241,12 +241,15 @@ class ElasticSpace:
         def draw(k: int) -> int:
             return torch.randint(k, (1,), generator=gen).item()
 
+        def skip_count() -> int:  # 0 up to the floor
+            return draw(self.n_layers - self.min_layers + 1)
+
         if mode not in SAMPLE_MODES:
             raise FlextronError(f"unknown sampling mode {mode!r}; use one of {', '.join(SAMPLE_MODES)}")
         skip_counts = self.depth and (mode == "uniform" or ordered_skips)
         if mode == "uniform":
             i, j = (draw(max(len(self.widths(k, layer)) for layer in range(self.n_layers))) for k in KINDS)
-            skips = (draw(self.n_layers - self.min_layers + 1) for _ in range(2)) if skip_counts else (0, 0)
+            skips = (skip_count() for _ in range(2)) if skip_counts else (0, 0)
             return self.uniform(i, j, *skips)
         picks = {}
         for kind in KINDS:
@@ -257,7 +260,7 @@ class ElasticSpace:
             weights = -torch.rand(max(map(len, lists)), generator=gen, dtype=torch.float64).log()
             picks[kind] = [c[int(torch.multinomial(weights[: len(c)], 1, generator=gen))] for c in lists]
         if skip_counts:
-            picks = {k: self._skip_first(k, picks[k], draw(self.n_layers - self.min_layers + 1)) for k in KINDS}
+            picks = {k: self._skip_first(k, picks[k], skip_count()) for k in KINDS}
         return self.floor(Subnet(**picks))
 
     def floor(self, subnet: Subnet) -> Subnet:
