@@ -8,17 +8,29 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB = 128
@@ -30,6 +42,8 @@ def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
     """A tiny randomly initialised causal LM in eval mode."""
     torch.manual_seed(seed)
     llama_like = {**_LLAMA_LIKE, "num_hidden_layers": n_layers}
+    if kind in NEW_KINDS:  # their configs default to token ids outside the tiny vocabulary
+        llama_like.update(bos_token_id=1, eos_token_id=1, pad_token_id=0)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**llama_like))
     elif kind == "mistral":
@@ -38,6 +52,23 @@ def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
         model = Qwen2ForCausalLM(Qwen2Config(**llama_like))  # q/k/v carry biases
     elif kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**llama_like))  # per-head q/k norms
+    elif kind == "gemma2":  # sandwich norms, attention and final logit soft-capping, sliding window
+        model = Gemma2ForCausalLM(Gemma2Config(**llama_like, query_pre_attn_scalar=8, sliding_window=4,
+                                               attn_logit_softcapping=20.0, final_logit_softcapping=10.0))
+    elif kind == "gemma3":  # sandwich norms, q/k norms, local and global layers with their own RoPE
+        types = ["sliding_attention", "full_attention"] * n_layers
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**llama_like, query_pre_attn_scalar=8, sliding_window=4,
+                                                   layer_types=types[:n_layers]))
+    elif kind == "olmo2":  # post-norms, q/k norms over whole projections
+        model = Olmo2ForCausalLM(Olmo2Config(**llama_like))
+    elif kind == "phi3":  # fused q|k|v and gate|up, partial rotary as Phi-4-mini
+        phi = {k: v for k, v in llama_like.items() if k != "head_dim"}
+        model = Phi3ForCausalLM(Phi3Config(**phi, partial_rotary_factor=0.75))
+    elif kind == "granite":  # embedding, residual, attention and logit multipliers
+        model = GraniteForCausalLM(GraniteConfig(**llama_like, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                 attention_multiplier=0.2, logits_scaling=3.0))
+    elif kind == "smollm3":  # RoPE in some layers only
+        model = SmolLM3ForCausalLM(SmolLM3Config(**llama_like, no_rope_layer_interval=2))
     elif kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=n_layers, n_head=4, n_positions=256,
                                            bos_token_id=0, eos_token_id=0))
@@ -69,6 +100,8 @@ def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_laye
 
 FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 LLAMA_KINDS = FAMILY_KINDS[:4]  # grouped-query attention: query heads can be trimmed inside KV groups
+# The block layouts users bring beyond those (family matrix: tests/test_families.py).
+NEW_KINDS = ["gemma2", "gemma3", "olmo2", "phi3", "granite", "smollm3"]
 
 
 @pytest.fixture(params=FAMILY_KINDS)

@@ -9,9 +9,10 @@ change, so an elastic checkpoint is a plain HF checkpoint). Two modes:
 - soft: everything runs at full width and the input of the "in" projection is multiplied by
   a mask that mixes the nested prefixes, sum_k w_k * 1[unit < c_k] (routers train this way).
 
-Choice 0 skips a sub-layer (depth): in hard mode its module and the norm in front of it are
-replaced by ones that add nothing to the residual stream; in soft mode the weight of choice 0
-scales the whole contribution, the "in" projection's bias included.
+Choice 0 skips a sub-layer (depth): in hard mode its module and its norms (in front of it, and
+behind it in sandwich and post-norm blocks) are replaced by ones that add nothing to the residual
+stream; in soft mode the weight of choice 0 scales the whole contribution, the "in" projection's
+bias included (behind a post-norm: the norm's output).
 """
 
 from __future__ import annotations
@@ -28,43 +29,58 @@ from torch import Tensor, nn
 
 from flextron.config import ElasticSpace, Subnet
 from flextron.errors import FlextronError
-from flextron.families import AttnGeometry, Family, Proj, detect_family
+from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 
 
-class ElasticLinear(nn.Module):
-    """A Linear (or GPT-2 Conv1D) whose output or input features form nested units."""
+Spans = list[list[tuple[int, int]]]  # per block of a projection: the (first unit, count) runs it keeps
 
-    def __init__(self, base: nn.Module, proj: Proj, unit: int, conv1d: bool, blocks: int | None = None) -> None:
+
+class ElasticLinear(nn.Module):
+    """A Linear (or GPT-2 Conv1D) whose output or input features form nested units, in one or more
+    blocks side by side (a fused projection: q|k|v, gate|up). Block b holds `layout[b]` =
+    (features per unit, units); hard mode runs, in each block, the unit runs `spans[b]`."""
+
+    def __init__(self, base: nn.Module, proj: Proj, layout: list[tuple[int, int]], conv1d: bool) -> None:
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
         self.side = proj.side
-        self.blocks = blocks or proj.blocks
-        self.unit = unit
+        self.layout = layout
         self.conv1d = conv1d
         # The weight dimension holding the elastic features: [out, in] for Linear, [in, out] for Conv1D.
         self.edim = 0 if (self.side == "out") != conv1d else 1
         features = self.weight.shape[self.edim]
-        if features % (unit * self.blocks):
-            raise FlextronError(
-                f"projection {proj.name} has {features} features, not a multiple of its unit {unit}"
-            )
-        self.n_units = features // (unit * self.blocks)  # per block
-        # Hard mode runs the first `active` units of each of the first `active_blocks` blocks.
-        self.active = self.n_units
-        self.active_blocks = self.blocks
+        if features != sum(u * n for u, n in layout) or (self.side == "in" and len(layout) > 1):
+            raise FlextronError(f"projection {proj.name} has {features} features, not "
+                                f"{' + '.join(f'{n} units of {u}' for u, n in layout)}")
+        self.spans: Spans = self.full_spans()
         self.mask: Tensor | None = None
         self.bias_scale: Tensor | None = None  # soft mode with a skip choice: 1 - its weight
 
     @property
+    def unit(self) -> int:
+        """Features per unit of the first block (the only one of an "in" projection)."""
+        return self.layout[0][0]
+
+    @property
+    def n_units(self) -> int:
+        return self.layout[0][1]
+
+    def full_spans(self) -> Spans:
+        return [[(0, n)] for _, n in self.layout]
+
+    @property
     def full(self) -> bool:
-        return self.active == self.n_units and self.active_blocks == self.blocks
+        return self.spans == self.full_spans()
 
     def _parts(self, t: Tensor, dim: int) -> list[Tensor]:
-        """Per active block, its active features of `t` along `dim` (views)."""
-        width, per_block = self.active * self.unit, self.n_units * self.unit
-        return [t.narrow(dim, b * per_block, width) for b in range(self.active_blocks)]
+        """The active features of `t` along `dim`, one view per kept run of units."""
+        parts, offset = [], 0
+        for (unit, n), spans in zip(self.layout, self.spans):
+            parts += [t.narrow(dim, offset + first * unit, count * unit) for first, count in spans if count]
+            offset += unit * n
+        return parts
 
     def take(self, t: Tensor, dim: int) -> Tensor:
         """The active features of `t` along `dim` (the weight's elastic dimension, or a bias)."""
@@ -90,28 +106,35 @@ class ElasticLinear(nn.Module):
             return self._matmul(x, w, self.bias)
         if self.full:
             return self._matmul(x, self.weight, self.bias)
-        # One matmul per block: cheaper than gathering the weight when the blocks are few and large.
-        biases = [None] * self.active_blocks if self.bias is None else self._parts(self.bias, 0)
-        outs = [self._matmul(x, w, b) for w, b in zip(self._parts(self.weight, self.edim), biases)]
+        # One matmul per kept run: cheaper than gathering the weight when the runs are few and large.
+        weights = self._parts(self.weight, self.edim)
+        biases = [None] * len(weights) if self.bias is None else self._parts(self.bias, 0)
+        outs = [self._matmul(x, w, b) for w, b in zip(weights, biases)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @torch.no_grad()
-    def permute_(self, perm: Tensor) -> None:
-        """Reorder the units in place: new unit i is old unit perm[i], the same order in every block
-        (perm of n_units), or across blocks (perm of n_units * blocks, block-major)."""
-        offsets = torch.arange(self.unit, device=perm.device)
-        idx = (perm[:, None] * self.unit + offsets).reshape(-1)
-        if len(perm) == self.n_units:
-            per_block = self.n_units * self.unit
-            idx = torch.cat([idx + b * per_block for b in range(self.blocks)])
-        idx = idx.to(self.weight.device)
-        self.weight.copy_(self.weight.index_select(self.edim, idx))
+    def permute_(self, perm: Tensor, group_perm: Tensor | None = None) -> None:
+        """Reorder the units in place: new unit i of a block is its old unit perm[i]; a block with
+        another number of units (KV heads beside query heads) is reordered by `group_perm`."""
+        idx, offset = [], 0
+        for unit, n in self.layout:
+            p = perm if n == len(perm) else group_perm
+            if p is None or len(p) != n:
+                raise FlextronError(f"a permutation of {len(perm)} units does not fit a block of {n} units")
+            offsets = torch.arange(unit, device=p.device)
+            idx.append(offset + (p[:, None] * unit + offsets).reshape(-1))
+            offset += unit * n
+        index = torch.cat(idx).to(self.weight.device)
+        self.weight.copy_(self.weight.index_select(self.edim, index))
         if self.side == "out" and self.bias is not None:
-            self.bias.copy_(self.bias.index_select(0, idx))
+            self.bias.copy_(self.bias.index_select(0, index))
 
-    def n_params(self, units: int, blocks: int | None = None, bias: bool = True) -> int:
-        """Weights (and biases) in use when `units` units of `blocks` blocks (default all) are active."""
-        features = units * self.unit * (self.blocks if blocks is None else blocks)
+    def active_features(self, spans: Spans) -> int:
+        return sum(count * unit for (unit, _), runs in zip(self.layout, spans) for _, count in runs)
+
+    def n_params(self, spans: Spans, bias: bool = True) -> int:
+        """Weights (and biases) in use when the unit runs `spans` are active."""
+        features = self.active_features(spans)
         count = features * self.weight.shape[1 - self.edim]
         if bias and self.bias is not None:
             count += features if self.side == "out" else self.bias.numel()
@@ -135,40 +158,75 @@ def skip_keep(choices: list[int], weights: Tensor) -> Tensor | None:
     return 1 - weights[..., :1] if choices[0] == 0 else None
 
 
-Plan = Callable[[int], tuple[int, int]]  # a part's choice -> (active blocks, active units per block) of one projection
+class _WithWeight:
+    """A module seen through another weight (its class's forward runs on the active slice)."""
+
+    def __init__(self, module: nn.Module, weight: Tensor) -> None:
+        self._module, self.weight = module, weight
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+Plan = Callable[["ElasticLinear", int], Spans]  # (projection, a part's choice) -> its unit runs
+
+
+def _prefix_plan(lin: ElasticLinear, units: int) -> Spans:
+    return [[(0, units)] for _ in lin.layout]
 
 
 class ElasticPart:
-    """One elastic sub-module of a block (its MLP or its attention), and the norm in front of it.
+    """One elastic branch of a block (its MLP or its attention) with its norms.
 
-    `plans` maps each projection (by id) to how a choice of the part activates it; by default a
-    choice c runs the first c units of every block. `n_units` is the largest choice."""
+    `plan` says which unit runs of each projection a choice activates (default: the first c units
+    of every block); `n_units` is the largest choice. `projection_norms` pairs norms over a whole
+    projection's output (OLMo 2's q/k norms) with that projection."""
 
     def __init__(self, module: nn.Module, outs: list[ElasticLinear], inp: ElasticLinear | None,
-                 norm: nn.Module | None, skipped_forward, n_units: int | None = None,
-                 plans: dict[int, Plan] | None = None) -> None:
+                 pre: nn.Module | None, post: nn.Module | None, skipped_forward, n_units: int | None = None,
+                 plan: Plan = _prefix_plan, projection_norms: list[tuple[nn.Module, ElasticLinear]] = ()) -> None:
         self.module = module
         self.outs = outs
         self.inp = inp
-        self.norm = norm
+        self.pre, self.post = pre, post
         # The largest choice; 0 for a sub-layer that an export left out (its module adds nothing already).
         self.n_units = n_units if n_units is not None else inp.n_units if inp is not None else 0
-        self._plans = plans or {}
-        projections = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
-        self.fixed = sum(p.numel() for m in (module, norm) if m is not None for p in m.parameters()
-                         if id(p) not in projections)
+        self.plan = plan
+        self.projection_norms = list(projection_norms)
+        self.soft_mask: Tensor | None = None
+        self._keep_hook = None
+        sliced = {id(p) for lin in (*outs, inp) if lin is not None for p in lin.parameters()}
+        sliced |= {id(norm.weight) for norm, _ in self.projection_norms}
+        self.fixed = sum(p.numel() for m in (module, *self.norms) for p in m.parameters() if id(p) not in sliced)
         self._skips = [(module, types.MethodType(skipped_forward, module))]
-        if norm is not None:
-            self._skips.append((norm, types.MethodType(_identity, norm)))
+        self._skips += [(norm, types.MethodType(_identity, norm)) for norm in self.norms]
+        for norm, lin in self.projection_norms:
+            norm.forward = types.MethodType(self._projection_norm_forward(lin), norm)
+
+    @property
+    def norms(self) -> list[nn.Module]:
+        return [n for n in (self.pre, self.post) if n is not None]
 
     @property
     def linears(self) -> list[ElasticLinear]:
         return [*self.outs, self.inp] if self.inp is not None else []
 
-    def plan(self, lin: ElasticLinear, units: int) -> tuple[int, int]:
-        """(active blocks, active units per block) of `lin` at choice `units`."""
-        plan = self._plans.get(id(lin))
-        return plan(units) if plan is not None else (lin.blocks, units)
+    def _projection_norm_forward(self, lin: ElasticLinear):
+        """The forward of a norm over `lin`'s output: its class's own forward on the active slice of its
+        weight (hard), or, in soft mode, with its statistic over the active features: for a 0/1 mask m,
+        norm(x * m * s) / s with s = sqrt(features / sum(m)) is exactly the norm of the kept features."""
+        def forward(norm: nn.Module, x: Tensor) -> Tensor:
+            run = type(norm).forward
+            if self.soft_mask is None:
+                return run(norm, x) if lin.full else run(_WithWeight(norm, lin.take(norm.weight, 0)), x)
+            mask = self.soft_mask
+            if mask.shape[-1] != lin.n_units:  # KV heads under query-head units: a group is on with its first head
+                mask = mask.unflatten(-1, (lin.n_units, -1))[..., 0]
+            m = mask.repeat_interleave(lin.unit, dim=-1).to(x.dtype)
+            s = (m.shape[-1] / m.sum(-1, keepdim=True).clamp_min(1e-6)).sqrt()
+            return run(norm, x * m * s) / s
+
+        return forward
 
     def _skip(self, skipped: bool) -> None:
         # Instance attributes shadow the class forward; only ours are removed (adaptive routing
@@ -179,36 +237,60 @@ class ElasticPart:
             elif vars(module).get("forward") is fwd:
                 del module.forward
 
+    def _scale_output(self, keep: Tensor | None) -> None:
+        """Soft skip behind a post-norm: scale what the branch adds, after the norm (a norm undoes any
+        scale of its input)."""
+        if self._keep_hook is not None:
+            self._keep_hook.remove()
+            self._keep_hook = None
+        if keep is not None:
+            self._keep_hook = self.post.register_forward_hook(lambda m, args, out: out * keep.to(out.dtype))
+
     def set_hard(self, units: int) -> None:
         if self.inp is None:
             return
         for lin in self.linears:
-            lin.active_blocks, lin.active = self.plan(lin, units)
+            lin.spans = self.plan(lin, units)
         self.inp.mask = None
         self.inp.bias_scale = None
+        self.soft_mask = None
+        if self.post is not None:
+            self._scale_output(None)
         self._skip(units == 0)
 
     def set_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
-        """Full width, input of the "in" projection times `mask`; `keep` (1 - the skip weight) scales its bias."""
+        """Full width, input of the "in" projection times `mask`; `keep` (1 - the skip weight) scales its
+        bias (pre-norm) or the branch's output (behind a post-norm)."""
         if self.inp is None:
             return
         self._skip(False)
         for lin in self.linears:
-            lin.active, lin.active_blocks = lin.n_units, lin.blocks
+            lin.spans = lin.full_spans()
         self.inp.mask = mask
-        self.inp.bias_scale = keep
+        self.soft_mask = mask if self.projection_norms else None
+        if self.post is not None:
+            self._scale_output(keep)
+            self.inp.bias_scale = None
+        else:
+            self.inp.bias_scale = keep
 
     def n_params(self, units: int, bias: bool = True) -> int:
-        """Weights in use at `units`; with `bias`, also biases, the norm and other parameters that
+        """Weights in use at `units`; with `bias`, also biases, the norms and other parameters that
         are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
         if units == 0:
             return 0
-        plans = [(lin, *self.plan(lin, units)) for lin in self.linears]
-        return (self.fixed if bias else 0) + sum(lin.n_params(n, blocks, bias) for lin, blocks, n in plans)
+        count = sum(lin.n_params(self.plan(lin, units), bias) for lin in self.linears)
+        if bias:
+            count += self.fixed + sum(lin.active_features(self.plan(lin, units)) for _, lin in self.projection_norms)
+        return count
 
 
 def _absent(module: nn.Module) -> bool:
     return getattr(module, "flextron_skipped", False)
+
+
+def _features(base: nn.Module, side: str, conv1d: bool) -> int:
+    return base.weight.shape[0 if (side == "out") != conv1d else 1]
 
 
 class ElasticBlock:
@@ -216,12 +298,12 @@ class ElasticBlock:
 
     Attention units are KV groups (`attn_unit="group"`) or query heads (`"head"`, see ElasticSpace):
     choice c keeps min(c, G) groups with max(1, c // G) query heads each, the first ones of each
-    group. HF's layout is group-major (head h reads KV group h // R), so q/o are G blocks of R heads;
-    soft masks, which count heads in the nested order, are reordered into that layout."""
+    group. HF's layout is group-major (head h reads KV group h // R), so the query block keeps one run
+    of heads per group; soft masks, which count heads in the nested order, are reordered into that layout."""
 
     def __init__(self, block: nn.Module, family: Family, attn_unit: str = "group") -> None:
         self.family = family
-        attn, mlp = block.get_submodule(family.attn), block.get_submodule(family.mlp)
+        attn, mlp = block.get_submodule(family.attn.module), block.get_submodule(family.mlp.module)
         # An attention that an export left out has no heads: any geometry gives it cost 0.
         self.geometry = AttnGeometry(1, 1, 0) if _absent(attn) else family.geometry(attn)
         g = self.geometry
@@ -230,43 +312,57 @@ class ElasticBlock:
         # With one head per group the two units coincide: keep the group code path.
         self.head_units = attn_unit == "head" and g.heads_per_unit > 1
         conv1d = family.linear_type is not nn.Linear
-        G, R = g.n_kv_heads, g.heads_per_unit
+        G, R, d = g.n_kv_heads, g.heads_per_unit, g.head_dim
 
-        def wrap(parent: nn.Module, projs: tuple[Proj, ...], unit_of, norm: str | None, skipped,
-                 heads: bool = False) -> ElasticPart:
+        def attn_layout(p: Proj, base: nn.Module) -> list[tuple[int, int]]:
+            if self.head_units:
+                return [(d, g.n_heads) if queries else (d, G) for queries in p.blocks]
+            return [(R * d, G) if queries else (d, G) for queries in p.blocks]
+
+        def mlp_layout(p: Proj, base: nn.Module) -> list[tuple[int, int]]:
+            return [(1, _features(base, p.side, conv1d) // len(p.blocks))] * len(p.blocks)
+
+        def wrap(branch: Branch, layout, skipped, **part) -> ElasticPart:
+            parent = block.get_submodule(branch.module)
+            pre, post = (block.get_submodule(n) if n else None for n in (branch.pre, branch.post))
             if _absent(parent):
-                return ElasticPart(parent, [], None, None, skipped)
-            wrapped, plans = [], {}
-            for p in projs:
-                blocks = G if heads and p.grouped else None
-                lin = ElasticLinear(parent.get_submodule(p.name), p, unit_of(p), conv1d, blocks)
+                return ElasticPart(parent, [], None, pre, post, skipped)
+            wrapped, norms = [], []
+            for p in branch.projs:
+                base = parent.get_submodule(p.name)
+                lin = ElasticLinear(base, p, layout(p, base), conv1d)
                 setattr(parent, p.name, lin)
                 wrapped.append(lin)
-                if heads:  # q/o: G blocks of heads; k/v: one block of KV heads
-                    plans[id(lin)] = self._head_layout if p.grouped else (lambda c: (1, self._head_layout(c)[0]))
+                if p.norm is not None:
+                    norms.append((parent.get_submodule(p.norm), lin))
             outs = [lin for lin in wrapped if lin.side == "out"]
             (inp,) = [lin for lin in wrapped if lin.side == "in"]
-            return ElasticPart(parent, outs, inp, norm and block.get_submodule(norm), skipped,
-                               g.n_heads if heads else None, plans)
+            return ElasticPart(parent, outs, inp, pre, post, skipped, projection_norms=norms, **part)
 
-        self.mlp = wrap(mlp, family.mlp_projs, lambda p: 1, family.mlp_norm, skipped_mlp_forward)
+        self.mlp = wrap(family.mlp, mlp_layout, skipped_mlp_forward)
         if self.head_units:
-            if family.on_attn_width is not None or not hasattr(attn, "num_key_value_groups"):
+            if not hasattr(attn, "num_key_value_groups"):
                 raise FlextronError(f"the {family.name} family's attention cannot trim query heads within "
                                     "KV groups; convert with --attn-unit group")
-            self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim, family.attn_norm,
-                             skipped_attention_forward, heads=True)
+            self.attn = wrap(family.attn, attn_layout, skipped_attention_forward, n_units=g.n_heads,
+                             plan=self._head_plan)
             # Soft masks count heads in the nested order r * G + g; HF head g * R + r reads that entry.
             h = torch.arange(g.n_heads)
             self._mask_order = (h % R) * G + h // R
         else:
-            self.attn = wrap(attn, family.attn_projs, lambda p: g.head_dim * (R if p.grouped else 1),
-                             family.attn_norm, skipped_attention_forward)
+            self.attn = wrap(family.attn, attn_layout, skipped_attention_forward)
 
     def _head_layout(self, units: int) -> tuple[int, int]:
         """Head mode: (KV groups kept, query heads in each) at choice `units`."""
         G = self.geometry.n_kv_heads
         return min(units, G), max(1, units // G)
+
+    def _head_plan(self, lin: ElasticLinear, units: int) -> Spans:
+        """Head mode: the query block keeps the first heads of each kept group, KV blocks the kept groups."""
+        groups, per_group = self._head_layout(units)
+        R = self.geometry.heads_per_unit
+        return [[(k * R, per_group) for k in range(groups)] if n == self.geometry.n_heads else [(0, groups)]
+                for _, n in lin.layout]
 
     def attn_heads(self, units: int) -> tuple[int, int]:
         """(query heads, KV heads) that attention choice `units` runs."""
@@ -285,14 +381,13 @@ class ElasticBlock:
 
     def set_attn_hard(self, units: int) -> None:
         self.attn.set_hard(units)
-        if self.attn.inp is None:
+        if self.attn.inp is None or units == 0:
             return
+        heads, kv = self.attn_heads(units)
         if self.head_units:  # HF repeats each KV head this many times
-            heads, kv = self.attn_heads(units)
-            self.attn.module.num_key_value_groups = heads // kv if kv else self.geometry.heads_per_unit
-        elif self.family.on_attn_width is not None:
-            g = self.geometry
-            self.family.on_attn_width(self.attn.module, units * g.heads_per_unit * g.head_dim)
+            self.attn.module.num_key_value_groups = heads // kv
+        if self.family.on_attn_width is not None:
+            self.family.on_attn_width(self.attn.module, heads, kv)
 
     def set_attn_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
         """Full width; `mask` [..., n_units] over attention units in nested order."""
@@ -307,13 +402,24 @@ class ElasticBlock:
         if not self.head_units:
             for lin in self.attn.linears:
                 lin.permute_(perm)
+            self._permute_norms(self.attn, perm)
             return
         R = self.geometry.heads_per_unit
         groups = perm.view(-1, R) // R
         if not (groups == groups[:, :1]).all():
             raise FlextronError("a head permutation must keep each KV group's query heads together")
         for lin in self.attn.linears:
-            lin.permute_(perm if lin.n_units * lin.blocks == len(perm) else groups[:, 0])
+            lin.permute_(perm, groups[:, 0])
+        self._permute_norms(self.attn, perm, groups[:, 0])
+
+    @staticmethod
+    @torch.no_grad()
+    def _permute_norms(part: ElasticPart, perm: Tensor, group_perm: Tensor | None = None) -> None:
+        """Reorder the weights of norms over a projection's output with that projection's units."""
+        for norm, lin in part.projection_norms:
+            p = perm if lin.n_units == len(perm) else group_perm
+            idx = (p[:, None] * lin.unit + torch.arange(lin.unit, device=p.device)).reshape(-1)
+            norm.weight.copy_(norm.weight.index_select(0, idx.to(norm.weight.device)))
 
     def attn_order(self, scores: Tensor) -> Tensor:
         """The permutation that sorts attention units by descending score; in head mode groups by

@@ -30,6 +30,8 @@ from flextron.modeling_flextron import PER_LAYER
 from flextron.version import __version__
 
 EXPORT_MANIFEST = "flextron_export.json"
+# Config lists with one entry per layer (attention kind; SmolLM3's RoPE on/off): renumbered with the layers.
+_LAYER_LISTS = ("layer_types", "no_rope_layers")
 MODELING_FILE = "modeling_flextron.py"
 
 
@@ -58,8 +60,10 @@ def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
         for block, width, units in zip(em.blocks, subnet.mlp, subnet.attn):
             for part, k in ((block.mlp, width), (block.attn, units)):
                 if k == 0:
-                    dropped += [f"{names[id(m)]}." for m in (part.module, part.norm) if m is not None]
+                    dropped += [f"{names[id(m)]}." for m in (part.module, *part.norms)]
                     continue
+                for norm, lin in part.projection_norms:  # OLMo 2's q/k norms: cut with their projection
+                    state[f"{names[id(norm)]}.weight"] = lin.take(norm.weight, 0).clone()
                 for lin in part.linears:
                     state[f"{names[id(lin)]}.weight"] = lin.take(lin.weight, lin.edim).clone()
                     # An "in" projection's bias is added after the reduction over units: it stays whole.
@@ -95,8 +99,9 @@ def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
         raise FlextronError("this GPT-2 scales attention by the layer index, so its layers cannot be renumbered; "
                             "export a sub-network that keeps every layer")
     values[em.family.n_layers_key] = len(kept)
-    if isinstance(values.get("layer_types"), list):
-        values["layer_types"] = [values["layer_types"][i] for i in kept]
+    for key in _LAYER_LISTS:
+        if isinstance(values.get(key), list):
+            values[key] = [values[key][i] for i in kept]
     return values
 
 

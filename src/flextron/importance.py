@@ -74,18 +74,20 @@ def _contribution_hook(store: list[Tensor], idx: int):
 
 
 def _block_hooks(part, store: list[Tensor], idx: int) -> list:
-    """Accumulate sum over tokens of 1 - cos(x, x + f(x)) for the sub-layer of `part`."""
+    """Accumulate sum over tokens of 1 - cos(x, x + f(x)) for the branch of `part`: x enters its
+    first module (the pre-norm, else the sub-layer), f(x) leaves its last (the post-norm, else the sub-layer)."""
     seen: dict[str, Tensor] = {}
 
-    def pre(module, args) -> None:
-        seen["x"] = args[0].detach().float()
+    def pre(module, args, kwargs) -> None:  # decoder layers pass the attention's input by keyword
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
 
     def post(module, args, out) -> None:
         f = (out[0] if isinstance(out, tuple) else out).detach().float()
         x = seen.pop("x")
         store[idx] += (1 - F.cosine_similarity(x, x + f, dim=-1)).sum()
 
-    return [part.norm.register_forward_pre_hook(pre), part.module.register_forward_hook(post)]
+    first, last = part.pre or part.module, part.post or part.module
+    return [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
 
 
 def default_attn_score(em: ElasticModel) -> str:
@@ -106,13 +108,12 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
     mlp = [torch.zeros(b.mlp.n_units, device=device) for b in em.blocks]
     attn = [torch.zeros(b.attn.n_units, device=device) for b in em.blocks]
     layers = {k: [torch.zeros((), device=device) for _ in em.blocks] for k in ("mlp", "attn")}
-    with_norms = all(b.mlp.norm is not None and b.attn.norm is not None for b in em.blocks)
     handles = []
     for i, b in enumerate(em.blocks):
         handles.append(b.mlp.inp.register_forward_pre_hook(_hook(mlp, i, b.mlp.inp.unit)))
         score = _contribution_hook(attn, i) if attn_score == "output" else _hook(attn, i, b.attn.inp.unit)
         handles.append(b.attn.inp.register_forward_pre_hook(score))
-        for kind in layers if with_norms else ():
+        for kind in layers:
             handles += _block_hooks(getattr(b, kind), layers[kind], i)
     was_training = em.training
     em.eval()
@@ -128,7 +129,7 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
         em.train(was_training)
     tokens = sequences.numel()
     return Importance(mlp=[s.sqrt().cpu() for s in mlp], attn=[s.sqrt().cpu() for s in attn],
-                      layers={k: [float(v) / tokens for v in vs] for k, vs in layers.items()} if with_norms else None)
+                      layers={k: [float(v) / tokens for v in vs] for k, vs in layers.items()})
 
 
 def random_importance(em: ElasticModel, seed: int = 0) -> Importance:

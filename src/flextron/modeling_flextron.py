@@ -12,22 +12,36 @@ head stay the same, so the stock forward runs unchanged. A size of 0 removes the
 its norm: the residual stream passes through (`SkippedAttention`, `SkippedMLP`).
 """
 
+import copy
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D
 
@@ -79,21 +93,57 @@ def _resized(old: nn.Module, out_features: int | None = None, in_features: int |
                      bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
 
 
-def _skip_parts(layer: nn.Module, width: int, heads: int, attn: str, attn_norm: str, mlp: str,
-                mlp_norm: str) -> tuple[bool, bool]:
+def _resized_norm(old: nn.Module, size: int) -> nn.Module:
+    """A copy of the norm `old` over `size` features (OLMo 2's q/k norms span the whole projection)."""
+    new = copy.deepcopy(old)
+    new.weight = nn.Parameter(torch.ones(size, device=old.weight.device, dtype=old.weight.dtype))
+    return new
+
+
+class _HeadCounts:
+    """The model config as one attention layer sees it: Phi-3 splits q|k|v at
+    `config.num_attention_heads * head_dim`, so a narrower layer reads its own head count."""
+
+    def __init__(self, config: PreTrainedConfig, heads: int) -> None:
+        self._config = config
+        self.num_attention_heads = heads
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_config":  # copy and pickle probe before _config exists
+            raise AttributeError(name)
+        return getattr(self._config, name)
+
+
+def set_phi3_head_counts(attn: nn.Module, heads: int, kv_heads: int) -> None:
+    """Make a Phi-3 attention split its fused q|k|v for `heads` query and `kv_heads` KV heads."""
+    config = attn.config._config if isinstance(attn.config, _HeadCounts) else attn.config
+    attn.config = _HeadCounts(config, heads)
+    attn.num_key_value_heads = kv_heads
+    attn.num_key_value_groups = heads // kv_heads
+
+
+# Per block layout, the norms of the attention branch and of the MLP branch (all removed with it).
+PRE_NORM = (("input_layernorm",), ("post_attention_layernorm",))
+SANDWICH = (("input_layernorm", "post_attention_layernorm"), ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+POST_NORM = (("post_attention_layernorm",), ("post_feedforward_layernorm",))
+
+
+def _skip_parts(layer: nn.Module, width: int, heads: int, attn: str, mlp: str,
+                norms: tuple[tuple[str, ...], tuple[str, ...]]) -> tuple[bool, bool]:
     """Replace the sub-layers of size 0 (and their norms); returns which remain (attention, MLP)."""
     if heads == 0:
         setattr(layer, attn, SkippedAttention(getattr(layer, attn).layer_idx))
-        setattr(layer, attn_norm, nn.Identity())
     if width == 0:
         setattr(layer, mlp, SkippedMLP())
-        setattr(layer, mlp_norm, nn.Identity())
+    for size, names in zip((heads, width), norms):
+        for name in names if size == 0 else ():
+            setattr(layer, name, nn.Identity())
     return heads > 0, width > 0
 
 
-def _resize_llama_layer(layer: nn.Module, width: int, heads: int, kv_heads: int) -> None:
-    has_attn, has_mlp = _skip_parts(layer, width, heads, "self_attn", "input_layernorm", "mlp",
-                                    "post_attention_layernorm")
+def _resize_llama_layer(layer: nn.Module, width: int, heads: int, kv_heads: int,
+                        norms: tuple[tuple[str, ...], tuple[str, ...]] = PRE_NORM) -> None:
+    has_attn, has_mlp = _skip_parts(layer, width, heads, "self_attn", "mlp", norms)
     if has_mlp:
         mlp = layer.mlp
         mlp.gate_proj = _resized(mlp.gate_proj, out_features=width)
@@ -107,10 +157,25 @@ def _resize_llama_layer(layer: nn.Module, width: int, heads: int, kv_heads: int)
         attn.o_proj = _resized(attn.o_proj, in_features=heads * d)
         # Eager attention repeats each KV head this many times.
         attn.num_key_value_groups = heads // kv_heads
+        if norms is POST_NORM:  # OLMo 2: q/k norms over the whole projections
+            attn.q_norm = _resized_norm(attn.q_norm, heads * d)
+            attn.k_norm = _resized_norm(attn.k_norm, kv_heads * d)
+
+
+def _resize_phi3_layer(layer: nn.Module, width: int, heads: int, kv_heads: int) -> None:
+    has_attn, has_mlp = _skip_parts(layer, width, heads, "self_attn", "mlp", PRE_NORM)
+    if has_mlp:
+        layer.mlp.gate_up_proj = _resized(layer.mlp.gate_up_proj, out_features=2 * width)
+        layer.mlp.down_proj = _resized(layer.mlp.down_proj, in_features=width)
+    if has_attn:
+        attn, d = layer.self_attn, layer.self_attn.head_dim
+        attn.qkv_proj = _resized(attn.qkv_proj, out_features=(heads + 2 * kv_heads) * d)
+        attn.o_proj = _resized(attn.o_proj, in_features=heads * d)
+        set_phi3_head_counts(attn, heads, kv_heads)
 
 
 def _resize_gpt2_block(block: nn.Module, width: int, heads: int, kv_heads: int) -> None:
-    has_attn, has_mlp = _skip_parts(block, width, heads, "attn", "ln_1", "mlp", "ln_2")
+    has_attn, has_mlp = _skip_parts(block, width, heads, "attn", "mlp", (("ln_1",), ("ln_2",)))
     if has_mlp:
         mlp = block.mlp
         mlp.c_fc = _resized(mlp.c_fc, out_features=width)
@@ -181,6 +246,15 @@ FlextronMistralConfig, FlextronMistralForCausalLM = _family(MistralConfig, Mistr
 FlextronQwen2Config, FlextronQwen2ForCausalLM = _family(Qwen2Config, Qwen2ForCausalLM)
 FlextronQwen3Config, FlextronQwen3ForCausalLM = _family(Qwen3Config, Qwen3ForCausalLM)
 FlextronGPT2Config, FlextronGPT2LMHeadModel = _family(GPT2Config, GPT2LMHeadModel, "transformer.h", _resize_gpt2_block)
+FlextronGraniteConfig, FlextronGraniteForCausalLM = _family(GraniteConfig, GraniteForCausalLM)
+FlextronSmolLM3Config, FlextronSmolLM3ForCausalLM = _family(SmolLM3Config, SmolLM3ForCausalLM)
+_sandwich = partial(_resize_llama_layer, norms=SANDWICH)
+FlextronGemma2Config, FlextronGemma2ForCausalLM = _family(Gemma2Config, Gemma2ForCausalLM, resize_layer=_sandwich)
+FlextronGemma3TextConfig, FlextronGemma3ForCausalLM = _family(Gemma3TextConfig, Gemma3ForCausalLM,
+                                                              resize_layer=_sandwich)
+FlextronOlmo2Config, FlextronOlmo2ForCausalLM = _family(Olmo2Config, Olmo2ForCausalLM,
+                                                        resize_layer=partial(_resize_llama_layer, norms=POST_NORM))
+FlextronPhi3Config, FlextronPhi3ForCausalLM = _family(Phi3Config, Phi3ForCausalLM, resize_layer=_resize_phi3_layer)
 
 # Base HF model_type -> (per-layer config, per-layer model).
 PER_LAYER = {
@@ -189,6 +263,12 @@ PER_LAYER = {
     "qwen2": (FlextronQwen2Config, FlextronQwen2ForCausalLM),
     "qwen3": (FlextronQwen3Config, FlextronQwen3ForCausalLM),
     "gpt2": (FlextronGPT2Config, FlextronGPT2LMHeadModel),
+    "granite": (FlextronGraniteConfig, FlextronGraniteForCausalLM),
+    "smollm3": (FlextronSmolLM3Config, FlextronSmolLM3ForCausalLM),
+    "gemma2": (FlextronGemma2Config, FlextronGemma2ForCausalLM),
+    "gemma3_text": (FlextronGemma3TextConfig, FlextronGemma3ForCausalLM),
+    "olmo2": (FlextronOlmo2Config, FlextronOlmo2ForCausalLM),
+    "phi3": (FlextronPhi3Config, FlextronPhi3ForCausalLM),
 }
 
-__all__ = [c.__name__ for pair in PER_LAYER.values() for c in pair] + ["PER_LAYER"]
+__all__ = [c.__name__ for pair in PER_LAYER.values() for c in pair] + ["PER_LAYER", "set_phi3_head_counts"]

@@ -1,7 +1,10 @@
-"""What a family adapter says: where a decoder block's elastic weights live.
+"""What a family declares: where a decoder block's elastic weights live and what the block computes.
 
-The slicing itself lives once in `flextron.elastic`; an adapter is data plus two tiny
-functions, so a new family is a few lines.
+The slicing itself lives once in `flextron.elastic`; a family is data plus two tiny functions,
+chosen by the model's `model_type` (never guessed from module names), so a new family is a few
+lines. Besides the weights it states the block's semantics that slicing and skipping depend on:
+where the norms of each branch sit (pre-norm, Gemma's sandwich norms, OLMo 2's post-norms), norms
+over a whole projection's output (OLMo 2's q/k norms), fused projections (Phi-3's q|k|v, gate|up).
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ class Proj:
 
     side="out": its output features are the elastic units (q/k/v, gate/up, c_fc).
     side="in":  its input features are the elastic units (o_proj, down_proj, c_proj).
-    grouped:    a unit spans all query heads of one KV group (q, o) instead of one head (k, v).
-    blocks:     a fused projection holding several tensors side by side (GPT-2 c_attn = q|k|v).
+    blocks:     one entry per tensor the projection holds side by side (fused: GPT-2's c_attn =
+                q|k|v, Phi-3's qkv_proj and gate_up_proj): True where that block holds query heads
+                (a unit spans all query heads of one KV group: q, o), False where a unit is one KV
+                head (k, v) or one neuron.
+    norm:       a norm over the projection's whole output (OLMo 2's q_norm / k_norm): it is sliced
+                with the output and its statistic taken over the active features only.
     """
 
     name: str
     side: Literal["out", "in"]
-    grouped: bool = False
-    blocks: int = 1
+    blocks: tuple[bool, ...] = (False,)
+    norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,19 +48,36 @@ class AttnGeometry:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """A residual branch (attention or MLP) of a decoder block: x + post(module(pre(x))).
+
+    Skipping the branch removes all three (it adds nothing to the residual stream); its importance
+    compares the stream entering `pre` (or the module) with what `post` (or the module) adds."""
+
+    module: str
+    projs: tuple[Proj, ...]
+    pre: str | None = None
+    post: str | None = None
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.pre, self.post) if n is not None)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
+    layout: str  # the block semantics in words (README's family matrix): pre-norm, sandwich norms, post-norm
+    model_types: tuple[str, ...]  # HF `model_type`s declared to have this block
     classes: tuple[str, ...]
     layers: str
-    attn: str
-    mlp: str
-    attn_projs: tuple[Proj, ...]
-    mlp_projs: tuple[Proj, ...]
+    attn: Branch
+    mlp: Branch
     linear_type: type[nn.Module]
     geometry: Callable[[nn.Module], AttnGeometry]
-    # Called with (attention module, active width per block) when a fused projection's
-    # split size must follow the active width; None where the HF code infers it.
-    on_attn_width: Callable[[nn.Module, int], None] | None = None
+    # Called with (attention module, query heads, KV heads) when the HF attention code reads head
+    # counts that must follow the active width (fused q|k|v split points); None where it infers them.
+    on_attn_width: Callable[[nn.Module, int, int], None] | None = None
     # HF config keys of the MLP width, query heads, KV heads and head size (export writes them);
     # None where the config has no such key (GPT-2: one head per unit, head size = hidden / heads).
     mlp_width_key: str = "intermediate_size"
@@ -61,9 +85,6 @@ class Family:
     kv_heads_key: str | None = "num_key_value_heads"
     head_dim_key: str | None = "head_dim"
     n_layers_key: str = "num_hidden_layers"
-    # The norms in front of the attention and the MLP (a skipped sub-layer skips its norm too).
-    attn_norm: str | None = None
-    mlp_norm: str | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -77,11 +98,15 @@ class Family:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return [self.layers]
         gone = []
-        for sub, projs in ((self.attn, self.attn_projs), (self.mlp, self.mlp_projs)):
+        for branch in (self.attn, self.mlp):
             # The first block that has this sub-layer (an export may leave it out of some layers).
-            block = next((b for b in blocks if not getattr(_get(b, sub), "flextron_skipped", False)), blocks[0])
-            for p in projs:
-                path = f"{sub}.{p.name}"
+            block = next((b for b in blocks if not getattr(_get(b, branch.module), "flextron_skipped", False)),
+                         blocks[0])
+            for norm in branch.norms:
+                if _get(block, norm) is None:
+                    gone.append(f"{self.layers}[0].{norm}")
+            for p in branch.projs:
+                path = f"{branch.module}.{p.name}"
                 try:
                     if not isinstance(block.get_submodule(path), self.linear_type):
                         gone.append(f"{self.layers}[0].{path} ({self.linear_type.__name__})")
