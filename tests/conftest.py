@@ -98,10 +98,12 @@ def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_laye
     return em
 
 
-FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
-LLAMA_KINDS = FAMILY_KINDS[:4]  # grouped-query attention: query heads can be trimmed inside KV groups
-# The block layouts users bring beyond those (family matrix: tests/test_families.py).
+# Every declared block layout: pre-norm (llama .. qwen3, granite, smollm3, gpt2), sandwich norms (gemma2,
+# gemma3), post-norm with q/k norms over whole projections (olmo2), fused projections (phi3).
 NEW_KINDS = ["gemma2", "gemma3", "olmo2", "phi3", "granite", "smollm3"]
+FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", *NEW_KINDS]
+# grouped-query attention: query heads can be trimmed inside KV groups
+LLAMA_KINDS = [k for k in FAMILY_KINDS if k != "gpt2"]
 
 
 @pytest.fixture(params=FAMILY_KINDS)

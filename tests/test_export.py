@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILY_KINDS, LLAMA_KINDS, VOCAB, make_elastic, make_tokenizer
+from conftest import FAMILY_KINDS, LLAMA_KINDS, VOCAB, make_elastic, make_model, make_tokenizer
 from flextron import api
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
@@ -21,11 +21,14 @@ from flextron.modeling_flextron import PER_LAYER
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
 # What existing exports' config.json names: these never change.
-AUTO_MAP = {kind: {"AutoConfig": f"modeling_flextron.Flextron{name}Config",
-                   "AutoModelForCausalLM": f"modeling_flextron.Flextron{name}{head}"}
-            for kind, name, head in (("llama", "Llama", "ForCausalLM"), ("mistral", "Mistral", "ForCausalLM"),
-                                     ("qwen2", "Qwen2", "ForCausalLM"), ("qwen3", "Qwen3", "ForCausalLM"),
-                                     ("gpt2", "GPT2", "LMHeadModel"))}
+AUTO_MAP = {kind: {"AutoConfig": f"modeling_flextron.Flextron{config}Config",
+                   "AutoModelForCausalLM": f"modeling_flextron.Flextron{model}"}
+            for kind, config, model in (("llama", "Llama", "LlamaForCausalLM"), ("mistral", "Mistral", "MistralForCausalLM"),
+                                        ("qwen2", "Qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3", "Qwen3ForCausalLM"),
+                                        ("gpt2", "GPT2", "GPT2LMHeadModel"), ("gemma2", "Gemma2", "Gemma2ForCausalLM"),
+                                        ("gemma3", "Gemma3Text", "Gemma3ForCausalLM"), ("olmo2", "Olmo2", "Olmo2ForCausalLM"),
+                                        ("phi3", "Phi3", "Phi3ForCausalLM"), ("granite", "Granite", "GraniteForCausalLM"),
+                                        ("smollm3", "SmolLM3", "SmolLM3ForCausalLM"))}
 # The start of a script run in a subprocess where importing flextron fails.
 BLOCK_FLEXTRON = r"""
 import importlib.abc, sys
@@ -52,8 +55,9 @@ def subnet_for(em: ElasticModel, kind: str, case: str) -> Subnet:
 
 
 def per_layer_expected(kind: str, case: str) -> bool:
-    # Mistral/Qwen configs take any head count with an explicit head_dim; Llama's checks hidden % heads.
-    return case == "hetero" or (case == "fallback" and kind in ("llama", "gpt2"))
+    # Mistral/Qwen/OLMo 2/Phi-3/Granite/SmolLM3 configs take any head count with an explicit head_dim;
+    # Llama's and Gemma's check hidden % heads.
+    return case == "hetero" or (case == "fallback" and kind in ("llama", "gpt2", "gemma2", "gemma3"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,8 @@ def test_export_matches_elastic_model(exports, kind, case):
     assert (d / "modeling_flextron.py").is_file() == per_layer
     config = json.loads((d / "config.json").read_text())
     if per_layer:
-        assert config["auto_map"] == AUTO_MAP[kind] and config["model_type"] == f"flextron_{kind}"
+        base_type = make_model(kind).config.model_type
+        assert config["auto_map"] == AUTO_MAP[kind] and config["model_type"] == f"flextron_{base_type}"
     assert sum(p.numel() for p in model.parameters()) == params
     with torch.no_grad():
         assert (model(ids).logits - expected).abs().max().item() < 1e-4

@@ -260,19 +260,22 @@ class ElasticPart:
 
     def set_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
         """Full width, input of the "in" projection times `mask`; `keep` (1 - the skip weight) scales its
-        bias (pre-norm) or the branch's output (behind a post-norm)."""
+        bias (pre-norm) or the branch's output (behind a post-norm, where the mask is divided by it)."""
         if self.inp is None:
             return
         self._skip(False)
         for lin in self.linears:
             lin.spans = lin.full_spans()
-        self.inp.mask = mask
-        self.soft_mask = mask if self.projection_norms else None
         if self.post is not None:
+            # The norm sees the mix of the kept widths at full strength (a mix of "skip" and one width is
+            # exactly that width); the skip weight scales what the branch adds.
+            mask = mask if keep is None else mask / keep.clamp_min(1e-6)
             self._scale_output(keep)
             self.inp.bias_scale = None
         else:
             self.inp.bias_scale = keep
+        self.inp.mask = mask
+        self.soft_mask = mask if self.projection_norms else None
 
     def n_params(self, units: int, bias: bool = True) -> int:
         """Weights in use at `units`; with `bias`, also biases, the norms and other parameters that

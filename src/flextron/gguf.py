@@ -1,11 +1,15 @@
 """GGUF export: a static sub-network as a llama.cpp model file.
 
-Uniform sub-networks get the family's own llama.cpp architecture (`llama`, `qwen2`, `qwen3`),
-with the tensor names, q/k rotary row order, hyper-parameters and tokenizer fields that
-llama.cpp's `convert_hf_to_gguf.py` writes for the stock model. Per-layer sub-networks get
-llama.cpp's `deci` architecture, whose loader reads the MLP width and the query / KV head
-counts as per-layer arrays. Weights come from `export.sliced_state_dict`: the slicing rule
-lives there only. What llama.cpp cannot express is refused before anything is written.
+Uniform sub-networks get the family's own llama.cpp architecture (`llama`, `qwen2`, `qwen3`,
+`gemma2`, `gemma3`, `olmo2`, `phi3`, `granite`, `smollm3`, `gpt2`), with the tensor names, q/k
+rotary row order, norm weights, hyper-parameters and tokenizer fields that llama.cpp's
+`convert_hf_to_gguf.py` writes for the stock model. Those architectures read one MLP width and
+head count for all layers (their loaders check every layer's tensors against layer 0's), so
+per-layer sub-networks get llama.cpp's `deci` architecture, whose loader reads the MLP width and
+the query / KV head counts as per-layer arrays: pre-norm families without q/k norms only (Phi-3's
+fused projections are split for it, Granite's multipliers folded into the weights). Weights come
+from `export.sliced_state_dict`: the slicing rule lives there only. What llama.cpp cannot express
+is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -28,9 +32,22 @@ from flextron.fsutil import atomic_write
 from flextron.version import __version__
 
 # model_type -> llama.cpp architecture of a uniform sub-network
-UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "phi3": "phi3", "granite": "granite",
+                "smollm3": "smollm3"}
 # Architectures whose rotary layout is llama.cpp's "normal" one: q/k rows are permuted on export.
-_PERMUTED = {"llama", "deci"}
+_PERMUTED = {"llama", "deci", "granite", "smollm3"}
+# Architectures whose loader sizes the query projection by the hidden size: all query heads only.
+_FULL_QUERY = {"qwen2", "olmo2", "phi3"}
+# What `deci` lacks for the other families' blocks.
+_NOT_IN_DECI = {"qwen3": "q/k norms", "gemma2": "sandwich norms", "gemma3": "sandwich norms or q/k norms",
+                "olmo2": "post-norms or q/k norms"}
+_GEMMA = {"gemma2", "gemma3"}
+# llama.cpp scales Gemma queries by (hidden / heads) ** -0.5 at these layer counts (the 27B models), else by
+# head size ** -0.5; the model's own query_pre_attn_scalar is folded into the queries against that.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Every n-th layer of llama.cpp's smollm3 graph has no RoPE; the others all have it.
+_SMOLLM3_NO_ROPE_STEP = 4
 # Width of the all-zero FFN that stands for a skipped MLP (it adds exactly 0 to the residual stream).
 ZERO_FFN = 32
 # Pre-tokenizer names llama.cpp knows, by the split regex of a tokenizer.json `Split` step.
@@ -89,31 +106,68 @@ def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     if model_type not in UNIFORM_ARCH:
         raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
                             "export with --format hf instead")
+    own = UNIFORM_ARCH[model_type]
     counts = layer_counts(em, subnet)
     widths, heads, _ = layer_sizes(em, subnet)
     partial = 0 in widths or 0 in heads  # a layer without MLP or without attention
     kept_full = all(subnet.attn[i] == em.blocks[i].attn.n_units for i in kept_layers(subnet))
-    if model_type == "gpt2" and per_layer:
+    if own == "gpt2" and per_layer:
         raise FlextronError("llama.cpp has no per-layer architecture (deci) for GPT-2; export it with --graph "
                             "auto or own")
-    if model_type == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
+    if own == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
         raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
                             "(head size = hidden / heads); export this sub-network with --format hf")
-    if is_uniform(counts) and not partial and not per_layer:
-        narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
-        # llama.cpp's qwen2 sizes the query projection by the hidden size; deci takes any head count.
-        return "deci" if model_type == "qwen2" and narrow else UNIFORM_ARCH[model_type]
-    if model_type == "qwen3":
-        raise FlextronError("llama.cpp's per-layer architecture (deci) has no q/k norms, so a per-layer "
-                            "Qwen3 sub-network cannot be a GGUF; export a uniform budget, or use --format hf")
+    narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
+    if (is_uniform(counts) and not partial and not per_layer and not (narrow and own in _FULL_QUERY)
+            and _rope_layers_fit(em, subnet, own)):
+        return own
+    missing = _not_in_deci(em, subnet, own)
+    if missing is not None:
+        raise FlextronError(f"llama.cpp's per-layer architecture (deci) has no {missing}, and its {own} architecture "
+                            f"needs {_own_needs(own)}; export such a sub-network, or use --format hf")
     return "deci"
 
 
-def _rope_theta(em: ElasticModel) -> tuple[float, float | None]:
-    """RoPE base and linear scaling factor; other RoPE scalings are refused."""
+def _own_needs(own: str) -> str:
+    """What llama.cpp's `own` architecture needs of a sub-network, in words."""
+    needs = "the same MLP width and heads in every layer, no skipped sub-layer"
+    if own in _FULL_QUERY:
+        needs += ", all query heads"
+    if own == "smollm3":
+        needs += f", RoPE in every layer but every {_SMOLLM3_NO_ROPE_STEP}th"
+    return needs
+
+
+def _has_rope(em: ElasticModel, layer: int) -> bool:
+    no_rope = getattr(em.config, "no_rope_layers", None)  # SmolLM3: 1 where the layer has RoPE
+    return no_rope is None or bool(no_rope[layer])
+
+
+def _rope_layers_fit(em: ElasticModel, subnet: Subnet, own: str) -> bool:
+    """Whether llama.cpp's `own` graph applies RoPE in exactly the kept layers that have it."""
+    kept = kept_layers(subnet)
+    if own != "smollm3":
+        return all(_has_rope(em, i) for i in kept)
+    return [_has_rope(em, i) for i in kept] == [(j + 1) % _SMOLLM3_NO_ROPE_STEP != 0 for j in range(len(kept))]
+
+
+def _not_in_deci(em: ElasticModel, subnet: Subnet, own: str) -> str | None:
+    """What of `subnet` llama.cpp's `deci` graph lacks; None where it runs it exactly."""
+    if own in _NOT_IN_DECI:
+        return _NOT_IN_DECI[own]
+    if _rope_dims(em) != em.blocks[0].geometry.head_dim:
+        return "partial RoPE"
+    if not all(_has_rope(em, i) for i in kept_layers(subnet) if subnet.attn[i]):
+        return "layers without RoPE"
+    return None
+
+
+def _rope_theta(em: ElasticModel, layers: str = "full_attention") -> tuple[float, float | None]:
+    """RoPE base and linear scaling factor (of `layers` where the config has per-kind RoPE, as Gemma 3);
+    other RoPE scalings are refused."""
     cfg = em.config
     params = getattr(cfg, "rope_parameters", None) or {}
-    params = params.get("full_attention", params)
+    params = params.get(layers, params)
     kind = params.get("rope_type", "default")
     if kind not in ("default", "linear"):
         raise FlextronError(f"GGUF export supports default and linear RoPE, not {kind!r}; export with --format hf")
@@ -121,9 +175,105 @@ def _rope_theta(em: ElasticModel) -> tuple[float, float | None]:
     return float(theta), (float(params["factor"]) if kind == "linear" else None)
 
 
+def _rope_dims(em: ElasticModel) -> int:
+    """How many dimensions of each head RoPE rotates (Phi-4-mini: a fraction of them)."""
+    params = getattr(em.config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(em.config, "partial_rotary_factor", 1.0))
+    return int(em.blocks[0].geometry.head_dim * factor)
+
+
+def _check_config(em: ElasticModel, arch: str) -> None:
+    """Refuse (one line) an HF setting that llama.cpp's `arch` graph would compute differently."""
+    cfg = em.config
+    own = UNIFORM_ARCH[cfg.model_type]
+    _rope_theta(em)
+    act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+    want = "gelu_pytorch_tanh" if own in _GEMMA else "silu"
+    problem = None
+    if act != want:
+        problem = f"the {act} activation (llama.cpp's {arch} graph uses {want})"
+    elif own == "gemma2" and None in (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.sliding_window):
+        problem = "no soft-capping or no sliding window (llama.cpp's gemma2 graph always has them)"
+    elif own == "gemma2" and not cfg.tie_word_embeddings:
+        problem = "an output layer apart from the embeddings (llama.cpp's gemma2 graph reuses them)"
+    elif own == "gemma3" and cfg.attn_logit_softcapping is not None:
+        problem = "attention soft-capping (llama.cpp's gemma3 graph has none)"
+    elif own == "gemma3" and _rope_theta(em, "sliding_attention")[1] is not None:
+        problem = "scaled RoPE in its sliding-window layers (llama.cpp's gemma3 graph scales none there)"
+    elif own == "phi3" and (cfg.sliding_window or cfg.max_position_embeddings) < cfg.max_position_embeddings:
+        problem = f"a sliding window of {cfg.sliding_window} tokens (llama.cpp's phi3 graph ignores it)"
+    elif own not in _GEMMA and getattr(cfg, "use_sliding_window", False):
+        problem = f"sliding-window layers (llama.cpp's {arch} graph has none)"
+    if problem is not None:
+        raise FlextronError(f"this {cfg.model_type} model has {problem}; export with --format hf instead")
+
+
 def permute_rotary(w: Tensor, n_head: int) -> Tensor:
     """HF's half-split rotary rows -> llama.cpp's interleaved pairs, per head (as its converter does)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def _gemma_query_scale(em: ElasticModel, subnet: Subnet, arch: str) -> float:
+    """The factor on Gemma's queries that turns llama.cpp's attention scale into query_pre_attn_scalar ** -0.5
+    (1 for the stock models)."""
+    _, heads, _ = layer_counts(em, subnet)
+    llamacpp = em.blocks[0].geometry.head_dim
+    if len(kept_layers(subnet)) == _GEMMA_27B_LAYERS[arch]:
+        llamacpp = em.config.hidden_size // heads[0]
+    return (llamacpp / em.config.query_pre_attn_scalar) ** 0.5
+
+
+def _unfused(em: ElasticModel, subnet: Subnet, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Phi-3's fused q|k|v and gate|up as the separate projections `deci` reads."""
+    _, heads, kv = layer_sizes(em, subnet)
+    head_dim = em.blocks[0].geometry.head_dim
+    out = {}
+    for name, t in state.items():
+        if ".qkv_proj." in name:
+            layer = _layer(name)
+            parts = t.split([heads[layer] * head_dim, kv[layer] * head_dim, kv[layer] * head_dim])
+            out.update({name.replace("qkv_proj", p): w for p, w in zip(("q_proj", "k_proj", "v_proj"), parts)})
+        elif ".gate_up_proj." in name:
+            out.update(zip((name.replace("gate_up", "gate"), name.replace("gate_up", "up")), t.chunk(2)))
+        else:
+            out[name] = t
+    return out
+
+
+def _folded_multipliers(em: ElasticModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Granite's embedding, attention, residual and logit multipliers folded into the weights, for
+    `deci`, which has none: the same function, written as plain Llama weights."""
+    cfg = em.config
+    residual = cfg.residual_multiplier
+    query = cfg.attention_multiplier * em.blocks[0].geometry.head_dim ** 0.5  # deci scales by head size ** -0.5
+    factors = {"embed_tokens.weight": cfg.embedding_multiplier, "lm_head.weight": 1 / cfg.logits_scaling,
+               "q_proj.weight": query, "q_proj.bias": query, "o_proj.weight": residual, "o_proj.bias": residual,
+               "down_proj.weight": residual, "down_proj.bias": residual}
+    return {name: t * factors.get(".".join(name.split(".")[-2:]), 1.0) for name, t in state.items()}
+
+
+def _weights(em: ElasticModel, subnet: Subnet, arch: str) -> dict[str, Tensor]:
+    """The sub-network's HF-named weights as llama.cpp's `arch` reads them."""
+    own = UNIFORM_ARCH[em.config.model_type]
+    state = sliced_state_dict(em, subnet)
+    folded = arch == "deci" and own == "granite"
+    if arch == "deci" and own == "phi3":
+        state = _unfused(em, subnet, state)
+    if folded:
+        state = _folded_multipliers(em, state)
+    if arch in _GEMMA:
+        scale = _gemma_query_scale(em, subnet, arch)
+        for name, t in state.items():
+            t = t + 1 if name.endswith("norm.weight") else t  # Gemma's RMSNorm multiplies by 1 + weight
+            state[name] = t * scale if (".q_norm." if arch == "gemma3" else ".q_proj.") in name else t
+    # A tied output layer is read from the embeddings, except where llama.cpp needs it apart.
+    if getattr(em.config, "tie_word_embeddings", False) and not (arch == "olmo2" or folded):
+        state.pop("lm_head.weight", None)
+    return {name: t for name, t in state.items() if "rotary_emb" not in name}
 
 
 def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Tensor]]:
@@ -131,16 +281,13 @@ def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Ten
 
     _, heads, kv = layer_counts(em, subnet)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], em.space.n_layers)
-    tied = bool(getattr(em.config, "tie_word_embeddings", False))
     out = []
-    for name, t in sliced_state_dict(em, subnet).items():
-        if "rotary_emb" in name or (tied and name == "lm_head.weight"):
-            continue
+    for name, t in _weights(em, subnet, arch).items():
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise FlextronError(f"no llama.cpp tensor for {name}; export with --format hf instead")
         if arch in _PERMUTED and (".q_proj." in name or ".k_proj." in name):
-            layer = int(name.split(".layers.")[1].split(".")[0])
+            layer = _layer(name)
             t = permute_rotary(t, heads[layer] if ".q_proj." in name else kv[layer])
         if arch == "gpt2" and t.ndim == 2 and name.startswith("transformer.h."):
             t = t.T  # Conv1D stores [in, out]
