@@ -84,7 +84,7 @@ def test_unsupported_architecture_via_cli(tmp_path):
                              max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(d)
     make_tokenizer().save_pretrained(d)
     r = run_cli("convert", str(d), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "unsupported architecture OPTForCausalLM" in r.stderr
+    assert r.returncode == 2 and "unsupported model OPTForCausalLM" in r.stderr
     assert "LlamaForCausalLM" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 

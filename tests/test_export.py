@@ -23,12 +23,13 @@ PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
 # What existing exports' config.json names: these never change.
 AUTO_MAP = {kind: {"AutoConfig": f"modeling_flextron.Flextron{config}Config",
                    "AutoModelForCausalLM": f"modeling_flextron.Flextron{model}"}
-            for kind, config, model in (("llama", "Llama", "LlamaForCausalLM"), ("mistral", "Mistral", "MistralForCausalLM"),
-                                        ("qwen2", "Qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3", "Qwen3ForCausalLM"),
-                                        ("gpt2", "GPT2", "GPT2LMHeadModel"), ("gemma2", "Gemma2", "Gemma2ForCausalLM"),
-                                        ("gemma3", "Gemma3Text", "Gemma3ForCausalLM"), ("olmo2", "Olmo2", "Olmo2ForCausalLM"),
-                                        ("phi3", "Phi3", "Phi3ForCausalLM"), ("granite", "Granite", "GraniteForCausalLM"),
-                                        ("smollm3", "SmolLM3", "SmolLM3ForCausalLM"))}
+            for kind, config, model in (
+                ("llama", "Llama", "LlamaForCausalLM"), ("mistral", "Mistral", "MistralForCausalLM"),
+                ("qwen2", "Qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3", "Qwen3ForCausalLM"),
+                ("gpt2", "GPT2", "GPT2LMHeadModel"), ("gemma2", "Gemma2", "Gemma2ForCausalLM"),
+                ("gemma3", "Gemma3Text", "Gemma3ForCausalLM"), ("olmo2", "Olmo2", "Olmo2ForCausalLM"),
+                ("phi3", "Phi3", "Phi3ForCausalLM"), ("granite", "Granite", "GraniteForCausalLM"),
+                ("smollm3", "SmolLM3", "SmolLM3ForCausalLM"))}
 # The start of a script run in a subprocess where importing flextron fails.
 BLOCK_FLEXTRON = r"""
 import importlib.abc, sys

@@ -4,12 +4,18 @@ References come from transformers' modules only: a skipped sub-layer is the HF m
 sub-layer's output set to zero by a forward hook (behind a sandwich or post-norm, the trailing norm
 of zero is zero, so the branch adds nothing)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import OPTConfig, OPTForCausalLM
 
-from conftest import FAMILY_KINDS, LLAMA_KINDS, VOCAB, make_elastic, make_model
+from conftest import FAMILY_KINDS, LLAMA_KINDS, NEW_KINDS, VOCAB, make_elastic, make_model, make_tokenizer, word_text
+from flextron import api
+from flextron.assets import load_hf
+from flextron.checkpoint import load_checkpoint
+from flextron.cli import main
 from flextron.config import Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
@@ -120,8 +126,8 @@ def test_block_importance_reads_the_residual_stream_and_what_the_branch_adds(kin
     em, ref = make_elastic(kind, n_layers=3, min_layers=1), make_model(kind, 0, 3)
     x = torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     scores = measure_importance(em, x, batch_size=2, progress=False).layers
+    seen = {}
     for i in range(3):
-        seen = {}
         layer = hf_layer(ref, kind, i)
         grab = layer.register_forward_hook(
             lambda m, args, kwargs, out: seen.update(h_in=args[0] if args else kwargs["hidden_states"],
@@ -177,3 +183,72 @@ def test_phi3_fused_projections_are_cut_block_by_block():
         assert qkv.take(qkv.weight, 0).shape[0] == 6 * 8 and gate_up.take(gate_up.weight, 0).shape[0] == 48
         assert em.blocks[0].attn.module.config.num_attention_heads == 2
     assert em.blocks[0].attn.module.config.num_attention_heads == 8
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """save(kind) -> a tiny HF directory of that kind (3 layers, word-level tokenizer) and a text file."""
+    text = tmp_path / "text.txt"
+    text.write_text(word_text(3000))
+
+    def save(kind: str, model_type: str | None = None):
+        d = tmp_path / kind
+        make_model(kind, 0, 3).save_pretrained(d)
+        make_tokenizer().save_pretrained(d)
+        if model_type is not None:  # a model type transformers knows and flextron does not declare
+            config = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps(config | {"model_type": model_type}))
+        return d
+
+    return save, text
+
+
+def convert_args(model_dir, out, text, *extra) -> list[str]:
+    return ["convert", str(model_dir), "--out", str(out), "--calib-data", str(text), "--calib-sequences", "4",
+            "--calib-seq-len", "16", "--multiple", "8", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_every_family_runs_the_pipeline_end_to_end(kind, saved, tmp_path):
+    """convert (importance, depth, query-head units), train, route (static and adaptive), eval, per-layer
+    export that reloads as the routed sub-network, and generation."""
+    save, text = saved
+    ckpt, run = tmp_path / "ck", tmp_path / "run"
+    assert main(convert_args(save(kind), ckpt, text, "--depth", "--attn-unit", "head")) == 0
+    assert json.loads((ckpt / "flextron.json").read_text())["family"] == DECLARED[kind]
+    assert main(["train", str(ckpt), "--out", str(run), "--max-steps", "1", "--seq-len", "16", "--micro-batch", "2",
+                 "--eval-limit", "0", "--dtype", "fp32", "--no-activation-checkpointing", "--data", str(text),
+                 "--device", "cpu"]) == 0
+    final = run / "checkpoints" / "step-0000001"
+    common = ["--data", str(text), "--steps", "4", "--joint-steps", "1", "--seq-len", "16", "--micro-batch", "2",
+              "--eval-limit", "1", "--budgets", "0.6,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]
+    assert main(["route", str(final), *common]) == 0
+    assert main(["route", str(final), "--adaptive", *common]) == 0
+    assert main(["eval", str(final), "--budgets", "1.0,0.6", "--limit", "1", "--seq-len", "16",
+                 "--out", str(tmp_path / "ev.json")]) == 0
+    assert main(["eval", str(final), "--adaptive", "--budgets", "0.6", "--limit", "1", "--seq-len", "16"]) == 0
+    em, _, _ = load_checkpoint(final)
+    sub = em.space.smallest()
+    api.export(final, None, tmp_path / "e", subnet=sub.to_dict())
+    exported, _, _ = load_hf(str(tmp_path / "e"))
+    x = torch.randint(2, VOCAB, (2, 9))
+    with torch.no_grad(), em.subnet(sub):
+        assert (exported(input_ids=x).logits - em(input_ids=x).logits).abs().max() < 1e-4
+    assert api.generate(final, "w3 w4", budget="0.6", max_new_tokens=3, raw=True, device="cpu") is not None
+
+
+def test_a_forced_family_is_checked_against_transformers_before_anything_is_written(saved, tmp_path, capsys):
+    save, text = saved
+    gemma = save("gemma3")
+    # Gemma 1 is not declared: refused in one line that names --family; forced as llama (its pre-norm block), it runs.
+    gemma1 = save("llama", model_type="gemma")
+    assert main(convert_args(gemma1, tmp_path / "g1", text)) == 2
+    assert "unsupported model" in capsys.readouterr().err and not (tmp_path / "g1").exists()
+    assert main(convert_args(gemma1, tmp_path / "g1", text, "--family", "llama", "--depth")) == 0
+    assert json.loads((tmp_path / "g1" / "flextron.json").read_text())["family"] == "llama"
+    capsys.readouterr()
+    # Gemma 3 forced into the pre-norm block: the MLP skip disagrees with transformers, nothing is written.
+    assert main(convert_args(gemma, tmp_path / "wrong", text, "--family", "llama")) == 2
+    err = capsys.readouterr().err
+    assert "does not compute this Gemma3ForCausalLM: MLP skip" in err and err.count("\n") == 1
+    assert not (tmp_path / "wrong").exists()

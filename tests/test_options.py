@@ -82,3 +82,10 @@ def test_bad_or_unsafe_yaml_is_refused(tmp_path, text, message):
         read_yaml(path)
     assert "\n" not in str(e.value)
 
+
+
+def test_convert_family_choices_are_the_declared_families():
+    from flextron.families import FAMILIES
+    from flextron.options import ConvertOptions
+
+    assert set(ConvertOptions.__dataclass_fields__["family"].metadata["choices"]) == set(FAMILIES)

@@ -14,12 +14,13 @@ from flextron.assets import load_hf
 from flextron.checkpoint import save_checkpoint
 from flextron.config import ElasticSpace
 from flextron.data import default_splits, sample_sequences, tokenize
-from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.families import detect_family
 from flextron.fsutil import check_output_dir
 from flextron.importance import default_attn_score, measure_importance, random_importance, sort_by_importance
 from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
+from flextron.selfcheck import checked_elastic
 
 
 def _calibration_text(source: str) -> str:
@@ -56,7 +57,7 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
                             "drop one of them")
     attn_unit = space.attn_unit if space is not None else o.attn_unit or "group"
     hf, tok, source = load_hf(model, dtype=weights, device=device)
-    em = ElasticModel(hf, attn_unit=attn_unit)
+    em = checked_elastic(hf, detect_family(hf, o.family), attn_unit)
     first = em.blocks[0]
     space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
                                           o.mlp_fractions, o.attn_fractions, o.multiple, attn_unit,

@@ -32,7 +32,6 @@ from flextron.errors import FlextronError
 from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 
-
 Spans = list[list[tuple[int, int]]]  # per block of a projection: the (first unit, count) runs it keeps
 
 
@@ -306,7 +305,7 @@ class ElasticBlock:
 
     def __init__(self, block: nn.Module, family: Family, attn_unit: str = "group") -> None:
         self.family = family
-        attn, mlp = block.get_submodule(family.attn.module), block.get_submodule(family.mlp.module)
+        attn = block.get_submodule(family.attn.module)
         # An attention that an export left out has no heads: any geometry gives it cost 0.
         self.geometry = AttnGeometry(1, 1, 0) if _absent(attn) else family.geometry(attn)
         g = self.geometry

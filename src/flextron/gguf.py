@@ -422,7 +422,31 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
     writer.add_value_length(head_dim)
     writer.add_file_type(_file_type(outtype))
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(_rope_dims(em))
+    _write_family_hparams(writer, em, subnet, arch)
+
+
+def _write_family_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str) -> None:
+    """What llama.cpp's `arch` reads beyond the Llama hyper-parameters, from the HF config."""
+    cfg = em.config
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    if arch in _GEMMA and cfg.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch in _GEMMA and cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([cfg.layer_types[i] == "sliding_attention" for i in kept_layers(subnet)])
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(_rope_theta(em, "sliding_attention")[0])
+    if arch == "granite":
+        writer.add_attention_scale(cfg.attention_multiplier)
+        writer.add_embedding_scale(cfg.embedding_multiplier)
+        writer.add_residual_scale(cfg.residual_multiplier)
+        writer.add_logit_scale(cfg.logits_scaling)
+    if arch == "phi3":
+        writer.add_sliding_window(cfg.sliding_window or 0)  # 0: no window, as the converter writes
+        if getattr(cfg, "original_max_position_embeddings", None):
+            writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
 
 
 def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
@@ -443,7 +467,7 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
     em.space.validate(subnet)
     arch = gguf_arch(em, subnet, per_layer)
     if arch != "gpt2":
-        _rope_theta(em)  # refuse unsupported RoPE before any work
+        _check_config(em, arch)  # refuse what llama.cpp would run differently before any work
     write_tokenizer = _tokenizer_fields(tokenizer, em.config.vocab_size)
     tensors = _tensors(em, subnet, arch)
 

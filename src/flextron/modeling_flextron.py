@@ -124,7 +124,8 @@ def set_phi3_head_counts(attn: nn.Module, heads: int, kv_heads: int) -> None:
 
 # Per block layout, the norms of the attention branch and of the MLP branch (all removed with it).
 PRE_NORM = (("input_layernorm",), ("post_attention_layernorm",))
-SANDWICH = (("input_layernorm", "post_attention_layernorm"), ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+SANDWICH = (("input_layernorm", "post_attention_layernorm"),
+            ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
 POST_NORM = (("post_attention_layernorm",), ("post_feedforward_layernorm",))
 
 

@@ -55,6 +55,10 @@ class ConvertOptions(Options):
     attn_unit: str | None = opt(None, "what an attention choice counts: 'group' (whole KV groups; the default) or "
                                       "'head' (query heads, trimmed inside every group first, then whole groups)",
                                 choices=ATTN_UNITS)
+    family: str | None = opt(None, "treat a model type that is not declared as this family's block layout: "
+                                   "llama (pre-norm), gemma (sandwich norms), olmo2 (post-norm), phi3 (fused "
+                                   "projections), gpt2; checked against transformers before anything is written",
+                             choices=("llama", "gemma", "olmo2", "phi3", "gpt2"))
     depth: bool = opt(False, "also allow skipping each layer's attention or MLP (choice 0), least important first")
     min_layers: int | None = opt(None, "depth floor: layers that keep their attention, and their MLP "
                                        "(default with --depth: 1/3)")

@@ -33,7 +33,8 @@ def detect_family(model: nn.Module, name: str | None = None) -> Family:
         if family is None:
             raise FlextronError(
                 f"unsupported model {what}; supported model types: {', '.join(MODEL_TYPES)} "
-                f"(pass --family {'|'.join(FAMILIES)} to treat it as one, checked numerically before anything is written)"
+                f"(pass --family {'|'.join(FAMILIES)} to treat it as one, checked numerically before "
+                "anything is written)"
             )
     missing = family.missing(model)
     if missing:

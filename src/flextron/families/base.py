@@ -106,6 +106,8 @@ class Family:
                 if _get(block, norm) is None:
                     gone.append(f"{self.layers}[0].{norm}")
             for p in branch.projs:
+                if p.norm is not None and _get(block, f"{branch.module}.{p.norm}") is None:
+                    gone.append(f"{self.layers}[0].{branch.module}.{p.norm}")
                 path = f"{branch.module}.{p.name}"
                 try:
                     if not isinstance(block.get_submodule(path), self.linear_type):
