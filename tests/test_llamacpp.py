@@ -108,3 +108,21 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(tmp_path, capsys):
     assert cost(em.space, mixed) == pytest.approx(by_table(table["decode_ms"], mixed))
     with pytest.raises(FlextronError, match="batch 1"):
         api.profile(ckpt, runtime="llama.cpp", batch=2, **TINY)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform_sub_networks(kind, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(make_elastic(kind), make_bpe_tokenizer(), ckpt, {})
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
+    assert table["graphs"] == "uniform only" and "stock" not in table
+    subnets = [m["subnet"] for m in table["measurements"]]
+    assert all(len(set(s["mlp"])) == len(set(s["attn"])) == 1 for s in subnets)
+    assert len(subnets) == len({str(s) for s in subnets}) >= 5
+    em, _, _ = api.load(ckpt, "cpu")
+    cost, _ = budget_target(em, Budget.parse("latency_ms=1e6"))
+    assert cost.full >= cost.smallest > 0  # tiny models: widths may time alike
+    depth = tmp_path / "depth"
+    save_checkpoint(make_elastic(kind, min_layers=1), make_bpe_tokenizer(), depth, {})
+    with pytest.raises(FlextronError, match="profile a checkpoint converted without --depth"):
+        api.profile(depth, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)

