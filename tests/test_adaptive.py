@@ -82,6 +82,28 @@ def test_training_mode_sends_gradients_to_both_routers_and_costs_are_consistent(
     assert smallest <= routing.realised_fraction() <= 1.0 and smallest <= ratio.item() <= 1.0
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "olmo2"])
+def test_the_quality_loss_reaches_the_token_routers_through_the_gate_also_behind_a_post_norm(kind):
+    """The straight-through gate multiplies what the MLP adds; behind a post-norm (Gemma, OLMo 2) it
+    multiplies the norm's output, which would otherwise undo it and cut the quality loss's gradient."""
+    routing = routed(kind)
+    saved = [block.mlp.inp.weight.detach().clone() for block in routing.em.blocks]
+    with torch.no_grad():  # MLP outputs well above the norms' epsilon, as in trained models
+        for block in routing.em.blocks:
+            block.mlp.inp.weight.mul_(100)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    routing.start(0.7, ids, tau=1.0, generator=torch.Generator().manual_seed(0))
+    routing.em(input_ids=ids).logits.logsumexp(-1).mean().backward()  # no budget or balance term
+    assert all(lin.weight.grad.norm() > 1e-4 for lin in routing.routers.token_in)  # 1e-6 when the norm undid it
+    routing.detach()
+    with torch.no_grad():  # detached: no gate left on the norms
+        after = routing.em(input_ids=ids).logits
+        for block, weight in zip(routing.em.blocks, saved):
+            block.mlp.inp.weight.copy_(weight)
+        assert torch.equal(routing.em(input_ids=ids).logits, make_elastic(kind)(input_ids=ids).logits)
+    assert after.isfinite().all()
+
+
 def test_adaptive_lm_scores_each_sequence_as_its_own_request():
     routing = routed(seed=5)
     lm = AdaptiveLM(routing, 0.7)

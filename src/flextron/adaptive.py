@@ -200,7 +200,10 @@ class AdaptiveRouting:
         train = self.tau is not None
         gate = gumbel(logits, self.tau, self.generator) if train else None
         choice = (gate if train else logits).argmax(-1)
-        out = grouped_forward(part, module, self.em.space.mlp[layer], flat, choice, gate)
+        behind_norm = train and part.post is not None  # a post-norm would undo the gate: it scales the norm's output
+        out = grouped_forward(part, module, self.em.space.mlp[layer], flat, choice, None if behind_norm else gate)
+        if behind_norm:
+            part.scale_output(gate.gather(-1, choice[:, None]).view(*x.shape[:-1], 1))
         self.mlp_probs[layer] = F.softmax(logits / (self.tau or 1.0), -1)
         self.mlp_gates[layer] = gate
         self.mlp_counts[layer] += torch.bincount(choice, minlength=self.mlp_counts.shape[1]).cpu().float()

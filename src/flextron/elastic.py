@@ -236,9 +236,9 @@ class ElasticPart:
             elif vars(module).get("forward") is fwd:
                 del module.forward
 
-    def _scale_output(self, keep: Tensor | None) -> None:
-        """Soft skip behind a post-norm: scale what the branch adds, after the norm (a norm undoes any
-        scale of its input)."""
+    def scale_output(self, keep: Tensor | None) -> None:
+        """Behind a post-norm, scale what the branch adds (a soft skip, a router's straight-through gate)
+        after the norm, which undoes any scale of its input; until the next `set_hard` / `set_soft`."""
         if self._keep_hook is not None:
             self._keep_hook.remove()
             self._keep_hook = None
@@ -254,7 +254,7 @@ class ElasticPart:
         self.inp.bias_scale = None
         self.soft_mask = None
         if self.post is not None:
-            self._scale_output(None)
+            self.scale_output(None)
         self._skip(units == 0)
 
     def set_soft(self, mask: Tensor, keep: Tensor | None = None) -> None:
@@ -269,7 +269,7 @@ class ElasticPart:
             # The norm sees the mix of the kept widths at full strength (a mix of "skip" and one width is
             # exactly that width); the skip weight scales what the branch adds.
             mask = mask if keep is None else mask / keep.clamp_min(1e-6)
-            self._scale_output(keep)
+            self.scale_output(keep)
             self.inp.bias_scale = None
         else:
             self.inp.bias_scale = keep
