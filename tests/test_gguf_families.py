@@ -13,12 +13,12 @@ from flextron.config import ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.gguf import layer_counts, write_gguf
+from test_gguf import THREADS, elastic_logits, gguf_logits
 
 TOL = 1e-4  # f32 weights and KV cache, as tests/test_gguf.py: observed up to 3e-7
 # ggml's CPU GELU reads an f16 lookup table: Gemma's logits are up to 2.3e-4 off on these models
 # (4e-6 for Gemma 2 once torch's GELU rounds its input and output to f16 alike).
 GEMMA_TOL = 1e-3
-THREADS = 1
 IDS = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()  # > sliding window 4
 
 # (kind, sub-network) -> the llama.cpp architecture written, or the words of the one-line refusal.
@@ -91,16 +91,6 @@ def subnet_for(em: ElasticModel, case: str) -> Subnet:
         return Subnet(mlp=[c[-1] for c in s.mlp], attn=[s.attn[0][1], s.attn[1][3], s.attn[2][2], 0])
     mlp, attn = (0, 2, 1, 3), (1, 3, 2, 0)  # choice indices, per layer
     return Subnet(mlp=[s.mlp[i][mlp[i]] for i in range(n)], attn=[s.attn[i][attn[i]] for i in range(n)])
-
-
-def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarray:
-    with em.subnet(subnet), torch.no_grad():
-        return em(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def gguf_logits(path, ids: list[int]) -> np.ndarray:
-    with llamacpp.opened(path, n_ctx=64, threads=THREADS, exact=True, all_logits=True) as llm:
-        return llamacpp.logits(llm, ids)
 
 
 def max_diff(em: ElasticModel, subnet: Subnet, path) -> float:
