@@ -29,8 +29,9 @@ def subnets(em):
     return [em.space.full(), em.space.uniform(1, 1), em.space.uniform(0, 2)]
 
 
-@pytest.fixture(params=[("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True)],
-                ids=["llama", "qwen2", "llama-mixed", "qwen2-mixed"])
+@pytest.fixture(params=[("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True), ("gemma3", True),
+                        ("olmo2", True), ("phi3", True)],
+                ids=["llama", "qwen2", "llama-mixed", "qwen2-mixed", "gemma3-mixed", "olmo2-mixed", "phi3-mixed"])
 def engine(request):
     kind, mix = request.param  # mixed: all budgets in one batch, each row masked to its sub-network
     em, tok = make_elastic(kind), make_tokenizer()
