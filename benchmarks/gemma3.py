@@ -111,7 +111,8 @@ def main() -> None:
                  "params": {"full": full_cost.params, "half": half_cost.params}},
     }
     g = data["gguf"]
-    lines = [f"Gemma-3-270M on this CPU (`{data['command']}`, {data['seconds']} s; convert {convert_s:.0f} s, "
+    lines = ["## Gemma-3-270M through the pipeline (sandwich norms; a second real family)", "",
+             f"Gemma-3-270M on this CPU (`{data['command']}`, {data['seconds']} s; convert {convert_s:.0f} s, "
              f"{a.train_steps} elastic steps {train_s:.0f} s).", "",
              "| skip (layer 5) | max \\|dlogit\\| vs transformers | logit scale | argmax agreement |",
              "|---|---|---|---|"]

@@ -159,7 +159,7 @@ def _pre_tokenizers() -> dict:
     from tokenizers import Regex
     from tokenizers import pre_tokenizers as pt
 
-    from flextron.gguf import _REST, _WORDS
+    from flextron.gguf_tokenizer import _REST, _WORDS
 
     def split(digits: str):
         return pt.Sequence([pt.Split(Regex(_WORDS + digits + _REST), "isolated"), pt.ByteLevel(False, use_regex=False)])

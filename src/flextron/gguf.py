@@ -8,15 +8,13 @@ head count for all layers (their loaders check every layer's tensors against lay
 per-layer sub-networks get llama.cpp's `deci` architecture, whose loader reads the MLP width and
 the query / KV head counts as per-layer arrays: pre-norm families without q/k norms only (Phi-3's
 fused projections are split for it, Granite's multipliers folded into the weights). Weights come
-from `export.sliced_state_dict`: the slicing rule lives there only. What llama.cpp cannot express
-is refused before anything is written.
+from `export.sliced_state_dict`: the slicing rule lives there only; the tokenizer fields from
+`gguf_tokenizer`. What llama.cpp cannot express is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.export import kept_layers, layer_sizes, sliced_state_dict
 from flextron.fsutil import atomic_write
+from flextron.gguf_tokenizer import tokenizer_fields
 from flextron.version import __version__
 
 # model_type -> llama.cpp architecture of a uniform sub-network
@@ -50,10 +49,7 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _SMOLLM3_NO_ROPE_STEP = 4
 # Width of the all-zero FFN that stands for a skipped MLP (it adds exactly 0 to the residual stream).
 ZERO_FFN = 32
-# Pre-tokenizer names llama.cpp knows, by the split regex of a tokenizer.json `Split` step.
-_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_SPLIT_PRE = {_WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe", _WORDS + r"\p{N}" + _REST: "qwen2"}
+
 
 
 def layer_counts(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
@@ -318,78 +314,6 @@ def _file_type(outtype: str):
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[outtype]
 
 
-def _pre_tokenizer(spec: dict | None) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer, read from tokenizer.json."""
-    steps = (spec or {}).get("pretokenizers") if (spec or {}).get("type") == "Sequence" else [spec]
-    kinds = [s.get("type") if s else None for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        name = _SPLIT_PRE.get(steps[0].get("pattern", {}).get("Regex"))
-        if name is not None:
-            return name
-    raise FlextronError(f"the tokenizer's pre-tokenizer ({'+'.join(map(str, kinds))}) has no llama.cpp "
-                        "equivalent here; export with --format hf instead")
-
-
-def _vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, spec: dict) -> tuple[list[str], list[int]]:
-    """Token strings and types as the converter's `get_vocab_base` writes them."""
-    from gguf import TokenType
-
-    if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise FlextronError("GGUF export needs a byte-level BPE tokenizer (tokenizer.json), as GPT-2, Llama 3, "
-                            "SmolLM and Qwen use; export with --format hf instead")
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(reverse) >= vocab_size:
-        raise FlextronError(f"the tokenizer has ids up to {max(reverse)} but the model only {vocab_size} embeddings")
-    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-            continue
-        if token in added:
-            if not decoder[i].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(TokenType.CONTROL if decoder[i].special or looks_special else TokenType.USER_DEFINED)
-        else:
-            types.append(TokenType.NORMAL)
-        tokens.append(token)
-    return tokens, types
-
-
-def _tokenizer_fields(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Callable[[object], None]:
-    """Check the tokenizer and return the function that writes its `tokenizer.ggml.*` fields."""
-    import gguf
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise FlextronError("GGUF export needs a fast tokenizer (tokenizer.json); export with --format hf instead")
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
-        tokens, types = _vocab(tokenizer, vocab_size, spec)
-        pre = _pre_tokenizer(spec.get("pre_tokenizer"))
-        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
-    # What the HF tokenizer really does, so llama.cpp tokenizes a prompt the same way.
-    ids = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
-    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
-
-    def write(writer) -> None:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special.add_to_gguf(writer)
-
-    return write
-
-
 def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype: str) -> None:
     cfg = em.config
     ff, heads, kv = layer_counts(em, subnet)
@@ -468,7 +392,7 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
     arch = gguf_arch(em, subnet, per_layer)
     if arch != "gpt2":
         _check_config(em, arch)  # refuse what llama.cpp would run differently before any work
-    write_tokenizer = _tokenizer_fields(tokenizer, em.config.vocab_size)
+    write_tokenizer = tokenizer_fields(tokenizer, em.config.vocab_size)
     tensors = _tensors(em, subnet, arch)
 
     def write(tmp: Path) -> None:
