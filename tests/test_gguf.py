@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import VOCAB, make_bpe_tokenizer, make_elastic, make_tokenizer, two_graph_table
 from flextron import api, llamacpp
@@ -325,3 +326,37 @@ def test_smollm2_query_head_sub_networks_in_llamacpp(tmp_path):
     for b in em.blocks:  # the first two heads of each group trade places
         b.permute_attn_(torch.tensor([1, 0, 2, 4, 3, 5, 7, 6, 8]))
     assert np.abs(got["llama"] - elastic_logits(em, subs["llama"], ids)).max() > 1
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("case", ["full", "per_layer"])
+def test_llama3_rope_scaling_runs_in_llamacpp_with_its_frequency_factors(case, tmp_path):
+    """Llama 3.x: tied embeddings and llama3 RoPE scaling (written as llama.cpp's rope_freqs tensor, as its
+    converter does); the scaling changes every rotary frequency of this tiny model, so a file without the
+    factors is far off."""
+    em, tok = sharp_elastic("llama"), make_bpe_tokenizer()
+    plain = em.model(input_ids=torch.tensor([IDS])).logits
+    config = LlamaConfig(**{**em.config.to_dict(), "rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True})
+    model = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in em.model.state_dict().items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=False)
+    em = ElasticModel(model, em.space)
+    with torch.no_grad():
+        assert (em.model(input_ids=torch.tensor([IDS])).logits - plain).abs().max() > 0.05
+    sub = subnet_for(em, case)
+    info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
+    assert info["architecture"] == ("llama" if case == "full" else "deci")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    diff = np.abs(gguf_logits(tmp_path / "m.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
+    assert diff < TOL, diff
+
+
+def test_a_sliding_window_llama_cpp_ignores_is_refused(tmp_path):
+    em = make_elastic("mistral")
+    em.model.config.sliding_window = 8  # Mistral 7B v0.1: a window shorter than the context
+    with pytest.raises(FlextronError, match="sliding window of 8 tokens .*llama graph ignores it"):
+        write_gguf(em, make_bpe_tokenizer(), em.space.full(), tmp_path / "m.gguf")
+    assert not any(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from `export.sliced_state_dict`: the slicing rule lives there only; the tokenize
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -158,17 +159,39 @@ def _not_in_deci(em: ElasticModel, subnet: Subnet, own: str) -> str | None:
     return None
 
 
+def _rope_params(em: ElasticModel, layers: str = "full_attention") -> dict:
+    """The config's RoPE parameters (of `layers` where it has per-kind RoPE, as Gemma 3)."""
+    params = getattr(em.config, "rope_parameters", None) or {}
+    return params.get(layers, params)
+
+
 def _rope_theta(em: ElasticModel, layers: str = "full_attention") -> tuple[float, float | None]:
-    """RoPE base and linear scaling factor (of `layers` where the config has per-kind RoPE, as Gemma 3);
-    other RoPE scalings are refused."""
-    cfg = em.config
-    params = getattr(cfg, "rope_parameters", None) or {}
-    params = params.get(layers, params)
+    """RoPE base and linear scaling factor; RoPE scalings other than linear and Llama 3's (a tensor,
+    `_llama3_rope_factors`) are refused."""
+    params = _rope_params(em, layers)
     kind = params.get("rope_type", "default")
-    if kind not in ("default", "linear"):
-        raise FlextronError(f"GGUF export supports default and linear RoPE, not {kind!r}; export with --format hf")
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if kind not in ("default", "linear", "llama3"):
+        raise FlextronError(f"GGUF export supports default, linear and llama3 RoPE, not {kind!r}; export with "
+                            "--format hf")
+    theta = params.get("rope_theta", getattr(em.config, "rope_theta", 10000.0))
     return float(theta), (float(params["factor"]) if kind == "linear" else None)
+
+
+def _llama3_rope_factors(em: ElasticModel) -> Tensor | None:
+    """Llama 3.x's RoPE frequency factors as llama.cpp's converter writes them (`rope_freqs`); None for
+    other RoPE. Long wavelengths are slowed by `factor`, short ones kept, those between interpolated."""
+    params = _rope_params(em)
+    if params.get("rope_type") != "llama3":
+        return None
+    dim = em.blocks[0].geometry.head_dim
+    freqs = 1.0 / (_rope_theta(em)[0] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, old = params.get("factor", 8.0), params.get("original_max_position_embeddings", 8192)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < old / high, torch.ones_like(freqs),
+                       torch.where(wavelen > old / low, torch.full_like(freqs, factor), between))
 
 
 def _rope_dims(em: ElasticModel) -> int:
@@ -184,6 +207,7 @@ def _check_config(em: ElasticModel, arch: str) -> None:
     own = UNIFORM_ARCH[cfg.model_type]
     _rope_theta(em)
     act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+    window = getattr(cfg, "sliding_window", None) or cfg.max_position_embeddings
     want = "gelu_pytorch_tanh" if own in _GEMMA else "silu"
     problem = None
     if act != want:
@@ -196,8 +220,10 @@ def _check_config(em: ElasticModel, arch: str) -> None:
         problem = "attention soft-capping (llama.cpp's gemma3 graph has none)"
     elif own == "gemma3" and _rope_theta(em, "sliding_attention")[1] is not None:
         problem = "scaled RoPE in its sliding-window layers (llama.cpp's gemma3 graph scales none there)"
-    elif own == "phi3" and (cfg.sliding_window or cfg.max_position_embeddings) < cfg.max_position_embeddings:
-        problem = f"a sliding window of {cfg.sliding_window} tokens (llama.cpp's phi3 graph ignores it)"
+    elif own in ("phi3", "llama") and window < cfg.max_position_embeddings:  # Phi-3, Mistral 7B v0.1
+        problem = f"a sliding window of {window} tokens (llama.cpp's {own} graph ignores it)"
+    elif _llama3_rope_factors(em) is not None and arch not in ("llama", "deci"):
+        problem = f"Llama 3 RoPE scaling (llama.cpp's {arch} graph reads no frequency factors)"
     elif own not in _GEMMA and getattr(cfg, "use_sliding_window", False):
         problem = f"sliding-window layers (llama.cpp's {arch} graph has none)"
     if problem is not None:
@@ -288,6 +314,9 @@ def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Ten
         if arch == "gpt2" and t.ndim == 2 and name.startswith("transformer.h."):
             t = t.T  # Conv1D stores [in, out]
         out.append((target, t.detach().float().cpu()))
+    factors = _llama3_rope_factors(em)
+    if factors is not None:
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
     return out + _zero_tensors(em, subnet)
 
 
