@@ -24,7 +24,7 @@ from _results import command_line, publish
 from flextron import api, llamacpp
 from flextron.assets import GEMMA3, load_hf
 from flextron.budgets import select_subnet
-from flextron.config import Budget
+from flextron.config import Budget, TrainConfig
 from flextron.cost import subnet_cost
 from flextron.data import default_splits
 from flextron.elastic import ElasticModel
@@ -80,8 +80,9 @@ def main() -> None:
                        attn_unit="head", device="cpu", overwrite=True, progress=False)
     convert_s = time.time() - t0
     t = time.time()
-    summary = api.train(ckpt, work / "run", max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=2,
-                        eval_limit=0, save_every=a.train_steps, device="cpu", progress=False)
+    summary = api.train(ckpt, work / "run", TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=2,
+                                                        eval_limit=0, save_every=a.train_steps),
+                        device="cpu", progress=False)
     train_s = time.time() - t
     trained = Path(summary["final"])
     evals = {name: api.evaluate(path, budgets=BUDGETS, limit=a.limit, seq_len=a.seq_len, device="cpu",
