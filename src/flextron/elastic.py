@@ -35,6 +35,11 @@ from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_fo
 Spans = list[list[tuple[int, int]]]  # per block of a projection: the (first unit, count) runs it keeps
 
 
+def elastic_dim(side: str, conv1d: bool) -> int:
+    """The weight dimension holding a projection's elastic features: [out, in] for Linear, [in, out] for Conv1D."""
+    return 0 if (side == "out") != conv1d else 1
+
+
 class ElasticLinear(nn.Module):
     """A Linear (or GPT-2 Conv1D) whose output or input features form nested units, in one or more
     blocks side by side (a fused projection: q|k|v, gate|up). Block b holds `layout[b]` =
@@ -47,13 +52,13 @@ class ElasticLinear(nn.Module):
         self.side = proj.side
         self.layout = layout
         self.conv1d = conv1d
-        # The weight dimension holding the elastic features: [out, in] for Linear, [in, out] for Conv1D.
-        self.edim = 0 if (self.side == "out") != conv1d else 1
+        self.edim = elastic_dim(self.side, conv1d)
         features = self.weight.shape[self.edim]
         if features != sum(u * n for u, n in layout) or (self.side == "in" and len(layout) > 1):
             raise FlextronError(f"projection {proj.name} has {features} features, not "
                                 f"{' + '.join(f'{n} units of {u}' for u, n in layout)}")
-        self.spans: Spans = self.full_spans()
+        self._full_spans: Spans = [[(0, n)] for _, n in layout]
+        self.spans = self.full_spans()
         self.mask: Tensor | None = None
         self.bias_scale: Tensor | None = None  # soft mode with a skip choice: 1 - its weight
 
@@ -67,11 +72,11 @@ class ElasticLinear(nn.Module):
         return self.layout[0][1]
 
     def full_spans(self) -> Spans:
-        return [[(0, n)] for _, n in self.layout]
+        return [list(runs) for runs in self._full_spans]
 
     @property
     def full(self) -> bool:
-        return self.spans == self.full_spans()
+        return self.spans == self._full_spans
 
     def _parts(self, t: Tensor, dim: int) -> list[Tensor]:
         """The active features of `t` along `dim`, one view per kept run of units."""
@@ -291,10 +296,6 @@ def _absent(module: nn.Module) -> bool:
     return getattr(module, "flextron_skipped", False)
 
 
-def _features(base: nn.Module, side: str, conv1d: bool) -> int:
-    return base.weight.shape[0 if (side == "out") != conv1d else 1]
-
-
 class ElasticBlock:
     """A decoder block's elastic MLP and attention.
 
@@ -322,7 +323,7 @@ class ElasticBlock:
             return [(R * d, G) if queries else (d, G) for queries in p.blocks]
 
         def mlp_layout(p: Proj, base: nn.Module) -> list[tuple[int, int]]:
-            return [(1, _features(base, p.side, conv1d) // len(p.blocks))] * len(p.blocks)
+            return [(1, base.weight.shape[elastic_dim(p.side, conv1d)] // len(p.blocks))] * len(p.blocks)
 
         def wrap(branch: Branch, layout, skipped, **part) -> ElasticPart:
             parent = block.get_submodule(branch.module)
