@@ -65,3 +65,17 @@ def test_a_model_directory_s_own_code_never_runs(tiny_hf_dir, monkeypatch):
     with pytest.raises(FlextronError, match="cannot load"):
         load_hf(str(model_dir))
     assert not (model_dir / "RAN").exists()
+
+
+def test_damaged_gemma3_parts_are_refused_and_leave_nothing(tmp_path, monkeypatch):
+    from flextron import assets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    parts = []
+    for i in range(4):
+        parts.append(tmp_path / f"part{i}")
+        parts[-1].write_bytes(b"not a gguf" * (i + 1))
+    monkeypatch.setattr(assets, "package_file", lambda dist, rel: parts[int(dist[-1]) - 1])
+    with pytest.raises(FlextronError, match="gemma-3-270m GGUF has the wrong sha256; reinstall"):
+        assets.resolve_model("gemma-3-270m")
+    assert list((tmp_path / "cache" / "flextron" / "models").iterdir()) == []

