@@ -40,7 +40,10 @@ EXPECTED = {
     ("smollm3", "full"): "every 4th", ("smollm3", "uniform"): "every 4th", ("smollm3", "per_layer"): "every 4th",
     ("smollm3-4", "full"): "smollm3", ("smollm3-4", "uniform"): "smollm3",
     ("smollm3-4", "per_layer"): "no layers without RoPE", ("smollm3-4", "no_rope_attn_skipped"): "deci",
-    ("qwen3", "per_layer"): "no q/k norms",
+    ("qwen3", "per_layer"): "this Qwen3 has its own",
+    # Qwen3 with tied embeddings (0.6B-4B): per-layer in llama.cpp's openelm (fused q|k|v, per-head q/k norms).
+    ("qwen3-tied", "full"): "qwen3", ("qwen3-tied", "uniform"): "qwen3", ("qwen3-tied", "per_layer"): "openelm",
+    ("qwen3-tied", "depth"): "openelm",
 }
 assert {k for k, _ in EXPECTED} >= set(NEW_KINDS)
 
@@ -74,6 +77,8 @@ def family_model(kind: str):
         return variant("phi3", rope_parameters=rope, partial_rotary_factor=1.0)
     if kind == "smollm3-4":  # SmolLM3's own pattern: RoPE off in every 4th layer
         return variant("smollm3", n_layers=4, no_rope_layers=[1, 1, 1, 0], no_rope_layer_interval=4)
+    if kind == "qwen3-tied":
+        return variant("qwen3", tie_word_embeddings=True)
     return make_model(kind)
 
 

@@ -7,7 +7,9 @@ rotary row order, norm weights, hyper-parameters and tokenizer fields that llama
 head count for all layers (their loaders check every layer's tensors against layer 0's), so
 per-layer sub-networks get llama.cpp's `deci` architecture, whose loader reads the MLP width and
 the query / KV head counts as per-layer arrays: pre-norm families without q/k norms only (Phi-3's
-fused projections are split for it, Granite's multipliers folded into the weights). Weights come
+fused projections are split for it, Granite's multipliers folded into the weights). Qwen3 with tied
+embeddings goes to `openelm`, whose graph computes Qwen3's block (fused q|k|v, per-head q/k norms,
+NeoX RoPE) with per-layer counts and reads its output layer from the embeddings. Weights come
 from `export.sliced_state_dict`: the slicing rule lives there only; the tokenizer fields from
 `gguf_tokenizer`. What llama.cpp cannot express is refused before anything is written.
 """
@@ -39,8 +41,10 @@ UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3":
 _PERMUTED = {"llama", "deci", "granite", "smollm3"}
 # Architectures whose loader sizes the query projection by the hidden size: all query heads only.
 _FULL_QUERY = {"qwen2", "olmo2", "phi3"}
+# The per-layer architectures: their loaders read per-layer head counts and MLP widths.
+PER_LAYER_ARCHS = ("deci", "openelm")
 # What `deci` lacks for the other families' blocks.
-_NOT_IN_DECI = {"qwen3": "q/k norms", "gemma2": "sandwich norms", "gemma3": "sandwich norms or q/k norms",
+_NOT_IN_DECI = {"gemma2": "sandwich norms", "gemma3": "sandwich norms or q/k norms",
                 "olmo2": "post-norms or q/k norms"}
 _GEMMA = {"gemma2", "gemma3"}
 # llama.cpp scales Gemma queries by (hidden / heads) ** -0.5 at these layer counts (the 27B models), else by
@@ -53,33 +57,38 @@ ZERO_FFN = 32
 
 
 
-def layer_counts(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
-    """Per kept layer, what llama.cpp reads: feed_forward_length, head_count, head_count_kv.
+def layer_counts(em: ElasticModel, subnet: Subnet, arch: str = "deci") -> tuple[list[int], list[int], list[int]]:
+    """Per kept layer, what llama.cpp's `arch` reads: feed_forward_length, head_count, head_count_kv.
 
     The one place sub-network choices become llama.cpp counts. A skipped attention is head_count 0
-    (`deci` builds an attention-free layer), except in the first layer: llama.cpp reads the head size
-    only when layer 0 has heads, so there it is one KV group whose projections are zero. A skipped MLP
-    in a layer that keeps its attention is a zero FFN of `ZERO_FFN` neurons, because `deci` drops the
-    attention output of a layer whose feed_forward_length is 0. Zero sub-layers add exactly nothing.
-    Layers that skip both are left out, as in the HF export."""
+    (`deci` builds an attention-free layer), except in the first layer, and in every layer of
+    `openelm`, which has no attention-free layers: llama.cpp reads the head size only when layer 0 has
+    heads, so there it is one KV group whose projections are zero. A skipped MLP in a layer that keeps
+    its attention is a zero FFN of `ZERO_FFN` neurons, because `deci` drops the attention output of a
+    layer whose feed_forward_length is 0. Zero sub-layers add exactly nothing. Layers that skip both
+    are left out, as in the HF export."""
     ff, heads, kv = layer_sizes(em, subnet)
-    if heads and heads[0] == 0:
-        heads[0], kv[0] = em.blocks[kept_layers(subnet)[0]].geometry.heads_per_unit, 1
+    kept = kept_layers(subnet)
+    for j in range(len(heads) if arch == "openelm" else min(1, len(heads))):
+        if heads[j] == 0:
+            heads[j], kv[j] = em.blocks[kept[j]].geometry.heads_per_unit, 1
     return [w or ZERO_FFN for w in ff], heads, kv
 
 
-def _zero_tensors(em: ElasticModel, subnet: Subnet) -> list[tuple[str, Tensor]]:
+def _zero_tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Tensor]]:
     """The all-zero stand-ins `layer_counts` promises for skipped sub-layers that llama.cpp must see."""
     import gguf
 
     hidden, head_dim = em.config.hidden_size, em.blocks[0].geometry.head_dim
     widths, heads, _ = layer_sizes(em, subnet)
-    _, counted, _ = layer_counts(em, subnet)
+    _, counted, _ = layer_counts(em, subnet, arch)
     shapes = []
-    if heads and heads[0] == 0:
-        q = counted[0] * head_dim
-        shapes.append((0, {"ATTN_NORM": (hidden,), "ATTN_Q": (q, hidden), "ATTN_K": (head_dim, hidden),
-                           "ATTN_V": (head_dim, hidden), "ATTN_OUT": (hidden, q)}))
+    for layer in (i for i, h in enumerate(heads) if h == 0 and counted[i]):
+        q = counted[layer] * head_dim
+        attn = {"ATTN_Q": (q, hidden), "ATTN_K": (head_dim, hidden), "ATTN_V": (head_dim, hidden)}
+        if arch == "openelm":  # fused q|k|v and per-head q/k norms
+            attn = {"ATTN_QKV": (q + 2 * head_dim, hidden), "ATTN_Q_NORM": (head_dim,), "ATTN_K_NORM": (head_dim,)}
+        shapes.append((layer, {"ATTN_NORM": (hidden,), **attn, "ATTN_OUT": (hidden, q)}))
     shapes += [(layer, {"FFN_NORM": (hidden,), "FFN_GATE": (ZERO_FFN, hidden), "FFN_UP": (ZERO_FFN, hidden),
                         "FFN_DOWN": (hidden, ZERO_FFN)}) for layer, w in enumerate(widths) if w == 0]
     return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]].format(bid=layer) + ".weight",
@@ -92,13 +101,13 @@ def is_uniform(counts: tuple[list[int], list[int], list[int]]) -> bool:
 
 
 def in_own_arch(em: ElasticModel, subnet: Subnet) -> bool:
-    """Whether the family's own llama.cpp architecture can hold `subnet` (else only `deci` can)."""
-    return gguf_arch(em, subnet) != "deci"
+    """Whether the family's own llama.cpp architecture can hold `subnet` (else only a per-layer one can)."""
+    return gguf_arch(em, subnet) not in PER_LAYER_ARCHS
 
 
 def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
-    """The llama.cpp architecture `subnet` is written as (`per_layer`: `deci` even where the family's
-    own would do); FlextronError (one line) where none fits."""
+    """The llama.cpp architecture `subnet` is written as (`per_layer`: the per-layer one, `deci` or
+    `openelm`, even where the family's own would do); FlextronError (one line) where none fits."""
     model_type = em.config.model_type
     if model_type not in UNIFORM_ARCH:
         raise FlextronError(f"GGUF export supports the model types {', '.join(UNIFORM_ARCH)}, not {model_type!r}; "
@@ -118,6 +127,12 @@ def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     if (is_uniform(counts) and not partial and not per_layer and not (narrow and own in _FULL_QUERY)
             and _rope_layers_fit(em, subnet, own)):
         return own
+    if own == "qwen3":
+        if getattr(em.config, "tie_word_embeddings", False):
+            return "openelm"
+        raise FlextronError("llama.cpp's per-layer architecture with q/k norms (openelm) reads the output layer "
+                            "from the embeddings, and this Qwen3 has its own; export a sub-network with the same "
+                            "widths in every layer and no skipped sub-layer, or use --format hf")
     missing = _not_in_deci(em, subnet, own)
     if missing is not None:
         raise FlextronError(f"llama.cpp's per-layer architecture (deci) has no {missing}, and its {own} architecture "
@@ -301,8 +316,10 @@ def _weights(em: ElasticModel, subnet: Subnet, arch: str) -> dict[str, Tensor]:
 def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Tensor]]:
     import gguf
 
-    _, heads, kv = layer_counts(em, subnet)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], em.space.n_layers)
+    _, heads, kv = layer_counts(em, subnet, arch)
+    # openelm's tensors are qwen3's with q|k|v fused (`_fused_qkv`); its name map knows OpenELM's HF names only.
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH["QWEN3" if arch == "openelm" else arch.upper()],
+                                     em.space.n_layers)
     out = []
     for name, t in _weights(em, subnet, arch).items():
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -317,7 +334,18 @@ def _tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str, Ten
     factors = _llama3_rope_factors(em)
     if factors is not None:
         out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
-    return out + _zero_tensors(em, subnet)
+    out = _fused_qkv(out) if arch == "openelm" else out
+    return out + _zero_tensors(em, subnet, arch)
+
+
+def _fused_qkv(tensors: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """Each layer's attn_q, attn_k and attn_v as one attn_qkv (q rows, then k, then v), as `openelm` reads them."""
+    parts = {name: t for name, t in tensors if name.split(".")[-2] in ("attn_q", "attn_k", "attn_v")}
+    out = [(name, t) for name, t in tensors if name not in parts]
+    for q in (name for name in parts if ".attn_q." in name):
+        out.append((q.replace(".attn_q.", ".attn_qkv."),
+                    torch.cat([parts[q], parts[q.replace("_q.", "_k.")], parts[q.replace("_q.", "_v.")]])))
+    return out
 
 
 def _encode(name: str, t: Tensor, outtype: str) -> tuple[np.ndarray, object]:
@@ -345,7 +373,7 @@ def _file_type(outtype: str):
 
 def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype: str) -> None:
     cfg = em.config
-    ff, heads, kv = layer_counts(em, subnet)
+    ff, heads, kv = layer_counts(em, subnet, arch)
     if arch == "gpt2":
         writer.add_block_count(len(kept_layers(subnet)))
         writer.add_context_length(cfg.n_positions)
@@ -357,7 +385,7 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
         return
     head_dim = em.blocks[0].geometry.head_dim
     theta, linear = _rope_theta(em)
-    uniform = arch != "deci"
+    uniform = arch not in PER_LAYER_ARCHS
     writer.add_block_count(len(kept_layers(subnet)))
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -445,5 +473,5 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
         writer.close()
 
     atomic_write(out, write)
-    return {"path": str(out), "architecture": arch, "outtype": outtype, "per_layer": arch == "deci",
+    return {"path": str(out), "architecture": arch, "outtype": outtype, "per_layer": arch in PER_LAYER_ARCHS,
             "bytes": out.stat().st_size}
