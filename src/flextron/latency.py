@@ -159,7 +159,7 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     With `stock`, the sub-networks the runtime runs in its stock graph are timed there as well,
     each right after the same sub-network in the other graph, and a second table fitted and
     validated on them is stored under "stock". `uniform_only`: the runtime's one graph holds uniform
-    sub-networks only (llama.cpp's for GPT-2, Qwen3, Gemma, OLMo 2): the table is fitted and validated
+    sub-networks only (llama.cpp's for GPT-2, untied Qwen3, Gemma, OLMo 2): the table is fitted and validated
     on those, and prices per-layer sub-networks by the same additive terms, unmeasured.
     """
     if options.samples < 4 or options.validate < 1:

@@ -194,7 +194,7 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
         try:
             own = gguf_arch(em, em.space.full())
             gguf_arch(em, em.space.full(), per_layer=True)
-        except FlextronError:  # one graph, for uniform sub-networks only (GPT-2, Qwen3, Gemma, OLMo 2, ...)
+        except FlextronError:  # one graph, for uniform sub-networks only (GPT-2, untied Qwen3, Gemma, OLMo 2, ...)
             if em.space.depth:
                 raise FlextronError(f"llama.cpp runs {em.config.model_type} sub-networks only with the same widths "
                                     "in every layer and no skipped sub-layer; profile a checkpoint converted without "
