@@ -10,10 +10,9 @@ from flextron.families.phi3 import PHI3
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GEMMA, OLMO2, PHI3, GPT2)}
 MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}
-SUPPORTED_CLASSES = tuple(c for f in FAMILIES.values() for c in f.classes)
 PER_LAYER_PREFIX = "flextron_"  # model types of flextron's per-layer exports: flextron_<base model type>
 
-__all__ = ["FAMILIES", "MODEL_TYPES", "SUPPORTED_CLASSES", "AttnGeometry", "Branch", "Family", "Proj",
+__all__ = ["FAMILIES", "MODEL_TYPES", "AttnGeometry", "Branch", "Family", "Proj",
            "detect_family"]
 
 

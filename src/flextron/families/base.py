@@ -69,7 +69,6 @@ class Family:
     name: str
     layout: str  # the block semantics in words (README's family matrix): pre-norm, sandwich norms, post-norm
     model_types: tuple[str, ...]  # HF `model_type`s declared to have this block
-    classes: tuple[str, ...]
     layers: str
     attn: Branch
     mlp: Branch

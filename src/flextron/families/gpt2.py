@@ -19,7 +19,6 @@ GPT2 = Family(
     name="gpt2",
     layout="pre-norm",
     model_types=("gpt2",),
-    classes=("GPT2LMHeadModel",),
     layers="transformer.h",
     attn=Branch("attn", (Proj("c_attn", "out", blocks=(False,) * 3), Proj("c_proj", "in")), pre="ln_1"),
     mlp=Branch("mlp", (Proj("c_fc", "out"), Proj("c_proj", "in")), pre="ln_2"),

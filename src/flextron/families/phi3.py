@@ -16,7 +16,6 @@ PHI3 = Family(
     name="phi3",
     layout="pre-norm, fused projections",
     model_types=("phi3",),
-    classes=("Phi3ForCausalLM",),
     layers="model.layers",
     attn=Branch("self_attn", (Proj("qkv_proj", "out", blocks=(True, False, False)),
                               Proj("o_proj", "in", blocks=(True,))), pre="input_layernorm"),
