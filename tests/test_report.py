@@ -91,3 +91,26 @@ def test_report_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"eval": [row("fast", 1.0)]}))
     with pytest.raises(FlextronError, match="cannot read the rows of .*cannot read budget 'fast'"):
         read_run(tmp_path)
+
+
+@pytest.mark.parametrize("plot", ["pareto.png", "tasks.png"])
+def test_plots_never_write_through_a_symlink_or_into_a_fifo(tmp_path, plot):
+    """A plot's path that is a symlink (here to a file outside the run) or a FIFO is refused in one line;
+    the file it points to is untouched."""
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    arc = {"n": 10, "acc": 0.5, "acc_norm": 0.6}
+    data = {"prune_only": [row("100%", 1.0, 20.0, {"arc_easy": arc}), row("50%", 0.5, 900.0, {"arc_easy": arc})]}
+    (run / "results.json").write_text(json.dumps(data))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (run / plot).symlink_to(victim)
+    with pytest.raises(FlextronError, match=f"{plot} is a symlink, not a regular file"):
+        report(run)
+    assert victim.read_text() == "keep me"
+    (run / plot).unlink()
+    os.mkfifo(run / plot)
+    with pytest.raises(FlextronError, match="is a device, FIFO or socket"):
+        report(run)

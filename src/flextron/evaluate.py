@@ -19,6 +19,7 @@ from flextron.budgets import budget_target, select_subnet, uniform_subnet_for
 from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
+from flextron.fsutil import atomic_write
 from flextron.precision import autocast
 from flextron.routers import decode
 
@@ -217,7 +218,6 @@ def plot_ppl_vs_size(series: dict[str, tuple[list[float], list[float]]], out: Pa
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120))  # never through a symlink, FIFO or device
     plt.close(fig)
     return out

@@ -136,7 +136,7 @@ def plot_tasks(groups: dict[str, list[EvalRow]], out: Path, title: str) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110))  # never through a symlink, FIFO or device
     plt.close(fig)
     return out
 
