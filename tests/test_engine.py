@@ -194,3 +194,20 @@ def test_mixed_budgets_share_one_decode_step():
         assert tokens == [alone(em, r) for r in reqs]
         calls.clear()
     assert steps[True] * 2 < steps[False]  # one step for all three budgets, not one per budget
+
+
+def test_no_budget_means_the_full_model_whatever_the_routers_pick_at_100(monkeypatch):
+    """A request without a budget runs the full model (labelled "full"), as `generate` does; a routed
+    checkpoint's router at 100 % may pick less, which only an explicit budget of 1.0 gets."""
+    from flextron.cost import subnet_cost
+    from flextron.options import ServeConfig
+    from flextron.protocol import Protocol
+
+    em, tok = make_elastic("llama"), make_tokenizer()
+    monkeypatch.setattr("flextron.engine.select_subnet", lambda em, budget: em.space.smallest())
+    engine = Engine(em, tok, EngineConfig(), start=False)
+    assert engine.resolve(Budget.parse(1.0))[0] == em.space.smallest()
+    protocol = Protocol(tok, "m", None, em.config.vocab_size, ServeConfig(), engine.resolve)
+    budget, subnet, cost, _ = protocol.resolve(None)
+    assert budget is None and subnet == em.space.full() and cost == subnet_cost(em)
+    assert protocol.resolve("1.0")[1] == em.space.smallest()

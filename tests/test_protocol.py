@@ -20,8 +20,8 @@ from test_engine import with_adaptive_routers
 def protocol():
     em, tok = make_elastic("llama"), make_tokenizer()
 
-    def resolve(b: Budget):
-        s = select_subnet(em, b)
+    def resolve(b: Budget | None):  # as Engine.resolve: None is the full model
+        s = em.space.full() if b is None else select_subnet(em, b)
         return s, subnet_cost(em, s)
 
     config = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8)

@@ -246,13 +246,14 @@ class Engine:
             self._thread = threading.Thread(target=self.run, name="flextron-engine", daemon=True)
             self._thread.start()
 
-    def resolve(self, budget: Budget) -> tuple[Subnet, Cost]:
-        """The sub-network for a budget, as `flextron export` picks it, and its cost (kept, least recent dropped)."""
+    def resolve(self, budget: Budget | None) -> tuple[Subnet, Cost]:
+        """The sub-network for a budget, as `flextron export` picks it (None: the full model, whatever routers
+        would pick at 100 %), and its cost (kept, least recent dropped)."""
         with self._budget_lock:
             if budget in self._budgets:
                 self._budgets.move_to_end(budget)
                 return self._budgets[budget]
-        subnet = select_subnet(self.em, budget)
+        subnet = self.em.space.full() if budget is None else select_subnet(self.em, budget)
         found = subnet, subnet_cost(self.em, subnet)
         with self._budget_lock:
             self._budgets[budget] = found

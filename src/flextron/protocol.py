@@ -214,7 +214,7 @@ class Protocol:
     """Validates request bodies against one model's tokenizer, context and the server's limits."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str, context: int | None, vocab: int,
-                 config: ServeConfig, resolve: Callable[[Budget], tuple[Subnet, Cost]],
+                 config: ServeConfig, resolve: Callable[[Budget | None], tuple[Subnet, Cost]],
                  adaptive: Callable[[Budget], float] | None = None) -> None:
         self.tokenizer, self.name, self.context, self.vocab = tokenizer, name, context, vocab
         self.config, self._resolve, self._adaptive = config, resolve, adaptive
@@ -228,7 +228,7 @@ class Protocol:
             if adaptive and self._adaptive is None:
                 raise FlextronError("this server does not route adaptively")
             fraction = self._adaptive(parsed) if adaptive else None
-            subnet, cost = self._resolve(Budget.parse(1.0) if adaptive else parsed)
+            subnet, cost = self._resolve(None if adaptive or budget is None else parsed)
         except FlextronError as e:
             raise RequestError(str(e), code="invalid_budget", param="budget") from None
         return (None if budget is None else parsed), subnet, cost, fraction
