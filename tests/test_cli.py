@@ -13,6 +13,7 @@ from conftest import make_tokenizer
 from flextron import api, demo
 from flextron.cli import _options, build_parser, main
 from flextron.config import RouterConfig, TrainConfig
+from flextron.errors import FlextronError
 from flextron.options import (
     ConvertOptions,
     DemoOptions,
@@ -223,3 +224,13 @@ def test_bad_config_files_are_one_line_errors_before_any_work(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_empty_list_option_is_refused_in_one_line(tiny_ckpt, capsys):
+    ckpt, _ = tiny_ckpt
+    for argv in (["eval", str(ckpt), "--budgets", ","], ["eval", str(ckpt), "--tasks", ",,"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "expected one or more comma-separated values" in capsys.readouterr().err
+    with pytest.raises(FlextronError, match="no budget to evaluate"):
+        api.evaluate(ckpt, budgets=(), limit=1, seq_len=16, device="cpu")

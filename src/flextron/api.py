@@ -103,6 +103,8 @@ def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, dev
     autocast = compute_dtype(o.dtype, device)
     tasks = task_names(list(o.tasks) or ["ppl"])
     parsed = [Budget.parse(b) for b in o.budgets]
+    if not parsed:
+        raise FlextronError("no budget to evaluate; give at least one, e.g. --budgets 1.0,0.5")
     docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
     em, tok = open_model(path, parsed, device, o.verify)
     windows = heldout_windows(tok, seq_len, limit) if "ppl" in tasks else None

@@ -88,7 +88,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _strings(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.split(",") if x)
+    values = tuple(x for x in text.split(",") if x)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated values, got {text!r}")
+    return values
 
 
 def _human(n: float) -> str:
