@@ -31,7 +31,7 @@ from flextron.version import __version__
 
 EXPORT_MANIFEST = "flextron_export.json"
 # Config lists with one entry per layer (attention kind; SmolLM3's RoPE on/off): renumbered with the layers.
-_LAYER_LISTS = ("layer_types", "no_rope_layers")
+_LAYERWISE_KEYS = ("layer_types", "no_rope_layers")
 MODELING_FILE = "modeling_flextron.py"
 
 
@@ -99,7 +99,7 @@ def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
         raise FlextronError("this GPT-2 scales attention by the layer index, so its layers cannot be renumbered; "
                             "export a sub-network that keeps every layer")
     values[em.family.n_layers_key] = len(kept)
-    for key in _LAYER_LISTS:
+    for key in _LAYERWISE_KEYS:
         if isinstance(values.get(key), list):
             values[key] = [values[key][i] for i in kept]
     return values

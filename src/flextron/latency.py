@@ -166,13 +166,14 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
     batch, context, decode_steps, repeats = options.batch, options.context, options.decode_steps, options.repeats
     space = em.space
-    fit_nets = [space.full(), space.smallest(), *design_subnets(em, options.samples - 2, seed)]
-    val_nets = random_subnets(em, options.validate, seed + 1)
     if uniform_only:
+        cover = _distinct([space.full(), space.smallest(), *_uniform_cover(em)])
         draws = random_subnets(em, 20 * (options.samples + options.validate), seed, "uniform")
-        cover = [space.full(), space.smallest(), *_uniform_cover(em)]
-        fit_nets = _distinct([*cover, *draws], max(options.samples, len(_distinct(cover))))
+        fit_nets = _distinct([*cover, *draws], max(options.samples, len(cover)))
         val_nets = _distinct((s for s in draws if s not in fit_nets), options.validate)
+    else:
+        fit_nets = [space.full(), space.smallest(), *design_subnets(em, options.samples - 2, seed)]
+        val_nets = random_subnets(em, options.validate, seed + 1)
     default = timer or (lambda s: measure(em, s, batch, context, decode_steps, repeats, autocast_dtype))
     jobs = [(s, default, "fit") for s in fit_nets]
     stock_val: list[Subnet] = []
