@@ -9,8 +9,8 @@ from pathlib import Path
 
 from flextron import api
 from flextron.budgets import budget_grid
-from flextron.config import RouterConfig, TrainConfig
-from flextron.latency import load_table, save_table
+from flextron.latency_table import LatencyTable
+from flextron.options import RouteOptions, TrainOptions
 
 
 def log(text: str, t0: float = time.time()) -> None:
@@ -46,7 +46,7 @@ def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
     if not smoke:
         return None, {}
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_bpe_tokenizer, make_model
+    from helpers import make_bpe_tokenizer, make_model
 
     src = work / "tiny-hf"
     if not src.is_dir():
@@ -70,19 +70,22 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path
     ckpt = api.convert(model, work / f"{name}-converted", device=a.device, progress=False, **kw, **convert)
     if a.train_steps > deploy:
         log(f"{name}: elastic training, {a.train_steps - deploy} steps")
-        cfg = TrainConfig(max_steps=a.train_steps - deploy, seq_len=a.seq_len, micro_batch=a.micro_batch,
-                          eval_limit=0, dtype=a.dtype)
+        cfg = TrainOptions(max_steps=a.train_steps - deploy, seq_len=a.seq_len, micro_batch=a.micro_batch,
+                           eval_limit=0, dtype=a.dtype)
         ckpt = Path(api.train(ckpt, work / f"{name}-train", cfg, device=a.device, progress=False)["final"])
     if metric == "latency_ms" and table is not None:
         log(f"{name}: the latency table of {table}")
-        save_table(ckpt, load_table(table))
+        copied = LatencyTable.load(table, api.load(ckpt, "cpu")[0])
+        if copied is None:
+            sys.exit(f"{table} holds no latency table; profile it first")
+        copied.save(ckpt)
     elif metric == "latency_ms":
         log(f"{name}: latency table")
         api.profile(ckpt, device=a.device, samples=a.profile_samples, validate=max(2, a.profile_samples // 3),
                     progress=False, **(profile or {}))
     grid = getattr(a, "fractions", None) or budget_grid(api.load(ckpt, "cpu")[0], metric, points=a.budgets)
     log(f"{name}: routers over {metric} budgets {grid}")
-    cfg = RouterConfig(budgets=grid, metric=metric, steps=a.router_steps, joint_steps=a.joint_steps,
+    cfg = RouteOptions(budgets=grid, metric=metric, steps=a.router_steps, joint_steps=a.joint_steps,
                        dtype=a.dtype, seq_len=a.seq_len, eval_limit=1)
     routed = work / f"{name}-routed"
     api.route(ckpt, cfg, out=routed, device=a.device, progress=False)
@@ -91,6 +94,6 @@ def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path
     # Deployment-aware training: the routers' sub-networks (and the full model), not every draw of
     # the space; the routers stay as they are, so what was trained is what deploys.
     log(f"{name}: deployment-aware training, {deploy} steps")
-    cfg = TrainConfig(max_steps=deploy, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0, dtype=a.dtype,
-                      sampling="budgets", budgets=tuple(grid), warmup_steps=1, seed=1)
+    cfg = TrainOptions(max_steps=deploy, seq_len=a.seq_len, micro_batch=a.micro_batch, eval_limit=0, dtype=a.dtype,
+                       sampling="budgets", budgets=tuple(grid), warmup_steps=1, seed=1)
     return Path(api.train(routed, work / f"{name}-deployed", cfg, device=a.device, progress=False)["final"])

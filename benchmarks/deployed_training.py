@@ -27,7 +27,7 @@ import torch
 from _results import RESULTS_DIR, command_line, publish
 from _variants import source
 from flextron import api
-from flextron.config import RouterConfig, TrainConfig
+from flextron.options import RouteOptions, TrainOptions
 
 
 def budget(fraction: float) -> str:
@@ -78,17 +78,17 @@ def main() -> None:
         (work / "first.json").unlink(missing_ok=True)  # a scratch directory: an earlier run's is replaced
         shutil.rmtree(work / "run-first", ignore_errors=True)
         ckpt = api.convert(model, work / "ckpt", device=a.device, dtype=settings["dtype"], overwrite=True, **convert)
-        first = api.train(ckpt, work / "run-first", TrainConfig(sampling="sandwich", lr=settings["lr"], **base),
+        first = api.train(ckpt, work / "run-first", TrainOptions(sampling="sandwich", lr=settings["lr"], **base),
                           device=a.device)
-        cfg = RouterConfig(budgets=tuple(fractions), metric="params", steps=a.router_steps, joint_steps=0,
+        cfg = RouteOptions(budgets=tuple(fractions), metric="params", steps=a.router_steps, joint_steps=0,
                            surrogate=False, dtype=settings["dtype"], seq_len=seq_len, eval_limit=limit)
         api.route(first["final"], cfg, out=work / "routed", overwrite=True, unseen=(), device=a.device)
         (work / "first.json").write_text(json.dumps(stamp))
     shutil.rmtree(work / "run-second", ignore_errors=True)
     lr = settings["lr"] if a.second_lr is None else a.second_lr
     second = api.train(work / "routed", work / "run-second",
-                       TrainConfig(sampling="budgets", budgets=tuple(fractions), budget_probs=probs,
-                                   full_prob=a.full_prob, warmup_steps=5, seed=1, lr=lr, **base), device=a.device)
+                       TrainOptions(sampling="budgets", budgets=tuple(fractions), budget_probs=probs,
+                                    full_prob=a.full_prob, warmup_steps=5, seed=1, lr=lr, **base), device=a.device)
     rows = [r.to_dict() for r in api.evaluate(second["final"], budgets=[budget(f) for f in fractions], limit=limit,
                                               seq_len=1024 if not a.smoke else 64, device=a.device,
                                               dtype=settings["dtype"])]

@@ -41,7 +41,6 @@ from _results import command_line, publish
 from _variants import add_options, build, log, smoke_options
 from flextron import api, llamacpp
 from flextron.budgets import select_subnet, uniform_subnet_for
-from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
@@ -49,6 +48,7 @@ from flextron.errors import FlextronError
 from flextron.evaluate import perplexity
 from flextron.latency import measure
 from flextron.precision import compute_dtype
+from flextron.space import Budget, Subnet
 from speed import decode_tps
 
 LLAMACPP_DECODE_STEPS = 32  # tokens decoded per llama.cpp timing, as benchmarks/llamacpp_budgets.py

@@ -33,7 +33,7 @@ from flextron.evaluate import perplexity
 def tiny_checkpoint(work: Path, n_layers: int = 6) -> Path:
     """--smoke: a tiny random Llama (the tests' model) converted with --depth."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_model, make_tokenizer
+    from helpers import make_model, make_tokenizer
 
     src = work / "tiny-hf"
     make_model("llama", n_layers=n_layers).save_pretrained(src)

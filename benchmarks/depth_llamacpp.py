@@ -16,8 +16,8 @@ from pathlib import Path
 from _results import publish
 from flextron import api, llamacpp
 from flextron.budgets import cost_table, select_subnet, smallest_fraction
-from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
+from flextron.space import Budget, Subnet
 
 
 def rows(ckpt: Path, budgets: list[float], work: Path, threads: int, rounds: int, timing: dict) -> list[dict]:
@@ -32,7 +32,7 @@ def rows(ckpt: Path, budgets: list[float], work: Path, threads: int, rounds: int
         path = api.export(ckpt, None, work / "subnet.gguf", overwrite=True, subnet=subnet, format="gguf")
         full, _, ratio = llamacpp.against(full_gguf, path, rounds, threads=threads, **timing)
         row = {"sub-network": name, "subnet": subnet.to_dict(),
-               "hf_table_fraction": table(em.space, subnet) / table.full,
+               "hf_table_fraction": table(subnet) / table.full,
                "params_fraction": subnet_cost(em, subnet).params_nonembed / full_params,
                "skipped": sum(w == 0 for w in subnet.mlp + subnet.attn)}
         for k in ratio:

@@ -24,9 +24,10 @@ from flextron import api
 from flextron.assets import load_hf
 from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint
-from flextron.config import Budget, TrainConfig
-from flextron.evaluate import plot_ppl_vs_size
+from flextron.options import TrainOptions
 from flextron.precision import autocast, compute_dtype
+from flextron.report import plot_ppl_vs_size
+from flextron.space import Budget
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 ALONE = ["0.75", "0.5"]
@@ -48,7 +49,7 @@ def step_time(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype | No
     return sorted(times)[len(times) // 2]
 
 
-def overhead(ckpt: Path, work: Path, cfg: TrainConfig, device: str) -> dict:
+def overhead(ckpt: Path, work: Path, cfg: TrainOptions, device: str) -> dict:
     """Elastic model at a sub-network vs the exported standalone model, same input."""
     out = {}
     dtype = compute_dtype(cfg.dtype)
@@ -92,17 +93,17 @@ def main() -> None:
     seconds = {}
     for name, sampling in (("uniform sampling", "uniform"), ("flextron", "sandwich")):
         t = time.time()
-        run = api.train(ckpt, work / f"run-{sampling}", TrainConfig(sampling=sampling, **base), device=a.device)
+        run = api.train(ckpt, work / f"run-{sampling}", TrainOptions(sampling=sampling, **base), device=a.device)
         seconds[name] = time.time() - t
         results[name] = evaluate(run["final"], BUDGETS)
     results["trained alone"] = []
     for budget in ALONE:
         t = time.time()
         run = api.train(ckpt, work / f"run-alone-{budget}",
-                        TrainConfig(sampling="fixed", budgets=(float(budget),), **base), device=a.device)
+                        TrainOptions(sampling="fixed", budgets=(float(budget),), **base), device=a.device)
         seconds[f"alone {budget}"] = time.time() - t
         results["trained alone"] += evaluate(run["final"], [budget])
-    cfg = TrainConfig(**base)
+    cfg = TrainOptions(**base)
     data = {
         "command": f"python benchmarks/elastic_training.py --tokens {a.tokens} --device {a.device}",
         "device": a.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,

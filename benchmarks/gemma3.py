@@ -24,11 +24,12 @@ from _results import command_line, publish
 from flextron import api, llamacpp
 from flextron.assets import GEMMA3, load_hf
 from flextron.budgets import select_subnet
-from flextron.config import Budget, TrainConfig
 from flextron.cost import subnet_cost
 from flextron.data import default_splits
 from flextron.elastic import ElasticModel
 from flextron.gguf import write_gguf
+from flextron.options import TrainOptions
+from flextron.space import Budget
 
 BUDGETS = ("1.0", "0.75", "0.5", "0.35")
 
@@ -80,8 +81,8 @@ def main() -> None:
                        attn_unit="head", device="cpu", overwrite=True, progress=False)
     convert_s = time.time() - t0
     t = time.time()
-    summary = api.train(ckpt, work / "run", TrainConfig(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=2,
-                                                        eval_limit=0, save_every=a.train_steps),
+    summary = api.train(ckpt, work / "run", TrainOptions(max_steps=a.train_steps, seq_len=a.seq_len, micro_batch=2,
+                                                         eval_limit=0, save_every=a.train_steps),
                         device="cpu", progress=False)
     train_s = time.time() - t
     trained = Path(summary["final"])

@@ -23,7 +23,6 @@ from pathlib import Path
 from _results import command_line, publish
 from flextron import api, llamacpp
 from flextron.gguf import gguf_arch, write_gguf
-from flextron.latency import faster_as_deci
 
 
 def main() -> None:
@@ -42,8 +41,7 @@ def main() -> None:
     lo_m, lo_a = (int(c[0] == 0) for c in (space.mlp[0], space.attn[0]))
     picks = [(m, at), (m - 1, at), (max(lo_m, m - 2), max(lo_a, at - 1)), (lo_m, lo_a)]
     timing = {"context": 256, "decode_steps": a.decode_steps}
-    table = em.latency or {}
-    table_threads = table.get("threads") if "stock" in table else None
+    table_threads = em.latency.threads if em.latency is not None and em.latency.stock is not None else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mi, ai in picks:
@@ -58,7 +56,7 @@ def main() -> None:
                 rows.append({"mlp": mlp, "attn": attn, "threads": threads, "own": llamacpp.medians(own),
                              "deci": llamacpp.medians(deci), "deci_over_own": ratio,
                              "decode_ratio_range": [min(per_round), max(per_round)], "subnet": subnet.to_dict(),
-                             "table_picks": (("deci" if faster_as_deci(em, subnet) else "own")
+                             "table_picks": (("deci" if em.latency.deci_faster(subnet) else "own")
                                              if threads == table_threads else None)})
                 print(f"MLP {mlp}, {attn} KV groups, {threads} thread(s): deci / own decode "
                       f"{ratio['decode_ms']:.3f}, prefill {ratio['prefill_ms']:.3f}", flush=True)

@@ -40,14 +40,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from _results import ROOT, update_section, write_json
 from flextron import api
 from flextron.assets import DEFAULT_MODEL, cache_dir, dequantize_gguf
-from flextron.config import TrainConfig
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.latency import sync
+from flextron.options import TrainOptions
 from flextron.train.elastic import distill_step, sample_subnets
 
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_tokenizer  # noqa: E402  (the tests' word-level tokenizer for random models)
+from helpers import make_tokenizer  # noqa: E402  (the tests' word-level tokenizer for random models)
 
 SHAPES = {  # Llama-architecture shapes of real checkpoints, random weights
     "SmolLM2-135M": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -110,7 +110,7 @@ def train_throughput(shape: dict, device: str, compiled: bool, a: argparse.Names
         torch._dynamo.config.cache_size_limit = 64
         for block in em.family.blocks(em.model):
             block.compile(dynamic=True)
-    cfg = TrainConfig(max_steps=1, seq_len=a.seq_len, micro_batch=a.micro_batch, dtype="bf16")
+    cfg = TrainOptions(max_steps=1, seq_len=a.seq_len, micro_batch=a.micro_batch, dtype="bf16")
     optimizer = torch.optim.AdamW(em.parameters(), lr=1e-5, fused=device == "cuda")
     ids = torch.randint(0, shape["vocab_size"], (a.micro_batch, a.seq_len), device=device)
     steps = [sample_subnets(em, cfg, s) for s in range(a.steps)]
@@ -193,7 +193,7 @@ def smollm2_run(device: str, gguf: str | None, steps: int) -> dict:
     t = time.perf_counter()
     ckpt = api.convert(None, Path(tempfile.mkdtemp()) / "ckpt", device=device, dtype="bf16", progress=False)
     convert_s = time.perf_counter() - t
-    cfg = TrainConfig(max_steps=steps, seq_len=512, micro_batch=8, lr=5e-5, eval_limit=16)
+    cfg = TrainOptions(max_steps=steps, seq_len=512, micro_batch=8, lr=5e-5, eval_limit=16)
     t = time.perf_counter()
     summary = api.train(ckpt, Path(tempfile.mkdtemp()) / "run", cfg, device=device, progress=False)
     return {"ran": True, "steps": steps, "tokens": steps * 8 * 512, "convert_s": round(convert_s, 1),

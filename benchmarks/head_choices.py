@@ -26,11 +26,11 @@ from _results import command_line, publish
 from _variants import add_options, build, log, smoke_options
 from flextron import api
 from flextron.budgets import select_subnet, uniform_subnet_for
-from flextron.config import Budget
 from flextron.cost import subnet_cost
 from flextron.data import heldout_windows
 from flextron.evaluate import perplexity
 from flextron.precision import compute_dtype
+from flextron.space import Budget
 
 VARIANTS = {"group": "whole KV groups", "head": "query heads in groups"}
 

@@ -23,12 +23,12 @@ import torch
 
 from _results import command_line, publish
 from flextron.assets import load_hf
-from flextron.config import Subnet
 from flextron.data import default_splits, heldout_windows, sample_sequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.evaluate import perplexity
 from flextron.importance import measure_importance, random_importance, sort_by_importance
 from flextron.options import ConvertOptions
+from flextron.space import Subnet
 
 # (attention unit, choice per layer, what a layer keeps)
 KEEPS = [("group", 2, "6 heads: 2 whole KV groups"), ("head", 6, "6 heads: 2 in each KV group"),

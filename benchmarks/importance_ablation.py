@@ -18,7 +18,7 @@ import torch
 
 from _results import IMG_DIR, update_section, write_json
 from flextron import api
-from flextron.evaluate import plot_ppl_vs_size
+from flextron.report import plot_ppl_vs_size
 
 BUDGETS = ["1.0", "0.75", "0.5"]
 

@@ -30,12 +30,12 @@ from transformers import AutoModelForCausalLM
 
 from _results import publish
 from flextron import api
-from flextron.config import Budget
 from flextron.errors import FlextronError
 from flextron.fsutil import clean_leftovers
+from flextron.space import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import make_model, make_tokenizer, word_text  # noqa: E402
+from helpers import make_model, make_tokenizer, word_text  # noqa: E402
 
 TRAIN = ["--max-steps", "8", "--save-every", "1", "--seq-len", "32", "--micro-batch", "2", "--lr", "1e-3",
          "--warmup-steps", "1", "--eval-limit", "0", "--dtype", "fp32"]

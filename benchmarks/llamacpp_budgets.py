@@ -20,10 +20,10 @@ from _results import update_section, write_json
 from flextron import api, llamacpp
 from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
-from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, write_gguf
-from flextron.latency import reported_error
+from flextron.latency_table import reported_error
+from flextron.space import Budget, Subnet
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -31,7 +31,7 @@ TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 def smoke_checkpoint(work: Path) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer, profiled in llama.cpp on tiny settings."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_bpe_tokenizer, make_elastic
+    from helpers import make_bpe_tokenizer, make_elastic
 
     ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), work / "ckpt", {})
     api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, samples=6, validate=2,
@@ -45,9 +45,9 @@ def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
 
 def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timing: dict) -> tuple[dict, list[dict]]:
     em, tok, _ = api.load(ckpt, "cpu")
-    if not (em.latency or {}).get("runtime", "").startswith(llamacpp.RUNTIME):
+    if em.latency is None or not em.latency.runtime.startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
-    outtype, threads = em.latency["outtype"], threads or em.latency["threads"]
+    outtype, threads = em.latency.outtype, threads or em.latency.threads
 
     full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
     # The full model written as deci too: the per-layer graph runs the same weights at another speed
@@ -79,18 +79,18 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
         for key, table in tables.items():
             row[f"{key}_target"] = b * full[key]  # the budget as a fraction of the measured full model
             row[f"{key}_ratio"] = ratio[key] / b
-            row[f"{key}_predicted_ratio"] = table(em.space, subnet) / (b * table.full)
+            row[f"{key}_predicted_ratio"] = table(subnet) / (b * table.full)
             row[f"{key}_ratio_to_deci_full"] = to_deci[key] / b
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
     return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
-            "validation": em.latency["validation"],
-            "stock": {k: em.latency["stock"][k] for k in ("graph", "validation", "fit_error")}
-            if "stock" in em.latency else None,
-            "table": {k: em.latency[k] for k in (
-                "runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds") if k in em.latency}
+            "validation": em.latency.main.validation,
+            "stock": {"graph": em.latency.stock_graph, "validation": em.latency.stock.validation,
+                      "fit_error": em.latency.stock.fit_error} if em.latency.stock is not None else None,
+            "table": {k: v for k, v in em.latency.settings.items()
+                      if k in ("runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds")}
             }, rows
 
 

@@ -2,7 +2,7 @@
 
 Student and teacher output layers of a Llama-3-sized vocabulary (128256 x 2048, fp32) read
 final hidden states of one micro-batch; forward and backward of KL + CE, once on full logits
-(the loss before chunking: `kd_loss` + cross-entropy) and once by `chunked_distill_terms`.
+(the loss before chunking: `kd_loss` + cross-entropy) and once by `chunked_distill_loss`.
 Each runs in a fresh process; the number is the growth of its peak RSS over the set-up.
 
     python benchmarks/loss_memory.py [--tokens 2048] [--vocab 128256] [--hidden 2048] [--chunk 128]
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _results import update_section, write_json
-from flextron.train.distill import chunked_distill_loss
-from flextron.train.loop import kd_loss
+from flextron.train.losses import chunked_distill_loss, kd_loss
 from flextron.train.memory import peak_rss_bytes
 
 

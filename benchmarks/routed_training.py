@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _results import RESULTS_DIR, update_section, write_json
 from flextron import api
-from flextron.config import RouterConfig
+from flextron.options import RouteOptions
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     if base.exists():
         shutil.rmtree(base)
     shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
-    cfg = RouterConfig(budgets=tuple(fractions), metric="params", steps=a.steps, joint_steps=0, surrogate=False,
+    cfg = RouteOptions(budgets=tuple(fractions), metric="params", steps=a.steps, joint_steps=0, surrogate=False,
                        dtype="bf16", eval_limit=previous["eval_tokens"] // 1023)
     routed = api.route(base, cfg, unseen=(), device=a.device)
     data = {"command": f"python benchmarks/routed_training.py --ckpt {a.ckpt} --steps {a.steps}",

@@ -35,8 +35,8 @@ import torch
 from _results import IMG_DIR, command_line, update_section, write_json
 from flextron import api
 from flextron.budgets import budget_grid
-from flextron.config import DTYPE_NAMES, RouterConfig
-from flextron.evaluate import plot_ppl_vs_size
+from flextron.options import DTYPE_NAMES, RouteOptions
+from flextron.report import plot_ppl_vs_size
 
 
 def main() -> None:
@@ -49,13 +49,13 @@ def main() -> None:
     p.add_argument("--metric", default="params", choices=["params", "latency_ms"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="/tmp/flextron-routers")
-    p.add_argument("--surrogate-warmup", type=int, default=RouterConfig.surrogate_warmup)
-    p.add_argument("--surrogate-threshold", type=float, default=RouterConfig.surrogate_threshold)
+    p.add_argument("--surrogate-warmup", type=int, default=RouteOptions.surrogate_warmup)
+    p.add_argument("--surrogate-threshold", type=float, default=RouteOptions.surrogate_threshold)
     p.add_argument("--check-sequences", type=int, default=0)
     p.add_argument("--profile-samples", type=int, default=24, help="random sub-networks the latency table is fitted on")
     p.add_argument("--profile-context", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=RouterConfig.seq_len, help="router training rows (tokens)")
-    p.add_argument("--micro-batch", type=int, default=RouterConfig.micro_batch)
+    p.add_argument("--seq-len", type=int, default=RouteOptions.seq_len, help="router training rows (tokens)")
+    p.add_argument("--micro-batch", type=int, default=RouteOptions.micro_batch)
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def main() -> None:
         grid = budget_grid(api.load(base, "cpu")[0], a.metric, points=7)
     runs, seconds = {}, {}
     for name, surrogate in (("surrogate", True), ("straight-through", False)):
-        cfg = RouterConfig(budgets=grid, metric=a.metric, steps=a.steps, joint_steps=a.joint_steps,
+        cfg = RouteOptions(budgets=grid, metric=a.metric, steps=a.steps, joint_steps=a.joint_steps,
                            surrogate=surrogate, dtype=a.dtype, eval_limit=a.eval_limit,
                            surrogate_warmup=a.surrogate_warmup, surrogate_threshold=a.surrogate_threshold,
                            check_sequences=a.check_sequences, seq_len=a.seq_len, micro_batch=a.micro_batch)
@@ -84,9 +84,11 @@ def main() -> None:
         seconds[name] = time.time() - t
     data = {
         "command": command_line("routers.py", p, a),
-        "source": a.ckpt or "packaged model, converted", "device": table["device"],
+        "source": a.ckpt or "packaged model, converted", "device": table.device,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "latency": {k: table[k] for k in ("validation", "decode_ms", "prefill_ms", "dtype", "batch", "context")},
+        "latency": {"validation": table.main.validation, "decode_ms": table.main.decode_ms.to_dict(),
+                    "prefill_ms": table.main.prefill_ms.to_dict(), "dtype": table.dtype, "batch": table.batch,
+                    "context": table.context},
         "seconds": seconds, "total_seconds": round(time.time() - t0),
         "surrogate_steps": [sum(r.get("surrogate_used", False) for r in runs["surrogate"]["log"]), a.steps],
         "surrogate_warmup": a.surrogate_warmup,

@@ -40,12 +40,12 @@ from _results import update_section, write_json
 from flextron import api
 from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint
-from flextron.config import Budget, Subnet
 from flextron.cost import subnet_cost
 from flextron.errors import FlextronError
 from flextron.export import read_export_info
 from flextron.latency import random_subnets
 from flextron.latency import sync as sync_device
+from flextron.space import Budget, Subnet
 
 BUDGETS = ["1.0", "0.75", "0.5", "0.35"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -88,7 +88,7 @@ def prefill_tps(model: nn.Module, ids: torch.Tensor, repeats: int, sync: Callabl
 def tiny_checkpoint(work: Path) -> Path:
     """--smoke: a tiny random Llama (the tests' model) converted with a random order."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import make_bpe_tokenizer, make_model
+    from helpers import make_bpe_tokenizer, make_model
 
     src = work / "tiny-hf"
     make_model("llama").save_pretrained(src)

@@ -55,7 +55,7 @@ def main() -> None:
     a = p.parse_args()
     if a.smoke:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from conftest import make_bpe_tokenizer, make_elastic
+        from helpers import make_bpe_tokenizer, make_elastic
 
         ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), Path(tempfile.mkdtemp()) / "ckpt", {})
         a.batches = 3

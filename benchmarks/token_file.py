@@ -25,7 +25,7 @@ from _results import update_section, write_json
 def _tokenizer(smoke: bool):
     if smoke:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from conftest import make_tokenizer
+        from helpers import make_tokenizer
 
         return make_tokenizer()
     from transformers import AutoTokenizer

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import make_elastic
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.budgets import cost_table
-from flextron.errors import FlextronError
 from flextron.routers import AdaptiveRouters
+from helpers import make_elastic
 
 GRID = (0.4, 0.7, 1.0)
 
@@ -134,125 +133,16 @@ def test_attached_routing_restores_the_static_sub_network_even_after_an_error():
         assert torch.equal(em(input_ids=ids).logits, before)
 
 
-def test_trained_adaptive_routers_meet_their_budgets_on_average():
-    from conftest import make_model, make_tokenizer, word_text
-    from flextron.config import RouterConfig
-    from flextron.data import PackedSequences, tokenize
-    from flextron.elastic import ElasticModel
-    from flextron.routers import Routers, StaticRouter
-    from flextron.train.routers import train_adaptive
-
-    em = make_elastic()
-    cfg = RouterConfig(budgets=(0.4, 0.7, 1.0), metric="params", steps=120, joint_steps=4, seq_len=16, micro_batch=4,
-                       dtype="fp32", router_lr=1e-2, hidden=16)
-    em.routers = Routers(StaticRouter(em.space, cfg.budgets), "params", cfg)
-    teacher = ElasticModel(make_model("llama", seed=1))
-    teacher.requires_grad_(False)
-    data = PackedSequences(tokenize(make_tokenizer(), word_text(3000)), 16, seed=0)
-    routers, log = train_adaptive(em, teacher, data, cfg, progress=False)
-    assert [r["stage"] for r in log[-8:]] == ["joint"] * 4 + ["calibration"] + ["check"] * 3
-    assert "forward" not in vars(em.blocks[0].mlp.module)  # detached after training
-    routing = AdaptiveRouting(em, routers, cost_table(em, "params")).attach()
-    ids = data.rows(500, 8)  # not the calibration batch
-    realised = []
-    for fraction in cfg.budgets:
-        lm = AdaptiveLM(routing, fraction)
-        with torch.no_grad():
-            lm(input_ids=ids)
-        realised.append(lm.costs[-1])
-        assert abs(lm.costs[-1] / fraction - 1) < 0.15, (fraction, lm.costs[-1])
-    assert realised == sorted(realised)
-
-
-def _checked_routing(token_bias: float | None) -> tuple[AdaptiveRouting, torch.Tensor, list[dict]]:
-    """Calibrated adaptive routers over a static router's prior, their input-dependent term either
-    zero (None) or a bias towards each layer's narrowest MLP; then checked against static routing."""
-    from flextron.adaptive import calibrate
-    from flextron.config import RouterConfig
-    from flextron.routers import Routers, StaticRouter
-    from flextron.train.routers import check_against_static
-
-    em = make_elastic()
-    torch.manual_seed(0)
-    em.routers = Routers(StaticRouter(em.space, GRID, hidden=16), "params", RouterConfig(budgets=GRID, hidden=16))
-    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, GRID, hidden=16)
-    routers.zero_residual_()
-    if token_bias is not None:
-        with torch.no_grad():
-            for lin in routers.token_out:
-                lin.bias[0] = token_bias
-    routing = AdaptiveRouting(em, routers, cost_table(em, "params"))
-    windows = torch.randint(0, 128, (6, 16))
-    with routing.attached():
-        calibrate(routing, torch.randint(0, 128, (4, 16)))
-        log = check_against_static(routing, windows, progress=False)
-    return routing, windows, log
-
-
-@pytest.mark.parametrize("token_bias", [None, 50.0])
-def test_check_serves_per_budget_the_better_of_adaptive_routing_and_the_static_sub_network(token_bias):
-    from flextron.budgets import select_subnet
-    from flextron.config import Budget
-    from flextron.evaluate import perplexity
-
-    routing, windows, log = _checked_routing(token_bias)
-    em, routers = routing.em, routing.routers
-    assert [r["budget"] for r in log] == list(GRID)
-    for i, row in enumerate(log):
-        assert row["kept"] == min(row["calib_ppl"], key=row["calib_ppl"].get)
-        assert routers.learned[i].item() == (1.0 if row["kept"] == "adaptive" else 0.0)
-        static = select_subnet(em, Budget(fraction=GRID[i]))
-        assert row["realised"]["static"] == pytest.approx(routing.table(em.space, static) / routing.full)
-        with em.subnet(static):  # served static: the same model as the sub-network itself
-            assert row["calib_ppl"]["static"] == pytest.approx(perplexity(em, windows, 4, progress=False), rel=1e-5)
-    if token_bias is not None:  # every token at the narrowest width wastes the full budget: static serves it
-        assert log[-1]["kept"] == "static" and log[-1]["realised"]["static"] == pytest.approx(1.0)
-    with routing.attached():
-        for i, row in enumerate(log):  # the kept routing is what now runs
-            lm = AdaptiveLM(routing, GRID[i])
-            assert perplexity(lm, windows, 4, progress=False) == pytest.approx(row["calib_ppl"][row["kept"]], rel=1e-6)
-        # Between grid budgets: the grid budget below, or the static sub-network at the budget itself.
-        lm = AdaptiveLM(routing, 0.85)
-        lm(input_ids=windows)
-        below = log[1]
-        expected = (routing.table(em.space, select_subnet(em, Budget(fraction=0.85))) / routing.full
-                    if below["kept"] == "static" else below["realised"]["adaptive"])
-        assert lm.costs[-1] <= 0.85 and lm.costs[-1] == pytest.approx(expected, rel=0.2)
-        for refused in (lambda: routing.start(0.3, windows), lambda: routing.fraction(Budget(fraction=0.3))):
-            with pytest.raises(FlextronError, match="serve budgets from 40%"):
-                refused()
-
-
-def test_served_static_survives_a_reload_and_older_adaptive_routers_load_as_adaptive(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from conftest import make_tokenizer
-    from flextron.checkpoint import load_checkpoint, save_checkpoint
-    from flextron.routers import ADAPTIVE_WEIGHTS
-
-    routing, _, _ = _checked_routing(50.0)
-    em = routing.em
-    em.routers.adaptive, em.routers.adaptive_config = routing.routers, em.routers.config
-    assert routing.routers.learned.tolist() != [1.0] * len(GRID)
-    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
-    loaded, _, _ = load_checkpoint(ckpt)
-    assert torch.equal(loaded.routers.adaptive.learned, routing.routers.learned)
-    state = load_file(ckpt / ADAPTIVE_WEIGHTS)
-    del state["learned"]  # as saved before the check existed
-    save_file(state, ckpt / ADAPTIVE_WEIGHTS)
-    assert torch.equal(load_checkpoint(ckpt, verify=False)[0].routers.adaptive.learned, torch.ones(len(GRID)))
-
-
 def test_report_compares_with_the_smallest_sub_network_where_tokens_skipped_below_it():
     from flextron.budgets import smallest_fraction
-    from flextron.config import RouterConfig
+    from flextron.evaluate import adaptive_router_report
+    from flextron.options import RouteOptions
     from flextron.routers import Routers, StaticRouter
-    from flextron.train.routers import _adaptive_report
 
     em = make_elastic("llama", n_layers=4, min_layers=2)  # the floor binds sub-networks, not tokens
     lowest = smallest_fraction(em, "params")
     grid = (lowest, 1.0)
-    em.routers = Routers(StaticRouter(em.space, grid, hidden=16), "params", RouterConfig(budgets=grid, hidden=16))
+    em.routers = Routers(StaticRouter(em.space, grid, hidden=16), "params", RouteOptions(budgets=grid, hidden=16))
     em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
     with torch.no_grad():  # every token skips every MLP, every request every attention
         for lin in (*em.routers.adaptive.token_out, em.routers.adaptive.request[-1]):
@@ -261,18 +151,17 @@ def test_report_compares_with_the_smallest_sub_network_where_tokens_skipped_belo
         for lin in em.routers.adaptive.token_out:
             lin.bias[0] = 50.0
         em.routers.adaptive.request[-1].bias.view(len(em.blocks), -1)[:, 0] = 50.0
-    (row,) = _adaptive_report(em, torch.randint(0, 128, (2, 16)), [lowest], None, False)
+    (row,) = adaptive_router_report(em, torch.randint(0, 128, (2, 16)), [lowest], None, False)
     assert row.realised_fraction < lowest <= row.static_fraction_of_full + 1e-9 and row.static_ppl > 0
 
 
 @pytest.mark.parametrize("attn_unit", ["group", "head"])
-def test_adaptive_cli_route_eval_generate_and_errors(tmp_path, capsys, attn_unit):
-    from conftest import make_tokenizer, word_text
-    from flextron.checkpoint import load_checkpoint, save_checkpoint
+def test_adaptive_cli_route_eval_generate_and_errors(elastic_ckpt, tmp_path, capsys, attn_unit):
+    from flextron.checkpoint import load_checkpoint
     from flextron.cli import main
+    from helpers import word_text
 
-    ckpt = save_checkpoint(make_elastic(attn_unit=attn_unit), make_tokenizer(), tmp_path / "ckpt",
-                           {"source_model": "tiny"})
+    ckpt = elastic_ckpt(attn_unit=attn_unit)
     data = tmp_path / "data.txt"
     data.write_text(word_text(3000))
     common = ["--data", str(data), "--steps", "6", "--joint-steps", "1", "--seq-len", "16", "--micro-batch", "2",

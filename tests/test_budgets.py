@@ -2,7 +2,6 @@ import dataclasses
 
 import pytest
 
-from conftest import make_elastic
 from flextron.budgets import (
     budget_grid,
     budget_metric,
@@ -13,10 +12,11 @@ from flextron.budgets import (
     uniform_candidates,
     uniform_subnet_for,
 )
-from flextron.config import Budget, Subnet
 from flextron.cost import analytic_table, subnet_cost
 from flextron.errors import FlextronError
-from flextron.latency import latency_table
+from flextron.latency_table import LatencyTable
+from flextron.space import Budget, Subnet
+from helpers import make_elastic
 
 FITTED = {"overhead": 1.0, "mlp": {"24": 0.0, "48": 0.1, "72": 0.2, "96": 0.3},
           "attn": {"1": 0.0, "2": 2.0, "3": 4.0, "4": 6.0}}
@@ -41,7 +41,7 @@ def test_uniform_budget_prefers_the_wider_of_equal_costs():
     model is then still the largest uniform sub-network at budget 1.0, not a narrower one of equal cost."""
     em = make_elastic("llama")
     flat = {**FITTED, "attn": {**FITTED["attn"], "4": FITTED["attn"]["3"]}}
-    em.latency = {"decode_ms": flat, "prefill_ms": flat}
+    em.latency = LatencyTable({"decode_ms": flat, "prefill_ms": flat}, em)
     assert uniform_subnet_for(em, Budget(metric="latency_ms", fraction=1.0))[0] == em.space.full()
 
 
@@ -84,7 +84,7 @@ def test_uniform_candidates_are_the_maximal_uniform_sub_networks_within_a_budget
     for fraction in (0.9, 0.6, 0.35):
         target = fraction * table.full
         found = uniform_candidates(em, table, target, skip_points=4)  # skip counts 0-3: every one
-        fits = [s for s in every if table(space, s) <= target * (1 + 1e-9)]
+        fits = [s for s in every if table(s) <= target * (1 + 1e-9)]
         assert found and all(s in fits for s in found)
         assert uniform_subnet_for(em, Budget(metric="params", fraction=fraction))[0] in found
         # Maximal: no other uniform sub-network within the budget is at least as wide in every layer.
@@ -107,14 +107,14 @@ def test_cost_table_is_the_measured_table_where_profiled_else_the_analytic_one()
     assert cost_table(em, "flops") == analytic_table(em, "flops")
     with pytest.raises(FlextronError, match="unknown cost metric 'joules'; use one of params, .*, prefill_ms"):
         cost_table(em, "joules")
-    em.latency = {"decode_ms": FITTED, "prefill_ms": FITTED}
-    assert cost_table(em, "latency_ms") == latency_table(em, "latency_ms")
+    em.latency = LatencyTable({"decode_ms": FITTED, "prefill_ms": FITTED}, em)
+    assert cost_table(em, "latency_ms") is em.latency.table("latency_ms")
     assert budget_metric(em, Budget.parse("0.5")) == "latency_ms"  # measured latency is the default
 
 
 def test_a_budget_target_is_a_fraction_of_the_full_cost_in_its_metric():
     em = make_elastic()
-    em.latency = {"decode_ms": FITTED, "prefill_ms": FITTED}
+    em.latency = LatencyTable({"decode_ms": FITTED, "prefill_ms": FITTED}, em)
     table, target = budget_target(em, Budget.parse("0.5"))
     assert table.metric == "latency_ms" and target == pytest.approx(0.5 * table.full)
     table, target = budget_target(em, Budget.parse("params=90%"))

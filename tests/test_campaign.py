@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,10 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_device, make_model, make_tokenizer, rewrite_weights, word_text
 from flextron import api
 from flextron.cli import main
-from flextron.evaluate import rows_json
+from flextron.options import MAX_STOP_CHARS
+from flextron.results import rows_json
+from helpers import (
+    full_disk,
+    make_device,
+    make_model,
+    make_tokenizer,
+    random_docs,
+    rewrite_weights,
+    word_text,
+    write_requests,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +67,48 @@ def arena(tmp_path_factory):
         "ck_array": lambda p: (p / "flextron.json").write_text("[1, 2]"),
         "ck_missing": lambda p: rewrite_weights(p, lambda w: w.pop("model.layers.1.mlp.down_proj.weight")),
         "ck_nan": lambda p: rewrite_weights(p, lambda w: w["model.layers.0.mlp.up_proj.weight"].fill_(float("nan"))),
+        "ck_latency": lambda p: (p / "latency.json").write_text(json.dumps(fake_latency(-1e6))),
+        "ck_latency_deep": lambda p: (p / "latency.json").write_text("[" * 100_000),
+        "ck_routers": lambda p: damage_routers(p),
     }
+    for key in ("budgets", "tasks", "calib_data", "mlp_fractions", "host", "out", "verify"):
+        (root / f"null_{key}.yaml").write_text(f"{key}: null\n")
+    (root / "aliases.yaml").write_text("a: &x [1, 1]\nb: &y [*x, *x]\nbudgets: [*y, *y]\n")
     for name, damage in damaged.items():
         subprocess.run(["cp", "-r", str(root / "ck"), str(root / name)], check=True)
         damage(root / name)
+    for name in ("hf", "export"):
+        subprocess.run(["cp", "-r", str(root / name), str(root / f"{name}_cut")], check=True)
+    write_requests(root / "tasks_cut.jsonl.gz", random_docs(40))
+    for cut in (root / "hf_cut" / "model.safetensors", root / "export_cut" / "model.safetensors",
+                root / "tasks_cut.jsonl.gz"):  # cut short, as by a full disk or an interrupted copy
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    for name, docs in (("tasks_label.jsonl.gz", [([("w1", " w2"), ("w1", " w3")], -5)]),
+                       ("tasks_empty.jsonl.gz", [([("w1", " w2"), ("w1", "")], 0)])):
+        write_requests(root / name, docs)
     return root
+
+
+def fake_latency(overhead: float) -> dict:
+    """A latency table of the arena's space (MLP widths 24-96 in steps of 24, 1-4 attention units)."""
+    fit = {"overhead": overhead, "mlp": {str(w): w / 24 for w in (24, 48, 72, 96)},
+           "attn": {str(a): a for a in range(1, 5)}}
+    return {"decode_ms": fit, "prefill_ms": fit}
+
+
+def damage_routers(ckpt: Path) -> None:
+    """Routers whose check kept a sub-network of MLP width 999, which the space does not hold."""
+    from flextron.options import RouteOptions
+    from flextron.routers import Routers, StaticRouter
+    from flextron.space import ElasticSpace
+
+    space = ElasticSpace.from_dict(json.loads((ckpt / "flextron.json").read_text())["elastic_space"])
+    routers = Routers(StaticRouter(space, (0.5, 1.0)), "params", RouteOptions(budgets=(0.5, 1.0)))
+    routers.save(ckpt)
+    cfg = json.loads((ckpt / "routers.json").read_text())
+    full = space.full()
+    cfg["checked"] = [{"budget": 0.5, "kept": "uniform", "subnet": {"mlp": [999] * len(full.mlp), "attn": full.attn}}]
+    (ckpt / "routers.json").write_text(json.dumps(cfg))
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -87,31 +135,31 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         # training options
         ([*train, "--max-steps", "1", "--lr", "nan"], "--lr: must be a finite number"),
         ([*train, "--max-steps", "1", "--lr", "inf"], "--lr: must be a finite number"),
-        ([*train, "--max-steps", "1", "--lr", "1e39"], "--lr must be in"),
-        ([*train, "--max-steps", "1", "--weight-decay", "-1"], "--weight-decay must be in"),
-        ([*train, "--max-steps", "0"], "--max-steps must be in"),
-        ([*train, "--max-steps", "-1"], "--max-steps must be in"),
+        ([*train, "--max-steps", "1", "--lr", "1e39"], "--lr: must be in"),
+        ([*train, "--max-steps", "1", "--weight-decay", "-1"], "--weight-decay: must be in"),
+        ([*train, "--max-steps", "0"], "--max-steps: must be in"),
+        ([*train, "--max-steps", "-1"], "--max-steps: must be in"),
         ([*train, "--max-steps", "1e309"], "--max-steps: must be an integer"),
         ([*train, "--max-steps", "1.5"], "--max-steps: must be an integer"),
         ([*train, "--max-steps", "nan"], "--max-steps: must be an integer"),
         ([*train, "--max-steps", "ten"], "--max-steps: expected a number"),
-        ([*train, "--tokens", "-5"], "--tokens must be in"),
+        ([*train, "--tokens", "-5"], "--tokens: must be in"),
         ([*train, "--max-steps", "1", "--tokens", "100"], "exactly one of --max-steps or --tokens"),
-        ([*train, "--max-steps", "1", "--eval-limit", "-3"], "--eval-limit must be in"),
+        ([*train, "--max-steps", "1", "--eval-limit", "-3"], "--eval-limit: must be in"),
         ([*train, "--max-steps", "1", "--eval-budgets", "1.7"], "--eval-budgets must be in"),
         ([*train, "--max-steps", "1", "--eval-budgets", "nan"], "--eval-budgets: expected finite numbers"),
         ([*train, "--max-steps", "1", "--budgets", "0,0.5"], "--budgets must be in"),
-        ([*train, "--max-steps", "1", "--seq-len", "0"], "--seq-len must be in"),
-        ([*train, "--max-steps", "1", "--micro-batch", "0"], "--micro-batch must be in"),
-        ([*train, "--max-steps", "1", "--grad-accum", "0"], "--grad-accum must be in"),
-        ([*train, "--max-steps", "1", "--save-every", "0"], "--save-every must be in"),
+        ([*train, "--max-steps", "1", "--seq-len", "0"], "--seq-len: must be in"),
+        ([*train, "--max-steps", "1", "--micro-batch", "0"], "--micro-batch: must be in"),
+        ([*train, "--max-steps", "1", "--grad-accum", "0"], "--grad-accum: must be in"),
+        ([*train, "--max-steps", "1", "--save-every", "0"], "--save-every: must be in"),
         ([*train, "--max-steps", "1", "--clip", "nan"], "--clip: must be a finite number"),
-        ([*train, "--max-steps", "1", "--clip", "0"], "--clip must be in"),
-        ([*train, "--max-steps", "1", "--full-prob", "2"], "--full-prob must be in"),
-        ([*train, "--max-steps", "1", "--kd-temperature", "0"], "--kd-temperature must be in"),
-        ([*train, "--max-steps", "1", "--warmup-steps", "-1"], "--warmup-steps must be in"),
-        ([*train, "--max-steps", "1", "--n-random", "-1"], "--n-random must be in"),
-        ([*train, "--max-steps", "1", "--seed", "-1"], "--seed must be in"),
+        ([*train, "--max-steps", "1", "--clip", "0"], "--clip: must be in"),
+        ([*train, "--max-steps", "1", "--full-prob", "2"], "--full-prob: must be in"),
+        ([*train, "--max-steps", "1", "--kd-temperature", "0"], "--kd-temperature: must be in"),
+        ([*train, "--max-steps", "1", "--warmup-steps", "-1"], "--warmup-steps: must be in"),
+        ([*train, "--max-steps", "1", "--n-random", "-1"], "--n-random: must be in"),
+        ([*train, "--max-steps", "1", "--seed", "-1"], "--seed: must be in"),
         ([*train, "--max-steps", "1", "--budget-probs", "1,1,1,-1"], "--budget-probs must be in"),
         (["train", ck, "--out", str(r / "file"), "--max-steps", "1"], "is a regular file, not a directory"),
         (["train", ck, "--out", str(r / "linkdir"), "--max-steps", "1"], "is a symlink, not a directory"),
@@ -121,7 +169,7 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         ([*conv, "--batch-size", "0"], "--batch-size: must be in"),
         ([*conv, "--multiple", "0"], "--multiple: must be in"),
         ([*conv, "--seed", "-1"], "--seed: must be in"),
-        ([*conv, "--mlp-fractions", "1.7"], "elastic fraction 1.7 is outside (0, 1]"),
+        ([*conv, "--mlp-fractions", "1.7"], "--mlp-fractions must be in (0, 1], got 1.7"),
         ([*conv, "--mlp-fractions", "nan"], "--mlp-fractions: expected finite numbers"),
         ([*conv, "--space", str(r / "space_inf.json")], "must be a list of integers"),
         ([*conv, "--space", str(r / "space_float.json")], "must be a list of integers"),
@@ -150,11 +198,11 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         ([*prof, "--decode-steps", "0"], "--decode-steps: must be in"),
         ([*prof, "--repeats", "0"], "--repeats: must be in"),
         ([*prof, "--samples", "-1"], "--samples: must be in"),
-        ([*route, "--steps", "0"], "--steps must be in"),
+        ([*route, "--steps", "0"], "--steps: must be in"),
         ([*route, "--budgets", "1.7"], "--budgets must be in"),
         ([*route, "--router-lr", "nan"], "--router-lr: must be a finite number"),
-        ([*route, "--eval-limit", "0"], "--eval-limit must be in"),
-        ([*route, "--hidden", "0"], "--hidden must be in"),
+        ([*route, "--eval-limit", "0"], "--eval-limit: must be in"),
+        ([*route, "--hidden", "0"], "--hidden: must be in"),
         ([*route, "--out", str(r / "file")], "is a regular file, not a directory"),
         (["serve", ck, "--port", "99999"], "--port: must be in [0, 65535]"),
         (["serve", ck, "--port", "-1"], "--port: must be in [0, 65535]"),
@@ -167,6 +215,8 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         ([*gen, "--temperature", "-1"], "--temperature: must be in"),
         ([*gen, "--top-p", "0"], "--top-p: must be in (0, 1]"),
         ([*gen, "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
+        ([*gen, "--stop", "a,b,c,d,e"], "--stop takes at most 4 strings"),
+        ([*gen, "--stop", "z" * (MAX_STOP_CHARS + 1)], "--stop takes at most 4 strings"),
         ([*gen, "--budget", "1.7"], "is above the full model"),
         # export, and damaged or missing checkpoints
         ([*exp, str(r / "file")], "is a regular file, not a directory"),
@@ -181,16 +231,44 @@ def cases(r: Path) -> list[tuple[list[str], str]]:
         (["export", str(r / "ck_nan"), "--budget", "0.5", "--out", str(r / "x7"), "--no-verify"],
          "tensor model.layers.0.mlp.up_proj.weight holds NaN"),
         (["eval", str(r / "nothing"), "--budgets", "0.5"], "not an elastic checkpoint"),
+        # truncated weights outside elastic checkpoints; damaged task files
+        (["convert", str(r / "hf_cut"), *conv[2:]], "hf_cut/model.safetensors is truncated or corrupt"),
+        (["generate", str(r / "export_cut"), "w1", "--raw"], "export_cut/model.safetensors is truncated or corrupt"),
+        (["eval", str(r / "export_cut"), "--budgets", "1.0", "--limit", "1", "--seq-len", "16"],
+         "export_cut/model.safetensors is truncated or corrupt"),
+        (["eval", ck, "--budgets", "1.0", "--tasks", str(r / "tasks_cut.jsonl.gz")], "tasks_cut.jsonl.gz, line"),
+        (["eval", ck, "--budgets", "1.0", "--tasks", str(r / "tasks_label.jsonl.gz")],
+         "tasks_label.jsonl.gz, line 1: label -5 is not a choice number"),
+        (["eval", ck, "--budgets", "1.0", "--tasks", str(r / "tasks_empty.jsonl.gz")],
+         "tasks_empty.jsonl.gz, line 2: request.continuation is empty"),
         (["generate", str(r / "nothing"), "hi"], "neither an existing directory nor a hub id"),
         (["report", str(r / "outdir")], "holds no results.json or eval.json"),
         (["report", str(r / "result.json"), "--into", str(r / "outdir")], "outdir is a directory, not a regular file"),
         (["eval", "--nonsense"], "unrecognized arguments"),
+        # round two (issue 36): YAML null, aliases and devices as --config; positions beyond the model's
+        # context; damaged latency and router files
+        *[([*argv, "--config", str(r / f"null_{key}.yaml")], f"{key} is null") for argv, key in (
+            (ev, "budgets"), (ev, "tasks"), (conv[:4], "calib_data"), (conv, "mlp_fractions"), (["serve", ck], "host"),
+            (["demo"], "out"), ([*exp, str(r / "x8")], "verify"))],
+        ([*ev, "--config", str(r / "aliases.yaml")], "uses a YAML alias"),
+        ([*ev, "--config", str(r / "device.json")], "must be a regular file"),
+        ([*prof, "--context", "300"], "beyond the model's context of 256"),
+        ([*prof, "--runtime", "llama.cpp", "--context", "400"], "beyond the model's context of 256"),
+        ([*route, "--seq-len", "1000"], "beyond the model's context of 256"),
+        (["eval", str(r / "ck_latency"), "--budgets", "0.5"], "latency.json is damaged: it prices the full model"),
+        (["eval", str(r / "ck_latency_deep"), "--budgets", "0.5"], "nested too deeply"),
+        (["export", str(r / "ck_routers"), "--budget", "0.5", "--out", str(r / "x9"), "--no-verify"],
+         "layer 0 MLP width 999 is not in the elastic space"),
+        ([*conv, "--min-layers", "2"], "--min-layers is the floor of layers a depth space keeps"),
+        ([*exp, str(r / "x10"), "--outtype", "f16"], "--outtype and --graph are GGUF settings"),
+        ([*exp, str(r / "x11"), "--graph", "deci"], "--outtype and --graph are GGUF settings"),
+        ([*ev, "--budgets", "params=" + "9" * 400], "is not a finite number"),
     ]
 
 
 def test_every_bad_input_is_one_clean_line_and_harms_nothing(arena, capsys):
     before = snapshot(arena)
-    tried = clean = tracebacks = 0
+    tried = clean = tracebacks = accepted = 0
     problems = []
     for argv, expected in cases(arena):
         tried += 1
@@ -207,12 +285,13 @@ def test_every_bad_input_is_one_clean_line_and_harms_nothing(arena, capsys):
         if code == 2 and last.startswith("error:") and expected in last and "Traceback" not in "\n".join(err):
             clean += 1
         else:
+            accepted += code == 0
             problems.append(f"{argv}: exit {code}, stderr ends {last!r} (wanted {expected!r})")
     after = snapshot(arena)
     damaged = sorted(k for k in before if after.get(k) != before[k])
     created = sorted(set(after) - set(before))
     print(f"\nbad-input campaign: {tried} inputs tried, {clean} clean errors, {tracebacks} tracebacks, "
-          f"{len(damaged)} files damaged, {len(created)} files created")
+          f"{accepted} wrongly accepted, {len(damaged)} files damaged, {len(created)} files created")
     assert not problems, "\n".join(problems)
     assert tracebacks == 0 and not damaged and not created and clean == tried
 
@@ -255,7 +334,34 @@ def test_campaign_cases_would_reach_the_model_without_the_bad_input(arena, capsy
                  "--out", str(arena / "ok.json")]) == 0
     assert json.loads((arena / "ok.json").read_text())[0]["ppl"] > 0
     assert main(["export", str(arena / "ck"), "--budget", "0.5", "--out", str(arena / "x0")]) == 0
+    write_requests(arena / "tasks_ok.jsonl.gz", random_docs(2))
+    assert main(["eval", str(arena / "ck"), "--budgets", "1.0", "--tasks", str(arena / "tasks_ok.jsonl.gz")]) == 0
     capsys.readouterr()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(arena, monkeypatch, capsys):
+    """The disk fills while `convert`, `export` or `train` writes a checkpoint (safetensors raises its
+    own error; torch's writer of the training state a RuntimeError): exit 2, one line saying what to
+    do, and no checkpoint or temp file left (a run folder keeps only its whole logs)."""
+    data, out = str(arena / "data.txt"), arena / "full"
+    train = ["train", str(arena / "ck"), "--out", str(out), "--data", data, "--max-steps", "1", "--seq-len", "16"]
+    runs = [("safetensors", ["convert", str(arena / "hf"), "--out", str(out), "--calib-data", data,
+                             "--calib-sequences", "2", "--calib-seq-len", "16"]),
+            ("safetensors", ["export", str(arena / "ck"), "--budget", "0.5", "--out", str(out)]),
+            ("safetensors", train),
+            ("fsutil", train)]
+    before = snapshot(arena)
+    for writer, argv in runs:
+        with monkeypatch.context() as m:
+            full_disk(m, writer)
+            assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: cannot write {out}"), err[-3:]
+        assert err[-1].endswith("No space left on device; free some space (or write elsewhere) and run again")
+        left = {p.name for p in out.rglob("*") if p.is_file()} if out.exists() else set()
+        assert left <= {"run.json", "config.yaml", "metrics.csv"}, (argv[0], left)
+        shutil.rmtree(out, ignore_errors=True)
+    assert snapshot(arena) == before
 
 
 
@@ -323,11 +429,12 @@ def server_cases(name: str, cfg, vocab: int) -> list[tuple[str, tuple, int, str 
              "temperature": ["nan", "inf", "0.5", True, []], "top_p": ["0.9", True, {}], "n": ["1", 1.0, True],
              "stream": ["yes", 1, []], "logprobs": ["2", True, 1.5], "echo": ["yes", 1], "stop": [7, {"a": 1}, True],
              "seed": ["7", 1.5, True, []], "budget": [True, [], {}], "adaptive": ["yes", 1],
-             "stream_options": ["x", [], {"include_usage": "yes"}]}
+             "stream_options": ["x", [], {"include_usage": "yes"}], "best_of": ["2", 1.5, True]}
     cases += [(f"{k}={json.dumps(v)}", c(**{k: v}), 400, "invalid_type") for k, vs in wrong.items() for v in vs]
     cases += [(f"prompt={json.dumps(v)}", c(prompt=v), 400, "invalid_value")
               for v in ([1, "a"], [[]], [], [True], [1.5], [["w5"]], [None], [[1], 2])]
-    cases += [(f"stop={json.dumps(v)}", c(stop=v), 400, "invalid_value") for v in ([7], [None], ["a"] * 5)]
+    cases += [(f"stop={json.dumps(v)}", c(stop=v), 400, "invalid_value") for v in (
+        [7], [None], ["a"] * 5, ["z" * (MAX_STOP_CHARS + 1)])]
     cases += [(f"messages={json.dumps(v)}", chat(messages=v), 400, code) for v, code in (
         ("w5", "invalid_type"), ({}, "invalid_type"), (7, "invalid_type"), ([], "invalid_value"),
         ([1], "invalid_value"), ([{"role": "user"}], "missing_field"),
@@ -342,7 +449,7 @@ def server_cases(name: str, cfg, vocab: int) -> list[tuple[str, tuple, int, str 
     ]
     # numbers out of range (NaN and infinities as JSON literals too)
     out = {"max_tokens": [-1, 0, cfg.max_tokens + 1, 10**30], "temperature": [-1, 2.5, 1e308],
-           "top_p": [0, -0.1, 1.5], "n": [0, 2, -1], "logprobs": [-1, 21, 10**9],
+           "top_p": [0, -0.1, 1.5], "n": [0, 2, -1], "best_of": [0, 2, -1], "logprobs": [-1, 21, 10**9],
            "seed": [2**64, -(2**63) - 1, 10**100],
            "prompt": [[-1], [vocab], [2**70], [[1, -5]]]}
     cases += [(f"{k}={json.dumps(v)}", c(**{k: v}), 400, "invalid_value") for k, vs in out.items() for v in vs]

@@ -7,14 +7,13 @@ from dataclasses import fields
 
 import pytest
 from safetensors.torch import load_file
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
 
-from conftest import make_tokenizer
 from flextron import api, demo
 from flextron.cli import _options, build_parser, main
-from flextron.config import RouterConfig, TrainConfig
 from flextron.errors import FlextronError
 from flextron.options import (
+    MAX_STOP_CHARS,
     ConvertOptions,
     DemoOptions,
     EvalOptions,
@@ -22,8 +21,11 @@ from flextron.options import (
     GenerateOptions,
     ProfileOptions,
     ReportOptions,
+    RouteOptions,
     ServeOptions,
+    TrainOptions,
 )
+from helpers import hf_greedy, make_tokenizer, word_text
 
 # command: (its options dataclass, the api function, the shortest command line, the options it means)
 COMMANDS = {
@@ -31,9 +33,9 @@ COMMANDS = {
     "eval": (EvalOptions, api.evaluate, [], EvalOptions()),
     "report": (ReportOptions, api.report, ["run"], ReportOptions()),
     "demo": (DemoOptions, demo.run, [], DemoOptions()),
-    "train": (TrainConfig, api.train, ["ck", "--out", "r", "--max-steps", "1"], TrainConfig(max_steps=1)),
+    "train": (TrainOptions, api.train, ["ck", "--out", "r", "--max-steps", "1"], TrainOptions(max_steps=1)),
     "profile": (ProfileOptions, api.profile, ["ck"], ProfileOptions()),
-    "route": (RouterConfig, api.route, ["ck"], RouterConfig()),
+    "route": (RouteOptions, api.route, ["ck"], RouteOptions()),
     "export": (ExportOptions, api.export, ["ck", "--budget", "0.5", "--out", "o"], ExportOptions()),
     "generate": (GenerateOptions, api.generate, ["ck", "hi"], GenerateOptions()),
     "serve": (ServeOptions, api.serve, ["ck"], ServeOptions()),
@@ -159,6 +161,30 @@ def test_convert_with_depth_then_export_below_the_width_only_minimum(tiny_hf_dir
     assert main(["convert", str(model_dir), "--out", str(tmp_path / "c2"), "--depth", "--min-layers", "3"]) == 2
     assert "--min-layers 3 must be between 1 and the model's 2 layers" in capsys.readouterr().err
     assert not (tmp_path / "c2").exists()
+    # A skip order given in a --space file is the one kept, not replaced by the measured one.
+    space_file = tmp_path / "space.json"
+    order = {kind: sorted(range(2), key=layers[kind].__getitem__, reverse=True) for kind in ("mlp", "attn")}
+    space_file.write_text(json.dumps({"mlp": [[0, 96]] * 2, "attn": [[0, 4]] * 2, "skip_order": order}))
+    assert main(["convert", str(model_dir), "--out", str(tmp_path / "c3"), "--space", str(space_file), "--calib-data",
+                 str(text), "--calib-sequences", "4", "--calib-seq-len", "16"]) == 0
+    assert json.loads((tmp_path / "c3" / "flextron.json").read_text())["elastic_space"]["skip_order"] == order
+
+
+def test_generate_is_greedy_at_a_tiny_temperature_and_ends_at_stop_strings(tiny_hf_dir, capsys):
+    """Issue 36 item 6: `generate --temperature 1e-300` ended in a traceback (softmax(logits / T) overflowed)."""
+    model_dir, _ = tiny_hf_dir
+    args = ["generate", str(model_dir), "w5 w6", "--raw", "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert greedy == hf_greedy(model, tok, "w5 w6", 8) + "\n" and greedy.strip()
+    for t in ("1e-300", "5e-324", "1e-40"):
+        assert main([*args, "--temperature", t, "--seed", "1"]) == 0 and capsys.readouterr().out == greedy
+    stop = greedy.split()[1]
+    assert main([*args, "--stop", f"w999,{stop}"]) == 0
+    assert capsys.readouterr().out == greedy[:greedy.find(stop)] + "\n"
+    assert main([*args, "--stop", "z" * (MAX_STOP_CHARS + 1)]) == 2
+    assert f"--stop takes at most 4 strings of at most {MAX_STOP_CHARS} characters" in capsys.readouterr().err
 
 
 def test_every_flag_of_every_command_has_help():
@@ -180,15 +206,9 @@ def test_cli_and_api_defaults_come_from_the_options_dataclass(command):
     assert f"{cls.__name__} | None" in {str(p.annotation) for p in params.values()}  # or the dataclass itself
 
 
-@pytest.fixture
-def tiny_ckpt(tiny_hf_dir, tmp_path):
-    model_dir, text = tiny_hf_dir
-    return api.convert(str(model_dir), tmp_path / "ckpt", calib_data=str(text), calib_sequences=4, calib_seq_len=16,
-                       multiple=8, device="cpu", progress=False), text
-
-
-def test_train_from_a_yaml_config_equals_the_same_run_from_flags(tiny_ckpt, tmp_path):
-    ckpt, text = tiny_ckpt
+def test_train_from_a_yaml_config_equals_the_same_run_from_flags(elastic_ckpt, tmp_path):
+    ckpt, text = elastic_ckpt(), tmp_path / "data.txt"
+    text.write_text(word_text(4000))
     flags = ["--max-steps", "1", "--seq-len", "32", "--micro-batch", "2", "--eval-limit", "0", "--dtype", "fp32",
              "--budgets", "1.0,0.5", "--no-activation-checkpointing", "--data", str(text), "--device", "cpu"]
     assert main(["train", str(ckpt), "--out", str(tmp_path / "flags"), *flags, "--lr", "1e-4"]) == 0
@@ -226,11 +246,11 @@ def test_bad_config_files_are_one_line_errors_before_any_work(tmp_path, capsys, 
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_an_empty_list_option_is_refused_in_one_line(tiny_ckpt, capsys):
-    ckpt, _ = tiny_ckpt
+def test_an_empty_list_option_is_refused_in_one_line(elastic_ckpt, capsys):
+    ckpt = elastic_ckpt()
     for argv in (["eval", str(ckpt), "--budgets", ","], ["eval", str(ckpt), "--tasks", ",,"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and "expected one or more comma-separated values" in capsys.readouterr().err
-    with pytest.raises(FlextronError, match="no budget to evaluate"):
+    with pytest.raises(FlextronError, match="--budgets needs at least one value"):
         api.evaluate(ckpt, budgets=(), limit=1, seq_len=16, device="cpu")

@@ -1,9 +1,9 @@
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import VOCAB, make_elastic
-from flextron.config import Subnet
 from flextron.cost import analytic_table, subnet_cost
+from flextron.space import Subnet
+from helpers import VOCAB, make_elastic
 
 H, HEAD_DIM, REP = 64, 8, 2  # tiny Llama-like: 8 query heads in 4 KV groups
 
@@ -72,7 +72,7 @@ def test_a_table_knows_the_full_and_smallest_costs_of_its_space():
     em = make_elastic("llama", n_layers=4, min_layers=2)
     table = analytic_table(em, "params")
     assert table.space == em.space
-    assert table.full == subnet_cost(em).params_nonembed == table(em.space, em.space.full())
+    assert table.full == subnet_cost(em).params_nonembed == table(em.space.full())
     assert table.smallest == subnet_cost(em, em.space.smallest()).params_nonembed < table.full
 
 

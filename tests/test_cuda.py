@@ -6,12 +6,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_model, make_tokenizer, word_text
 from flextron import api
-from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
-from flextron.train.distill import chunked_distill_loss
-from flextron.train.loop import kd_loss
+from flextron.options import TrainOptions
+from flextron.train.losses import chunked_distill_loss, kd_loss
+from helpers import make_model, make_tokenizer, word_text
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -61,6 +60,6 @@ def test_training_steps_on_cuda_with_a_bf16_teacher(tmp_path):
     calib = {"calib_sequences": 4, "calib_seq_len": 32, "calib_data": str(data)}
     ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cuda", multiple=8, **calib,
                        progress=False)
-    cfg = TrainConfig(max_steps=2, seq_len=32, micro_batch=2, warmup_steps=1, eval_limit=0)  # bf16 autocast
+    cfg = TrainOptions(max_steps=2, seq_len=32, micro_batch=2, warmup_steps=1, eval_limit=0)  # bf16 autocast
     summary = api.train(ckpt, tmp_path / "run", cfg, [str(data)], device="cuda", progress=False)
     assert summary["steps"] == 2

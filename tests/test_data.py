@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import make_tokenizer, word_text
 from flextron.data import HELDOUT_CHARS, default_splits, sample_sequences, tokenize, windows
 from flextron.errors import FlextronError
+from helpers import make_tokenizer, word_text
 
 
 def test_heldout_is_the_end_of_war_and_peace_and_never_in_train():

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import LLAMA_KINDS, VOCAB, make_elastic, make_model
-from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
+from flextron.space import ElasticSpace
+from helpers import LLAMA_KINDS, VOCAB, make_elastic, make_model
 
 
 def tiny_elastic(kind: str) -> tuple[torch.nn.Module, ElasticModel]:

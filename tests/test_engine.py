@@ -8,20 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_elastic, make_tokenizer
-from flextron.config import Budget
-from flextron.engine import Busy, Cancelled, Engine, EngineConfig, Request
+from flextron.engine import Busy, Cancelled, Engine, Request
 from flextron.generation import stop_token_ids
+from flextron.options import Sampling, ServeLimits
+from flextron.space import Budget
+from helpers import make_elastic, make_tokenizer
 
 NEW = 12
+GREEDY = Sampling(max_new_tokens=NEW)
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19], [20], [30, 31, 32]]
 
 
 def alone(em, req: Request) -> list[int]:
     """Greedy tokens of one request by HF generate, batch of one, at its sub-network."""
     with em.subnet(req.subnet):
-        out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=req.max_new_tokens, do_sample=False,
-                                eos_token_id=stop_token_ids(em.model, make_tokenizer()), pad_token_id=0)
+        out = em.model.generate(torch.tensor([req.input_ids]), max_new_tokens=req.sampling.max_new_tokens,
+                                do_sample=False, eos_token_id=stop_token_ids(em.model, make_tokenizer()),
+                                pad_token_id=0)
     return out[0, len(req.input_ids):].tolist()
 
 
@@ -35,14 +38,14 @@ def subnets(em):
 def engine(request):
     kind, mix = request.param  # mixed: all budgets in one batch, each row masked to its sub-network
     em, tok = make_elastic(kind), make_tokenizer()
-    eng = Engine(em, tok, EngineConfig(max_batch=6, mix_budgets=mix))
+    eng = Engine(em, tok, ServeLimits(max_batch=6, mix_budgets=mix))
     yield eng
     eng.close()
 
 
 def test_batched_greedy_equals_each_request_alone(engine):
     em = engine.em
-    reqs = [Request(p, s, NEW) for s in subnets(em) for p in PROMPTS]
+    reqs = [Request(p, s, GREEDY) for s in subnets(em) for p in PROMPTS]
     started = threading.Event()
     reqs[0].on_text = lambda _: started.set()
     first = [engine.submit(r) for r in reqs[:4]]
@@ -57,10 +60,10 @@ def test_batched_greedy_equals_each_request_alone(engine):
 
 
 def test_one_at_a_time_gives_the_same_outputs(engine):
-    serial = Engine(engine.em, engine.tokenizer, EngineConfig(max_batch=1))
+    serial = Engine(engine.em, engine.tokenizer, ServeLimits(max_batch=1))
     try:
-        reqs = [Request(p, s, NEW) for s in subnets(engine.em)[:2] for p in PROMPTS[:3]]
-        again = [Request(r.input_ids, r.subnet, NEW) for r in reqs]
+        reqs = [Request(p, s, GREEDY) for s in subnets(engine.em)[:2] for p in PROMPTS[:3]]
+        again = [Request(r.input_ids, r.subnet, GREEDY) for r in reqs]
         assert [r.token_ids for r in serial.generate(reqs)] == [r.token_ids for r in engine.generate(again)]
     finally:
         serial.close()
@@ -68,10 +71,11 @@ def test_one_at_a_time_gives_the_same_outputs(engine):
 
 def test_sampling_settings_are_per_request(engine):
     sub = engine.em.space.full()
-    seeded = Request(PROMPTS[0], sub, NEW, temperature=1.0, top_p=0.9, seed=3)
-    solo = engine.generate([seeded])[0].token_ids
-    crowd = [Request(PROMPTS[0], sub, NEW, temperature=1.0, top_p=0.9, seed=3)] + [
-        Request(p, sub, NEW, temperature=0.7, seed=i) for i, p in enumerate(PROMPTS)] + [Request(PROMPTS[1], sub, NEW)]
+    nucleus = Sampling(NEW, temperature=1.0, top_p=0.9, seed=3)
+    solo = engine.generate([Request(PROMPTS[0], sub, nucleus)])[0].token_ids
+    crowd = [Request(PROMPTS[0], sub, nucleus)] + [
+        Request(p, sub, Sampling(NEW, temperature=0.7, seed=i)) for i, p in enumerate(PROMPTS)] + [
+        Request(PROMPTS[1], sub, GREEDY)]
     results = engine.generate(crowd)
     assert results[0].token_ids == solo
     assert results[-1].token_ids == alone(engine.em, crowd[-1])  # greedy next to sampled rows
@@ -79,22 +83,22 @@ def test_sampling_settings_are_per_request(engine):
 
 def test_stream_stop_and_finish(engine):
     sub = engine.em.space.full()
-    full = engine.generate([Request(PROMPTS[2], sub, NEW)])[0]
+    full = engine.generate([Request(PROMPTS[2], sub, GREEDY)])[0]
     stop = full.text.split()[3]
     pieces: list[str] = []
-    res = engine.generate([Request(PROMPTS[2], sub, NEW, stop=[stop], on_text=pieces.append)])[0]
+    res = engine.generate([Request(PROMPTS[2], sub, Sampling(NEW, stop=(stop,)), on_text=pieces.append)])[0]
     assert res.text == full.text[:full.text.find(stop)] == "".join(pieces)
     assert res.finish_reason == "stop" and full.finish_reason == "length"
 
 
 def test_cancel_frees_the_slot(engine):
     sub = engine.em.space.full()
-    serial = Engine(engine.em, engine.tokenizer, EngineConfig(max_batch=1))
+    serial = Engine(engine.em, engine.tokenizer, ServeLimits(max_batch=1))
     try:
         going = threading.Event()
-        long = Request(PROMPTS[0], sub, 200, on_text=lambda _: going.set())
+        long = Request(PROMPTS[0], sub, Sampling(200), on_text=lambda _: going.set())
         f_long = serial.submit(long)
-        f_next = serial.submit(Request(PROMPTS[1], sub, 4))
+        f_next = serial.submit(Request(PROMPTS[1], sub, Sampling(4)))
         assert going.wait(30)
         serial.cancel(long)
         with pytest.raises(Cancelled):
@@ -106,7 +110,7 @@ def test_cancel_frees_the_slot(engine):
 
 def test_logprobs_match_one_forward(engine):
     sub = engine.em.space.uniform(1, 1)
-    req = Request(PROMPTS[2], sub, 5, top_logprobs=3, prompt_logprobs=True)
+    req = Request(PROMPTS[2], sub, Sampling(5), top_logprobs=3, prompt_logprobs=True)
     res = engine.generate([req])[0]
     ids = req.input_ids + res.token_ids
     with engine.em.subnet(sub), torch.no_grad():
@@ -116,14 +120,31 @@ def test_logprobs_match_one_forward(engine):
     for i, (token, lp, top) in enumerate(scored[1:]):
         assert lp == pytest.approx(float(logp[i, token]), abs=1e-4)
         assert [t for t, _ in top] == logp[i].topk(3).indices.tolist()
-    echo_only = engine.generate([Request(PROMPTS[2], sub, 0, top_logprobs=0, prompt_logprobs=True)])[0]
+    echo_only = engine.generate([Request(PROMPTS[2], sub, None, top_logprobs=0, prompt_logprobs=True)])[0]
     assert echo_only.token_ids == [] and echo_only.prompt_logprobs == res.prompt_logprobs[:1] + [
         (t, lp, []) for t, lp, _ in res.prompt_logprobs[1:]]
 
 
+def test_streamed_logprobs_come_before_their_text(engine):
+    """Issue 36 item 16: streaming dropped the logprobs. `on_scored` gets the prompt's after the prefill, then
+    before each piece of text the tokens scored since the last one; with the rest in the result, the whole."""
+    sub = engine.em.space.full()
+    events: list = []
+    req = Request(PROMPTS[2], sub, Sampling(NEW, stop=("never",)), top_logprobs=2, prompt_logprobs=True,
+                  on_text=lambda t: events.append(t), on_scored=lambda s: events.append(list(s)))
+    res = engine.generate([req])[0]
+    assert events[0] == res.prompt_logprobs and isinstance(events[1], list)
+    streamed = [e for e in events[1:] if isinstance(e, list)]
+    pieces = [e for e in events[1:] if isinstance(e, str)]
+    assert len(streamed) == len(pieces) and "".join(pieces) == res.text  # each piece after its tokens' logprobs
+    assert all(isinstance(a, list) and isinstance(b, str) for a, b in zip(events[1::2], events[2::2]))
+    reported = [s for chunk in streamed for s in chunk]
+    assert reported == res.logprobs[:len(reported)] and len(reported) >= len(res.logprobs) - 1
+
+
 def test_queue_and_budget_cache_are_bounded():
     em = make_elastic("llama")
-    eng = Engine(em, make_tokenizer(), EngineConfig(max_queue=3, max_budgets=2))
+    eng = Engine(em, make_tokenizer(), ServeLimits(max_queue=3, max_budgets=2))
     try:
         eng.reserve(2)
         with pytest.raises(Busy):
@@ -140,11 +161,11 @@ def test_queue_and_budget_cache_are_bounded():
 
 def with_adaptive_routers(em):
     """Untrained static and adaptive routers (params metric), the token routers' choices spread over all widths."""
-    from flextron.config import RouterConfig
+    from flextron.options import RouteOptions
     from flextron.routers import AdaptiveRouters, Routers, StaticRouter
 
     grid = (0.4, 0.7, 1.0)
-    em.routers = Routers(StaticRouter(em.space, grid), "params", RouterConfig(budgets=grid))
+    em.routers = Routers(StaticRouter(em.space, grid), "params", RouteOptions(budgets=grid))
     torch.manual_seed(0)
     em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
     with torch.no_grad():
@@ -157,11 +178,11 @@ def test_adaptive_requests_run_alone_next_to_batched_ones():
     from flextron.adaptive import AdaptiveRouting
 
     em, tok = with_adaptive_routers(make_elastic("llama")), make_tokenizer()
-    eng = Engine(em, tok, EngineConfig(max_batch=8))
+    eng = Engine(em, tok, ServeLimits(max_batch=8))
     try:
         fraction = eng.adaptive_fraction(Budget.parse("0.5"))
-        routed = [Request(p, em.space.full(), NEW, adaptive=fraction) for p in PROMPTS[:3]]
-        static = [Request(p, em.space.uniform(1, 1), NEW) for p in PROMPTS[:3]]
+        routed = [Request(p, em.space.full(), GREEDY, adaptive=fraction) for p in PROMPTS[:3]]
+        static = [Request(p, em.space.uniform(1, 1), GREEDY) for p in PROMPTS[:3]]
         results = eng.generate([x for pair in zip(routed, static) for x in pair])
         with AdaptiveRouting.for_model(em).attached() as routing:
             for req, res in zip(routed, results[::2]):
@@ -170,7 +191,7 @@ def test_adaptive_requests_run_alone_next_to_batched_ones():
                                         eos_token_id=stop_token_ids(em.model, tok), pad_token_id=0)
                 assert res.token_ids == out[0, len(req.input_ids):].tolist()
         assert [r.token_ids for r in results[1::2]] == [alone(em, r) for r in static]
-        assert results[0].token_ids != alone(em, Request(PROMPTS[0], em.space.full(), NEW))
+        assert results[0].token_ids != alone(em, Request(PROMPTS[0], em.space.full(), GREEDY))
     finally:
         eng.close()
 
@@ -182,8 +203,8 @@ def test_mixed_budgets_share_one_decode_step():
                                    with_kwargs=True)
     steps = {}
     for mix in (False, True):
-        eng = Engine(em, tok, EngineConfig(max_batch=8, mix_budgets=mix))
-        reqs = [Request(PROMPTS[0], s, NEW) for s in subnets(em)]
+        eng = Engine(em, tok, ServeLimits(max_batch=8, mix_budgets=mix))
+        reqs = [Request(PROMPTS[0], s, GREEDY) for s in subnets(em)]
         gate = threading.Event()
         reqs[0].on_text = lambda _, gate=gate: gate.wait(30)  # hold the engine until all three are queued
         futures = [eng.submit(r) for r in reqs]
@@ -200,14 +221,13 @@ def test_no_budget_means_the_full_model_whatever_the_routers_pick_at_100(monkeyp
     """A request without a budget runs the full model (labelled "full"), as `generate` does; a routed
     checkpoint's router at 100 % may pick less, which only an explicit budget of 1.0 gets."""
     from flextron.cost import subnet_cost
-    from flextron.options import ServeConfig
     from flextron.protocol import Protocol
 
     em, tok = make_elastic("llama"), make_tokenizer()
     monkeypatch.setattr("flextron.engine.select_subnet", lambda em, budget: em.space.smallest())
-    engine = Engine(em, tok, EngineConfig(), start=False)
+    engine = Engine(em, tok, ServeLimits(), start=False)
     assert engine.resolve(Budget.parse(1.0))[0] == em.space.smallest()
-    protocol = Protocol(tok, "m", None, em.config.vocab_size, ServeConfig(), engine.resolve)
+    protocol = Protocol(tok, "m", None, em.config.vocab_size, ServeLimits(), engine.resolve)
     budget, subnet, cost, _ = protocol.resolve(None)
     assert budget is None and subnet == em.space.full() and cost == subnet_cost(em)
     assert protocol.resolve("1.0")[1] == em.space.smallest()

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_elastic, make_model
-from flextron.config import Budget, RouterConfig, Subnet
-from flextron.evaluate import EvalRow, adaptive_at_budgets, eval_at_budgets, perplexity, router_report, rows_json
+from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, perplexity, router_report
+from flextron.options import RouteOptions
+from flextron.results import EvalRow, rows_json
 from flextron.routers import AdaptiveRouters, Routers, StaticRouter
+from flextron.space import Budget, Subnet
+from helpers import make_elastic, make_model
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -32,7 +33,6 @@ EVAL_KEYS = ["budget", "subnet", "cost", "params_fraction", "ppl", "tokens"]
 ROUTER_KEYS = ["budget", "metric", "subnet", "cost", "params_fraction", "raw_cost_ratio", "cost_ratio",
                "fraction_of_full", "uniform_subnet", "uniform_fraction_of_full", "ppl", "tokens", "uniform_ppl"]
 ADAPTIVE_KEYS = ["budget", "metric", "adaptive", "ppl", "realised_fraction", "cost_ratio"]
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def routed():
     """A tiny elastic model with (untrained) static and adaptive routers over params, and windows."""
     grid = (0.5, 1.0)
     em = make_elastic()
-    em.routers = Routers(StaticRouter(em.space, grid).eval(), "params", RouterConfig(budgets=grid))
+    em.routers = Routers(StaticRouter(em.space, grid).eval(), "params", RouteOptions(budgets=grid))
     em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16).eval()
     return em, torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -62,19 +62,6 @@ def test_rows_are_typed_and_write_the_json_they_always_have(routed):
     assert [r.to_dict()["budget"] for r in reported] == [0.5, 1.0] and str(reported[0].budget) == "50%"
     assert isinstance(evaluated[0].subnet, Subnet) and evaluated[0].to_dict()["subnet"] == evaluated[0].subnet.to_dict()
     assert json.loads(rows_json({"rows": evaluated}))["rows"] == [r.to_dict() for r in evaluated]
-
-
-def test_rows_of_files_written_before_round_trip_byte_for_byte():
-    files = {"adaptive.json": lambda d: d["rows"], "routers.json": lambda d: [*d["routes"].values()][0],
-             "elastic_training.json": lambda d: [d["results"]["original"], *d["results"]["prune-only"]]}
-    for name, rows_of in files.items():
-        rows = rows_of(json.loads((RESULTS / name).read_text()))
-        assert rows
-        for row in rows:
-            assert json.dumps(EvalRow.from_dict(row).to_dict()) == json.dumps(row), name
-    static = json.loads((RESULTS / "adaptive.json").read_text())["rows"][0]
-    row = EvalRow.from_dict(static)
-    assert row.adaptive and isinstance(row.static_subnet, Subnet) and row.budget == Budget(fraction=static["budget"])
 
 
 def test_router_report_rows_are_what_eval_reports_at_the_budget(routed):

@@ -7,17 +7,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILY_KINDS, LLAMA_KINDS, VOCAB, make_elastic, make_model, make_tokenizer
 from flextron import api
-from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import Subnet
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
+from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
 from flextron.export import export
-from flextron.generation import generate_text
+from flextron.generation import prompt_inputs
 from flextron.modeling_flextron import PER_LAYER
+from flextron.options import Sampling
+from flextron.space import Subnet
+from helpers import FAMILY_KINDS, LLAMA_KINDS, VOCAB, hf_greedy, make_elastic, make_model, make_tokenizer
 
 PER_LAYER_CLASSES = {m.__name__ for _, m in PER_LAYER.values()}
 # What existing exports' config.json names: these never change.
@@ -151,11 +152,11 @@ def test_greedy_generation_matches(exports, kind):
     em, tok = make_elastic(kind), make_tokenizer()
     for case in ("uniform", "hetero"):
         d, sub, _, _ = out[kind, case]
-        em.set_subnet(sub)
         streamed = []
-        expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=10, stream=streamed.append)
-        got = generate_text(AutoModelForCausalLM.from_pretrained(d), tok, "w5 w6 w7", max_new_tokens=10)
-        assert got == expected and "".join(streamed) == expected and expected
+        ids = prompt_inputs(tok, "w5 w6 w7")["input_ids"][0].tolist()  # `flextron generate`'s decoder
+        (got,) = Engine(em, tok, start=False).generate([Request(ids, sub, Sampling(10), on_text=streamed.append)])
+        expected = hf_greedy(AutoModelForCausalLM.from_pretrained(d), tok, "w5 w6 w7", 10)
+        assert got.text == expected and "".join(streamed) == expected and expected
 
 
 def test_existing_output_is_refused_and_untouched(tmp_path):
@@ -171,14 +172,8 @@ def test_existing_output_is_refused_and_untouched(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    path = tmp_path / "ckpt"
-    save_checkpoint(make_elastic("llama"), make_tokenizer(), path, {})
-    return path
-
-
-def test_api_export_budget_and_explicit_subnet(ckpt, tmp_path):
+def test_api_export_budget_and_explicit_subnet(elastic_ckpt, tmp_path):
+    ckpt = elastic_ckpt()
     with pytest.raises(FlextronError, match="below the smallest"):
         api.export(ckpt, "0.01", tmp_path / "small")
     assert not (tmp_path / "small").exists()
@@ -190,7 +185,8 @@ def test_api_export_budget_and_explicit_subnet(ckpt, tmp_path):
         api.export(ckpt, "0.5", tmp_path / "both", subnet=sub)
 
 
-def test_cli_export_then_generate(ckpt, tmp_path, capsys):
+def test_cli_export_then_generate(elastic_ckpt, tmp_path, capsys):
+    ckpt = elastic_ckpt()
     out = tmp_path / "export"
     assert main(["export", str(ckpt), "--budget", "0.6", "--out", str(out)]) == 0
     shown = capsys.readouterr().out
@@ -212,8 +208,6 @@ def test_cli_export_then_generate(ckpt, tmp_path, capsys):
 
 
 def test_prompt_uses_chat_template_unless_raw():
-    from flextron.generation import prompt_inputs
-
     tok = make_tokenizer()
     tok.chat_template = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
                          "{% if add_generation_prompt %} w3{% endif %}")
@@ -222,7 +216,8 @@ def test_prompt_uses_chat_template_unless_raw():
     assert prompt_inputs(tok, "w7 w8", raw=True)["input_ids"][0].tolist() == tok.convert_tokens_to_ids(["w7", "w8"])
 
 
-def test_per_layer_export_code_is_hashed_and_loads_through_our_classes(ckpt, tmp_path):
+def test_per_layer_export_code_is_hashed_and_loads_through_our_classes(elastic_ckpt, tmp_path):
+    ckpt = elastic_ckpt()
     import hashlib
 
     from flextron.assets import load_hf
@@ -261,8 +256,8 @@ def test_depth_pruned_exports_match_the_elastic_model(kind, tmp_path):
             with torch.no_grad():
                 assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4
             # Cached greedy decoding through attention-free layers equals the elastic model's.
-            expected = generate_text(em.model, tok, "w5 w6 w7", max_new_tokens=8)
-        assert generate_text(model, tok, "w5 w6 w7", max_new_tokens=8) == expected and expected
+            expected = hf_greedy(em.model, tok, "w5 w6 w7", 8)
+        assert hf_greedy(model, tok, "w5 w6 w7", 8) == expected and expected
 
 
 def test_partial_depth_export_loads_without_flextron(tmp_path):

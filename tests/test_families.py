@@ -11,16 +11,27 @@ import torch
 import torch.nn.functional as F
 from transformers import OPTConfig, OPTForCausalLM
 
-from conftest import FAMILY_KINDS, LLAMA_KINDS, NEW_KINDS, VOCAB, make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
 from flextron.assets import load_hf
 from flextron.checkpoint import load_checkpoint
 from flextron.cli import main
-from flextron.config import Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import FAMILIES, MODEL_TYPES, detect_family
 from flextron.importance import measure_importance, sort_by_importance
+from flextron.space import Subnet
+from helpers import (
+    FAMILY_KINDS,
+    LLAMA_KINDS,
+    NEW_KINDS,
+    VOCAB,
+    hf_logits,
+    make_elastic,
+    make_model,
+    make_tokenizer,
+    scale_output,
+    word_text,
+)
 
 DECLARED = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "granite": "llama",
             "smollm3": "llama", "gemma2": "gemma", "gemma3": "gemma", "olmo2": "olmo2", "phi3": "phi3",
@@ -40,23 +51,6 @@ def hf_layer(model, kind: str, i: int):
 
 def hf_sublayer(model, kind: str, i: int, which: str):
     return getattr(hf_layer(model, kind, i), SUBLAYERS.get(kind, ("self_attn", "mlp"))[which == "mlp"])
-
-
-def scale_output(scale: float):
-    def hook(module, args, out):
-        return (out[0] * scale, *out[1:]) if isinstance(out, tuple) else out * scale
-
-    return hook
-
-
-def hf_logits(model, x, hooks=()):
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        with torch.no_grad():
-            return model(input_ids=x, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def test_every_declared_kind_gets_its_family():

@@ -1,19 +1,14 @@
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import SafetensorError
 
-from conftest import make_device
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_dir, atomic_write, clean_leftovers, remove_tree
-
-
-def dead_pid() -> int:
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return p.pid
+from flextron.fsutil import atomic_dir, atomic_write, clean_leftovers, remove_tree, save_torch
+from helpers import dead_pid, full_disk, make_device, safetensors_full
 
 
 def write_text(text: str):
@@ -120,12 +115,29 @@ def test_remove_tree_takes_the_directory_out_of_sight_first(tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())
 
 
-def test_a_checkpoint_hidden_by_a_killed_in_place_route_is_found_by_eval(tmp_path):
-    from conftest import make_elastic, make_tokenizer
+def test_a_checkpoint_hidden_by_a_killed_in_place_route_is_found_by_eval(elastic_ckpt, tmp_path):
     from flextron import api
-    from flextron.checkpoint import save_checkpoint
 
-    ckpt = save_checkpoint(make_elastic("llama"), make_tokenizer(), tmp_path / "ck", {})
+    ckpt = elastic_ckpt(name="ck")
     ckpt.rename(tmp_path / f".ck.old-{dead_pid()}")
     em, _ = api.open_model(ckpt, [], "cpu")
     assert ckpt.is_dir() and em.space.n_layers == 2
+
+
+def test_a_full_disk_under_a_library_s_own_error_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError, torch's writer as a RuntimeError over the file's
+    OSError: both become the one line of an OS error, with what to do, and no temp file stays."""
+    full_disk(monkeypatch, "fsutil")
+    for write in (safetensors_full, lambda p: save_torch({"w": torch.zeros(4)}, p)):
+        with pytest.raises(FlextronError, match="out.pt: No space left on device; free some space"):
+            atomic_write(tmp_path / "out.pt", write)
+        with pytest.raises(FlextronError, match="ckpt: No space left on device; free some space"):
+            with atomic_dir(tmp_path / "ckpt") as tmp:
+                write(tmp / "model.safetensors")
+    assert not list(tmp_path.iterdir())
+    # Anything else is a bug, not the environment: it stays itself.
+    for error in (RuntimeError("unexpected pos 704 vs 598"), SafetensorError("invalid tensor name")):
+        with pytest.raises(type(error)):
+            with atomic_dir(tmp_path / "ckpt"):
+                raise error
+    assert not list(tmp_path.iterdir())

@@ -8,21 +8,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import VOCAB, make_bpe_tokenizer, make_elastic, make_tokenizer, two_graph_table
 from flextron import api, llamacpp
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.gguf import write_gguf
+from flextron.space import Subnet
+from helpers import THREADS, VOCAB, elastic_logits, gguf_logits, make_bpe_tokenizer, make_elastic, two_graph_table
 
 KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 # f32 weights and KV cache: llama.cpp's logits equal the elastic model's to float rounding (about
 # 2e-7 observed on these models); a wrong q/k row order is off by about 0.3 (see below).
 TOL = 1e-4
 SMOLLM_TOL = 2e-3  # logits of magnitude ~30 on SmolLM2
-THREADS = 1  # llama.cpp's threads wait on each other by spinning: on a busy shared CPU one is faster
 IDS = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
@@ -43,16 +42,6 @@ def subnet_for(em: ElasticModel, case: str) -> Subnet:
     if case == "uniform":  # GPT-2: llama.cpp needs all its heads
         return s.uniform(1, 3) if em.config.model_type == "gpt2" else s.uniform(1, 1)
     return Subnet(mlp=[s.mlp[0][0], s.mlp[1][2]], attn=[s.attn[0][1], s.attn[1][3]])
-
-
-def elastic_logits(em: ElasticModel, subnet: Subnet, ids: list[int]) -> np.ndarray:
-    with em.subnet(subnet), torch.no_grad():
-        return em(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def gguf_logits(path, ids: list[int]) -> np.ndarray:
-    with llamacpp.opened(path, n_ctx=64, threads=THREADS, exact=True, all_logits=True) as llm:
-        return llamacpp.logits(llm, ids)
 
 
 @pytest.mark.parametrize("case", ["full", "uniform", "per_layer"])
@@ -193,14 +182,8 @@ def test_smaller_outtypes_load_and_stay_close(outtype, tol, tmp_path):
     assert diff < tol, diff
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    path = tmp_path / "ckpt"
-    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), path, {})
-    return path
-
-
-def test_cli_export_gguf(ckpt, tmp_path, capsys):
+def test_cli_export_gguf(elastic_ckpt, tmp_path, capsys):
+    ckpt = elastic_ckpt(bpe=True)
     out = tmp_path / "half.gguf"
     assert main(["export", str(ckpt), "--budget", "0.5", "--format", "gguf", "--out", str(out)]) == 0
     assert "GGUF" in capsys.readouterr().out
@@ -217,7 +200,7 @@ def test_cli_export_gguf(ckpt, tmp_path, capsys):
     assert out.read_bytes() != before
 
 
-def test_export_writes_a_uniform_sub_network_in_the_graph_its_latency_table_prices(tmp_path, capsys):
+def test_export_writes_a_uniform_sub_network_in_the_graph_its_latency_table_prices(elastic_ckpt, tmp_path, capsys):
     """`--graph auto` writes a uniform sub-network as deci where the checkpoint's llama.cpp table
     says deci decodes it faster, which is the graph its budgets were priced in; `own` and `deci`
     force a graph, and `own` refuses a sub-network only deci can hold, writing nothing."""
@@ -239,15 +222,14 @@ def test_export_writes_a_uniform_sub_network_in_the_graph_its_latency_table_pric
     with pytest.raises(FlextronError, match="--graph auto or deci"):
         api.export(ckpt, None, tmp_path / "x.gguf", subnet=mixed, format="gguf", graph="own")
     assert not (tmp_path / "x.gguf").exists()
-    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), tmp_path / "plain", {})  # no table: own graph
+    plain = elastic_ckpt(name="plain", bpe=True)  # no table: own graph
     out = tmp_path / "plain.gguf"
-    api.export(tmp_path / "plain", None, out, subnet=full, format="gguf")
+    api.export(plain, None, out, subnet=full, format="gguf")
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
 
 
-def test_refused_exports_write_nothing(tmp_path, capsys):
-    word_level = tmp_path / "word"
-    save_checkpoint(make_elastic("llama"), make_tokenizer(), word_level, {})
+def test_refused_exports_write_nothing(elastic_ckpt, tmp_path, capsys):
+    word_level = elastic_ckpt(name="word")
     out = tmp_path / "x.gguf"
     assert main(["export", str(word_level), "--budget", "0.5", "--format", "gguf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NEW_KINDS, VOCAB, make_bpe_tokenizer, make_model
 from flextron import llamacpp
-from flextron.config import ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.gguf import layer_counts, write_gguf
-from test_gguf import THREADS, elastic_logits, gguf_logits
+from flextron.space import ElasticSpace, Subnet
+from helpers import NEW_KINDS, THREADS, VOCAB, elastic_logits, gguf_logits, make_bpe_tokenizer, make_model
 
 TOL = 1e-4  # f32 weights and KV cache, as tests/test_gguf.py: observed up to 3e-7
 # ggml's CPU GELU reads an f16 lookup table: Gemma's logits are up to 2.3e-4 off on these models
@@ -49,7 +48,7 @@ assert {k for k, _ in EXPECTED} >= set(NEW_KINDS)
 
 
 def elastic(model, min_layers: int | None = None) -> ElasticModel:
-    """An elastic model of `model` as conftest's make_elastic builds it, q/k weights x8 (peaked
+    """An elastic model of `model` as helpers' make_elastic builds it, q/k weights x8 (peaked
     attention, so that rotary layout, sliding windows and attention scales show in the logits)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -64,7 +63,7 @@ def elastic(model, min_layers: int | None = None) -> ElasticModel:
 
 
 def variant(kind: str, n_layers: int = 2, **config):
-    """conftest's tiny model of `kind` with the same weights under other config values."""
+    """helpers' tiny model of `kind` with the same weights under other config values."""
     base = make_model(kind, n_layers=n_layers)
     model = type(base)(type(base.config).from_dict({**base.config.to_dict(), **config}))
     model.load_state_dict(base.state_dict())

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-import conftest
+import helpers
 from flextron import llamacpp
 from flextron.errors import FlextronError
 from flextron.gguf import write_gguf
@@ -55,8 +55,8 @@ def sentencepiece_tokenizer(prefix: bool = False) -> PreTrainedTokenizerFast:
 
 def written(tok: PreTrainedTokenizerFast, path, monkeypatch, vocab_size: int | None = None):
     """`path`: a tiny Gemma 3 GGUF (embeddings for `vocab_size`, default the tokenizer's) written with `tok`."""
-    monkeypatch.setitem(conftest._LLAMA_LIKE, "vocab_size", vocab_size or len(tok))
-    em = conftest.make_elastic("gemma3")
+    monkeypatch.setitem(helpers.LLAMA_LIKE, "vocab_size", vocab_size or len(tok))
+    em = helpers.make_elastic("gemma3")
     write_gguf(em, tok, em.space.full(), path)
     return path
 

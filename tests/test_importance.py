@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import VOCAB, make_model
 from flextron.elastic import ElasticModel
 from flextron.importance import measure_importance, random_importance, sort_by_importance
+from helpers import VOCAB, make_model
 
 
 @pytest.mark.parametrize("attn_unit", ["group", "head"])

@@ -1,27 +1,39 @@
 """The llama.cpp runtime: timing GGUFs, the llama.cpp latency table, the missing-extra message."""
 
+import json
 import sys
 
 import pytest
 
-from conftest import make_bpe_tokenizer, make_elastic
 from flextron import api, llamacpp
 from flextron.budgets import budget_target
-from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import Budget, Subnet
 from flextron.errors import FlextronError
 from flextron.gguf import write_gguf
-from flextron.latency import load_table
+from flextron.space import Budget, Subnet
+from helpers import make_bpe_tokenizer, make_elastic
 
 TINY = dict(context=16, decode_steps=2, repeats=1)
 
 
 def test_measure_times_prefill_and_decode(tmp_path):
-    em = make_elastic("llama")
-    write_gguf(em, make_bpe_tokenizer(), em.space.full(), tmp_path / "m.gguf")
-    t = llamacpp.measure(tmp_path / "m.gguf", threads=1, **TINY)
+    small, deep = tmp_path / "2-layers.gguf", tmp_path / "16-layers.gguf"
+    for path, n_layers in ((small, 2), (deep, 16)):
+        em = make_elastic("llama", n_layers=n_layers)
+        write_gguf(em, make_bpe_tokenizer(), em.space.full(), path)
+    t = llamacpp.measure(small, threads=1, **TINY)
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
+    # The times follow the work: 8x the layers, 16x the context. Each file's fastest of 5 interleaved
+    # rounds (a busy shared machine only adds time), against margins far below what these take here
+    # (the deep model 5-30x the time of the small one, 16x the context 10-100x the prefill).
+    def fastest(runs: list[dict], key: str) -> float:
+        return min(r[key] for r in runs)
+
+    runs = llamacpp.measure_rounds([small, deep], 5, context=32, decode_steps=8, threads=1)
+    for key in ("prefill_ms", "decode_ms"):
+        assert fastest(runs[1], key) > 2 * fastest(runs[0], key), key
+    short, long = (llamacpp.measure_rounds([small], 5, context=n, decode_steps=2, threads=1)[0] for n in (8, 128))
+    assert fastest(long, "prefill_ms") > 4 * fastest(short, "prefill_ms")
 
 
 def test_measure_rounds_times_files_in_turn_with_alternating_order(tmp_path, monkeypatch):
@@ -80,14 +92,13 @@ def test_missing_runtime_names_the_extra(monkeypatch):
         llamacpp.runtime_version()
 
 
-def test_profile_in_llamacpp_stores_a_named_table_budgets_use(tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), ckpt, {})
+def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, capsys):
+    ckpt = elastic_ckpt(bpe=True)
     args = ["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "f16",
             "--samples", "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1"]
     assert main(args) == 0
     assert "llama.cpp" in capsys.readouterr().out
-    table = load_table(ckpt)
+    table = json.loads((ckpt / "latency.json").read_text())  # as stored
     assert table["runtime"].startswith("llama.cpp (llama-cpp-python ")
     assert (table["threads"], table["outtype"]) == (1, "f16")
     roles = [m["role"] for m in table["measurements"]]
@@ -105,24 +116,22 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(tmp_path, capsys):
     # The full model is priced in the graph its table says decodes it faster (export writes it there).
     full_ms = min(by_table(t["decode_ms"], full) for t in (table, table["stock"]))
     assert cost.metric == "latency_ms" and cost.full == pytest.approx(full_ms)
-    assert cost(em.space, mixed) == pytest.approx(by_table(table["decode_ms"], mixed))
+    assert cost(mixed) == pytest.approx(by_table(table["decode_ms"], mixed))
     with pytest.raises(FlextronError, match="batch 1"):
         api.profile(ckpt, runtime="llama.cpp", batch=2, **TINY)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
-def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform_sub_networks(kind, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(make_elastic(kind), make_bpe_tokenizer(), ckpt, {})
+def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform_sub_networks(kind, elastic_ckpt):
+    ckpt = elastic_ckpt(kind, bpe=True)
     table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
-    assert table["graphs"] == "uniform only" and "stock" not in table
-    subnets = [m["subnet"] for m in table["measurements"]]
+    assert table.settings["graphs"] == "uniform only" and table.stock is None
+    subnets = [m["subnet"] for m in table.measurements]
     assert all(len(set(s["mlp"])) == len(set(s["attn"])) == 1 for s in subnets)
     assert len(subnets) == len({str(s) for s in subnets}) >= 5
     em, _, _ = api.load(ckpt, "cpu")
     cost, _ = budget_target(em, Budget.parse("latency_ms=1e6"))
     assert cost.full >= cost.smallest > 0  # tiny models: widths may time alike
-    depth = tmp_path / "depth"
-    save_checkpoint(make_elastic(kind, min_layers=1), make_bpe_tokenizer(), depth, {})
+    depth = elastic_ckpt(kind, name="depth", bpe=True, min_layers=1)
     with pytest.raises(FlextronError, match="profile a checkpoint converted without --depth"):
         api.profile(depth, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)

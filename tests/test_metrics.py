@@ -4,8 +4,8 @@ import types
 
 import pytest
 
-from flextron.config import TrainConfig
 from flextron.errors import FlextronError
+from flextron.options import TrainOptions
 from flextron.train.metrics import CSVTracker, MetricsLog
 
 
@@ -36,9 +36,19 @@ def test_csv_logger_writes_metrics_and_a_resume_appends(tmp_path):
     assert [(r["step"], float(r["loss"])) for r in read_csv(tmp_path)] == [("1", 1.0), ("2", 0.5), ("3", 9.0)]
 
 
+@pytest.mark.parametrize("content, why", [(b"step,loss\n1,0.5\n2,\xff\n", "utf-8"),
+                                          (b"step,loss\n1,0.5\nabc,0.4\n", "line 3 has step 'abc'")])
+def test_a_damaged_log_is_refused_on_resume_in_one_line(tmp_path, content, why):
+    (tmp_path / "metrics.csv").write_bytes(content)
+    with pytest.raises(FlextronError, match=why) as err:
+        MetricsLog(tmp_path, 2)
+    assert str(tmp_path / "metrics.csv") in str(err.value) and "delete it" in str(err.value)
+    assert "\n" not in str(err.value) and (tmp_path / "metrics.csv").read_bytes() == content
+
+
 def test_unknown_logger_is_refused():
-    with pytest.raises(FlextronError, match="unknown logger 'mlflow'; use one of csv, tensorboard, wandb"):
-        TrainConfig(max_steps=1, logger="mlflow")
+    with pytest.raises(FlextronError, match="--logger must be one of csv, tensorboard, wandb, not 'mlflow'"):
+        TrainOptions(max_steps=1, logger="mlflow")
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])

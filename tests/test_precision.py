@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from flextron.config import RouterConfig, TrainConfig
 from flextron.errors import FlextronError
+from flextron.options import RouteOptions, TrainOptions
 from flextron.precision import compute_dtype
 from flextron.train.loop import teacher_dtype
 
@@ -17,11 +17,11 @@ def test_auto_is_bf16_on_cuda_and_fp32_elsewhere():
 
 
 def test_training_and_routing_default_to_auto():
-    assert TrainConfig(max_steps=1).dtype == "auto" and RouterConfig().dtype == "auto"
+    assert TrainOptions(max_steps=1).dtype == "auto" and RouteOptions().dtype == "auto"
 
 
 def test_unknown_dtype_is_refused_in_one_line():
     with pytest.raises(FlextronError, match="unknown dtype 'fp16'; use auto, fp32 or bf16"):
         compute_dtype("fp16")
     with pytest.raises(FlextronError, match="must be one of auto, fp32, bf16"):
-        RouterConfig(dtype="fp16")
+        RouteOptions(dtype="fp16")

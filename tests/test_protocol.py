@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from conftest import make_elastic, make_tokenizer
 from flextron import protocol as op
 from flextron.budgets import select_subnet
-from flextron.config import Budget
 from flextron.cost import subnet_cost
 from flextron.engine import Engine, Result
-from flextron.protocol import Protocol, RequestError, ServeConfig
+from flextron.options import MAX_STOP_CHARS, Sampling
+from flextron.protocol import Protocol, RequestError, ServeLimits
+from flextron.space import Budget
+from helpers import make_bpe_tokenizer, make_elastic, make_tokenizer
 from test_engine import with_adaptive_routers
 
 
@@ -24,7 +29,7 @@ def protocol():
         s = em.space.full() if b is None else select_subnet(em, b)
         return s, subnet_cost(em, s)
 
-    config = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8)
+    config = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8)
     return Protocol(tok, "ckpt", 256, 128, config, resolve), em
 
 
@@ -38,8 +43,11 @@ def test_model_names_carry_budgets(protocol):
     p, em = protocol
     assert op.split_model("ckpt", "ckpt") is None and op.split_model("ckpt@50%", "ckpt") == "50%"
     assert op.split_model("ckpt@params=80e6", "ckpt") == "params=80e6"
-    for bad in ("gpt-4", "ckpt@", "other@50%"):
+    for bad in ("gpt-4", "ckpt@", "other@50%", "ckpt@50% ", "ckpt@ 50%", "ckpt @50%"):
         assert refused(op.split_model, bad, "ckpt").status == 404
+    # A served name may hold an @ itself (serve --name my@model): it is served, and so are its budgets.
+    assert op.split_model("my@model", "my@model") is None and op.split_model("my@model@50%", "my@model") == "50%"
+    assert refused(op.split_model, "my@50%", "my@model").status == 404
     job = p.parse({"model": "ckpt@50%", "prompt": "w5 w6"}, chat=False)
     assert job.budget == Budget.parse("50%") and job.subnet == select_subnet(em, Budget.parse("0.5"))
     assert job.envelope([])["flextron"]["subnet"] == job.subnet.to_dict()
@@ -73,7 +81,7 @@ def test_logprobs_and_echo(protocol):
     assert refused(p.parse, {"prompt": "w5", "max_tokens": 0}, False).param == "max_tokens"
     job = p.parse({"prompt": [5, 6], "max_tokens": 0, "echo": True, "logprobs": 1}, False)
     (req,) = job.requests()
-    assert req.max_new_tokens == 0 and req.prompt_logprobs and req.top_logprobs == 1
+    assert req.sampling is None and req.prompt_logprobs and req.top_logprobs == 1
     assert refused(p.parse, {"messages": [{"role": "user", "content": "w5"}], "logprobs": True}, True).param
     assert refused(p.parse, {"prompt": "w5", "logprobs": 21}, False).param == "logprobs"
     result = Result(" w9", [11], 2, 1, "length", logprobs=[(11, -0.5, [(11, -0.5)])],
@@ -81,9 +89,32 @@ def test_logprobs_and_echo(protocol):
     job = p.parse({"prompt": "w3 w4", "max_tokens": 1, "echo": True, "logprobs": 1}, False)
     choice = op.completion_choice(job, p.tokenizer, 0, result)
     assert choice["text"] == "w3 w4 w9"
-    assert choice["logprobs"] == {"tokens": ["w3", "w4", "w9"], "token_logprobs": [None, -2.0, -0.5],
-                                  "top_logprobs": [None, {"w5": -1.0}, {"w9": -0.5}], "text_offset": [0, 2, 4]}
+    # Each token's text as it reads in its sequence (the space before "w4"), the prompt's and the completion's.
+    assert choice["logprobs"] == {"tokens": ["w3", " w4", "w9"], "token_logprobs": [None, -2.0, -0.5],
+                                  "top_logprobs": [None, {"w5": -1.0}, {"w9": -0.5}], "text_offset": [0, 2, 5]}
     json.dumps(choice)
+    assert refused(p.parse, {"prompt": "w5", "best_of": 2}, False).param == "best_of"  # refused as n is
+    assert p.parse({"prompt": "w5", "best_of": 1}, False).prompts == [[7]]
+
+
+def test_sampling_settings_become_one_sampling(protocol):
+    p, _ = protocol
+    job = p.parse({"prompt": "w5", "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "seed": -1, "stop": "w7"}, False)
+    assert job.sampling == Sampling(max_new_tokens=3, temperature=0.5, top_p=0.9, seed=2**64 - 1, stop=("w7",))
+    assert job.requests()[0].sampling == job.sampling
+    assert p.parse({"prompt": "w5"}, False).sampling == Sampling(max_new_tokens=8, temperature=1.0)
+
+
+def test_stop_strings_are_bounded(protocol):
+    """Issue 36 item 3: four stop strings of 240000 characters stalled the engine for every request."""
+    p, _ = protocol
+    longest = ["z" * MAX_STOP_CHARS] * 4
+    assert p.parse({"prompt": "w5", "stop": longest}, False).sampling.stop == tuple(longest)
+    for stop in (["z" * (MAX_STOP_CHARS + 1)], ["w5", "z" * 240_000], ["a"] * 5):
+        e = refused(p.parse, {"prompt": "w5", "stop": stop}, False)
+        assert (e.status, e.code, e.param) == (400, "invalid_value", "stop")
+    assert str(refused(p.parse, {"prompt": "w5", "stop": ["z" * 240_000]}, False)) == (
+        f"each 'stop' string may be at most {MAX_STOP_CHARS} characters long")
 
 
 def test_models_list_the_trained_budgets(protocol):
@@ -108,3 +139,92 @@ def test_adaptive_routing_is_asked_for_explicitly(protocol):
         assert routed.parse({"prompt": "w5"}, False).adaptive is None
     finally:
         engine.close()
+
+
+def byte_level_tokenizer(merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with a token for every byte, and `merges` (bytes as GPT-2 spells them): every text is
+    tokens, none dropped; a character of several bytes may take several tokens."""
+    b2u = bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0, **{b2u[b]: b + 1 for b in range(256)}}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def utf8(text: str) -> str:
+    """`text`'s bytes as a byte-level BPE spells them."""
+    b2u = bytes_to_unicode()
+    return "".join(b2u[b] for b in text.encode())
+
+
+# "é" one token; "’" (3 bytes) as 2 + 1 bytes; "😀" (4 bytes) as 4 tokens of one byte.
+MERGES = [("Ã", "©"), (utf8("’")[0], utf8("’")[1]), ("c", "a"), ("ca", "f")]
+
+
+def test_logprobs_tokens_add_up_to_non_ascii_text():
+    """Issue 36 item 16: tokens of a character of several bytes each decoded to U+FFFD, so the echoed tokens
+    did not add up to the text, and alternatives that are parts of characters shared one key."""
+    tok = byte_level_tokenizer(MERGES)
+    config = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8)
+    em = make_elastic("llama")
+    p = Protocol(tok, "ckpt", 256, len(tok), config, lambda b: (em.space.full(), subnet_cost(em, em.space.full())))
+    prompt, completion = "café ’x 😀 naïve", " ’😀é"
+    job = p.parse({"prompt": prompt, "max_tokens": 8, "echo": True, "logprobs": 2}, False)
+    ids, new = job.prompts[0], tok(completion)["input_ids"]
+    assert len(ids) > len(prompt) - 6  # the multi-byte characters take several tokens
+    parts = tok(utf8("’") + utf8("😀"), add_special_tokens=False)  # parts of characters as alternatives
+    top = [(parts["input_ids"][0], -1.0), (tok.convert_tokens_to_ids(utf8("😀")[0]), -2.0)]
+    result = Result(completion, new, len(ids), len(new), "length", logprobs=[(t, -1.0, top) for t in new],
+                    prompt_logprobs=[(ids[0], None, [])] + [(t, -1.0, top) for t in ids[1:]])
+    choice = op.completion_choice(job, tok, 0, result)
+    text, logprobs = choice["text"], choice["logprobs"]
+    assert text == prompt + completion and len(logprobs["tokens"]) == len(ids) + len(new)
+    assert "".join(logprobs["tokens"]) == text and "\ufffd" not in text
+    assert "" in logprobs["tokens"]  # a token ending inside a character; the next one gives it whole
+    assert all(text[at:at + len(t)] == t for t, at in zip(logprobs["tokens"], logprobs["text_offset"]))
+    assert all(len(alternatives) == 2 for alternatives in logprobs["top_logprobs"][1:])
+
+    # Streamed chunk by chunk (as the engine passes text on: whole characters), the same logprobs.
+    shaper = op.ChoiceLogprobs(tok)
+    chunks = [shaper.prompt(result.prompt_logprobs)] + [shaper.completion(result.logprobs[i:j], final=j == len(new))
+                                                         for i, j in ((0, 1), (1, 4), (4, len(new)))]
+    assert {key: [v for c in chunks for v in c[key]] for key in chunks[0]} == logprobs
+
+
+def test_over_long_text_is_refused_before_tokenizing():
+    """Issue 36 item 14: a prompt of megabytes was tokenized before it was refused. Where every token stands
+    for a bounded number of characters, a text with more than the prompt limit of them is refused unread."""
+    tok = byte_level_tokenizer(MERGES)
+    assert op.max_token_chars(tok) == len("<|endoftext|>")  # the longest piece
+    assert op.max_token_chars(make_tokenizer()) is None  # word-level: an unknown word of any length is one token
+    assert op.max_token_chars(make_bpe_tokenizer()) is None  # no token for most bytes: their text is dropped
+    config = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8)
+    em = make_elastic("llama")
+    p = Protocol(tok, "ckpt", 4096, len(tok), config, lambda b: (em.space.full(), subnet_cost(em, em.space.full())))
+    longest = "<|endoftext|>" * 64  # as many characters as 64 tokens can hold: tokenized, and it fits
+    assert p.parse({"prompt": longest, "max_tokens": 1}, False).prompts == [[0] * 64]
+    e = refused(p.parse, {"prompt": longest + "x", "max_tokens": 1}, False)
+    assert (e.code, e.param) == ("context_length_exceeded", "prompt")
+    assert str(e) == ("the prompt has 833 characters, more than this server's limit of 64 tokens can hold "
+                      "(one token stands for at most 13 characters here)")
+    began = time.perf_counter()
+    e = refused(p.parse, {"prompt": "ab " * 3_000_000, "max_tokens": 1}, False)
+    assert "9000000 characters" in str(e) and time.perf_counter() - began < 1  # tokenizing it takes seconds
+
+
+@pytest.mark.parametrize("content", ["raise", "undefined", "unsafe", "type"])
+def test_a_failing_chat_template_is_a_400(protocol, content):
+    """Issue 36 item 10: a chat template's TypeError (any error but jinja's own) was a 500."""
+    from test_serve import TEMPLATE  # with a trap for each of these contents
+
+    p, _ = protocol
+    tok = make_tokenizer()
+    tok.chat_template = TEMPLATE
+    templated = Protocol(tok, "ckpt", 256, 128, p.config, p._resolve)
+    e = refused(templated.parse, {"messages": [{"role": "user", "content": content}]}, True)
+    assert (e.status, e.param) == (400, "messages") and str(e).startswith("cannot build the prompt: the chat template")
+    assert str(e).endswith("send a plain text prompt instead")
+    assert templated.parse({"messages": [{"role": "user", "content": "w5"}]}, True).prompts == [[3, 7, 4, 5]]

@@ -9,8 +9,8 @@ import torch
 
 from flextron import api
 from flextron.assets import GEMMA3, load_hf
-from flextron.config import Subnet
-from test_families import hf_logits, scale_output
+from flextron.space import Subnet
+from helpers import hf_logits, scale_output
 
 pytestmark = pytest.mark.real
 

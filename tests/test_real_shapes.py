@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import make_tokenizer, word_text
 from flextron import api
-from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
+from flextron.options import TrainOptions
 from flextron.train.memory import GIB, estimate_memory
+from helpers import make_tokenizer, word_text
 
 SHAPES = {
     "llama-3.2-1b": (LlamaForCausalLM, LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -32,9 +32,9 @@ ARGS = dict(max_steps=2, seq_len=32, micro_batch=1, n_random=0, warmup_steps=1, 
 _STEP = """
 import json, sys
 from flextron import api
-from flextron.config import TrainConfig
+from flextron.options import TrainOptions
 from flextron.train.memory import peak_rss_bytes
-api.train(sys.argv[1], sys.argv[2], TrainConfig(**json.loads(sys.argv[3])), [sys.argv[4]], device="cpu",
+api.train(sys.argv[1], sys.argv[2], TrainOptions(**json.loads(sys.argv[3])), [sys.argv[4]], device="cpu",
           progress=False)
 print(peak_rss_bytes())
 """
@@ -50,7 +50,7 @@ def test_real_shape_convert_train_export(name, tmp_path):
     make_tokenizer().save_pretrained(tmp_path / "hf")
     data = tmp_path / "data.txt"
     data.write_text(word_text(3000))
-    bound = estimate_memory(ElasticModel(model), TrainConfig(**ARGS), teacher_bytes=2, autocast_bytes=4)
+    bound = estimate_memory(ElasticModel(model), TrainOptions(**ARGS), teacher_bytes=2, autocast_bytes=4)
     weights = bound.weights
     del model
     ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", device="cpu", progress=False,

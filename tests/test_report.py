@@ -8,8 +8,8 @@ import pytest
 
 from flextron.cli import main
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow
 from flextron.report import read_run, report, update_section
+from flextron.results import EvalRow
 
 ROUTE = {"budget": 0.5, "metric": "params", "subnet": {"mlp": [96, 48], "attn": [4, 2]}, "raw_cost_ratio": 1.02,
          "cost_ratio": 0.99, "fraction_of_full": 0.5, "uniform_subnet": {"mlp": [48, 48], "attn": [2, 2]},

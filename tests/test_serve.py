@@ -10,28 +10,33 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 
+import openai  # the dev extra installs it (and lm-eval): missing, the tests fail rather than skip
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_elastic, make_model, make_tokenizer
 from flextron import api
 from flextron.checkpoint import save_checkpoint
 from flextron.cli import main
-from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
-from flextron.generation import generate_text, prompt_inputs
+from flextron.generation import prompt_inputs
 from flextron.importance import random_importance, sort_by_importance
-from flextron.serve import ServeConfig
-
-openai = pytest.importorskip("openai")
+from flextron.serve import ServeLimits
+from flextron.space import ElasticSpace
+from helpers import hf_greedy, make_elastic, make_model, make_tokenizer
 
 PROMPT = "w5 w6 w7 w8"
 MAX_TOKENS = 12
 BUDGETS = [None, "75%", 0.5, "params=35%"]
-CONFIG = ServeConfig(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30,
+CONFIG = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30,
                      max_batch=8, max_connections=16)
-TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
-            "{% if add_generation_prompt %} w3{% endif %}")
+# With a trap for each way a template fails (issue 36 item 10): a message of just "raise", "undefined",
+# "unsafe" (the sandbox's SecurityError) or "type" (a TypeError) sets one off.
+TEMPLATE = ("{% for m in messages %}"
+            "{% if m['content'] == 'raise' %}{{ raise_exception('no such messages') }}{% endif %}"
+            "{% if m['content'] == 'undefined' %}{{ no_such_function() }}{% endif %}"
+            "{% if m['content'] == 'unsafe' %}{{ [].append(1) }}{% endif %}"
+            "{% if m['content'] == 'type' %}{{ 1 + 'a' }}{% endif %}"
+            "w1 {{ m['content'] }} w2{% endfor %}{% if add_generation_prompt %} w3{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +54,15 @@ def setup(tmp_path_factory):
     for b in BUDGETS:
         d = api.export(ckpt, "1.0" if b is None else b, root / f"export-{b}")
         model, etok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
-        expected[b] = {chat: generate_text(model, etok, PROMPT, max_new_tokens=MAX_TOKENS, raw=not chat)
+        expected[b] = {chat: hf_greedy(model, etok, PROMPT, MAX_TOKENS, raw=not chat)
                        for chat in (False, True)}
     with running(ckpt) as (server, client):
         yield server, client, expected, tok, ckpt
 
 
 @contextmanager
-def running(ckpt):
-    """A server over `ckpt` on a free port, and an `openai` client of it."""
+def running(ckpt, **limits):
+    """A server over `ckpt` on a free port (at `CONFIG`, with `limits` changed), and an `openai` client of it."""
     ready, box = threading.Event(), {}
 
     def on_ready(server) -> None:
@@ -65,7 +70,7 @@ def running(ckpt):
         ready.set()
 
     thread = threading.Thread(target=api.serve, args=(ckpt,), daemon=True,
-                              kwargs={"device": "cpu", "on_ready": on_ready, "port": 0, **asdict(CONFIG)})
+                              kwargs={"device": "cpu", "on_ready": on_ready, "port": 0, **asdict(CONFIG), **limits})
     thread.start()
     assert ready.wait(60), "server did not start"
     server = box["server"]
@@ -123,6 +128,13 @@ def test_stop_strings_and_seeded_sampling(setup):
         assert got == cut
     sampled = [ask(client, "75%", False, temperature=1.0, top_p=0.9, seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+def test_tiny_temperatures_decode_greedily(setup):
+    """Issue 36 item 6: softmax(logits / T) overflowed for such temperatures, and the server answered 500."""
+    _, client, expected, _, _ = setup
+    for t in (1e-300, 5e-324, 1e-40):
+        assert ask(client, 0.5, False, temperature=t, seed=1).choices[0].text == expected[0.5][False]
 
 
 def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -187,6 +199,35 @@ def test_errors_through_the_client_and_other_routes(setup):
     assert text_of(ask(client, None, True), True) == expected[None][True]
 
 
+@pytest.mark.parametrize("content", ["raise", "undefined", "unsafe", "type"])
+def test_a_failing_chat_template_is_a_400_and_the_server_keeps_serving(setup, content):
+    """Issue 36 item 10: a chat template that fails (here on these contents, see TEMPLATE) is the request's
+    fault, not the server's: a TypeError in it was a 500."""
+    server, client, expected, _, _ = setup
+    with pytest.raises(openai.BadRequestError, match="the chat template of .* failed on this prompt"):
+        ask(client, None, True, messages=[{"role": "user", "content": content}])
+    assert text_of(ask(client, None, True), True) == expected[None][True]
+
+
+def test_long_prompts_never_hold_the_event_loop(setup):
+    """Issue 36 item 14: prompts were tokenized on the event loop, so 8 prompts of a megabyte (each refused
+    as too long) held GET /health for seconds. Tokenizing runs on worker threads now."""
+    big = json.dumps({"model": "ckpt", "prompt": "w5 " * 350_000, "max_tokens": 1}).encode()
+    with running(setup[4], max_body_bytes=2 * len(big)) as (server, client), ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(raw, server, "POST", "/v1/completions", big) for _ in range(8)]
+        waits = []
+        while not all(a.done() for a in answers):
+            began = time.perf_counter()
+            assert raw(server, "GET", "/health")[0] == 200
+            waits.append(time.perf_counter() - began)
+            time.sleep(0.02)
+        for a in answers:
+            status, reply = a.result()
+            assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+        assert len(waits) > 3 and max(waits) < 1, waits  # the loop answered all the while (it took 4 s and more)
+        assert ask(client, 0.5, False).choices[0].text == setup[2][0.5][False]
+
+
 def test_cli_serve_reports_a_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nothing"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -217,12 +258,31 @@ def test_logprobs_and_echo_score_the_prompt(setup):
     generated = client.completions.create(model="ckpt@50%", prompt=PROMPT, max_tokens=4, logprobs=0, temperature=0)
     assert generated.choices[0].text == expected[0.5][False][:len(generated.choices[0].text)]
     assert len(generated.choices[0].logprobs.token_logprobs) == generated.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="only best_of=1"):  # issue 36 item 16: it was ignored
+        client.completions.create(model="ckpt", prompt=PROMPT, max_tokens=4, best_of=2)
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_are_the_same_logprobs(setup, echo):
+    """Issue 36 item 16: `stream` silently dropped the logprobs. Each chunk now carries those of its tokens;
+    together they are the logprobs of the same request unstreamed."""
+    _, client, _, _, _ = setup
+    ask_for = {"model": "ckpt@75%", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "logprobs": 2, "echo": echo,
+               "temperature": 0}
+    whole = client.completions.create(**ask_for).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**ask_for, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    streamed = {key: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, key)]
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert streamed == whole.logprobs.model_dump() and len(streamed["tokens"]) > MAX_TOKENS // 2
+    assert all(c.logprobs for c in chunks if c.text)
 
 
 def test_lm_eval_local_completions_scores_as_ours(setup, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval
+
     from flextron.harness import task_config
-    from test_tasks import random_docs, write_requests
+    from helpers import random_docs, write_requests
 
     server, _, _, _, ckpt = setup
     requests = tmp_path / "mc.jsonl.gz"
@@ -295,7 +355,7 @@ def test_a_depth_checkpoint_serves_budgets_that_skip_sub_layers(tmp_path):
     d = api.export(ckpt, "params=25%", tmp_path / "small")
     subnet = json.loads((d / "flextron_export.json").read_text())["subnet"]
     assert 0 in subnet["mlp"] + subnet["attn"]  # below every width-only sub-network
-    expected = generate_text(AutoModelForCausalLM.from_pretrained(d), tok, PROMPT, max_new_tokens=MAX_TOKENS, raw=True)
+    expected = hf_greedy(AutoModelForCausalLM.from_pretrained(d), tok, PROMPT, MAX_TOKENS)
     with running(ckpt) as (_, client):
         assert text_of(ask(client, "params=25%", chat=False), chat=False) == expected and expected
 

@@ -2,8 +2,9 @@
 
 import torch
 
-from flextron.config import ElasticSpace, RouterConfig
+from flextron.options import RouteOptions
 from flextron.routers import StaticRouter, gumbel
+from flextron.space import ElasticSpace
 from flextron.train.surrogate import OnlineSurrogate, random_logits
 
 
@@ -11,7 +12,7 @@ def test_surrogate_learns_a_known_loss_of_the_choices():
     torch.manual_seed(1)  # the initial weights, whichever tests ran before (a few seeds need more than 300 steps)
     space = ElasticSpace(mlp=[[8, 16, 24, 32]] * 4, attn=[[1, 2], [1, 2], [1, 2, 3], [1, 2, 3]])
     router = StaticRouter(space, (0.5, 1.0))
-    cfg = RouterConfig()
+    cfg = RouteOptions()
     gen = torch.Generator().manual_seed(0)
     w_mlp, w_attn = torch.rand(4, 4, generator=gen), torch.rand(4, 3, generator=gen)
 

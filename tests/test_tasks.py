@@ -3,39 +3,15 @@ equal to a one-sequence-at-a-time reference."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model, make_tokenizer
 from flextron.errors import FlextronError
 from flextron.tasks import TASKS, encode_pair, load_docs, loglikelihoods, score_task, task_names
-
-
-def write_requests(path, docs: list[tuple[list[tuple[str, str]], int]]) -> None:
-    """An olmo-eval style request file: one line per (document, choice)."""
-    with gzip.open(path, "wt") as f:
-        for doc_id, (pairs, label) in enumerate(docs):
-            for idx, (ctx, cont) in enumerate(pairs):
-                f.write(json.dumps({"request_type": "loglikelihood", "doc_id": doc_id, "idx": idx, "label": label,
-                                    "request": {"context": ctx, "continuation": cont}}) + "\n")
-
-
-def random_docs(n: int, choices: int = 4, seed: int = 0) -> list[tuple[list[tuple[str, str]], int]]:
-    g = torch.Generator().manual_seed(seed)
-
-    def words(k: int) -> str:
-        return " ".join(f"w{i}" for i in torch.randint(2, 120, (k,), generator=g).tolist())
-
-    docs = []
-    for _ in range(n):
-        ctx = words(int(torch.randint(3, 20, (1,), generator=g)))
-        pairs = [(ctx, " " + words(int(torch.randint(1, 6, (1,), generator=g)))) for _ in range(choices)]
-        docs.append((pairs, int(torch.randint(0, choices, (1,), generator=g))))
-    return docs
+from helpers import make_model, make_tokenizer, random_docs, write_requests
 
 
 def test_packaged_tasks_load_grouped_by_document():
@@ -56,6 +32,52 @@ def test_unknown_task_and_bad_file_are_clear_errors(tmp_path):
     with pytest.raises(FlextronError, match="cannot read task requests"):
         load_docs(str(bad))
     assert set(task_names(["ppl", *TASKS, str(bad)])) >= set(TASKS)
+
+
+def request(doc: object, idx: object, label: object, continuation: object = " w2") -> str:
+    return json.dumps({"doc_id": doc, "idx": idx, "label": label,
+                       "request": {"context": "w1", "continuation": continuation}})
+
+
+@pytest.mark.parametrize("lines, line, problem", [
+    ([request(0, 0, -5), request(0, 1, -5)], 1, "label -5 is not a choice number"),
+    ([request(0, 0, 0), request(0, 1, 0, "")], 2, "request.continuation is empty: there is nothing to score"),
+    ([request(0, 0, 0), request(0, 1, 0), "", request(1, 0, 2), request(1, 1, 2)], 4,
+     "doc_id 1: label 2 names none of its 2 choices"),
+    ([request(0, 0, 0), request(0, 1, 1)], 1, r"doc_id 0: its lines disagree on the label \(0, 1\)"),
+    ([request(0, 0, 0), request(0, 2, 0)], 1, r"doc_id 0: its choices are idx \[0, 2\], not 0..1"),
+    ([request(0, 0, 0), request(0, 0, 0)], 2, "doc_id 0 has idx 0 twice"),
+    ([request(0, -1, 0)], 1, "idx -1 is not a choice number"),
+    ([request(0, True, 0)], 1, "idx True is not a choice number"),
+    ([request(0, 0, 1.5)], 1, "label 1.5 is not a choice number"),
+    ([request([0], 0, 0)], 1, r"doc_id \[0\] is not an integer or a string"),
+    ([request(0, 0, 0, None)], 1, "request.context and request.continuation must be strings"),
+    ([request(0, 0, 0), "{oops"], 2, "not JSON"),
+    (["[1, 2]"], 1, "a JSON list, not an object"),
+])
+def test_a_bad_request_is_refused_naming_its_file_and_line(tmp_path, lines, line, problem):
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(FlextronError, match=f"cannot read task requests {path}, line {line}: {problem}"):
+        load_docs(str(path))
+
+
+def test_a_truncated_gzip_file_is_refused_naming_the_line_it_ends_in(tmp_path):
+    path = tmp_path / "requests.jsonl.gz"
+    write_requests(path, random_docs(40))
+    whole = load_docs(str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FlextronError, match=rf"{path}, line \d+: the file is truncated or damaged \(Compressed "
+                                            r"file ended.*\); re-create or re-download it"):
+        load_docs(str(path))
+    assert len(load_docs(str(path), limit=2)) == 2 and len(whole) == 40  # what is read before the cut is sound
+
+
+def test_single_answer_documents_keep_their_answer_text_as_label(tmp_path):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text(request(0, 0, ["w2"]) + "\n" + request(1, 0, "w2") + "\n")
+    assert [d.pairs for d in load_docs(str(path))] == [(("w1", " w2"),)] * 2
 
 
 def test_encode_pair_moves_trailing_space_to_the_continuation():

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tokenizer, word_text
 from flextron import data
 from flextron.data import PackedSequences, documents, load_corpus, tokenize
 from flextron.errors import FlextronError
 from flextron.tokens import corpus_tokens
+from helpers import make_tokenizer, word_text
 
 
 @pytest.fixture

@@ -8,16 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_elastic, make_model, make_tokenizer, word_text
 from flextron import api
 from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint
-from flextron.config import Budget, ElasticSpace, RouterConfig, TrainConfig
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.options import RouteOptions, TrainOptions
 from flextron.routers import Routers, StaticRouter
-from flextron.train.elastic import distill_loss, sample_subnets
+from flextron.space import Budget, ElasticSpace
+from flextron.train.elastic import sample_subnets
 from flextron.train.loop import STATE_FILE, checkpoints, prune_checkpoints
+from helpers import dead_pid, make_elastic, make_model, make_tokenizer, word_text
 
 FAST = dict(seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=1, eval_limit=0, dtype="fp32")
 
@@ -38,7 +39,7 @@ def weights(run, step):
     return load_file(run / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
 
 
-def run_and_interrupt(setup, cfg: TrainConfig, name: str):
+def run_and_interrupt(setup, cfg: TrainOptions, name: str):
     """Run `name` straight through, and `name`-cut stopped by an interrupt after step 3."""
     from flextron.train.elastic import train
 
@@ -55,7 +56,7 @@ def run_and_interrupt(setup, cfg: TrainConfig, name: str):
 
 def test_resume_after_interruption_is_exact(setup):
     root, ckpt, data = setup
-    cfg = TrainConfig(max_steps=4, save_every=2, **FAST)
+    cfg = TrainOptions(max_steps=4, save_every=2, **FAST)
     run_and_interrupt(setup, cfg, "straight")
     assert [p.name for p in (root / "straight-cut" / "checkpoints").iterdir()] == ["step-0000002"]
     api.train(ckpt, root / "straight-cut", cfg, [str(data)], device="cpu", resume=True, progress=False)
@@ -97,7 +98,7 @@ def test_two_process_torchrun_equals_one_process(setup):
 
 def test_sharded_checkpoints_resume_exactly_and_end_as_an_elastic_checkpoint(setup):
     root, ckpt, data = setup
-    cfg = TrainConfig(max_steps=4, save_every=2, sharded_checkpoints=True, **FAST)
+    cfg = TrainOptions(max_steps=4, save_every=2, sharded_checkpoints=True, **FAST)
     run_and_interrupt(setup, cfg, "sharded")
     mid = root / "sharded-cut" / "checkpoints" / "step-0000002"
     assert (mid / "dcp").is_dir() and not (mid / "model.safetensors").exists()  # shards only, nothing gathered
@@ -109,44 +110,27 @@ def test_sharded_checkpoints_resume_exactly_and_end_as_an_elastic_checkpoint(set
     assert torch.equal(em.model.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
-def test_teacher_gets_no_gradients_and_loss_is_kd():
-    em = ElasticModel(make_model("llama"))
-    teacher = ElasticModel(make_model("llama")).requires_grad_(False)
-    ids = torch.randint(0, 128, (2, 8))
-    with torch.no_grad():
-        t = teacher(input_ids=ids).logits
-    with em.subnet(em.space.smallest()):
-        loss, parts = distill_loss(em(input_ids=ids).logits, t, ids, TrainConfig(max_steps=1, lm_weight=0.5))
-        loss.backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
-    assert loss.item() == pytest.approx(parts["kd"] + 0.5 * parts["lm"], rel=1e-5)
-    # Identical student and teacher: zero KL.
-    same, _ = distill_loss(t, t, ids, TrainConfig(max_steps=1))
-    assert same.item() == pytest.approx(0.0, abs=1e-6)
-
-
 def test_sampling_rules():
     em = ElasticModel(make_model("llama"))
     b = em.blocks[0]
     em.set_space(ElasticSpace.default(2, b.mlp.n_units, b.attn.n_units, multiple=8))
-    sandwich = sample_subnets(em, TrainConfig(max_steps=1, n_random=3), step=5)
+    sandwich = sample_subnets(em, TrainOptions(max_steps=1, n_random=3), step=5)
     assert sandwich[0] == em.space.full() and sandwich[1] == em.space.smallest() and len(sandwich) == 5
-    assert sandwich == sample_subnets(em, TrainConfig(max_steps=1, n_random=3), step=5)  # same on every rank
-    for s in sample_subnets(em, TrainConfig(max_steps=1, sampling="uniform", n_random=8), step=1):
+    assert sandwich == sample_subnets(em, TrainOptions(max_steps=1, n_random=3), step=5)  # same on every rank
+    for s in sample_subnets(em, TrainOptions(max_steps=1, sampling="uniform", n_random=8), step=1):
         assert len(set(s.mlp)) == 1 and len(set(s.attn)) == 1
-    hetero = [s for step in range(20) for s in sample_subnets(em, TrainConfig(max_steps=1, n_random=2), step)[2:]]
+    hetero = [s for step in range(20) for s in sample_subnets(em, TrainOptions(max_steps=1, n_random=2), step)[2:]]
     assert any(len(set(s.mlp)) > 1 for s in hetero)
-    fixed = sample_subnets(em, TrainConfig(max_steps=1, sampling="fixed", budgets=(0.5,)), step=0)
+    fixed = sample_subnets(em, TrainOptions(max_steps=1, sampling="fixed", budgets=(0.5,)), step=0)
     assert len(fixed) == 1 and fixed[0] != em.space.full()
 
 
 def test_budgets_sampling_on_a_routed_checkpoint_trains_what_the_routers_deploy():
     em = make_elastic()
-    em.routers = Routers(StaticRouter(em.space, (0.5, 1.0)).eval(), "params", RouterConfig(budgets=(0.5, 1.0)))
+    em.routers = Routers(StaticRouter(em.space, (0.5, 1.0)).eval(), "params", RouteOptions(budgets=(0.5, 1.0)))
     routed = select_subnet(em, Budget(fraction=0.5))
     assert routed != uniform_subnet_for(em, Budget(fraction=0.5))[0]  # so the test tells the two apart
-    cfg = TrainConfig(max_steps=1, sampling="budgets", budgets=(0.5,), full_prob=0.3)
+    cfg = TrainOptions(max_steps=1, sampling="budgets", budgets=(0.5,), full_prob=0.3)
     draws = [s for step in range(10) for s in sample_subnets(em, cfg, step)]
     n_routed, n_full = sum(s == routed for s in draws), sum(s == em.space.full() for s in draws)
     assert n_routed + n_full == len(draws) and n_routed > n_full > 0
@@ -163,32 +147,32 @@ def test_bad_inputs(setup, tmp_path):
     ]
     for kw, src, msg in cases:
         with pytest.raises(FlextronError, match=msg):
-            api.train(ckpt, tmp_path / "run", TrainConfig(**kw), src, device="cpu", progress=False)
+            api.train(ckpt, tmp_path / "run", TrainOptions(**kw), src, device="cpu", progress=False)
     with pytest.raises(FlextronError, match="exactly one of --max-steps or --tokens"):
-        TrainConfig()
+        TrainOptions()
 
 
 def test_resume_of_another_space_or_setting_is_refused(setup, tmp_path):
     root, ckpt, data = setup
     run = tmp_path / "run"
-    api.train(ckpt, run, TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
+    api.train(ckpt, run, TrainOptions(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
     with pytest.raises(FlextronError, match="already holds a run"):
-        api.train(ckpt, run, TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
+        api.train(ckpt, run, TrainOptions(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
     with pytest.raises(FlextronError, match="--seq-len was 32, now 16"):
-        api.train(ckpt, run, TrainConfig(max_steps=2, **{**FAST, "seq_len": 16}), [str(data)], device="cpu",
+        api.train(ckpt, run, TrainOptions(max_steps=2, **{**FAST, "seq_len": 16}), [str(data)], device="cpu",
                   resume=True, progress=False)
     info = json.loads((run / "run.json").read_text())
     info["source"]["elastic_space"]["mlp"][0] = [96]
     (run / "run.json").write_text(json.dumps(info))
     with pytest.raises(FlextronError, match="another model or elastic space"):
-        api.train(ckpt, run, TrainConfig(max_steps=2, **FAST), [str(data)], device="cpu", resume=True,
+        api.train(ckpt, run, TrainOptions(max_steps=2, **FAST), [str(data)], device="cpu", resume=True,
                   progress=False)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     root, ckpt, data = setup
     run = tmp_path / "run"
-    cfg = TrainConfig(max_steps=4, save_every=1, **{**FAST, "lr": 1e30, "clip": 1e30})
+    cfg = TrainOptions(max_steps=4, save_every=1, **{**FAST, "lr": 1e30, "clip": 1e30})
     with pytest.raises(FlextronError, match="the loss became nan") as err:
         api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -208,7 +192,7 @@ def test_non_finite_weights_are_never_saved_or_named_good(setup, tmp_path, monke
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks_the_weights_at_step_2)
-    cfg = TrainConfig(max_steps=4, save_every=1, **FAST)
+    cfg = TrainOptions(max_steps=4, save_every=1, **FAST)
     with pytest.raises(FlextronError, match="last good checkpoint is ") as err:
         api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
     named = Path(str(err.value).split("last good checkpoint is ")[1].split(";")[0])
@@ -222,7 +206,7 @@ def test_run_directory_that_is_a_file_is_refused(setup, tmp_path):
     root, ckpt, data = setup
     (tmp_path / "file").write_text("keep")
     with pytest.raises(FlextronError, match="is a regular file, not a directory"):
-        api.train(ckpt, tmp_path / "file", TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu",
+        api.train(ckpt, tmp_path / "file", TrainOptions(max_steps=1, **FAST), [str(data)], device="cpu",
                   progress=False)
     assert (tmp_path / "file").read_text() == "keep"
 
@@ -248,9 +232,9 @@ def test_activation_checkpointing_and_jsonl_data_give_the_same_step(setup, tmp_p
     root, ckpt, data = setup
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in data.read_text().split("\n\n")))
-    plain = api.train(ckpt, tmp_path / "plain", TrainConfig(max_steps=1, **FAST), [str(data)], device="cpu",
+    plain = api.train(ckpt, tmp_path / "plain", TrainOptions(max_steps=1, **FAST), [str(data)], device="cpu",
                       progress=False)
-    ckpt_run = api.train(ckpt, tmp_path / "ac", TrainConfig(max_steps=1, activation_checkpointing=True, **FAST),
+    ckpt_run = api.train(ckpt, tmp_path / "ac", TrainOptions(max_steps=1, activation_checkpointing=True, **FAST),
                          [str(jsonl)], device="cpu", progress=False)
     a = load_file(f"{plain['final']}/model.safetensors")
     b = load_file(f"{ckpt_run['final']}/model.safetensors")
@@ -284,7 +268,7 @@ def test_activation_checkpointing_keeps_fewer_activations():
 def test_sampling_in_a_depth_space_keeps_the_floor():
     em = make_elastic("llama", n_layers=4, min_layers=2)
     for sampling in ("sandwich", "uniform"):
-        subs = [s for step in range(15) for s in sample_subnets(em, TrainConfig(max_steps=1, sampling=sampling,
+        subs = [s for step in range(15) for s in sample_subnets(em, TrainOptions(max_steps=1, sampling=sampling,
                                                                                    n_random=4), step)]
         for s in subs:
             em.space.validate(s)
@@ -295,9 +279,9 @@ def test_sampling_in_a_depth_space_keeps_the_floor():
             for kind in ("mlp", "attn"):
                 chosen = getattr(s, kind)
                 assert {i for i, c in enumerate(chosen) if c == 0} == set(em.space.order(kind)[: chosen.count(0)])
-    assert sample_subnets(em, TrainConfig(max_steps=1), 0)[1] == em.space.smallest()
+    assert sample_subnets(em, TrainOptions(max_steps=1), 0)[1] == em.space.smallest()
     assert em.space.smallest().mlp.count(0) == 2
-    budgets = sample_subnets(em, TrainConfig(max_steps=1, sampling="budgets", budgets=(0.3,), full_prob=0.0), 0)
+    budgets = sample_subnets(em, TrainOptions(max_steps=1, sampling="budgets", budgets=(0.3,), full_prob=0.0), 0)
     assert all(0 in s.mlp for s in budgets)  # the smallest widths alone exceed 30% of the parameters
 
 
@@ -327,17 +311,84 @@ def test_mixed_token_passes_train_per_token_widths(setup, tmp_path):
     em = ElasticModel(make_model("llama"))
     b = em.blocks[0]
     em.set_space(ElasticSpace.default(2, b.mlp.n_units, b.attn.n_units, multiple=8))
-    cfg = TrainConfig(max_steps=1, n_random=1, mixed_tokens=2, seq_len=16, micro_batch=3)
+    cfg = TrainOptions(max_steps=1, n_random=1, mixed_tokens=2, seq_len=16, micro_batch=3)
     drawn = sample_subnets(em, cfg, step=4)
     # The sub-networks are those of a run without mixing (same draws first), then two per-position draws.
-    assert drawn[:3] == sample_subnets(em, TrainConfig(max_steps=1, n_random=1), step=4)
+    assert drawn[:3] == sample_subnets(em, TrainOptions(max_steps=1, n_random=1), step=4)
     for picks in drawn[3:]:
         assert [t.shape for t in picks.mlp] == [(3, 16)] * 2 and [t.shape for t in picks.attn] == [(3, 1)] * 2
         assert all(len(t.unique()) > 1 for t in picks.mlp)  # widths differ between tokens
     assert torch.equal(drawn[3].mlp[0], sample_subnets(em, cfg, step=4)[3].mlp[0])  # same on every rank
     run = tmp_path / "run"
-    api.train(ckpt, run, TrainConfig(max_steps=2, mixed_tokens=1, **FAST), [str(data)], device="cpu", progress=False)
+    api.train(ckpt, run, TrainOptions(max_steps=2, mixed_tokens=1, **FAST), [str(data)], device="cpu", progress=False)
     start, after = load_file(ckpt / "model.safetensors"), weights(run, 2)
     assert any(not torch.equal(after[k], start[k]) for k in after)
     with pytest.raises(FlextronError, match="--mixed-tokens was 1, now 0"):
-        api.train(ckpt, run, TrainConfig(max_steps=3, **FAST), [str(data)], device="cpu", resume=True, progress=False)
+        api.train(ckpt, run, TrainOptions(max_steps=3, **FAST), [str(data)], device="cpu", resume=True, progress=False)
+
+
+def test_a_kill_while_run_json_is_written_leaves_a_run_that_starts(setup, tmp_path):
+    root, ckpt, data = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f".run.json.tmp-{dead_pid()}-k2j9.json").write_text('{"sour')  # what the killed writer left
+    api.train(ckpt, run, TrainOptions(max_steps=1, **FAST), [str(data)], device="cpu", progress=False)
+    assert (run / "run.json").is_file() and not [p.name for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def test_damaged_resume_state_and_too_few_steps_are_refused_in_one_line(setup, tmp_path):
+    root, ckpt, data = setup
+    run = tmp_path / "run"
+    api.train(ckpt, run, TrainOptions(max_steps=2, save_every=2, **FAST), [str(data)], device="cpu", progress=False)
+
+    def refused(max_steps: int = 3) -> str:
+        with pytest.raises(FlextronError) as err:
+            api.train(ckpt, run, TrainOptions(max_steps=max_steps, save_every=2, **FAST), [str(data)], device="cpu",
+                      resume=True, progress=False)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "already has 2 steps" in refused(max_steps=1) and "--max-steps / --tokens" in refused(max_steps=1)
+    good = (run / "run.json").read_text()
+    no_source = json.dumps({k: v for k, v in json.loads(good).items() if k != "source"})
+    for text in ("{x", "null", no_source, '{"source": {}, "config": {}, "world_size": 1}'):
+        (run / "run.json").write_text(text)
+        msg = refused()
+        assert f"{run / 'run.json'} is damaged" in msg and "start a new --out" in msg, msg
+    (run / "run.json").write_text(good)
+    state_file = run / "checkpoints" / "step-0000002" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "scheduler"}, state_file)
+    msg = refused()
+    assert f"{state_file} lacks 'scheduler'" in msg and f"delete {run / 'checkpoints'}" in msg, msg
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_damaged_newest_step_gives_way_to_the_older_one(setup, capsys, sharded):
+    root, ckpt, data = setup
+    cfg, name = TrainOptions(max_steps=4, save_every=1, sharded_checkpoints=sharded, **FAST), f"fallback-{sharded}"
+    run_and_interrupt(setup, cfg, name)
+    cut = root / f"{name}-cut"
+    assert [p.name for p in checkpoints(cut)] == ["step-0000001", "step-0000002"]
+    newest = cut / "checkpoints" / "step-0000002"
+    torn = next((newest / "dcp").glob("*.distcp")) if sharded else newest / STATE_FILE
+    torn.write_bytes(torn.read_bytes()[:100])
+    capsys.readouterr()
+    api.train(ckpt, cut, cfg, [str(data)], device="cpu", resume=True, progress=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if "step-0000002" in line]
+    assert len(said) == 1 and said[0].endswith("resuming from step-0000001"), said
+    a, b = weights(root / name, 4), weights(cut, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (cut / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_a_kill_during_the_final_prune_leaves_nothing_once_the_run_completes(setup, tmp_path):
+    root, ckpt, data = setup
+    run, cfg = tmp_path / "run", TrainOptions(max_steps=1, **FAST)
+    api.train(ckpt, run, cfg, [str(data)], device="cpu", progress=False)
+    doomed = run / "checkpoints" / f".step-0000000.tmp-{dead_pid()}-rm"  # a pruned step, half deleted
+    (doomed / "dcp").mkdir(parents=True)
+    (doomed / "dcp" / "__0_0.distcp").write_bytes(b"shard")
+    api.train(ckpt, run, cfg, [str(data)], device="cpu", resume=True, progress=False)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flextron.budgets import budget_target, cost_table, select_subnet
-from flextron.config import Budget, Subnet
 from flextron.cost import CostTable
 from flextron.elastic import ElasticModel, ElasticPart, nested_mask, skip_keep
 from flextron.errors import FlextronError
 from flextron.routers import AdaptiveRouters, gumbel
+from flextron.space import Budget, Subnet
 
 
 def grouped_forward(part: ElasticPart, module: nn.Module, widths: list[int], x: Tensor, choice: Tensor,

@@ -11,20 +11,20 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from flextron.adaptive import AdaptiveRouting
 from flextron.assets import load_hf
 from flextron.budgets import select_subnet
 from flextron.checkpoint import MANIFEST, load_checkpoint
-from flextron.config import Budget, RouterConfig, Subnet, TrainConfig
 from flextron.convert import convert as convert_checkpoint
 from flextron.cost import subnet_cost
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
+from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow, adaptive_at_budgets, eval_at_budgets
+from flextron.evaluate import adaptive_at_budgets, eval_at_budgets
 from flextron.export import export as export_model
 from flextron.fsutil import check_output_dir, clean_leftovers
-from flextron.generation import complete, generate_text, prompt_inputs
+from flextron.generation import check_positions, prompt_inputs
+from flextron.latency_table import LatencyTable
 from flextron.options import (
     ConvertOptions,
     EvalOptions,
@@ -32,11 +32,15 @@ from flextron.options import (
     GenerateOptions,
     ProfileOptions,
     ReportOptions,
+    RouteOptions,
     ServeOptions,
+    TrainOptions,
     resolve,
 )
 from flextron.precision import compute_dtype
+from flextron.results import EvalRow
 from flextron.serve import Server, Service
+from flextron.space import Budget, Subnet
 from flextron.tasks import load_docs, score_task, task_names
 
 
@@ -103,8 +107,6 @@ def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, dev
     autocast = compute_dtype(o.dtype, device)
     tasks = task_names(list(o.tasks) or ["ppl"])
     parsed = [Budget.parse(b) for b in o.budgets]
-    if not parsed:
-        raise FlextronError("no budget to evaluate; give at least one, e.g. --budgets 1.0,0.5")
     docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
     em, tok = open_model(path, parsed, device, o.verify)
     windows = heldout_windows(tok, seq_len, limit) if "ppl" in tasks else None
@@ -154,13 +156,10 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
         subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
     if o.format == "gguf":
-        from flextron.gguf import in_own_arch, write_gguf
-        from flextron.latency import faster_as_deci
+        from flextron.gguf import write_gguf
+        from flextron.latency_table import per_layer_graph
 
-        if o.graph == "own" and not in_own_arch(em, subnet):
-            raise FlextronError(f"llama.cpp's {em.config.model_type} graph cannot hold this sub-network (per-layer "
-                                "sizes or head counts); export it with --graph auto or deci")
-        per_layer = o.graph == "deci" or (o.graph == "auto" and faster_as_deci(em, subnet))
+        per_layer = per_layer_graph(em, subnet, o.graph)
         write_gguf(em, tok, subnet, out, o.outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info,
                    per_layer=per_layer)
         return out
@@ -169,34 +168,34 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
 
 def generate(path: str | Path, prompt: str, options: GenerateOptions | None = None, *, device: str | None = None,
              stream: Callable[[str], None] | None = None, **overrides: Any) -> str:
-    """Continue `prompt` with an elastic checkpoint at `budget` (full model when None) or any HF model dir;
-    `options` or its fields as keyword arguments.
+    """Continue `prompt` (in the chat template unless `raw`) with an elastic checkpoint at `budget` (the
+    full model when None) or any HF model dir; `options` or its fields as keyword arguments.
 
-    Greedy at temperature 0, else sampling with nucleus `top_p`; `stream` receives text as it comes.
-    `adaptive`: the prompt picks each layer's attention width, each token its MLP width.
+    Greedy at temperature 0, else sampling with nucleus `top_p`. Generation ends at the end-of-text
+    token, after `max_new_tokens` (or at the model's context length), or at the first `stop` string
+    (left out of the text); `stream` receives the text as it comes. `adaptive`: the prompt picks each
+    layer's attention width, each token its MLP width. The decoder is `serve`'s (`flextron.engine`),
+    run on this thread.
     """
     o = resolve(GenerateOptions, options, overrides)
-    parsed = [] if o.budget is None else [Budget.parse(o.budget)]
-    em, tok = open_model(path, parsed, resolve_device(device), o.verify)
-    if o.adaptive:
-        routing = AdaptiveRouting.for_model(em)
-        fraction = routing.fraction(parsed[0] if parsed else Budget(fraction=1.0))
-        inputs = prompt_inputs(tok, prompt, o.raw)
-        with routing.attached():
-            routing.start(fraction, inputs["input_ids"].to(next(em.parameters()).device))
-            return complete(em.model, tok, inputs, o, stream=stream).text
-    # No budget: the full model, whatever the routers would pick at 100%.
-    with em.subnet(select_subnet(em, parsed[0]) if parsed else None):
-        return generate_text(em.model, tok, prompt, o, raw=o.raw, stream=stream)
+    budget = None if o.budget is None else Budget.parse(o.budget)
+    em, tok = open_model(path, [] if budget is None else [budget], resolve_device(device), o.verify)
+    engine = Engine(em, tok, start=False)
+    fraction = engine.adaptive_fraction(budget or Budget(fraction=1.0)) if o.adaptive else None
+    # No budget: the full model, whatever the routers would pick at 100 % (adaptive routing routes it).
+    subnet, _ = engine.resolve(None if o.adaptive else budget)
+    ids = prompt_inputs(tok, prompt, o.raw)["input_ids"][0].tolist()
+    (result,) = engine.generate([Request(ids, subnet, o, adaptive=fraction, on_text=stream)])
+    return result.text
 
 
-def train(ckpt: str | Path, out: str | Path, cfg: TrainConfig | None = None, data: list[str] | None = None, *,
+def train(ckpt: str | Path, out: str | Path, cfg: TrainOptions | None = None, data: list[str] | None = None, *,
           device: str | None = None, resume: bool = False, progress: bool = True, **overrides: Any) -> dict:
     """Elastic continued training of a checkpoint (`cfg` or its fields as keyword arguments);
     see `flextron.train.elastic.train`."""
     from flextron.train.elastic import train as train_elastic  # torch.distributed only when training
 
-    cfg = resolve(TrainConfig, cfg, overrides)
+    cfg = resolve(TrainOptions, cfg, overrides)
     return train_elastic(Path(ckpt), Path(out), cfg, data, device=resolve_device(device), resume=resume,
                          progress=progress)
 
@@ -225,7 +224,7 @@ def serve(ckpt: str | Path, options: ServeOptions | None = None, *, device: str 
 
 
 def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: str | None = None,
-            progress: bool = True, **overrides: Any) -> dict:
+            progress: bool = True, **overrides: Any) -> LatencyTable:
     """Measure the latency lookup table of a checkpoint on this device and store it in the checkpoint;
     `options` or its fields as keyword arguments.
 
@@ -234,11 +233,12 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     `rounds` > 1 times every sub-network once per round, interleaved, and keeps the median.
     """
     from flextron.latency import profile as measure_table
-    from flextron.latency import save_table
 
     o = resolve(ProfileOptions, options, overrides)
+    positions = (o.context + o.decode_steps, "--context plus --decode-steps")
     if o.runtime == "hf":
         em, _, _ = load(ckpt, device, o.verify)
+        check_positions(em.config, *positions)
         table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
     else:
         from flextron import llamacpp
@@ -246,12 +246,13 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
         if o.batch != 1:
             raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
         em, tok, _ = load(ckpt, "cpu", o.verify)
+        check_positions(em.config, *positions)
         table = llamacpp.profile(em, tok, o, progress=progress)
-    save_table(Path(ckpt), table)
+    table.save(ckpt)
     return table
 
 
-def route(ckpt: str | Path, cfg: RouterConfig | None = None, data: list[str] | None = None, *,
+def route(ckpt: str | Path, cfg: RouteOptions | None = None, data: list[str] | None = None, *,
           out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
           unseen: tuple[float, ...] | None = None, adaptive: bool = False, progress: bool = True,
           **overrides: Any) -> dict:
@@ -266,6 +267,6 @@ def route(ckpt: str | Path, cfg: RouterConfig | None = None, data: list[str] | N
     (routing.yaml or adaptive.yaml)."""
     from flextron.train.routers import route as route_stage  # torch.distributed only when training
 
-    cfg = resolve(RouterConfig, cfg, overrides)
+    cfg = resolve(RouteOptions, cfg, overrides)
     return route_stage(ckpt, cfg, data, out=out, overwrite=overwrite, device=resolve_device(device), unseen=unseen,
                        adaptive=adaptive, progress=progress)

@@ -15,12 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flextron.config import KINDS, Budget, Subnet
-from flextron.cost import MEASURED, CostTable, analytic_table
+from flextron.cost import MEASURED, CostTable, analytic_table, fits
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.latency import has_latency_table, latency_table
 from flextron.routers import decode, project
+from flextron.space import KINDS, Budget, Subnet
 
 
 def budget_metric(em: ElasticModel, budget: Budget) -> str:
@@ -30,12 +29,16 @@ def budget_metric(em: ElasticModel, budget: Budget) -> str:
         return budget.metric
     if em.routers is not None:
         return em.routers.metric
-    return "latency_ms" if has_latency_table(em) else "params"
+    return "latency_ms" if em.latency is not None else "params"
 
 
 def cost_table(em: ElasticModel, metric: str) -> CostTable:
     """The table of `metric`: measured (the checkpoint's latency table) or analytic."""
-    return latency_table(em, metric) if metric in MEASURED else analytic_table(em, metric)
+    if metric not in MEASURED:
+        return analytic_table(em, metric)
+    if em.latency is None:
+        raise FlextronError(f"budget metric {metric} needs a latency table; run `flextron profile CKPT` first")
+    return em.latency.table(metric)
 
 
 def smallest_fraction(em: ElasticModel, metric: str) -> float:
@@ -57,7 +60,7 @@ def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
     table = cost_table(em, budget_metric(em, budget))
     full, smallest = table.full, table.smallest
     target = budget.fraction * full if budget.fraction is not None else budget.value
-    if target < smallest * (1 - 1e-9):
+    if not fits(smallest, target):
         raise FlextronError(
             f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full model's "
             f"{table.metric}, {smallest:.4g}); choose a budget between {smallest / full:.2f} and 1.0"
@@ -85,9 +88,9 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
     for mlp, cost_mlp in parts["mlp"].items():
         for attn, cost_attn in parts["attn"].items():
             subnet = Subnet(mlp=list(mlp), attn=list(attn))
-            cost = table.const + cost_mlp + cost_attn if table.stock is None else table(space, subnet)
+            cost = table.const + cost_mlp + cost_attn if table.stock is None else table(subnet)
             key = (cost, sum(mlp), sum(attn))
-            if key[0] <= target * (1 + 1e-9) and (best is None or key > best[0]):
+            if fits(key[0], target) and (best is None or key > best[0]):
                 best = (key, subnet)
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
@@ -103,15 +106,15 @@ def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_p
     most = n - space.min_layers if space.depth else 0
     skips = sorted({round(most * k / max(1, skip_points - 1)) for k in range(skip_points)})
     sizes = [max(len(space.widths(kind, layer)) for layer in range(n)) for kind in KINDS] + [len(skips)] * 2
-    fits = {}
+    within = {}
     for i, j, a, b in itertools.product(*(range(k) for k in sizes)):
         subnet = space.uniform(i, j, skips[a], skips[b])
-        if table(space, subnet) <= target * (1 + 1e-9):
-            fits[(i, j, a, b)] = subnet
+        if fits(table(subnet), target):
+            within[(i, j, a, b)] = subnet
     out: list[Subnet] = []
-    for (i, j, a, b), subnet in fits.items():
+    for (i, j, a, b), subnet in within.items():
         bigger = ((i + 1, j, a, b), (i, j + 1, a, b), (i, j, a - 1, b), (i, j, a, b - 1))
-        if not any(k in fits for k in bigger) and subnet not in out:
+        if not any(k in within for k in bigger) and subnet not in out:
             out.append(subnet)
     return out
 
@@ -131,7 +134,7 @@ def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
     check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
     if check is not None and check["kept"] != "router":
         subnet = Subnet(**check["subnet"])
-        if table(em.space, subnet) <= target * (1 + 1e-9):
+        if fits(table(subnet), target):
             return subnet
         if check["kept"] == "uniform":  # the table changed since (re-profiled): the rule, not the choice
             return uniform_subnet_for(em, budget)[0]
@@ -153,14 +156,14 @@ def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: in
     grid = em.routers.static.grid
     lo, hi = grid[0].item(), 1.0
 
-    def fits(fraction: float) -> bool:
-        return table(em.space, decode(em.space, *em.routers.static(fraction))) <= target * (1 + 1e-9)
+    def chosen_fits(fraction: float) -> bool:
+        return fits(table(decode(em.space, *em.routers.static(fraction))), target)
 
-    if fits(hi):
+    if chosen_fits(hi):
         return hi
-    if not fits(lo):
+    if not chosen_fits(lo):
         return lo
     for _ in range(iters):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if chosen_fits(mid) else (lo, mid)
     return lo

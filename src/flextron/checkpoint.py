@@ -15,13 +15,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from flextron.config import ElasticSpace
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import FAMILIES
 from flextron.fsutil import atomic_dir, clean_leftovers, file_sha256
-from flextron.latency import LATENCY_FILE, load_table
+from flextron.latency_table import LATENCY_FILE, LatencyTable
 from flextron.routers import Routers
+from flextron.space import ElasticSpace
 from flextron.version import __version__
 
 MANIFEST = "flextron.json"
@@ -55,7 +55,7 @@ def save_checkpoint(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, out: P
         em.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if em.latency is not None:
-            (tmp / LATENCY_FILE).write_text(json.dumps(em.latency, indent=1))
+            (tmp / LATENCY_FILE).write_text(json.dumps(em.latency.to_dict(), indent=1))
         if em.routers is not None:
             em.routers.save(tmp)
         for name, write in (extra or {}).items():
@@ -97,41 +97,58 @@ def read_manifest(ckpt: Path) -> dict:
     return manifest
 
 
-def verify_hashes(ckpt: Path, manifest: dict) -> None:
-    """Refuse weights files whose sha256 differs from the one recorded at save (checkpoints written
-    before hashes were recorded pass)."""
-    recorded = manifest.get("weights_sha256")
-    if recorded is None:
-        return
-    found = weight_hashes(ckpt)
+def hash_difference(recorded: dict[str, str], found: dict[str, str]) -> str | None:
+    """The first file (by name) whose sha256 in `found` is not the one `recorded`, and how
+    ("NAME is missing", ...); None when they agree."""
     for name in sorted(set(recorded) | set(found)):
         if recorded.get(name) != found.get(name):
             what = "is missing" if name not in found else "was not saved with it" if name not in recorded \
                 else "differs from the one saved (modified or truncated)"
-            raise FlextronError(f"checkpoint {ckpt}: {name} {what}; re-run `flextron convert`, or load with "
-                                "verify=False (--no-verify) to skip this check")
+            return f"{name} {what}"
+    return None
 
 
-def verify_weights(ckpt: Path, model: torch.nn.Module, loading_info: dict) -> None:
-    """Every tensor the architecture needs was in the files, with its shape, a float dtype, finite values."""
-    def bad(name: str, why: str) -> FlextronError:
-        return FlextronError(f"checkpoint {ckpt}: tensor {name} {why}; the checkpoint is damaged, "
-                             "re-run `flextron convert`")
+def verify_hashes(ckpt: Path, manifest: dict) -> None:
+    """Refuse weights files whose sha256 differs from the one recorded at save (checkpoints written
+    before hashes were recorded pass)."""
+    recorded = manifest.get("weights_sha256")
+    if recorded is not None and (what := hash_difference(recorded, weight_hashes(ckpt))):
+        raise FlextronError(f"checkpoint {ckpt}: {what}; re-run `flextron convert`, or load with "
+                            "verify=False (--no-verify) to skip this check")
 
+
+def _damaged(what: str, where: Path | str, tensor: str, why: str, remedy: str) -> FlextronError:
+    return FlextronError(f"{what} {where}: tensor {tensor} {why}; the {what} is damaged, {remedy}")
+
+
+def check_weight_files(directory: Path, what: str = "checkpoint", remedy: str = "re-run `flextron convert`",
+                       floats_only: bool = True) -> None:
+    """Before loading: every `model*.safetensors` in `directory` opens whole (a complete header, as much
+    data as it lists: a truncated file fails here, named) and, where `floats_only`, stores floating-point
+    tensors only. `what` (checkpoint, export, ...) and `remedy` word the one-line error."""
+    for path in sorted(Path(directory).glob("model*.safetensors")):
+        try:
+            with safe_open(path, "pt") as f:
+                dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise FlextronError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]}); {remedy}") from None
+        for name, dtype in sorted(dtypes.items()):
+            if floats_only and dtype not in _FLOAT_DTYPES:
+                raise _damaged(what, directory, name, f"is stored as {dtype}, not a floating-point type", remedy)
+
+
+def verify_weights(source: Path | str, model: torch.nn.Module, loading_info: dict, what: str = "checkpoint",
+                   remedy: str = "re-run `flextron convert`") -> None:
+    """After loading: every tensor the architecture needs was in the files, with its shape and finite values."""
     if loading_info["missing_keys"]:
-        raise bad(sorted(loading_info["missing_keys"])[0], "is missing")
+        raise _damaged(what, source, sorted(loading_info["missing_keys"])[0], "is missing", remedy)
     if loading_info["mismatched_keys"]:
         name, saved, needed = sorted(loading_info["mismatched_keys"])[0]  # transformers: (key, file, model)
-        raise bad(name, f"has the wrong shape {list(saved)} (the model needs {list(needed)})")
-    for path in sorted(Path(ckpt).glob("model*.safetensors")):
-        with safe_open(path, "pt") as f:
-            for name in f.keys():
-                dtype = f.get_slice(name).get_dtype()
-                if dtype not in _FLOAT_DTYPES:
-                    raise bad(name, f"is stored as {dtype}, not a floating-point type")
+        raise _damaged(what, source, name, f"has the wrong shape {list(saved)} (the model needs {list(needed)})",
+                       remedy)
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise bad(name, "holds NaN or infinite values")
+            raise _damaged(what, source, name, "holds NaN or infinite values", remedy)
 
 
 def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
@@ -144,6 +161,7 @@ def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.
     manifest = read_manifest(ckpt)
     if verify:
         verify_hashes(ckpt, manifest)
+    check_weight_files(ckpt)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False,
                                                            ignore_mismatched_sizes=True, output_loading_info=True)
@@ -156,7 +174,7 @@ def load_checkpoint(ckpt: Path, device: str = "cpu", dtype: torch.dtype = torch.
     verify_weights(ckpt, model, info)
     space = ElasticSpace.from_dict(manifest["elastic_space"])
     em = ElasticModel(model.to(device).eval(), space, FAMILIES[manifest["family"]])
-    em.latency = load_table(ckpt)
+    em.latency = LatencyTable.load(ckpt, em)
     em.routers = Routers.load(Path(ckpt), space)
     if em.routers is not None:
         em.routers.to(device)

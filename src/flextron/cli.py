@@ -1,6 +1,6 @@
 """The `flextron` command line: parse, call `flextron.api`, print.
 
-Each command's flags come from its options dataclass (`flextron.options`, `flextron.config`);
+Each command's flags come from its options dataclass (`flextron.options`);
 `--config FILE.yaml` fills the options not given on the command line."""
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api, demo
-from flextron.config import RouterConfig, TrainConfig, check_number, field_type
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow, rows_json
 from flextron.fsutil import atomic_write, check_target
-from flextron.latency import reported_error
 from flextron.options import (
     ConvertOptions,
     DemoOptions,
@@ -32,10 +29,15 @@ from flextron.options import (
     GenerateOptions,
     ProfileOptions,
     ReportOptions,
+    RouteOptions,
     ServeOptions,
+    TrainOptions,
+    check_number,
+    field_type,
     read_yaml,
 )
 from flextron.report import task_cell, widths_cell
+from flextron.results import EvalRow, rows_json
 
 console = Console()
 T = TypeVar("T")
@@ -193,29 +195,27 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def cmd_profile(a: argparse.Namespace) -> None:
     table = api.profile(a.ckpt, _options(a, ProfileOptions), device=a.device)
-    t = Table(title=f"Latency lookup table — {table.get('runtime', 'hf-eager')}, {table['device']}, "
-                    f"{table['dtype']}, batch {table['batch']}, context {table['context']}")
+    t = Table(title=f"Latency lookup table — {table.runtime}, {table.device}, "
+                    f"{table.dtype}, batch {table.batch}, context {table.context}")
     for col in ("", "decode ms/token", "prefill ms"):
         t.add_column(col, justify="right")
-    d, p = table["decode_ms"], table["prefill_ms"]
-    t.add_row("overhead", f"{d['overhead']:.3f}", f"{p['overhead']:.2f}")
+    d, p = table.main.decode_ms, table.main.prefill_ms
+    t.add_row("overhead", f"{d.overhead:.3f}", f"{p.overhead:.2f}")
     for kind in ("mlp", "attn"):
-        for choice in d[kind]:
-            t.add_row(f"{kind} {choice} (per layer)", f"{d[kind][choice]:.3f}", f"{p[kind][choice]:.2f}")
+        for choice, cost in getattr(d, kind).items():
+            t.add_row(f"{kind} {choice} (per layer)", f"{cost:.3f}", f"{getattr(p, kind)[choice]:.2f}")
     console.print(t)
-    parts = [("", table)]
-    if "stock" in table:  # llama.cpp: uniform sub-networks can run in the family's own graph, all as deci
-        parts = [("deci graph ", table), (f"{table['stock']['graph']} graph (uniform only) ", table["stock"])]
-    for graph, part in parts:
-        for key in part["validation"]:
-            v, which = reported_error(part, key)
-            console.print(f"{graph}{key}: |predicted - measured| / measured over {v['n']} {which} sub-networks: "
+    for graph, fitted in table.graphs():  # llama.cpp: uniform sub-networks can also run in the family's own graph
+        label = "" if graph is None else f"{graph} graph " + ("(uniform only) " if graph == table.stock_graph else "")
+        for key in fitted.validation:
+            v, which = fitted.error(key)
+            console.print(f"{label}{key}: |predicted - measured| / measured over {v['n']} {which} sub-networks: "
                           f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
     console.print(f"Stored in {a.ckpt}/latency.json")
 
 
 def cmd_route(a: argparse.Namespace) -> None:
-    result = api.route(a.ckpt, _options(a, RouterConfig), a.data, out=a.out, device=a.device, adaptive=a.adaptive)
+    result = api.route(a.ckpt, _options(a, RouteOptions), a.data, out=a.out, device=a.device, adaptive=a.adaptive)
     if a.adaptive:
         print_adaptive(result["budgets"])
         console.print(f"Adaptive routers stored in {result['checkpoint']}; details in "
@@ -281,7 +281,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    summary = api.train(a.ckpt, a.out, _options(a, TrainConfig), a.data, device=a.device, resume=a.resume)
+    summary = api.train(a.ckpt, a.out, _options(a, TrainOptions), a.data, device=a.device, resume=a.resume)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one report, from rank 0
         return
     console.print(f"Trained {summary['steps']} steps ({summary['tokens']:,} tokens); checkpoint: {summary['final']}")
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     device(command("demo", DemoOptions, cmd_demo, "the pipeline on the packaged model"))
 
-    t = command("train", TrainConfig, cmd_train,
+    t = command("train", TrainOptions, cmd_train,
                 "elastic continued training (distillation over sampled sub-networks)")
     t.add_argument("ckpt", help="elastic checkpoint from `flextron convert`")
     t.add_argument("--out", required=True,
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("ckpt", help="elastic checkpoint (the table is stored in it)")
     device(pr)
 
-    r = command("route", RouterConfig, cmd_route, "train static routers (budget -> per-layer widths)")
+    r = command("route", RouteOptions, cmd_route, "train static routers (budget -> per-layer widths)")
     r.add_argument("ckpt", help="elastic checkpoint")
     r.add_argument("--out", default=None, help="write the routed checkpoint here (default: in place)")
     r.add_argument("--data", action="append", default=None,
@@ -423,6 +423,8 @@ def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: 
 def _config_value(action: argparse.Action, value: object, where: str) -> object:
     """A YAML value read as the flag's command-line text would be (same type, checks and choices)."""
     if value is None:
+        if action.default is not None:
+            raise FlextronError(f"{where} is null; give it a value or leave the key out")
         return None
     if action.nargs == 0:  # --x / --no-x, or a switch
         if not isinstance(value, bool):

@@ -12,7 +12,6 @@ import torch
 
 from flextron.assets import load_hf
 from flextron.checkpoint import save_checkpoint
-from flextron.config import ElasticSpace
 from flextron.data import default_splits, sample_sequences, tokenize
 from flextron.errors import FlextronError
 from flextron.families import detect_family
@@ -21,6 +20,7 @@ from flextron.importance import default_attn_score, measure_importance, random_i
 from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
 from flextron.selfcheck import checked_elastic
+from flextron.space import ElasticSpace
 
 
 def _calibration_text(source: str) -> str:
@@ -62,8 +62,11 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
     space = space or ElasticSpace.default(len(em.blocks), first.mlp.n_units, first.attn.n_units,
                                           o.mlp_fractions, o.attn_fractions, o.multiple, attn_unit,
                                           first.geometry.n_kv_heads)
+    if o.min_layers is not None and not (o.depth or space.depth):
+        raise FlextronError("--min-layers is the floor of layers a depth space keeps; add --depth (or give a "
+                            "--space file whose lists start with 0), or drop --min-layers")
     if o.depth:
-        space = space.with_depth(o.min_layers)
+        space = space.with_depth(o.min_layers, space.skip_order)
     elif o.min_layers is not None:
         space = dataclasses.replace(space, min_layers=o.min_layers)
     em.set_space(space)
@@ -74,7 +77,7 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
     else:
         imp = random_importance(em, o.seed)
     imp = sort_by_importance(em, imp)
-    if em.space.depth and imp.layers is not None:
+    if em.space.depth and imp.layers is not None and em.space.skip_order is None:  # a --space file's order stays
         em.set_space(dataclasses.replace(em.space, skip_order=imp.skip_order()))
     manifest = {
         "source_model": source,

@@ -2,7 +2,7 @@
 
 One `CostTable` per metric holds those terms, whether analytic (counted here from the elastic
 projections themselves, so every family follows one rule) or measured (the latency lookup
-table of `flextron.latency`); `flextron.budgets.cost_table` gives either by metric name.
+table of `flextron.latency_table`); `flextron.budgets.cost_table` gives either by metric name.
 Routers read the same tables as tensors for expected costs.
 
 - params: non-embedding parameters in use;
@@ -21,12 +21,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from flextron.config import ElasticSpace, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.space import ElasticSpace, Subnet
 
 ANALYTIC = ("params", "flops", "kv_bytes", "decode_bytes")
 MEASURED = ("latency_ms", "prefill_ms")
+
+
+def fits(cost: float, target: float) -> bool:
+    """Whether `cost` is within `target` (up to float rounding: a sub-network priced at exactly its
+    budget fits)."""
+    return cost <= target * (1 + 1e-9)
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,10 @@ class CostTable:
     stock: CostTable | None = None
     in_stock: Callable[[Subnet], bool] | None = None
 
-    def __call__(self, space: ElasticSpace, subnet: Subnet) -> float:
+    def __call__(self, subnet: Subnet) -> float:
         if self.stock is not None and self.in_stock(subnet):
-            return self.stock(space, subnet)
-        total = self.const
+            return self.stock(subnet)
+        space, total = self.space, self.const
         for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)):
             total += self.mlp[i][space.mlp[i].index(w)] + self.attn[i][space.attn[i].index(a)]
         return total
@@ -58,12 +64,12 @@ class CostTable:
     @property
     def full(self) -> float:
         """The full model's cost."""
-        return self(self.space, self.space.full())
+        return self(self.space.full())
 
     @property
     def smallest(self) -> float:
         """The smallest sub-network's cost."""
-        return self(self.space, self.space.smallest())
+        return self(self.space.smallest())
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """[L, K] tables, padded with +inf where a layer has fewer choices (for routers)."""
@@ -89,7 +95,7 @@ def _head_weights(em: ElasticModel) -> int:
 
 def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
                    weight_dtype_bytes: int = 2) -> CostTable:
-    """The table of an analytic `metric` (measured ones: `flextron.latency.latency_table`)."""
+    """The table of an analytic `metric` (measured ones: `LatencyTable.table`)."""
     if metric not in ANALYTIC:
         raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
     mlp, attn = [], []
@@ -138,7 +144,7 @@ def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1
     """All analytic costs of `subnet` (the full model when None)."""
     subnet = subnet or em.space.full()
     em.space.validate(subnet)
-    value = {m: int(analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(em.space, subnet))
+    value = {m: int(analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet))
              for m in ANALYTIC}
     return Cost(
         params=value["params"] + _embedding_params(em.model),

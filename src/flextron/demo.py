@@ -14,12 +14,12 @@ from typing import Any
 
 from flextron import api
 from flextron.budgets import budget_grid, select_subnet
-from flextron.config import Budget, RouterConfig, TrainConfig
 from flextron.errors import FlextronError
-from flextron.evaluate import rows_json
 from flextron.fsutil import atomic_write
-from flextron.options import ConvertOptions, DemoOptions, resolve, write_yaml
+from flextron.options import ConvertOptions, DemoOptions, RouteOptions, TrainOptions, resolve, write_yaml
 from flextron.report import report
+from flextron.results import rows_json
+from flextron.space import Budget
 
 _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
 
@@ -27,8 +27,8 @@ _NO_SAVE = 10**9  # training writes its checkpoint once, at the end
 @dataclass(frozen=True)
 class Preset:
     convert: ConvertOptions
-    train: TrainConfig
-    route: RouterConfig
+    train: TrainOptions
+    route: RouteOptions
     profile: dict = field(default_factory=dict)
     eval_windows: int = 8  # held-out windows of 1,024 tokens every perplexity is measured on
     budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")  # prune-only evaluation (params)
@@ -37,8 +37,8 @@ class Preset:
 PRESETS = {
     "tiny": Preset(
         convert=ConvertOptions(calib_sequences=16, calib_seq_len=128, dtype="auto"),
-        train=TrainConfig(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
-        route=RouterConfig(steps=8, joint_steps=1, seq_len=128, micro_batch=2, surrogate_warmup=8,
+        train=TrainOptions(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
+        route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, surrogate_warmup=8,
                            check_sequences=2),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
         eval_windows=2, budgets=("1.0", "0.5"),
@@ -47,15 +47,15 @@ PRESETS = {
     # prune-only and the uniform sub-networks (measured: docs/results.md, "The demo pipeline").
     "demo": Preset(
         convert=ConvertOptions(calib_sequences=128, dtype="auto"),
-        train=TrainConfig(max_steps=16, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
-                          save_every=_NO_SAVE),
-        route=RouterConfig(steps=20, joint_steps=2, surrogate_warmup=12, check_sequences=8),
+        train=TrainOptions(max_steps=16, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
+                           save_every=_NO_SAVE),
+        route=RouteOptions(steps=20, joint_steps=2, surrogate_warmup=12, check_sequences=8),
         profile={"repeats": 2},
     ),
     "bench": Preset(
         convert=ConvertOptions(dtype="auto"),
-        train=TrainConfig(tokens=200_000, seq_len=256, micro_batch=4, eval_limit=0, save_every=50),
-        route=RouterConfig(steps=300, joint_steps=40),
+        train=TrainOptions(tokens=200_000, seq_len=256, micro_batch=4, eval_limit=0, save_every=50),
+        route=RouteOptions(steps=300, joint_steps=40),
         eval_windows=69,
     ),
 }
@@ -97,7 +97,7 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
         "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
         "export_budget": export_budget, "gguf": str(gguf), "export_speed": speed,
         "original": original, "prune_only": pruned, "flextron": routed["budgets"], "export_eval": export_row,
-        "latency_validation": latency["validation"], "router_metric": routed["metric"],
+        "latency_validation": latency.main.validation, "router_metric": routed["metric"],
         "routes": routed["budgets"], "space": api.describe(out / "elastic"),
     }
     atomic_write(out / "results.json", lambda f: f.write_text(rows_json(result)))

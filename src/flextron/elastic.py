@@ -21,16 +21,20 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flextron.config import ElasticSpace, Subnet
 from flextron.errors import FlextronError
 from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
+from flextron.space import ElasticSpace, Subnet
+
+if TYPE_CHECKING:  # loaded with a checkpoint, built on this module
+    from flextron.latency_table import LatencyTable
+    from flextron.routers import Routers
 
 Spans = list[list[tuple[int, int]]]  # per block of a projection: the (first unit, count) runs it keeps
 
@@ -464,8 +468,8 @@ class ElasticModel(nn.Module):
         self.blocks = [ElasticBlock(b, self.family, self.attn_unit) for b in self.family.blocks(model)]
         # Budget resolution aids loaded with a checkpoint: the measured latency table and the
         # trained routers (a plain holder, so the routers are not parameters of the LLM).
-        self.latency: dict | None = None
-        self.routers = None
+        self.latency: LatencyTable | None = None
+        self.routers: Routers | None = None
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
             spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units),
                                            attn_unit=self.attn_unit, kv_groups=b.geometry.n_kv_heads)

@@ -10,16 +10,18 @@ attention widths come from its own prompt and each token picks its MLP width, so
 of its own and takes its turn like the others.
 
 Scheduling: waiting requests are admitted first come, first served while fewer than
-`EngineConfig.max_batch` sequences run (over all groups); the groups with running sequences then
+`ServeLimits.max_batch` sequences run (over all groups); the groups with running sequences then
 take one decode step each, in turn (round robin). Every running sequence so gets one token per
 round whatever its budget or its group's size, and a waiting request is admitted as soon as a
 sequence ends, so no budget starves. `max_batch=1` is the old one-request-at-a-time server.
 
-With `EngineConfig.mix_budgets`, requests of every budget share one batch instead: the model runs
+With `ServeLimits.mix_budgets`, requests of every budget share one batch instead: the model runs
 at full width and each row's MLP neurons and attention units beyond its sub-network are masked to zero
 (`ElasticModel.rows`), so one decode step serves all budgets at the cost of the widest. That wins
 where a step's cost is mostly fixed per layer (HF eager on CPUs, launch-bound GPUs), and loses
 where it is mostly the bytes or FLOPs of the widths.
+
+This is the one decoder: `flextron serve` feeds it many requests, `flextron generate` one.
 """
 
 from __future__ import annotations
@@ -40,31 +42,17 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveRouting
 from flextron.budgets import select_subnet
-from flextron.config import Budget, Subnet
 from flextron.cost import Cost, subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.generation import _StopFilter, cut_at_stop, stop_token_ids
+from flextron.generation import StopFilter, context_length, cut_at_stop, stop_token_ids
+from flextron.options import Sampling, ServeLimits
+from flextron.space import Budget, Subnet
 
 log = logging.getLogger("flextron.engine")
 
 # A token's log-probability and the most likely alternatives: (token id, logprob or None, [(id, logprob)]).
 TokenLogprob = tuple[int, float | None, list[tuple[int, float]]]
-
-
-@dataclass
-class EngineConfig:
-    """How many sequences decode at once, wait at most, and how many budgets stay resolved."""
-
-    max_batch: int = 16  # sequences in KV caches at once, over all sub-networks; 1 serializes
-    max_queue: int = 64  # requests running or waiting; more are refused
-    max_budgets: int = 256  # resolved budgets kept (least recently used dropped)
-    mix_budgets: bool = False  # one batch for all budgets: full width, each row's units masked
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_budgets"):
-            if getattr(self, name) < 1:
-                raise FlextronError(f"{name.replace('_', '-')} must be at least 1")
 
 
 class Busy(Exception):
@@ -83,20 +71,21 @@ def _drop(req: Request) -> None:
 
 @dataclass
 class Request:
-    """One sequence to continue. `top_logprobs`: None for no log-probabilities, else how many
-    alternatives each generated token reports; `prompt_logprobs`: score the prompt too (echo)."""
+    """One sequence to continue as `sampling` says (None: only score the prompt, as an echo with no new
+    tokens). `top_logprobs`: None for no log-probabilities, else how many alternatives each generated
+    token reports; `prompt_logprobs`: score the prompt too (echo)."""
 
     input_ids: list[int]
     subnet: Subnet
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    sampling: Sampling | None = field(default_factory=Sampling)
     top_logprobs: int | None = None
     prompt_logprobs: bool = False
     adaptive: float | None = None  # input-adaptive routing at this fraction (`subnet` unused; runs unbatched)
     on_text: Callable[[str], None] | None = None  # called from the engine thread
+    # With `top_logprobs`, called (from the engine thread) just before each `on_text` with the tokens scored
+    # since the last call, and once after the prefill with the prompt's (`prompt_logprobs`); tokens scored
+    # after the last piece of text come only in the result.
+    on_scored: Callable[[list[TokenLogprob]], None] | None = None
     future: Future = field(default_factory=Future)
     cancelled: bool = False
 
@@ -117,14 +106,18 @@ class Result:
 class _Row:
     """A running request: its tokens so far, sampler and streamed text."""
 
-    def __init__(self, req: Request, eos: set[int], tokenizer: PreTrainedTokenizerBase) -> None:
-        self.req, self.eos, self.tokenizer = req, eos, tokenizer
+    def __init__(self, req: Request, eos: set[int], tokenizer: PreTrainedTokenizerBase, limit: int) -> None:
+        """`limit`: the most new tokens, within the model's context."""
+        self.req, self.eos, self.tokenizer, self.limit = req, eos, tokenizer, limit
+        self.sampling = req.sampling or Sampling()
+        self.stops = self.sampling.stop or ()
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if req.top_logprobs is not None else None
         self.generator = torch.Generator()
-        self.generator.manual_seed(req.seed % 2**64 if req.seed is not None else torch.seed())
+        self.generator.manual_seed(self.sampling.seed if self.sampling.seed is not None else torch.seed())
         self.sent = ""
-        self.filter = _StopFilter(req.stop, req.on_text) if req.on_text is not None else None
+        self.filter = StopFilter(self.stops, self._emit) if self.stops or req.on_text is not None else None
+        self.reported = 0  # tokens whose logprobs went to `on_scored`
         self.finish: str | None = None
         self.prompt_logprobs: list[TokenLogprob] | None = None
 
@@ -135,27 +128,44 @@ class _Row:
 
     def add(self, logits: Tensor, greedy: int) -> None:
         """Choose the next token from its logits [V] (`greedy`: their argmax); note whether the request is done."""
-        req = self.req
+        s = self.sampling
         token = greedy
-        if req.temperature > 0:
-            probs = F.softmax(logits.float() / req.temperature, -1)
-            if req.top_p < 1.0:
+        if s.temperature > 0:
+            # The logits' gaps below the best one, scaled: never above 0, so no temperature overflows (in
+            # float64, where tiny ones are not 0); a tiny temperature puts all the mass on the argmax.
+            logits64 = logits.double()
+            probs = F.softmax((logits64 - logits64.max()) / s.temperature, -1)
+            if s.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
-                sorted_p[(sorted_p.cumsum(0) - sorted_p) > req.top_p] = 0  # keep the nucleus, at least one
+                sorted_p[(sorted_p.cumsum(0) - sorted_p) > s.top_p] = 0  # keep the nucleus, at least one
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
             token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
         if self.logprobs is not None:
-            self.logprobs.append(_scored(F.log_softmax(logits.float(), -1), token, req.top_logprobs))
+            self.logprobs.append(_scored(F.log_softmax(logits.float(), -1), token, self.req.top_logprobs))
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True) if req.stop or self.filter else ""
-        if token in self.eos or cut_at_stop(text, req.stop)[1]:
+        stopped = False
+        if self.filter is not None:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            # Pass text on once it is stable: a complete character, and a prefix of what follows. Text
+            # that is not (yet) is searched whole for the stop strings instead.
+            if text.startswith(self.sent) and not text.endswith("\ufffd"):
+                self.filter(text[len(self.sent):])
+                self.sent = text
+                stopped = self.filter.stopped
+            else:
+                stopped = cut_at_stop(text, self.stops)[1]
+        if token in self.eos or stopped:
             self.finish = "stop"
-        elif len(self.tokens) >= req.max_new_tokens:
+        elif len(self.tokens) >= self.limit:
             self.finish = "length"
-        # Pass text on once it is stable: a complete character, and a prefix of what follows.
-        if self.filter is not None and text.startswith(self.sent) and not text.endswith("\ufffd"):
-            self.filter(text[len(self.sent):])
-            self.sent = text
+
+    def _emit(self, text: str) -> None:
+        """Pass a piece of text on, after the logprobs of the tokens scored since the last piece."""
+        if self.req.on_scored is not None and self.logprobs is not None and len(self.logprobs) > self.reported:
+            self.req.on_scored(self.logprobs[self.reported:])
+            self.reported = len(self.logprobs)
+        if self.req.on_text is not None:
+            self.req.on_text(text)
 
     def result(self) -> Result:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
@@ -163,7 +173,7 @@ class _Row:
             if text.startswith(self.sent):
                 self.filter(text[len(self.sent):])
             self.filter.flush()
-        return Result(cut_at_stop(text, self.req.stop)[0], self.tokens, len(self.req.input_ids), len(self.tokens),
+        return Result(cut_at_stop(text, self.stops)[0], self.tokens, len(self.req.input_ids), len(self.tokens),
                       self.finish or "length", self.logprobs, self.prompt_logprobs)
 
 
@@ -223,13 +233,15 @@ def _pad_left(x: Tensor, length: int) -> Tensor:
 
 class Engine:
     """Runs requests on its own thread (with `start=False`, on the thread that calls `run()`); `submit`
-    returns at once, the request's future holds the result."""
+    returns at once, the request's future holds the result. Of the server's `limits` it reads `max_batch`,
+    `max_queue`, `max_budgets` and `mix_budgets`."""
 
-    def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig | None = None,
+    def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, limits: ServeLimits | None = None,
                  start: bool = True) -> None:
         self.em, self.tokenizer = em, tokenizer
-        self.config = config or EngineConfig()
+        self.limits = limits or ServeLimits()
         self.eos = set(stop_token_ids(em.model, tokenizer))
+        self.context = context_length(em.config)
         self.device = next(em.parameters()).device
         # transformers renamed `past_key_values` to `cache` (5.2x); either works, the old one warns.
         self._cache_arg = "cache" if "cache" in inspect.signature(em.model.forward).parameters else "past_key_values"
@@ -257,7 +269,7 @@ class Engine:
         found = subnet, subnet_cost(self.em, subnet)
         with self._budget_lock:
             self._budgets[budget] = found
-            while len(self._budgets) > self.config.max_budgets:
+            while len(self._budgets) > self.limits.max_budgets:
                 self._budgets.popitem(last=False)
         return found
 
@@ -272,8 +284,8 @@ class Engine:
         """Places for `n` requests in the queue (running or waiting), or `Busy` when it is full;
         each place is given back with `release`."""
         with self._cond:
-            if self._reserved + n > self.config.max_queue:
-                raise Busy(f"{self._reserved} requests are queued, the limit is {self.config.max_queue}")
+            if self._reserved + n > self.limits.max_queue:
+                raise Busy(f"{self._reserved} requests are queued, the limit is {self.limits.max_queue}")
             self._reserved += n
 
     def release(self, n: int = 1) -> None:
@@ -281,8 +293,15 @@ class Engine:
             self._reserved -= n
 
     def submit(self, req: Request) -> Future:
-        """Queue a request (its prompt within the model's context); the future resolves to a `Result`."""
+        """Queue a request; the future resolves to a `Result`. A prompt must leave room in the model's
+        context, where generation ends at the latest."""
         self.em.space.validate(req.subnet)
+        n = len(req.input_ids)
+        if n == 0:
+            raise FlextronError("the prompt is empty after tokenization; pass some text or drop --raw")
+        if self.context is not None and n + (req.sampling is not None) > self.context:  # room for a new token
+            raise FlextronError(f"the prompt has {n} tokens, the model's whole context of {self.context}; "
+                                "shorten it")
         with self._cond:
             if self._closed:
                 raise FlextronError("the engine is closed")
@@ -303,15 +322,25 @@ class Engine:
             self._thread.join(30)
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Submit requests together and wait for all of them (for scripts and tests)."""
-        return [f.result() for f in [self.submit(r) for r in requests]]
+        """Submit requests together and wait for all of them. An engine without a thread of its own
+        (`start=False`) runs its loop on this thread until they are done, then closes."""
+        futures = [self.submit(r) for r in requests]
+        if self._thread is None:
+            def close_when_done(_: Future) -> None:
+                if all(f.done() for f in futures):
+                    self.close()
+
+            for f in futures:
+                f.add_done_callback(close_when_done)
+            self.run()
+        return [f.result() for f in futures]
 
     # The engine loop.
 
     def run(self) -> None:
         """Admit, prefill and decode until `close()`. `Engine(start=False)` leaves the loop to the
         caller's thread: on CPUs, PyTorch's matmuls ran about half as fast in a secondary thread
-        as in the main one here (`docs/serve.md`), so the server runs it on its main thread."""
+        as in the main one here (`docs/serve.md`), so the server and `generate` run it on the main thread."""
         turn = 0
         try:
             with torch.inference_mode():
@@ -347,7 +376,7 @@ class Engine:
                 _drop(req)
             running = sum(len(g.rows) for g in self._groups.values())
             admitted = []
-            while self._waiting and running + len(admitted) < self.config.max_batch:
+            while self._waiting and running + len(admitted) < self.limits.max_batch:
                 admitted.append(self._waiting.popleft())
             return admitted
 
@@ -368,7 +397,7 @@ class Engine:
         """Run the model with each row at its sub-network, or routed by the adaptive routers for one
         request's prompt."""
         if adaptive is None:
-            with self.em.rows(subnets) if self.config.mix_budgets else self.em.subnet(subnets[0]):
+            with self.em.rows(subnets) if self.limits.mix_budgets else self.em.subnet(subnets[0]):
                 yield
             return
         with self._routing.attached():
@@ -388,12 +417,17 @@ class Engine:
             out = self.em.model(input_ids=ids, **{self._cache_arg: cache}, use_cache=True,
                                 logits_to_keep=0 if req.prompt_logprobs else 1)
         logits = out.logits[0]
-        row = _Row(req, self.eos, self.tokenizer)
+        limit = req.sampling.max_new_tokens if req.sampling is not None else 0
+        if self.context is not None:
+            limit = min(limit, self.context - len(req.input_ids))
+        row = _Row(req, self.eos, self.tokenizer, limit)
         if req.prompt_logprobs:
             logp = F.log_softmax(logits[:-1].float(), -1)
             row.prompt_logprobs = [(req.input_ids[0], None, [])] + [
                 _scored(logp[i], t, req.top_logprobs) for i, t in enumerate(req.input_ids[1:])]
-        if req.max_new_tokens == 0:  # echo only: score the prompt, generate nothing
+            if req.on_scored is not None:
+                req.on_scored(row.prompt_logprobs)
+        if req.sampling is None:  # echo only: score the prompt, generate nothing
             row.finish = "length"
         else:
             row.add(logits[-1], int(logits[-1].argmax()))
@@ -403,7 +437,7 @@ class Engine:
         if req.adaptive is not None:
             key = ("adaptive", id(req))
         else:
-            key = ("mixed",) if self.config.mix_budgets else (tuple(req.subnet.mlp), tuple(req.subnet.attn))
+            key = ("mixed",) if self.limits.mix_budgets else (tuple(req.subnet.mlp), tuple(req.subnet.attn))
         self._groups.setdefault(key, _Group(req.adaptive)).join(row, cache)
 
     def _step(self, group: _Group) -> None:

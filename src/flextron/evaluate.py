@@ -1,12 +1,10 @@
-"""Held-out perplexity and task scores of the sub-networks that budgets select, as typed rows; the plot."""
+"""Held-out perplexity and task scores of the sub-networks that budgets select, as typed rows
+(`flextron.results.EvalRow`); the router reports, static and adaptive."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,77 +13,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
-from flextron.budgets import budget_target, select_subnet, uniform_subnet_for
-from flextron.config import Budget, Subnet
+from flextron.budgets import budget_target, select_subnet, smallest_fraction, uniform_subnet_for
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
-from flextron.fsutil import atomic_write
 from flextron.precision import autocast
+from flextron.results import EvalRow
 from flextron.routers import decode
-
-_SUBNETS = ("subnet", "uniform_subnet", "static_subnet")
-
-
-@dataclass
-class EvalRow:
-    """One budget's result: of `eval_at_budgets`, `adaptive_at_budgets` or `router_report`.
-
-    `budget` is the `Budget` the row answers; its `str` is the label every table prints (50%,
-    params=8e+07). Rows with a `metric` (adaptive routing, the router report) hold a fraction of
-    the full cost in that metric, the routers'. Fields that do not apply stay None. `to_dict` is
-    the JSON every run file holds: unset fields left out, the budget a number where `metric` is
-    set and its label elsewhere.
-    """
-
-    budget: Budget
-    metric: str | None = None
-    adaptive: bool = False
-    subnet: Subnet | None = None
-    cost: dict | None = None  # `Cost.to_dict()`
-    params_fraction: float | None = None  # non-embedding parameters / the full model's
-    raw_cost_ratio: float | None = None  # the router's argmax before projection: cost / target
-    cost_ratio: float | None = None  # realised cost / target
-    fraction_of_full: float | None = None  # cost / full cost, in `metric`
-    uniform_subnet: Subnet | None = None  # the largest uniform sub-network within the budget
-    uniform_fraction_of_full: float | None = None
-    ppl: float | None = None
-    tokens: int | None = None  # the tokens `ppl` scored
-    tasks: dict[str, dict] | None = None  # per task, its scores (`flextron.tasks.score_task`)
-    uniform_ppl: float | None = None
-    realised_fraction: float | None = None  # adaptive: the average realised cost / full cost
-    kept: str | None = None  # what the check on held-out training rows kept (router, uniform, lower budget;
-    # adaptive: adaptive or static)
-    calib_ppl: dict[str, float] | None = None  # that check's perplexity per candidate
-    static_ppl: float | None = None  # adaptive: the static router at the realised cost
-    static_fraction_of_full: float | None = None
-    static_subnet: Subnet | None = None
-
-    def to_dict(self) -> dict:
-        out = {f.name: v.to_dict() if isinstance(v, Subnet) else v for f in fields(self)
-               if (v := getattr(self, f.name)) is not None and v is not False}
-        out["budget"] = self.budget.fraction if self.metric is not None else str(self.budget)
-        if self.adaptive:  # adaptive rows have always ended with the cost ratio and the static router
-            for key in ("cost_ratio", "static_ppl", "static_fraction_of_full", "static_subnet"):
-                if key in out:
-                    out[key] = out.pop(key)
-        return out
-
-    @classmethod
-    def from_dict(cls, row: dict) -> EvalRow:
-        """A row as `to_dict` wrote it (every run file so far)."""
-        b = row["budget"]
-        budget = Budget.parse(b) if isinstance(b, str) else Budget(fraction=float(b))
-        return cls(**{**row, "budget": budget, **{k: Subnet(**row[k]) for k in _SUBNETS if k in row}})
-
-
-def rows_json(data: object) -> str:
-    """`data` as indented JSON, its `EvalRow`s as `to_dict` writes them."""
-    def encode(x: object) -> dict:
-        if isinstance(x, EvalRow):
-            return x.to_dict()
-        raise TypeError(f"{type(x).__name__} is not JSON serializable")
-
-    return json.dumps(data, indent=1, default=encode)
+from flextron.space import Budget, Subnet
 
 
 @torch.no_grad()
@@ -176,13 +110,13 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
         raw = decode(em.space, mlp, attn)
         routed = select_subnet(em, budget)
         row = _sized_row(em, budget, routed, params_full, metric=table.metric,
-                         raw_cost_ratio=table(em.space, raw) / target, cost_ratio=table(em.space, routed) / target,
-                         fraction_of_full=table(em.space, routed) / full, tokens=int(windows[:, 1:].numel()))
+                         raw_cost_ratio=table(raw) / target, cost_ratio=table(routed) / target,
+                         fraction_of_full=table(routed) / full, tokens=int(windows[:, 1:].numel()))
         with em.subnet(routed):
             row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {fraction:.0%}")
         if uniform:
             sub, _ = uniform_subnet_for(em, budget)
-            row.uniform_subnet, row.uniform_fraction_of_full = sub, table(em.space, sub) / full
+            row.uniform_subnet, row.uniform_fraction_of_full = sub, table(sub) / full
             if sub == routed:
                 row.uniform_ppl = row.ppl
             else:
@@ -193,31 +127,29 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
     return rows
 
 
-def plot_ppl_vs_size(series: dict[str, tuple[list[float], list[float]]], out: Path, title: str,
-                     original: float | None = None, points: dict[str, tuple[list[float], list[float]]] | None = None,
-                     xlabel: str = "fraction of non-embedding parameters") -> Path:
-    """Held-out perplexity (log scale) against model size (a fraction of the full model), as a PNG.
+def checked_router_report(em: ElasticModel, windows: Tensor, fractions: list[float],
+                          autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[EvalRow]:
+    """The router report, with what the check against uniform kept per budget."""
+    rows = router_report(em, windows, fractions, autocast_dtype=autocast_dtype, progress=progress)
+    for r, c in zip(rows, em.routers.checked or []):
+        r.kept, r.calib_ppl = c["kept"], c["calib_ppl"]
+    return rows
 
-    `series` are drawn as lines, `points` as separate markers; `original` as a dashed line.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (label, (xs, ys)), marker in zip(series.items(), "osD^v"):
-        ax.plot(xs, ys, marker=marker, label=label)
-    for label, (xs, ys) in (points or {}).items():
-        ax.scatter(xs, ys, marker="*", s=150, color="k", label=label, zorder=5)
-    if original is not None:
-        ax.axhline(original, color="gray", ls="--", label="original")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120))  # never through a symlink, FIFO or device
-    plt.close(fig)
-    return out
+def adaptive_router_report(em: ElasticModel, windows: Tensor, fractions: list[float],
+                           autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[EvalRow]:
+    """Adaptive routing per budget beside the static router at the very cost the adaptive routing
+    realised (a like-for-like comparison), or at the smallest sub-network's where per-token routing
+    realised less."""
+    rows = adaptive_at_budgets(em, windows, [Budget(fraction=f) for f in fractions], autocast_dtype=autocast_dtype,
+                               progress=progress)
+    lowest = smallest_fraction(em, em.routers.metric)
+    static = router_report(em, windows, [max(r.realised_fraction, lowest) for r in rows],
+                           autocast_dtype=autocast_dtype, progress=progress, uniform=False)
+    adaptive = em.routers.adaptive
+    for r, s in zip(rows, static):
+        r.static_ppl, r.static_fraction_of_full, r.static_subnet = s.ppl, s.fraction_of_full, s.subnet
+        i = adaptive.grid_index(r.budget.fraction)
+        if abs(adaptive.grid[i].item() - r.budget.fraction) < 1e-9:  # a grid budget: what the check kept
+            r.kept = "adaptive" if adaptive.learned[i] else "static"
+    return rows

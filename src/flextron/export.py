@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from flextron.config import Subnet
 from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_dir, file_sha256
 from flextron.modeling_flextron import PER_LAYER
+from flextron.space import Subnet
 from flextron.version import __version__
 
 EXPORT_MANIFEST = "flextron_export.json"

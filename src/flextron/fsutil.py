@@ -9,6 +9,7 @@ recognised (an `.old` whose target is missing is renamed back).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -19,9 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+
 from flextron.errors import FlextronError
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports the OS error under its own
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def file_sha256(path: Path) -> str:
@@ -55,8 +61,29 @@ def _alive(pid: int) -> bool:
 
 
 def os_error(path: Path, e: OSError) -> FlextronError:
-    """One line for an OS error on an output path: the path and the reason."""
-    return FlextronError(f"cannot write {path}: {e.strerror or e}")
+    """One line for an OS error on an output path: the path, the reason, and for a full disk what to do."""
+    hint = "; free some space (or write elsewhere) and run again" if e.errno in _FULL else ""
+    return FlextronError(f"cannot write {path}: {e.strerror or e}{hint}")
+
+
+def write_failure(e: BaseException) -> OSError | None:
+    """The OS error behind a failed write, where a library reports it as its own exception: safetensors'
+    `SafetensorError` names the error code; torch's writer raises a RuntimeError over the OSError of the
+    file object it wrote to (`save_torch`). None for anything else (a bug, not the environment)."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, SafetensorError) and (m := _OS_ERROR_CODE.search(str(e))):
+        code = int(m[1])
+        return OSError(code, os.strerror(code))
+    if isinstance(e, RuntimeError) and isinstance(cause := e.__cause__ or e.__context__, OSError):
+        return cause
+    return None
+
+
+def save_torch(obj: object, path: Path) -> None:
+    """`torch.save` through a Python file, so that a failed write (disk full) keeps its OSError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def clean_leftovers(parent: Path) -> None:
@@ -129,8 +156,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    except OSError as e:
-        raise os_error(path, e) from None
+    except Exception as e:
+        if (failure := write_failure(e)) is None:
+            raise
+        raise os_error(path, failure) from None
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -181,7 +210,9 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             raise
         if old is not None:
             shutil.rmtree(old)
-    except OSError as e:
-        raise os_error(out, e) from None
+    except Exception as e:
+        if (failure := write_failure(e)) is None:
+            raise
+        raise os_error(out, failure) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from flextron.config import OUTTYPES, Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.export import kept_layers, layer_sizes, sliced_state_dict
 from flextron.fsutil import atomic_write
 from flextron.gguf_tokenizer import tokenizer_fields
+from flextron.options import OUTTYPES
+from flextron.space import Subnet
 from flextron.version import __version__
 
 # model_type -> llama.cpp architecture of a uniform sub-network

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flextron.config import Budget
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
+from flextron.space import Budget
 from flextron.tasks import load_docs
 
 try:

@@ -1,4 +1,5 @@
-"""The measured latency lookup table: per layer kind and choice, decode and prefill time.
+"""Measuring the latency lookup table (per layer kind and choice, decode and prefill time; the table
+itself, its fit and its pricing are `flextron.latency_table`).
 
 Timing one block alone on a CPU misses the framework work between blocks and is dominated by
 timer noise for blocks of a millisecond, so the table is measured differentially: end-to-end
@@ -14,30 +15,22 @@ pick. The table is checked on independent random sub-networks that the fit never
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import partial
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flextron.config import KINDS, Subnet
-from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
-from flextron.gguf import in_own_arch
+from flextron.latency_table import LatencyTable
+from flextron.latency_table import fit as fit_terms
 from flextron.options import ProfileOptions
 from flextron.precision import autocast
-
-LATENCY_FILE = "latency.json"
-_METRIC_KEY = {"latency_ms": "decode_ms", "prefill_ms": "prefill_ms"}
+from flextron.space import KINDS, Subnet
 
 
 def sync(device: torch.device | str) -> None:
@@ -47,7 +40,7 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _trimmed_mean(xs: list[float]) -> float:
+def trimmed_mean(xs: list[float]) -> float:
     xs = sorted(xs)
     cut = len(xs) // 5
     kept = xs[cut : len(xs) - cut] or xs
@@ -79,7 +72,7 @@ def measure(em: ElasticModel, subnet: Subnet, batch: int = 1, context: int = 256
             if r > 0:
                 prefill.append(t_prefill * 1e3)
                 decode.append((time.perf_counter() - t) * 1e3 / decode_steps)
-    return {"prefill_ms": _trimmed_mean(prefill), "decode_ms": _trimmed_mean(decode)}
+    return {"prefill_ms": trimmed_mean(prefill), "decode_ms": trimmed_mean(decode)}
 
 
 def random_subnets(em: ElasticModel, n: int, seed: int, mode: str = "layers") -> list[Subnet]:
@@ -94,51 +87,6 @@ def design_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
     return [em.space.sample(gen, "uniform" if i % 2 == 0 else "spread") for i in range(n)]
 
 
-def _columns(em: ElasticModel) -> tuple[list[int], list[int]]:
-    return sorted({c for cs in em.space.mlp for c in cs}), sorted({c for cs in em.space.attn for c in cs})
-
-
-def _design(em: ElasticModel, subnets: list[Subnet]) -> np.ndarray:
-    """Per sub-network: how many layers reach each MLP width and each attention width beyond the
-    smallest (the columns of the fit are the increments between neighbouring widths)."""
-    widths, units = _columns(em)
-    rows = [[sum(m >= w for m in s.mlp) for w in widths[1:]] + [sum(a >= u for a in s.attn) for u in units[1:]]
-            for s in subnets]
-    return np.asarray(rows, dtype=np.float64).reshape(len(subnets), len(widths) + len(units) - 2)
-
-
-def nonneg_lstsq(x: np.ndarray, y: np.ndarray, sweeps: int = 10_000, tol: float = 1e-12) -> tuple[float, np.ndarray]:
-    """min ||y - c - x d|| over a free intercept c and d >= 0 (cyclic coordinate descent: the
-    problem is a small convex quadratic with bounds)."""
-    xc, yc = x - x.mean(0), y - y.mean()
-    norms = (xc**2).sum(0)
-    d = np.zeros(x.shape[1])
-    r = yc.copy()
-    for _ in range(sweeps):
-        moved = 0.0
-        for j in np.flatnonzero(norms > 0):
-            new = max(0.0, d[j] + xc[:, j] @ r / norms[j])
-            if new != d[j]:
-                r -= xc[:, j] * (new - d[j])
-                moved = max(moved, abs(new - d[j]))
-                d[j] = new
-        if moved <= tol * (1 + np.abs(d).max()):
-            break
-    return float(y.mean() - x.mean(0) @ d), d
-
-
-def _fit(em: ElasticModel, subnets: list[Subnet], y: list[float]) -> dict:
-    """Least squares constrained to non-negative increments between neighbouring widths, so a
-    wider choice never costs less (timing noise cannot invert the table) and the smallest
-    sub-network is the cheapest. The smallest widths cost 0: their time is in the overhead."""
-    widths, units = _columns(em)
-    overhead, inc = nonneg_lstsq(_design(em, subnets), np.asarray(y, dtype=np.float64))
-    mlp = np.concatenate([[0.0], np.cumsum(inc[: len(widths) - 1])])
-    attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
-    return {"overhead": overhead, "mlp": {str(w): float(v) for w, v in zip(widths, mlp)},
-            "attn": {str(a): float(v) for a, v in zip(units, attn)}}
-
-
 def _errors(pred: list[float], meas: list[float]) -> dict:
     err = sorted(abs(p - m) / m * 100 for p, m in zip(pred, meas))
     if not err:  # every stock sub-network of a small space is in the fit
@@ -148,7 +96,8 @@ def _errors(pred: list[float], meas: list[float]) -> dict:
 
 def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dtype | None = None, seed: int = 0,
             progress: bool = True, timer: Callable[[Subnet], dict[str, float]] | None = None,
-            runtime: dict | None = None, stock: StockGraph | None = None, uniform_only: bool = False) -> dict:
+            runtime: dict | None = None, stock: StockGraph | None = None, uniform_only: bool = False
+            ) -> LatencyTable:
     """Build the latency table on this device (`options.samples` sub-networks) and validate it on
     `options.validate` unseen random ones.
 
@@ -198,6 +147,7 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
                 runs[i].append(time_it(s))
                 bar.update()
     timings = [{k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs]
+    rows = [{"role": role, "subnet": s.to_dict(), **t} for (s, _, role), t in zip(jobs, timings)]
     device = next(em.parameters()).device
     table = {
         "runtime": "hf-eager",
@@ -208,13 +158,13 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
         "batch": batch, "context": context, "decode_steps": decode_steps, "repeats": repeats,
         "rounds": options.rounds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "measurements": [{"role": role, "subnet": s.to_dict(), **t} for (s, _, role), t in zip(jobs, timings)],
+        "measurements": rows,
     }
     table.update(runtime or {})
-    table.update(_fitted(em, table["measurements"], ""))
+    table.update(_fitted(em, rows, ""))
     if stock is not None:
-        table["stock"] = {"graph": stock.name, **_fitted(em, table["measurements"], "-stock")}
-    return table
+        table["stock"] = {"graph": stock.name, **_fitted(em, rows, "-stock")}
+    return LatencyTable(table, em, "the measured latency table")
 
 
 @dataclass(frozen=True)
@@ -251,98 +201,9 @@ def _fitted(em: ElasticModel, rows: list[dict], suffix: str) -> dict:
     val = [r for r in rows if r["role"] == "validate" + suffix]
     out: dict = {"validation": {}, "fit_error": {}}
     for key in ("decode_ms", "prefill_ms"):
-        out[key] = _fit(em, [Subnet(**r["subnet"]) for r in fit], [r[key] for r in fit])
-        predict = _as_table(em, key, out[key])
+        fitted = fit_terms(em.space, [Subnet(**r["subnet"]) for r in fit], [r[key] for r in fit])
+        out[key] = fitted.to_dict()
+        predict = fitted.costs(em.space, key)
         for name, part in (("validation", val), ("fit_error", fit)):
-            out[name][key] = _errors([predict(em.space, Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
+            out[name][key] = _errors([predict(Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
     return out
-
-
-def reported_error(fitted: dict, key: str) -> tuple[dict, str]:
-    """A fit's error on `key` (decode_ms, prefill_ms) on unseen sub-networks, or on the fitted ones
-    where none was left unseen (a small space's stock graph), and which of the two it is."""
-    if fitted["validation"][key]["n"]:
-        return fitted["validation"][key], "unseen"
-    return fitted["fit_error"][key], "fitted"
-
-
-def save_table(ckpt: Path, table: dict) -> Path:
-    path = Path(ckpt) / LATENCY_FILE
-    atomic_write(path, lambda p: p.write_text(json.dumps(table, indent=1)))
-    return path
-
-
-def load_table(ckpt: Path) -> dict | None:
-    """The checkpoint's latency table, or None where it was never profiled."""
-    path = Path(ckpt) / LATENCY_FILE
-    if not path.is_file():
-        return None
-    try:
-        table = json.loads(path.read_text())
-        table["decode_ms"]["overhead"], table["prefill_ms"]["mlp"]  # noqa: B018  (shape check)
-    except (ValueError, KeyError, TypeError) as e:
-        raise FlextronError(f"{path} is corrupt ({e}); re-run `flextron profile`") from None
-    return table
-
-
-def has_latency_table(em: ElasticModel) -> bool:
-    return getattr(em, "latency", None) is not None
-
-
-def latency_table(em: ElasticModel, metric: str) -> CostTable:
-    """The measured table of `metric` (latency_ms: decode per token; prefill_ms) as a CostTable."""
-    if not has_latency_table(em):
-        raise FlextronError(f"budget metric {metric} needs a latency table; run `flextron profile CKPT` first")
-    key = _METRIC_KEY[metric]
-    fitted = em.latency[key]
-    if not all(_ascending(fitted[kind]) for kind in ("mlp", "attn")):
-        # Fitted before increments were constrained: refit from the table's own measurements.
-        rows = [m for m in em.latency.get("measurements", []) if m["role"] == "fit"]
-        if not rows:
-            raise FlextronError(f"the latency table's {key} decreases with width; re-run `flextron profile`")
-        fitted = _fit(em, [Subnet(**m["subnet"]) for m in rows], [m[key] for m in rows])
-    table = _as_table(em, metric, fitted)
-    if "stock" not in em.latency:
-        return table
-    stock = _as_table(em, metric, em.latency["stock"][key])
-    return replace(table, stock=stock, in_stock=partial(runs_in_stock, em, decode=_decode_tables(em)))
-
-
-def _decode_tables(em: ElasticModel) -> tuple[CostTable, CostTable] | None:
-    """The llama.cpp table's decode fits in the `deci` graph and the family's own (None without)."""
-    table = getattr(em, "latency", None)
-    if table is None or "stock" not in table:
-        return None
-    return _as_table(em, "latency_ms", table["decode_ms"]), _as_table(em, "latency_ms", table["stock"]["decode_ms"])
-
-
-def faster_as_deci(em: ElasticModel, subnet: Subnet, decode: tuple[CostTable, CostTable] | None = None) -> bool:
-    """Whether the checkpoint's llama.cpp table prices `subnet`'s decode lower in the per-layer `deci`
-    graph than in the family's own, where the family's own graph can hold it (llama.cpp runs the
-    same weights up to ~17% apart in the two, and which is faster depends on the width, the CPU and
-    the threads: benchmarks/gguf_arch.py). `decode`: `_decode_tables(em)`, when already built."""
-    decode = _decode_tables(em) if decode is None else decode
-    if decode is None or not in_own_arch(em, subnet):
-        return False
-    deci, own = decode
-    return deci(em.space, subnet) < own(em.space, subnet)
-
-
-def runs_in_stock(em: ElasticModel, subnet: Subnet, decode: tuple[CostTable, CostTable] | None = None) -> bool:
-    """Whether `export --format gguf` (`--graph auto`) writes `subnet` in the family's own llama.cpp
-    graph: where that graph can hold it, unless the latency table says `deci` decodes it faster."""
-    return in_own_arch(em, subnet) and not faster_as_deci(em, subnet, decode)
-
-
-def _ascending(costs: dict[str, float]) -> bool:
-    values = [costs[k] for k in sorted(costs, key=int)]
-    return all(a <= b for a, b in zip(values, values[1:]))
-
-
-def _as_table(em: ElasticModel, metric: str, t: dict) -> CostTable:
-    try:
-        mlp = [[t["mlp"][str(c)] for c in cs] for cs in em.space.mlp]
-        attn = [[t["attn"][str(c)] for c in cs] for cs in em.space.attn]
-    except KeyError as e:
-        raise FlextronError(f"the latency table lacks choice {e}; re-run `flextron profile`") from None
-    return CostTable(metric, t["overhead"], mlp, attn, em.space)

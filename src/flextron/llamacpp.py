@@ -17,7 +17,7 @@ import numpy as np
 
 from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, in_own_arch, write_gguf
-from flextron.latency import StockGraph, _trimmed_mean
+from flextron.latency import StockGraph, trimmed_mean
 from flextron.latency import profile as fit_table
 from flextron.options import ProfileOptions
 
@@ -160,7 +160,7 @@ def measure(path: str | Path, context: int = 256, decode_steps: int = 16, repeat
             threads: int | None = None) -> dict[str, float]:
     """Prefill latency (ms) of `context` tokens and decode latency (ms per token, batch 1) after them."""
     runs = measure_rounds([path], repeats, context, decode_steps, threads)[0]
-    return {k: _trimmed_mean([r[k] for r in runs]) for k in ("prefill_ms", "decode_ms")}
+    return {k: trimmed_mean([r[k] for r in runs]) for k in ("prefill_ms", "decode_ms")}
 
 
 def gguf_timer(em, tokenizer, workdir: str | Path, outtype: str = "f32", context: int = 256,
@@ -185,7 +185,7 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
     uniform sub-networks only (the full model included), and in `deci`, which holds all. Where the
     family has both, the table is fitted on every sub-network written as `deci` and its "stock"
     table on the uniform ones written in the family's own, so `export --graph auto` can write each
-    uniform sub-network in its faster graph and budgets price it there (`latency.runs_in_stock`)."""
+    uniform sub-network in its faster graph and budgets price it there (`LatencyTable.runs_in_stock`)."""
     threads = options.threads or default_threads()
     named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}

@@ -1,25 +1,126 @@
-"""Each command's options as one dataclass (field, default, help): the CLI flags, the API keyword
-arguments and the `--config FILE.yaml` keys all come from these, and from `TrainConfig` and
-`RouterConfig` in `flextron.config`. A run records its resolved options with `write_yaml`."""
+"""Options, in one home: each command's options are one dataclass whose fields are made with `opt`
+(default, help text, choices, number rules). The CLI flags, the API keyword arguments and the
+`--config FILE.yaml` keys all come from these fields, and every options object checks its fields on
+creation (`check_options`), so the API and the CLI refuse the same values. A run records its resolved
+options with `write_yaml`."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from dataclasses import dataclass, fields
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from flextron.config import ATTN_UNITS, DTYPE_NAMES, GRAPHS, OUTTYPES, SEED_RANGE, check_options, opt
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
+from flextron.space import ATTN_UNITS
+
+DTYPE_NAMES = ("auto", "fp32", "bf16")  # flextron.precision.compute_dtype: auto is bf16 on CUDA, else fp32
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
+GRAPHS = ("auto", "own", "deci")  # llama.cpp graphs a uniform sub-network can be written in
+SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
+LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the others add a tracker
+
+SEED_RANGE = {"low": 0, "high": 2**32 - 1}
+_POSITIVE = {"low": 1}
+_NON_NEGATIVE = {"low": 0}
+_POSITIVE_FLOAT = {"low": 0.0, "low_open": True}
+_FRACTION = {"low": 0.0, "high": 1.0, "low_open": True}  # each value of a list of budget fractions
+_MAX_CONFIG_BYTES = 1 << 20  # options fit in a few KiB; bounds what a hostile file costs
+_FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, **rules: Any) -> Any:
+    """A dataclass field that is a command option: its default, its --help text, its allowed values
+    and its `check_number` rules (low, high, low_open; for a list, of each value), applied by
+    `check_options` and the CLI."""
+    return field(default=default, metadata={"help": help, "choices": choices, "rules": rules})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls: type, name: str) -> tuple[Any, Any, bool]:
+    """(type, element type of a tuple or None, whether None is allowed) of a dataclass field."""
+    hint, optional = _hints(cls)[name], False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint, optional = args[0], len(args) < len(typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return tuple, typing.get_args(hint)[0], optional
+    return hint, None, optional
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _checked(name: str, value: object, kind: Any, rules: dict) -> object:
+    """`value` checked as one value of type `kind` (str, bool, int or float) by `rules`."""
+    if kind in (int, float):
+        check_number(name, value, integer=kind is int, **rules)
+    elif kind is bool and not isinstance(value, bool):
+        raise FlextronError(f"{_flag(name)} must be true or false, got {value!r}")
+    elif kind is str and not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FlextronError(f"{_flag(name)} must be text, got {value!r}")
+        return str(value)  # a budget written as a YAML or Python number
+    return value
+
+
+def check_options(obj: object) -> None:
+    """Check each `opt` field of a dataclass: its type (None only where the field allows it), numbers
+    by their rules, lists non-empty with each value checked (and made tuples), choices."""
+    for f in fields(obj):
+        kind, item, optional = field_type(type(obj), f.name)
+        value, meta = getattr(obj, f.name), f.metadata
+        rules = meta.get("rules", {})
+        if value is None:
+            if not optional:
+                raise FlextronError(f"{_flag(f.name)} needs a value, got none (null); give one or leave it out")
+            continue
+        if kind is tuple:
+            if not isinstance(value, (tuple, list)):
+                raise FlextronError(f"{_flag(f.name)} must be a list of values, got {value!r}")
+            if not value:
+                raise FlextronError(f"{_flag(f.name)} needs at least one value")
+            value = tuple(_checked(f.name, v, item, rules) for v in value)
+        else:
+            value = _checked(f.name, value, kind, rules)
+        setattr(obj, f.name, value)
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise FlextronError(f"{_flag(f.name)} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def check_number(name: str, value: object, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
+    """Raise a one-line FlextronError unless `value` is a finite number (an int when `integer`) in
+    [low, high] ((low, high] when `low_open`); None passes when `optional`."""
+    flag = _flag(name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise FlextronError(f"{flag} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise FlextronError(f"{flag} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        left = "(" if low_open else "["
+        raise FlextronError(f"{flag} must be in {left}{'-inf' if low is None else f'{low:g}'}, "
+                            f"{'inf' if high is None else f'{high:g}'}], got {value}")
+
 
 T = TypeVar("T")
-
-_POSITIVE = {"low": 1}
-
 
 def resolve(cls: type[T], options: T | None, overrides: dict[str, Any]) -> T:
     """`options` (default: `cls()`) with keyword `overrides` of its fields, checked anew."""
@@ -39,16 +140,46 @@ class Options:
         check_options(self)
 
 
-_VERIFY = "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)"
+# Options several commands share are declared once, here, and inherited (dataclass fields of bases
+# come first in --help).
+@dataclass
+class Verified(Options):
+    """The weight-hash check of a checkpoint that is read."""
+
+    verify: bool = opt(True, "check the weights against the sha256 recorded in the checkpoint (--no-verify: faster)")
+
+
+@dataclass
+class Computed(Options):
+    """The compute dtype of a command that runs the model."""
+
+    dtype: str = opt("fp32", "compute dtype", choices=DTYPE_NAMES)
+
+
+@dataclass
+class Autocast(Options):
+    """The autocast dtype of a training stage."""
+
+    dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",
+                     choices=DTYPE_NAMES)
+
+
+@dataclass
+class Adaptive(Options):
+    """Input-adaptive routing instead of a budget's static sub-network."""
+
+    adaptive: bool = opt(False, "route per token (MLP) and per request (attention)")
 
 
 @dataclass
 class ConvertOptions(Options):
     """`flextron convert`: the elastic space and the importance calibration."""
 
-    mlp_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "MLP widths as fractions of the full width")
+    mlp_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "MLP widths as fractions of the full width",
+                                           **_FRACTION)
     attn_fractions: tuple[float, ...] = opt((0.25, 0.5, 0.75, 1.0), "attention units as fractions of all units "
-                                                   "(--attn-unit head: of the KV groups, below one head per group)")
+                                            "(--attn-unit head: of the KV groups, below one head per group)",
+                                            **_FRACTION)
     multiple: int = opt(64, "MLP widths are multiples of this", **_POSITIVE)
     space: str | None = opt(None, 'JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]} '
                                   "(replaces the fractions); a list may start with 0 (skip)")
@@ -74,7 +205,7 @@ class ConvertOptions(Options):
 
 
 @dataclass
-class EvalOptions(Options):
+class EvalOptions(Verified, Computed, Adaptive):
     """`flextron eval`: held-out perplexity and zero-shot tasks at each budget."""
 
     budgets: tuple[str, ...] = opt(("1.0", "0.75", "0.5"), "budgets: 0.6, 60%, or metric=value such as params=80e6")
@@ -83,13 +214,10 @@ class EvalOptions(Options):
     limit: int | None = opt(None, "at most this many windows / documents per task", **_POSITIVE)
     seq_len: int = opt(1024, "tokens per perplexity window", **_POSITIVE)
     batch_size: int = opt(4, "sequences per forward", **_POSITIVE)
-    adaptive: bool = opt(False, "route per token (MLP) and per request (attention)")
-    dtype: str = opt("fp32", "compute dtype", choices=DTYPE_NAMES)
-    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
-class ProfileOptions(Options):
+class ProfileOptions(Verified):
     """`flextron profile`: how the latency lookup table is measured."""
 
     batch: int = opt(1, "sequences decoded together", **_POSITIVE)
@@ -105,11 +233,10 @@ class ProfileOptions(Options):
     threads: int | None = opt(None, "llama.cpp threads (default: all cores)", **_POSITIVE)
     outtype: str = opt("f32", "llama.cpp weights", choices=OUTTYPES)
     dtype: str = opt("fp32", "compute dtype (HF runtime)", choices=DTYPE_NAMES)
-    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
-class ExportOptions(Options):
+class ExportOptions(Verified):
     """`flextron export`: the output format."""
 
     format: str = opt("hf", "an HF directory, or one llama.cpp GGUF file", choices=("hf", "gguf"))
@@ -117,31 +244,45 @@ class ExportOptions(Options):
     graph: str = opt("auto", "GGUF: llama.cpp graph of a uniform sub-network: the family's own, per-layer deci, or "
                      "auto (the one the checkpoint's llama.cpp latency table says decodes faster; own without one)",
                      choices=GRAPHS)
-    verify: bool = opt(True, _VERIFY)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format == "hf" and (self.outtype, self.graph) != ("f32", "auto"):
+            raise FlextronError("--outtype and --graph are GGUF settings; add --format gguf or drop them")
+
+
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # characters per stop string: bounds what matching them costs per request
 
 @dataclass
 class Sampling(Options):
-    """How a completion is drawn (see `flextron.generation.complete`)."""
+    """How a prompt is continued (by `flextron.engine`): how many tokens, how each is drawn, where to stop."""
 
-    max_new_tokens: int = opt(128, "the most tokens to generate", **_POSITIVE)
-    temperature: float = opt(0.0, "0: greedy; >0: sampling", low=0.0)
+    max_new_tokens: int = opt(128, "the most tokens to generate (fewer where the model's context ends first)",
+                              **_POSITIVE)
+    temperature: float = opt(0.0, "0: greedy; >0: sampling (a tiny one samples the most likely token)", low=0.0)
     top_p: float = opt(1.0, "nucleus sampling threshold", low=0.0, high=1.0, low_open=True)
-    seed: int | None = opt(None, "sampling seed", **SEED_RANGE)
+    seed: int | None = opt(None, "sampling seed", low=0, high=2**64 - 1)
+    stop: tuple[str, ...] | None = opt(None, f"end at the first of these strings, left out of the text (at most "
+                                             f"{MAX_STOPS}, each at most {MAX_STOP_CHARS} characters)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stop is not None and (len(self.stop) > MAX_STOPS or max(map(len, self.stop)) > MAX_STOP_CHARS):
+            raise FlextronError(f"--stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters "
+                                "each; shorten them")
 
 
 @dataclass
-class GenerateOptions(Sampling):
+class GenerateOptions(Verified, Adaptive, Sampling):
     """`flextron generate`: the sampling settings, the budget and the prompt's form."""
 
     budget: str | None = opt(None, "0.6, 60%, or metric=value; elastic checkpoints only (default: the full model)")
     raw: bool = opt(False, "do not wrap the prompt in the chat template")
-    adaptive: bool = opt(False, "route per token (MLP) and per request (attention)")
-    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
-class ServeConfig(Options):
+class ServeLimits(Options):
     """Limits of the server (tokens, bytes, requests, connections, seconds) and its batching."""
 
     max_prompt_tokens: int = opt(4096, "longer prompts get 400", **_POSITIVE)
@@ -164,14 +305,12 @@ class ServeConfig(Options):
 
 
 @dataclass
-class ServeOptions(ServeConfig):
+class ServeOptions(Verified, Computed, ServeLimits):
     """`flextron serve`: where to listen, what to call the model, and the server's limits."""
 
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = opt(8000, "port to listen on (0: any free port)", low=0, high=65535)
     name: str | None = opt(None, "model id reported to clients (default: the checkpoint directory's name)")
-    dtype: str = opt("fp32", "compute dtype", choices=DTYPE_NAMES)
-    verify: bool = opt(True, _VERIFY)
 
 
 @dataclass
@@ -192,11 +331,113 @@ class ReportOptions(Options):
     section: str = opt("report", "the section name in --into (<!-- NAME:start -->)")
 
 
+@dataclass
+class TrainOptions(Autocast):
+    """`flextron train`: elastic continued training (distillation from the frozen original over sampled
+    sub-networks)."""
+
+    seq_len: int = opt(512, "tokens per training sequence", **_POSITIVE)
+    micro_batch: int = opt(4, "sequences per process per forward", **_POSITIVE)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", **_POSITIVE)
+    max_steps: int | None = opt(None, "optimizer steps to train (give this or --tokens)", **_POSITIVE)
+    tokens: int | None = opt(None, "data tokens to train on, instead of --max-steps", **_POSITIVE)
+    lr: float = opt(1e-4, "peak learning rate (AdamW)", **_POSITIVE_FLOAT, high=_FP32_MAX)
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at this fraction of --lr", low=0.0, high=1.0)
+    warmup_steps: int = opt(10, "linear warm-up steps", **_NON_NEGATIVE)
+    weight_decay: float = opt(0.0, "AdamW weight decay", **_NON_NEGATIVE)
+    clip: float = opt(1.0, "gradient norm clipping threshold", **_POSITIVE_FLOAT)
+    kd_temperature: float = opt(1.0, "distillation softmax temperature", **_POSITIVE_FLOAT)
+    kd_weight: float = opt(1.0, "weight of the distillation loss (KL to the frozen original)", **_NON_NEGATIVE)
+    lm_weight: float = opt(0.0, "weight of the next-token cross-entropy loss", **_NON_NEGATIVE)
+    sampling: str = opt("sandwich", "sub-networks per step: sandwich (full, smallest, random), uniform "
+                        "(MatFormer baseline), budgets (routed budgets), fixed (the first budget only)",
+                        choices=SAMPLING)
+    n_random: int = opt(2, "random sub-networks per step besides the full and the smallest", **_NON_NEGATIVE)
+    mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
+                               "(what adaptive routing runs; at full-width compute)", **_NON_NEGATIVE)
+    budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
+                                     "budget fractions for --sampling budgets; fixed uses the first", **_FRACTION)
+    budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)",
+                                                 **_NON_NEGATIVE)
+    full_prob: float = opt(0.25, "budgets sampling: chance that a draw is the full model", low=0.0, high=1.0)
+    teacher_dtype: str = opt("auto", "teacher weights: fp32, bf16 (half the memory), auto (bf16 on CUDA, else fp32)",
+                             choices=DTYPE_NAMES)
+    loss_chunk: int = opt(256, "tokens whose full-vocabulary logits the loss holds at a time", **_POSITIVE)
+    activation_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes (torchrun)")
+    save_every: int = opt(100, "optimizer steps between checkpoints", **_POSITIVE)
+    sharded_checkpoints: bool = opt(False, "step checkpoints as per-rank DCP shards (no gather); the last also whole")
+    eval_budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35), "budgets of the before/after perplexity table",
+                                          **_FRACTION)
+    eval_limit: int | None = opt(16, "held-out windows for the before/after table (0 skips it)", **_NON_NEGATIVE)
+    seed: int = opt(0, "seed of the data order and the sampled sub-networks", **SEED_RANGE)
+    logger: str = opt("csv", "tracker besides metrics.csv (always written): csv (none), tensorboard, or wandb "
+                             "(offline unless WANDB_MODE says otherwise)", choices=LOGGERS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.max_steps is None) == (self.tokens is None):
+            raise FlextronError("give exactly one of --max-steps or --tokens")
+        if self.budget_probs is not None:
+            if len(self.budget_probs) != len(self.budgets):
+                raise FlextronError("--budget-probs needs one probability per budget")
+            if sum(self.budget_probs) <= 0:
+                raise FlextronError("--budget-probs must not all be 0")
+        if self.kd_weight <= 0 and self.lm_weight <= 0:
+            raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
+
+
+@dataclass
+class RouteOptions(Autocast):
+    """`flextron route`: static routers (budget -> per-layer choices), surrogate-guided, then joint
+    fine-tuning."""
+
+    budgets: tuple[float, ...] = opt((0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the trained grid of budget fractions",
+                                     **_FRACTION)
+    metric: str = opt("auto", "cost the budgets refer to: auto (measured decode latency if profiled, else params), "
+                      "params, flops, kv_bytes, decode_bytes, latency_ms or prefill_ms")
+    steps: int = opt(200, "router steps (LLM frozen)", **_POSITIVE)
+    joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together", **_NON_NEGATIVE)
+    hidden: int = opt(128, "router MLP hidden size", **_POSITIVE)
+    warm_start: float = opt(2.0, "each grid budget starts where the loss is lowest (a uniform sub-network "
+                            "within it or the untrained router's choice); logit margin per choice away "
+                            "from that start (0: no start)", **_NON_NEGATIVE)
+    router_lr: float = opt(3e-3, "router learning rate", **_POSITIVE_FLOAT)
+    llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps", **_NON_NEGATIVE)
+    tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially", **_POSITIVE_FLOAT)
+    tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end", **_POSITIVE_FLOAT)
+    budget_weight: float = opt(10.0, "weight of the budget penalty", **_NON_NEGATIVE)
+    tolerance: float = opt(0.01, "|expected cost / target - 1| below this costs nothing", **_NON_NEGATIVE)
+    surrogate: bool = opt(True, "guide routers by a loss surrogate (off: straight-through Gumbel through the LLM)")
+    surrogate_threshold: float = opt(0.25, "surrogate error / the loss's spread under which routers follow it",
+                                     **_NON_NEGATIVE)
+    surrogate_warmup: int = opt(64, "random architectures the surrogate is fitted on before router steps",
+                                **_NON_NEGATIVE)
+    surrogate_hidden: int = opt(128, "surrogate MLP hidden size", **_POSITIVE)
+    surrogate_fit_steps: int = opt(5, "surrogate fitting steps per router step (more overfits noisy targets)",
+                                   **_NON_NEGATIVE)
+    balance_weight: float = opt(0.01, "adaptive routers: keeps token routers from collapsing onto one width",
+                                **_NON_NEGATIVE)
+    check_sequences: int = opt(16, "held-out training sequences each budget's choice is checked on against "
+                               "the uniform sub-network (with --adaptive: adaptive routing against the "
+                               "static sub-network) (0: off)", **_NON_NEGATIVE)
+    seq_len: int = opt(256, "tokens per training sequence", **_POSITIVE)
+    micro_batch: int = opt(4, "sequences per step", **_POSITIVE)
+    eval_limit: int = opt(16, "held-out windows for the perplexity report", **_POSITIVE)
+    seed: int = opt(0, "seed of the data order, the routers' initialisation and their random draws", **SEED_RANGE)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A `--config` file: a YAML mapping of option names (dashes or underscores) to values."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise FlextronError(f"the config {path} must be a regular file of at most "
+                                f"{_MAX_CONFIG_BYTES // 1024} KiB of YAML")
+        text = path.read_text(encoding="utf-8")
+        if any(isinstance(t, yaml.AliasToken) for t in yaml.scan(text)):
+            raise FlextronError(f"the config {path} uses a YAML alias (*name); write each value out")
+        data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise FlextronError(f"cannot read the config {path}: {' '.join(str(e).split())}") from None
     if data is None:

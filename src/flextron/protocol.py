@@ -15,15 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2.exceptions import TemplateError
+from tokenizers import decoders, models
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from flextron.config import Budget, Subnet
 from flextron.cost import Cost
 from flextron.engine import Request, Result, TokenLogprob
 from flextron.errors import FlextronError
-from flextron.generation import prompt_inputs
-from flextron.options import ServeConfig
+from flextron.generation import prompt_text
+from flextron.options import MAX_STOP_CHARS, MAX_STOPS, Sampling, ServeLimits
+from flextron.space import Budget, Subnet
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_LOGPROBS = 20
@@ -118,9 +119,12 @@ def count_prompts(body: dict, chat: bool) -> int:
 
 
 def split_model(model: str, name: str) -> str | None:
-    """The budget in a model name `NAME@BUDGET` (None for plain `NAME`); another name is not served (404)."""
-    base, at, budget = model.partition("@")
-    if base != name or (at and not budget):
+    """The budget in a model name `NAME@BUDGET` (None for plain `NAME`; `NAME` may itself hold an @);
+    another name, or a budget with spaces around it, is not served (404)."""
+    if model == name:
+        return None
+    budget = model[len(name) + 1:] if model.startswith(name + "@") else ""
+    if not budget or budget != budget.strip():
         raise RequestError(f"model {model!r} does not exist; this server serves {name!r}, "
                            f"at a budget as {name}@50% or {name}@params=80e6 (see GET /v1/models)", 404,
                            code="model_not_found", param="model")
@@ -129,7 +133,7 @@ def split_model(model: str, name: str) -> str | None:
 
 @dataclass
 class Job:
-    """One validated request: its prompts as token ids, the sub-network serving them, generation options."""
+    """One validated request: its prompts as token ids, the sub-network serving them, how to continue them."""
 
     chat: bool
     model: str
@@ -138,8 +142,7 @@ class Job:
     budget: Budget | None
     subnet: Subnet
     cost: Cost
-    max_tokens: int
-    options: dict  # temperature, top_p, seed, stop of `flextron.engine.Request`
+    sampling: Sampling | None  # None: max_tokens 0, an echo that only scores the prompt
     logprobs: int | None = None
     echo: bool = False
     stream: bool = False
@@ -148,11 +151,14 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def requests(self, on_text: Callable[[int, str], None] | None = None) -> list[Request]:
-        """The engine requests of this job; `on_text(index, piece)` streams each prompt's text."""
-        return [Request(ids, self.subnet, self.max_tokens, top_logprobs=self.logprobs,
+    def requests(self, on_text: Callable[[int, str], None] | None = None,
+                 on_scored: Callable[[int, list[TokenLogprob]], None] | None = None) -> list[Request]:
+        """The engine requests of this job; `on_text(index, piece)` streams each prompt's text, `on_scored(index,
+        scored)` the logprobs of its tokens (`flextron.engine.Request.on_scored`)."""
+        return [Request(ids, self.subnet, self.sampling, top_logprobs=self.logprobs,
                         prompt_logprobs=self.echo and self.logprobs is not None, adaptive=self.adaptive,
-                        on_text=None if on_text is None else (lambda t, i=i: on_text(i, t)), **self.options)
+                        on_text=None if on_text is None else (lambda t, i=i: on_text(i, t)),
+                        on_scored=None if on_scored is None else (lambda s, i=i: on_scored(i, s)))
                 for i, ids in enumerate(self.prompts)]
 
     def envelope(self, choices: list[dict], chunk: bool = False) -> dict:
@@ -186,19 +192,73 @@ class Job:
                 "flextron_params": None if self.adaptive is not None else self.cost.params}
 
 
-def logprobs_object(tokenizer: PreTrainedTokenizerBase, scored: list[TokenLogprob]) -> dict:
-    """OpenAI's completions `logprobs`: tokens, their log-probabilities, the top alternatives, text offsets."""
-    def piece(t: int) -> str:
-        return tokenizer.decode([t])
+_HELD = 4  # UTF-8 takes at most 4 bytes: more tokens still ending in U+FFFD are invalid bytes or the character itself
+_CONTEXT = 4  # tokens decoded before a token's own, so that decoders that strip a leading space see the same text
 
-    tokens = [piece(t) for t, _, _ in scored]
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in scored],
-            "top_logprobs": [None if lp is None else {piece(i): v for i, v in top} for _, lp, top in scored],
-            "text_offset": offsets}
+
+class TokenPieces:
+    """The text of each token of one sequence, fed in order; the pieces add up to the decoded sequence.
+
+    A token that ends inside a character (alone, its bytes decode to U+FFFD) gives "", and the token completing
+    the character gives it whole. Each token is decoded in a window of a few tokens before it: linear work.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special: bool) -> None:
+        self.tokenizer, self.skip_special = tokenizer, skip_special
+        self.ids: list[int] = []
+        self.done = 0  # the tokens whose text has been given out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def __call__(self, ids: list[int], final: bool = False) -> list[str]:
+        """The pieces of the next tokens `ids`; `final`: the sequence ends with them, nothing is held back."""
+        pieces = []
+        for k, token in enumerate(ids):
+            self.ids.append(token)
+            start = max(0, self.done - _CONTEXT)
+            text = self._decode(self.ids[start:])
+            held = len(self.ids) - self.done
+            if text.endswith("\ufffd") and held < _HELD and not (final and k == len(ids) - 1):
+                pieces.append("")
+                continue
+            pieces.append(text[len(self._decode(self.ids[start:self.done])):])
+            self.done = len(self.ids)
+        return pieces
+
+
+class ChoiceLogprobs:
+    """The completions `logprobs` of one choice, built as its tokens come (all at once, or chunk by chunk
+    when streamed): `tokens` add up to the choice's text (`TokenPieces`), `text_offset` runs on across chunks."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.generated = TokenPieces(tokenizer, skip_special=True)  # as the engine decodes the completion
+        self.offset = 0
+
+    def prompt(self, scored: list[TokenLogprob]) -> dict:
+        """The echoed prompt's tokens, decoded as the prompt's text is."""
+        return self._object(scored, TokenPieces(self.tokenizer, skip_special=False)([t for t, _, _ in scored], True))
+
+    def completion(self, scored: list[TokenLogprob], final: bool = False) -> dict:
+        """The next generated tokens; `final`: the last of them."""
+        return self._object(scored, self.generated([t for t, _, _ in scored], final))
+
+    def _alternative(self, token: int) -> str:
+        """An alternative token's text alone; its vocabulary piece where that text is part of a character,
+        so that no two alternatives share the key U+FFFD."""
+        text = self.tokenizer.decode([token])
+        return self.tokenizer.convert_ids_to_tokens(token) if "\ufffd" in text else text
+
+    def _object(self, scored: list[TokenLogprob], pieces: list[str]) -> dict:
+        offsets = []
+        for piece in pieces:
+            offsets.append(self.offset)
+            self.offset += len(piece)
+        return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": [None if lp is None else {self._alternative(i): v for i, v in top}
+                                 for _, lp, top in scored],
+                "text_offset": offsets}
 
 
 def completion_choice(job: Job, tokenizer: PreTrainedTokenizerBase, index: int, result: Result) -> dict:
@@ -206,18 +266,42 @@ def completion_choice(job: Job, tokenizer: PreTrainedTokenizerBase, index: int, 
     text = job.texts[index] + result.text if job.echo else result.text
     logprobs = None
     if job.logprobs is not None:
-        logprobs = logprobs_object(tokenizer, (result.prompt_logprobs or []) + (result.logprobs or []))
+        shaper = ChoiceLogprobs(tokenizer)
+        parts = [shaper.prompt(result.prompt_logprobs)] if result.prompt_logprobs else []
+        parts.append(shaper.completion(result.logprobs or [], final=True))
+        logprobs = {key: [v for part in parts for v in part[key]] for key in parts[0]}
     return job.choice(text, result.finish_reason, index=index, logprobs=logprobs)
+
+
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most characters of text one token can stand for, or None where that is not bounded or not known.
+
+    Bounded for a BPE that turns every character into tokens: with byte fallback, or byte-level with a
+    token for every byte. A token then stands for at most its vocabulary piece's characters (a byte's piece is
+    one character or more), times 4 where a normaliser may first compose up to 4 code points into one.
+    Other tokenizers may drop text or fold any run of it into one unknown token: no character bound holds.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if not isinstance(model, models.BPE):
+        return None
+    vocab = tokenizer.get_vocab()
+    byte_level = isinstance(backend.decoder, decoders.ByteLevel) and all(
+        c in vocab for c in bytes_to_unicode().values())
+    if not (model.byte_fallback or byte_level):
+        return None
+    return max(map(len, vocab)) * (1 if backend.normalizer is None else 4)
 
 
 class Protocol:
     """Validates request bodies against one model's tokenizer, context and the server's limits."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str, context: int | None, vocab: int,
-                 config: ServeConfig, resolve: Callable[[Budget | None], tuple[Subnet, Cost]],
+                 config: ServeLimits, resolve: Callable[[Budget | None], tuple[Subnet, Cost]],
                  adaptive: Callable[[Budget], float] | None = None) -> None:
         self.tokenizer, self.name, self.context, self.vocab = tokenizer, name, context, vocab
         self.config, self._resolve, self._adaptive = config, resolve, adaptive
+        self._token_chars = max_token_chars(tokenizer)
 
     def resolve(self, budget: str | float | None, adaptive: bool = False
                 ) -> tuple[Budget | None, Subnet, Cost, float | None]:
@@ -241,9 +325,11 @@ class Protocol:
             _check(all(0 <= t < self.vocab for t in ids), f"token ids must be in [0, {self.vocab})", param)
         else:
             try:
-                ids = prompt_inputs(self.tokenizer, prompt, raw)["input_ids"][0].tolist()
-            except (FlextronError, TemplateError, ValueError) as e:
+                text, special = prompt_text(self.tokenizer, prompt, raw)
+            except FlextronError as e:
                 raise RequestError(f"cannot build the prompt: {e}", param=param) from None
+            self._check_chars(text, param)
+            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         n = len(ids)
         _check(n > 0, "the prompt is empty after tokenization", param)
         limit = self.config.max_prompt_tokens
@@ -253,6 +339,14 @@ class Protocol:
                    f"and max_tokens asks for {max_tokens} more")
             raise RequestError(why, code="context_length_exceeded", param=param)
         return ids
+
+    def _check_chars(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it, a text too long to fit in the prompt limit whatever its tokens."""
+        limit = self.config.max_prompt_tokens
+        if self._token_chars is not None and len(text) > limit * self._token_chars:
+            raise RequestError(f"the prompt has {len(text)} characters, more than this server's limit of {limit} "
+                               f"tokens can hold (one token stands for at most {self._token_chars} characters here)",
+                               code="context_length_exceeded", param=param)
 
     def parse(self, body: dict, chat: bool) -> Job:
         """Validate a completions (`chat` False) or chat completions request body."""
@@ -266,6 +360,7 @@ class Protocol:
         else:
             prompts, raw = _prompts(_field(body, "prompt", (str, list), required=True)), True
         _check(_field(body, "n", (int,), 1) == 1, "only n=1 is supported", "n")
+        _check(_field(body, "best_of", (int,), 1) == 1, "only best_of=1 is supported", "best_of")
         echo = _field(body, "echo", (bool,), False)
         logprobs = _field(body, "logprobs", (int, bool) if chat else (int,))
         _check(not chat or not (echo or logprobs), "'echo' and 'logprobs' are supported on /v1/completions only",
@@ -285,8 +380,10 @@ class Protocol:
         _check(seed is None or -(2**63) <= seed < 2**64, "'seed' is out of range", "seed")
         stop = _field(body, "stop", (str, list), [])
         stop = [stop] if isinstance(stop, str) else stop
-        _check(len(stop) <= 4 and all(isinstance(s, str) for s in stop), "'stop' must be a string or up to 4 strings",
-               "stop")
+        _check(len(stop) <= MAX_STOPS and all(isinstance(s, str) for s in stop),
+               f"'stop' must be a string or up to {MAX_STOPS} strings", "stop")
+        _check(all(len(s) <= MAX_STOP_CHARS for s in stop),
+               f"each 'stop' string may be at most {MAX_STOP_CHARS} characters long", "stop")
         stream = _field(body, "stream", (bool,), False)
         _check(not stream or len(prompts) == 1, "streaming takes one prompt per request", "stream")
         include_usage = _field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False)
@@ -294,9 +391,12 @@ class Protocol:
         budget, subnet, cost, fraction = self.resolve(in_name if in_name is not None else budget, adaptive)
         ids = [self.encode(p, raw, max_tokens) for p in prompts]
         texts = [p if isinstance(p, str) else self.tokenizer.decode(i) for p, i in zip(prompts, ids)]
-        options = {"temperature": float(temperature), "top_p": float(top_p), "seed": seed, "stop": stop}
-        return Job(chat, model, ids, texts, budget, subnet, cost, max_tokens, options, logprobs, echo, stream,
-                   include_usage, fraction)
+        sampling = None
+        if max_tokens:  # OpenAI's seeds may be negative: the generator takes them modulo 2**64
+            sampling = Sampling(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                                seed=None if seed is None else seed % 2**64, stop=tuple(stop) or None)
+        return Job(chat, model, ids, texts, budget, subnet, cost, sampling, logprobs, echo, stream, include_usage,
+                   fraction)
 
     def models(self, space: dict, routed: tuple[str, tuple[float, ...]] | None) -> dict:
         """`GET /v1/models`: the checkpoint, and one entry per budget its routers were trained on."""

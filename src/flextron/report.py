@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow, plot_ppl_vs_size
 from flextron.fsutil import atomic_write, check_target
+from flextron.results import EvalRow
 
 RUN_FILES = ("results.json", "eval.json")
 
@@ -114,6 +114,36 @@ def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> 
                   for r in routes]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines)
+
+
+def plot_ppl_vs_size(series: dict[str, tuple[list[float], list[float]]], out: Path, title: str,
+                     original: float | None = None, points: dict[str, tuple[list[float], list[float]]] | None = None,
+                     xlabel: str = "fraction of non-embedding parameters") -> Path:
+    """Held-out perplexity (log scale) against model size (a fraction of the full model), as a PNG.
+
+    `series` are drawn as lines, `points` as separate markers; `original` as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (label, (xs, ys)), marker in zip(series.items(), "osD^v"):
+        ax.plot(xs, ys, marker=marker, label=label)
+    for label, (xs, ys) in (points or {}).items():
+        ax.scatter(xs, ys, marker="*", s=150, color="k", label=label, zorder=5)
+    if original is not None:
+        ax.axhline(original, color="gray", ls="--", label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120))  # never through a symlink, FIFO or device
+    plt.close(fig)
+    return out
 
 
 def plot_tasks(groups: dict[str, list[EvalRow]], out: Path, title: str) -> Path:

@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flextron.config import ElasticSpace, RouterConfig, Subnet
-from flextron.cost import CostTable
+from flextron.cost import CostTable, fits
 from flextron.errors import FlextronError
+from flextron.options import RouteOptions
+from flextron.space import METRICS, ElasticSpace, Subnet
 
 ROUTER_WEIGHTS = "routers.safetensors"
 ROUTER_CONFIG = "routers.json"
+_MAX_CONFIG_BYTES = 16 << 20  # a router config is a few KB
 ADAPTIVE_WEIGHTS = "adaptive.safetensors"
 
 
@@ -134,10 +136,10 @@ class AdaptiveRouters(nn.Module):
         """The largest grid budget at or below `fraction`: the per-token cost is calibrated only on
         the grid, so a budget between grid points routes as the one below it (within the budget)."""
         grid = self.grid.tolist()
-        if fraction < grid[0] * (1 - 1e-9):
+        if not fits(grid[0], fraction):
             raise FlextronError(f"the adaptive routers serve budgets from {grid[0]:.0%} (their lowest grid budget); "
                                 "ask at least that, or re-route --adaptive with a lower --budgets point")
-        return max(i for i, g in enumerate(grid) if g <= fraction * (1 + 1e-9))
+        return max(i for i, g in enumerate(grid) if fits(g, fraction))
 
 
 class Surrogate(nn.Module):
@@ -204,8 +206,8 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
         return Subnet(mlp=[c[i] for c, i in zip(space.mlp, idx["mlp"])],
                       attn=[c[i] for c, i in zip(space.attn, idx["attn"])])
 
-    cost = table(space, current())
-    while cost > target * (1 + 1e-9):
+    cost = table(current())
+    while not fits(cost, target):
         moves = [((logp[k][layer][i] - logp[k][layer][i - 1]) / max(costs[k][layer][i] - costs[k][layer][i - 1],
                                                                     1e-12), k, layer)
                  for k in idx for layer, i in enumerate(idx[k]) if can_lower(k, layer, i)]
@@ -213,21 +215,21 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
             break
         _, k, layer = min(moves)
         idx[k][layer] -= 1
-        cost = table(space, current())
+        cost = table(current())
     while cost < target * (1 - slack):
         moves = []
         for k in idx:
             for layer, i in enumerate(idx[k]):
                 if i + 1 < len(lists[k][layer]):
                     added = costs[k][layer][i + 1] - costs[k][layer][i]
-                    if cost + added <= target * (1 + 1e-9):
+                    if fits(cost + added, target):
                         moves.append(((logp[k][layer][i + 1] - logp[k][layer][i]) / max(added, 1e-12), k, layer))
         if not moves:
             break
         _, k, layer = max(moves)
         idx[k][layer] += 1
-        widened = table(space, current())
-        if widened > target * (1 + 1e-9):  # the step changed the graph the runtime runs (CostTable.stock)
+        widened = table(current())
+        if not fits(widened, target):  # the step changed the graph the runtime runs (CostTable.stock)
             idx[k][layer] -= 1
             break
         cost = widened
@@ -241,9 +243,9 @@ class Routers:
 
     static: StaticRouter
     metric: str
-    config: RouterConfig
+    config: RouteOptions
     adaptive: AdaptiveRouters | None = None
-    adaptive_config: RouterConfig | None = None
+    adaptive_config: RouteOptions | None = None
     checked: list[dict] | None = None  # per checked budget: the kept sub-network (train.routers.check_against_uniform)
 
     def kept(self, fraction: float) -> dict | None:
@@ -267,10 +269,16 @@ class Routers:
         if not (directory / ROUTER_CONFIG).is_file():
             return None
         try:
+            if (directory / ROUTER_CONFIG).stat().st_size > _MAX_CONFIG_BYTES:
+                raise ValueError(f"{ROUTER_CONFIG} is larger than {_MAX_CONFIG_BYTES >> 20} MiB")
             cfg = json.loads((directory / ROUTER_CONFIG).read_text())
-            metric = cfg.pop("metric")
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{ROUTER_CONFIG} is not a JSON object")
+            metric = cfg.pop("metric", None)
+            if metric not in METRICS:
+                raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
             adaptive_cfg = cfg.pop("adaptive", None)
-            checked = cfg.pop("checked", None)
+            checked = _checked(cfg.pop("checked", None), space)
             config = _router_config(cfg)
             router = StaticRouter(space, config.budgets, config.hidden)
             state = load_file(directory / ROUTER_WEIGHTS)
@@ -298,5 +306,27 @@ class Routers:
         return self
 
 
-def _router_config(cfg: dict) -> RouterConfig:
-    return RouterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+def _checked(checked: object, space: ElasticSpace) -> list[dict] | None:
+    """The stored check against uniform, each entry's kept sub-network valid in `space`."""
+    if checked is None:
+        return None
+    if not isinstance(checked, list):
+        raise ValueError("checked must be a list")
+    for i, c in enumerate(checked):
+        if not (isinstance(c, dict) and isinstance(c.get("kept"), str) and isinstance(c.get("subnet"), dict)
+                and isinstance(c.get("budget"), (int, float)) and not isinstance(c["budget"], bool)
+                and 0 < c["budget"] <= 1):
+            raise ValueError(f"checked[{i}] needs a budget in (0, 1], the kept candidate's name and its sub-network")
+        try:
+            subnet = Subnet(mlp=list(c["subnet"]["mlp"]), attn=list(c["subnet"]["attn"]))
+        except (KeyError, TypeError):
+            raise ValueError(f"checked[{i}].subnet needs mlp and attn lists") from None
+        try:
+            space.validate(subnet)
+        except FlextronError as e:
+            raise ValueError(f"checked[{i}]: {e}") from None
+    return checked
+
+
+def _router_config(cfg: dict) -> RouteOptions:
+    return RouteOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flextron.config import Subnet
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import Family
+from flextron.space import Subnet
 
 TOLERANCE = 1e-4  # of the largest logit: the same operations run in both, so only rounding may differ
 

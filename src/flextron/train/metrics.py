@@ -42,11 +42,26 @@ class CSVTracker(GeneralTracker):
         return self.path
 
     def start(self) -> None:
-        rows = []
-        if self.start_step > 0 and self.path.is_file():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start_step]
+        rows = self._kept_rows() if self.start_step > 0 and self.path.is_file() else []
         atomic_write(self.path, lambda p: self._write(p, rows))
+
+    def _kept_rows(self) -> list[dict]:
+        """The rows up to the resumed step; a damaged file is refused in one line, left as it is."""
+        def damaged(why: str) -> FlextronError:
+            return FlextronError(f"cannot resume: {self.path} is damaged ({why}); repair or delete it (the "
+                                 f"log then starts at step {self.start_step + 1}), or start a new --out")
+
+        try:
+            with self.path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                rows = []
+                for r in reader:
+                    if not (r.get("step") or "").isdecimal():
+                        raise damaged(f"line {reader.line_num} has step {r.get('step')!r}")
+                    rows.append(r)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise damaged(str(e)) from None
+        return [r for r in rows if int(r["step"]) <= self.start_step]
 
     def _write(self, path: Path, rows: list[dict]) -> None:
         with path.open("w", newline="") as f:

@@ -34,15 +34,16 @@ from flextron.budgets import (
     uniform_subnet_for,
 )
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.config import Budget, RouterConfig, Subnet
-from flextron.cost import CostTable
+from flextron.cost import CostTable, fits
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.evaluate import EvalRow, adaptive_at_budgets, perplexity, router_report, rows_json
+from flextron.evaluate import adaptive_router_report, checked_router_report, perplexity
 from flextron.fsutil import atomic_write, check_output_dir
-from flextron.options import write_yaml
+from flextron.generation import check_positions
+from flextron.options import RouteOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
+from flextron.results import rows_json
 from flextron.routers import (
     AdaptiveRouters,
     Routers,
@@ -54,11 +55,12 @@ from flextron.routers import (
     relaxed,
     straight_through,
 )
-from flextron.train.loop import kd_loss
+from flextron.space import Budget, Subnet
+from flextron.train.losses import kd_loss
 from flextron.train.surrogate import OnlineSurrogate, random_logits
 
 
-def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: str | Path | None, overwrite: bool,
+def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: str | Path | None, overwrite: bool,
           device: str, unseen: tuple[float, ...] | None, adaptive: bool, progress: bool) -> dict:
     """Train static routers (surrogate-guided) and fine-tune jointly; per budget keep the better of
     the routed and the largest uniform sub-network on held-out training rows; store them in the
@@ -77,16 +79,20 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
     em, tok, manifest = load_checkpoint(ckpt, device=device)
     if adaptive and em.routers is None:
         raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
+    if adaptive and cfg.metric not in ("auto", em.routers.metric):
+        raise FlextronError(f"adaptive routers take the budgets of the static routers ({em.routers.metric}), not "
+                            f"{cfg.metric}; drop --metric")
     lowest = smallest_fraction(em, cfg.metric)
-    if cfg.budgets == RouterConfig().budgets:  # the default grid starts at the smallest sub-network when above it
+    if cfg.budgets == RouteOptions().budgets:  # the default grid starts at the smallest sub-network when above it
         cfg = replace(cfg, budgets=tuple(sorted({max(b, math.ceil(lowest * 100) / 100) for b in cfg.budgets})))
     grid = sorted(cfg.budgets)
     if unseen is None:
         pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
         unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
-    if min(cfg.budgets) < lowest * (1 - 1e-9) or min(unseen, default=1.0) < lowest * (1 - 1e-9):
+    if not fits(lowest, min(cfg.budgets)) or not fits(lowest, min(unseen, default=1.0)):
         raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
                             f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
+    check_positions(em.config, cfg.seq_len, "--seq-len")
     teacher, _, _ = load_checkpoint(ckpt, device=device)
     teacher.requires_grad_(False)
     data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
@@ -107,42 +113,15 @@ def route(ckpt: str | Path, cfg: RouterConfig, data: list[str] | None, *, out: s
         manifest[key]["surrogate_guided"] = guided_fraction(log)
     save_checkpoint(em, tok, out, manifest, overwrite=True)
     windows = heldout_windows(tok, 1024, cfg.eval_limit)
-    report = _adaptive_report if adaptive else _static_report
+    report = adaptive_router_report if adaptive else checked_router_report
     result = {"checkpoint": str(out), "metric": em.routers.metric,
               "budgets": report(em, windows, fractions, amp, progress), "log": log,
               **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
     name = "adaptive" if adaptive else "routing"
     atomic_write(out / f"{name}.json", lambda p: p.write_text(rows_json(result)))
+    data = None if data is None else [str(Path(d).resolve()) if Path(d).exists() else d for d in data]
     write_yaml(out / f"{name}.yaml", {**asdict(cfg), "data": data, "device": device, "adaptive": adaptive})
     return result
-
-
-def _static_report(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
-                   amp: torch.dtype | None, progress: bool) -> list[EvalRow]:
-    """The router report, with what the check against uniform kept per budget."""
-    rows = router_report(em, windows, fractions, autocast_dtype=amp, progress=progress)
-    for r, c in zip(rows, em.routers.checked or []):
-        r.kept, r.calib_ppl = c["kept"], c["calib_ppl"]
-    return rows
-
-
-def _adaptive_report(em: ElasticModel, windows: torch.Tensor, fractions: list[float],
-                     amp: torch.dtype | None, progress: bool) -> list[EvalRow]:
-    """Adaptive routing per budget beside the static router at the very cost the adaptive routing
-    realised (a like-for-like comparison), or at the smallest sub-network's where per-token routing
-    realised less."""
-    rows = adaptive_at_budgets(em, windows, [Budget(fraction=f) for f in fractions], autocast_dtype=amp,
-                               progress=progress)
-    lowest = smallest_fraction(em, em.routers.metric)
-    static = router_report(em, windows, [max(r.realised_fraction, lowest) for r in rows], autocast_dtype=amp,
-                           progress=progress, uniform=False)
-    adaptive = em.routers.adaptive
-    for r, s in zip(rows, static):
-        r.static_ppl, r.static_fraction_of_full, r.static_subnet = s.ppl, s.fraction_of_full, s.subnet
-        i = adaptive.grid_index(r.budget.fraction)
-        if abs(adaptive.grid[i].item() - r.budget.fraction) < 1e-9:  # a grid budget: what the check kept
-            r.kept = "adaptive" if adaptive.learned[i] else "static"
-    return rows
 
 
 def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
@@ -150,14 +129,14 @@ def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
                 [attn[i, : len(c)] for i, c in enumerate(em.space.attn)])
 
 
-def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
+def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
                   progress: bool = True) -> tuple[Routers, list[dict]]:
     """Train a static router for `em` (stage 2) and fine-tune both (stage 3); returns routers and a log."""
     with em.subnet(None):  # the steps slice the model: the full one after them, whatever happens
         return _train_routers(em, teacher, data, cfg, progress)
 
 
-def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
+def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
                    progress: bool) -> tuple[Routers, list[dict]]:
     device = next(em.parameters()).device
     metric = budget_metric(em, Budget(metric=cfg.metric, fraction=1.0))
@@ -281,7 +260,7 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
     return rows
 
 
-def rows_used(cfg: RouterConfig) -> int:
+def rows_used(cfg: RouteOptions) -> int:
     """Training rows that `train_routers` reads (warm-up, router and joint steps); later rows are held out."""
     return (cfg.surrogate_warmup * cfg.surrogate + cfg.steps + cfg.joint_steps) * cfg.micro_batch
 
@@ -350,7 +329,7 @@ def guided_fraction(log: list[dict]) -> float:
     return sum(r["surrogate_used"] for r in steps) / max(len(steps), 1)
 
 
-def _schedule(em: ElasticModel, cfg: RouterConfig, step: int, llm_opt: torch.optim.Optimizer | None,
+def _schedule(em: ElasticModel, cfg: RouteOptions, step: int, llm_opt: torch.optim.Optimizer | None,
               gen: torch.Generator) -> tuple[bool, torch.optim.Optimizer | None, float, float]:
     """The step's stage (joint or not), the LLM optimizer (made when the joint stage starts), the
     Gumbel temperature and a budget drawn from the grid."""
@@ -376,14 +355,14 @@ def _update(em: ElasticModel, loss: torch.Tensor, opt: torch.optim.Optimizer,
         llm_opt.step()
 
 
-def _tau(cfg: RouterConfig, step: int) -> float:
+def _tau(cfg: RouteOptions, step: int) -> float:
     """Gumbel temperature: annealed exponentially over the router steps, then held at the end value."""
     if step >= cfg.steps:
         return cfg.tau_end
     return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
 
 
-def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouterConfig,
+def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
                    progress: bool = True) -> tuple[AdaptiveRouters, list[dict]]:
     """Train per-token MLP and per-request attention routers for `em` (LLM frozen), then fine-tune
     both; budgets are fractions of the static routers' metric. Returns the routers and a log."""

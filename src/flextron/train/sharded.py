@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
-from flextron.fsutil import atomic_dir
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_dir, save_torch
 from flextron.train.loop import STATE_FILE, Dist
 
 DCP_DIR = "dcp"
@@ -46,7 +47,7 @@ def save_sharded_checkpoint(em: ElasticModel, optimizer: torch.optim.Optimizer, 
     if d.main:
         small = {**state, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        extra = {STATE_FILE: lambda p: torch.save(small, p), DCP_DIR: lambda p: shards.rename(p)}
+        extra = {STATE_FILE: lambda p: save_torch(small, p), DCP_DIR: lambda p: shards.rename(p)}
         if elastic:
             save_checkpoint(em, tokenizer, out, manifest, overwrite=True, extra=extra,
                             state_dict={k.removeprefix("model."): v for k, v in weights.items()})
@@ -62,7 +63,11 @@ def load_sharded_state(path: Path, em: ElasticModel, optimizer: torch.optim.Opti
     """Weights and optimizer state of this rank's shards from `path`/dcp, in place."""
     model_sd, optim_sd = get_state_dict(em, optimizer)  # initialises the optimizer state to load into
     target = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(target, checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
+    try:
+        dcp.load(target, checkpoint_id=path / DCP_DIR, no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:  # truncated or foreign shards (DCP fails them on every rank)
+        raise FlextronError(f"cannot read the shards in {path / DCP_DIR} ({type(e).__name__}); the checkpoint is "
+                            "corrupt") from None
     set_state_dict(em, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     optimizer.zero_grad(set_to_none=True)
 

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flextron.config import RouterConfig
+from flextron.options import RouteOptions
 from flextron.routers import Surrogate
 
 
@@ -20,7 +20,7 @@ class OnlineSurrogate:
 
     window = 16  # recent predictions the running error averages
 
-    def __init__(self, n_in: int, cfg: RouterConfig, gen: torch.Generator, device: torch.device) -> None:
+    def __init__(self, n_in: int, cfg: RouteOptions, gen: torch.Generator, device: torch.device) -> None:
         self.model = Surrogate(n_in, cfg.surrogate_hidden).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.cfg, self.gen = cfg, gen

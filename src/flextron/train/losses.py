@@ -1,10 +1,11 @@
-"""The distillation loss read over the vocabulary in chunks of tokens.
+"""Every training loss: the distillation loss (KL to the teacher + next-token CE) on logits, and
+the same read over the vocabulary in chunks of tokens.
 
 Full-vocabulary logits are the largest tensors of a training step (128k vocabulary x 4k tokens
-is 2 GB in fp32 per sequence, per model). Here each chunk of final hidden states goes through
-the output layers of student and teacher, log-softmax, KL and CE, and its gradients with respect
-to the student's hidden states and output layer are formed at once (the gradient of KL and CE
-with respect to logits is a difference of probabilities) and accumulated in place, as fused
+is 2 GB in fp32 per sequence, per model). `chunked_distill_loss` sends each chunk of final hidden
+states through the output layers of student and teacher, log-softmax, KL and CE, and forms its
+gradients with respect to the student's hidden states and output layer at once (the gradient of KL
+and CE with respect to logits is a difference of probabilities), accumulated in place, as fused
 linear-cross-entropy kernels do. No chunk's logits outlive the chunk, and backward only scales
 the accumulated gradients.
 """
@@ -14,6 +15,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flextron.options import TrainOptions
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """T^2 * KL(teacher || student) at temperature T, summed over the vocabulary, mean over tokens."""
+    s_log = F.log_softmax(student.float() / temperature, dim=-1)
+    t_log = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1)
+    return kl.mean() * temperature * temperature
+
+
+def distill_loss(student: Tensor, teacher: Tensor, ids: Tensor, cfg: TrainOptions, s_head: nn.Linear | None = None,
+                 t_head: nn.Module | None = None) -> tuple[Tensor, dict]:
+    """kd_weight * T^2 * KL(teacher || student) at temperature T + lm_weight * next-token CE.
+
+    `student` / `teacher` are logits, or final hidden states with the output layers that make logits
+    of them (then the vocabulary is read in chunks of `cfg.loss_chunk` tokens, `chunked_distill_loss`).
+    """
+    if s_head is not None:
+        loss, kd, lm = chunked_distill_loss(student, teacher, ids, s_head, t_head, cfg.kd_weight, cfg.lm_weight,
+                                            cfg.kd_temperature, cfg.loss_chunk)
+    else:
+        kd = kd_loss(student, teacher, cfg.kd_temperature)
+        lm = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = cfg.kd_weight * kd + cfg.lm_weight * lm
+    return loss, {"kd": kd.item(), "lm": lm.item()}
 
 
 class _ChunkedDistill(torch.autograd.Function):

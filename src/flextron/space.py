@@ -1,103 +1,19 @@
-"""Configuration dataclasses: the elastic search space, a sub-network, a budget, training and routers.
-
-Options are fields made with `opt` (default, help text, choices, number rules): the CLI builds its
-flags from them (`flextron.cli.add_dataclass_args`) and the API takes them as keyword arguments.
-"""
+"""The elastic search space (`ElasticSpace`: per-layer nested choices), one sub-network (`Subnet`) and
+a budget (`Budget`: a fraction of the full model's cost or an absolute value of a metric)."""
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import torch
 
 from flextron.errors import FlextronError
 
 KINDS = ("mlp", "attn")
-DTYPE_NAMES = ("auto", "fp32", "bf16")  # flextron.precision.compute_dtype: auto is bf16 on CUDA, else fp32
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
-GRAPHS = ("auto", "own", "deci")  # llama.cpp graphs a uniform sub-network can be written in
 ATTN_UNITS = ("group", "head")  # what an attention choice counts (see ElasticSpace)
 SAMPLE_MODES = ("layers", "uniform", "spread")  # how ElasticSpace.sample draws a sub-network
-
-
-def opt(default: Any, help: str, *, choices: tuple | None = None, **rules: Any) -> Any:
-    """A dataclass field that is a command option: its default, its --help text, its allowed values
-    and its `check_number` rules (low, high, low_open), applied by `check_options` and the CLI."""
-    return field(default=default, metadata={"help": help, "choices": choices, "rules": rules})
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def field_type(cls: type, name: str) -> tuple[Any, Any, bool]:
-    """(type, element type of a tuple or None, whether None is allowed) of a dataclass field."""
-    hint, optional = _hints(cls)[name], False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint, optional = args[0], len(args) < len(typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return tuple, typing.get_args(hint)[0], optional
-    return hint, None, optional
-
-
-def check_options(obj: object) -> None:
-    """Check each `opt` field of a dataclass: numbers by their rules, choices, sequences made tuples."""
-    for f in fields(obj):
-        kind, _, optional = field_type(type(obj), f.name)
-        value, meta = getattr(obj, f.name), f.metadata
-        if kind is tuple and isinstance(value, list):
-            setattr(obj, f.name, value := tuple(value))
-        if kind in (int, float):
-            check_number(f.name, value, integer=kind is int, optional=optional, **meta.get("rules", {}))
-        choices = meta.get("choices")
-        if choices and value not in choices and not (optional and value is None):
-            raise FlextronError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, not {value!r}")
-
-
-def check_number(name: str, value: object, *, integer: bool = False, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, optional: bool = False) -> None:
-    """Raise a one-line FlextronError unless `value` is a finite number (an int when `integer`) in
-    [low, high] ((low, high] when `low_open`); None passes when `optional`."""
-    flag = "--" + name.replace("_", "-")
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise FlextronError(f"{flag} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise FlextronError(f"{flag} must be a finite number, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        left = "(" if low_open else "["
-        raise FlextronError(f"{flag} must be in {left}{'-inf' if low is None else f'{low:g}'}, "
-                            f"{'inf' if high is None else f'{high:g}'}], got {value}")
-
-
-def check_fields(obj: object, rules: dict[str, dict]) -> None:
-    """`check_number` on each named attribute of a config with its keyword rules."""
-    for name, rule in rules.items():
-        check_number(name, getattr(obj, name), **rule)
-
-
-def check_fractions(name: str, values: tuple[float, ...]) -> None:
-    if not values:
-        raise FlextronError(f"--{name.replace('_', '-')} needs at least one value")
-    for v in values:
-        check_number(name, v, low=0.0, high=1.0, low_open=True)
-
-
-SEED_RANGE = {"low": 0, "high": 2**32 - 1}
-_SEED = {"integer": True, **SEED_RANGE}
-_POSITIVE = {"integer": True, "low": 1}
-_POSITIVE_FLOAT = {"low": 0.0, "low_open": True}
-_FP32_MAX = 3.4e38  # a larger learning rate cannot even be applied to fp32 weights
 
 
 @dataclass
@@ -365,6 +281,8 @@ class Budget:
                 f"cannot read budget {text!r}; write 0.6, 60% or metric=value such as params=80e6"
             )
         number = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+        if not math.isfinite(number):
+            raise FlextronError(f"budget {text!r} is not a finite number")
         if number <= 0:
             raise FlextronError(f"budget {text!r} must be positive")
         if m.group(2) or metric == "auto":
@@ -378,135 +296,3 @@ class Budget:
         if self.fraction is not None:
             return f"{prefix}{self.fraction:.0%}"
         return f"{prefix}{self.value:g}"
-
-
-SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
-LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the others add a tracker
-
-
-@dataclass
-class TrainConfig:
-    """Elastic continued training (distillation from the frozen original over sampled sub-networks)."""
-
-    seq_len: int = opt(512, "tokens per training sequence")
-    micro_batch: int = opt(4, "sequences per process per forward")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    max_steps: int | None = opt(None, "optimizer steps to train (give this or --tokens)")
-    tokens: int | None = opt(None, "data tokens to train on, instead of --max-steps")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at this fraction of --lr")
-    warmup_steps: int = opt(10, "linear warm-up steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    clip: float = opt(1.0, "gradient norm clipping threshold")
-    kd_temperature: float = opt(1.0, "distillation softmax temperature")
-    kd_weight: float = opt(1.0, "weight of the distillation loss (KL to the frozen original)")
-    lm_weight: float = opt(0.0, "weight of the next-token cross-entropy loss")
-    sampling: str = opt("sandwich", "sub-networks per step: sandwich (full, smallest, random), uniform "
-                        "(MatFormer baseline), budgets (routed budgets), fixed (the first budget only)",
-                        choices=SAMPLING)
-    n_random: int = opt(2, "random sub-networks per step besides the full and the smallest")
-    mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
-                               "(what adaptive routing runs; at full-width compute)")
-    budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
-                                     "budget fractions for --sampling budgets; fixed uses the first")
-    budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)")
-    full_prob: float = opt(0.25, "budgets sampling: chance that a draw is the full model")
-    dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",
-                     choices=DTYPE_NAMES)
-    teacher_dtype: str = opt("auto", "teacher weights: fp32, bf16 (half the memory), auto (bf16 on CUDA, else fp32)",
-                             choices=DTYPE_NAMES)
-    loss_chunk: int = opt(256, "tokens whose full-vocabulary logits the loss holds at a time")
-    activation_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
-    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes (torchrun)")
-    save_every: int = opt(100, "optimizer steps between checkpoints")
-    sharded_checkpoints: bool = opt(False, "step checkpoints as per-rank DCP shards (no gather); the last also whole")
-    eval_budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35), "budgets of the before/after perplexity table")
-    eval_limit: int | None = opt(16, "held-out windows for the before/after table (0 skips it)")
-    seed: int = opt(0, "seed of the data order and the sampled sub-networks")
-    logger: str = opt("csv", "tracker besides metrics.csv (always written): csv (none), tensorboard, or wandb "
-                             "(offline unless WANDB_MODE says otherwise)", choices=LOGGERS)
-
-    def __post_init__(self) -> None:
-        if self.sampling not in SAMPLING:
-            raise FlextronError(f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLING)}")
-        if self.logger not in LOGGERS:
-            raise FlextronError(f"unknown logger {self.logger!r}; use one of {', '.join(LOGGERS)}")
-        if (self.max_steps is None) == (self.tokens is None):
-            raise FlextronError("give exactly one of --max-steps or --tokens")
-        check_fields(self, {
-            "lr": {**_POSITIVE_FLOAT, "high": _FP32_MAX},
-            "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "grad_accum": _POSITIVE, "save_every": _POSITIVE,
-            "loss_chunk": _POSITIVE,
-            "max_steps": {**_POSITIVE, "optional": True}, "tokens": {**_POSITIVE, "optional": True},
-            "min_lr_ratio": {"low": 0.0, "high": 1.0},
-            "warmup_steps": {"integer": True, "low": 0}, "weight_decay": {"low": 0.0},
-            "clip": _POSITIVE_FLOAT, "kd_temperature": _POSITIVE_FLOAT, "kd_weight": {"low": 0.0},
-            "lm_weight": {"low": 0.0}, "n_random": {"integer": True, "low": 0},
-            "mixed_tokens": {"integer": True, "low": 0},
-            "full_prob": {"low": 0.0, "high": 1.0}, "eval_limit": {"integer": True, "low": 0, "optional": True},
-            "seed": _SEED,
-        })
-        check_fractions("budgets", self.budgets)
-        check_fractions("eval_budgets", self.eval_budgets)
-        if self.budget_probs is not None:
-            if len(self.budget_probs) != len(self.budgets):
-                raise FlextronError("--budget-probs needs one probability per budget")
-            for p in self.budget_probs:
-                check_number("budget_probs", p, low=0.0)
-            if sum(self.budget_probs) <= 0:
-                raise FlextronError("--budget-probs must not all be 0")
-        if self.kd_weight <= 0 and self.lm_weight <= 0:
-            raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
-        if self.dtype not in DTYPE_NAMES or self.teacher_dtype not in DTYPE_NAMES:
-            raise FlextronError(f"--dtype and --teacher-dtype must each be one of {', '.join(DTYPE_NAMES)}")
-
-
-@dataclass
-class RouterConfig:
-    """Static routers (budget -> per-layer choices), surrogate-guided, then joint fine-tuning."""
-
-    budgets: tuple[float, ...] = opt((0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the trained grid of budget fractions")
-    metric: str = opt("auto", "cost the budgets refer to: auto (measured decode latency if profiled, else params), "
-                      "params, flops, kv_bytes, decode_bytes, latency_ms or prefill_ms")
-    steps: int = opt(200, "router steps (LLM frozen)")
-    joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together")
-    hidden: int = opt(128, "router MLP hidden size")
-    warm_start: float = opt(2.0, "each grid budget starts where the loss is lowest (a uniform sub-network "
-                            "within it or the untrained router's choice); logit margin per choice away "
-                            "from that start (0: no start)")
-    router_lr: float = opt(3e-3, "router learning rate")
-    llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps")
-    tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially")
-    tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end")
-    budget_weight: float = opt(10.0, "weight of the budget penalty")
-    tolerance: float = opt(0.01, "|expected cost / target - 1| below this costs nothing")
-    surrogate: bool = opt(True, "guide routers by a loss surrogate (off: straight-through Gumbel through the LLM)")
-    surrogate_threshold: float = opt(0.25, "surrogate error / the loss's spread under which routers follow it")
-    surrogate_warmup: int = opt(64, "random architectures the surrogate is fitted on before router steps")
-    surrogate_hidden: int = opt(128, "surrogate MLP hidden size")
-    surrogate_fit_steps: int = opt(5, "surrogate fitting steps per router step (more overfits noisy targets)")
-    balance_weight: float = opt(0.01, "adaptive routers: keeps token routers from collapsing onto one width")
-    check_sequences: int = opt(16, "held-out training sequences each budget's choice is checked on against "
-                               "the uniform sub-network (with --adaptive: adaptive routing against the "
-                               "static sub-network) (0: off)")
-    seq_len: int = opt(256, "tokens per training sequence")
-    micro_batch: int = opt(4, "sequences per step")
-    dtype: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU, where bf16 is slower)",
-                     choices=DTYPE_NAMES)
-    eval_limit: int = opt(16, "held-out windows for the perplexity report")
-    seed: int = opt(0, "seed of the data order, the routers' initialisation and their random draws")
-
-    def __post_init__(self) -> None:
-        check_fractions("budgets", self.budgets)
-        check_fields(self, {
-            "steps": _POSITIVE, "joint_steps": {"integer": True, "low": 0}, "hidden": _POSITIVE,
-            "router_lr": _POSITIVE_FLOAT, "llm_lr": {"low": 0.0}, "warm_start": {"low": 0.0},
-            "tau_start": _POSITIVE_FLOAT, "tau_end": _POSITIVE_FLOAT, "budget_weight": {"low": 0.0},
-            "tolerance": {"low": 0.0},
-            "surrogate_threshold": {"low": 0.0}, "surrogate_hidden": _POSITIVE,
-            "surrogate_fit_steps": {"integer": True, "low": 0}, "balance_weight": {"low": 0.0},
-            "seq_len": _POSITIVE, "micro_batch": _POSITIVE, "eval_limit": _POSITIVE,
-            "seed": _SEED,
-        })
-        if self.dtype not in DTYPE_NAMES:
-            raise FlextronError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")

@@ -1,11 +1,30 @@
+"""The training losses: distillation on logits, and the same read over the vocabulary in chunks."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model
 from flextron.elastic import ElasticModel
-from flextron.train.distill import chunked_distill_loss
-from flextron.train.loop import kd_loss
+from flextron.options import TrainOptions
+from flextron.train.losses import chunked_distill_loss, distill_loss, kd_loss
+from helpers import make_model
+
+
+def test_teacher_gets_no_gradients_and_loss_is_kd():
+    em = ElasticModel(make_model("llama"))
+    teacher = ElasticModel(make_model("llama")).requires_grad_(False)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits
+    with em.subnet(em.space.smallest()):
+        loss, parts = distill_loss(em(input_ids=ids).logits, t, ids, TrainOptions(max_steps=1, lm_weight=0.5))
+        loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in em.parameters())
+    assert loss.item() == pytest.approx(parts["kd"] + 0.5 * parts["lm"], rel=1e-5)
+    # Identical student and teacher: zero KL.
+    same, _ = distill_loss(t, t, ids, TrainOptions(max_steps=1))
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -1,0 +1,354 @@
+"""The measured latency table of a checkpoint (`latency.json`) as a type.
+
+`LatencyTable` is the one reader of the file: it validates it on load (a damaged table is a
+one-line error naming the file and what is wrong), prices sub-networks through a `CostTable` per
+metric (built once per space), and holds the one rule for which llama.cpp graph runs a
+sub-network. The fit itself (latency = overhead + per-layer terms, increments held non-negative)
+lives here too, since an old table with decreasing terms is refitted from its measurements on
+load; `flextron.latency` measures the sub-networks it is fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flextron.cost import CostTable
+from flextron.errors import FlextronError
+from flextron.fsutil import atomic_write
+from flextron.gguf import in_own_arch
+from flextron.space import ElasticSpace, Subnet
+
+if TYPE_CHECKING:
+    from flextron.elastic import ElasticModel
+
+LATENCY_FILE = "latency.json"
+QUANTITY = {"latency_ms": "decode_ms", "prefill_ms": "prefill_ms"}  # budget metric -> the table's key
+_MAX_BYTES = 64 << 20  # a table of thousands of measurements is a few MB
+
+
+class _Damaged(ValueError):
+    """What is wrong with a table, said by the validators and given its file name by `LatencyTable`."""
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Damaged(f"{what} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Damaged(f"{what} is missing or not a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One fitted quantity (ms): overhead + sum over layers of the MLP width's and the attention
+    units' terms; the smallest choices cost 0 (their time is in the overhead)."""
+
+    overhead: float
+    mlp: dict[int, float]
+    attn: dict[int, float]
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str) -> Fit:
+        d = _mapping(d, what)
+        terms = {}
+        for kind in ("mlp", "attn"):
+            costs = _mapping(d.get(kind), f"{what}.{kind}")
+            if not costs or not all(isinstance(k, str) and k.isdigit() for k in costs):
+                raise _Damaged(f"{what}.{kind} must map each choice (a whole number) to its cost")
+            terms[kind] = {int(k): _number(v, f"{what}.{kind}[{k}]") for k, v in costs.items()}
+        return cls(_number(d.get("overhead"), f"{what}.overhead"), terms["mlp"], terms["attn"])
+
+    def to_dict(self) -> dict:
+        return {"overhead": self.overhead, "mlp": {str(k): v for k, v in self.mlp.items()},
+                "attn": {str(k): v for k, v in self.attn.items()}}
+
+    @property
+    def ascending(self) -> bool:
+        """Whether no wider choice costs less (every table fitted since the fit was constrained)."""
+        return all(all(a <= b for a, b in zip(v, v[1:]))
+                   for v in ([t[k] for k in sorted(t)] for t in (self.mlp, self.attn)))
+
+    def costs(self, space: ElasticSpace, metric: str) -> CostTable:
+        """This fit over the choices of `space`, as the CostTable of `metric`."""
+        missing = sorted({c for cs in space.mlp for c in cs} - set(self.mlp)
+                         | {c for cs in space.attn for c in cs} - set(self.attn))
+        if missing:
+            raise _Damaged(f"it lacks choice {missing[0]} of the elastic space")
+        return CostTable(metric, self.overhead, [[self.mlp[c] for c in cs] for cs in space.mlp],
+                         [[self.attn[c] for c in cs] for cs in space.attn], space)
+
+
+def columns(space: ElasticSpace) -> tuple[list[int], list[int]]:
+    """Every MLP width and every attention width of the space, ascending."""
+    return sorted({c for cs in space.mlp for c in cs}), sorted({c for cs in space.attn for c in cs})
+
+
+def design(space: ElasticSpace, subnets: list[Subnet]) -> np.ndarray:
+    """Per sub-network: how many layers reach each MLP width and each attention width beyond the
+    smallest (the columns of the fit are the increments between neighbouring widths)."""
+    widths, units = columns(space)
+    rows = [[sum(m >= w for m in s.mlp) for w in widths[1:]] + [sum(a >= u for a in s.attn) for u in units[1:]]
+            for s in subnets]
+    return np.asarray(rows, dtype=np.float64).reshape(len(subnets), len(widths) + len(units) - 2)
+
+
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray, sweeps: int = 10_000, tol: float = 1e-12) -> tuple[float, np.ndarray]:
+    """min ||y - c - x d|| over a free intercept c and d >= 0 (cyclic coordinate descent: the
+    problem is a small convex quadratic with bounds)."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    norms = (xc**2).sum(0)
+    d = np.zeros(x.shape[1])
+    r = yc.copy()
+    for _ in range(sweeps):
+        moved = 0.0
+        for j in np.flatnonzero(norms > 0):
+            new = max(0.0, d[j] + xc[:, j] @ r / norms[j])
+            if new != d[j]:
+                r -= xc[:, j] * (new - d[j])
+                moved = max(moved, abs(new - d[j]))
+                d[j] = new
+        if moved <= tol * (1 + np.abs(d).max()):
+            break
+    return float(y.mean() - x.mean(0) @ d), d
+
+
+def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float]) -> Fit:
+    """Least squares constrained to non-negative increments between neighbouring widths, so a
+    wider choice never costs less (timing noise cannot invert the table) and the smallest
+    sub-network is the cheapest."""
+    widths, units = columns(space)
+    overhead, inc = nonneg_lstsq(design(space, subnets), np.asarray(y, dtype=np.float64))
+    mlp = np.concatenate([[0.0], np.cumsum(inc[: len(widths) - 1])])
+    attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
+    return Fit(overhead, {w: float(v) for w, v in zip(widths, mlp)}, {a: float(v) for a, v in zip(units, attn)})
+
+
+@dataclass(frozen=True)
+class GraphFit:
+    """The decode and prefill fits of one graph, with their errors on unseen (`validation`) and on
+    fitted (`fit_error`) sub-networks: {key: {"median_pct", "max_pct", "n"}}."""
+
+    decode_ms: Fit
+    prefill_ms: Fit
+    validation: dict[str, dict]
+    fit_error: dict[str, dict]
+
+    def quantity(self, key: str) -> Fit:
+        return self.decode_ms if key == "decode_ms" else self.prefill_ms
+
+    def error(self, key: str) -> tuple[dict, str]:
+        """The error on `key` over unseen sub-networks, or over the fitted ones where none was left
+        unseen (a small space's stock graph), and which of the two it is."""
+        return reported_error({"validation": self.validation, "fit_error": self.fit_error}, key)
+
+
+def reported_error(errors: dict, key: str) -> tuple[dict, str]:
+    """From {"validation": ..., "fit_error": ...} (a graph's errors, as stored or reported): the error
+    on `key` over unseen sub-networks, or over the fitted ones where none was left unseen."""
+    if errors["validation"].get(key, {}).get("n"):
+        return errors["validation"][key], "unseen"
+    return errors["fit_error"].get(key, {"median_pct": None, "max_pct": None, "n": 0}), "fitted"
+
+
+def _errors(d: Any, what: str) -> dict[str, dict]:
+    out = {}
+    for key, e in _mapping(d if d is not None else {}, what).items():
+        e = _mapping(e, f"{what}.{key}")
+        if not isinstance(e.get("n"), int) or isinstance(e.get("n"), bool):
+            raise _Damaged(f"{what}.{key}.n must be a whole number")
+        out[key] = e
+    return out
+
+
+def _measurements(rows: Any) -> list[dict]:
+    if not isinstance(rows, list):
+        raise _Damaged("measurements must be a list")
+    for i, r in enumerate(rows):
+        what = f"measurements[{i}]"
+        r = _mapping(r, what)
+        subnet = _mapping(r.get("subnet"), f"{what}.subnet")
+        if not isinstance(r.get("role"), str) or not all(
+                isinstance(subnet.get(k), list) and all(type(c) is int for c in subnet[k]) for k in ("mlp", "attn")):
+            raise _Damaged(f"{what} needs a role and a subnet of whole-number choices")
+        for key in QUANTITY.values():
+            _number(r.get(key), f"{what}.{key}")
+    return rows
+
+
+class LatencyTable:
+    """A checkpoint's measured latency table, validated, bound to an elastic model's space."""
+
+    def __init__(self, data: dict, em: ElasticModel, source: str = "the latency table") -> None:
+        """`data` as `flextron.latency.profile` builds it and `latency.json` stores it; `source` names
+        the table in errors. Raises a one-line FlextronError where it is damaged."""
+        self.em, self.source = em, source
+        try:
+            self.data = _mapping(data, "the table")
+            self.main = self._graph(data, "")
+            self.stock: GraphFit | None = None
+            if "stock" in data:
+                stock = _mapping(data["stock"], "stock")
+                if not isinstance(stock.get("graph"), str):
+                    raise _Damaged("stock.graph must name the llama.cpp graph")
+                self.stock = self._graph(stock, "stock.")
+            self.measurements = _measurements(data.get("measurements", []))
+            self.main = self._refitted(self.main)
+            self._tables: dict[str, CostTable] = {}
+            self._raw: dict[str, tuple[CostTable, CostTable | None]] = {}
+            self._space: ElasticSpace | None = None
+            for metric in QUANTITY:
+                self.table(metric)  # every choice priced, and the prices make sense
+        except _Damaged as e:
+            raise FlextronError(f"{source} is damaged: {e}; re-run `flextron profile`") from None
+
+    @staticmethod
+    def _graph(d: dict, prefix: str) -> GraphFit:
+        return GraphFit(*(Fit.from_dict(d.get(k), prefix + k) for k in QUANTITY.values()),
+                        _errors(d.get("validation"), prefix + "validation"),
+                        _errors(d.get("fit_error"), prefix + "fit_error"))
+
+    def _refitted(self, graph: GraphFit) -> GraphFit:
+        """Fits made before increments were held non-negative, refitted from the table's own
+        measurements."""
+        fits = {}
+        for key in QUANTITY.values():
+            fits[key] = graph.quantity(key)
+            if not fits[key].ascending:
+                rows = [m for m in self.measurements if m["role"] == "fit"]
+                if not rows:
+                    raise _Damaged(f"its {key} decreases with width and it holds no measurements to refit")
+                fits[key] = fit(self.em.space, [Subnet(**m["subnet"]) for m in rows], [m[key] for m in rows])
+        return GraphFit(fits["decode_ms"], fits["prefill_ms"], graph.validation, graph.fit_error)
+
+    @classmethod
+    def load(cls, ckpt: str | Path, em: ElasticModel) -> LatencyTable | None:
+        """The checkpoint's table (`ckpt` a directory, or the table file itself), or None where it
+        was never profiled."""
+        path = Path(ckpt)
+        path = path / LATENCY_FILE if path.is_dir() else path
+        if not path.exists():
+            return None
+        try:
+            if not path.is_file() or path.stat().st_size > _MAX_BYTES:
+                raise FlextronError(f"{path} is not a latency table (a regular file of at most "
+                                    f"{_MAX_BYTES >> 20} MiB); re-run `flextron profile`")
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+            raise FlextronError(f"{path} is not readable JSON ({reason}); re-run `flextron profile`") from None
+        return cls(data, em, str(path))
+
+    def save(self, ckpt: str | Path) -> Path:
+        path = Path(ckpt) / LATENCY_FILE
+        atomic_write(path, lambda p: p.write_text(json.dumps(self.data, indent=1)))
+        return path
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    @property
+    def runtime(self) -> str:
+        """hf-eager, or the llama.cpp version the GGUF exports were timed in."""
+        return str(self.data.get("runtime", "hf-eager"))
+
+    @property
+    def device(self) -> str:
+        return str(self.data.get("device", "unknown"))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.data.get("dtype", "fp32"))
+
+    @property
+    def batch(self) -> int:
+        return int(self.data.get("batch", 1))
+
+    @property
+    def context(self) -> int | None:
+        return self.data.get("context")
+
+    @property
+    def threads(self) -> int | None:
+        """llama.cpp threads the table was timed with (None: HF eager)."""
+        return self.data.get("threads")
+
+    @property
+    def outtype(self) -> str | None:
+        """GGUF weight type the table was timed with (None: HF eager)."""
+        return self.data.get("outtype")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """How the table was measured: every field but the fits, errors and measurements."""
+        return {k: v for k, v in self.data.items() if not isinstance(v, (dict, list))}
+
+    @property
+    def stock_graph(self) -> str | None:
+        """The family's own llama.cpp graph where the table also fitted it (uniform sub-networks)."""
+        return self.data["stock"]["graph"] if self.stock is not None else None
+
+    def graphs(self) -> list[tuple[str | None, GraphFit]]:
+        """(graph name, fit) of every fitted graph: the main one (None: the table's only graph or
+        llama.cpp's deci) and the stock one."""
+        return [(None if self.stock is None else "deci", self.main),
+                *([(self.stock_graph, self.stock)] if self.stock is not None else [])]
+
+    def _priced(self, metric: str) -> tuple[CostTable, CostTable | None]:
+        """The main and the stock fit of `metric` over the model's current space, each alone."""
+        if self._space is not self.em.space:
+            self._tables, self._raw, self._space = {}, {}, self.em.space
+        if metric not in self._raw:
+            key = QUANTITY[metric]
+            self._raw[metric] = (self.main.quantity(key).costs(self.em.space, metric),
+                                 None if self.stock is None else self.stock.quantity(key).costs(self.em.space, metric))
+        return self._raw[metric]
+
+    def table(self, metric: str) -> CostTable:
+        """The CostTable of `metric` (latency_ms: decode per token; prefill_ms) over the model's
+        space; uniform sub-networks that llama.cpp runs in the family's own graph are priced by
+        that graph's fit (`runs_in_stock`)."""
+        main, stock = self._priced(metric)
+        if metric not in self._tables:
+            table = main if stock is None else CostTable(metric, main.const, main.mlp, main.attn, main.space, stock,
+                                                         self.runs_in_stock)
+            for name, cost in (("the full model", table.full), ("the smallest sub-network", table.smallest)):
+                if not cost > 0:
+                    raise _Damaged(f"it prices {name} at {cost:.4g} ms ({QUANTITY[metric]})")
+            self._tables[metric] = table
+        return self._tables[metric]
+
+    def deci_faster(self, subnet: Subnet) -> bool:
+        """Whether the llama.cpp table prices `subnet`'s decode lower in the per-layer `deci` graph
+        than in the family's own, where the family's own graph can hold it (llama.cpp runs the same
+        weights up to ~17% apart in the two, and which is faster depends on the width, the CPU and
+        the threads: benchmarks/gguf_arch.py)."""
+        deci, own = self._priced("latency_ms")
+        return own is not None and in_own_arch(self.em, subnet) and deci(subnet) < own(subnet)
+
+    def runs_in_stock(self, subnet: Subnet) -> bool:
+        """Whether `export --format gguf` (`--graph auto`) writes `subnet` in the family's own llama.cpp
+        graph: where that graph can hold it, unless this table says `deci` decodes it faster."""
+        return in_own_arch(self.em, subnet) and not self.deci_faster(subnet)
+
+
+def per_layer_graph(em: ElasticModel, subnet: Subnet, graph: str) -> bool:
+    """The graph rule of `export --format gguf --graph GRAPH`: whether `subnet` is written in the
+    per-layer graph (`deci`) although the family's own could hold it: `deci` asked, or `auto` and the
+    checkpoint's llama.cpp table says `deci` decodes it faster. (A sub-network the family's own graph
+    cannot hold is written per-layer in any case; `own` refuses it.)"""
+    if graph == "own":
+        if not in_own_arch(em, subnet):
+            raise FlextronError(f"llama.cpp's {em.config.model_type} graph cannot hold this sub-network (per-layer "
+                                "sizes or head counts); export it with --graph auto or deci")
+        return False
+    return graph == "deci" or (em.latency is not None and em.latency.deci_faster(subnet))
