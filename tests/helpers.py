@@ -11,7 +11,10 @@ import errno
 import gzip
 import io
 import json
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +46,8 @@ from transformers import (
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
+
+from flextron.options import ServeLimits
 
 if TYPE_CHECKING:
     from flextron.elastic import ElasticModel
@@ -302,3 +307,55 @@ def full_disk(monkeypatch, writer: str) -> None:
             return FullDisk(path, "wb") if "w" in mode else builtins.open(path, mode, *args, **kwargs)
 
         monkeypatch.setattr("flextron.fsutil.open", open_for_writing, raising=False)
+
+
+# The server of tests/test_serve.py (also driven by the campaign), at small limits.
+CONFIG = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30,
+                     max_batch=8, max_connections=16)
+# With a trap for each way a template fails (issue 36 item 10): a message of just "raise", "undefined",
+# "unsafe" (the sandbox's SecurityError) or "type" (a TypeError) sets one off.
+TEMPLATE = ("{% for m in messages %}"
+            "{% if m['content'] == 'raise' %}{{ raise_exception('no such messages') }}{% endif %}"
+            "{% if m['content'] == 'undefined' %}{{ no_such_function() }}{% endif %}"
+            "{% if m['content'] == 'unsafe' %}{{ [].append(1) }}{% endif %}"
+            "{% if m['content'] == 'type' %}{{ 1 + 'a' }}{% endif %}"
+            "w1 {{ m['content'] }} w2{% endfor %}{% if add_generation_prompt %} w3{% endif %}")
+
+
+@contextmanager
+def running(ckpt, **limits):
+    """A server over `ckpt` on a free port (at `CONFIG`, with `limits` changed), and an `openai` client of it."""
+    ready, box = threading.Event(), {}
+
+    def on_ready(server) -> None:
+        box["server"] = server
+        ready.set()
+
+    import openai  # the dev extra installs it: missing, the tests fail rather than skip
+
+    from flextron import api
+
+    thread = threading.Thread(target=api.serve, args=(ckpt,), daemon=True,
+                              kwargs={"device": "cpu", "on_ready": on_ready, "port": 0, **asdict(CONFIG), **limits})
+    thread.start()
+    assert ready.wait(60), "server did not start"
+    server = box["server"]
+    yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    server.shutdown()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def with_adaptive_routers(em):
+    """Untrained static and adaptive routers (params metric), the token routers' choices spread over all widths."""
+    from flextron.options import RouteOptions
+    from flextron.routers import AdaptiveRouters, Routers, StaticRouter
+
+    grid = (0.4, 0.7, 1.0)
+    em.routers = Routers(StaticRouter(em.space, grid), "params", RouteOptions(budgets=grid))
+    torch.manual_seed(0)
+    em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
+    with torch.no_grad():
+        for lin in em.routers.adaptive.token_out:
+            lin.weight.mul_(30)
+    return em

@@ -28,12 +28,14 @@ from flextron.cli import main
 from flextron.options import MAX_STOP_CHARS
 from flextron.results import rows_json
 from helpers import (
+    CONFIG,
     full_disk,
     make_device,
     make_model,
     make_tokenizer,
     random_docs,
     rewrite_weights,
+    running,
     word_text,
     write_requests,
 )
@@ -581,7 +583,6 @@ def test_every_bad_request_is_a_clean_4xx_and_harms_nothing(arena, caplog, capsy
     an OpenAI-style JSON error body (a plain 400 from uvicorn for malformed HTTP), no traceback in the
     server's log or stderr, and a good request right after it is still served; the checkpoint is hashed
     before and after. Clients that hang up mid-body, mid-generation or mid-stream are one log line."""
-    from test_serve import CONFIG, running  # the server of tests/test_serve.py and its limits
 
     name = "ck"
     head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

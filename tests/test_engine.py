@@ -12,7 +12,7 @@ from flextron.engine import Busy, Cancelled, Engine, Request
 from flextron.generation import stop_token_ids
 from flextron.options import Sampling, ServeLimits
 from flextron.space import Budget
-from helpers import make_elastic, make_tokenizer
+from helpers import make_elastic, make_tokenizer, with_adaptive_routers
 
 NEW = 12
 GREEDY = Sampling(max_new_tokens=NEW)
@@ -157,21 +157,6 @@ def test_queue_and_budget_cache_are_bounded():
         assert list(eng._budgets) == [Budget.parse("0.7"), Budget.parse("0.9")]
     finally:
         eng.close()
-
-
-def with_adaptive_routers(em):
-    """Untrained static and adaptive routers (params metric), the token routers' choices spread over all widths."""
-    from flextron.options import RouteOptions
-    from flextron.routers import AdaptiveRouters, Routers, StaticRouter
-
-    grid = (0.4, 0.7, 1.0)
-    em.routers = Routers(StaticRouter(em.space, grid), "params", RouteOptions(budgets=grid))
-    torch.manual_seed(0)
-    em.routers.adaptive = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, grid, hidden=16)
-    with torch.no_grad():
-        for lin in em.routers.adaptive.token_out:
-            lin.weight.mul_(30)
-    return em
 
 
 def test_adaptive_requests_run_alone_next_to_batched_ones():

@@ -19,7 +19,16 @@ from flextron.errors import FlextronError
 from flextron.generation import StopFilter, cut_at_stop, prompt_inputs
 from flextron.options import MAX_STOP_CHARS, Sampling, resolve
 from flextron.space import Budget
-from helpers import FAMILY_KINDS, LLAMA_LIKE, VOCAB, hf_greedy, make_elastic, make_model, make_tokenizer
+from helpers import (
+    FAMILY_KINDS,
+    LLAMA_LIKE,
+    VOCAB,
+    hf_greedy,
+    make_elastic,
+    make_model,
+    make_tokenizer,
+    with_adaptive_routers,
+)
 
 TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
             "{% if add_generation_prompt %} w3{% endif %}")
@@ -50,7 +59,6 @@ def test_generate_at_a_budget_in_the_chat_template_is_transformers_greedy(tmp_pa
 
 def test_adaptive_generate_is_transformers_greedy_with_the_routing_attached(tmp_path):
     from flextron.adaptive import AdaptiveRouting
-    from test_engine import with_adaptive_routers
 
     em, tok = with_adaptive_routers(make_elastic("llama")), make_tokenizer()
     em.routers.adaptive_config = dataclasses.replace(em.routers.config, hidden=16)  # as `route --adaptive` records

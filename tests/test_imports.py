@@ -97,3 +97,14 @@ def test_the_design_module_table_matches_the_tree():
     modules = {str(p.relative_to(SRC / "flextron")) for p in (SRC / "flextron").rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py") and p.parent.name != "families"}
     assert modules | {"families/"} == rows
+
+
+def test_test_modules_share_code_through_helpers_only():
+    """Shared test code lives in tests/helpers.py (fixtures in conftest.py): no test module imports another."""
+    tests = SRC.parent / "tests"
+    offenders = [f"{path.name}: {node.module or node.names[0].name}" for path in sorted(tests.glob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, (ast.Import, ast.ImportFrom))
+                 and any(name.startswith(("test_", "conftest")) for name in
+                         ([node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]))]
+    assert not offenders, offenders

@@ -17,8 +17,7 @@ from flextron.engine import Engine, Result
 from flextron.options import MAX_STOP_CHARS, Sampling
 from flextron.protocol import Protocol, RequestError, ServeLimits
 from flextron.space import Budget
-from helpers import make_bpe_tokenizer, make_elastic, make_tokenizer
-from test_engine import with_adaptive_routers
+from helpers import TEMPLATE, make_bpe_tokenizer, make_elastic, make_tokenizer, with_adaptive_routers
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +217,6 @@ def test_over_long_text_is_refused_before_tokenizing():
 @pytest.mark.parametrize("content", ["raise", "undefined", "unsafe", "type"])
 def test_a_failing_chat_template_is_a_400(protocol, content):
     """Issue 36 item 10: a chat template's TypeError (any error but jinja's own) was a 500."""
-    from test_serve import TEMPLATE  # with a trap for each of these contents
 
     p, _ = protocol
     tok = make_tokenizer()

@@ -4,11 +4,8 @@ import http.client
 import json
 import logging
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict
 
 import openai  # the dev extra installs it (and lm-eval): missing, the tests fail rather than skip
 import pytest
@@ -20,23 +17,13 @@ from flextron.cli import main
 from flextron.elastic import ElasticModel
 from flextron.generation import prompt_inputs
 from flextron.importance import random_importance, sort_by_importance
-from flextron.serve import ServeLimits
 from flextron.space import ElasticSpace
-from helpers import hf_greedy, make_elastic, make_model, make_tokenizer
+from helpers import CONFIG, TEMPLATE, hf_greedy, make_elastic, make_model, make_tokenizer, running
 
 PROMPT = "w5 w6 w7 w8"
 MAX_TOKENS = 12
 BUDGETS = [None, "75%", 0.5, "params=35%"]
-CONFIG = ServeLimits(max_prompt_tokens=64, max_tokens=32, default_max_tokens=8, max_body_bytes=16384, timeout_s=30,
-                     max_batch=8, max_connections=16)
-# With a trap for each way a template fails (issue 36 item 10): a message of just "raise", "undefined",
-# "unsafe" (the sandbox's SecurityError) or "type" (a TypeError) sets one off.
-TEMPLATE = ("{% for m in messages %}"
-            "{% if m['content'] == 'raise' %}{{ raise_exception('no such messages') }}{% endif %}"
-            "{% if m['content'] == 'undefined' %}{{ no_such_function() }}{% endif %}"
-            "{% if m['content'] == 'unsafe' %}{{ [].append(1) }}{% endif %}"
-            "{% if m['content'] == 'type' %}{{ 1 + 'a' }}{% endif %}"
-            "w1 {{ m['content'] }} w2{% endfor %}{% if add_generation_prompt %} w3{% endif %}")
+
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +45,6 @@ def setup(tmp_path_factory):
                        for chat in (False, True)}
     with running(ckpt) as (server, client):
         yield server, client, expected, tok, ckpt
-
-
-@contextmanager
-def running(ckpt, **limits):
-    """A server over `ckpt` on a free port (at `CONFIG`, with `limits` changed), and an `openai` client of it."""
-    ready, box = threading.Event(), {}
-
-    def on_ready(server) -> None:
-        box["server"] = server
-        ready.set()
-
-    thread = threading.Thread(target=api.serve, args=(ckpt,), daemon=True,
-                              kwargs={"device": "cpu", "on_ready": on_ready, "port": 0, **asdict(CONFIG), **limits})
-    thread.start()
-    assert ready.wait(60), "server did not start"
-    server = box["server"]
-    yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
-    server.shutdown()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 def ask(client, budget, chat: bool, **kw):
