@@ -235,18 +235,15 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     from flextron.latency import profile as measure_table
 
     o = resolve(ProfileOptions, options, overrides)
-    positions = (o.context + o.decode_steps, "--context plus --decode-steps")
+    if o.runtime == "llama.cpp" and o.batch != 1:
+        raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
+    em, tok, _ = load(ckpt, device if o.runtime == "hf" else "cpu", o.verify)
+    check_positions(em.config, o.context + o.decode_steps, "--context plus --decode-steps")
     if o.runtime == "hf":
-        em, _, _ = load(ckpt, device, o.verify)
-        check_positions(em.config, *positions)
         table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
     else:
         from flextron import llamacpp
 
-        if o.batch != 1:
-            raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
-        em, tok, _ = load(ckpt, "cpu", o.verify)
-        check_positions(em.config, *positions)
         table = llamacpp.profile(em, tok, o, progress=progress)
     table.save(ckpt)
     return table
