@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flextron.errors import FlextronError
 from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
+from flextron.hidden import HiddenAxis, ModuleView
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 from flextron.space import ElasticSpace, Subnet
 
@@ -57,6 +58,11 @@ class ElasticLinear(nn.Module):
         self.layout = layout
         self.conv1d = conv1d
         self.edim = elastic_dim(self.side, conv1d)
+        self.hdim = 1 - self.edim  # the residual stream's dimension (read by "out", written by "in" projections)
+        # A writer at a smaller hidden size: its first `hidden` output rows (hard), or its output times
+        # `hidden_mask` (soft); see flextron.hidden. A reader follows its input's width.
+        self.hidden: int | None = None
+        self.hidden_mask: Tensor | None = None
         features = self.weight.shape[self.edim]
         if features != sum(u * n for u, n in layout) or (self.side == "in" and len(layout) > 1):
             raise FlextronError(f"projection {proj.name} has {features} features, not "
@@ -108,15 +114,23 @@ class ElasticLinear(nn.Module):
         if self.side == "in":
             if self.mask is not None:
                 x = x * self.mask.repeat_interleave(self.unit, dim=-1).to(x.dtype)
-            w = self.take(self.weight, self.edim)
-            if self.bias_scale is not None and self.bias is not None:
-                return self._matmul(x, w, None) + self.bias * self.bias_scale.to(x.dtype)
-            return self._matmul(x, w, self.bias)
-        if self.full:
+            w, b = self.take(self.weight, self.edim), self.bias
+            if self.hidden is not None:
+                w, b = w.narrow(self.hdim, 0, self.hidden), None if b is None else b[: self.hidden]
+            if self.bias_scale is not None and b is not None:
+                out = self._matmul(x, w, None) + b * self.bias_scale.to(x.dtype)
+            else:
+                out = self._matmul(x, w, b)
+            return out if self.hidden_mask is None else out * self.hidden_mask.to(out.dtype)
+        reads = x.shape[-1]
+        if self.full and reads == self.weight.shape[self.hdim]:
             return self._matmul(x, self.weight, self.bias)
         # One matmul per kept run: cheaper than gathering the weight when the runs are few and large.
-        weights = self._parts(self.weight, self.edim)
-        biases = [None] * len(weights) if self.bias is None else self._parts(self.bias, 0)
+        full = self.full
+        parts = [self.weight] if full else self._parts(self.weight, self.edim)
+        weights = [w.narrow(self.hdim, 0, reads) for w in parts]
+        biases = ([None] * len(weights) if self.bias is None else [self.bias] if full
+                  else self._parts(self.bias, 0))
         outs = [self._matmul(x, w, b) for w, b in zip(weights, biases)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -140,12 +154,13 @@ class ElasticLinear(nn.Module):
     def active_features(self, spans: Spans) -> int:
         return sum(count * unit for (unit, _), runs in zip(self.layout, spans) for _, count in runs)
 
-    def n_params(self, spans: Spans, bias: bool = True) -> int:
-        """Weights (and biases) in use when the unit runs `spans` are active."""
+    def n_params(self, spans: Spans, bias: bool = True, hidden: int | None = None) -> int:
+        """Weights (and biases) in use when the unit runs `spans` are active (at hidden size `hidden`)."""
         features = self.active_features(spans)
-        count = features * self.weight.shape[1 - self.edim]
+        stream = hidden or self.weight.shape[self.hdim]
+        count = features * stream
         if bias and self.bias is not None:
-            count += features if self.side == "out" else self.bias.numel()
+            count += features if self.side == "out" else stream
         return count
 
 
@@ -164,16 +179,6 @@ def _identity(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
 def skip_keep(choices: list[int], weights: Tensor) -> Tensor | None:
     """1 - the weight of the skip choice, [..., 1]; None where the layer cannot be skipped."""
     return 1 - weights[..., :1] if choices[0] == 0 else None
-
-
-class _WithWeight:
-    """A module seen through another weight (its class's forward runs on the active slice)."""
-
-    def __init__(self, module: nn.Module, weight: Tensor) -> None:
-        self._module, self.weight = module, weight
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
 
 
 Plan = Callable[["ElasticLinear", int], Spans]  # (projection, a part's choice) -> its unit runs
@@ -226,7 +231,7 @@ class ElasticPart:
         def forward(norm: nn.Module, x: Tensor) -> Tensor:
             run = type(norm).forward
             if self.soft_mask is None:
-                return run(norm, x) if lin.full else run(_WithWeight(norm, lin.take(norm.weight, 0)), x)
+                return run(norm, x) if lin.full else run(ModuleView(norm, weight=lin.take(norm.weight, 0)), x)
             mask = self.soft_mask
             if mask.shape[-1] != lin.n_units:  # KV heads under query-head units: a group is on with its first head
                 mask = mask.unflatten(-1, (lin.n_units, -1))[..., 0]
@@ -285,14 +290,18 @@ class ElasticPart:
         self.inp.mask = mask
         self.soft_mask = mask if self.projection_norms else None
 
-    def n_params(self, units: int, bias: bool = True) -> int:
-        """Weights in use at `units`; with `bias`, also biases, the norms and other parameters that
-        are not projections (Qwen3's q/k norms). A skipped sub-layer uses none."""
+    def n_params(self, units: int, bias: bool = True, hidden: int | None = None) -> int:
+        """Weights in use at `units` (and hidden size `hidden`, default the full one); with `bias`, also
+        biases, the norms and other parameters that are not projections (Qwen3's q/k norms). A skipped
+        sub-layer uses none."""
         if units == 0:
             return 0
-        count = sum(lin.n_params(self.plan(lin, units), bias) for lin in self.linears)
+        count = sum(lin.n_params(self.plan(lin, units), bias, hidden) for lin in self.linears)
         if bias:
             count += self.fixed + sum(lin.active_features(self.plan(lin, units)) for _, lin in self.projection_norms)
+            if hidden is not None:  # the norms over the residual stream keep `hidden` of their weights
+                stream = self.inp.weight.shape[self.inp.hdim]
+                count -= sum(p.numel() for n in self.norms for p in n.parameters()) * (stream - hidden) // stream
         return count
 
 
@@ -442,10 +451,12 @@ class ElasticBlock:
 
 @dataclass
 class PositionChoices:
-    """Per layer, indices into its choice lists: MLP [B, T] (per token), attention [B, 1] (per sequence)."""
+    """Per layer, indices into its choice lists: MLP [B, T] (per token), attention [B, 1] (per sequence);
+    the hidden size [B, 1] (per sequence, into the space's hidden choices; None: the full size)."""
 
     mlp: list[Tensor]
     attn: list[Tensor]
+    hidden: Tensor | None = None
 
     @classmethod
     def sample(cls, space: ElasticSpace, gen: torch.Generator, batch: int, seq_len: int) -> PositionChoices:
@@ -470,6 +481,7 @@ class ElasticModel(nn.Module):
         # trained routers (a plain holder, so the routers are not parameters of the LLM).
         self.latency: LatencyTable | None = None
         self.routers: Routers | None = None
+        self.axis: HiddenAxis | None = None  # built once a space has hidden-size choices
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
             spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units),
                                            attn_unit=self.attn_unit, kv_groups=b.geometry.n_kv_heads)
@@ -500,12 +512,34 @@ class ElasticModel(nn.Module):
                 G = b.geometry.n_kv_heads
                 raise FlextronError(f"layer {i}: attention choices {bad} are not head counts this layer can run "
                                     f"({G} KV groups: fewer than {G} heads, or a multiple of {G})")
+        if space.hidden is not None:
+            if space.hidden[-1] != self.hidden_size:
+                raise FlextronError(f"the elastic space's largest hidden size {space.hidden[-1]} must equal the "
+                                    f"model's {self.hidden_size}")
+            self._build_axis()
         self.space = space
         self.set_subnet(None)
 
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        """The full width of the residual stream."""
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def _build_axis(self) -> None:
+        if self.axis is not None:
+            return
+        fam, m = self.family, self.model
+        parts = [p for b in self.blocks for p in (b.attn, b.mlp) if p.inp is not None]
+        embeddings = [m.get_input_embeddings()]
+        if fam.position_embeddings is not None:
+            embeddings.append(m.get_submodule(fam.position_embeddings))
+        self.axis = HiddenAxis(m, embeddings, [n for p in parts for n in p.norms] + [m.get_submodule(fam.final_norm)],
+                               [lin for p in parts for lin in p.outs], [p.inp for p in parts],
+                               [norm for p in parts for norm, _ in p.projection_norms])
 
     def forward(self, *args, head: Callable[[Tensor, nn.Module], Any] | None = None, **kwargs):
         """The HF forward; with `head`, head(final hidden states, output layer) instead of logits
@@ -524,17 +558,27 @@ class ElasticModel(nn.Module):
         for block, w, a in zip(self.blocks, subnet.mlp, subnet.attn):
             block.mlp.set_hard(w)
             block.set_attn_hard(a)
+        if self.axis is not None:
+            self.axis.set_hard(subnet.hidden)
         self.current: Subnet | None = subnet  # None while soft
-        self._soft: tuple[list[Tensor], list[Tensor]] | None = None
+        self._soft: tuple[list[Tensor], list[Tensor], Tensor | None] | None = None
 
-    def set_soft(self, mlp_weights: list[Tensor], attn_weights: list[Tensor]) -> None:
-        """Mix nested choices per layer: weights [..., K] over that layer's choices."""
+    def set_soft(self, mlp_weights: list[Tensor], attn_weights: list[Tensor],
+                 hidden_weights: Tensor | None = None) -> None:
+        """Mix nested choices per layer: weights [..., K] over that layer's choices; `hidden_weights`
+        [..., K] over the space's hidden sizes (None: the full hidden size)."""
         for i, (block, wm, wa) in enumerate(zip(self.blocks, mlp_weights, attn_weights)):
             block.mlp.set_soft(nested_mask(self.space.mlp[i], wm, block.mlp.n_units),
                                skip_keep(self.space.mlp[i], wm))
             block.set_attn_soft(nested_mask(self.space.attn[i], wa, block.attn.n_units),
                                 skip_keep(self.space.attn[i], wa))
-        self.current, self._soft = None, (mlp_weights, attn_weights)
+        if hidden_weights is not None:
+            if self.axis is None:
+                raise FlextronError("this elastic space has no hidden-size choices to mix")
+            self.axis.set_soft(nested_mask(self.space.hidden, hidden_weights, self.hidden_size))
+        elif self.axis is not None:
+            self.axis.set_hard(None)
+        self.current, self._soft = None, (mlp_weights, attn_weights, hidden_weights)
 
     @contextmanager
     def subnet(self, subnet: Subnet | None = None) -> Iterator[Subnet]:
@@ -557,8 +601,12 @@ class ElasticModel(nn.Module):
         def index(choices: list[list[int]], picks: list[list[int]]) -> list[Tensor]:  # per layer [rows, 1]
             return [torch.tensor([[layer.index(p[i])] for p in picks]) for i, layer in enumerate(choices)]
 
+        hidden = None
+        if any(s.hidden is not None for s in subnets):
+            sizes = self.space.hidden
+            hidden = torch.tensor([[sizes.index(s.hidden or sizes[-1])] for s in subnets])
         with self.choices(PositionChoices(index(self.space.mlp, [s.mlp for s in subnets]),
-                                          index(self.space.attn, [s.attn for s in subnets]))):
+                                          index(self.space.attn, [s.attn for s in subnets]), hidden)):
             yield
 
     @contextmanager
@@ -572,13 +620,14 @@ class ElasticModel(nn.Module):
             return [F.one_hot(i.to(device), len(c)).float() for i, c in zip(idx, choices)]
 
         previous, soft = self.current, self._soft
-        self.set_soft(one_hot(picks.mlp, self.space.mlp), one_hot(picks.attn, self.space.attn))
+        hidden = None if picks.hidden is None else one_hot([picks.hidden], [self.space.hidden])[0]
+        self.set_soft(one_hot(picks.mlp, self.space.mlp), one_hot(picks.attn, self.space.attn), hidden)
         try:
             yield
         finally:
             self._restore(previous, soft)
 
-    def _restore(self, previous: Subnet | None, soft: tuple[list[Tensor], list[Tensor]] | None) -> None:
+    def _restore(self, previous: Subnet | None, soft: tuple[list[Tensor], list[Tensor], Tensor | None] | None) -> None:
         if soft is not None:
             self.set_soft(*soft)
         else:
@@ -590,3 +639,9 @@ class ElasticModel(nn.Module):
             for lin in block.mlp.linears:
                 lin.permute_(pm)
             block.permute_attn_(pa)
+
+    def permute_hidden_(self, perm: Tensor) -> None:
+        """Reorder the residual stream's channels (the space must have hidden choices); the function is unchanged."""
+        if self.axis is None:
+            raise FlextronError("this elastic space has no hidden-size choices; its channels stay in place")
+        self.axis.permute_(perm)

@@ -3,6 +3,7 @@ a budget (`Budget`: a fraction of the full model's cost or an absolute value of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -26,6 +27,9 @@ class ElasticSpace:
     kind of sub-layer; `skip_order` lists, per kind, the layers from the first to skip (least
     important) to the last (the default: the deepest first).
 
+    `hidden`, where set, lists hidden sizes (ascending, ending with the model's): one choice for the
+    whole model, the first channels of the residual stream (see `flextron.hidden`); None: always full.
+
     `attn_unit` says what an attention choice counts. "group": KV groups, each with all its query
     heads (whole-group removal). "head": query heads, nested as G*q (all G groups kept, q heads in
     each) down to G, then c < G (c groups of one head): trims heads inside the groups first.
@@ -36,6 +40,7 @@ class ElasticSpace:
     min_layers: int = 1
     skip_order: dict[str, list[int]] | None = None
     attn_unit: str = "group"
+    hidden: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mlp) != len(self.attn):
@@ -58,6 +63,10 @@ class ElasticSpace:
                 raise FlextronError(f"skip_order[{kind!r}] must list each of the {n} layers once")
         if self.attn_unit not in ATTN_UNITS:
             raise FlextronError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, not {self.attn_unit!r}")
+        h = self.hidden
+        if h is not None and (not h or sorted(set(h)) != list(h) or h[0] < 1):
+            raise FlextronError(f"hidden sizes {h} must be distinct positive integers in ascending order, "
+                                "the model's hidden size last")
 
     @property
     def n_layers(self) -> int:
@@ -107,6 +116,21 @@ class ElasticSpace:
         attn.add(attn_units)
         return cls(mlp=[sorted(mlp)] * n_layers, attn=[sorted(attn)] * n_layers, attn_unit=attn_unit)
 
+    def with_hidden(self, size: int, fractions: tuple[float, ...] = (0.5, 0.75, 1.0), multiple: int = 64
+                    ) -> ElasticSpace:
+        """This space with hidden-size choices: `fractions` of `size` rounded to `multiple` channels."""
+        for f in fractions:
+            if not 0.0 < f <= 1.0:
+                raise FlextronError(f"hidden fraction {f} is outside (0, 1]; use values like 0.5")
+        if multiple < 1:
+            raise FlextronError(f"--hidden-multiple must be a positive integer, got {multiple}")
+        sizes = {min(size, max(multiple, round(f * size / multiple) * multiple)) for f in fractions} | {size}
+        return dataclasses.replace(self, hidden=sorted(sizes))
+
+    def hidden_index(self, subnet: Subnet) -> int:
+        """The index of `subnet`'s hidden size among this space's (0 where the space has none)."""
+        return self.hidden.index(subnet.hidden or self.hidden[-1]) if self.hidden else 0
+
     def with_depth(self, min_layers: int | None = None, skip_order: dict[str, list[int]] | None = None
                    ) -> ElasticSpace:
         """This space with choice 0 (skip) added to every list; floor default: a third of the layers."""
@@ -114,28 +138,36 @@ class ElasticSpace:
         return ElasticSpace(mlp=[sorted({0, *self.widths("mlp", i)}) for i in range(n)],
                             attn=[sorted({0, *self.widths("attn", i)}) for i in range(n)],
                             min_layers=max(1, math.ceil(n / 3)) if min_layers is None else min_layers,
-                            skip_order=skip_order, attn_unit=self.attn_unit)
+                            skip_order=skip_order, attn_unit=self.attn_unit, hidden=self.hidden)
+
+    def hidden_at(self, index: int | None) -> int | None:
+        """The hidden size at `index` of this space's choices (clamped); None for the full size."""
+        if not self.hidden or index is None or index >= len(self.hidden) - 1:
+            return None
+        return self.hidden[index]
 
     def full(self) -> Subnet:
         return Subnet(mlp=[c[-1] for c in self.mlp], attn=[c[-1] for c in self.attn])
 
     def smallest(self) -> Subnet:
-        """The smallest width of every layer, with as many sub-layers skipped as the floor allows."""
-        return self.uniform(0, 0, self.n_layers, self.n_layers)
+        """The smallest width of every layer and hidden size, with as many sub-layers skipped as the floor allows."""
+        return self.uniform(0, 0, self.n_layers, self.n_layers, hidden_index=0)
 
     def centroid(self) -> Subnet:
-        """The middle width of every layer (upper middle for an even number of choices)."""
+        """The middle width of every layer and hidden size (upper middle for an even number of choices)."""
         mid = {k: [w[len(w) // 2] for w in (self.widths(k, i) for i in range(self.n_layers))] for k in KINDS}
-        return Subnet(**mid)
+        return Subnet(**mid, hidden=self.hidden_at(len(self.hidden) // 2 if self.hidden else None))
 
-    def uniform(self, mlp_index: int, attn_index: int, skip_mlp: int = 0, skip_attn: int = 0) -> Subnet:
+    def uniform(self, mlp_index: int, attn_index: int, skip_mlp: int = 0, skip_attn: int = 0,
+                hidden_index: int | None = None) -> Subnet:
         """Every layer at the same width index (clamped to each layer's widths), then the first
-        `skip_mlp` / `skip_attn` skippable layers of the skip order skipped (within the floor)."""
+        `skip_mlp` / `skip_attn` skippable layers of the skip order skipped (within the floor); the
+        hidden size at `hidden_index` of the space's (None: the full size)."""
         out = {}
         for kind, index, skip in (("mlp", mlp_index, skip_mlp), ("attn", attn_index, skip_attn)):
             ws = [self.widths(kind, i) for i in range(self.n_layers)]
             out[kind] = self._skip_first(kind, [w[min(index, len(w) - 1)] for w in ws], skip)
-        return Subnet(**out)
+        return Subnet(**out, hidden=self.hidden_at(hidden_index))
 
     def _skip_first(self, kind: str, chosen: list[int], skip: int) -> list[int]:
         """`chosen` with the first `skip` skippable layers of the skip order skipped (within the floor)."""
@@ -153,7 +185,8 @@ class ElasticSpace:
         wide (independent draws concentrate near the middle). `ordered_skips` (a depth space,
         "layers" and "spread"): the widths are drawn among the running choices, then a skip count
         per kind, skipped in the skip order as "uniform" does: the nested depth family, not skips
-        at random layers. Draws from `gen` in that order, so a seed gives the same sub-networks."""
+        at random layers. A space with hidden sizes draws one of them last, uniformly. Draws from `gen`
+        in that order, so a seed gives the same sub-networks."""
         def draw(k: int) -> int:
             return torch.randint(k, (1,), generator=gen).item()
 
@@ -165,8 +198,8 @@ class ElasticSpace:
         skip_counts = self.depth and (mode == "uniform" or ordered_skips)
         if mode == "uniform":
             i, j = (draw(max(len(self.widths(k, layer)) for layer in range(self.n_layers))) for k in KINDS)
-            skips = (skip_count() for _ in range(2)) if skip_counts else (0, 0)
-            return self.uniform(i, j, *skips)
+            skips = [skip_count() for _ in range(2)] if skip_counts else [0, 0]
+            return self.uniform(i, j, *skips, hidden_index=draw(len(self.hidden)) if self.hidden else None)
         picks = {}
         for kind in KINDS:
             lists = [self.widths(kind, i) for i in range(self.n_layers)] if skip_counts else getattr(self, kind)
@@ -177,7 +210,8 @@ class ElasticSpace:
             picks[kind] = [c[int(torch.multinomial(weights[: len(c)], 1, generator=gen))] for c in lists]
         if skip_counts:
             picks = {k: self._skip_first(k, picks[k], skip_count()) for k in KINDS}
-        return self.floor(Subnet(**picks))
+        hidden = self.hidden_at(draw(len(self.hidden))) if self.hidden else None
+        return self.floor(Subnet(**picks, hidden=hidden))
 
     def floor(self, subnet: Subnet) -> Subnet:
         """`subnet` with skipped sub-layers restored (most important first, at their smallest width)
@@ -190,7 +224,7 @@ class ElasticSpace:
                     break
                 chosen[i] = chosen[i] or self.widths(kind, i)[0]
             out[kind] = chosen
-        return Subnet(**out)
+        return Subnet(**out, hidden=subnet.hidden)
 
     def validate(self, subnet: Subnet) -> None:
         """Raise a FlextronError naming the first choice that is not in this space."""
@@ -213,9 +247,12 @@ class ElasticSpace:
                     f"the sub-network keeps the {kind.split()[0]} of {kept} layers, below the elastic space's "
                     f"floor of {self.min_layers}; skip fewer layers"
                 )
+        if subnet.hidden is not None and subnet.hidden not in (self.hidden or []):
+            raise FlextronError(f"hidden size {subnet.hidden} is not in the elastic space "
+                                f"{self.hidden or '(no hidden-size choices)'}; pick one of those values")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "hidden" or v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> ElasticSpace:
@@ -233,20 +270,25 @@ class ElasticSpace:
         min_layers = d.get("min_layers", 1)
         if type(min_layers) is not int:
             raise FlextronError(f"elastic space min_layers must be an integer, got {min_layers!r}")
+        hidden = d.get("hidden")
+        if hidden is not None and not (isinstance(hidden, list) and all(type(c) is int for c in hidden)):
+            raise FlextronError(f"elastic space hidden {hidden!r} must be a list of integers")
         return cls(mlp=[list(c) for c in d["mlp"]], attn=[list(c) for c in d["attn"]], min_layers=min_layers,
                    skip_order={k: list(v) for k, v in order.items()} if order else None,
-                   attn_unit=d.get("attn_unit", "group"))
+                   attn_unit=d.get("attn_unit", "group"), hidden=hidden)
 
 
 @dataclass
 class Subnet:
-    """One sub-network: per layer, the MLP width in neurons and the number of attention units."""
+    """One sub-network: per layer, the MLP width in neurons and the number of attention units; the
+    hidden size of the whole model (None: the full size)."""
 
     mlp: list[int]
     attn: list[int]
+    hidden: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "hidden" or v is not None}
 
 
 METRICS = ("params", "flops", "kv_bytes", "decode_bytes", "latency_ms", "prefill_ms")

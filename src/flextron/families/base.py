@@ -84,6 +84,10 @@ class Family:
     kv_heads_key: str | None = "num_key_value_heads"
     head_dim_key: str | None = "head_dim"
     n_layers_key: str = "num_hidden_layers"
+    # The norm after the last block and learned position embeddings (GPT-2): the residual stream's
+    # modules outside the blocks besides the token embeddings and the LM head (hidden-size elasticity).
+    final_norm: str = "model.norm"
+    position_embeddings: str | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -30,4 +30,6 @@ GPT2 = Family(
     kv_heads_key=None,
     head_dim_key=None,
     n_layers_key="n_layer",
+    final_norm="transformer.ln_f",
+    position_embeddings="transformer.wpe",
 )
