@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 VOCAB = 128
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=256)
+HIDDEN_FRACTIONS = (0.5, 0.75, 1.0)  # make_elastic(hidden=True): hidden sizes 32, 48, 64
 
 
 def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
@@ -103,10 +104,11 @@ def make_model(kind: str, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
 
 
 def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_layers: int | None = None,
-                 attn_unit: str = "group"):
+                 attn_unit: str = "group", hidden: bool = False):
     """A tiny elastic model with the default space at multiples of 8 neurons (4 MLP choices);
     with `min_layers`, every sub-layer may also be skipped (depth) down to that floor; with
-    `attn_unit="head"`, attention choices are query heads (llama-like: 1, 2, 3, 4 or 8 of 8)."""
+    `attn_unit="head"`, attention choices are query heads (llama-like: 1, 2, 3, 4 or 8 of 8);
+    with `hidden`, hidden sizes 32, 48 and 64 (HIDDEN_FRACTIONS of 64 channels, multiples of 16)."""
     from flextron.elastic import ElasticModel
     from flextron.space import ElasticSpace
 
@@ -114,7 +116,8 @@ def make_elastic(kind: str = "llama", seed: int = 0, n_layers: int = 2, min_laye
     b = em.blocks[0]
     space = ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8, attn_unit=attn_unit,
                                  kv_groups=b.geometry.n_kv_heads)
-    em.set_space(space if min_layers is None else space.with_depth(min_layers))
+    space = space if min_layers is None else space.with_depth(min_layers)
+    em.set_space(space.with_hidden(em.hidden_size, HIDDEN_FRACTIONS, 16) if hidden else space)
     return em
 
 

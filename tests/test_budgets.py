@@ -120,3 +120,29 @@ def test_a_budget_target_is_a_fraction_of_the_full_cost_in_its_metric():
     table, target = budget_target(em, Budget.parse("params=90%"))
     assert table.metric == "params" and target == pytest.approx(0.9 * table.full)
     assert select_subnet(em, Budget.parse("0.5")) == uniform_subnet_for(em, Budget.parse("0.5"))[0]
+
+
+def test_a_small_params_budget_is_met_at_a_smaller_hidden_size():
+    """Below the smallest uniform sub-network of the full hidden size only a smaller hidden size fits:
+    prune-only budgets pick it (the costliest uniform sub-network within the budget, over every hidden
+    size), and the feasible range reaches down to the smallest hidden size."""
+    em = make_elastic("llama")
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
+    table = cost_table(em, "params")
+    floor_at_full = table.at_hidden(2).smallest  # smallest widths at hidden size 64
+    assert smallest_fraction(em, "params") == table.smallest / table.full < floor_at_full / table.full
+    every = [em.space.uniform(i, j, hidden_index=h) for i in range(4) for j in range(4) for h in range(3)]
+    for fraction in (0.9 * floor_at_full / table.full, 0.5, 0.9):
+        budget = Budget(metric="params", fraction=fraction)
+        sub, value = uniform_subnet_for(em, budget)
+        target = fraction * table.full
+        assert value == table(sub) <= target and select_subnet(em, budget) == sub
+        assert value == max(table(s) for s in every if table(s) <= target)
+        found = uniform_candidates(em, table, target)
+        assert sub in found and all(table(s) <= target for s in found)
+        for s in found:  # maximal: neither a wider index nor a larger hidden size of it fits
+            i, j, h = em.space.mlp[0].index(s.mlp[0]), em.space.attn[0].index(s.attn[0]), em.space.hidden_index(s)
+            assert all(table(em.space.uniform(*k)) > target for k in ((i + 1, j, 0, 0, h), (i, j + 1, 0, 0, h),
+                                                                        (i, j, 0, 0, h + 1)) if max(k) < 4 and k[4] < 3)
+    assert uniform_subnet_for(em, Budget(metric="params", fraction=0.9 * floor_at_full / table.full))[0].hidden < 64
+    assert budget_grid(em, "params")[0] < floor_at_full / table.full

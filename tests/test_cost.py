@@ -1,9 +1,13 @@
+import dataclasses
+
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from flextron.cost import analytic_table, subnet_cost
+from flextron.cost import ANALYTIC, analytic_table, subnet_cost
+from flextron.latency_table import LatencyTable
 from flextron.space import Subnet
-from helpers import VOCAB, make_elastic
+from helpers import VOCAB, make_elastic, two_graph_table
 
 H, HEAD_DIM, REP = 64, 8, 2  # tiny Llama-like: 8 query heads in 4 KV groups
 
@@ -97,3 +101,104 @@ def test_query_head_choices_cost_their_heads_and_groups_by_hand_count(kind, bias
     standalone = (LlamaForCausalLM(LlamaConfig(**cfg)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**cfg)))
     assert subnet_cost(em, Subnet(mlp=[48, 48], attn=[4, 4])).params == sum(
         p.numel() for p in standalone.parameters())
+
+
+def with_hidden(em):
+    """`em` with hidden sizes 32, 48 and 64 (of 64)."""
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
+    return em
+
+
+def test_hidden_subnet_params_equal_the_stock_model_of_that_hidden_size(kind):
+    """A uniform sub-network at hidden size d is the stock model with `hidden_size=d`: its parameter
+    count, embeddings and LM head (tied or not, as the source) included, and GPT-2's position embeddings."""
+    em = with_hidden(make_elastic(kind))
+    table = analytic_table(em, "params")
+    for d, w, a in ((32, 24, 2), (48, 72, 3), (32, 96, 1), (64, 48, 2)):
+        if kind == "gpt2":  # head size = n_embd / n_head: 16 channels a head
+            w, a = 8 * w // 3, d // 16
+            change = {"n_embd": d, "n_inner": w, "n_head": a}
+        else:
+            change = {"hidden_size": d, "head_dim": HEAD_DIM, "intermediate_size": w,
+                      "num_attention_heads": a * REP, "num_key_value_heads": a}
+        stock = type(em.model)(type(em.config)(**em.config.to_dict() | change))
+        sub = Subnet(mlp=[w, w], attn=[a, a], hidden=em.space.hidden_at(em.space.hidden.index(d)))
+        expected = sum(p.numel() for p in stock.parameters())
+        # The params metric of a space with hidden sizes counts the embeddings: a budget sees them shrink.
+        assert subnet_cost(em, sub).params == table(sub) == expected
+        embeddings = {id(p): p for m in stock.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        embeddings[id(stock.lm_head.weight)] = stock.lm_head.weight
+        assert subnet_cost(em, sub).params_nonembed == expected - sum(p.numel() for p in embeddings.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_flops_and_decode_bytes_at_a_hidden_size_by_hand_count(kind):
+    """At hidden size d every projection reads or writes d channels, the norms keep d weights and the LM
+    head d columns (its 2 V d FLOPs and V d weights read per token); the embeddings are not read, and
+    attention over the context and the KV cache do not change with d."""
+    em = with_hidden(make_elastic(kind))
+    d, ctx = 32, 100
+    if kind == "llama":
+        sub, hd, rep = Subnet(mlp=[24, 72], attn=[1, 3], hidden=d), HEAD_DIM, REP
+        weights = sum(d * (a * rep * hd * 2 + 2 * a * hd) + 3 * d * w for w, a in ((24, 1), (72, 3)))
+        small = 2 * 2 * d + d  # two RMSNorms a layer and the final one
+        embeddings = 2 * VOCAB * d  # untied
+    else:  # GPT-2: 16-channel heads, fused c_attn, biases, LayerNorms with biases, tied head, position embeddings
+        sub, hd, rep = Subnet(mlp=[64, 192], attn=[1, 3], hidden=d), 16, 1
+        weights = sum(d * 3 * a * hd + a * hd * d + 2 * d * w for w, a in ((64, 1), (192, 3)))
+        small = sum(3 * a * hd + d + w + d for w, a in ((64, 1), (192, 3))) + 2 * (2 * 2 * d) + 2 * d
+        embeddings = VOCAB * d + 256 * d
+    cost = subnet_cost(em, sub, context=ctx)
+    assert cost.flops_per_token == 2 * (weights + VOCAB * d) + 4 * hd * rep * (1 + 3) * ctx
+    assert cost.decode_bytes_per_token == 2 * (weights + small + VOCAB * d)
+    assert cost.kv_bytes_per_token == 2 * (1 + 3) * hd * 2
+    assert cost.params_nonembed == weights + small
+    assert cost.params == weights + small + embeddings == analytic_table(em, "params")(sub)
+
+
+def test_a_space_without_hidden_sizes_prices_as_before_and_the_full_hidden_size_alike():
+    """A table's hidden sizes are one table each, the full one's terms its own. At the full hidden size
+    a space with hidden sizes prices every metric as the space without (params: the embeddings added)."""
+    em = make_elastic("qwen2")
+    old = {m: analytic_table(em, m) for m in ANALYTIC}
+    with_hidden(em)
+    embeddings = subnet_cost(em).params - subnet_cost(em).params_nonembed
+    for m in ANALYTIC:
+        assert old[m].by_hidden == () and old[m].at_hidden(0) is old[m]
+        const, mlp, attn = old[m].hidden_tensors()
+        assert const.tolist() == [old[m].const] and torch.equal(mlp[0], old[m].tensors()[0])
+        new = analytic_table(em, m)
+        full = new.at_hidden(2)
+        assert (full.mlp, full.attn) == (new.mlp, new.attn) == (old[m].mlp, old[m].attn)
+        assert full.const == new.const == old[m].const + (embeddings if m == "params" else 0)
+        const, mlp, attn = new.hidden_tensors()
+        assert mlp.shape == (3, 2, 4) and const.tolist() == [new.at_hidden(i).const for i in range(3)]
+        assert all(torch.equal(attn[i], new.at_hidden(i).tensors()[1]) for i in range(3))
+        # Nothing grows as the hidden size shrinks; the KV cache alone stays as it is.
+        assert (const.diff() >= 0).all() and (mlp.diff(dim=0) >= 0).all() and (attn.diff(dim=0) >= 0).all()
+        assert (m == "kv_bytes") == bool((attn[0] == attn[2]).all())
+    assert new.smallest == new(em.space.smallest()) == new.at_hidden(0)(dataclasses.replace(
+        em.space.smallest(), hidden=None))
+
+
+def test_a_measured_table_prices_a_hidden_size_in_proportion_until_one_is_timed():
+    """No profile times hidden sizes yet: at d every term is the full size's times d / D, in the graph a
+    sub-network runs in (llama.cpp: a uniform one in the family's own, priced by its own fit)."""
+    em = make_elastic()
+    data = two_graph_table(em)[0].to_dict()
+    with_hidden(em)
+    em.latency = LatencyTable(data, em)
+    for metric in ("latency_ms", "prefill_ms"):
+        table = em.latency.table(metric)
+        for sub in (em.space.full(), em.space.smallest(), Subnet(mlp=[96, 48], attn=[4, 2]),
+                    Subnet(mlp=[24, 24], attn=[1, 1])):
+            at_full = table(dataclasses.replace(sub, hidden=None))
+            for i, d in enumerate(em.space.hidden):
+                hidden = dataclasses.replace(sub, hidden=em.space.hidden_at(i))
+                assert table(hidden) == pytest.approx(at_full * d / 64)
+                assert table.at_hidden(i)(hidden) == table(hidden)
+        small = Subnet(mlp=[24, 24], attn=[1, 1], hidden=32)  # uniform: the stock graph's fit prices it
+        assert em.latency.runs_in_stock(small)
+        at_full = table.stock(dataclasses.replace(small, hidden=None))
+        assert table(small) == table.at_hidden(0)(small) == pytest.approx(at_full / 2)
+        assert table(small) != dataclasses.replace(table, stock=None)(small)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,12 +43,16 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 """
-CASES = ["uniform", "fallback", "hetero"]
+# hidden-*: the uniform and hetero sub-networks at hidden sizes 32 and 48 (of 64), head size unchanged.
+CASES = ["uniform", "fallback", "hetero", "hidden-uniform", "hidden-hetero"]
 
 
 def subnet_for(em: ElasticModel, kind: str, case: str) -> Subnet:
     """uniform: stock architecture; fallback: uniform but not expressible by the stock config; hetero."""
     s = em.space
+    if case.startswith("hidden-"):
+        sub = subnet_for(em, kind, case.removeprefix("hidden-"))
+        return dataclasses.replace(sub, hidden=s.hidden[0] if case == "hidden-uniform" else s.hidden[1])
     if case == "uniform":
         return s.uniform(1, 3) if kind == "gpt2" else s.uniform(1, 1)  # GPT-2: full heads, smaller MLP
     if case == "fallback":
@@ -58,8 +63,14 @@ def subnet_for(em: ElasticModel, kind: str, case: str) -> Subnet:
 
 def per_layer_expected(kind: str, case: str) -> bool:
     # Mistral/Qwen/OLMo 2/Phi-3/Granite/SmolLM3 configs take any head count with an explicit head_dim;
-    # Llama's and Gemma's check hidden % heads.
-    return case == "hetero" or (case == "fallback" and kind in ("llama", "gpt2", "gemma2", "gemma3"))
+    # Llama's and Gemma's check hidden % heads. GPT-2's head size is hidden / heads: per-layer at a smaller hidden size.
+    return (case.endswith("hetero") or (case == "fallback" and kind in ("llama", "gpt2", "gemma2", "gemma3"))
+            or (case == "hidden-uniform" and kind == "gpt2"))
+
+
+def head_size(kind: str) -> int:
+    config = make_model(kind).config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +81,9 @@ def exports(tmp_path_factory):
     torch.save(ids, root / "ids.pt")
     out = {}
     for kind in FAMILY_KINDS:
-        em = make_elastic(kind)
+        plain, hidden = make_elastic(kind), make_elastic(kind, hidden=True)
         for case in CASES:
+            em = hidden if case.startswith("hidden-") else plain
             sub = subnet_for(em, kind, case)
             d = export(em, make_tokenizer(), sub, root / f"{kind}-{case}")
             with em.subnet(sub), torch.no_grad():
@@ -85,13 +97,17 @@ def exports(tmp_path_factory):
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_export_matches_elastic_model(exports, kind, case):
     _, ids, out = exports
-    d, _, params, expected = out[kind, case]
+    d, sub, params, expected = out[kind, case]
     model = AutoModelForCausalLM.from_pretrained(d)  # per-layer ones via the registration on import
     per_layer = type(model).__name__ in PER_LAYER_CLASSES
     assert per_layer == per_layer_expected(kind, case), type(model).__name__
-    assert json.loads((d / "flextron_export.json").read_text())["per_layer"] == per_layer
+    manifest = json.loads((d / "flextron_export.json").read_text())
+    assert manifest["per_layer"] == per_layer and manifest["subnet"] == sub.to_dict()
     assert (d / "modeling_flextron.py").is_file() == per_layer
     config = json.loads((d / "config.json").read_text())
+    if sub.hidden is not None:  # the stock (or per-layer) model of that hidden size, its head size explicit
+        assert model.config.hidden_size == sub.hidden and config["head_dim"] == head_size(kind)
+        assert manifest["subnet"]["hidden"] == sub.hidden
     if per_layer:
         base_type = make_model(kind).config.model_type
         assert config["auto_map"] == AUTO_MAP[kind] and config["model_type"] == f"flextron_{base_type}"
@@ -149,8 +165,9 @@ print(json.dumps(diffs))
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_greedy_generation_matches(exports, kind):
     _, _, out = exports
-    em, tok = make_elastic(kind), make_tokenizer()
-    for case in ("uniform", "hetero"):
+    tok = make_tokenizer()
+    for case in ("uniform", "hetero", "hidden-uniform", "hidden-hetero"):
+        em = make_elastic(kind, hidden=case.startswith("hidden-"))
         d, sub, _, _ = out[kind, case]
         streamed = []
         ids = prompt_inputs(tok, "w5 w6 w7")["input_ids"][0].tolist()  # `flextron generate`'s decoder
@@ -297,3 +314,24 @@ def test_query_head_exports_match_the_elastic_model(kind, tmp_path):
         assert sum(p.numel() for p in model.parameters()) == subnet_cost(em, sub).params
         with em.subnet(sub), torch.no_grad():
             assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gpt2"])
+def test_hidden_size_that_the_heads_do_not_divide(kind, tmp_path):
+    """Llama's and Gemma's configs refuse a hidden size that is not a multiple of the heads (34, 8
+    heads): the uniform sub-network goes per-layer, whose configs give every projection its size;
+    transformers' GPT-2 attention cannot be built at such a size (34, 4 heads): refused in one line."""
+    em = make_elastic(kind)
+    em.set_space(em.space.with_hidden(em.hidden_size, (34 / 64, 1.0), 2))
+    sub = em.space.uniform(1, 3 if kind == "gpt2" else 1, hidden_index=0)
+    assert sub.hidden == 34
+    if kind == "gpt2":
+        with pytest.raises(FlextronError, match="needs a hidden size that its 4 heads divide, not 34") as refused:
+            export(em, make_tokenizer(), sub, tmp_path / "x")
+        assert "\n" not in str(refused.value) and not any(tmp_path.iterdir())
+        return
+    model = AutoModelForCausalLM.from_pretrained(export(em, make_tokenizer(), sub, tmp_path / "x"))
+    assert type(model).__name__ in PER_LAYER_CLASSES and model.config.hidden_size == 34
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with em.subnet(sub), torch.no_grad():
+        assert (model(ids).logits - em(ids).logits).abs().max().item() < 1e-4

@@ -1,5 +1,6 @@
 """GGUF export: llama.cpp runs the written file with the elastic model's logits and tokens."""
 
+import dataclasses
 import json
 
 import gguf
@@ -36,7 +37,12 @@ def sharp_elastic(kind: str, **space) -> ElasticModel:
 
 
 def subnet_for(em: ElasticModel, case: str) -> Subnet:
+    """full, uniform, per_layer; hidden_uniform / hidden_per_layer: those at hidden sizes 32 / 48 of 64
+    (make_elastic(hidden=True)), the head size unchanged."""
     s = em.space
+    if case.startswith("hidden_"):
+        sub = subnet_for(em, case.removeprefix("hidden_"))
+        return dataclasses.replace(sub, hidden=s.hidden[0] if case == "hidden_uniform" else s.hidden[1])
     if case == "full":
         return s.full()
     if case == "uniform":  # GPT-2: llama.cpp needs all its heads
@@ -44,21 +50,32 @@ def subnet_for(em: ElasticModel, case: str) -> Subnet:
     return Subnet(mlp=[s.mlp[0][0], s.mlp[1][2]], attn=[s.attn[0][1], s.attn[1][3]])
 
 
-@pytest.mark.parametrize("case", ["full", "uniform", "per_layer"])
+# The words of the one-line refusals.
+_OWN_HEAD = "reads the output layer from the embeddings, and this Qwen3 has its own"
+_GPT2_HEADS = "sizes its heads as hidden size / heads"
+REFUSED = {("qwen3", "per_layer"): _OWN_HEAD, ("gpt2", "per_layer"): "all heads",
+           ("qwen3", "hidden_per_layer"): _OWN_HEAD, ("gpt2", "hidden_uniform"): _GPT2_HEADS,
+           ("gpt2", "hidden_per_layer"): _GPT2_HEADS}
+
+
+@pytest.mark.parametrize("case", ["full", "uniform", "per_layer", "hidden_uniform", "hidden_per_layer"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_llamacpp_logits_equal_elastic_model(kind, case, tmp_path):
-    em, tok = sharp_elastic(kind), make_bpe_tokenizer()
+    em, tok = sharp_elastic(kind, hidden=case.startswith("hidden_")), make_bpe_tokenizer()
     sub = subnet_for(em, case)
-    if kind in ("qwen3", "gpt2") and case == "per_layer":
-        with pytest.raises(FlextronError, match="reads the output layer from the embeddings, and this Qwen3 has its "
-                           "own" if kind == "qwen3" else "all heads"):
+    if (kind, case) in REFUSED:
+        with pytest.raises(FlextronError, match=REFUSED[kind, case]) as refused:
             write_gguf(em, tok, sub, tmp_path / "m.gguf")
-        assert not any(tmp_path.iterdir())
+        assert "\n" not in str(refused.value) and not any(tmp_path.iterdir())
         return
     info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
-    # Qwen2's own llama.cpp architecture needs all query heads (its q width is the hidden size).
-    per_layer = case == "per_layer" or (kind == "qwen2" and case == "uniform")
+    # Qwen2's own llama.cpp architecture sizes q by the hidden size: all 8 query heads of 8 at 64, 4 at 32.
+    per_layer = case.endswith("per_layer") or (kind == "qwen2" and case == "uniform")
     assert info["architecture"] == ("deci" if per_layer else {"mistral": "llama"}.get(kind, kind))
+    if sub.hidden is not None:  # n_embd is the hidden size; the head size and the RoPE dimensions stay the model's
+        fields, arch = gguf.GGUFReader(tmp_path / "m.gguf").fields, info["architecture"]
+        keys = ("embedding_length", "attention.key_length", "attention.value_length", "rope.dimension_count")
+        assert [fields[f"{arch}.{k}"].contents() for k in keys] == [sub.hidden, 8, 8, 8]
     diff = np.abs(gguf_logits(tmp_path / "m.gguf", IDS) - elastic_logits(em, sub, IDS)).max()
     assert diff < TOL, diff
 
@@ -110,20 +127,22 @@ def test_greedy_32_tokens_equal(case, tmp_path):
         assert llamacpp.greedy(llm, IDS[:8], 32) == hf_greedy(em, sub, IDS[:8], 32)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_depth_sub_networks_run_in_llamacpp(kind, tmp_path):
+@pytest.mark.parametrize("kind,hidden", [("llama", None), ("qwen2", None), ("llama", 48)])
+def test_depth_sub_networks_run_in_llamacpp(kind, hidden, tmp_path):
     """Layer 0 without attention, layer 1 without MLP (the deci trap: a zero FFN keeps its attention
     output), layer 2 skipped whole (left out), layer 3 full; then layer 2 without attention (deci's
-    attention-free layer, head_count 0): logits and greedy tokens equal."""
-    em, tok = sharp_elastic(kind, n_layers=4, min_layers=1), make_bpe_tokenizer()
+    attention-free layer, head_count 0): logits and greedy tokens equal; also at a smaller hidden size
+    (the zero stand-ins at that size)."""
+    em, tok = sharp_elastic(kind, n_layers=4, min_layers=1, hidden=hidden is not None), make_bpe_tokenizer()
     s = em.space
-    sub = Subnet(mlp=[s.mlp[0][2], 0, 0, s.mlp[3][-1]], attn=[0, s.attn[1][2], 0, s.attn[3][-1]])
+    sub = Subnet(mlp=[s.mlp[0][2], 0, 0, s.mlp[3][-1]], attn=[0, s.attn[1][2], 0, s.attn[3][-1]], hidden=hidden)
     info = write_gguf(em, tok, sub, tmp_path / "m.gguf")
     assert info["architecture"] == "deci"
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["deci.block_count"].contents() == 3
     assert reader.fields["deci.attention.head_count"].contents() == [2, 4, 8]  # layer 0: a zero KV group
-    middle = Subnet(mlp=[s.mlp[0][1], 0, s.mlp[2][-1], s.mlp[3][-1]], attn=[s.attn[0][1], s.attn[1][2], 0, 0])
+    middle = Subnet(mlp=[s.mlp[0][1], 0, s.mlp[2][-1], s.mlp[3][-1]], attn=[s.attn[0][1], s.attn[1][2], 0, 0],
+                    hidden=hidden)
     write_gguf(em, tok, middle, tmp_path / "middle.gguf")
     for path, net in ((tmp_path / "m.gguf", sub), (tmp_path / "middle.gguf", middle)):
         diff = np.abs(gguf_logits(path, IDS) - elastic_logits(em, net, IDS)).max()

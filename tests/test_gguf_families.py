@@ -2,6 +2,8 @@
 SmolLM3) and per-layer Qwen3: llama.cpp runs each written file with the elastic model's logits,
 and what its graphs cannot hold is refused in one line, writing nothing."""
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -12,7 +14,16 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.gguf import layer_counts, write_gguf
 from flextron.space import ElasticSpace, Subnet
-from helpers import NEW_KINDS, THREADS, VOCAB, elastic_logits, gguf_logits, make_bpe_tokenizer, make_model
+from helpers import (
+    HIDDEN_FRACTIONS,
+    NEW_KINDS,
+    THREADS,
+    VOCAB,
+    elastic_logits,
+    gguf_logits,
+    make_bpe_tokenizer,
+    make_model,
+)
 
 TOL = 1e-4  # f32 weights and KV cache, as tests/test_gguf.py: observed up to 3e-7
 # ggml's CPU GELU reads an f16 lookup table: Gemma's logits are up to 2.3e-4 off on these models
@@ -43,11 +54,20 @@ EXPECTED = {
     # Qwen3 with tied embeddings (0.6B-4B): per-layer in llama.cpp's openelm (fused q|k|v, per-head q/k norms).
     ("qwen3-tied", "full"): "qwen3", ("qwen3-tied", "uniform"): "qwen3", ("qwen3-tied", "per_layer"): "openelm",
     ("qwen3-tied", "depth"): "openelm",
+    # hidden_*: at hidden size 32 of 64 ("uniform": 4 query heads x 8 = 32, what the q width of llama.cpp's
+    # qwen2 / olmo2 / phi3 graphs needs; "uniform_mlp": all 8 heads), "per_layer" and "depth" at 48.
+    # Gemma's embedding scale sqrt(hidden) is folded into the weights (export._fold_embedding_scale).
+    ("gemma2", "hidden_uniform"): "gemma2", ("gemma2", "hidden_uniform_mlp"): "gemma2",
+    ("gemma3", "hidden_uniform"): "gemma3", ("gemma3", "hidden_uniform_mlp"): "gemma3",
+    ("olmo2", "hidden_uniform"): "olmo2", ("olmo2", "hidden_uniform_mlp"): "query heads x head size = the hidden size",
+    ("phi3", "hidden_uniform"): "phi3", ("phi3-rotary", "hidden_uniform_mlp"): "deci",
+    ("phi3-rotary", "hidden_per_layer"): "deci", ("granite", "hidden_per_layer"): "deci",
+    ("granite", "hidden_depth"): "deci", ("qwen3-tied", "hidden_per_layer"): "openelm",
 }
 assert {k for k, _ in EXPECTED} >= set(NEW_KINDS)
 
 
-def elastic(model, min_layers: int | None = None) -> ElasticModel:
+def elastic(model, min_layers: int | None = None, hidden: bool = False) -> ElasticModel:
     """An elastic model of `model` as helpers' make_elastic builds it, q/k weights x8 (peaked
     attention, so that rotary layout, sliding windows and attention scales show in the logits)."""
     with torch.no_grad():
@@ -58,7 +78,8 @@ def elastic(model, min_layers: int | None = None) -> ElasticModel:
     b = em.blocks[0]
     space = ElasticSpace.default(len(em.blocks), b.mlp.n_units, b.attn.n_units, multiple=8,
                                  kv_groups=b.geometry.n_kv_heads)
-    em.set_space(space if min_layers is None else space.with_depth(min_layers))
+    space = space if min_layers is None else space.with_depth(min_layers)
+    em.set_space(space.with_hidden(em.hidden_size, HIDDEN_FRACTIONS, 16) if hidden else space)
     return em
 
 
@@ -83,6 +104,9 @@ def family_model(kind: str):
 
 def subnet_for(em: ElasticModel, case: str) -> Subnet:
     s, n = em.space, em.space.n_layers
+    if case.startswith("hidden_"):
+        sub = subnet_for(em, case.removeprefix("hidden_"))
+        return dataclasses.replace(sub, hidden=s.hidden[0] if case.startswith("hidden_uniform") else s.hidden[1])
     if case == "full":
         return s.full()
     if case == "uniform":
@@ -104,7 +128,8 @@ def max_diff(em: ElasticModel, subnet: Subnet, path) -> float:
 @pytest.mark.parametrize("kind,case", list(EXPECTED))
 def test_llamacpp_logits_equal_elastic_model(kind, case, tmp_path):
     n_layers = 4 if kind == "smollm3-4" else 2
-    em = elastic(family_model(kind), min_layers=1 if case in ("depth", "no_rope_attn_skipped") else None)
+    em = elastic(family_model(kind), min_layers=1 if case.endswith(("depth", "no_rope_attn_skipped")) else None,
+                 hidden=case.startswith("hidden_"))
     assert em.space.n_layers == n_layers
     sub, expected = subnet_for(em, case), EXPECTED[kind, case]
     out = tmp_path / "m.gguf"

@@ -3,7 +3,20 @@ import torch
 
 from flextron.elastic import ElasticModel
 from flextron.importance import measure_importance, random_importance, sort_by_importance
-from helpers import VOCAB, make_model
+from helpers import VOCAB, make_elastic, make_model
+
+# The norms over the residual stream of each tiny model (by their last name): pre- and post-norms, the final norm.
+STREAM_NORMS = {"llama": {"input_layernorm", "post_attention_layernorm", "norm"},
+                "gemma3": {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm", "norm"},
+                "gpt2": {"ln_1", "ln_2", "ln_f"}}
+
+
+def hidden_elastic(kind: str):
+    """A tiny elastic model with hidden sizes 32, 48 and 64."""
+    em = make_elastic(kind)
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
+    return em
 
 
 @pytest.mark.parametrize("attn_unit", ["group", "head"])
@@ -79,6 +92,52 @@ def test_random_importance_is_seeded():
     em = ElasticModel(make_model("llama"))
     a, b = random_importance(em, 3), random_importance(em, 3)
     assert all(torch.equal(x, y) for x, y in zip(a.mlp + a.attn, b.mlp + b.attn))
+    assert a.hidden is None and "hidden" not in a.to_dict()
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 1.0), 16))
+    c = random_importance(em, 3)  # the channels are drawn last: the other scores are those of the old space
+    assert all(torch.equal(x, y) for x, y in zip(a.mlp + a.attn, c.mlp + c.attn)) and a.layers == c.layers
+    assert c.hidden.shape == (em.hidden_size,) and torch.equal(c.hidden, random_importance(em, 3).hidden)
+    assert not torch.equal(c.hidden, random_importance(em, 4).hidden)
+
+
+@pytest.mark.parametrize("kind", sorted(STREAM_NORMS))
+def test_hidden_scores_are_the_magnitude_of_the_normalised_stream(kind):
+    """Per norm over the stream, each sequence's mean |output| per channel, L2 over sequences; summed over norms."""
+    em, ref = hidden_elastic(kind), make_model(kind)
+    seqs = torch.randint(0, VOCAB, (5, 12))
+    outs = {}
+    norms = [(n, m) for n, m in ref.named_modules() if n.rsplit(".", 1)[-1] in STREAM_NORMS[kind]]
+    assert len(norms) == len(STREAM_NORMS[kind]) * 2 - 1  # per block, and the final norm once
+    for name, m in norms:
+        m.register_forward_hook(lambda m, a, out, name=name: outs.setdefault(name, []).append(out.detach()))
+    with torch.no_grad():
+        ref(input_ids=seqs)
+    want = sum(torch.cat(outs[name]).abs().mean(dim=1).norm(dim=0) for name, _ in norms)
+    imp = measure_importance(em, seqs, batch_size=2, progress=False)
+    assert torch.allclose(imp.hidden, want, rtol=1e-5)
+    assert imp.to_dict()["hidden"] == imp.hidden.tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
+def test_channels_sorted_by_importance_keep_the_function(kind):
+    em, ref = hidden_elastic(kind), make_model(kind)
+    seqs = torch.randint(0, VOCAB, (4, 12))
+    imp = sort_by_importance(em, measure_importance(em, seqs, batch_size=2, progress=False))
+    assert (imp.hidden[:-1] >= imp.hidden[1:]).all() and not torch.equal(
+        em.model.get_input_embeddings().weight, ref.get_input_embeddings().weight)  # the channels moved
+    x = torch.randint(0, VOCAB, (2, 10))
+    assert (em(input_ids=x).logits - ref(input_ids=x).logits).abs().max() < 1e-4
+    again = measure_importance(em, seqs, batch_size=2, progress=False)  # the permuted model scores in order
+    assert torch.allclose(again.hidden, imp.hidden, rtol=1e-4)
+
+
+def test_a_space_without_hidden_choices_scores_no_channels():
+    em = make_elastic("llama")
+    imp = measure_importance(em, torch.randint(0, VOCAB, (2, 8)), progress=False)
+    assert imp.hidden is None and "hidden" not in imp.to_dict()
+    before = em.model.get_input_embeddings().weight.clone()
+    sort_by_importance(em, imp)
+    assert torch.equal(em.model.get_input_embeddings().weight, before)
 
 
 def test_block_importance_ranks_a_sub_layer_that_adds_nothing_first(kind):

@@ -100,7 +100,7 @@ def test_noisy_timings_give_a_monotone_table_and_feasible_projections():
     import torch
 
     from flextron.cost import CostTable
-    from flextron.routers import project
+    from flextron.routers import Choices, project
 
     em = make_elastic()
     # Nearly flat first steps (24 -> 48 neurons, 1 -> 2 units) under timer noise ten times larger.
@@ -131,7 +131,7 @@ def test_noisy_timings_give_a_monotone_table_and_feasible_projections():
     full = table.full
     for target in np.linspace(cheapest, full, 25):
         lm, la = (torch.randn(2, 4, generator=gen).log_softmax(-1) for _ in range(2))
-        assert table(project(em.space, table, lm, la, target)) <= target * (1 + 1e-9)
+        assert table(project(em.space, table, Choices(lm, la), target)) <= target * (1 + 1e-9)
     # A table stored by an earlier version (inverted) is refitted from its own measurements.
     old = {"decode_ms": {**fitted, "mlp": {"24": 0.0, "48": 1.2, "72": 1.0, "96": 2.0}}, "prefill_ms": fitted,
            "measurements": [{"role": "fit", "subnet": s.to_dict(), "decode_ms": v, "prefill_ms": v}
@@ -195,7 +195,7 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
     in that graph."""
     from flextron.budgets import uniform_subnet_for
     from flextron.latency_table import per_layer_graph
-    from flextron.routers import project
+    from flextron.routers import Choices, project
 
     em = make_elastic()
     table, deci, own = two_graph_table(em)
@@ -237,7 +237,7 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
         logits = torch.full((2, 4), -5.0)
         logits[:, [24, 48, 72, 96].index(w)] = 0.0
         target = deci(Subnet(mlp=[w, w], attn=[4, 4]))["decode_ms"] + 1.0
-        assert cost(project(em.space, cost, logits, torch.zeros(2, 4), target)) <= target
+        assert cost(project(em.space, cost, Choices(logits, torch.zeros(2, 4)), target)) <= target
 
 
 def _fitted_table(em) -> dict:

@@ -54,6 +54,36 @@ def test_chunked_loss_equals_the_full_logits_loss_in_value_and_gradient(kind):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_chunked_loss_at_a_smaller_hidden_size_equals_the_loss_on_the_models_own_logits(kind):
+    """The student's hidden states have d channels: its head reads the first d columns; the teacher's all."""
+    em, teacher = ElasticModel(make_model(kind, seed=0)), ElasticModel(make_model(kind, seed=1))
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 1.0), 16))
+    em.set_subnet(em.space.uniform(1, 1, hidden_index=0))
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+        t_hidden = teacher(input_ids=ids, head=lambda h, out: h)
+
+    logits = em(input_ids=ids).logits
+    ref_loss = kd_loss(logits, t_logits) + 0.5 * F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in em.named_parameters() if p.grad is not None}
+    em.zero_grad()
+
+    widths = []
+    loss, _, _ = em(input_ids=ids, head=lambda h, out: widths.append(h.shape[-1]) or chunked_distill_loss(
+        h, t_hidden, ids, out, teacher.model.get_output_embeddings(), 1.0, 0.5, chunk=4))
+    loss.backward()
+    assert widths == [32] and torch.allclose(loss, ref_loss, rtol=1e-5)
+    head = em.model.get_output_embeddings().weight
+    assert head.grad[:, :32].abs().sum() > 0 and not head.grad[:, 32:].any()  # unused columns get nothing
+    assert {n for n, p in em.named_parameters() if p.grad is not None} == set(ref)
+    for n, p in em.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, ref[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_no_vocabulary_wide_tensor_is_kept_for_backward():
     em = ElasticModel(make_model("llama"))
     ids = torch.randint(0, 128, (2, 16))

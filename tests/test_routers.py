@@ -9,7 +9,17 @@ from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable
 from flextron.options import RouteOptions
-from flextron.routers import ROUTER_WEIGHTS, Routers, StaticRouter, decode, encode_budget, gumbel, project
+from flextron.routers import (
+    ROUTER_WEIGHTS,
+    Choices,
+    Routers,
+    StaticRouter,
+    decode,
+    encode_budget,
+    expected_cost,
+    gumbel,
+    project,
+)
 from flextron.space import Budget, ElasticSpace, Subnet
 from helpers import make_elastic
 
@@ -43,7 +53,7 @@ def test_projection_meets_the_budget():
     for fraction in (0.3, 0.5, 0.7, 0.9):
         lm = torch.randn(2, 4, generator=gen).log_softmax(-1)
         la = torch.randn(2, 4, generator=gen).log_softmax(-1)
-        sub = project(em.space, table, lm, la, fraction * full, slack=0.05)
+        sub = project(em.space, table, Choices(lm, la), fraction * full, slack=0.05)
         cost = table(sub)
         assert cost <= fraction * full
         # Not far below either, unless one more step of any layer would overshoot.
@@ -77,8 +87,8 @@ def test_routers_roundtrip_through_the_checkpoint(trained_routers, tmp_path):
 def test_router_output_shapes_follow_the_space():
     space = ElasticSpace(mlp=[[8, 16, 96], [48, 96]], attn=[[1, 4], [2, 4]])
     router = StaticRouter(space, (0.5, 1.0))
-    mlp, attn = router(0.7)
-    assert mlp.shape == (2, 3) and attn.shape == (2, 2)
+    mlp, attn, hidden = router(0.7)
+    assert mlp.shape == (2, 3) and attn.shape == (2, 2) and hidden is None
     assert torch.isinf(mlp[1, 2]) and torch.isfinite(mlp[0]).all()
 
 
@@ -89,21 +99,21 @@ def test_a_prior_sets_the_argmax_at_its_grid_budget_and_survives_a_reload(tmp_pa
     router = StaticRouter(em.space, (0.5, 1.0))
     start = em.space.uniform(1, 2, 1, 0)
     router.set_prior(0.5, start, 3.0)
-    assert decode(em.space, *router(0.5)) == start
+    assert decode(em.space, router(0.5)) == start
     assert router.prior[1].abs().sum() == 0  # the other grid budget keeps its own logits
-    mlp, _ = router(0.5)
+    mlp = router(0.5).mlp
     # Logits fall with the distance from the start: the next width is a likelier draw than a skip.
     assert mlp[0, 2] > mlp[0, 3] > mlp[0, 0] and mlp[0, 2] - mlp[0, 0] > 5
     Routers(router, "params", RouteOptions(budgets=(0.5, 1.0))).save(tmp_path)
     loaded = Routers.load(tmp_path, em.space).static
-    assert torch.equal(loaded.prior, router.prior) and decode(em.space, *loaded(0.5)) == start
+    assert torch.equal(loaded.prior, router.prior) and decode(em.space, loaded(0.5)) == start
     # Routers saved before priors existed load with none: their logits are what they were.
     state = load_file(tmp_path / ROUTER_WEIGHTS)
     del state["prior"]
     save_file(state, tmp_path / ROUTER_WEIGHTS)
     old = Routers.load(tmp_path, em.space).static
     assert old.prior.abs().sum() == 0
-    assert all(torch.equal(a, b) for a, b in zip(old(1.0), router(1.0)))
+    assert all(torch.equal(a, b) for a, b in zip(old(1.0)[:2], router(1.0)[:2]))
 
 
 def test_projection_never_skips_below_the_floor():
@@ -113,10 +123,10 @@ def test_projection_never_skips_below_the_floor():
     smallest = table.smallest
     skip_first = torch.tensor([[0.0, -9, -9, -9, -9]] * 4)  # the router wants every sub-layer skipped
     for fraction in (smallest / full, 0.5, 0.9):
-        sub = project(em.space, table, skip_first, skip_first, fraction * full)
+        sub = project(em.space, table, Choices(skip_first, skip_first), fraction * full)
         em.space.validate(sub)
         assert table(sub) <= fraction * full * (1 + 1e-9)
-    assert decode(em.space, skip_first, skip_first) == em.space.floor(Subnet(mlp=[0] * 4, attn=[0] * 4))
+    assert decode(em.space, Choices(skip_first, skip_first)) == em.space.floor(Subnet(mlp=[0] * 4, attn=[0] * 4))
 
 
 def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(trained_routers):
@@ -137,8 +147,8 @@ def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(tr
             target = f * full
             r = router_fraction(em, latency, target)
             # The router's own choice at that budget fits the latency target, a slightly larger one does not.
-            assert latency(decode(em.space, *routers.static(r))) <= target
-            assert r == 1.0 or latency(decode(em.space, *routers.static(min(1.0, r + 0.02)))) > target
+            assert latency(decode(em.space, routers.static(r))) <= target
+            assert r == 1.0 or latency(decode(em.space, routers.static(min(1.0, r + 0.02)))) > target
             chosen = select_subnet(em, Budget.parse(f"latency_ms={f:.0%}"))
             assert latency(chosen) <= target
     finally:
@@ -190,3 +200,49 @@ def test_damaged_routers_are_refused_in_one_line_when_loaded(tmp_path, damage, m
     (tmp_path / "routers.json").write_text("[" * 100_000)  # nested past the parser's recursion limit
     with pytest.raises(FlextronError, match="unreadable"):
         Routers.load(tmp_path, em.space)
+
+
+def hidden_elastic():
+    em = make_elastic()
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))  # 32, 48, 64 channels
+    return em
+
+
+def test_a_router_over_hidden_sizes_outputs_and_keeps_a_hidden_choice(tmp_path):
+    em = hidden_elastic()
+    router = StaticRouter(em.space, (0.5, 1.0))
+    assert router(0.7).hidden.shape == (3,) and router.n_choices == 2 * 4 + 2 * 4 + 3
+    start = em.space.uniform(1, 2, hidden_index=0)
+    router.set_prior(0.5, start, 3.0)
+    assert decode(em.space, router(0.5)) == start and start.hidden == 32
+    Routers(router, "params", RouteOptions(budgets=(0.5, 1.0))).save(tmp_path)
+    assert decode(em.space, Routers.load(tmp_path, em.space).static(0.5)) == start
+
+
+def test_expected_cost_prices_the_hidden_choice_with_its_own_table():
+    em = hidden_elastic()
+    table = cost_table(em, "params")
+    for sub in (em.space.smallest(), em.space.uniform(2, 1, hidden_index=1), em.space.full()):
+        onehot = Choices(*(torch.nn.functional.one_hot(torch.tensor([c.index(x) for c, x in zip(choices, taken)]),
+                                                       4).float() for choices, taken in ((em.space.mlp, sub.mlp),
+                                                                                         (em.space.attn, sub.attn))),
+                         torch.nn.functional.one_hot(torch.tensor(em.space.hidden_index(sub)), 3).float())
+        assert expected_cost(table, onehot).item() == pytest.approx(table(sub))
+    assert table(em.space.uniform(3, 3, hidden_index=0)) < table(em.space.full())
+
+
+def test_projection_moves_the_hidden_size_like_any_choice():
+    em = hidden_elastic()
+    table = cost_table(em, "params")
+    full, wide = table.full, torch.tensor([[-9.0, -9, -9, 0]] * 2)
+    narrow_stream = Choices(wide, wide, torch.tensor([0.0, -9, -9]))  # full widths, the smallest hidden size
+    wide_stream = Choices(torch.tensor([[0.0, -9, -9, -9]] * 2), torch.tensor([[0.0, -9, -9, -9]] * 2),
+                          torch.tensor([-9.0, -9, 0]))  # narrow widths, the full hidden size
+    for fraction in (0.5, 0.7, 0.9):
+        for logp in (narrow_stream, wide_stream):
+            sub = project(em.space, table, logp, fraction * full)
+            assert table(sub) <= fraction * full * (1 + 1e-9)
+    # Full widths at the smallest hidden size fit half the model: the router's choice stays.
+    assert project(em.space, table, narrow_stream, 0.5 * full) == em.space.uniform(3, 3, hidden_index=0)
+    # Where even the narrowest widths at the full hidden size do not fit, the hidden size steps down.
+    assert project(em.space, table, wide_stream, table(em.space.uniform(0, 0)) * 0.9).hidden is not None

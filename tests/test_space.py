@@ -211,3 +211,79 @@ def test_an_unknown_sampling_mode_is_refused():
 
     with pytest.raises(FlextronError, match="unknown sampling mode 'wide'"):
         ElasticSpace.default(2, 96, 4, multiple=8).sample(torch.Generator(), "wide")
+
+
+def test_hidden_sizes_round_trip_and_old_spaces_have_none():
+    space = ElasticSpace.default(2, 96, 4, multiple=8).with_hidden(576, (0.25, 0.5, 1.0), 64)
+    assert space.hidden == [128, 256, 576]  # 144 and 288 to the nearest multiple of 64 (halves to even)
+    assert ElasticSpace.from_dict(space.to_dict()) == space and space.to_dict()["hidden"] == [128, 256, 576]
+    old = ElasticSpace.default(2, 96, 4, multiple=8)
+    assert "hidden" not in old.to_dict() and ElasticSpace.from_dict(old.to_dict()).hidden is None
+    assert ElasticSpace.from_dict({**old.to_dict(), "hidden": None}) == old
+    assert space.with_depth(1).hidden == space.hidden  # the depth choices keep the hidden ones
+    sub = space.uniform(1, 1, hidden_index=0)
+    assert sub.to_dict()["hidden"] == 128 and Subnet(**sub.to_dict()) == sub
+    assert "hidden" not in space.full().to_dict()  # the full size is None, written as before
+
+
+@pytest.mark.parametrize("hidden,match", [
+    ([64, 32], "must be distinct positive integers in ascending order"),
+    ([32, 32, 64], "must be distinct positive integers"),
+    ([0, 64], "must be distinct positive integers"),
+    ([], "must be distinct positive integers"),
+    ("64", "must be a list of integers"),
+    ([32.0, 64], "must be a list of integers"),
+    ([True, 64], "must be a list of integers"),
+])
+def test_bad_hidden_sizes_are_refused_in_one_line(hidden, match):
+    with pytest.raises(FlextronError, match=match) as e:
+        ElasticSpace.from_dict({"mlp": [[32, 64]], "attn": [[1, 2]], "hidden": hidden})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fractions,multiple,match", [
+    ((0.0, 1.0), 64, "hidden fraction 0.0 is outside \\(0, 1\\]"),
+    ((0.5, 1.5), 64, "hidden fraction 1.5 is outside"),
+    ((0.5,), 0, "--hidden-multiple must be a positive integer, got 0"),
+])
+def test_bad_hidden_fractions_are_refused(fractions, multiple, match):
+    with pytest.raises(FlextronError, match=match):
+        ElasticSpace.default(1, 96, 4).with_hidden(64, fractions, multiple)
+
+
+def test_sub_networks_of_a_hidden_space():
+    space = ElasticSpace.default(2, 96, 4, multiple=8).with_hidden(64, (0.5, 0.75, 1.0), 16)
+    assert space.full().hidden is None and space.smallest().hidden == 32 and space.centroid().hidden == 48
+    assert space.smallest() == Subnet(mlp=[24, 24], attn=[1, 1], hidden=32)
+    assert [space.uniform(0, 0, hidden_index=i).hidden for i in (None, 0, 1, 2, 9)] == [None, 32, 48, None, None]
+    assert [space.hidden_index(space.uniform(0, 0, hidden_index=i)) for i in range(3)] == [0, 1, 2]
+    assert space.hidden_index(Subnet(mlp=[24, 24], attn=[1, 1], hidden=64)) == 2  # the full size, written out
+    assert ElasticSpace.default(1, 96, 4).hidden_index(Subnet(mlp=[96], attn=[4])) == 0
+    assert ElasticSpace.default(2, 96, 4).with_hidden(64, (0.5, 1.0), 16).centroid().hidden is None  # upper middle
+    space.validate(space.smallest())
+    space.validate(Subnet(mlp=[96, 96], attn=[4, 4], hidden=64))
+    with pytest.raises(FlextronError, match="hidden size 40 is not in the elastic space \\[32, 48, 64\\]"):
+        space.validate(Subnet(mlp=[96, 96], attn=[4, 4], hidden=40))
+    with pytest.raises(FlextronError, match="hidden size 32 is not in the elastic space \\(no hidden-size choices\\)"):
+        ElasticSpace.default(2, 96, 4, multiple=8).validate(Subnet(mlp=[96, 96], attn=[4, 4], hidden=32))
+    depth = space.with_depth(1)
+    assert depth.smallest().hidden == 32 and depth.floor(Subnet(mlp=[0, 0], attn=[0, 0], hidden=48)).hidden == 48
+
+
+@pytest.mark.parametrize("mode", ["layers", "uniform", "spread"])
+def test_random_sub_networks_draw_the_hidden_size_last(mode):
+    """The widths (and skips) are the draws of the space without hidden sizes; one uniform draw follows."""
+    import torch
+
+    plain = ElasticSpace.default(4, 96, 4, multiple=8).with_depth(min_layers=2)
+    space = plain.with_hidden(64, (0.5, 0.75, 1.0), 16)
+    gen, ref = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    seen = set()
+    for _ in range(30):
+        sub = space.sample(gen, mode, ordered_skips=True)
+        space.validate(sub)
+        want = plain.sample(ref, mode, ordered_skips=True)
+        want.hidden = space.hidden_at(torch.randint(3, (1,), generator=ref).item())
+        assert sub == want
+        seen.add(sub.hidden)
+    assert seen == {32, 48, None}

@@ -3,7 +3,7 @@
 import torch
 
 from flextron.options import RouteOptions
-from flextron.routers import StaticRouter, gumbel
+from flextron.routers import Choices, StaticRouter, gumbel
 from flextron.space import ElasticSpace
 from flextron.train.surrogate import OnlineSurrogate, random_logits
 
@@ -20,17 +20,17 @@ def test_surrogate_learns_a_known_loss_of_the_choices():
         im, ia = mlp.argmax(-1), attn.argmax(-1)
         return (w_mlp[range(4), im].sum() + w_attn[range(4), ia].sum() + 0.5 * (im[0] == im[1])).item()
 
-    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, torch.device("cpu"))
+    surrogate = OnlineSurrogate(router.n_choices, cfg, gen, torch.device("cpu"))
     assert not surrogate.accurate  # nothing seen yet
     for _ in range(300):
-        logits = random_logits(router.mlp_mask, gen), random_logits(router.attn_mask, gen)
-        mlp, attn = (gumbel(x, 1.0, gen) for x in logits)
-        assert attn[:2, 2].sum() == 0  # padding never chosen
-        surrogate.observe(tuple(x.softmax(-1) for x in logits), (mlp, attn), loss(mlp, attn))
+        logits = Choices(random_logits(router.mlp_mask, gen), random_logits(router.attn_mask, gen))
+        sample = logits.map(lambda x: gumbel(x, 1.0, gen))
+        assert sample.attn[:2, 2].sum() == 0  # padding never chosen
+        surrogate.observe(logits.map(lambda x: x.softmax(-1)), sample, loss(sample.mlp, sample.attn))
     assert surrogate.accurate and surrogate.error < cfg.surrogate_threshold
     # Its gradient ranks one layer's choices as the known loss does (other layers held one-hot).
     mlp = torch.nn.functional.one_hot(torch.tensor([3, 0, 1, 2]), 4).float().requires_grad_(True)
     attn = torch.nn.functional.one_hot(torch.tensor([1, 1, 2, 0]), 3).float()
-    surrogate.predict(mlp, attn).backward()
+    surrogate.predict(Choices(mlp, attn)).backward()
     best, worst = w_mlp[2].argmin(), w_mlp[2].argmax()
     assert mlp.grad[2, best] < mlp.grad[2, worst]

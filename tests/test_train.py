@@ -327,6 +327,44 @@ def test_mixed_token_passes_train_per_token_widths(setup, tmp_path):
         api.train(ckpt, run, TrainOptions(max_steps=3, **FAST), [str(data)], device="cpu", resume=True, progress=False)
 
 
+def test_sampling_draws_hidden_sizes_the_smallest_with_the_smallest_network():
+    em = make_elastic("llama")
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
+    cfg = TrainOptions(max_steps=1, n_random=3, mixed_tokens=2, micro_batch=4, seq_len=8)
+    drawn = [sample_subnets(em, cfg, step) for step in range(8)]
+    for subs in drawn:
+        assert subs[0].hidden is None and subs[1] == em.space.smallest() and subs[1].hidden == 32
+        for picks in subs[5:]:  # mixed passes: a hidden size per row, as the attention choices
+            assert picks.hidden.shape == (4, 1) and picks.hidden.max() < 3
+    assert {s.hidden for subs in drawn for s in subs[2:5]} == {32, 48, None}
+    assert len({i for subs in drawn for picks in subs[5:] for i in picks.hidden.flatten().tolist()}) == 3
+    plain = make_elastic("llama")  # without hidden choices: no hidden sizes
+    assert all(p.hidden is None for p in sample_subnets(plain, cfg, 0)[5:])
+
+
+def test_a_training_step_on_a_hidden_space_trains_the_smallest_hidden_size(setup, tmp_path, monkeypatch):
+    import flextron.train.elastic as elastic
+
+    root, _, data = setup
+    ckpt = api.convert(str(root / "hf"), tmp_path / "ckpt", order="random", multiple=8, hidden_fractions=(0.5, 1.0),
+                       hidden_multiple=16, device="cpu", progress=False)
+    widths = []
+
+    def distill_loss(student, *args):
+        widths.append(student.shape[-1])
+        return loss_of(student, *args)
+
+    loss_of = elastic.distill_loss
+    monkeypatch.setattr(elastic, "distill_loss", distill_loss)
+    api.train(ckpt, tmp_path / "run", TrainOptions(max_steps=1, mixed_tokens=1, **FAST), [str(data)], device="cpu",
+              progress=False)
+    assert widths[:2] == [64, 32] and widths[-1] == 64  # full, smallest, ..., the mixed rows at full width, masked
+    em, _, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000001")
+    start = load_file(ckpt / "model.safetensors")
+    assert em.space.hidden == [32, 64]
+    assert not torch.equal(em.model.get_input_embeddings().weight, start["model.embed_tokens.weight"])
+
+
 def test_a_kill_while_run_json_is_written_leaves_a_run_that_starts(setup, tmp_path):
     root, ckpt, data = setup
     run = tmp_path / "run"

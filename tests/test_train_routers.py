@@ -58,8 +58,7 @@ def test_router_meets_its_budgets(trained_routers):
     full = table.full
     raw_costs = []
     for fraction in (0.4, 0.6, 0.8, 1.0):
-        mlp, attn = routers.static(fraction)
-        raw_costs.append(table(decode(em.space, mlp, attn)))
+        raw_costs.append(table(decode(em.space, routers.static(fraction))))
         # The router's own choice, before projection (two layers: few costs are reachable).
         assert abs(raw_costs[-1] / (fraction * full) - 1) < 0.15, (fraction, raw_costs[-1] / (fraction * full))
         chosen = table(select_subnet(em, Budget(fraction=fraction))) / (fraction * full)
@@ -89,7 +88,7 @@ def test_warm_start_begins_each_budget_where_the_loss_is_lowest():
         assert table(chosen) <= target * (1 + 1e-9)
         assert row["kd"] == pytest.approx(kd(chosen), abs=1e-6)
         assert row["kd"] <= min(kd(c) for c in uniform_candidates(em, table, target)) + 1e-6
-        assert decode(em.space, *router(row["budget"])) == chosen  # the router starts there
+        assert decode(em.space, router(row["budget"])) == chosen  # the router starts there
     assert rows[-1]["start"] == "uniform" and rows[-1]["kd"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -163,6 +162,27 @@ def test_default_grid_starts_at_the_smallest_sub_network_when_it_is_above_the_gr
     assert all(r.budget.fraction >= lowest for r in result["budgets"])
     with pytest.raises(FlextronError, match="smallest sub-network"):  # a grid the user chose is not moved
         api.route(ckpt, replace(cfg, budgets=(0.5, 1.0)), [str(data)], device="cpu", progress=False)
+
+
+def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path):
+    em = make_elastic()
+    em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(2000))
+    cfg = RouteOptions(budgets=(0.3, 0.6, 1.0), metric="params", steps=6, joint_steps=2, seq_len=16, micro_batch=2,
+                       eval_limit=1, check_sequences=2, surrogate_warmup=4, dtype="fp32")
+    result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
+    loaded, _, _ = load_checkpoint(ckpt)
+    table = cost_table(loaded, "params")
+    assert loaded.routers.static.n_hidden == 3
+    for row in result["budgets"]:
+        assert table(row.subnet) <= row.budget.fraction * table.full * (1 + 1e-9)
+    # A third of the parameters is out of reach at the full hidden size: the routed sub-network narrows the stream.
+    assert table(em.space.uniform(0, 0)) > 0.3 * table.full
+    assert select_subnet(loaded, Budget(fraction=0.3)).hidden is not None
+    with pytest.raises(FlextronError, match="adaptive routing does not run hidden-size choices"):
+        AdaptiveRouting(loaded, AdaptiveRouters(em.space.mlp, em.space.attn, em.hidden_size, cfg.budgets), table)
 
 
 def test_trained_adaptive_routers_meet_their_budgets_on_average():

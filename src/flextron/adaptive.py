@@ -68,6 +68,9 @@ class AdaptiveRouting:
     """
 
     def __init__(self, em: ElasticModel, routers: AdaptiveRouters, table: CostTable) -> None:
+        if em.space.hidden:
+            raise FlextronError("input-adaptive routing does not run hidden-size choices yet; use the static routers "
+                                "(they choose the hidden size per budget), or convert without --hidden-fractions")
         self.em, self.routers, self.table = em, routers, table
         tm, ta = (t.nan_to_num(posinf=0.0).float() for t in table.tensors())
         self.mlp_cost, self.attn_cost = tm, ta
@@ -150,7 +153,7 @@ class AdaptiveRouting:
             self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
             if self.em.routers is not None:
                 with torch.no_grad():
-                    mlp, attn = self.em.routers.static(grid_fraction)
+                    mlp, attn, _ = self.em.routers.static(grid_fraction)
                 self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
                                attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
         self.reset_stats()

@@ -62,7 +62,8 @@ def convert(model: str | None = None, out: str | Path = "flextron-ckpt", options
     `options` (or its fields as keyword arguments): the space is uniform from the fractions, or
     per layer from the JSON file `space`; `depth` adds choice 0 (skip the sub-layer) to every list;
     `min_layers` is the floor of layers that keep each kind of sub-layer. Sub-layers are skipped
-    in ascending importance.
+    in ascending importance. `hidden_fractions` adds hidden-size choices (multiples of
+    `hidden_multiple`), the residual stream's channels sorted by importance too.
     """
     return convert_checkpoint(model, Path(out), resolve(ConvertOptions, options, overrides),
                               device=resolve_device(device), overwrite=overwrite, progress=progress)
@@ -153,7 +154,9 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
     if subnet is None:
         subnet = select_subnet(em, Budget.parse(budget))
     elif isinstance(subnet, dict):
-        subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]))
+        hidden = subnet.get("hidden")  # the full size is spelled None, as every sub-network flextron makes
+        subnet = Subnet(mlp=list(subnet["mlp"]), attn=list(subnet["attn"]),
+                        hidden=None if hidden == em.hidden_size else hidden)
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
     if o.format == "gguf":
         from flextron.gguf import write_gguf

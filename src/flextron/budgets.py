@@ -3,7 +3,8 @@
 A budget (`0.5`, `latency_ms=25`, ...) resolves in one place: `budget_metric` (an `auto` budget
 follows the routers, else a measured latency table, else params), `cost_table`, `budget_target`
 (checked against the smallest sub-network), then `select_subnet`: the static router's choice
-projected onto the target, or without routers the largest uniform sub-network within it.
+projected onto the target, or without routers the largest uniform sub-network within it (in a
+space with hidden sizes, at any of them: a small budget may only be met at a smaller hidden size).
 `AdaptiveRouting.fraction` reads budgets through `budget_target` too.
 """
 
@@ -19,7 +20,7 @@ from flextron.cost import MEASURED, CostTable, analytic_table, fits
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.routers import decode, project
-from flextron.space import KINDS, Budget, Subnet
+from flextron.space import KINDS, Budget, ElasticSpace, Subnet
 
 
 def budget_metric(em: ElasticModel, budget: Budget) -> str:
@@ -42,7 +43,8 @@ def cost_table(em: ElasticModel, metric: str) -> CostTable:
 
 
 def smallest_fraction(em: ElasticModel, metric: str) -> float:
-    """The smallest sub-network's cost as a fraction of the full model's, in `metric` ("auto" allowed)."""
+    """The smallest sub-network's cost (smallest hidden size included) as a fraction of the full model's,
+    in `metric` ("auto" allowed)."""
     table = cost_table(em, budget_metric(em, Budget(metric=metric, fraction=1.0)))
     return table.smallest / table.full
 
@@ -68,13 +70,11 @@ def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
     return table, target
 
 
-def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]:
-    """The largest uniform sub-network within the budget: the same width index in every layer and,
-    in a depth space, the first layers of each kind's skip order skipped (`ElasticSpace.uniform`)."""
-    table, target = budget_target(em, budget)
-    space, n = em.space, em.space.n_layers
+def _uniform_parts(space: ElasticSpace, table: CostTable) -> dict[str, dict[tuple[int, ...], float]]:
+    """Per kind, every uniform choice of its layers (one width index, in a depth space a skip count)
+    and its summed terms in `table`: the cost separates into an MLP part and an attention part."""
+    n = space.n_layers
     skips = range(n - space.min_layers + 1) if space.depth else range(1)
-    # The cost separates into an MLP part and an attention part: enumerate each kind alone.
     parts: dict[str, dict[tuple[int, ...], float]] = {}
     for kind in KINDS:
         rows, lists = getattr(table, kind), getattr(space, kind)
@@ -83,15 +83,28 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
             for skip in skips:
                 chosen = getattr(space.uniform(i, i, skip, skip), kind)
                 parts[kind][tuple(chosen)] = sum(rows[layer][lists[layer].index(c)] for layer, c in enumerate(chosen))
-    # Among equal costs (a fitted latency table may price a width step at 0) the wider one wins.
-    best: tuple[tuple[float, int, int], Subnet] | None = None
-    for mlp, cost_mlp in parts["mlp"].items():
-        for attn, cost_attn in parts["attn"].items():
-            subnet = Subnet(mlp=list(mlp), attn=list(attn))
-            cost = table.const + cost_mlp + cost_attn if table.stock is None else table(subnet)
-            key = (cost, sum(mlp), sum(attn))
-            if fits(key[0], target) and (best is None or key > best[0]):
-                best = (key, subnet)
+    return parts
+
+
+def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]:
+    """The largest uniform sub-network within the budget: the same width index in every layer and,
+    in a depth space, the first layers of each kind's skip order skipped (`ElasticSpace.uniform`),
+    at each of the space's hidden sizes. Largest: the costliest that fits; among equal costs (a
+    fitted latency table may price a width step at 0) the larger hidden size, then the wider MLP,
+    then the wider attention wins."""
+    table, target = budget_target(em, budget)
+    space = em.space
+    best: tuple[tuple[float, int, int, int], Subnet] | None = None
+    for h in range(len(space.hidden or [None])):
+        at = table.at_hidden(h)
+        parts = _uniform_parts(space, at)
+        for mlp, cost_mlp in parts["mlp"].items():
+            for attn, cost_attn in parts["attn"].items():
+                subnet = Subnet(mlp=list(mlp), attn=list(attn), hidden=space.hidden_at(h))
+                cost = at.const + cost_mlp + cost_attn if table.stock is None else table(subnet)
+                key = (cost, h, sum(mlp), sum(attn))
+                if fits(key[0], target) and (best is None or key > best[0]):
+                    best = (key, subnet)
     if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
     return best[1], best[0][0]
@@ -99,21 +112,24 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
 
 def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_points: int = 5) -> list[Subnet]:
     """The maximal uniform sub-networks within `target`: every combination of an MLP and an
-    attention width index and, in a depth space, skip counts per kind (`skip_points` counts from 0
-    to the most the floor allows) that fits, kept unless a wider index or fewer skips also fit.
+    attention width index, in a depth space skip counts per kind (`skip_points` counts from 0
+    to the most the floor allows) and, in a space with hidden sizes, a hidden size, that fits,
+    kept unless a wider index, fewer skips or a larger hidden size also fit.
     Which of them is best is for the loss to say (`flextron.train.routers.warm_start`)."""
     space, n = em.space, em.space.n_layers
     most = n - space.min_layers if space.depth else 0
     skips = sorted({round(most * k / max(1, skip_points - 1)) for k in range(skip_points)})
-    sizes = [max(len(space.widths(kind, layer)) for layer in range(n)) for kind in KINDS] + [len(skips)] * 2
+    sizes = ([max(len(space.widths(kind, layer)) for layer in range(n)) for kind in KINDS] + [len(skips)] * 2
+             + [len(space.hidden or [None])])
     within = {}
-    for i, j, a, b in itertools.product(*(range(k) for k in sizes)):
-        subnet = space.uniform(i, j, skips[a], skips[b])
+    for i, j, a, b, h in itertools.product(*(range(k) for k in sizes)):
+        subnet = space.uniform(i, j, skips[a], skips[b], hidden_index=h)
         if fits(table(subnet), target):
-            within[(i, j, a, b)] = subnet
+            within[(i, j, a, b, h)] = subnet
     out: list[Subnet] = []
-    for (i, j, a, b), subnet in within.items():
-        bigger = ((i + 1, j, a, b), (i, j + 1, a, b), (i, j, a - 1, b), (i, j, a, b - 1))
+    for (i, j, a, b, h), subnet in within.items():
+        bigger = ((i + 1, j, a, b, h), (i, j + 1, a, b, h), (i, j, a - 1, b, h), (i, j, a, b - 1, h),
+                  (i, j, a, b, h + 1))
         if not any(k in within for k in bigger) and subnet not in out:
             out.append(subnet)
     return out
@@ -138,8 +154,7 @@ def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
             return subnet
         if check["kept"] == "uniform":  # the table changed since (re-profiled): the rule, not the choice
             return uniform_subnet_for(em, budget)[0]
-    mlp, attn = em.routers.static(fraction)
-    return project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+    return project(em.space, table, em.routers.static(fraction).map(lambda t: F.log_softmax(t, -1)), target)
 
 
 @torch.no_grad()
@@ -157,7 +172,7 @@ def router_fraction(em: ElasticModel, table: CostTable, target: float, iters: in
     lo, hi = grid[0].item(), 1.0
 
     def chosen_fits(fraction: float) -> bool:
-        return fits(table(decode(em.space, *em.routers.static(fraction))), target)
+        return fits(table(decode(em.space, em.routers.static(fraction))), target)
 
     if chosen_fits(hi):
         return hi

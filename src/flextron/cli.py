@@ -105,12 +105,14 @@ def _human(n: float) -> str:
 
 def print_space(rows: list[dict]) -> None:
     table = Table(title="Elastic search space")
-    for col in ("sub-network", "MLP width", "attn units", "params", "non-emb params",
-                "FLOPs/token", "KV bytes/token"):
+    hidden = any("hidden" in r["subnet"] for r in rows)  # a space with hidden sizes (its smallest has one)
+    for col in ("sub-network", "MLP width", "attn units", *(("hidden",) if hidden else ()), "params",
+                "non-emb params", "FLOPs/token", "KV bytes/token"):
         table.add_column(col, justify="right")
     for r in rows:
         c = r["cost"]
-        table.add_row(r["name"], widths_cell(r["subnet"]["mlp"]), widths_cell(r["subnet"]["attn"]),
+        size = (str(r["subnet"].get("hidden", "full")),) if hidden else ()
+        table.add_row(r["name"], widths_cell(r["subnet"]["mlp"]), widths_cell(r["subnet"]["attn"]), *size,
                       _human(c["params"]), _human(c["params_nonembed"]),
                       _human(c["flops_per_token"]), _human(c["kv_bytes_per_token"]))
     console.print(table)

@@ -1,5 +1,6 @@
 """Stage 0, `flextron convert`: a Hugging Face model as an elastic checkpoint — its elastic space,
-its units sorted by importance on calibration text (or randomly, the ablation), a manifest of how."""
+its units (and, with hidden-size choices, the residual stream's channels) sorted by importance on
+calibration text (or randomly, the ablation), a manifest of how."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from flextron.fsutil import check_output_dir
 from flextron.importance import default_attn_score, measure_importance, random_importance, sort_by_importance
 from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
-from flextron.selfcheck import checked_elastic
+from flextron.selfcheck import check_hidden, checked_elastic
 from flextron.space import ElasticSpace
 
 
@@ -42,6 +43,20 @@ def _read_space(path: str) -> ElasticSpace:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FlextronError(f"cannot read the elastic space {path} ({e}); it needs "
                             '{"mlp": [[widths per layer]], "attn": [[units per layer]]}') from None
+
+
+def _with_hidden(space: ElasticSpace, size: int, o: ConvertOptions) -> ElasticSpace:
+    """`space` with the hidden sizes --hidden-fractions asks for (a --space file may list them itself)."""
+    if o.hidden_fractions is None:
+        return space
+    asked = space.with_hidden(size, o.hidden_fractions, o.hidden_multiple)
+    if space.hidden is not None and space.hidden != asked.hidden:
+        raise FlextronError(f"--hidden-fractions gives hidden sizes {asked.hidden}, the space file {space.hidden}; "
+                            "drop one of them")
+    if len(asked.hidden) == 1:
+        raise FlextronError(f"--hidden-fractions {','.join(f'{f:g}' for f in o.hidden_fractions)} in multiples of "
+                            f"{o.hidden_multiple} leave only the full hidden size {size}; lower --hidden-multiple")
+    return asked
 
 
 def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, overwrite: bool, progress: bool) -> Path:
@@ -69,7 +84,9 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
         space = space.with_depth(o.min_layers, space.skip_order)
     elif o.min_layers is not None:
         space = dataclasses.replace(space, min_layers=o.min_layers)
-    em.set_space(space)
+    em.set_space(_with_hidden(space, em.hidden_size, o))
+    if em.space.hidden is not None:
+        check_hidden(em)
     if o.order == "importance":
         ids = tokenize(tok, _calibration_text(o.calib_data))
         seqs = sample_sequences(ids, o.calib_sequences, o.calib_seq_len, o.seed)

@@ -5,18 +5,28 @@ projections themselves, so every family follows one rule) or measured (the laten
 table of `flextron.latency_table`); `flextron.budgets.cost_table` gives either by metric name.
 Routers read the same tables as tensors for expected costs.
 
-- params: non-embedding parameters in use;
+- params: the parameters a sub-network's choices govern. Without hidden-size choices: the
+  non-embedding parameters in use (the embeddings and LM head never shrink, so a fraction of them
+  would only blur the budget). In a space with hidden sizes: every parameter in use, the token (and
+  position) embeddings and an untied LM head at the sub-network's hidden size included, in the
+  constant (they are d columns wide, and shrinking them is the point of the axis);
 - flops: per token = 2 x matmul weights in use (lm_head included, biases and norms left out)
   + 4 x active query heads x head_dim x context (QK^T and AV for a token attending to
   `context` positions);
-- kv_bytes: KV-cache bytes per token; decode_bytes: weight bytes read per decoded token;
+- kv_bytes: KV-cache bytes per token (head sizes never change with the hidden size);
+  decode_bytes: weight bytes read per decoded token (the LM head included, the embeddings not);
 - latency_ms / prefill_ms: measured decode (per token) / prefill latency.
+
+At hidden size d every projection reads or writes d channels of the residual stream, its norms
+keep d weights, the embeddings and LM head d columns (`flextron.hidden`): a table over a space with
+hidden sizes holds one table per size (`CostTable.by_hidden`). Measured tables price the hidden
+sizes by a proportional model until a profile times them (`measured_table`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +50,10 @@ class CostTable:
     """cost(subnet) = const + sum_l mlp[l][choice index] + attn[l][choice index], for one metric
     over the choices of `space`.
 
+    Over a space with hidden sizes, `by_hidden` holds one table per size (aligned with
+    `space.hidden`, each over the space without its hidden axis; the last one's terms are this
+    table's own): a sub-network is priced by the table of its hidden size.
+
     A runtime may run some sub-networks in another graph (llama.cpp: a uniform sub-network, the
     full model included, in the family's own architecture; the others in the per-layer `deci`):
     those for which `in_stock` holds are priced by the `stock` table measured in that graph, the
@@ -52,14 +66,31 @@ class CostTable:
     space: ElasticSpace
     stock: CostTable | None = None
     in_stock: Callable[[Subnet], bool] | None = None
+    by_hidden: tuple[CostTable, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.by_hidden) != len(self.space.hidden or ()):
+            raise FlextronError(f"a {self.metric} table over {len(self.space.hidden or ())} hidden sizes holds "
+                                f"{len(self.by_hidden)} tables of them; build it with analytic_table or measured_table")
 
     def __call__(self, subnet: Subnet) -> float:
         if self.stock is not None and self.in_stock(subnet):
             return self.stock(subnet)
-        space, total = self.space, self.const
+        space = self.space
+        table = self.by_hidden[space.hidden_index(subnet)] if self.by_hidden else self
+        total = table.const
         for i, (w, a) in enumerate(zip(subnet.mlp, subnet.attn)):
-            total += self.mlp[i][space.mlp[i].index(w)] + self.attn[i][space.attn[i].index(a)]
+            total += table.mlp[i][space.mlp[i].index(w)] + table.attn[i][space.attn[i].index(a)]
         return total
+
+    def at_hidden(self, index: int) -> CostTable:
+        """The table of the space's hidden size `index`, itself without a hidden axis (with its
+        stock table at that size); a table without hidden sizes is its own."""
+        if not self.by_hidden:
+            return self
+        table = self.by_hidden[index]
+        return table if self.stock is None else replace(table, stock=self.stock.at_hidden(index),
+                                                         in_stock=self.in_stock)
 
     @property
     def full(self) -> float:
@@ -68,63 +99,120 @@ class CostTable:
 
     @property
     def smallest(self) -> float:
-        """The smallest sub-network's cost."""
+        """The smallest sub-network's cost (the smallest hidden size included)."""
         return self(self.space.smallest())
 
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """[L, K] tables, padded with +inf where a layer has fewer choices (for routers)."""
+        """[L, K] tables at the full hidden size, padded with +inf where a layer has fewer choices (for routers)."""
         def pad(rows: list[list[float]]) -> Tensor:
             k = max(len(r) for r in rows)
             return torch.tensor([r + [float("inf")] * (k - len(r)) for r in rows], dtype=torch.float64)
 
         return pad(self.mlp), pad(self.attn)
 
+    def hidden_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per hidden size of the space (one without hidden sizes): const [H] and the mlp and attention
+        tables [H, L, K] (as `tensors`), so that an expected cost is sum_h p_h (const_h + E[mlp_h] + E[attn_h])."""
+        tables = self.by_hidden or (self,)
+        per = [t.tensors() for t in tables]
+        return (torch.tensor([t.const for t in tables], dtype=torch.float64),
+                torch.stack([m for m, _ in per]), torch.stack([a for _, a in per]))
 
-def _embedding_params(model: nn.Module) -> int:
+
+def measured_table(metric: str, const: float, mlp: list[list[float]], attn: list[list[float]],
+                   space: ElasticSpace) -> CostTable:
+    """A measured metric's table over `space` from its terms timed at the full hidden size.
+
+    No profile times smaller hidden sizes yet, so they are priced by a MODEL, not a measurement:
+    a projection's cost is proportional to both its dimensions (issue 34), so at hidden size d every
+    layer term and the constant (LM head, overhead) are the full size's times d / D. This is the one
+    place that rule lives; a profile that times hidden sizes replaces it with a fit per size."""
+    if not space.hidden:
+        return CostTable(metric, const, mlp, attn, space)
+    flat = replace(space, hidden=None)
+
+    def scaled(f: float) -> CostTable:
+        return CostTable(metric, const * f, [[c * f for c in row] for row in mlp],
+                         [[c * f for c in row] for row in attn], flat)
+
+    return CostTable(metric, const, mlp, attn, space,
+                     by_hidden=tuple(scaled(d / space.hidden[-1]) for d in space.hidden))
+
+
+def _embedding_params(em: ElasticModel, hidden: int | None = None) -> int:
+    """Token (and position) embeddings and an untied LM head, at hidden size `hidden` (None: the
+    full one): each has one column per channel of the residual stream."""
+    model = em.model
     seen = {id(p): p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     out = model.get_output_embeddings()
     if out is not None:
         seen[id(out.weight)] = out.weight
-    return sum(p.numel() for p in seen.values())
+    width = em.hidden_size
+    return sum(p.numel() // width * hidden if hidden and p.shape[-1] == width else p.numel() for p in seen.values())
 
 
-def _head_weights(em: ElasticModel) -> int:
+def _head_weights(em: ElasticModel, hidden: int | None = None) -> int:
+    """The LM head's weights at hidden size `hidden` (None: the full one)."""
     head = em.model.get_output_embeddings()
-    return head.weight.numel() if head is not None else 0
+    return 0 if head is None else head.weight.shape[0] * (hidden or head.weight.shape[1])
 
 
-def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
-                   weight_dtype_bytes: int = 2) -> CostTable:
-    """The table of an analytic `metric` (measured ones: `LatencyTable.table`)."""
-    if metric not in ANALYTIC:
-        raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
+def _fixed_nonembed(em: ElasticModel, hidden: int | None = None) -> int:
+    """Non-embedding parameters outside the blocks' elastic parts (the final norm: d of its weights
+    at hidden size d; the hidden axis refuses a model with any other stream-wide one)."""
+    total = sum(p.numel() for p in em.model.parameters())
+    elastic_full = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
+    fixed = total - elastic_full - _embedding_params(em)
+    if hidden is not None:
+        norm = sum(p.numel() for p in em.model.get_submodule(em.family.final_norm).parameters())
+        fixed -= norm * (em.hidden_size - hidden) // em.hidden_size
+    return fixed
+
+
+def _terms(em: ElasticModel, metric: str, hidden: int | None, context: int, kv_dtype_bytes: int,
+           weight_dtype_bytes: int) -> tuple[float, list[list[float]], list[list[float]]]:
+    """const, mlp and attn terms of an analytic `metric` at hidden size `hidden` (None: the full one)."""
     mlp, attn = [], []
     for b, wm, wa in zip(em.blocks, em.space.mlp, em.space.attn):
         hd = b.geometry.head_dim
         if metric == "params":
-            mlp.append([b.mlp.n_params(c) for c in wm])
-            attn.append([b.attn.n_params(c) for c in wa])
+            mlp.append([b.mlp.n_params(c, hidden=hidden) for c in wm])
+            attn.append([b.attn.n_params(c, hidden=hidden) for c in wa])
         elif metric in ("flops", "decode_bytes"):
             scale = 2 if metric == "flops" else weight_dtype_bytes
             bias = metric == "decode_bytes"
-            mlp.append([scale * b.mlp.n_params(c, bias=bias) for c in wm])
-            attn.append([scale * b.attn.n_params(c, bias=bias)
+            mlp.append([scale * b.mlp.n_params(c, bias=bias, hidden=hidden) for c in wm])
+            attn.append([scale * b.attn.n_params(c, bias=bias, hidden=hidden)
                          + (4 * b.attn_heads(c)[0] * hd * context if metric == "flops" else 0)
                          for c in wa])
         else:  # kv_bytes: keys and values of each KV head
             mlp.append([0] * len(wm))
             attn.append([2 * b.attn_heads(c)[1] * hd * kv_dtype_bytes for c in wa])
-    total = sum(p.numel() for p in em.model.parameters())
-    elastic_full = sum(b.mlp.n_params(b.mlp.n_units) + b.attn.n_params(b.attn.n_units) for b in em.blocks)
-    fixed_nonembed = total - elastic_full - _embedding_params(em.model)
+    fixed, head = _fixed_nonembed(em, hidden), _head_weights(em, hidden)
     const = {
-        "params": fixed_nonembed,
-        "flops": 2 * _head_weights(em),
+        # The embeddings count where the hidden size governs them (see the module docstring).
+        "params": fixed + (_embedding_params(em, hidden) if em.space.hidden else 0),
+        "flops": 2 * head,
         "kv_bytes": 0,
         # Every non-embedding weight is read once per token, the output head included.
-        "decode_bytes": weight_dtype_bytes * (fixed_nonembed + _head_weights(em)),
+        "decode_bytes": weight_dtype_bytes * (fixed + head),
     }[metric]
-    return CostTable(metric, float(const), mlp, attn, em.space)
+    return float(const), mlp, attn
+
+
+def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
+                   weight_dtype_bytes: int = 2) -> CostTable:
+    """The table of an analytic `metric` (measured ones: `LatencyTable.table`), one per hidden size
+    where the space has them."""
+    if metric not in ANALYTIC:
+        raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
+    space = em.space
+    if not space.hidden:
+        return CostTable(metric, *_terms(em, metric, None, context, kv_dtype_bytes, weight_dtype_bytes), space)
+    flat = replace(space, hidden=None)
+    per = tuple(CostTable(metric, *_terms(em, metric, space.hidden_at(i), context, kv_dtype_bytes, weight_dtype_bytes),
+                          flat) for i in range(len(space.hidden)))
+    return CostTable(metric, per[-1].const, per[-1].mlp, per[-1].attn, space, by_hidden=per)
 
 
 @dataclass(frozen=True)
@@ -141,14 +229,17 @@ class Cost:
 
 def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1024,
                 kv_dtype_bytes: int = 2, weight_dtype_bytes: int = 2) -> Cost:
-    """All analytic costs of `subnet` (the full model when None)."""
+    """All analytic costs of `subnet` (the full model when None), at its hidden size: `params` with the
+    embeddings and LM head, `params_nonembed` without, whichever of the two the params metric is."""
     subnet = subnet or em.space.full()
     em.space.validate(subnet)
     value = {m: int(analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet))
              for m in ANALYTIC}
+    embeddings = _embedding_params(em, subnet.hidden)
+    nonembed = value["params"] - (embeddings if em.space.hidden else 0)
     return Cost(
-        params=value["params"] + _embedding_params(em.model),
-        params_nonembed=value["params"],
+        params=nonembed + embeddings,
+        params_nonembed=nonembed,
         flops_per_token=value["flops"],
         kv_bytes_per_token=value["kv_bytes"],
         decode_bytes_per_token=value["decode_bytes"],

@@ -460,9 +460,13 @@ class PositionChoices:
 
     @classmethod
     def sample(cls, space: ElasticSpace, gen: torch.Generator, batch: int, seq_len: int) -> PositionChoices:
-        """Every token's MLP choice and every sequence's attention choice drawn uniformly."""
-        return cls(mlp=[torch.randint(len(c), (batch, seq_len), generator=gen) for c in space.mlp],
-                   attn=[torch.randint(len(c), (batch, 1), generator=gen) for c in space.attn])
+        """Every token's MLP choice and every sequence's attention choice (and hidden size, where the space
+        has them; drawn last, so a space without them draws as before) drawn uniformly."""
+        picks = cls(mlp=[torch.randint(len(c), (batch, seq_len), generator=gen) for c in space.mlp],
+                    attn=[torch.randint(len(c), (batch, 1), generator=gen) for c in space.attn])
+        if space.hidden:
+            picks.hidden = torch.randint(len(space.hidden), (batch, 1), generator=gen)
+        return picks
 
 
 class ElasticModel(nn.Module):

@@ -42,11 +42,17 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8,
     return math.exp(total_nll / total_tokens)
 
 
-def _sized_row(em: ElasticModel, budget: Budget, subnet: Subnet, params_full: float, **more: Any) -> EvalRow:
-    """A row for `subnet` with its cost and its share of the full model's non-embedding parameters."""
+def counted_params(em: ElasticModel, subnet: Subnet | None = None) -> int:
+    """The parameters the `params` metric counts: all of them in a space with hidden sizes (the hidden
+    size shrinks the embeddings and LM head), else the non-embedding ones (`flextron.cost`)."""
     cost = subnet_cost(em, subnet)
-    return EvalRow(budget, subnet=subnet, cost=cost.to_dict(), params_fraction=cost.params_nonembed / params_full,
-                   **more)
+    return cost.params if em.space.hidden else cost.params_nonembed
+
+
+def _sized_row(em: ElasticModel, budget: Budget, subnet: Subnet, params_full: float, **more: Any) -> EvalRow:
+    """A row for `subnet` with its cost and its share of the full model's parameters (`counted_params`)."""
+    return EvalRow(budget, subnet=subnet, cost=subnet_cost(em, subnet).to_dict(),
+                   params_fraction=counted_params(em, subnet) / params_full, **more)
 
 
 def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
@@ -54,7 +60,7 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
                     tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
     """Per budget, the sub-network it selects (router, else largest uniform), its cost, held-out
     perplexity on `windows` (unless None) and `tasks(model)` (unless None)."""
-    full = subnet_cost(em).params_nonembed
+    full = counted_params(em)
     rows = []
     for budget in budgets:
         subnet = select_subnet(em, budget)
@@ -100,14 +106,13 @@ def router_report(em: ElasticModel, windows: Tensor, fractions: list[float], bat
     """Per budget: the routed sub-network (raw argmax and projected), its realised cost in the
     routers' metric and its parameters, its held-out perplexity, and (if `uniform`) the same for the
     largest uniform sub-network (not evaluated twice where it is the routed one)."""
-    params_full = subnet_cost(em).params_nonembed
+    params_full = counted_params(em)
     rows = []
     for fraction in fractions:
         budget = Budget(fraction=fraction)
         table, target = budget_target(em, budget)
         full = table.full
-        mlp, attn = em.routers.static(fraction)
-        raw = decode(em.space, mlp, attn)
+        raw = decode(em.space, em.routers.static(fraction))
         routed = select_subnet(em, budget)
         row = _sized_row(em, budget, routed, params_full, metric=table.metric,
                          raw_cost_ratio=table(raw) / target, cost_ratio=table(routed) / target,

@@ -1,7 +1,8 @@
 """Export: slice a static sub-network out of an elastic model into a standalone HF model directory.
 
 Layers whose attention and MLP are both skipped are left out (the others renumbered). Uniform
-widths give the family's stock architecture, which plain `transformers` loads. Per-layer
+widths give the family's stock architecture, which plain `transformers` loads; at a smaller hidden
+size too, with that `hidden_size` and an explicit `head_dim` (the head size never changes). Per-layer
 widths, a layer without attention or without MLP, or head counts the stock config cannot
 express (GPT-2 ties the head size to hidden / heads; strict HF configs refuse some head
 counts), give a per-layer architecture from
@@ -52,7 +53,8 @@ def kept_layers(subnet: Subnet) -> list[int]:
 
 def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
     """The elastic model's state dict with every elastic projection cut to `subnet`; skipped
-    sub-layers (and their norms) left out, skipped layers too, the other layers renumbered."""
+    sub-layers (and their norms) left out, skipped layers too, the other layers renumbered. At a
+    smaller hidden size, every tensor of the residual stream is cut to it too (`_cut_stream`)."""
     names = {id(m): n for n, m in em.model.named_modules()}
     state = dict(em.model.state_dict())
     dropped = []
@@ -69,6 +71,8 @@ def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
                     # An "in" projection's bias is added after the reduction over units: it stays whole.
                     if lin.bias is not None and lin.side == "out":
                         state[f"{names[id(lin)]}.bias"] = lin.take(lin.bias, 0).clone()
+    if subnet.hidden is not None:
+        _cut_stream(em, state, names, subnet.hidden)
     prefix = f"{em.family.layers}."
     renumber = {str(old): str(new) for new, old in enumerate(kept_layers(subnet))}
     out = {}
@@ -84,6 +88,49 @@ def sliced_state_dict(em: ElasticModel, subnet: Subnet) -> dict[str, Tensor]:
     return out
 
 
+def _cut_stream(em: ElasticModel, state: dict[str, Tensor], names: dict[int, str], d: int) -> None:
+    """Cut every tensor of the residual stream in `state` to its first `d` channels, as the elastic
+    model's hard slice runs them (`flextron.hidden`): the embeddings and the LM head their columns,
+    projections reading the stream their input columns, those writing it their output rows and biases,
+    the norms over it their weights and biases. A tied LM head stays one tensor with the embeddings."""
+    axis = em.axis
+    dims = {f"{names[id(m)]}.weight": 1 for m in (*axis.embeddings, axis.head)}
+    dims |= {f"{names[id(lin)]}.weight": lin.hdim for lin in (*axis.readers, *axis.writers)}
+    dims |= {f"{names[id(lin)]}.bias": 0 for lin in axis.writers if lin.bias is not None}
+    dims |= {f"{names[id(n)]}.{k}": 0 for n in axis.norms for k in ("weight", "bias")
+             if getattr(n, k, None) is not None}
+    cut: dict[tuple, Tensor] = {}  # by source tensor: tied weights give one tensor
+    for key, dim in dims.items():
+        if key in state:  # the norms of skipped sub-layers are not
+            t = state[key]
+            state[key] = cut.setdefault((t.data_ptr(), t.shape, dim), t.narrow(dim, 0, d))
+    if em.family.name == "gemma":
+        _fold_embedding_scale(em, state, names, d)
+
+
+def _fold_embedding_scale(em: ElasticModel, state: dict[str, Tensor], names: dict[int, str], d: int) -> None:
+    """Gemma multiplies its embeddings by sqrt(hidden_size) (transformers and llama.cpp alike): the
+    elastic model keeps sqrt(D) at every hidden size, the stock model of hidden size d uses sqrt(d).
+    The exported embeddings are multiplied by sqrt(D / d), so its residual stream is the elastic
+    model's exactly (every norm sees the same input: no eps caveat). A tied LM head reads that same
+    tensor, so the final norm's output is multiplied by c = sqrt(d / D) against it: Gemma's norm
+    multiplies by 1 + w, so w -> c (1 + w) - 1. An untied head is left as it is."""
+    model = em.model
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    c = (d / em.hidden_size) ** 0.5
+    scaled = state[f"{names[id(emb)]}.weight"] / c
+    state[f"{names[id(emb)]}.weight"] = scaled
+    if head.weight is emb.weight:
+        state[f"{names[id(head)]}.weight"] = scaled
+        norm = f"{em.family.final_norm}.weight"
+        state[norm] = c * (1 + state[norm]) - 1
+
+
+def hidden_size(em: ElasticModel, subnet: Subnet) -> int:
+    """The width of `subnet`'s residual stream."""
+    return subnet.hidden or em.hidden_size
+
+
 def layer_sizes(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int], list[int]]:
     """Per kept layer: MLP width, query heads, KV heads of `subnet`."""
     kept = kept_layers(subnet)
@@ -92,8 +139,13 @@ def layer_sizes(em: ElasticModel, subnet: Subnet) -> tuple[list[int], list[int],
 
 
 def _base_values(em: ElasticModel, subnet: Subnet) -> dict:
-    """The source config's values with the layer count (and per-layer lists) of the kept layers."""
+    """The source config's values with the layer count (and per-layer lists) of the kept layers, and the
+    hidden size of `subnet` with the head size explicit (no longer hidden / heads; GPT-2's per-layer
+    architecture reads it too)."""
     values = em.config.to_dict()
+    if subnet.hidden is not None:
+        values[em.config.attribute_map.get("hidden_size", "hidden_size")] = subnet.hidden
+        values[em.family.head_dim_key or "head_dim"] = em.blocks[0].geometry.head_dim
     kept = kept_layers(subnet)
     if len(kept) < em.space.n_layers and values.get("scale_attn_by_inverse_layer_idx"):
         raise FlextronError("this GPT-2 scales attention by the layer index, so its layers cannot be renumbered; "
@@ -114,9 +166,9 @@ def _stock_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig | None:
     full_attn = all(a == b.attn.n_units for b, a in zip(em.blocks, subnet.attn) if a)
     values = _base_values(em, subnet)
     values[fam.mlp_width_key] = widths[0]
+    if fam.head_dim_key is None and (not full_attn or subnet.hidden is not None):  # GPT-2: head size = hidden / heads
+        return None
     if not full_attn:
-        if fam.head_dim_key is None:
-            return None
         values[fam.heads_key] = heads[0]
         values[fam.head_dim_key] = em.blocks[0].geometry.head_dim
         if fam.kv_heads_key is not None:
@@ -134,6 +186,10 @@ def _per_layer_config(em: ElasticModel, subnet: Subnet) -> PreTrainedConfig:
             f"per-layer export supports the model types {', '.join(PER_LAYER)}, not {base!r}; "
             "export a uniform sub-network (the same choice in every layer) instead"
         )
+    n_head = getattr(em.config, "n_head", None)
+    if base == "gpt2" and subnet.hidden is not None and subnet.hidden % n_head:
+        raise FlextronError(f"transformers' GPT-2 attention needs a hidden size that its {n_head} heads divide, not "
+                            f"{subnet.hidden}; export a sub-network at another hidden size")
     widths, heads, kv = layer_sizes(em, subnet)
     values = {k: v for k, v in _base_values(em, subnet).items() if k not in ("model_type", "auto_map", "architectures")}
     values.update(layer_intermediate_sizes=widths, layer_num_attention_heads=heads, layer_num_key_value_heads=kv)

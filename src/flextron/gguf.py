@@ -9,8 +9,11 @@ per-layer sub-networks get llama.cpp's `deci` architecture, whose loader reads t
 the query / KV head counts as per-layer arrays: pre-norm families without q/k norms only (Phi-3's
 fused projections are split for it, Granite's multipliers folded into the weights). Qwen3 with tied
 embeddings goes to `openelm`, whose graph computes Qwen3's block (fused q|k|v, per-head q/k norms,
-NeoX RoPE) with per-layer counts and reads its output layer from the embeddings. Weights come
-from `export.sliced_state_dict`: the slicing rule lives there only; the tokenizer fields from
+NeoX RoPE) with per-layer counts and reads its output layer from the embeddings. A sub-network at
+a smaller hidden size d has `embedding_length` d (head size and RoPE dimensions unchanged, written
+explicitly; llama.cpp's gemma graphs scale the embeddings by sqrt(d) as transformers does, so the
+HF export's fold holds); qwen2, olmo2 and phi3 size their queries by it, gpt2 its heads. Weights
+come from `export.sliced_state_dict`: the slicing rule lives there only; the tokenizer fields from
 `gguf_tokenizer`. What llama.cpp cannot express is refused before anything is written.
 """
 
@@ -27,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.export import kept_layers, layer_sizes, sliced_state_dict
+from flextron.export import hidden_size, kept_layers, layer_sizes, sliced_state_dict
 from flextron.fsutil import atomic_write
 from flextron.gguf_tokenizer import tokenizer_fields
 from flextron.options import OUTTYPES
@@ -40,7 +43,7 @@ UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3":
                 "smollm3": "smollm3"}
 # Architectures whose rotary layout is llama.cpp's "normal" one: q/k rows are permuted on export.
 _PERMUTED = {"llama", "deci", "granite", "smollm3"}
-# Architectures whose loader sizes the query projection by the hidden size: all query heads only.
+# Architectures whose loader sizes the query projection by the hidden size: query heads x head size = hidden.
 _FULL_QUERY = {"qwen2", "olmo2", "phi3"}
 # The per-layer architectures: their loaders read per-layer head counts and MLP widths.
 PER_LAYER_ARCHS = ("deci", "openelm")
@@ -80,7 +83,7 @@ def _zero_tensors(em: ElasticModel, subnet: Subnet, arch: str) -> list[tuple[str
     """The all-zero stand-ins `layer_counts` promises for skipped sub-layers that llama.cpp must see."""
     import gguf
 
-    hidden, head_dim = em.config.hidden_size, em.blocks[0].geometry.head_dim
+    hidden, head_dim = hidden_size(em, subnet), em.blocks[0].geometry.head_dim
     widths, heads, _ = layer_sizes(em, subnet)
     _, counted, _ = layer_counts(em, subnet, arch)
     shapes = []
@@ -121,10 +124,13 @@ def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     if own == "gpt2" and per_layer:
         raise FlextronError("llama.cpp has no per-layer architecture (deci) for GPT-2; export it with --graph "
                             "auto or own")
+    if own == "gpt2" and subnet.hidden is not None:
+        raise FlextronError("llama.cpp's gpt2 architecture sizes its heads as hidden size / heads, which a smaller "
+                            "hidden size changes; export this sub-network with --format hf")
     if own == "gpt2" and (partial or not is_uniform(counts) or not kept_full):
         raise FlextronError("llama.cpp's gpt2 architecture needs the same MLP width in every layer and all heads "
                             "(head size = hidden / heads); export this sub-network with --format hf")
-    narrow = counts[1][0] * em.blocks[0].geometry.head_dim != em.config.hidden_size
+    narrow = counts[1][0] * em.blocks[0].geometry.head_dim != hidden_size(em, subnet)
     if (is_uniform(counts) and not partial and not per_layer and not (narrow and own in _FULL_QUERY)
             and _rope_layers_fit(em, subnet, own)):
         return own
@@ -145,7 +151,7 @@ def _own_needs(own: str) -> str:
     """What llama.cpp's `own` architecture needs of a sub-network, in words."""
     needs = "the same MLP width and heads in every layer, no skipped sub-layer"
     if own in _FULL_QUERY:
-        needs += ", all query heads"
+        needs += ", query heads x head size = the hidden size (all query heads at the full hidden size)"
     if own == "smollm3":
         needs += f", RoPE in every layer but every {_SMOLLM3_NO_ROPE_STEP}th"
     return needs
@@ -261,7 +267,7 @@ def _gemma_query_scale(em: ElasticModel, subnet: Subnet, arch: str) -> float:
     _, heads, _ = layer_counts(em, subnet)
     llamacpp = em.blocks[0].geometry.head_dim
     if len(kept_layers(subnet)) == _GEMMA_27B_LAYERS[arch]:
-        llamacpp = em.config.hidden_size // heads[0]
+        llamacpp = hidden_size(em, subnet) // heads[0]
     return (llamacpp / em.config.query_pre_attn_scalar) ** 0.5
 
 
@@ -389,7 +395,7 @@ def _write_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str, outtype:
     uniform = arch not in PER_LAYER_ARCHS
     writer.add_block_count(len(kept_layers(subnet)))
     writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_embedding_length(hidden_size(em, subnet))
     writer.add_feed_forward_length(ff[0] if uniform else ff)
     writer.add_head_count(heads[0] if uniform else heads)
     writer.add_head_count_kv(kv[0] if uniform else kv)

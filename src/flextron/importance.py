@@ -14,6 +14,11 @@ over tokens of 1 - cos(x, x + f(x)), where x is the residual stream entering the
 f(x) what it adds. A sub-layer that barely turns the residual stream changes the model least
 when skipped; unlike the distillation-loss increase of skipping each sub-layer alone, it needs
 no extra forward pass per sub-layer (60 more passes over the calibration set for 30 layers).
+
+Channels of the residual stream (hidden-size choices) are scored as Minitron ranks embedding
+channels: by the activation magnitude of the normalised stream. For every norm over the stream
+(each block's pre- and post-norms and the final norm), per channel, the mean over tokens of |norm
+output| per sequence, then the L2 norm over sequences; the channel's score sums that over the norms.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ ATTN_SCORES = ("input", "output")  # an attention unit's score: Minitron's, or w
 
 @dataclass
 class Importance:
-    """Per layer, one score per MLP neuron and per attention unit; per kind, one score per layer."""
+    """Per layer, one score per MLP neuron and per attention unit; per kind, one score per layer; one
+    score per channel of the residual stream where the space has hidden-size choices (else None)."""
 
     mlp: list[Tensor]
     attn: list[Tensor]
     layers: dict[str, list[float]] | None = None
+    hidden: Tensor | None = None
 
     def to_dict(self) -> dict:
         out = {"mlp": [s.tolist() for s in self.mlp], "attn": [s.tolist() for s in self.attn]}
-        return out | ({"layers": self.layers} if self.layers is not None else {})
+        out |= {"layers": self.layers} if self.layers is not None else {}
+        return out | ({"hidden": self.hidden.tolist()} if self.hidden is not None else {})
 
     def skip_order(self) -> dict[str, list[int]]:
         """Per kind, the layers from the least to the most important sub-layer."""
@@ -90,6 +98,14 @@ def _block_hooks(part, store: list[Tensor], idx: int) -> list:
     return [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
 
 
+def _norm_hook(store: list[Tensor], idx: int):
+    """Accumulate, per channel, the square of each sequence's mean over tokens of |output| of a norm."""
+    def hook(module, args, out: Tensor) -> None:
+        store[idx] += out.detach().float().abs().mean(dim=1).pow(2).sum(dim=0)
+
+    return hook
+
+
 def default_attn_score(em: ElasticModel) -> str:
     """"output" where attention units are query heads inside KV groups, else Minitron's "input"."""
     return "output" if em.attn_unit == "head" else "input"
@@ -108,7 +124,9 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
     mlp = [torch.zeros(b.mlp.n_units, device=device) for b in em.blocks]
     attn = [torch.zeros(b.attn.n_units, device=device) for b in em.blocks]
     layers = {k: [torch.zeros((), device=device) for _ in em.blocks] for k in ("mlp", "attn")}
-    handles = []
+    norms = em.axis.norms if em.space.hidden is not None else []
+    hidden = [torch.zeros(em.hidden_size, device=device) for _ in norms]
+    handles = [norm.register_forward_hook(_norm_hook(hidden, i)) for i, norm in enumerate(norms)]
     for i, b in enumerate(em.blocks):
         handles.append(b.mlp.inp.register_forward_pre_hook(_hook(mlp, i, b.mlp.inp.unit)))
         score = _contribution_hook(attn, i) if attn_score == "output" else _hook(attn, i, b.attn.inp.unit)
@@ -129,25 +147,34 @@ def measure_importance(em: ElasticModel, sequences: Tensor, batch_size: int = 16
         em.train(was_training)
     tokens = sequences.numel()
     return Importance(mlp=[s.sqrt().cpu() for s in mlp], attn=[s.sqrt().cpu() for s in attn],
-                      layers={k: [float(v) / tokens for v in vs] for k, vs in layers.items()})
+                      layers={k: [float(v) / tokens for v in vs] for k, vs in layers.items()},
+                      hidden=sum(s.sqrt() for s in hidden).cpu() if hidden else None)
 
 
 def random_importance(em: ElasticModel, seed: int = 0) -> Importance:
-    """Random scores: the ablation baseline for importance ordering."""
+    """Random scores: the ablation baseline for importance ordering (channels last, where the space has
+    hidden-size choices, so the other draws are those of a space without them)."""
     gen = torch.Generator().manual_seed(seed)
     return Importance(
         mlp=[torch.rand(b.mlp.n_units, generator=gen) for b in em.blocks],
         attn=[torch.rand(b.attn.n_units, generator=gen) for b in em.blocks],
         layers={k: torch.rand(len(em.blocks), generator=gen).tolist() for k in ("mlp", "attn")},
+        hidden=torch.rand(em.hidden_size, generator=gen) if em.space.hidden is not None else None,
     )
 
 
 def sort_by_importance(em: ElasticModel, imp: Importance) -> Importance:
-    """Permute the model so that units come in descending importance; returns sorted scores."""
+    """Permute the model so that units (and channels of the residual stream, where scored) come in
+    descending importance; returns sorted scores."""
     mlp_perm = [torch.argsort(s, descending=True, stable=True) for s in imp.mlp]
     attn_perm = [b.attn_order(s) for b, s in zip(em.blocks, imp.attn)]
     em.permute_(mlp_perm, attn_perm)
+    hidden = None
+    if imp.hidden is not None:
+        perm = torch.argsort(imp.hidden, descending=True, stable=True)
+        em.permute_hidden_(perm)
+        hidden = imp.hidden[perm]
     return Importance(
         mlp=[s[p] for s, p in zip(imp.mlp, mlp_perm)], attn=[s[p] for s, p in zip(imp.attn, attn_perm)],
-        layers=imp.layers,
+        layers=imp.layers, hidden=hidden,
     )

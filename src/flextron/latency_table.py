@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flextron.cost import CostTable
+from flextron.cost import CostTable, measured_table
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 from flextron.gguf import in_own_arch
@@ -79,13 +79,14 @@ class Fit:
                    for v in ([t[k] for k in sorted(t)] for t in (self.mlp, self.attn)))
 
     def costs(self, space: ElasticSpace, metric: str) -> CostTable:
-        """This fit over the choices of `space`, as the CostTable of `metric`."""
+        """This fit over the choices of `space`, as the CostTable of `metric` (smaller hidden sizes priced
+        by `measured_table`'s proportional model: the fit is timed at the full one)."""
         missing = sorted({c for cs in space.mlp for c in cs} - set(self.mlp)
                          | {c for cs in space.attn for c in cs} - set(self.attn))
         if missing:
             raise _Damaged(f"it lacks choice {missing[0]} of the elastic space")
-        return CostTable(metric, self.overhead, [[self.mlp[c] for c in cs] for cs in space.mlp],
-                         [[self.attn[c] for c in cs] for cs in space.attn], space)
+        return measured_table(metric, self.overhead, [[self.mlp[c] for c in cs] for cs in space.mlp],
+                              [[self.attn[c] for c in cs] for cs in space.attn], space)
 
 
 def columns(space: ElasticSpace) -> tuple[list[int], list[int]]:
@@ -319,8 +320,7 @@ class LatencyTable:
         that graph's fit (`runs_in_stock`)."""
         main, stock = self._priced(metric)
         if metric not in self._tables:
-            table = main if stock is None else CostTable(metric, main.const, main.mlp, main.attn, main.space, stock,
-                                                         self.runs_in_stock)
+            table = main if stock is None else replace(main, stock=stock, in_stock=self.runs_in_stock)
             for name, cost in (("the full model", table.full), ("the smallest sub-network", table.smallest)):
                 if not cost > 0:
                     raise _Damaged(f"it prices {name} at {cost:.4g} ms ({QUANTITY[metric]})")

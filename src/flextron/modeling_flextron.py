@@ -5,11 +5,12 @@ must stay self-contained (torch and transformers only): `AutoModelForCausalLM.fr
 dir, trust_remote_code=True)` then loads the model where flextron is not installed.
 
 Each config adds three per-layer lists to the family's HF config (whose global sizes stay
-those of the model the sub-network came from). Each model builds the stock HF model, then
-gives every layer's projections their own sizes; the HF attention code infers the number of
-heads from the tensor shapes (GPT-2 needs its split size set), and the query heads per KV
-head stay the same, so the stock forward runs unchanged. A size of 0 removes the sub-layer and
-its norm: the residual stream passes through (`SkippedAttention`, `SkippedMLP`).
+those of the model the sub-network came from, but for a smaller hidden size, which comes with an
+explicit head size). Each model builds the stock HF model, then gives every layer's projections
+their own sizes; the HF attention code infers the number of heads from the tensor shapes (GPT-2
+needs its split size set), and the query heads per KV head stay the same, so the stock forward
+runs unchanged. A size of 0 removes the sub-layer and its norm: the residual stream passes
+through (`SkippedAttention`, `SkippedMLP`).
 """
 
 import copy
@@ -183,7 +184,12 @@ def _resize_gpt2_block(block: nn.Module, width: int, heads: int, kv_heads: int) 
         mlp.c_proj = _resized(mlp.c_proj, in_features=width)
     if has_attn:
         attn = block.attn
-        attn_width = heads * attn.head_dim
+        # At a smaller hidden size the config states the head size (GPT-2's own is hidden / heads).
+        head_dim = getattr(attn.config, "head_dim", None) or attn.head_dim
+        if attn.scale_attn_weights:
+            attn.scaling *= (attn.head_dim / head_dim) ** 0.5
+        attn.head_dim = head_dim
+        attn_width = heads * head_dim
         attn.c_attn = _resized(attn.c_attn, out_features=3 * attn_width)
         attn.c_proj = _resized(attn.c_proj, in_features=attn_width)
         attn.split_size = attn_width  # c_attn's output is q|k|v, each this wide
@@ -217,6 +223,15 @@ class _PerLayer:
         self.post_init()
 
 
+def _validate(self) -> None:
+    """transformers' validation (run by save_pretrained) without the stock configs' check that the hidden
+    size is a multiple of the heads: here the per-layer lists and the head size give every projection its
+    size, and a sub-network at a smaller hidden size keeps its head size."""
+    for check in self.__class_validators__:
+        if check.__name__ != "validate_architecture":
+            check(self)
+
+
 def _family(base_config: type, base_model: type, layers_path: str = "model.layers",
             resize_layer: Callable[[nn.Module, int, int, int], None] = _resize_llama_layer) -> tuple[type, type]:
     """The per-layer config and model of one family: `Flextron<base name>`, model type `flextron_<base type>`.
@@ -227,6 +242,7 @@ def _family(base_config: type, base_model: type, layers_path: str = "model.layer
         "__module__": __name__,
         "__annotations__": dict.fromkeys(_LAYER_LISTS, list[int] | None),  # config fields (a dataclass)
         "model_type": f"flextron_{base_config.model_type}",
+        "validate": _validate,
         **dict.fromkeys(_LAYER_LISTS),
     })
     model_cls = type(f"Flextron{base_model.__name__}", (_PerLayer, base_model), {

@@ -181,8 +181,13 @@ class ConvertOptions(Options):
                                             "(--attn-unit head: of the KV groups, below one head per group)",
                                             **_FRACTION)
     multiple: int = opt(64, "MLP widths are multiples of this", **_POSITIVE)
+    hidden_fractions: tuple[float, ...] | None = opt(None, "also make the hidden size (residual stream, embeddings, "
+                                                           "LM head) elastic: these fractions of it (default: off)",
+                                                     **_FRACTION)
+    hidden_multiple: int = opt(64, "hidden sizes are multiples of this (with --hidden-fractions)", **_POSITIVE)
     space: str | None = opt(None, 'JSON file with per-layer choices {"mlp": [[...], ...], "attn": [[...], ...]} '
-                                  "(replaces the fractions); a list may start with 0 (skip)")
+                                  "(replaces the fractions); a list may start with 0 (skip); an optional "
+                                  '"hidden": [...] lists hidden sizes, the model\'s last')
     attn_unit: str | None = opt(None, "what an attention choice counts: 'group' (whole KV groups; the default) or "
                                       "'head' (query heads, trimmed inside every group first, then whole groups)",
                                 choices=ATTN_UNITS)

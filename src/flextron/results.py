@@ -27,7 +27,7 @@ class EvalRow:
     adaptive: bool = False
     subnet: Subnet | None = None
     cost: dict | None = None  # `Cost.to_dict()`
-    params_fraction: float | None = None  # non-embedding parameters / the full model's
+    params_fraction: float | None = None  # parameters the params metric counts / the full model's
     raw_cost_ratio: float | None = None  # the router's argmax before projection: cost / target
     cost_ratio: float | None = None  # realised cost / target
     fraction_of_full: float | None = None  # cost / full cost, in `metric`

@@ -3,7 +3,8 @@
 
 The static router reads the budget as a one-hot over its trained grid (linear interpolation
 between the two neighbours for a budget in between) and outputs, per layer, logits over the
-MLP choices and over the attention choices. Training relaxes them with Gumbel-softmax;
+MLP choices and over the attention choices, and, in a space with hidden sizes, logits over
+those (one choice for the whole model). Training relaxes them with Gumbel-softmax;
 inference takes the argmax, then `project` nudges single layers up or down along the
 router's own preferences until the cost meets the budget exactly (the relaxed cost the
 router learnt to hit is an expectation, a single argmax can land a few percent off).
@@ -12,8 +13,10 @@ router learnt to hit is an expectation, a single argmax can land a few percent o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,28 +54,51 @@ def choice_mask(choices: list[list[int]]) -> Tensor:
     return torch.tensor([[i < len(c) for i in range(k)] for c in choices])
 
 
+class Choices(NamedTuple):
+    """Logits (or probabilities, one-hots) over each layer's MLP choices [L, K] and attention choices
+    [L, K], and over the space's hidden sizes [H] (None where the space has none)."""
+
+    mlp: Tensor
+    attn: Tensor
+    hidden: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Choices:
+        return Choices(fn(self.mlp), fn(self.attn), None if self.hidden is None else fn(self.hidden))
+
+    def flat(self) -> Tensor:
+        """Every entry in one vector (the surrogate's input)."""
+        return torch.cat([t.flatten() for t in self if t is not None])
+
+
 class StaticRouter(nn.Module):
-    """Budget -> per-layer logits over MLP choices and attention choices: a learnt MLP plus a fixed
-    prior per grid budget (`set_prior`; zero unless set), read with the same budget encoding."""
+    """Budget -> per-layer logits over MLP choices and attention choices (and over the hidden sizes):
+    a learnt MLP plus a fixed prior per grid budget (`set_prior`; zero unless set), read with the
+    same budget encoding."""
 
     def __init__(self, space: ElasticSpace, grid: tuple[float, ...], hidden: int = 128) -> None:
         super().__init__()
         self.register_buffer("grid", torch.tensor(sorted(grid), dtype=torch.float64))
         self.register_buffer("mlp_mask", choice_mask(space.mlp))
         self.register_buffer("attn_mask", choice_mask(space.attn))
-        n_out = self.mlp_mask.numel() + self.attn_mask.numel()
+        self.n_hidden = len(space.hidden) if space.hidden else 0
+        n_out = self.mlp_mask.numel() + self.attn_mask.numel() + self.n_hidden
         self.net = nn.Sequential(nn.Linear(len(grid), hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, n_out))
         self.register_buffer("prior", torch.zeros(len(grid), n_out))
         self.space = space
 
-    def forward(self, fraction: float) -> tuple[Tensor, Tensor]:
+    @property
+    def n_choices(self) -> int:
+        """Entries of `Choices.flat()`."""
+        return self.mlp_mask.numel() + self.attn_mask.numel() + self.n_hidden
+
+    def forward(self, fraction: float) -> Choices:
         x = encode_budget(self.grid, fraction).to(self.net[0].weight.device)
         out = self.net(x) + x @ self.prior
-        m = self.mlp_mask.numel()
+        m, a = self.mlp_mask.numel(), self.attn_mask.numel()
         mlp = out[:m].view(self.mlp_mask.shape).masked_fill(~self.mlp_mask, float("-inf"))
-        attn = out[m:].view(self.attn_mask.shape).masked_fill(~self.attn_mask, float("-inf"))
-        return mlp, attn
+        attn = out[m : m + a].view(self.attn_mask.shape).masked_fill(~self.attn_mask, float("-inf"))
+        return Choices(mlp, attn, out[m + a :] if self.n_hidden else None)
 
     @torch.no_grad()
     def set_prior(self, fraction: float, subnet: Subnet, margin: float) -> None:
@@ -86,6 +112,9 @@ class StaticRouter(nn.Module):
             for choices, c in zip(getattr(self.space, kind), getattr(subnet, kind)):
                 k = choices.index(c)
                 flat += [-margin * abs(i - k) for i in range(len(choices))] + [0.0] * (width - len(choices))
+        if self.n_hidden:
+            k = self.space.hidden_index(subnet)
+            flat += [-margin * abs(i - k) for i in range(self.n_hidden)]
         self.prior[g] = torch.tensor(flat, dtype=self.prior.dtype)
 
 
@@ -175,41 +204,64 @@ def gumbel(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
     return straight_through(relaxed(logits, tau, generator))
 
 
-def expected_cost(table: CostTable, mlp: Tensor, attn: Tensor) -> Tensor:
-    """const + sum of per-layer choice weights x costs (padding, +inf in the table, weighs 0)."""
-    tm, ta = (t.to(mlp.device, torch.float32).nan_to_num(posinf=0.0) for t in table.tensors())
-    return table.const + (mlp * tm).sum() + (attn * ta).sum()
+def expected_cost(table: CostTable, weights: Choices) -> Tensor:
+    """const + sum of per-layer choice weights x costs (padding, +inf in the table, weighs 0); with
+    hidden-size weights, the mix of those sums over the tables of each hidden size."""
+    def at(t: CostTable) -> Tensor:
+        tm, ta = (x.to(weights.mlp.device, torch.float32).nan_to_num(posinf=0.0) for x in t.tensors())
+        return t.const + (weights.mlp * tm).sum() + (weights.attn * ta).sum()
+
+    if weights.hidden is None:
+        return at(table)
+    return sum(w * at(table.at_hidden(i)) for i, w in enumerate(weights.hidden))
 
 
-def decode(space: ElasticSpace, mlp: Tensor, attn: Tensor) -> Subnet:
+def decode(space: ElasticSpace, choices: Choices) -> Subnet:
     """The sub-network of per-layer one-hots or logits (argmax), skips restored up to the floor."""
-    im, ia = mlp.argmax(-1).tolist(), attn.argmax(-1).tolist()
-    return space.floor(Subnet(mlp=[c[i] for c, i in zip(space.mlp, im)], attn=[c[i] for c, i in zip(space.attn, ia)]))
+    im, ia = choices.mlp.argmax(-1).tolist(), choices.attn.argmax(-1).tolist()
+    hidden = None if choices.hidden is None else space.hidden_at(int(choices.hidden.argmax()))
+    return space.floor(Subnet(mlp=[c[i] for c, i in zip(space.mlp, im)],
+                              attn=[c[i] for c, i in zip(space.attn, ia)], hidden=hidden))
 
 
-def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: Tensor, target: float,
-            slack: float = 0.01) -> Subnet:
-    """From the argmax, step single layers down (least log-prob lost per cost saved) while over
+def project(space: ElasticSpace, table: CostTable, logp: Choices, target: float, slack: float = 0.01) -> Subnet:
+    """From the argmax, step single choices down (least log-prob lost per cost saved) while over
     the target, then up (most log-prob gained per cost added) while under target x (1 - slack).
-    A step down to a skip is taken only while the kind keeps more layers than the space's floor."""
-    start = decode(space, mlp_logp, attn_logp)
+    A step down to a skip is taken only while the kind keeps more layers than the space's floor.
+    The hidden size, in a space with hidden sizes, is one more choice that steps the same way."""
+    start = decode(space, logp)
     lists = {"mlp": space.mlp, "attn": space.attn}
     idx = {k: [c.index(x) for c, x in zip(lists[k], getattr(start, k))] for k in lists}
-    logp = {"mlp": mlp_logp.tolist(), "attn": attn_logp.tolist()}
-    costs = {"mlp": table.mlp, "attn": table.attn}
+    logps = {"mlp": logp.mlp.tolist(), "attn": logp.attn.tolist()}
+    if logp.hidden is not None:
+        lists["hidden"], idx["hidden"], logps["hidden"] = [space.hidden], [space.hidden_index(start)], [
+            logp.hidden.tolist()]
 
     def can_lower(k: str, layer: int, i: int) -> bool:
+        if k == "hidden":
+            return i > 0
         kept = sum(lists[k][j][x] > 0 for j, x in enumerate(idx[k]))
         return i > 0 and (lists[k][layer][i - 1] > 0 or kept > space.min_layers)
 
     def current() -> Subnet:
+        hidden = space.hidden_at(idx["hidden"][0]) if "hidden" in idx else None
         return Subnet(mlp=[c[i] for c, i in zip(space.mlp, idx["mlp"])],
-                      attn=[c[i] for c, i in zip(space.attn, idx["attn"])])
+                      attn=[c[i] for c, i in zip(space.attn, idx["attn"])], hidden=hidden)
+
+    def step(k: str, layer: int, i: int, j: int) -> float:
+        """The cost change of moving one choice from index i to j: per-layer terms at the current hidden
+        size (as routers price them), the hidden size itself repriced whole."""
+        if k == "hidden":
+            idx[k][0] = j
+            changed = table(current())
+            idx[k][0] = i
+            return changed - table(current())
+        terms = getattr(table.at_hidden(idx["hidden"][0]) if "hidden" in idx else table, k)[layer]
+        return terms[j] - terms[i]
 
     cost = table(current())
     while not fits(cost, target):
-        moves = [((logp[k][layer][i] - logp[k][layer][i - 1]) / max(costs[k][layer][i] - costs[k][layer][i - 1],
-                                                                    1e-12), k, layer)
+        moves = [((logps[k][layer][i] - logps[k][layer][i - 1]) / max(-step(k, layer, i, i - 1), 1e-12), k, layer)
                  for k in idx for layer, i in enumerate(idx[k]) if can_lower(k, layer, i)]
         if not moves:
             break
@@ -221,9 +273,9 @@ def project(space: ElasticSpace, table: CostTable, mlp_logp: Tensor, attn_logp: 
         for k in idx:
             for layer, i in enumerate(idx[k]):
                 if i + 1 < len(lists[k][layer]):
-                    added = costs[k][layer][i + 1] - costs[k][layer][i]
+                    added = step(k, layer, i, i + 1)
                     if fits(cost + added, target):
-                        moves.append(((logp[k][layer][i + 1] - logp[k][layer][i]) / max(added, 1e-12), k, layer))
+                        moves.append(((logps[k][layer][i + 1] - logps[k][layer][i]) / max(added, 1e-12), k, layer))
         if not moves:
             break
         _, k, layer = max(moves)
@@ -318,8 +370,9 @@ def _checked(checked: object, space: ElasticSpace) -> list[dict] | None:
                 and 0 < c["budget"] <= 1):
             raise ValueError(f"checked[{i}] needs a budget in (0, 1], the kept candidate's name and its sub-network")
         try:
-            subnet = Subnet(mlp=list(c["subnet"]["mlp"]), attn=list(c["subnet"]["attn"]))
-        except (KeyError, TypeError):
+            sub = c["subnet"]
+            subnet = Subnet(mlp=list(sub["mlp"]), attn=list(sub["attn"]), hidden=sub.get("hidden"))
+        except (KeyError, TypeError, AttributeError):
             raise ValueError(f"checked[{i}].subnet needs mlp and attn lists") from None
         try:
             space.validate(subnet)

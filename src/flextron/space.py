@@ -299,7 +299,7 @@ class Budget:
     """A target cost: a fraction of the full model's cost, or an absolute value of a metric.
 
     Metric "auto" (a bare fraction) means measured decode latency where the checkpoint has a
-    latency table, else non-embedding parameters.
+    latency table, else parameters (non-embedding ones, or all of them in a space with hidden sizes).
     """
 
     metric: str = "auto"

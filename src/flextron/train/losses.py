@@ -7,7 +7,8 @@ states through the output layers of student and teacher, log-softmax, KL and CE,
 gradients with respect to the student's hidden states and output layer at once (the gradient of KL
 and CE with respect to logits is a difference of probabilities), accumulated in place, as fused
 linear-cross-entropy kernels do. No chunk's logits outlive the chunk, and backward only scales
-the accumulated gradients.
+the accumulated gradients. A student at a smaller hidden size d (flextron.hidden) has d channels in
+its hidden states and reads the first d columns of its output layer; the teacher reads all of its own.
 """
 
 from __future__ import annotations
@@ -100,8 +101,13 @@ def chunked_distill_loss(hidden: Tensor, t_hidden: Tensor, ids: Tensor, head: nn
     """(kd_weight * kd + lm_weight * lm, kd, lm) from the final hidden states [B, T, H] of student and teacher.
 
     kd = T^2 * KL(teacher || student) at temperature T, mean over tokens; lm = next-token CE.
-    Equal to the same terms on full logits; at most `chunk` tokens' logits exist at a time.
+    Equal to the same terms on full logits; at most `chunk` tokens' logits exist at a time. Student
+    hidden states narrower than `head` (a smaller hidden size) meet its first columns, as the elastic
+    model's own head does.
     """
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()
-    return _ChunkedDistill.apply(hidden.flatten(0, 1), head.weight, head.bias, t_hidden.flatten(0, 1), t_head,
+    weight = head.weight
+    if hidden.shape[-1] != weight.shape[1]:  # the slice's backward puts its gradient in those columns
+        weight = weight[:, : hidden.shape[-1]]
+    return _ChunkedDistill.apply(hidden.flatten(0, 1), weight, head.bias, t_hidden.flatten(0, 1), t_head,
                                  targets, kd_weight, lm_weight, temperature, chunk)

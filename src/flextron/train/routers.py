@@ -46,6 +46,7 @@ from flextron.precision import autocast, compute_dtype
 from flextron.results import rows_json
 from flextron.routers import (
     AdaptiveRouters,
+    Choices,
     Routers,
     StaticRouter,
     decode,
@@ -124,9 +125,17 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     return result
 
 
-def _soft(em: ElasticModel, mlp: torch.Tensor, attn: torch.Tensor) -> None:
-    em.set_soft([mlp[i, : len(c)] for i, c in enumerate(em.space.mlp)],
-                [attn[i, : len(c)] for i, c in enumerate(em.space.attn)])
+def _soft(em: ElasticModel, y: Choices) -> None:
+    em.set_soft([y.mlp[i, : len(c)] for i, c in enumerate(em.space.mlp)],
+                [y.attn[i, : len(c)] for i, c in enumerate(em.space.attn)], y.hidden)
+
+
+def _random_logits(router: StaticRouter, gen: torch.Generator, device: torch.device) -> Choices:
+    """Random router logits (`random_logits`) for every choice the router makes."""
+    hidden = None
+    if router.n_hidden:
+        hidden = random_logits(torch.ones(1, router.n_hidden, dtype=torch.bool), gen)[0].to(device)
+    return Choices(*(random_logits(mask, gen).to(device) for mask in (router.mlp_mask, router.attn_mask)), hidden)
 
 
 def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
@@ -157,37 +166,35 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
 
     log = warm_start(em, router, table, *batch(0), cfg.warm_start, amp, progress) if cfg.warm_start > 0 else []
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    surrogate = OnlineSurrogate(router.mlp_mask.numel() + router.attn_mask.numel(), cfg, gen, device)
+    surrogate = OnlineSurrogate(router.n_choices, cfg, gen, device)
     warmup = cfg.surrogate_warmup if cfg.surrogate else 0
     total = cfg.steps + cfg.joint_steps
     bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
 
-    def measure(ym: torch.Tensor, ya: torch.Tensor, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
-        return subnet_loss(em, decode(em.space, ym, ya), ids, t_logits, amp)
+    def measure(y: Choices, ids: torch.Tensor, t_logits: torch.Tensor) -> float:
+        return subnet_loss(em, decode(em.space, y), ids, t_logits, amp)
 
     for i in range(warmup):  # diverse random architectures, before any router update
-        lm, la = (random_logits(mask, gen).to(device) for mask in (router.mlp_mask, router.attn_mask))
-        ym, ya = straight_through(relaxed(lm, 1.0, gen)), straight_through(relaxed(la, 1.0, gen))
-        surrogate.observe((F.softmax(lm, -1), F.softmax(la, -1)), (ym, ya), measure(ym, ya, *batch(i)))
+        logits = _random_logits(router, gen, device)
+        y = logits.map(lambda t: straight_through(relaxed(t, 1.0, gen)))
+        surrogate.observe(logits.map(lambda t: F.softmax(t, -1)), y, measure(y, *batch(i)))
         log.append({"step": i + 1, "stage": "warmup", "kd": surrogate.ys[-1], "surrogate_error": surrogate.error,
                     "surrogate_used": False, "elapsed_s": time.time() - t0})
         bar.update(1)
     llm_opt = None
     for step in range(total):
         joint, llm_opt, tau, fraction = _schedule(em, cfg, step, llm_opt, gen)
-        mlp_logits, attn_logits = router(fraction)
-        ym, ya = gumbel(mlp_logits, tau, gen), gumbel(attn_logits, tau, gen)
+        logits = router(fraction)
+        y = logits.map(lambda t, tau=tau: gumbel(t, tau, gen))
         # What the router outputs: per-layer choice probabilities. The Gumbel argmax draws each
         # layer's choice with exactly these probabilities (whatever the temperature).
-        probs = (F.softmax(mlp_logits, -1), F.softmax(attn_logits, -1))
+        probs = logits.map(lambda t: F.softmax(t, -1))
         # The budget term uses the tempered choice probabilities: smooth, free of sampling noise,
         # and converging to the argmax's cost as the temperature falls. Once they saturate their
         # gradient vanishes, and a router that the loss pulled over budget would stay there: the
         # argmax's own cost (straight through the untempered probabilities) is bound too.
-        ratio = expected_cost(table, F.softmax(mlp_logits / tau, -1), F.softmax(attn_logits / tau, -1)) / (
-            fraction * full)
-        argmax_ratio = expected_cost(table, straight_through(F.softmax(mlp_logits, -1)),
-                                     straight_through(F.softmax(attn_logits, -1))) / (fraction * full)
+        ratio = expected_cost(table, logits.map(lambda t, tau=tau: F.softmax(t / tau, -1))) / (fraction * full)
+        argmax_ratio = expected_cost(table, probs.map(straight_through)) / (fraction * full)
         budget_loss = F.relu((ratio - 1).abs() - cfg.tolerance) + F.relu((argmax_ratio - 1).abs() - cfg.tolerance)
         ids, t_logits = batch(warmup + step)
         # Guided: descend the surrogate's prediction, the LLM only measures (forward, hard slices).
@@ -195,17 +202,17 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
         # through the LLM: the router still learns from the true loss instead of idling on the budget.
         guided = cfg.surrogate and not joint and surrogate.accurate
         if guided:
-            measured = measure(ym.detach(), ya.detach(), ids, t_logits)
-            loss = surrogate.predict(*probs) + cfg.budget_weight * budget_loss
+            measured = measure(y.map(torch.Tensor.detach), ids, t_logits)
+            loss = surrogate.predict(probs) + cfg.budget_weight * budget_loss
         else:
-            _soft(em, ym, ya)
+            _soft(em, y)
             with autocast(device, amp):
                 kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
             loss = kd + cfg.budget_weight * budget_loss
             measured = kd.item()
         _update(em, loss, opt, llm_opt)
         if cfg.surrogate and not joint:
-            surrogate.observe(tuple(p.detach() for p in probs), (ym.detach(), ya.detach()), measured)
+            surrogate.observe(probs.map(torch.Tensor.detach), y.map(torch.Tensor.detach), measured)
         log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
                     "cost_ratio": ratio.item(), "kd": measured, "surrogate_error": surrogate.error,
                     "surrogate_used": guided, "elapsed_s": time.time() - t0})
@@ -241,7 +248,7 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
     losses: dict[tuple, float] = {}
 
     def loss(subnet: Subnet) -> float:
-        key = (tuple(subnet.mlp), tuple(subnet.attn))
+        key = (tuple(subnet.mlp), tuple(subnet.attn), subnet.hidden)
         if key not in losses:
             losses[key] = subnet_loss(em, subnet, ids, t_logits, amp)
         return losses[key]
@@ -250,8 +257,7 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
     with em.subnet(None):
         for fraction in tqdm(router.grid.tolist(), desc="warm start", disable=not progress):
             target = fraction * table.full
-            mlp, attn = router(fraction)
-            own = project(em.space, table, F.log_softmax(mlp, -1), F.log_softmax(attn, -1), target)
+            own = project(em.space, table, router(fraction).map(lambda t: F.log_softmax(t, -1)), target)
             best = min(uniform_candidates(em, table, target), key=loss, default=own)
             start, chosen = ("uniform", best) if loss(best) <= loss(own) else ("random", own)
             router.set_prior(fraction, chosen, margin)

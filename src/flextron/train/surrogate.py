@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flextron.options import RouteOptions
-from flextron.routers import Surrogate
+from flextron.routers import Choices, Surrogate
 
 
 class OnlineSurrogate:
@@ -42,23 +42,22 @@ class OnlineSurrogate:
     def accurate(self) -> bool:
         return self.error < self.cfg.surrogate_threshold
 
-    def predict(self, mlp: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def predict(self, probs: Choices) -> torch.Tensor:
         """The predicted loss, differentiable in the choice probabilities (not in the surrogate)."""
         self.model.requires_grad_(False)
-        out = self.model(torch.cat([mlp.flatten(), attn.flatten()]).float())
+        out = self.model(probs.flat().float())
         self.model.requires_grad_(True)
         return out
 
-    def observe(self, probs: tuple[torch.Tensor, torch.Tensor], sample: tuple[torch.Tensor, torch.Tensor],
-                loss: float) -> None:
+    def observe(self, probs: Choices, sample: Choices, loss: float) -> None:
         """Score the prediction for the sampled architecture (one-hot), then fit on it and on the
         router's probabilities, both with the measured loss, and on everything before."""
-        x = torch.cat([t.flatten() for t in sample]).float()
+        x = sample.flat().float()
         with torch.no_grad():
             self.misses.append(abs(self.model(x).item() - loss))
         # The surrogate reads E[loss] under the router's probabilities: at a one-hot that is the
         # architecture's loss, elsewhere the sampled loss is an unbiased draw of it.
-        self.xs += [x, torch.cat([t.flatten() for t in probs]).float()]
+        self.xs += [x, probs.flat().float()]
         self.ys += [loss, loss]
         _fit_surrogate(self.model, self.opt, self.xs, self.ys, self.cfg.surrogate_fit_steps, self.gen)
 
