@@ -8,8 +8,8 @@ rule: the magnitude of every norm's output over the residual stream, `flextron.i
 it is scored (`budgets.uniform_candidates`: for each hidden size, the widest MLP / attention pairs that
 fit): held-out perplexity, fp32, 1,024-token windows. The full hidden size's best is the width-only
 answer; the best over all hidden sizes the hidden + width one. The same sub-networks at a smaller hidden
-size are scored again with the channels in a random order (MLP and attention orders untouched), which
-isolates the channel ranking.
+size (the best of each size) are scored again with the channels in a random order (MLP and attention
+orders untouched), which isolates the channel ranking.
 
     python benchmarks/hidden.py [--budgets 0.5,0.75] [--fractions 0.5,0.625,0.75,0.875,1.0] [--multiple 32]
                                 [--limit N] [--device cpu|cuda]
@@ -33,6 +33,7 @@ from flextron.budgets import cost_table, uniform_candidates
 from flextron.data import heldout_windows
 from flextron.evaluate import perplexity
 from flextron.report import plot_ppl_vs_size, widths_cell
+from flextron.space import Subnet
 
 
 def tiny_checkpoint(work: Path, fractions: tuple[float, ...], multiple: int) -> Path:
@@ -82,18 +83,19 @@ def main() -> None:
     for budget in budgets:
         for sub in sorted(uniform_candidates(em, table, budget * table.full),
                           key=lambda s: (-(s.hidden or em.hidden_size), -s.mlp[0])):
-            row = {"budget": budget, "hidden": sub.hidden or em.hidden_size, "subnet": sub.to_dict(),
-                   "params_fraction": table(sub) / table.full, "ppl": ppl(em, sub)}
-            if sub.hidden is not None:
-                row["random_channels_ppl"] = ppl(shuffled, sub)
-            rows.append(row)
-            print(row, flush=True)
-    best = {}
+            rows.append({"budget": budget, "hidden": sub.hidden or em.hidden_size, "subnet": sub.to_dict(),
+                         "params_fraction": table(sub) / table.full, "ppl": ppl(em, sub)})
+            print(rows[-1], flush=True)
+    best, per_size = {}, {}
     for r in rows:
         kind = "width only" if r["hidden"] == em.hidden_size else "hidden + width"
-        key = (r["budget"], kind)
-        if key not in best or r["ppl"] < best[key]["ppl"]:
-            best[key] = r
+        for key, into in (((r["budget"], kind), best), ((r["budget"], r["hidden"]), per_size)):
+            if key not in into or r["ppl"] < into[key]["ppl"]:
+                into[key] = r
+    for r in per_size.values():  # the random channel order, at each smaller size's best sub-network
+        if r["hidden"] != em.hidden_size:
+            r["random_channels_ppl"] = ppl(shuffled, Subnet(**r["subnet"]))
+            print(r, flush=True)
     data = {"command": command_line("hidden.py", p, a), "device": a.device,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "seconds": round(time.time() - t0), "hidden_sizes": em.space.hidden, "tokens": int(windows[:, 1:].numel()),

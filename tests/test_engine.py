@@ -29,16 +29,19 @@ def alone(em, req: Request) -> list[int]:
 
 
 def subnets(em):
-    return [em.space.full(), em.space.uniform(1, 1), em.space.uniform(0, 2)]
+    """Three sub-networks; in a space with hidden sizes, at three hidden sizes."""
+    h = [None, 0, 1] if em.space.hidden else [None] * 3
+    return [em.space.full(), em.space.uniform(1, 1, hidden_index=h[1]), em.space.uniform(0, 2, hidden_index=h[2])]
 
 
 @pytest.fixture(params=[("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True), ("gemma3", True),
-                        ("olmo2", True), ("phi3", True)],
-                ids=["llama", "qwen2", "llama-mixed", "qwen2-mixed", "gemma3-mixed", "olmo2-mixed", "phi3-mixed"])
+                        ("olmo2", True), ("phi3", True), ("llama", "hidden"), ("gemma3", "hidden")],
+                ids=["llama", "qwen2", "llama-mixed", "qwen2-mixed", "gemma3-mixed", "olmo2-mixed", "phi3-mixed",
+                     "llama-hidden-mixed", "gemma3-hidden-mixed"])
 def engine(request):
     kind, mix = request.param  # mixed: all budgets in one batch, each row masked to its sub-network
-    em, tok = make_elastic(kind), make_tokenizer()
-    eng = Engine(em, tok, ServeLimits(max_batch=6, mix_budgets=mix))
+    em, tok = make_elastic(kind, hidden=mix == "hidden"), make_tokenizer()  # "hidden": and hidden sizes, mixed
+    eng = Engine(em, tok, ServeLimits(max_batch=6, mix_budgets=bool(mix)))
     yield eng
     eng.close()
 
