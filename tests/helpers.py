@@ -362,3 +362,10 @@ def with_adaptive_routers(em):
         for lin in em.routers.adaptive.token_out:
             lin.weight.mul_(30)
     return em
+
+
+def prompt_sensitive(routers) -> None:
+    """Make the request router read its prompt strongly (untrained, its budget and biases decide): scales
+    the weights it applies to the pooled embeddings, so that other tokens in the prompt choose other widths."""
+    with torch.no_grad():
+        routers.request[0].weight[:, : routers.token_in[0].in_features].mul_(100)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from flextron.adaptive import AdaptiveLM, AdaptiveRouting
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting, causal_chunks
 from flextron.budgets import cost_table
 from flextron.routers import AdaptiveRouters
-from helpers import make_elastic
+from helpers import make_elastic, prompt_sensitive
 
 GRID = (0.4, 0.7, 1.0)
 
@@ -114,6 +114,33 @@ def test_adaptive_lm_scores_each_sequence_as_its_own_request():
     assert len(lm.costs) == 3 and all(0 < c <= 1 for c in lm.costs)
     routing.detach()
     assert "forward" not in vars(routing.em.blocks[0].mlp.module)
+
+
+def test_perplexity_scoring_chooses_widths_from_earlier_tokens_only():
+    """Scored as generated: token t is predicted at the widths a request whose prompt is the first
+    2**floor(log2 t) tokens runs at (per-chunk routing); a later token changes no width and no earlier score."""
+    routing = routed(seed=2)
+    prompt_sensitive(routing.routers)
+    em, lm = routing.em, AdaptiveLM(routing, 0.7)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (1, 16), generator=g)
+    other = torch.cat([ids[:, :8], torch.randint(0, 128, (1, 8), generator=g)], 1)  # the second half changed
+    assert routing.start(0.7, ids) != routing.start(0.7, other)  # given them, the router reads those tokens
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits
+        widths = routing.attn_onehot.clone()  # the last chunk's, chosen from the first 8 tokens
+        changed = lm(input_ids=other).logits
+        assert torch.equal(routing.attn_onehot, widths)
+        torch.testing.assert_close(changed[:, :8], logits[:, :8], atol=1e-5, rtol=1e-5)
+        for t in range(1, 17):  # the logits at t - 1 predict token t
+            routing.start(0.7, ids[:, : 2 ** (t.bit_length() - 1)])
+            ref = em(input_ids=ids[:, :t]).logits[:, -1]
+            torch.testing.assert_close(logits[:, t - 1], ref, atol=1e-5, rtol=1e-5)
+    assert len(lm.costs) == 2 and all(0 < c <= 1 for c in lm.costs)
+    assert causal_chunks(16) == [(1, 1), (2, 3), (4, 7), (8, 16)] and causal_chunks(2) == [(1, 2)]
+    for length in range(1, 40):  # every position's logits once, in order, each after its prompt
+        chunks = causal_chunks(length)
+        assert [p - 1 for p, _ in chunks] == [0] + [end for _, end in chunks[:-1]] and chunks[-1][1] == length
 
 
 def test_attached_routing_restores_the_static_sub_network_even_after_an_error():

@@ -15,7 +15,15 @@ from lm_eval.api.registry import get_model, model_registry
 from flextron import api
 from flextron.cli import main
 from flextron.harness import FlextronLM, task_config
-from helpers import random_docs, word_text, write_requests
+from helpers import (
+    make_elastic,
+    make_tokenizer,
+    prompt_sensitive,
+    random_docs,
+    with_adaptive_routers,
+    word_text,
+    write_requests,
+)
 
 
 @pytest.mark.parametrize("budget", ["1.0", "0.5"])
@@ -77,6 +85,37 @@ def test_lm_eval_command_line_runs_flextron(routed_ckpt, tmp_path, adaptive):
     theirs = json.loads(path.read_text())["results"][config["task"]]
     assert abs(theirs["acc,none"] - ours["acc"]) <= 0.005
     assert abs(theirs["acc_norm,none"] - ours["acc_norm"]) <= 0.005
+
+
+def test_adaptive_candidates_share_the_widths_their_context_chooses(tmp_path):
+    """lm-eval scores a candidate as a generation from its context would be: the context alone
+    chooses the attention widths, the same for every candidate of a question."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    from flextron.checkpoint import save_checkpoint
+    from flextron.tasks import encode_pair
+
+    em, tok = with_adaptive_routers(make_elastic()), make_tokenizer()
+    em.routers.adaptive_config = dataclasses.replace(em.routers.config, hidden=16)  # as `route --adaptive` records
+    prompt_sensitive(em.routers.adaptive)
+    lm = FlextronLM(save_checkpoint(em, tok, tmp_path / "ckpt", {}), budget="0.7", adaptive=True, device="cpu")
+    pairs = [p for d, _ in random_docs(3, seed=3) for p in d]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)], disable_tqdm=True)
+    read = set()
+    with torch.no_grad():
+        for (ctx, cont), (ll, greedy) in zip(pairs, got):
+            c, t = encode_pair(tok, ctx, cont)
+            read.add(str(lm.routing.start(lm.fraction, torch.tensor([c + t]))))
+            lm.routing.start(lm.fraction, torch.tensor([c]))
+            logits = lm.elastic(input_ids=torch.tensor([c + t[:-1]])).logits[0, len(c) - 1 :]
+            logp = F.log_softmax(logits.float(), -1).gather(1, torch.tensor(t)[:, None])
+            assert ll == pytest.approx(logp.sum().item(), abs=1e-4)
+            assert greedy == bool((logits.argmax(-1) == torch.tensor(t)).all())
+    assert len(read) > 3  # given the continuations, the router would choose other widths
 
 
 def test_the_entry_point_resolves_through_lm_evals_registry():

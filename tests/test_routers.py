@@ -155,7 +155,7 @@ def test_budget_in_another_metric_starts_from_router_preferences_of_that_size(tr
         em.latency = None
 
 
-def test_between_grid_budgets_a_kept_uniform_or_lower_sub_network_is_served_as_checked(trained_routers):
+def test_between_checked_budgets_what_the_check_below_kept_is_served(trained_routers):
     em, _, _, _ = trained_routers
     table = cost_table(em, "params")
     checked = uniform_subnet_for(em, Budget(fraction=0.5))[0]
@@ -166,12 +166,41 @@ def test_between_grid_budgets_a_kept_uniform_or_lower_sub_network_is_served_as_c
             em.routers.checked = [{"budget": 0.5, "kept": kept, "subnet": checked.to_dict(), "calib_ppl": {}}]
             for f in (0.5, 0.7, 0.9):  # not the largest uniform at 90%: that shape was never measured
                 assert select_subnet(em, Budget(fraction=f)) == checked
-        em.routers.checked[0].update(kept="uniform", subnet=em.space.full().to_dict())  # re-profiled since
-        assert select_subnet(em, Budget(fraction=0.9)) == wider
-        em.routers.checked[0]["kept"] = "router"
-        routed = select_subnet(em, Budget(fraction=0.9))
         em.routers.checked = None
-        assert routed == select_subnet(em, Budget(fraction=0.9))
+        routed = select_subnet(em, Budget(fraction=0.5))  # the router's projection, as checked at 50%
+        assert routed != select_subnet(em, Budget(fraction=0.9))
+        em.routers.checked = [{"budget": 0.5, "kept": "router", "subnet": routed.to_dict(), "calib_ppl": {}}]
+        for f in (0.5, 0.7, 0.9):  # not the router's projection at 90%: never measured either
+            assert select_subnet(em, Budget(fraction=f)) == routed
+        # Re-profiled since, the stored sub-network no longer fits: a kept uniform is the rule at the
+        # checked budget; a lower budget's defers to the checks below (none: the baseline of the budget).
+        em.routers.checked[0].update(kept="uniform", subnet=em.space.full().to_dict())
+        assert select_subnet(em, Budget(fraction=0.9)) == checked
+        em.routers.checked[0]["kept"] = "lower budget"
+        assert select_subnet(em, Budget(fraction=0.9)) == wider
+        # Below every checked budget: the largest uniform sub-network, the baseline itself.
+        assert select_subnet(em, Budget(fraction=0.45)) == uniform_subnet_for(em, Budget(fraction=0.45))[0]
+    finally:
+        em.routers.checked = None
+
+
+def test_a_budget_in_another_metric_gets_the_largest_checked_sub_network_that_fits_it(trained_routers):
+    em, _, _, _ = trained_routers
+    flops = cost_table(em, "flops")
+    grid = (0.4, 0.6, 0.8, 1.0)
+    kept = [select_subnet(em, Budget(fraction=f)) for f in grid]  # the router's projections, as checked
+    unchecked = {f: select_subnet(em, Budget(metric="flops", fraction=f)) for f in (0.5, 0.7, 0.9)}
+    try:
+        em.routers.checked = [{"budget": f, "kept": "router", "subnet": s.to_dict(), "calib_ppl": {}}
+                              for f, s in zip(grid, kept)]
+        served = {f: select_subnet(em, Budget(metric="flops", fraction=f)) for f in unchecked}
+        for f, subnet in served.items():
+            # The kept perplexity never rises with the checked budget: the largest that fits is the best.
+            assert subnet == [s for s in kept if flops(s) <= f * flops.full][-1]
+        assert any(served[f] != unchecked[f] for f in served)  # projected in flops, they were never measured
+        lowest = min(flops(s) for s in kept) / flops.full * 0.99  # below them all: the baseline of the budget
+        budget = Budget(metric="flops", fraction=lowest)
+        assert select_subnet(em, budget) == uniform_subnet_for(em, budget)[0]
     finally:
         em.routers.checked = None
 

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 
 from flextron.errors import FlextronError
 from flextron.tasks import TASKS, encode_pair, load_docs, loglikelihoods, score_task, task_names
-from helpers import make_model, make_tokenizer, random_docs, write_requests
+from helpers import (
+    make_elastic,
+    make_model,
+    make_tokenizer,
+    prompt_sensitive,
+    random_docs,
+    with_adaptive_routers,
+    write_requests,
+)
 
 
 def test_packaged_tasks_load_grouped_by_document():
@@ -100,6 +108,28 @@ def test_batched_loglikelihoods_equal_one_at_a_time():
         ref = logp.gather(1, torch.tensor(t)[:, None]).sum().item()
         assert ll == pytest.approx(ref, abs=1e-4)
         assert greedy == bool((logp.argmax(-1) == torch.tensor(t)).all())
+
+
+def test_adaptive_candidates_share_the_widths_their_context_chooses():
+    """Each candidate is scored as a generation from the context would be: the context alone chooses
+    the attention widths, the same for every candidate of a question (and its padding none)."""
+    from flextron.adaptive import AdaptiveLM, AdaptiveRouting
+
+    em, tok = with_adaptive_routers(make_elastic()), make_tokenizer()
+    prompt_sensitive(em.routers.adaptive)
+    routing = AdaptiveRouting.for_model(em)
+    pairs = [p for d, _ in random_docs(3, seed=3) for p in d]
+    with routing.attached(), torch.no_grad():
+        got = loglikelihoods(AdaptiveLM(routing, 0.7), tok, pairs, batch_size=5, progress=False)
+        read = set()
+        for (ctx, cont), (ll, greedy) in zip(pairs, got):
+            c, t = encode_pair(tok, ctx, cont)
+            read.add(str(routing.start(0.7, torch.tensor([c + t]))))
+            routing.start(0.7, torch.tensor([c]))
+            logp = F.log_softmax(em(input_ids=torch.tensor([c + t[:-1]])).logits[0, len(c) - 1 :].float(), -1)
+            assert ll == pytest.approx(logp.gather(1, torch.tensor(t)[:, None]).sum().item(), abs=1e-4)
+            assert greedy == bool((logp.argmax(-1) == torch.tensor(t)).all())
+    assert len(read) > 3  # given the continuations, the router would choose other widths
 
 
 def test_score_task_counts_correct_documents(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from flextron import api
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting, calibrate
-from flextron.budgets import cost_table, select_subnet, smallest_fraction, uniform_candidates
+from flextron.budgets import cost_table, select_subnet, smallest_fraction, uniform_candidates, uniform_subnet_for
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.cli import main
 from flextron.data import PackedSequences, tokenize
@@ -143,6 +143,53 @@ def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(tr
         assert loaded.routers.checked == checks
         assert select_subnet(loaded, Budget(fraction=0.7)) == select_subnet(em, Budget(fraction=0.7))
     finally:
+        em.routers.checked = None
+
+
+def test_a_budget_between_checked_ones_gets_what_the_check_below_kept_not_an_unchecked_projection(
+        trained_routers):
+    em, routers, _, tok = trained_routers
+    held = PackedSequences(tokenize(tok, word_text(2000, seed=7)), 16, seed=1).rows(0, 8)
+    table = cost_table(em, "params")
+    between = Budget(fraction=0.6)  # a grid budget of the router that the check below leaves out
+
+    def ppl(subnet: Subnet) -> float:
+        with em.subnet(subnet):
+            return perplexity(em, held, progress=False)
+
+    def wider(subnet: Subnet) -> list[Subnet]:
+        return [replace(subnet, **{kind: chosen[:i] + [choices[i][choices[i].index(c) + 1]] + chosen[i + 1:]})
+                for kind, choices, chosen in (("mlp", em.space.mlp, subnet.mlp), ("attn", em.space.attn, subnet.attn))
+                for i, c in enumerate(chosen) if c != choices[i][-1]]
+
+    def kept_by_projection(fraction: float) -> list[Subnet]:
+        """The sub-networks within the budget that projection keeps as they are (no single step wider fits)."""
+        every = [Subnet(mlp=[a, b], attn=[c, d]) for a in em.space.mlp[0] for b in em.space.mlp[1]
+                 for c in em.space.attn[0] for d in em.space.attn[1]]
+        within = fraction * table.full
+        return [s for s in every if table(s) <= within and all(table(w) > within for w in wider(s))]
+
+    # Deliberately: at 40% the router's prior is the best such sub-network (the check there keeps the
+    # router), at 60%, between the checked budgets, the worst, worse than the uniform one there.
+    best, worst = min(kept_by_projection(0.4), key=ppl), max(kept_by_projection(0.6), key=ppl)
+    assert ppl(worst) > ppl(uniform_subnet_for(em, between)[0])
+    priors = routers.static.prior.clone()
+    try:
+        routers.static.set_prior(0.4, best, 100.0)
+        routers.static.set_prior(0.6, worst, 100.0)
+        assert select_subnet(em, between) == worst  # unchecked routers: the router's projection, as before
+        checks = check_against_uniform(em, held, [0.4, 0.8, 1.0], progress=False)
+        assert checks[0]["kept"] == "router" and checks[0]["subnet"] == best.to_dict()
+        served = select_subnet(em, between)
+        assert served != worst and served.to_dict() == checks[0]["subnet"]  # what the check at 40% kept
+        assert ppl(served) == pytest.approx(checks[0]["calib_ppl"][checks[0]["kept"]], rel=1e-5)
+        assert ppl(served) <= checks[0]["calib_ppl"]["uniform"] * (1 + 1e-6)
+        for fraction, check in ((0.45, 0), (0.7, 0), (0.799, 0), (0.8, 1), (0.9, 1), (0.999, 1), (1.0, 2)):
+            assert select_subnet(em, Budget(fraction=fraction)).to_dict() == checks[check]["subnet"], fraction
+        assert table(select_subnet(em, Budget(fraction=0.39))) <= 0.39 * table.full  # below them all: the baseline
+        assert select_subnet(em, Budget(fraction=0.39)) == uniform_subnet_for(em, Budget(fraction=0.39))[0]
+    finally:
+        routers.static.prior.copy_(priors)
         em.routers.checked = None
 
 

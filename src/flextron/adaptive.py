@@ -5,7 +5,10 @@ A per-layer token router reads the MLP input and the budget; tokens are grouped 
 and each group runs the layer's MLP hard-sliced to that width (gather, sliced matmuls, scatter),
 so compute falls with the routed width in training and inference alike. Attention is chosen
 once per request, from the mean of the prompt's input embeddings and the budget, and kept for
-the whole generation: the KV cache stays consistent and has the routed (smaller) size.
+the whole generation: the KV cache stays consistent and has the routed (smaller) size. Scoring
+routes the same way, never on the tokens it scores (`AdaptiveLM`): a task's candidates share the
+widths their context chooses; a perplexity window is scored in chunks, each a request whose prompt
+is the tokens before it (`causal_chunks`).
 
 Training uses straight-through Gumbel-softmax: the forward pass takes the sampled width, its
 output is multiplied by the one-hot gate (1 in value) whose gradient reaches the router. At
@@ -26,6 +29,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from flextron.budgets import budget_target, cost_table, select_subnet
 from flextron.cost import CostTable
@@ -135,8 +139,10 @@ class AdaptiveRouting:
         self.token_choices: list[Tensor | None] = [None] * n
 
     def start(self, fraction: float, input_ids: Tensor, tau: float | None = None,
-              generator: torch.Generator | None = None) -> list[list[int]]:
-        """Choose each sequence's attention widths from its prompt and the budget; returns them [B][L]."""
+              generator: torch.Generator | None = None, prompt_lengths: list[int] | None = None) -> list[list[int]]:
+        """Choose each sequence's attention widths from its prompt and the budget; returns them [B][L].
+        The prompt of row b is its first `prompt_lengths[b]` tokens (all of them when None): the rest
+        of the row (a scored continuation, padding) is run at those widths but does not choose them."""
         self.tau, self.generator = tau, generator
         i = self.routers.grid_index(fraction)
         grid_fraction = self.routers.grid[i].item()
@@ -161,7 +167,9 @@ class AdaptiveRouting:
             if self._static:
                 logits = self._prior[1].expand(len(input_ids), -1, -1)
             else:
-                pooled = self.em.model.get_input_embeddings()(input_ids).mean(dim=1)
+                embedded = self.em.model.get_input_embeddings()(input_ids)
+                pooled = embedded.mean(dim=1) if prompt_lengths is None else torch.stack(
+                    [row[:n].mean(dim=0) for row, n in zip(embedded, prompt_lengths)])
                 logits = (self.routers.request_logits(pooled, self._budget) + self._prior[1]
                           - self._shift * self.attn_penalty)
         onehot = gumbel(logits, tau, generator) if tau is not None else F.one_hot(
@@ -221,9 +229,15 @@ class AdaptiveRouting:
         attn = (self.attn_onehot.mean(0) * self.attn_cost.to(dev)).sum()
         return (self.table.const + mlp + attn) / self.full
 
-    def realised_fraction(self) -> float:
-        """Average realised cost of the widths taken (tokens' MLPs, requests' attention) / full cost."""
-        share = self.mlp_counts / self.mlp_counts.sum(1, keepdim=True).clamp(min=1)
+    def realised_fraction(self, positions: slice | None = None) -> float:
+        """Average realised cost of the widths taken (tokens' MLPs, requests' attention) / full cost:
+        over every token run since `start`, or over the tokens at `positions` of the last forward."""
+        counts = self.mlp_counts
+        if positions is not None:
+            rows = len(self.attn_onehot)
+            counts = torch.stack([torch.bincount(c.view(rows, -1)[:, positions].flatten().cpu(),
+                                                 minlength=counts.shape[1]) for c in self.token_choices]).float()
+        share = counts / counts.sum(1, keepdim=True).clamp(min=1)
         mlp = (share * self.mlp_cost).sum()
         attn = (self.attn_onehot.detach().cpu().mean(0) * self.attn_cost).sum()
         return float((self.table.const + mlp + attn) / self.full)
@@ -262,9 +276,29 @@ def calibrate(routing: AdaptiveRouting, input_ids: Tensor, iters: int = 12, boun
     return realised
 
 
+def causal_chunks(length: int) -> list[tuple[int, int]]:
+    """How `AdaptiveLM` scores a window of `length` tokens causally: (prompt, end) pairs, each a request
+    whose prompt is the first `prompt` tokens and whose logits at positions prompt - 1 .. end - 1 are
+    kept (they predict tokens prompt .. end). Prompts double from 1, so token t is predicted at the
+    widths chosen from its first 2**floor(log2 t) tokens (more than half of those before it), at
+    about twice the tokens of one pass; the last chunk runs to the window's end."""
+    chunks, prompt = [], 1
+    while 2 * prompt - 1 < length - 1:
+        chunks.append((prompt, 2 * prompt - 1))
+        prompt *= 2
+    return [*chunks, (prompt, length)]
+
+
 class AdaptiveLM(nn.Module):
-    """A forward that routes each call's batch (one request per sequence) at a fixed budget; for
-    scoring loops that call `model(input_ids=...)` (perplexity, tasks)."""
+    """A forward that routes each call's batch (one request per sequence) at a fixed budget, for
+    scoring loops that call `model(input_ids=...)` (perplexity, tasks), causally as generation is: the
+    widths of a prediction are chosen from tokens before it, never from the tokens being scored.
+
+    With `prompt_lengths` (tasks: each row's context), each row's prompt chooses its widths and the
+    rest is run at them: the candidates of a question share their context's widths. Without (a
+    perplexity window), the window is run in `causal_chunks`, each chunk's logits at the widths its
+    prompt chooses, and only the logits come back. `costs` gets one realised fraction per call (of
+    the scored positions, by chunk, weighted by their count)."""
 
     def __init__(self, routing: AdaptiveRouting, fraction: float) -> None:
         super().__init__()
@@ -276,8 +310,21 @@ class AdaptiveLM(nn.Module):
     def config(self):
         return self.em.config
 
-    def forward(self, input_ids: Tensor, **kwargs):
-        self.routing.start(self.fraction, input_ids)
-        out = self.em(input_ids=input_ids, **kwargs)
-        self.costs.append(self.routing.realised_fraction())
-        return out
+    def forward(self, input_ids: Tensor, prompt_lengths: list[int] | None = None, **kwargs):
+        if prompt_lengths is not None:
+            self.routing.start(self.fraction, input_ids, prompt_lengths=prompt_lengths)
+            out = self.em(input_ids=input_ids, **kwargs)
+            self.costs.append(self.routing.realised_fraction())
+            return out
+        logits, cost = [], 0.0
+        for prompt, end in causal_chunks(input_ids.shape[1]):
+            self.routing.start(self.fraction, input_ids[:, :prompt])
+            if self.routing._static:  # the served sub-network reads no prompt: one pass is the same routing
+                prompt, end = 1, input_ids.shape[1]
+            kept = slice(prompt - 1, end)
+            logits.append(self.em(input_ids=input_ids[:, :end], **kwargs).logits[:, kept])
+            cost += self.routing.realised_fraction(kept) * (end - prompt + 1)
+            if end == input_ids.shape[1]:
+                break
+        self.costs.append(cost / input_ids.shape[1])
+        return CausalLMOutputWithPast(logits=torch.cat(logits, 1))

@@ -2,9 +2,10 @@
 
 A budget (`0.5`, `latency_ms=25`, ...) resolves in one place: `budget_metric` (an `auto` budget
 follows the routers, else a measured latency table, else params), `cost_table`, `budget_target`
-(checked against the smallest sub-network), then `select_subnet`: the static router's choice
-projected onto the target, or without routers the largest uniform sub-network within it (in a
-space with hidden sizes, at any of them: a small budget may only be met at a smaller hidden size).
+(checked against the smallest sub-network), then `select_subnet`: what the check against uniform
+kept at the largest checked budget within the target (the static router's choice projected onto
+it where the routers carry no checks), or without routers the largest uniform sub-network within it
+(in a space with hidden sizes, at any of them: a small budget may only be met at a smaller hidden size).
 `AdaptiveRouting.fraction` reads budgets through `budget_target` too.
 """
 
@@ -137,24 +138,64 @@ def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_p
 
 @torch.no_grad()
 def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
-    """The sub-network for a budget: the router's choice, projected onto the budget in the budget's
-    own metric, or without routers the largest uniform sub-network within it. Where `route`
-    checked the largest budget at or below this one and kept the uniform sub-network or a lower
-    budget's, the sub-network it kept is served: it fits, and its quality was measured. (The
-    largest uniform one at a budget between grid points can be another shape, never scored, such
-    as full MLPs with one KV group.)"""
+    """The sub-network for a budget (what eval, export, generate and serve all run).
+
+    Without routers: the largest uniform sub-network within the budget. With routers that `route`
+    checked against uniform (`Routers.checked`, at the grid budgets and the unseen midpoints):
+    snapped to the largest checked budget at or below this one, whose kept sub-network is served
+    (the router's projection there, or the uniform or lower budget's sub-network it kept): it fits,
+    and it was measured against the largest uniform sub-network within that budget. A budget in
+    another metric than the routers' gets the kept sub-network of the largest checked budget that
+    fits it in that metric. Below every checked budget, the largest uniform sub-network within it.
+    Routers without checks (routed before the check existed, or `--check-sequences 0`): the
+    router's choice projected onto the budget in the budget's own metric.
+
+    Why snapping rather than checking an asked budget on first use: a check scores up to three
+    sub-networks on held-out windows (SmolLM2-135M, 4 windows, 2 CPU threads: about 80 s), holding
+    the model a server's engine decodes with, for every new budget a client names; and its verdict
+    would depend on the windows and the device that scored it. Snapped, any budget is answered at
+    once from routers.json alone, the same everywhere; the price is the budget between the checked
+    one and the asked one left unused (route with the budgets you serve in `--budgets`)."""
     if em.routers is None:
         return uniform_subnet_for(em, budget)[0]
     table, target = budget_target(em, budget)
-    fraction = router_fraction(em, table, target)
-    check = em.routers.kept(fraction) if table.metric == em.routers.metric else None
-    if check is not None and check["kept"] != "router":
-        subnet = Subnet(**check["subnet"])
-        if fits(table(subnet), target):
+    if em.routers.checked is None:
+        return _projected(em, table, target)
+    same = table.metric == em.routers.metric
+    own = table if same else cost_table(em, em.routers.metric)
+    for check in em.routers.kept(target / table.full if same else 1.0):
+        subnet = _kept_subnet(em, own, check)
+        if subnet is not None and fits(table(subnet), target):
             return subnet
-        if check["kept"] == "uniform":  # the table changed since (re-profiled): the rule, not the choice
-            return uniform_subnet_for(em, budget)[0]
+    try:  # nothing checked fits (below every checked budget): the baseline itself
+        return uniform_subnet_for(em, budget)[0]
+    except FlextronError:  # a per-layer space where no uniform sub-network fits either: all there is
+        return _projected(em, table, target)
+
+
+def _projected(em: ElasticModel, table: CostTable, target: float) -> Subnet:
+    """The static router's choice projected onto `target` in `table`'s metric."""
+    fraction = router_fraction(em, table, target)
     return project(em.space, table, em.routers.static(fraction).map(lambda t: F.log_softmax(t, -1)), target)
+
+
+def _kept_subnet(em: ElasticModel, table: CostTable, check: dict) -> Subnet | None:
+    """The sub-network a check kept at its budget (`table`: the routers' metric): the router's
+    projection, or the stored uniform or lower budget's sub-network. Where that no longer fits (the
+    table changed since: re-profiled), a kept uniform is the rule, not the shape (None where no
+    uniform fits); a lower budget's is served by the check below (None)."""
+    target = check["budget"] * table.full
+    if check["kept"] == "router":
+        return _projected(em, table, target)
+    subnet = Subnet(**check["subnet"])
+    if fits(table(subnet), target):
+        return subnet
+    if check["kept"] != "uniform":
+        return None
+    try:
+        return uniform_subnet_for(em, Budget(metric=table.metric, fraction=check["budget"]))[0]
+    except FlextronError:  # the re-profiled table puts this budget below the smallest sub-network
+        return None
 
 
 @torch.no_grad()

@@ -79,8 +79,9 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
                         autocast_dtype: torch.dtype | None = None, progress: bool = True,
                         tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
     """Per budget (in the routers' metric), input-adaptive routing: each sequence a request, each
-    token its MLP width. Rows hold the budget as a fraction, the realised average cost / full cost,
-    perplexity and tasks."""
+    token its MLP width, scored causally (`AdaptiveLM`: a window in chunks whose widths the tokens
+    before them choose, a task's candidates at their context's widths). Rows hold the budget as a
+    fraction, the realised average cost / full cost, perplexity and tasks."""
     routing = AdaptiveRouting.for_model(em)
     fractions = [routing.fraction(b) for b in budgets]
     rows = []

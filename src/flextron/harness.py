@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 from flextron.space import Budget
@@ -32,8 +34,9 @@ except ImportError as e:  # an optional dependency: say how to get it
 @register_model("flextron")
 class FlextronLM(HFLM):
     """HFLM over the sub-network a budget selects (router, else the largest uniform one), or with
-    `adaptive` over the checkpoint's input-adaptive routers (each sequence its own request, so one
-    sequence per batch).
+    `adaptive` over the checkpoint's input-adaptive routers: each loglikelihood request is a request
+    whose prompt is its context (the context alone chooses the attention widths, so the candidates of
+    a question share them, as in `flextron.tasks`), one request per call; generation routes on the prompt.
 
     The weights are the checkpoint's, sliced in place: switch budgets with `set_budget`."""
 
@@ -42,6 +45,7 @@ class FlextronLM(HFLM):
         from flextron import api  # api imports most of the package; keep this module light to import
 
         self.routing = None
+        self._prompt_length: int | None = None  # adaptive: the context length of the request being scored
         self.elastic, tok = api.open_model(pretrained, [Budget.parse(budget)], device)
         if adaptive:
             from flextron.adaptive import AdaptiveRouting
@@ -49,7 +53,7 @@ class FlextronLM(HFLM):
             self.routing = AdaptiveRouting.for_model(self.elastic)
             self.fraction = self.routing.fraction(Budget.parse(budget))
             self.routing.attach()
-            batch_size = 1  # a padded batch would route on its padding
+            batch_size = 1  # one request per call: its context length is known only per request
         else:
             self.set_budget(budget)
         super().__init__(pretrained=self.elastic.model, tokenizer=tok, batch_size=batch_size, **kwargs)
@@ -61,9 +65,26 @@ class FlextronLM(HFLM):
             raise FlextronError("an adaptive FlextronLM keeps its budget; make another for a new budget")
         self.elastic.set_subnet(select_subnet(self.elastic, Budget.parse(budget)))
 
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if self.routing is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="Running loglikelihood requests (adaptive)"):
+            _, context, continuation = request
+            # HFLM keeps the last max_length + 1 tokens of context + continuation (and drops the very last):
+            # the context's share of what is kept is the prompt.
+            self._prompt_length = min(len(context) + len(continuation), self.max_length + 1) - len(continuation)
+            try:
+                out += super()._loglikelihood_tokens([request], disable_tqdm=True)
+            finally:
+                self._prompt_length = None
+        return out
+
     def _model_call(self, inps, attn_mask=None, labels=None):
         if self.routing is not None:
-            self.routing.start(self.fraction, inps)
+            if self._prompt_length is None:
+                raise FlextronError("an adaptive FlextronLM scores loglikelihood requests only, each on its context")
+            self.routing.start(self.fraction, inps[:, : self._prompt_length])
         return super()._model_call(inps, attn_mask, labels)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):

@@ -300,10 +300,11 @@ class Routers:
     adaptive_config: RouteOptions | None = None
     checked: list[dict] | None = None  # per checked budget: the kept sub-network (train.routers.check_against_uniform)
 
-    def kept(self, fraction: float) -> dict | None:
-        """The check of the largest checked budget at or below `fraction` (None below them all)."""
+    def kept(self, fraction: float) -> list[dict]:
+        """The checks of the checked budgets at or below `fraction`, the largest budget first (none
+        below them all). What a check kept fits its budget, so it fits any larger one too."""
         below = [c for c in self.checked or [] if c["budget"] <= fraction + 1e-9]
-        return max(below, key=lambda c: c["budget"]) if below else None
+        return sorted(below, key=lambda c: c["budget"], reverse=True)
 
     def save(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.static.state_dict().items()}, directory / ROUTER_WEIGHTS)

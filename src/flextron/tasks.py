@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from flextron.adaptive import AdaptiveLM
 from flextron.assets import olmo_task_file
 from flextron.errors import FlextronError
 from flextron.generation import context_length
@@ -158,7 +159,8 @@ def loglikelihoods(model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[t
                    progress: bool = True, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """Per (context, continuation): sum of the continuation's token log-probabilities and whether
     greedy decoding would produce it. Long inputs keep their last `max_len` tokens (default: the model's
-    context, `generation.context_length`)."""
+    context, `generation.context_length`). An `AdaptiveLM` routes each row on its context alone, so the
+    candidates of a question share widths that no continuation chose."""
     device = next(model.parameters()).device
     max_len = max_len or context_length(model.config)
     encoded = []
@@ -174,8 +176,11 @@ def loglikelihoods(model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[t
         width = max(len(encoded[i][0]) for i in idx)
         # Right padding: a causal model's earlier positions never see the pads.
         batch = torch.tensor([encoded[i][0] + [pad] * (width - len(encoded[i][0])) for i in idx], device=device)
+        # The context of row i: what its input holds before the continuation's first token is predicted.
+        routed = {"prompt_lengths": [max(1, len(encoded[i][0]) - len(encoded[i][1]) + 1) for i in idx]} \
+            if isinstance(model, AdaptiveLM) else {}
         with autocast(device, autocast_dtype):
-            logits = model(input_ids=batch, use_cache=False).logits
+            logits = model(input_ids=batch, use_cache=False, **routed).logits
         for row, i in enumerate(idx):
             inp, cont = encoded[i]
             pos = torch.arange(len(inp) - len(cont), len(inp), device=device)

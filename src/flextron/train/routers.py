@@ -277,7 +277,8 @@ def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: li
     """Never worse than the baseline: per budget (ascending, in the routers' metric), perplexity on
     held-out `windows` of the routed sub-network, the largest uniform one within the budget and
     the sub-network kept for the budget below (it fits too); the best is kept, so the kept
-    perplexity never rises with the budget. Stores the checks in `em.routers.checked`."""
+    perplexity never rises with the budget. Stores the checks in `em.routers.checked`; a budget
+    between them is served what was kept at the checked budget below it (`select_subnet`)."""
     em.routers.checked = None  # route, do not read earlier checks
     checks, lower = [], None
     for fraction in sorted(fractions):
@@ -308,7 +309,8 @@ def check_against_uniform(em: ElasticModel, windows: torch.Tensor, fractions: li
 def check_against_static(routing: AdaptiveRouting, windows: torch.Tensor, autocast_dtype: torch.dtype | None = None,
                          progress: bool = True) -> list[dict]:
     """Never worse than static routing: per grid budget, perplexity on held-out `windows` of the
-    adaptive routing and of the static router's sub-network (what `eval` serves at the budget);
+    adaptive routing (scored causally, as `eval` scores it: `AdaptiveLM`) and of the static router's
+    sub-network (what `eval` serves at the budget);
     where static is better it is served at that budget instead (`AdaptiveRouters.learned`).
     Returns a log row per budget.
 
