@@ -182,8 +182,8 @@ def test_a_space_without_hidden_sizes_prices_as_before_and_the_full_hidden_size_
 
 
 def test_a_measured_table_prices_a_hidden_size_in_proportion_until_one_is_timed():
-    """No profile times hidden sizes yet: at d every term is the full size's times d / D, in the graph a
-    sub-network runs in (llama.cpp: a uniform one in the family's own, priced by its own fit)."""
+    """A table profiled without hidden sizes, on a space that has them: at d every term is the full size's
+    times d / D, in the graph a sub-network runs in (llama.cpp: a uniform one in the family's own)."""
     em = make_elastic()
     data = two_graph_table(em)[0].to_dict()
     with_hidden(em)

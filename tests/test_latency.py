@@ -8,7 +8,7 @@ from flextron.budgets import budget_metric, budget_target
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.errors import FlextronError
 from flextron.latency import random_subnets, trimmed_mean
-from flextron.latency_table import LatencyTable, fit
+from flextron.latency_table import QUANTITY, LatencyTable, fit
 from flextron.space import Budget, Subnet
 from helpers import make_elastic, make_tokenizer, two_graph_table
 
@@ -38,7 +38,10 @@ def test_profile_stores_a_validated_table_that_budgets_use(elastic_ckpt):
                         progress=False)
     assert set(table.main.validation) == {"decode_ms", "prefill_ms"}
     assert table.main.validation["decode_ms"]["n"] == 2 and len(table.measurements) == 8
-    assert json.loads((ckpt / "latency.json").read_text())["context"] == 8
+    stored = json.loads((ckpt / "latency.json").read_text())
+    assert stored["context"] == 8
+    # A space without hidden sizes: latency.json as before (no proportional parts, no per-size errors).
+    assert "validation_by_hidden" not in stored and "proportional" not in stored["decode_ms"]
     loaded, _, _ = load_checkpoint(ckpt)
     assert budget_metric(loaded, Budget.parse("0.5")) == "latency_ms"  # measured latency is the default
     table = loaded.latency.table("latency_ms")
@@ -50,6 +53,32 @@ def test_profile_stores_a_validated_table_that_budgets_use(elastic_ckpt):
         budget_target(loaded, Budget.parse("latency_ms=0.000001"))
 
 
+def test_profile_of_a_hidden_space_times_every_hidden_size_and_prices_them_from_the_fit(elastic_ckpt):
+    ckpt = elastic_ckpt(hidden=True)
+    # Three rounds: each timing the median of three, so that a slow spell of the shared machine (tiny models
+    # take microseconds) cannot drag the fit (no assert below depends on the times themselves).
+    table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, rounds=3, samples=8, validate=3,
+                        progress=False)
+    assert {m["subnet"].get("hidden") for m in table.measurements if m["role"] == "fit"} == {32, 48, None}
+    loaded, _, _ = load_checkpoint(ckpt)
+    assert loaded.latency.hidden_pricing == "measured"
+    for key in ("decode_ms", "prefill_ms"):
+        fitted = loaded.latency.main.quantity(key)
+        assert fitted.proportional is not None and fitted.ascending
+        assert sum(e["n"] for e in loaded.latency.main.validation_by_hidden[key].values()) == 3
+    for metric in ("latency_ms", "prefill_ms"):
+        cost = loaded.latency.table(metric)
+        fitted = loaded.latency.main.quantity(QUANTITY[metric])
+        part = fitted.proportional
+        # Each size's table is the fit's: the overhead's proportional part scaled by d / D, the rest kept.
+        assert [t.const for t in cost.by_hidden] == pytest.approx(
+            [fitted.overhead - part.overhead * (1 - d / 64) for d in (32, 48, 64)])
+        for widths in (loaded.space.full(), loaded.space.smallest(), Subnet(mlp=[96, 24], attn=[1, 4])):
+            by_size = [cost(Subnet(mlp=widths.mlp, attn=widths.attn, hidden=loaded.space.hidden_at(i)))
+                       for i in range(3)]
+            assert by_size == sorted(by_size) and by_size[0] > 0  # a smaller hidden size never costs more
+
+
 def test_measure_times_prefill_and_decode():
     from flextron.latency import measure
 
@@ -57,6 +86,95 @@ def test_measure_times_prefill_and_decode():
     t = measure(em, em.space.smallest(), context=8, decode_steps=2, repeats=1)
     assert t["prefill_ms"] > 0 and t["decode_ms"] > 0
     assert em.current == em.space.full()  # timed inside a scope: the model is back as it was
+
+
+def test_measure_runs_a_sub_network_at_its_hidden_size():
+    from flextron.latency import measure
+
+    em = make_elastic(hidden=True)
+    widths = []
+    norm = em.model.get_submodule(em.family.final_norm)
+    handle = norm.register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
+    try:
+        measure(em, Subnet(mlp=[48, 96], attn=[2, 4], hidden=32), context=8, decode_steps=2, repeats=1)
+    finally:
+        handle.remove()
+    assert widths and set(widths) == {32}  # prefill and decode, every round, on the first 32 channels
+    assert em.current == em.space.full()
+
+
+# A known cost affine in the hidden size: r = d / 64; per layer a fixed and a proportional part.
+FIXED_MLP, PART_MLP = {24: 0.0, 48: 0.1, 72: 0.15, 96: 0.3}, {24: 0.0, 48: 0.8, 72: 1.7, 96: 2.5}
+FIXED_ATTN, PART_ATTN = {1: 0.0, 2: 0.2, 3: 0.3, 4: 0.5}, {1: 0.0, 2: 0.4, 3: 0.6, 4: 1.0}
+
+
+def _every_subnet(space):
+    from itertools import product
+
+    for m in product(*space.mlp):
+        for a in product(*space.attn):
+            for h in range(len(space.hidden)):
+                yield Subnet(mlp=list(m), attn=list(a), hidden=space.hidden_at(h))
+
+
+@pytest.mark.parametrize("fixed", [0.0, 1.0], ids=["bilinear", "affine"])
+def test_a_profile_over_hidden_sizes_recovers_a_cost_linear_in_the_hidden_size(fixed, tmp_path):
+    """bilinear: the issue's rule, cost = c0 + r (c1 + sum of per-layer terms); affine: each per-layer term
+    also has a part that does not change with the hidden size (attention over the context)."""
+    from flextron.latency import profile
+    from flextron.options import ProfileOptions
+
+    em = make_elastic(hidden=True)
+
+    def truth(s: Subnet) -> float:
+        r = (s.hidden or 64) / 64
+        return (2.0 + 3.0 * r + sum(fixed * FIXED_MLP[w] + r * PART_MLP[w] for w in s.mlp)
+                + sum(fixed * FIXED_ATTN[a] + r * PART_ATTN[a] for a in s.attn))
+
+    table = profile(em, ProfileOptions(samples=24, validate=6), progress=False,
+                    timer=lambda s: {"decode_ms": truth(s), "prefill_ms": 10 * truth(s)})
+    assert {m["subnet"].get("hidden") for m in table.measurements if m["role"] == "fit"} == {32, 48, None}
+    assert table.hidden_pricing == "measured"
+    part = table.main.decode_ms.proportional
+    assert part.overhead == pytest.approx(3.0, rel=1e-6) and table.main.decode_ms.overhead == pytest.approx(5.0)
+    for got, want in ((part.mlp, PART_MLP), (part.attn, PART_ATTN)):
+        assert got == pytest.approx(want, abs=1e-6)
+    for key in ("decode_ms", "prefill_ms"):
+        assert table.main.validation[key]["max_pct"] < 1e-6 and table.main.validation[key]["n"] == 6
+        per_size = table.main.validation_by_hidden[key]
+        assert set(per_size) == {32, 48, 64} and sum(e["n"] for e in per_size.values()) == 6
+    loaded = LatencyTable.load(table.save(tmp_path), em)
+    for metric, scale in (("latency_ms", 1), ("prefill_ms", 10)):
+        cost, again = table.table(metric), loaded.table(metric)
+        for s in _every_subnet(em.space):
+            assert cost(s) == pytest.approx(scale * truth(s), rel=1e-6) and again(s) == cost(s)
+        # by_hidden holds each size's table: the fit's, not d / D.
+        for i, d in enumerate(em.space.hidden):
+            s = Subnet(mlp=[24, 96], attn=[4, 1])
+            assert cost.at_hidden(i)(s) == cost(Subnet(mlp=s.mlp, attn=s.attn, hidden=em.space.hidden_at(i)))
+            assert cost.at_hidden(i).const == pytest.approx(scale * (2.0 + 3.0 * d / 64), rel=1e-6)
+
+
+def test_a_table_timed_at_the_full_hidden_size_only_prices_as_before():
+    """Old tables (no hidden sizes timed) price exactly as before, and on a space with hidden sizes by
+    the d / D model, labelled as modelled."""
+    from flextron.latency_table import Fit
+
+    em = make_elastic()
+    data = _fitted_table(em)
+    table = LatencyTable(data, em)
+    assert table.to_dict() == _fitted_table(em) and table.hidden_pricing is None
+    fitted = Fit.from_dict(data["decode_ms"], "decode_ms")
+    assert fitted.proportional is None and fitted.to_dict() == data["decode_ms"]
+    for s in _all_subnets(em.space):
+        assert table.table("latency_ms")(s) == 5.0 + sum(fitted.mlp[w] for w in s.mlp) + sum(fitted.attn[a]
+                                                                                             for a in s.attn)
+    hidden = make_elastic(hidden=True)
+    modelled = LatencyTable(_fitted_table(hidden), hidden)
+    assert modelled.hidden_pricing == "modelled"
+    cost = modelled.table("latency_ms")
+    for s in _all_subnets(em.space):
+        assert cost(Subnet(mlp=s.mlp, attn=s.attn, hidden=32)) == pytest.approx(table.table("latency_ms")(s) / 2)
 
 
 def test_fit_and_random_sub_networks_cover_skips_within_the_floor():
@@ -194,6 +312,7 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
     decodes it faster, which is the graph export writes, and budgets are fractions of the full model
     in that graph."""
     from flextron.budgets import uniform_subnet_for
+    from flextron.cost import fits
     from flextron.latency_table import per_layer_graph
     from flextron.routers import Choices, project
 
@@ -237,7 +356,7 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
         logits = torch.full((2, 4), -5.0)
         logits[:, [24, 48, 72, 96].index(w)] = 0.0
         target = deci(Subnet(mlp=[w, w], attn=[4, 4]))["decode_ms"] + 1.0
-        assert cost(project(em.space, cost, Choices(logits, torch.zeros(2, 4)), target)) <= target
+        assert fits(cost(project(em.space, cost, Choices(logits, torch.zeros(2, 4)), target)), target)
 
 
 def _fitted_table(em) -> dict:
@@ -258,6 +377,16 @@ def _fitted_table(em) -> dict:
     (lambda t: t["decode_ms"].update(overhead=-1e6), "prices the full model at"),
     (lambda t: t.update(measurements=[{"role": "fit"}]), r"measurements\[0\].subnet is missing"),
     (lambda t: t.update(validation={"decode_ms": {"n": "2"}}), "validation.decode_ms.n must be a whole number"),
+    (lambda t: t["decode_ms"].update(proportional={"overhead": 1.0, "mlp": {"24": 0.0}, "attn": {"1": 0.0}}),
+     "decode_ms.proportional.mlp must price the same choices as decode_ms.mlp"),
+    # More of a wider choice proportional to the hidden size than the choice costs: dearer at a smaller size.
+    (lambda t: t["decode_ms"].update(proportional={"overhead": 1.0, "mlp": {"24": 0.0, "48": 2.0, "72": 2.0, "96": 3.0},
+                                                   "attn": {"1": 0.0, "2": 0.5, "3": 1.0, "4": 1.5}}),
+     r"decode_ms decreases with width \(or hidden size\)"),
+    (lambda t: t.update(measurements=[{"role": "fit", "subnet": {"mlp": [24], "attn": [1], "hidden": "32"},
+                                       "decode_ms": 1.0, "prefill_ms": 1.0}]), "needs a role and a subnet"),
+    (lambda t: t.update(validation_by_hidden={"decode_ms": {"half": {"n": 1}}}),
+     "validation_by_hidden.decode_ms must map each hidden size"),
 ])
 def test_a_damaged_table_is_refused_in_one_line_naming_the_file(tmp_path, damage, message):
     em = make_elastic()

@@ -95,7 +95,8 @@ def test_missing_runtime_names_the_extra(monkeypatch):
 def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, capsys):
     ckpt = elastic_ckpt(bpe=True)
     args = ["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "f16",
-            "--samples", "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1"]
+            "--samples", "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1",
+            "--rounds", "3"]  # each timing the median of 3 rounds: a slow spell of a busy machine cannot drag the fit
     assert main(args) == 0
     assert "llama.cpp" in capsys.readouterr().out
     table = json.loads((ckpt / "latency.json").read_text())  # as stored
@@ -124,7 +125,7 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, caps
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
 def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform_sub_networks(kind, elastic_ckpt):
     ckpt = elastic_ckpt(kind, bpe=True)
-    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, **TINY)
     assert table.settings["graphs"] == "uniform only" and table.stock is None
     subnets = [m["subnet"] for m in table.measurements]
     assert all(len(set(s["mlp"])) == len(set(s["attn"])) == 1 for s in subnets)
@@ -135,3 +136,27 @@ def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform
     depth = elastic_ckpt(kind, name="depth", bpe=True, min_layers=1)
     with pytest.raises(FlextronError, match="profile a checkpoint converted without --depth"):
         api.profile(depth, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
+
+
+def test_profile_in_llamacpp_times_every_hidden_size_in_both_graphs(elastic_ckpt):
+    ckpt = elastic_ckpt(bpe=True, hidden=True)
+    # Three rounds (each timing the median of three): a slow spell of a shared machine, many times a tiny
+    # model's microseconds, cannot drag the fit.
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, **TINY)
+
+    def sizes(role: str) -> set:
+        return {m["subnet"].get("hidden") for m in table.measurements if m["role"] == role}
+
+    # Timed as deci and, the uniform ones, in llama at their hidden size; the width cover at both ends.
+    assert sizes("fit") >= {32, None} and sizes("fit-stock") >= {32, None}
+    assert table.hidden_pricing == "measured"
+    assert all(g.quantity(k).proportional is not None for _, g in table.graphs() for k in ("decode_ms", "prefill_ms"))
+    em, _, _ = api.load(ckpt, "cpu")
+    cost, _ = budget_target(em, Budget.parse("latency_ms=1e6"))
+    small, mixed = em.space.smallest(), Subnet(mlp=[96, 48], attn=[2, 1], hidden=48)
+    for s in (small, mixed):
+        at = [cost(Subnet(mlp=s.mlp, attn=s.attn, hidden=em.space.hidden_at(i))) for i in range(3)]
+        assert at == sorted(at) and at[0] > 0  # a smaller hidden size never costs more
+    gpt2 = elastic_ckpt("gpt2", name="gpt2", bpe=True, hidden=True)
+    with pytest.raises(FlextronError, match="cannot run gpt2 sub-networks below the full hidden size 64"):
+        api.profile(gpt2, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)

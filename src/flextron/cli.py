@@ -213,6 +213,10 @@ def cmd_profile(a: argparse.Namespace) -> None:
             v, which = fitted.error(key)
             console.print(f"{label}{key}: |predicted - measured| / measured over {v['n']} {which} sub-networks: "
                           f"median {v['median_pct']:.1f}%, max {v['max_pct']:.1f}%")
+            for size, e in fitted.validation_by_hidden.get(key, {}).items():  # a space with hidden sizes
+                if e["n"]:
+                    console.print(f"  at hidden size {size} ({e['n']} of them): median {e['median_pct']:.1f}%, "
+                                  f"max {e['max_pct']:.1f}%")
     console.print(f"Stored in {a.ckpt}/latency.json")
 
 

@@ -19,8 +19,9 @@ Routers read the same tables as tensors for expected costs.
 
 At hidden size d every projection reads or writes d channels of the residual stream, its norms
 keep d weights, the embeddings and LM head d columns (`flextron.hidden`): a table over a space with
-hidden sizes holds one table per size (`CostTable.by_hidden`). Measured tables price the hidden
-sizes by a proportional model until a profile times them (`measured_table`).
+hidden sizes holds one table per size (`CostTable.by_hidden`). Measured tables price them by the
+profile's fit over the hidden sizes it timed, or by a proportional model where it timed none
+(`measured_table`).
 """
 
 from __future__ import annotations
@@ -120,23 +121,28 @@ class CostTable:
 
 
 def measured_table(metric: str, const: float, mlp: list[list[float]], attn: list[list[float]],
-                   space: ElasticSpace) -> CostTable:
-    """A measured metric's table over `space` from its terms timed at the full hidden size.
+                   space: ElasticSpace, proportional: tuple[float, list[list[float]], list[list[float]]] | None = None
+                   ) -> CostTable:
+    """A measured metric's table over `space` from its terms at the full hidden size D.
 
-    No profile times smaller hidden sizes yet, so they are priced by a MODEL, not a measurement:
-    a projection's cost is proportional to both its dimensions (issue 34), so at hidden size d every
-    layer term and the constant (LM head, overhead) are the full size's times d / D. This is the one
-    place that rule lives; a profile that times hidden sizes replaces it with a fit per size."""
+    `proportional` (const, mlp, attn): the part of each term that is proportional to the hidden size,
+    at D, as a profile that timed several hidden sizes fits it (`flextron.latency_table.fit`); the rest
+    of the term does not change with the hidden size. At hidden size d a term t with part p is
+    (t - p) + p * d / D. Without it (a table timed at the full hidden size only) every term is taken
+    as proportional, a MODEL, not a measurement: a projection's cost is proportional to both its
+    dimensions (issue 34), so every layer term and the constant are the full size's times d / D."""
     if not space.hidden:
         return CostTable(metric, const, mlp, attn, space)
     flat = replace(space, hidden=None)
+    p_const, p_mlp, p_attn = proportional or (const, mlp, attn)
 
-    def scaled(f: float) -> CostTable:
-        return CostTable(metric, const * f, [[c * f for c in row] for row in mlp],
-                         [[c * f for c in row] for row in attn], flat)
+    def at(f: float) -> CostTable:  # f = d / D
+        def terms(full: list[list[float]], part: list[list[float]]) -> list[list[float]]:
+            return [[t - p + p * f for t, p in zip(*rows)] for rows in zip(full, part)]
 
-    return CostTable(metric, const, mlp, attn, space,
-                     by_hidden=tuple(scaled(d / space.hidden[-1]) for d in space.hidden))
+        return CostTable(metric, const - p_const + p_const * f, terms(mlp, p_mlp), terms(attn, p_attn), flat)
+
+    return CostTable(metric, const, mlp, attn, space, by_hidden=tuple(at(d / space.hidden[-1]) for d in space.hidden))
 
 
 def _embedding_params(em: ElasticModel, hidden: int | None = None) -> int:

@@ -11,6 +11,11 @@ at once. The fitted sub-networks are half uniform, half "spread" (each drawn fro
 mix of widths): independent per-layer draws all hold about the same mix of widths, which leaves
 the increments poorly determined and mispredicts the uniform sub-networks that budgets often
 pick. The table is checked on independent random sub-networks that the fit never saw.
+
+In a space with hidden sizes every drawn sub-network carries one (`ElasticSpace.sample`) and is timed
+at it (HF: the elastic model's hard slice; llama.cpp: its GGUF export at that size), so the fit prices
+the hidden size from measurements (each term affine in it, `latency_table.fit`), and the validation
+covers every hidden size (stored overall and per hidden size).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable
@@ -179,10 +185,16 @@ class StockGraph:
 
 def _uniform_cover(em: ElasticModel) -> list[Subnet]:
     """Uniform sub-networks at every MLP width with all attention, and at every attention width with
-    the widest MLP: fitted on with the smallest, they determine each width's cost in a uniform graph."""
+    the widest MLP: fitted on with the smallest, they determine each width's cost in a uniform graph.
+    In a space with hidden sizes, at the full and at the smallest one: each width's cost at both ends
+    of the hidden range (the fit is affine in the hidden size)."""
     space = em.space
     top = [max(len(space.widths(k, i)) for i in range(space.n_layers)) - 1 for k in KINDS]
-    return [space.uniform(i, top[1]) for i in range(top[0] + 1)] + [space.uniform(top[0], j) for j in range(top[1])]
+    cover = []
+    for h in [None, 0] if len(space.hidden or ()) > 1 else [None]:  # hidden_index None: the full size
+        cover += [space.uniform(i, top[1], hidden_index=h) for i in range(top[0] + 1)]
+        cover += [space.uniform(top[0], j, hidden_index=h) for j in range(top[1])]
+    return cover
 
 
 def _distinct(subnets, limit: int | None = None) -> list[Subnet]:
@@ -196,14 +208,24 @@ def _distinct(subnets, limit: int | None = None) -> list[Subnet]:
 
 
 def _fitted(em: ElasticModel, rows: list[dict], suffix: str) -> dict:
-    """The decode and prefill fits of the rows with role "fit" + `suffix`, validated on "validate" + `suffix`."""
+    """The decode and prefill fits of the rows with role "fit" + `suffix`, validated on "validate" + `suffix`
+    (in a space with hidden sizes, also per hidden size: "validation_by_hidden")."""
     fit = [r for r in rows if r["role"] == "fit" + suffix]
     val = [r for r in rows if r["role"] == "validate" + suffix]
-    out: dict = {"validation": {}, "fit_error": {}}
+    sizes = em.space.hidden or []
+    out: dict = {"validation": {}, "fit_error": {}, **({"validation_by_hidden": {}} if sizes else {})}
+
+    def errors(predict: CostTable, part: list[dict], key: str) -> dict:
+        return _errors([predict(Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
+
     for key in ("decode_ms", "prefill_ms"):
         fitted = fit_terms(em.space, [Subnet(**r["subnet"]) for r in fit], [r[key] for r in fit])
         out[key] = fitted.to_dict()
         predict = fitted.costs(em.space, key)
         for name, part in (("validation", val), ("fit_error", fit)):
-            out[name][key] = _errors([predict(Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
+            out[name][key] = errors(predict, part, key)
+        if sizes:
+            out["validation_by_hidden"][key] = {
+                str(d): errors(predict, [r for r in val if r["subnet"].get("hidden", sizes[-1]) == d], key)
+                for d in sizes}
     return out

@@ -3,16 +3,17 @@
 `LatencyTable` is the one reader of the file: it validates it on load (a damaged table is a
 one-line error naming the file and what is wrong), prices sub-networks through a `CostTable` per
 metric (built once per space), and holds the one rule for which llama.cpp graph runs a
-sub-network. The fit itself (latency = overhead + per-layer terms, increments held non-negative)
-lives here too, since an old table with decreasing terms is refitted from its measurements on
-load; `flextron.latency` measures the sub-networks it is fitted on.
+sub-network. The fit itself (latency = overhead + per-layer terms, increments held non-negative;
+over several hidden sizes each term affine in the hidden size, see `fit`) lives here too, since an
+old table with decreasing terms is refitted from its measurements on load; `flextron.latency`
+measures the sub-networks it is fitted on.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +52,18 @@ def _mapping(value: Any, what: str) -> dict:
 @dataclass(frozen=True)
 class Fit:
     """One fitted quantity (ms): overhead + sum over layers of the MLP width's and the attention
-    units' terms; the smallest choices cost 0 (their time is in the overhead)."""
+    units' terms, at the full hidden size; the smallest choices cost 0 (their time is in the overhead).
+
+    `proportional`, where the profile timed several hidden sizes: the part of the overhead and of
+    each term that is proportional to the hidden size (its value at the full size D; stored as the
+    optional field "proportional" of the same shape). The rest does not change with the hidden size:
+    at hidden size d a term t with part p costs (t - p) + p * d / D (`cost.measured_table`). Without
+    it (tables timed at the full hidden size only) every term is taken as proportional, unmeasured."""
 
     overhead: float
     mlp: dict[int, float]
     attn: dict[int, float]
+    proportional: Fit | None = None
 
     @classmethod
     def from_dict(cls, d: Any, what: str) -> Fit:
@@ -66,27 +74,52 @@ class Fit:
             if not costs or not all(isinstance(k, str) and k.isdigit() for k in costs):
                 raise _Damaged(f"{what}.{kind} must map each choice (a whole number) to its cost")
             terms[kind] = {int(k): _number(v, f"{what}.{kind}[{k}]") for k, v in costs.items()}
-        return cls(_number(d.get("overhead"), f"{what}.overhead"), terms["mlp"], terms["attn"])
+        part = None
+        if d.get("proportional") is not None:  # (a part's own "proportional" means nothing)
+            part = replace(cls.from_dict(d["proportional"], f"{what}.proportional"), proportional=None)
+            for kind in ("mlp", "attn"):
+                if set(getattr(part, kind)) != set(terms[kind]):
+                    raise _Damaged(f"{what}.proportional.{kind} must price the same choices as {what}.{kind}")
+        return cls(_number(d.get("overhead"), f"{what}.overhead"), terms["mlp"], terms["attn"], part)
 
     def to_dict(self) -> dict:
-        return {"overhead": self.overhead, "mlp": {str(k): v for k, v in self.mlp.items()},
-                "attn": {str(k): v for k, v in self.attn.items()}}
+        out = {"overhead": self.overhead, "mlp": {str(k): v for k, v in self.mlp.items()},
+               "attn": {str(k): v for k, v in self.attn.items()}}
+        return out if self.proportional is None else out | {"proportional": self.proportional.to_dict()}
 
     @property
     def ascending(self) -> bool:
-        """Whether no wider choice costs less (every table fitted since the fit was constrained)."""
-        return all(all(a <= b for a, b in zip(v, v[1:]))
-                   for v in ([t[k] for k in sorted(t)] for t in (self.mlp, self.attn)))
+        """Whether no wider choice costs less (every table fitted since the fit was constrained), and,
+        where it prices hidden sizes, no larger hidden size either: the proportional part is never
+        negative, and it and the rest of each term both ascend (up to rounding: the rest is a difference)."""
+        def rising(terms: dict[int, float], tol: float = 0.0) -> bool:
+            v = [terms[k] for k in sorted(terms)]
+            return all(a <= b + tol for a, b in zip(v, v[1:]))
+
+        if not (rising(self.mlp) and rising(self.attn)):
+            return False
+        p = self.proportional
+        if p is None:
+            return True
+        tol = 1e-9 * max(map(abs, (*self.mlp.values(), *self.attn.values())))
+        rest = [{c: t - part[c] for c, t in full.items()} for full, part in ((self.mlp, p.mlp), (self.attn, p.attn))]
+        return (p.overhead >= 0 and min(*p.mlp.values(), *p.attn.values()) >= 0 and rising(p.mlp) and rising(p.attn)
+                and all(rising(r, tol) for r in rest))
 
     def costs(self, space: ElasticSpace, metric: str) -> CostTable:
-        """This fit over the choices of `space`, as the CostTable of `metric` (smaller hidden sizes priced
-        by `measured_table`'s proportional model: the fit is timed at the full one)."""
+        """This fit over the choices of `space`, as the CostTable of `metric` (one table per hidden size
+        of the space: `cost.measured_table`)."""
         missing = sorted({c for cs in space.mlp for c in cs} - set(self.mlp)
                          | {c for cs in space.attn for c in cs} - set(self.attn))
         if missing:
             raise _Damaged(f"it lacks choice {missing[0]} of the elastic space")
-        return measured_table(metric, self.overhead, [[self.mlp[c] for c in cs] for cs in space.mlp],
-                              [[self.attn[c] for c in cs] for cs in space.attn], space)
+
+        def rows(fit: Fit) -> tuple[float, list[list[float]], list[list[float]]]:
+            return (fit.overhead, [[fit.mlp[c] for c in cs] for cs in space.mlp],
+                    [[fit.attn[c] for c in cs] for cs in space.attn])
+
+        part = None if self.proportional is None else rows(self.proportional)
+        return measured_table(metric, *rows(self), space, part)
 
 
 def columns(space: ElasticSpace) -> tuple[list[int], list[int]]:
@@ -103,46 +136,85 @@ def design(space: ElasticSpace, subnets: list[Subnet]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(len(subnets), len(widths) + len(units) - 2)
 
 
-def nonneg_lstsq(x: np.ndarray, y: np.ndarray, sweeps: int = 10_000, tol: float = 1e-12) -> tuple[float, np.ndarray]:
-    """min ||y - c - x d|| over a free intercept c and d >= 0 (cyclic coordinate descent: the
-    problem is a small convex quadratic with bounds)."""
-    xc, yc = x - x.mean(0), y - y.mean()
-    norms = (xc**2).sum(0)
-    d = np.zeros(x.shape[1])
-    r = yc.copy()
-    for _ in range(sweeps):
-        moved = 0.0
-        for j in np.flatnonzero(norms > 0):
-            new = max(0.0, d[j] + xc[:, j] @ r / norms[j])
-            if new != d[j]:
-                r -= xc[:, j] * (new - d[j])
-                moved = max(moved, abs(new - d[j]))
-                d[j] = new
-        if moved <= tol * (1 + np.abs(d).max()):
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray, free: bool = True) -> tuple[float, np.ndarray]:
+    """min ||y - c - x d|| over a free intercept c and d >= 0; without `free`, c = 0 (a column of ones
+    in `x` gives an intercept held non-negative). Lawson and Hanson's active set: exact in a few steps,
+    where coordinate descent crawls along correlated columns (a fit over hidden sizes has each column
+    twice, once times d / D)."""
+    a, b = (x - x.mean(0), y - y.mean()) if free else (x, y)
+    n = a.shape[1]
+    d, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    tol = 10 * max(a.shape) * np.finfo(np.float64).eps * np.abs(a).max(initial=0.0) * np.abs(b).max(initial=0.0)
+    for _ in range(3 * n):
+        grad = a.T @ (b - a @ d)
+        if passive.all() or grad[~passive].max() <= tol:
             break
-    return float(y.mean() - x.mean(0) @ d), d
+        passive[np.argmax(np.where(passive, -np.inf, grad))] = True
+        while True:  # least squares on the passive set, stepping back where it leaves d >= 0
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                d = z
+                break
+            out = passive & (z <= 0)
+            gap = d[out] - z[out]
+            ratios = np.divide(d[out], gap, out=np.zeros_like(gap), where=gap > 0)
+            d = d + ratios.min() * (z - d)
+            d[np.flatnonzero(out)[ratios.argmin()]] = 0.0
+            passive &= d > 0
+            d[~passive] = 0.0
+    return (float(y.mean() - x.mean(0) @ d) if free else 0.0), d
+
+
+def hidden_ratios(space: ElasticSpace, subnets: list[Subnet]) -> np.ndarray:
+    """Per sub-network, its hidden size d over the full one D (1 where the space has no hidden sizes)."""
+    full = space.hidden[-1] if space.hidden else None
+    return np.asarray([(s.hidden or full) / full if full else 1.0 for s in subnets], dtype=np.float64)
 
 
 def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float]) -> Fit:
     """Least squares constrained to non-negative increments between neighbouring widths, so a
     wider choice never costs less (timing noise cannot invert the table) and the smallest
-    sub-network is the cheapest."""
+    sub-network is the cheapest.
+
+    Over sub-networks timed at two or more hidden sizes, the overhead and each increment are affine in
+    the hidden size d: a part proportional to d (a projection's cost is proportional to both its
+    dimensions) plus a part that does not change with it (per-operation overheads, attention over the
+    context), both held non-negative, so that nothing costs more at a smaller hidden size either:
+    latency = c0 + r c1 + sum_j x_j (u_j + r v_j), r = d / D, x the design's columns, c0, c1, u, v >= 0
+    (`Fit.proportional` holds c1 and the v terms). The overhead's fixed part c0 is held non-negative
+    too (the single-size intercept stays free): no part of a time is negative, and a free c0 lets timing
+    noise tilt the line c0 + r c1 until it prices the smallest hidden size at or below zero."""
     widths, units = columns(space)
-    overhead, inc = nonneg_lstsq(design(space, subnets), np.asarray(y, dtype=np.float64))
-    mlp = np.concatenate([[0.0], np.cumsum(inc[: len(widths) - 1])])
-    attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
-    return Fit(overhead, {w: float(v) for w, v in zip(widths, mlp)}, {a: float(v) for a, v in zip(units, attn)})
+    x, target = design(space, subnets), np.asarray(y, dtype=np.float64)
+
+    def terms(inc: np.ndarray) -> tuple[dict[int, float], dict[int, float]]:
+        mlp = np.concatenate([[0.0], np.cumsum(inc[: len(widths) - 1])])
+        attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
+        return {w: float(v) for w, v in zip(widths, mlp)}, {a: float(v) for a, v in zip(units, attn)}
+
+    r = hidden_ratios(space, subnets)
+    if len(set(r.tolist())) < 2:
+        overhead, inc = nonneg_lstsq(x, target)
+        return Fit(overhead, *terms(inc))
+    n = x.shape[1]
+    _, coef = nonneg_lstsq(np.column_stack([np.ones_like(r), r, x, r[:, None] * x]), target, free=False)
+    (c0, c1), fixed, part = coef[:2].tolist(), coef[2 : n + 2], coef[n + 2 :]
+    return Fit(c0 + c1, *terms(fixed + part), Fit(c1, *terms(part)))
 
 
 @dataclass(frozen=True)
 class GraphFit:
     """The decode and prefill fits of one graph, with their errors on unseen (`validation`) and on
-    fitted (`fit_error`) sub-networks: {key: {"median_pct", "max_pct", "n"}}."""
+    fitted (`fit_error`) sub-networks: {key: {"median_pct", "max_pct", "n"}}, over every hidden size;
+    a profile of a space with hidden sizes also splits the unseen ones by hidden size
+    (`validation_by_hidden`: {key: {hidden size: error}})."""
 
     decode_ms: Fit
     prefill_ms: Fit
     validation: dict[str, dict]
     fit_error: dict[str, dict]
+    validation_by_hidden: dict[str, dict[int, dict]] = field(default_factory=dict)
 
     def quantity(self, key: str) -> Fit:
         return self.decode_ms if key == "decode_ms" else self.prefill_ms
@@ -171,6 +243,16 @@ def _errors(d: Any, what: str) -> dict[str, dict]:
     return out
 
 
+def _errors_by_hidden(d: Any, what: str) -> dict[str, dict[int, dict]]:
+    out = {}
+    for key, per in _mapping(d if d is not None else {}, what).items():
+        per = _mapping(per, f"{what}.{key}")
+        if not all(isinstance(k, str) and k.isdigit() for k in per):
+            raise _Damaged(f"{what}.{key} must map each hidden size (a whole number) to its error")
+        out[key] = {int(k): e for k, e in _errors(per, f"{what}.{key}").items()}
+    return out
+
+
 def _measurements(rows: Any) -> list[dict]:
     if not isinstance(rows, list):
         raise _Damaged("measurements must be a list")
@@ -178,8 +260,10 @@ def _measurements(rows: Any) -> list[dict]:
         what = f"measurements[{i}]"
         r = _mapping(r, what)
         subnet = _mapping(r.get("subnet"), f"{what}.subnet")
-        if not isinstance(r.get("role"), str) or not all(
-                isinstance(subnet.get(k), list) and all(type(c) is int for c in subnet[k]) for k in ("mlp", "attn")):
+        choices = all(isinstance(subnet.get(k), list) and all(type(c) is int for c in subnet[k])
+                      for k in ("mlp", "attn"))
+        hidden = subnet.get("hidden") is None or type(subnet["hidden"]) is int
+        if not isinstance(r.get("role"), str) or not choices or not hidden:
             raise _Damaged(f"{what} needs a role and a subnet of whole-number choices")
         for key in QUANTITY.values():
             _number(r.get(key), f"{what}.{key}")
@@ -216,7 +300,8 @@ class LatencyTable:
     def _graph(d: dict, prefix: str) -> GraphFit:
         return GraphFit(*(Fit.from_dict(d.get(k), prefix + k) for k in QUANTITY.values()),
                         _errors(d.get("validation"), prefix + "validation"),
-                        _errors(d.get("fit_error"), prefix + "fit_error"))
+                        _errors(d.get("fit_error"), prefix + "fit_error"),
+                        _errors_by_hidden(d.get("validation_by_hidden"), prefix + "validation_by_hidden"))
 
     def _refitted(self, graph: GraphFit) -> GraphFit:
         """Fits made before increments were held non-negative, refitted from the table's own
@@ -227,9 +312,10 @@ class LatencyTable:
             if not fits[key].ascending:
                 rows = [m for m in self.measurements if m["role"] == "fit"]
                 if not rows:
-                    raise _Damaged(f"its {key} decreases with width and it holds no measurements to refit")
+                    raise _Damaged(f"its {key} decreases with width (or hidden size) and it holds no "
+                                   "measurements to refit")
                 fits[key] = fit(self.em.space, [Subnet(**m["subnet"]) for m in rows], [m[key] for m in rows])
-        return GraphFit(fits["decode_ms"], fits["prefill_ms"], graph.validation, graph.fit_error)
+        return replace(graph, decode_ms=fits["decode_ms"], prefill_ms=fits["prefill_ms"])
 
     @classmethod
     def load(cls, ckpt: str | Path, em: ElasticModel) -> LatencyTable | None:
@@ -303,6 +389,17 @@ class LatencyTable:
         llama.cpp's deci) and the stock one."""
         return [(None if self.stock is None else "deci", self.main),
                 *([(self.stock_graph, self.stock)] if self.stock is not None else [])]
+
+    @property
+    def hidden_pricing(self) -> str | None:
+        """How the table prices the smaller hidden sizes of the model's space (None where it has none):
+        "measured" (fitted on sub-networks timed at several hidden sizes) or "modelled" (the table was
+        timed at the full hidden size only, so every term is scaled by d / D, `cost.measured_table`:
+        re-run `flextron profile` to measure them)."""
+        if len(self.em.space.hidden or ()) < 2:
+            return None
+        fits = [graph.quantity(key) for _, graph in self.graphs() for key in QUANTITY.values()]
+        return "measured" if all(f.proportional is not None for f in fits) else "modelled"
 
     def _priced(self, metric: str) -> tuple[CostTable, CostTable | None]:
         """The main and the stock fit of `metric` over the model's current space, each alone."""

@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,7 +186,11 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
     uniform sub-networks only (the full model included), and in `deci`, which holds all. Where the
     family has both, the table is fitted on every sub-network written as `deci` and its "stock"
     table on the uniform ones written in the family's own, so `export --graph auto` can write each
-    uniform sub-network in its faster graph and budgets price it there (`LatencyTable.runs_in_stock`)."""
+    uniform sub-network in its faster graph and budgets price it there (`LatencyTable.runs_in_stock`).
+
+    In a space with hidden sizes the sub-networks are exported and timed at theirs; a family whose
+    llama.cpp graphs cannot hold a smaller hidden size (GPT-2; OLMo 2 and others whose own graph ties the
+    query width to it and that have no `deci`) is refused before any timing."""
     threads = options.threads or default_threads()
     named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}
@@ -199,8 +204,25 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
                 raise FlextronError(f"llama.cpp runs {em.config.model_type} sub-networks only with the same widths "
                                     "in every layer and no skipped sub-layer; profile a checkpoint converted without "
                                     "--depth, or profile with --runtime hf") from None
+            _check_hidden_sizes(em, per_layer=False)
             return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing),
                              runtime=named | {"graphs": "uniform only"}, uniform_only=True)
+        _check_hidden_sizes(em, per_layer=True)
         stock = StockGraph(own, partial(in_own_arch, em), gguf_timer(em, tokenizer, tmp, *timing))
         return fit_table(em, options, progress=progress, timer=gguf_timer(em, tokenizer, tmp, *timing, per_layer=True),
                          runtime=named, stock=stock)
+
+
+def _check_hidden_sizes(em: ElasticModel, per_layer: bool) -> None:
+    """Refuse a space whose smaller hidden sizes llama.cpp cannot run (the GGUF export refuses them), in
+    one line before any timing; `per_layer`: the profile times its sub-networks in the per-layer graph."""
+    space = em.space
+    if not space.hidden or len(space.hidden) < 2:
+        return
+    try:
+        gguf_arch(em, replace(space.full(), hidden=space.hidden[0]), per_layer=per_layer)
+    except FlextronError:
+        raise FlextronError(f"llama.cpp cannot run {em.config.model_type} sub-networks below the full hidden size "
+                            f"{space.hidden[-1]} (the GGUF export refuses hidden size {space.hidden[0]} at full "
+                            "width); profile this checkpoint with --runtime hf, or convert it without "
+                            "--hidden-fractions") from None
