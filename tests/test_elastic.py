@@ -78,9 +78,10 @@ def test_slicing_shrinks_compute_and_kv_cache():
     assert seen == [sub.mlp[0]]
 
 
-def test_generation_with_cache_at_a_subnet(kind):
-    _, em = tiny_elastic(kind)
-    em.set_subnet(em.space.centroid())
+@pytest.mark.parametrize("hidden", [False, True], ids=["widths", "hidden size"])
+def test_generation_with_cache_at_a_subnet(kind, hidden):
+    em = make_elastic(kind, hidden=hidden)
+    em.set_subnet(em.space.smallest() if hidden else em.space.centroid())
     x = torch.randint(0, VOCAB, (1, 5))
     out = em.model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
     # Greedy decoding with a KV cache must equal re-running the full prefix each step.
@@ -204,8 +205,9 @@ def test_a_scoped_sub_network_restores_a_soft_mix():
     assert torch.equal(em(input_ids=x).logits, mixed)
 
 
-def test_each_row_runs_its_own_sub_network_in_one_batch(kind):
-    em = depth_elastic(kind)
+@pytest.mark.parametrize("hidden", [False, True], ids=["widths", "hidden sizes"])
+def test_each_row_runs_its_own_sub_network_in_one_batch(kind, hidden):
+    em = make_elastic(kind, n_layers=4, min_layers=1, hidden=hidden)  # in a hidden space rows differ in size too
     gen = torch.Generator().manual_seed(5)
     subs = [em.space.full(), em.space.smallest(), em.space.sample(gen), em.space.sample(gen)]
     subs[3].mlp[0] = subs[3].attn[3] = 0

@@ -53,20 +53,6 @@ def test_hard_slice_equals_soft_one_hot_with_every_choice(kind):
     assert len(seen) > 1
 
 
-def test_rows_of_different_hidden_sizes_in_one_forward(kind):
-    em = hidden_elastic(kind)
-    x = torch.randint(0, VOCAB, (3, 8))
-    subs = [em.space.uniform(1, 1, hidden_index=i) for i in range(3)]
-    alone = []
-    for i, sub in enumerate(subs):
-        with em.subnet(sub):
-            alone.append(em(input_ids=x[i : i + 1]).logits)
-    with em.rows(subs):
-        mixed = em(input_ids=x).logits
-    assert (torch.cat(alone) - mixed).abs().max() < 1e-4
-    assert (alone[0] - alone[2]).abs().max() > 1e-2  # the hidden size changes the function
-
-
 @pytest.mark.parametrize("kind, norm_cls", [("llama", LlamaRMSNorm), ("gemma3", Gemma3RMSNorm), ("gpt2", None)])
 def test_norm_statistics_are_over_the_kept_channels(kind, norm_cls):
     """A norm at hidden size d is transformers' own norm of size d on the first d channels (hard), and
@@ -99,18 +85,6 @@ def test_hard_slice_narrows_the_residual_stream_and_the_head():
     for h in hooks:
         h.remove()
     assert seen == [32, 32, 32] and logits.shape[-1] == VOCAB
-
-
-def test_generation_with_cache_at_a_smaller_hidden_size(kind):
-    em = hidden_elastic(kind)
-    em.set_subnet(em.space.smallest())
-    x = torch.randint(0, VOCAB, (1, 5))
-    out = em.model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    seq = x
-    for _ in range(4):
-        nxt = em(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(out, seq)
 
 
 def test_a_hidden_size_weight_it_cannot_cut_is_refused():
