@@ -8,17 +8,23 @@ import json
 import pytest
 import torch
 
-from flextron.adaptive import AdaptiveLM, AdaptiveRouting, causal_chunks
-from flextron.budgets import cost_table
-from flextron.routers import AdaptiveRouters
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting, calibrate, causal_chunks
+from flextron.budgets import cost_table, select_subnet
+from flextron.options import RouteOptions
+from flextron.routers import AdaptiveRouters, Routers, StaticRouter
+from flextron.space import Budget, Subnet
 from helpers import make_elastic, prompt_sensitive
 
 GRID = (0.4, 0.7, 1.0)
 
 
-def routed(kind: str = "llama", seed: int = 0) -> AdaptiveRouting:
-    em = make_elastic(kind)
+def routed(kind: str = "llama", seed: int = 0, hidden: bool = False) -> AdaptiveRouting:
+    """Untrained adaptive routers; with `hidden`, on a space with hidden sizes 32, 48, 64, under an
+    untrained static router (whose sub-network at each grid budget fixes the hidden size)."""
+    em = make_elastic(kind, hidden=hidden)
     torch.manual_seed(seed)
+    if hidden:
+        em.routers = Routers(StaticRouter(em.space, GRID, hidden=16), "params", RouteOptions(budgets=GRID, hidden=16))
     routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, GRID, hidden=16)
     with torch.no_grad():  # spread the untrained routers' choices over all widths
         for lin in routers.token_out:
@@ -47,16 +53,20 @@ def test_grouped_mlp_equals_per_token_reference(kind):
     assert routing.mlp_counts[0].sum() == 24
 
 
-def test_attention_is_fixed_per_request_and_the_cache_has_the_routed_size():
-    routing = routed(seed=3)
+@pytest.mark.parametrize("hidden", [False, True])
+def test_attention_is_fixed_per_request_and_the_cache_has_the_routed_size(hidden):
+    routing = routed(seed=3, hidden=hidden)
     em = routing.em
     prompt = torch.randint(0, 128, (1, 10))
     (widths,) = routing.start(0.4, prompt)
+    if hidden:  # 40% is out of reach at the full hidden size; the KV cache does not depend on it
+        assert em.axis.active < em.hidden_size
     g = em.blocks[0].geometry
     seen = []
     hook = em.blocks[0].attn.outs[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
     with torch.no_grad():
-        out = em.model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        out = em.model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                return_dict_in_generate=True)
     hook.remove()
     q_width = widths[0] * g.heads_per_unit * g.head_dim
     assert len(seen) == 5 and set(seen) == {q_width}  # prefill + 4 decode steps, one width
@@ -116,24 +126,31 @@ def test_adaptive_lm_scores_each_sequence_as_its_own_request():
     assert "forward" not in vars(routing.em.blocks[0].mlp.module)
 
 
-def test_perplexity_scoring_chooses_widths_from_earlier_tokens_only():
+@pytest.mark.parametrize("hidden", [False, True])
+def test_perplexity_scoring_chooses_widths_from_earlier_tokens_only(hidden):
     """Scored as generated: token t is predicted at the widths a request whose prompt is the first
-    2**floor(log2 t) tokens runs at (per-chunk routing); a later token changes no width and no earlier score."""
-    routing = routed(seed=2)
+    2**floor(log2 t) tokens runs at (per-chunk routing); a later token changes no width and no earlier score.
+    On a hidden space at a budget routed at a smaller hidden size, the same."""
+    routing = routed(seed=0 if hidden else 2, hidden=hidden)  # seeds under which the second half changes widths
     prompt_sensitive(routing.routers)
-    em, lm = routing.em, AdaptiveLM(routing, 0.7)
+    fraction = 0.4 if hidden else 0.7
+    em, lm = routing.em, AdaptiveLM(routing, fraction)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128, (1, 16), generator=g)
     other = torch.cat([ids[:, :8], torch.randint(0, 128, (1, 8), generator=g)], 1)  # the second half changed
-    assert routing.start(0.7, ids) != routing.start(0.7, other)  # given them, the router reads those tokens
+    assert routing.start(fraction, ids) != routing.start(fraction, other)  # given them, the router reads those tokens
+    if hidden:  # 40% is out of reach at the full hidden size
+        assert em.axis.active < em.hidden_size
     with torch.no_grad():
         logits = lm(input_ids=ids).logits
         widths = routing.attn_onehot.clone()  # the last chunk's, chosen from the first 8 tokens
         changed = lm(input_ids=other).logits
         assert torch.equal(routing.attn_onehot, widths)
         torch.testing.assert_close(changed[:, :8], logits[:, :8], atol=1e-5, rtol=1e-5)
-        for t in range(1, 17):  # the logits at t - 1 predict token t
-            routing.start(0.7, ids[:, : 2 ** (t.bit_length() - 1)])
+        # The logits at t - 1 predict token t; the last ones (t = 16, past the window) are the last
+        # chunk's, at the widths of its 8-token prompt.
+        for t in range(1, 17):
+            routing.start(fraction, ids[:, : min(2 ** (t.bit_length() - 1), 8)])
             ref = em(input_ids=ids[:, :t]).logits[:, -1]
             torch.testing.assert_close(logits[:, t - 1], ref, atol=1e-5, rtol=1e-5)
     assert len(lm.costs) == 2 and all(0 < c <= 1 for c in lm.costs)
@@ -141,6 +158,61 @@ def test_perplexity_scoring_chooses_widths_from_earlier_tokens_only():
     for length in range(1, 40):  # every position's logits once, in order, each after its prompt
         chunks = causal_chunks(length)
         assert [p - 1 for p, _ in chunks] == [0] + [end for _, end in chunks[:-1]] and chunks[-1][1] == length
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_hidden_space_routes_each_grid_budget_at_its_static_sub_networks_hidden_size(kind):
+    """The hidden size is fixed per budget, the static sub-network's there (the final norm reads that
+    many channels), the full one again once detached; the token routers read the d channels as their
+    first d input columns; the realised cost is the mean over tokens of each token's sub-network at d
+    (the table's own pricing); a task's row runs at the widths its context chose."""
+    routing = routed(kind, hidden=True)
+    em, routers, table = routing.em, routing.routers, cost_table(routing.em, "params")
+    seen = []
+    em.model.get_submodule(em.family.final_norm).register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    ids = torch.randint(0, 128, (1, 12))
+    sizes = []
+    with torch.no_grad():
+        for fraction in GRID:
+            seen.clear()
+            (attn,) = routing.start(fraction, ids)
+            em(input_ids=ids)
+            d = select_subnet(em, Budget(fraction=fraction)).hidden
+            assert seen == [d or em.hidden_size]
+            sizes.append(seen[0])
+            mlp = [c.tolist() for c in routing.token_choices]
+            tokens = [table(Subnet(mlp=[cs[mlp[i][t]] for i, cs in enumerate(em.space.mlp)], attn=attn, hidden=d))
+                      for t in range(12)]
+            assert routing.realised_fraction() == pytest.approx(sum(tokens) / 12 / table.full, rel=1e-6)
+            x, b = torch.randn(5, seen[0]), routing._budget
+            first = torch.nn.functional.linear(x, routers.token_in[1].weight[:, : seen[0]], routers.token_in[1].bias)
+            ref = routers.token_out[1](torch.nn.functional.gelu(first + routers.token_budget(b).view(2, -1)[1]))
+            torch.testing.assert_close(routers.token_logits(1, x, b), ref.masked_fill(~routers.mlp_mask[1], -torch.inf))
+        assert min(sizes) < em.hidden_size
+        context = ids[:, :5]
+        lm = AdaptiveLM(routing, GRID[0])
+        got = lm(input_ids=ids, prompt_lengths=[5]).logits
+        routing.start(GRID[0], context)
+        torch.testing.assert_close(got, em(input_ids=ids).logits)
+        routing.detach()
+        seen.clear()
+        em(input_ids=ids)
+    assert seen == [em.hidden_size]
+
+
+def test_calibration_on_a_hidden_space_meets_each_budget_at_its_hidden_size():
+    """Each grid budget's shift is calibrated at its hidden size: the routing then realises at most the
+    budget, priced at that size (40% is out of reach at the full one)."""
+    routing = routed(hidden=True, seed=1)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with routing.attached():
+        realised = calibrate(routing, ids)
+        for fraction, got in zip(GRID, realised):
+            assert got <= fraction
+            lm = AdaptiveLM(routing, fraction)
+            with torch.no_grad():
+                lm(input_ids=ids, prompt_lengths=[16] * 4)
+            assert lm.costs[-1] == pytest.approx(got)
 
 
 def test_attached_routing_restores_the_static_sub_network_even_after_an_error():

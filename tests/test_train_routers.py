@@ -211,7 +211,9 @@ def test_default_grid_starts_at_the_smallest_sub_network_when_it_is_above_the_gr
         api.route(ckpt, replace(cfg, budgets=(0.5, 1.0)), [str(data)], device="cpu", progress=False)
 
 
-def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path):
+def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path, capsys):
+    """Static routers choose the hidden size per budget; adaptive routers then route each grid budget at
+    the served sub-network's hidden size, and `generate --adaptive` runs on the checkpoint."""
     em = make_elastic()
     em.set_space(em.space.with_hidden(em.hidden_size, (0.5, 0.75, 1.0), 16))
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
@@ -228,12 +230,29 @@ def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_pat
     # A third of the parameters is out of reach at the full hidden size: the routed sub-network narrows the stream.
     assert table(em.space.uniform(0, 0)) > 0.3 * table.full
     assert select_subnet(loaded, Budget(fraction=0.3)).hidden is not None
-    with pytest.raises(FlextronError, match="adaptive routing does not run hidden-size choices"):
-        AdaptiveRouting(loaded, AdaptiveRouters(em.space.mlp, em.space.attn, em.hidden_size, cfg.budgets), table)
+    adaptive = api.route(ckpt, replace(cfg, check_sequences=0), [str(data)], device="cpu", progress=False,
+                         adaptive=True)
+    assert [r.budget.fraction for r in adaptive["budgets"]] == [0.3, 0.45, 0.6, 0.8, 1.0]
+    loaded, _, _ = load_checkpoint(ckpt)
+    routing = AdaptiveRouting.for_model(loaded)
+    seen = []
+    loaded.model.get_submodule(loaded.family.final_norm).register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape[-1]))
+    with routing.attached(), torch.no_grad():
+        for fraction in cfg.budgets:
+            routing.start(fraction, torch.randint(0, 128, (1, 8)))
+            loaded(input_ids=torch.randint(0, 128, (1, 8)))
+            assert seen[-1] == (select_subnet(loaded, Budget(fraction=fraction)).hidden or loaded.hidden_size)
+    assert seen[0] < loaded.hidden_size  # 30% is out of reach at the full hidden size
+    assert main(["generate", str(ckpt), "w3 w4 w5", "--budget", "0.3", "--adaptive", "--max-new-tokens", "4",
+                 "--raw", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.split()) >= 1
 
 
-def test_trained_adaptive_routers_meet_their_budgets_on_average():
-    em = make_elastic()
+@pytest.mark.parametrize("hidden", [False, True])
+def test_trained_adaptive_routers_meet_their_budgets_on_average(hidden):
+    """Also on a space with hidden sizes, each budget at its hidden size (40% is out of reach at the full one)."""
+    em = make_elastic(hidden=hidden)
     cfg = RouteOptions(budgets=(0.4, 0.7, 1.0), metric="params", steps=120, joint_steps=4, seq_len=16, micro_batch=4,
                        dtype="fp32", router_lr=1e-2, hidden=16)
     em.routers = Routers(StaticRouter(em.space, cfg.budgets), "params", cfg)

@@ -18,6 +18,11 @@ cost meets the budget (sampling at the final temperature and the argmax differ i
 shift exists only at the grid budgets: a budget between two routes as the one below it. At a
 grid budget where adaptive routing did worse than the static router's sub-network on held-out
 rows, that sub-network is served instead (`AdaptiveRouters.learned`).
+
+In a space with hidden sizes, a request runs at one hidden size, fixed per budget: that of the static
+sub-network served at its grid budget (it fits the budget, so the routing can meet it); the routers
+read the d-channel stream zero-padded to the full width, and costs, penalties and the calibrated
+shift are those of the table at d.
 """
 
 from __future__ import annotations
@@ -72,22 +77,32 @@ class AdaptiveRouting:
     """
 
     def __init__(self, em: ElasticModel, routers: AdaptiveRouters, table: CostTable) -> None:
-        if em.space.hidden:
-            raise FlextronError("input-adaptive routing does not run hidden-size choices yet; use the static routers "
-                                "(they choose the hidden size per budget), or convert without --hidden-fractions")
         self.em, self.routers, self.table = em, routers, table
-        tm, ta = (t.nan_to_num(posinf=0.0).float() for t in table.tensors())
-        self.mlp_cost, self.attn_cost = tm, ta
+        # Per hidden size of the space (one without hidden sizes): the constant, the [L, K] tables and
+        # the penalties (each choice's share of its layer's largest cost), so that a request routed at
+        # hidden size d is priced, shifted and calibrated by the table of d.
+        self._consts = [t.const for t in table.by_hidden or (table,)]
+        _, tm, ta = (t.nan_to_num(posinf=0.0).float() for t in table.hidden_tensors())
+        self._mlp_costs, self._attn_costs = tm, ta
         device = routers.shift.device
-        self.mlp_penalty = (tm / tm.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
-        self.attn_penalty = (ta / ta.amax(1, keepdim=True).clamp(min=1e-12)).to(device)
+        self._mlp_penalties = (tm / tm.amax(-1, keepdim=True).clamp(min=1e-12)).to(device)
+        self._attn_penalties = (ta / ta.amax(-1, keepdim=True).clamp(min=1e-12)).to(device)
+        self._price(len(self._consts) - 1)
         self.full = table.full
         self.tau: float | None = None
         self.generator: torch.Generator | None = None
         self._budget: Tensor | None = None
         self._static = False
-        self._served: dict[float, tuple[Tensor, Tensor]] = {}  # static sub-networks served, by budget
+        # Static sub-networks served (their fixed logits and hidden-size index), by budget.
+        self._served: dict[float, tuple[tuple[Tensor, Tensor], int]] = {}
+        self._hidden: dict[float, int] = {}  # the hidden-size index routed at each grid budget
         self.reset_stats()
+
+    def _price(self, h: int) -> None:
+        """Price the routing at the space's hidden size `h` (costs, realised cost and penalties)."""
+        self.hidden_index = h
+        self.const, self.mlp_cost, self.attn_cost = self._consts[h], self._mlp_costs[h], self._attn_costs[h]
+        self.mlp_penalty, self.attn_penalty = self._mlp_penalties[h], self._attn_penalties[h]
 
     @classmethod
     def for_model(cls, em: ElasticModel) -> AdaptiveRouting:
@@ -134,7 +149,7 @@ class AdaptiveRouting:
         n = len(self.em.blocks)
         self.mlp_probs: list[Tensor | None] = [None] * n
         self.mlp_gates: list[Tensor | None] = [None] * n
-        self.mlp_counts = torch.zeros(n, self.mlp_cost.shape[1])
+        self.mlp_counts = torch.zeros(n, self.mlp_cost.shape[-1])
         self.attn_onehot: Tensor | None = None
         self.token_choices: list[Tensor | None] = [None] * n
 
@@ -153,15 +168,20 @@ class AdaptiveRouting:
         self._static = tau is None and self.routers.learned[i].item() == 0
         if self._static:
             if fraction not in self._served:
-                self._served[fraction] = self._fixed(select_subnet(self.em, Budget(fraction=fraction)))
-            self._prior = self._served[fraction]
+                subnet = select_subnet(self.em, Budget(fraction=fraction))
+                self._served[fraction] = self._fixed(subnet), self.em.space.hidden_index(subnet)
+            self._prior, h = self._served[fraction]
         else:  # the static router's choice for this grid budget is the prior the adaptive routers refine
+            h = self._hidden_at(grid_fraction)
             self._prior = (torch.zeros_like(self.mlp_penalty), torch.zeros_like(self.attn_penalty))
             if self.em.routers is not None:
                 with torch.no_grad():
                     mlp, attn, _ = self.em.routers.static(grid_fraction)
                 self._prior = (mlp.nan_to_num(neginf=0.0).float().to(self.mlp_penalty.device),
                                attn.nan_to_num(neginf=0.0).float().to(self.attn_penalty.device))
+        self._price(h)
+        if self.em.axis is not None:  # the whole request at that hidden size: its embeddings, blocks and head
+            self.em.axis.set_hard(self.em.space.hidden_at(h))
         self.reset_stats()
         with torch.set_grad_enabled(tau is not None and torch.is_grad_enabled()):
             if self._static:
@@ -188,6 +208,18 @@ class AdaptiveRouting:
                 block.set_attn_soft(nested_mask(choices, w, block.attn.n_units)[:, None, :],
                                     None if keep is None else keep[:, None, :])
         return widths
+
+    def _hidden_at(self, grid_fraction: float) -> int:
+        """The hidden-size index a grid budget routes at: that of the static sub-network served there
+        (`select_subnet`: the static router's choice projected onto the budget, or what its check kept),
+        which fits the budget, so its hidden size leaves the routing a way to meet it (the raw argmax's
+        may not). Fixed per budget: the routers refine the widths on top of it."""
+        if not self.em.space.hidden:
+            return 0
+        if grid_fraction not in self._hidden:
+            subnet = select_subnet(self.em, Budget(metric=self.table.metric, fraction=grid_fraction))
+            self._hidden[grid_fraction] = self.em.space.hidden_index(subnet)
+        return self._hidden[grid_fraction]
 
     def _fixed(self, subnet: Subnet) -> tuple[Tensor, Tensor]:
         """Logits that pick `subnet`'s choice in every layer (0 there, -inf elsewhere)."""
@@ -227,7 +259,7 @@ class AdaptiveRouting:
         dev = self.attn_onehot.device
         mlp = sum((g.mean(0) * self.mlp_cost[i].to(dev)).sum() for i, g in enumerate(self.mlp_gates))
         attn = (self.attn_onehot.mean(0) * self.attn_cost.to(dev)).sum()
-        return (self.table.const + mlp + attn) / self.full
+        return (self.const + mlp + attn) / self.full
 
     def realised_fraction(self, positions: slice | None = None) -> float:
         """Average realised cost of the widths taken (tokens' MLPs, requests' attention) / full cost:
@@ -240,7 +272,7 @@ class AdaptiveRouting:
         share = counts / counts.sum(1, keepdim=True).clamp(min=1)
         mlp = (share * self.mlp_cost).sum()
         attn = (self.attn_onehot.detach().cpu().mean(0) * self.attn_cost).sum()
-        return float((self.table.const + mlp + attn) / self.full)
+        return float((self.const + mlp + attn) / self.full)
 
     def balance(self) -> Tensor:
         """Switch-style load balance per layer, K * sum_k share_k * mean prob_k (1 when even); mean over layers."""

@@ -119,7 +119,11 @@ class StaticRouter(nn.Module):
 
 
 class AdaptiveRouters(nn.Module):
-    """Per-layer token routers over MLP widths and one request router over attention widths."""
+    """Per-layer token routers over MLP widths and one request router over attention widths.
+
+    They read the residual stream at the model's full width D; at a smaller hidden size d (a space with
+    hidden sizes) they read its d channels as the stream with zeros beyond them (what their first d
+    input columns compute)."""
 
     def __init__(self, mlp_choices: list[list[int]], attn_choices: list[list[int]], hidden_size: int,
                  grid: tuple[float, ...], hidden: int = 64) -> None:
@@ -149,15 +153,20 @@ class AdaptiveRouters(nn.Module):
     def budget(self, fraction: float) -> Tensor:
         return encode_budget(self.grid, fraction).to(self.token_budget.weight.device)
 
+    def _stream(self, x: Tensor) -> Tensor:
+        """x [..., d]: the first d channels of the stream, zero-padded to the full width D."""
+        width = self.token_in[0].in_features
+        return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
     def token_logits(self, layer: int, x: Tensor, budget: Tensor) -> Tensor:
-        """x [N, hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
+        """x [N, d <= hidden_size] -> [N, K] logits over the layer's MLP widths (absent choices -inf)."""
         b = self.token_budget(budget).view(-1, self.hidden)[layer]
-        logits = self.token_out[layer](F.gelu(self.token_in[layer](x.to(b.dtype)) + b)).float()
+        logits = self.token_out[layer](F.gelu(self.token_in[layer](self._stream(x).to(b.dtype)) + b)).float()
         return logits.masked_fill(~self.mlp_mask[layer], float("-inf"))
 
     def request_logits(self, pooled: Tensor, budget: Tensor) -> Tensor:
-        """pooled [B, hidden_size] -> [B, L, K] logits over each layer's attention widths."""
-        x = torch.cat([pooled.to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
+        """pooled [B, d <= hidden_size] -> [B, L, K] logits over each layer's attention widths."""
+        x = torch.cat([self._stream(pooled).to(budget.dtype), budget.expand(len(pooled), -1)], dim=-1)
         logits = self.request(x).float().view(len(pooled), *self.attn_mask.shape)
         return logits.masked_fill(~self.attn_mask, float("-inf"))
 

@@ -373,7 +373,8 @@ def _tau(cfg: RouteOptions, step: int) -> float:
 def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
                    progress: bool = True) -> tuple[AdaptiveRouters, list[dict]]:
     """Train per-token MLP and per-request attention routers for `em` (LLM frozen), then fine-tune
-    both; budgets are fractions of the static routers' metric. Returns the routers and a log."""
+    both; budgets are fractions of the static routers' metric (each run at its hidden size, in a space
+    with hidden sizes: `AdaptiveRouting.start`). Returns the routers and a log."""
     device = next(em.parameters()).device
     table = cost_table(em, em.routers.metric)
     gen = torch.Generator().manual_seed(cfg.seed)
