@@ -1,4 +1,5 @@
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,12 +35,14 @@ def test_trimmed_mean_drops_outliers():
 
 def test_profile_stores_a_validated_table_that_budgets_use(elastic_ckpt):
     ckpt = elastic_ckpt()
+    # Forced: a tiny model's microseconds on a shared machine need not pass the noise check (tested below).
     table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, samples=6, validate=2,
-                        progress=False)
+                        progress=False, force=True)
     assert set(table.main.validation) == {"decode_ms", "prefill_ms"}
     assert table.main.validation["decode_ms"]["n"] == 2 and len(table.measurements) == 8
     stored = json.loads((ckpt / "latency.json").read_text())
     assert stored["context"] == 8
+    assert len(stored["noise"]["full_model_ms"]) == 2  # 8 timings: the full model before and after them
     # A space without hidden sizes: latency.json as before (no proportional parts, no per-size errors).
     assert "validation_by_hidden" not in stored and "proportional" not in stored["decode_ms"]
     loaded, _, _ = load_checkpoint(ckpt)
@@ -58,7 +61,7 @@ def test_profile_of_a_hidden_space_times_every_hidden_size_and_prices_them_from_
     # Three rounds: each timing the median of three, so that a slow spell of the shared machine (tiny models
     # take microseconds) cannot drag the fit (no assert below depends on the times themselves).
     table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, rounds=3, samples=8, validate=3,
-                        progress=False)
+                        progress=False, force=True)
     assert {m["subnet"].get("hidden") for m in table.measurements if m["role"] == "fit"} == {32, 48, None}
     loaded, _, _ = load_checkpoint(ckpt)
     assert loaded.latency.hidden_pricing == "measured"
@@ -198,7 +201,7 @@ def test_profile_measures_a_depth_space(tmp_path):
     em = make_elastic(n_layers=4, min_layers=1)
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
     table = api.profile(ckpt, device="cpu", context=8, decode_steps=2, repeats=1, samples=12, validate=2,
-                        progress=False)
+                        progress=False, force=True)
     assert 0 in table.main.decode_ms.mlp and 0 in table.main.decode_ms.attn
     assert table.measurements[1]["subnet"] == em.space.smallest().to_dict()
 
@@ -272,10 +275,81 @@ def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each()
         return {"decode_ms": ms * slow, "prefill_ms": ms * slow}
 
     table = profile(em, ProfileOptions(samples=6, validate=2, rounds=3), timer=timer, progress=False)
-    assert len(calls) == 3 * 8 and calls[:8] == calls[8:16]  # round after round, in the same order
+    # 8 sub-networks and the full model's noise check before and after them, round after round, in one order.
+    assert len(calls) == 3 * 10 and calls[:10] == calls[10:20] and calls[0] == calls[9] == em.space.full()
     assert table.settings["rounds"] == 3 and table.main.validation["decode_ms"]["max_pct"] < 1e-6
+    # The slow spell spoilt no median (it hit the noise check's timings too), so the check passes.
+    assert table.noise.passed and table.noise.spread_pct == {"decode_ms": 0.0, "prefill_ms": 0.0}
     assert [m["decode_ms"] for m in table.measurements] == [
         5.0 + sum(true_mlp[w] for w in m["subnet"]["mlp"]) for m in table.measurements]
+
+
+MLP_MS, ATTN_MS = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {1: 0.4, 2: 0.9, 3: 1.1, 4: 1.5}
+
+
+def slowing_measure(slow_after: int | None) -> Callable:
+    """A stand-in for `latency.measure` on a machine that gets busy: a known additive cost of the
+    sub-network (which the fit recovers exactly), 3x slower after the first `slow_after` timings (None: never)."""
+    calls = []
+
+    def measure(em, subnet, *args, **kwargs):
+        calls.append(subnet)
+        ms = 5.0 + sum(MLP_MS[w] for w in subnet.mlp) + sum(ATTN_MS[a] for a in subnet.attn)
+        slow = 3.0 if slow_after is not None and len(calls) > slow_after else 1.0
+        return {"decode_ms": ms * slow, "prefill_ms": 10 * ms * slow}
+
+    return measure
+
+
+# 34 timings, and the full model's 5 of the noise check.
+PROFILE = ["--samples", "24", "--validate", "10", "--context", "8", "--no-verify"]
+
+
+def test_a_profile_on_a_busy_machine_is_refused_and_latency_json_left_as_it_was_unless_forced(
+        elastic_ckpt, monkeypatch, capsys):
+    from flextron import latency
+    from flextron.cli import main
+
+    ckpt = elastic_ckpt()
+    monkeypatch.setattr(latency, "measure", slowing_measure(None))  # a steady machine passes
+    assert main(["profile", str(ckpt), *PROFILE]) == 0
+    assert "Noise check" in capsys.readouterr().out
+    before = (ckpt / "latency.json").read_bytes()
+    noise = json.loads(before)["noise"]
+    assert noise["passed"] and not noise["forced"] and noise["spread_pct"] == {"decode_ms": 0.0, "prefill_ms": 0.0}
+    # Timed at the start, after every 10 of the 34 other timings and at the end (each the median over rounds).
+    assert len(noise["full_model_ms"]) == 5 and (noise["max_spread_pct"], noise["max_error_pct"]) == (30.0, 15.0)
+
+    # The machine gets busy halfway (20 of 39 timings): everything after runs 3x slower.
+    monkeypatch.setattr(latency, "measure", slowing_measure(20))
+    assert main(["profile", str(ckpt), *PROFILE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert err.startswith("error: the latency profile looks noisy")
+    assert "the full model's 5 timings from start to end spread decode 200.0%, prefill 200.0%" in err
+    assert "threshold 30%" in err and "the table's median error on 10 unseen sub-networks is decode" in err
+    assert "threshold 15%" in err and "add --force" in err
+    assert (ckpt / "latency.json").read_bytes() == before
+
+    monkeypatch.setattr(latency, "measure", slowing_measure(20))
+    assert main(["profile", str(ckpt), *PROFILE, "--force"]) == 0
+    assert "Stored although" in capsys.readouterr().out
+    noise = json.loads((ckpt / "latency.json").read_text())["noise"]
+    assert noise["forced"] and not noise["passed"] and noise["spread_pct"]["decode_ms"] == pytest.approx(200.0)
+    loaded, _, _ = load_checkpoint(ckpt)
+    assert loaded.latency.noise.forced and len(loaded.latency.noise_problems) == 2  # the spread and the error
+
+
+@pytest.mark.parametrize("lifted, left", [("--max-error", "spread"), ("--max-spread", "median error")])
+def test_each_half_of_the_noise_check_refuses_alone(elastic_ckpt, monkeypatch, capsys, lifted, left):
+    from flextron import latency
+    from flextron.cli import main
+
+    ckpt = elastic_ckpt()
+    monkeypatch.setattr(latency, "measure", slowing_measure(20))
+    assert main(["profile", str(ckpt), *PROFILE, lifted, "1000"]) == 2
+    err = capsys.readouterr().err
+    assert [part in err for part in ("spread", "median error")] == [left == "spread", left == "median error"]
+    assert not (ckpt / "latency.json").exists()
 
 
 def test_the_fit_design_predicts_uniform_sub_networks_better_than_independent_draws():
@@ -359,6 +433,10 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
         assert fits(cost(project(em.space, cost, Choices(logits, torch.zeros(2, 4)), target)), target)
 
 
+NOISE = {"full_model_ms": [{"decode_ms": 10.0, "prefill_ms": 50.0}] * 2, "spread_pct": {"decode_ms": 0.0,
+          "prefill_ms": 0.0}, "max_spread_pct": 30.0, "max_error_pct": 15.0, "passed": True, "forced": False}
+
+
 def _fitted_table(em) -> dict:
     fitted = {"overhead": 5.0, "mlp": {"24": 0.0, "48": 1.0, "72": 2.0, "96": 3.0},
               "attn": {"1": 0.0, "2": 0.5, "3": 1.0, "4": 1.5}}
@@ -387,6 +465,9 @@ def _fitted_table(em) -> dict:
                                        "decode_ms": 1.0, "prefill_ms": 1.0}]), "needs a role and a subnet"),
     (lambda t: t.update(validation_by_hidden={"decode_ms": {"half": {"n": 1}}}),
      "validation_by_hidden.decode_ms must map each hidden size"),
+    (lambda t: t.update(noise={**NOISE, "full_model_ms": []}), "noise.full_model_ms must be a non-empty list"),
+    (lambda t: t.update(noise={**NOISE, "spread_pct": {"decode_ms": 1.0}}), "noise.spread_pct.prefill_ms must be"),
+    (lambda t: t.update(noise={**NOISE, "forced": "yes"}), "noise.passed and noise.forced must be true or false"),
 ])
 def test_a_damaged_table_is_refused_in_one_line_naming_the_file(tmp_path, damage, message):
     em = make_elastic()
@@ -417,6 +498,11 @@ def test_a_loaded_table_prices_by_one_cost_table_per_metric_and_round_trips(tmp_
     assert table.table("latency_ms")(em.space.full()) == pytest.approx(5.0 + 2 * (3.0 + 1.5))
     assert LatencyTable.load(table.save(tmp_path), em).to_dict() == table.to_dict()
     assert LatencyTable.load(tmp_path / "none", em) is None
+    # A table profiled before the noise check has no record of it, and nothing fails it.
+    assert table.noise is None and table.noise_problems == []
+    checked = LatencyTable({**_fitted_table(em), "noise": NOISE}, em)
+    assert checked.noise.to_dict() == NOISE and checked.noise_problems == []
+    assert LatencyTable.load(checked.save(tmp_path), em).noise == checked.noise
 
 
 def test_no_module_reads_the_latency_table_by_key_outside_latency_table():

@@ -96,7 +96,8 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, caps
     ckpt = elastic_ckpt(bpe=True)
     args = ["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "f16",
             "--samples", "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1",
-            "--rounds", "3"]  # each timing the median of 3 rounds: a slow spell of a busy machine cannot drag the fit
+            "--rounds", "3",  # each timing the median of 3 rounds: a slow spell of a busy machine cannot drag the fit
+            "--force"]  # a tiny model's microseconds on a shared machine need not pass the noise check
     assert main(args) == 0
     assert "llama.cpp" in capsys.readouterr().out
     table = json.loads((ckpt / "latency.json").read_text())  # as stored
@@ -125,7 +126,7 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, caps
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
 def test_profile_in_llamacpp_of_a_family_without_a_per_layer_graph_times_uniform_sub_networks(kind, elastic_ckpt):
     ckpt = elastic_ckpt(kind, bpe=True)
-    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, **TINY)
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, force=True, **TINY)
     assert table.settings["graphs"] == "uniform only" and table.stock is None
     subnets = [m["subnet"] for m in table.measurements]
     assert all(len(set(s["mlp"])) == len(set(s["attn"])) == 1 for s in subnets)
@@ -142,7 +143,7 @@ def test_profile_in_llamacpp_times_every_hidden_size_in_both_graphs(elastic_ckpt
     ckpt = elastic_ckpt(bpe=True, hidden=True)
     # Three rounds (each timing the median of three): a slow spell of a shared machine, many times a tiny
     # model's microseconds, cannot drag the fit.
-    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, **TINY)
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, rounds=3, force=True, **TINY)
 
     def sizes(role: str) -> set:
         return {m["subnet"].get("hidden") for m in table.measurements if m["role"] == role}
@@ -160,3 +161,19 @@ def test_profile_in_llamacpp_times_every_hidden_size_in_both_graphs(elastic_ckpt
     gpt2 = elastic_ckpt("gpt2", name="gpt2", bpe=True, hidden=True)
     with pytest.raises(FlextronError, match="cannot run gpt2 sub-networks below the full hidden size 64"):
         api.profile(gpt2, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
+
+
+def test_profile_in_llamacpp_refuses_a_table_timed_on_a_busy_machine(elastic_ckpt, monkeypatch):
+    ckpt = elastic_ckpt(bpe=True)
+    calls = []
+
+    def busy_after_ten(path, *args, **kwargs):  # stands in for `llamacpp.measure`: 3x slower after 10 timings
+        calls.append(path)
+        slow = 3.0 if len(calls) > 10 else 1.0
+        return {"decode_ms": slow, "prefill_ms": 10 * slow}
+
+    monkeypatch.setattr(llamacpp, "measure", busy_after_ten)
+    with pytest.raises(FlextronError, match=r"looks noisy .*the full model's \d+ timings from start to end spread "
+                                            r"decode 200\.0%"):
+        api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
+    assert len(calls) > 10 and not (ckpt / "latency.json").exists()

@@ -234,6 +234,9 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     `runtime="llama.cpp"` times GGUF exports (`outtype`) of the sub-networks in llama.cpp with
     `threads` threads instead of the elastic model in HF eager; budgets then refer to that table.
     `rounds` > 1 times every sub-network once per round, interleaved, and keeps the median.
+    A table that fails the noise check (the full model's repeated timings spread more than `max_spread`
+    %, or a median error on unseen sub-networks above `max_error` %: a busy machine) is refused in one
+    line and the checkpoint left as it was, unless `force` (then latency.json records it: `table.noise`).
     """
     from flextron.latency import profile as measure_table
 

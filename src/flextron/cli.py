@@ -180,6 +180,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
     v = result["latency_validation"]
     console.print(f"Latency table error on unseen sub-networks: decode median {v['decode_ms']['median_pct']:.1f}%, "
                   f"prefill median {v['prefill_ms']['median_pct']:.1f}%; routers budget in {result['router_metric']}")
+    if result["latency_noise"]:  # the demo kept a table that failed the noise check (demo.run)
+        console.print(f"WARNING: {demo.NOISY} ({'; '.join(result['latency_noise'])})", style="bold red", markup=False,
+                      highlight=False)
     console.print(f"Elastic checkpoint: {result['checkpoint']}  export: {result['export']}  GGUF: {result['gguf']}")
     sp = result["export_speed"]
     line = f"Export decode / prefill ms: HF eager {sp['hf']['decode_ms']:.1f} / {sp['hf']['prefill_ms']:.0f}"
@@ -217,6 +220,13 @@ def cmd_profile(a: argparse.Namespace) -> None:
                 if e["n"]:
                     console.print(f"  at hidden size {size} ({e['n']} of them): median {e['median_pct']:.1f}%, "
                                   f"max {e['max_pct']:.1f}%")
+    noise = table.noise
+    spread = ", ".join(f"{key.removesuffix('_ms')} {v:.1f}%" for key, v in noise.spread_pct.items())
+    console.print(f"Noise check: the full model timed {len(noise.full_model_ms)} times from start to end spread "
+                  f"{spread} (threshold {noise.max_spread_pct:g}%); median error threshold {noise.max_error_pct:g}%")
+    if noise.forced:
+        console.print(f"Stored although it failed the noise check (--force, recorded in latency.json): "
+                      f"{'; '.join(table.noise_problems)}", style="bold red", markup=False, highlight=False)
     console.print(f"Stored in {a.ckpt}/latency.json")
 
 

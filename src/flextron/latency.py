@@ -16,6 +16,11 @@ In a space with hidden sizes every drawn sub-network carries one (`ElasticSpace.
 at it (HF: the elastic model's hard slice; llama.cpp: its GGUF export at that size), so the fit prices
 the hidden size from measurements (each term affine in it, `latency_table.fit`), and the validation
 covers every hidden size (stored overall and per hidden size).
+
+A busy machine spoils a table (one profiled beside other jobs erred 280% on its own unseen
+sub-networks), so the profile checks itself: the full model is timed again among the others and at
+the end, and a table whose full-model timings spread too far, or whose error on unseen sub-networks
+is too high (thresholds: `ProfileOptions`), is refused unless forced (`profile`).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from tqdm.auto import tqdm
 from flextron.cost import CostTable
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.latency_table import LatencyTable
+from flextron.latency_table import QUANTITY, LatencyTable, NoiseCheck, noise_problems, spread_pct
 from flextron.latency_table import fit as fit_terms
 from flextron.options import ProfileOptions
 from flextron.precision import autocast
 from flextron.space import KINDS, Subnet
+
+_CHECK = "check"  # the role of the full model's timings that the noise check compares
 
 
 def sync(device: torch.device | str) -> None:
@@ -116,6 +123,13 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     validated on them is stored under "stock". `uniform_only`: the runtime's one graph holds uniform
     sub-networks only (llama.cpp's for GPT-2, untied Qwen3, Gemma, OLMo 2): the table is fitted and validated
     on those, and prices per-layer sub-networks by the same additive terms, unmeasured.
+
+    The noise check: the full model is timed again at the start, after every `options.check_every`
+    timings and at the end (in each round, at the same places). Where those timings spread more than
+    `options.max_spread` % (slowest over fastest) or a fit's median error on unseen sub-networks is
+    above `options.max_error` %, a busy machine has spoilt the table: it is refused in one line
+    (nothing is returned, so nothing is stored) unless `options.force`. The table records the check
+    (`NoiseCheck`: the timings, their spread, the thresholds, passed, forced).
     """
     if options.samples < 4 or options.validate < 1:
         raise FlextronError("profiling needs at least 4 fitting and 1 validation sub-networks")
@@ -146,6 +160,7 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     for i in range(max(len(val_nets), len(stock_val))):
         jobs += [(s, default, "validate") for s in val_nets[i : i + 1]]
         jobs += [(s, stock.timer, "validate-stock") for s in stock_val[i : i + 1]]
+    jobs = _with_checks(jobs, (space.full(), default, _CHECK), options.check_every)
     runs: list[list[dict[str, float]]] = [[] for _ in jobs]
     with tqdm(total=options.rounds * len(jobs), desc="profiling", disable=not progress) as bar:
         for _ in range(options.rounds):
@@ -153,7 +168,9 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
                 runs[i].append(time_it(s))
                 bar.update()
     timings = [{k: statistics.median(r[k] for r in rs) for k in rs[0]} for rs in runs]
-    rows = [{"role": role, "subnet": s.to_dict(), **t} for (s, _, role), t in zip(jobs, timings)]
+    rows = [{"role": role, "subnet": s.to_dict(), **t} for (s, _, role), t in zip(jobs, timings) if role != _CHECK]
+    full_model = [{key: t[key] for key in QUANTITY.values()} for (_, _, role), t in zip(jobs, timings)
+                  if role == _CHECK]
     device = next(em.parameters()).device
     table = {
         "runtime": "hf-eager",
@@ -170,7 +187,24 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     table.update(_fitted(em, rows, ""))
     if stock is not None:
         table["stock"] = {"graph": stock.name, **_fitted(em, rows, "-stock")}
+    spread = spread_pct(full_model)
+    problems = noise_problems(spread, len(full_model), LatencyTable(table, em).graphs(), options.max_spread,
+                              options.max_error)
+    if problems and not options.force:
+        raise FlextronError(f"the latency profile looks noisy (a busy machine?): {'; '.join(problems)}; the table was "
+                            "not stored (latency.json is unchanged): profile again on a quiet machine or with more "
+                            "--rounds, or add --force to store it anyway")
+    table["noise"] = NoiseCheck(full_model, spread, options.max_spread, options.max_error, passed=not problems,
+                                forced=bool(problems)).to_dict()
     return LatencyTable(table, em, "the measured latency table")
+
+
+def _with_checks(jobs: list, check: tuple, every: int) -> list:
+    """`jobs` with `check` before them, after every `every` of them and after the last."""
+    out = [check]
+    for i in range(0, len(jobs), every):
+        out += [*jobs[i : i + every], check]
+    return out
 
 
 @dataclass(frozen=True)

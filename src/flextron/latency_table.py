@@ -6,7 +6,9 @@ metric (built once per space), and holds the one rule for which llama.cpp graph 
 sub-network. The fit itself (latency = overhead + per-layer terms, increments held non-negative;
 over several hidden sizes each term affine in the hidden size, see `fit`) lives here too, since an
 old table with decreasing terms is refitted from its measurements on load; `flextron.latency`
-measures the sub-networks it is fitted on.
+measures the sub-networks it is fitted on. The profile's noise check is read and judged here too
+(`NoiseCheck`, the optional record in latency.json; `noise_problems`, the rule that refuses a busy
+machine's table).
 """
 
 from __future__ import annotations
@@ -233,6 +235,73 @@ def reported_error(errors: dict, key: str) -> tuple[dict, str]:
     return errors["fit_error"].get(key, {"median_pct": None, "max_pct": None, "n": 0}), "fitted"
 
 
+@dataclass(frozen=True)
+class NoiseCheck:
+    """How steady the machine was during a profile (latency.json's optional "noise"; tables profiled
+    before the check have none): the full model's timings at the start, interleaved among the other
+    timings and at the end (each the median over the rounds, as every timing of the table), their
+    spread per quantity (slowest / fastest - 1, in %), the thresholds the profile was held to (the
+    spread, and the median error of each graph's fit), whether it passed, and whether `--force`
+    stored it although it did not."""
+
+    full_model_ms: list[dict[str, float]]
+    spread_pct: dict[str, float]
+    max_spread_pct: float
+    max_error_pct: float
+    passed: bool
+    forced: bool
+
+    @classmethod
+    def from_dict(cls, d: Any) -> NoiseCheck:
+        d = _mapping(d, "noise")
+        timings = d.get("full_model_ms")
+        if not isinstance(timings, list) or not timings:
+            raise _Damaged("noise.full_model_ms must be a non-empty list of the full model's timings")
+        full = [{key: _number(_mapping(t, f"noise.full_model_ms[{i}]").get(key), f"noise.full_model_ms[{i}].{key}")
+                 for key in QUANTITY.values()} for i, t in enumerate(timings)]
+        spread = _mapping(d.get("spread_pct"), "noise.spread_pct")
+        flags = [d.get(k) for k in ("passed", "forced")]
+        if not all(isinstance(f, bool) for f in flags):
+            raise _Damaged("noise.passed and noise.forced must be true or false")
+        return cls(full, {key: _number(spread.get(key), f"noise.spread_pct.{key}") for key in QUANTITY.values()},
+                   _number(d.get("max_spread_pct"), "noise.max_spread_pct"),
+                   _number(d.get("max_error_pct"), "noise.max_error_pct"), *flags)
+
+    def to_dict(self) -> dict:
+        return {"full_model_ms": self.full_model_ms, "spread_pct": self.spread_pct,
+                "max_spread_pct": self.max_spread_pct, "max_error_pct": self.max_error_pct, "passed": self.passed,
+                "forced": self.forced}
+
+
+def spread_pct(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Per quantity, how much slower the slowest of the timings is than the fastest, in % (a busy
+    machine only adds time, so the fastest is the steadiest reading)."""
+    return {key: (max(t[key] for t in timings) / min(t[key] for t in timings) - 1) * 100 for key in QUANTITY.values()}
+
+
+def noise_problems(spread: dict[str, float], n_timings: int, graphs: list[tuple[str | None, GraphFit]],
+                   max_spread: float, max_error: float) -> list[str]:
+    """What fails the noise check, one phrase each: the full model's `n_timings` timings, where they spread
+    more than `max_spread` % in a quantity; each fit among `graphs` (`LatencyTable.graphs`) whose median
+    error in a quantity (on unseen sub-networks, or fitted ones where none was left unseen) is above
+    `max_error` %."""
+    def over(values: dict[str, float], limit: float) -> str:
+        return ", ".join(f"{key.removesuffix('_ms')} {v:.1f}%" for key, v in values.items() if v > limit)
+
+    problems = []
+    if over(spread, max_spread):
+        problems.append(f"the full model's {n_timings} timings from start to end spread {over(spread, max_spread)} "
+                        f"(slowest over fastest; threshold {max_spread:g}%)")
+    for graph, fitted in graphs:
+        errors = {key: fitted.error(key) for key in QUANTITY.values()}
+        medians = {key: e["median_pct"] for key, (e, _) in errors.items() if e["median_pct"] is not None}
+        if over(medians, max_error):
+            (e, which), label = errors["decode_ms"], "" if graph is None else f"{graph} graph "
+            problems.append(f"the {label}table's median error on {e['n']} {which} sub-networks is "
+                            f"{over(medians, max_error)} (threshold {max_error:g}%)")
+    return problems
+
+
 def _errors(d: Any, what: str) -> dict[str, dict]:
     out = {}
     for key, e in _mapping(d if d is not None else {}, what).items():
@@ -287,6 +356,7 @@ class LatencyTable:
                     raise _Damaged("stock.graph must name the llama.cpp graph")
                 self.stock = self._graph(stock, "stock.")
             self.measurements = _measurements(data.get("measurements", []))
+            self.noise: NoiseCheck | None = None if data.get("noise") is None else NoiseCheck.from_dict(data["noise"])
             self.main = self._refitted(self.main)
             self._tables: dict[str, CostTable] = {}
             self._raw: dict[str, tuple[CostTable, CostTable | None]] = {}
@@ -389,6 +459,15 @@ class LatencyTable:
         llama.cpp's deci) and the stock one."""
         return [(None if self.stock is None else "deci", self.main),
                 *([(self.stock_graph, self.stock)] if self.stock is not None else [])]
+
+    @property
+    def noise_problems(self) -> list[str]:
+        """What fails the profile's noise check (`noise_problems`): empty where it passed, or where the
+        table predates the check."""
+        n = self.noise
+        if n is None:
+            return []
+        return noise_problems(n.spread_pct, len(n.full_model_ms), self.graphs(), n.max_spread_pct, n.max_error_pct)
 
     @property
     def hidden_pricing(self) -> str | None:

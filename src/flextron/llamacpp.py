@@ -190,7 +190,11 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
 
     In a space with hidden sizes the sub-networks are exported and timed at theirs; a family whose
     llama.cpp graphs cannot hold a smaller hidden size (GPT-2; OLMo 2 and others whose own graph ties the
-    query width to it and that have no `deci`) is refused before any timing."""
+    query width to it and that have no `deci`) is refused before any timing.
+
+    The noise check of `latency.profile` holds here too: the full model's GGUF (as `deci` where the
+    family has both graphs) is timed again among the others, and every graph's fit is held to the
+    error threshold."""
     threads = options.threads or default_threads()
     named = {"runtime": runtime_version(), "threads": threads, "outtype": options.outtype, "dtype": options.outtype,
              "device": f"cpu ({threads} threads)"}

@@ -238,6 +238,16 @@ class ProfileOptions(Verified):
     threads: int | None = opt(None, "llama.cpp threads (default: all cores)", **_POSITIVE)
     outtype: str = opt("f32", "llama.cpp weights", choices=OUTTYPES)
     dtype: str = opt("fp32", "compute dtype (HF runtime)", choices=DTYPE_NAMES)
+    # The noise check: quiet tables validated at 1.5-10.6% median error (docs/results.md; the
+    # highest, a depth space's deci table); a table is of use below ~10-15%. On a quiet VM the full
+    # model's time moved up to ~18% within one run.
+    check_every: int = opt(10, "time the full model again after every this many timings, and at the start and the "
+                           "end: how far those timings spread shows a busy machine", **_POSITIVE)
+    max_spread: float = opt(30.0, "refuse the table where the full model's timings spread more than this % (slowest "
+                            "over fastest)", **_POSITIVE_FLOAT)
+    max_error: float = opt(15.0, "refuse the table where its median error on unseen sub-networks is above this %",
+                           **_POSITIVE_FLOAT)
+    force: bool = opt(False, "store the table even where it fails the noise check (latency.json records that)")
 
 
 @dataclass
