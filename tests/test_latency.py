@@ -318,7 +318,7 @@ def test_a_profile_on_a_busy_machine_is_refused_and_latency_json_left_as_it_was_
     noise = json.loads(before)["noise"]
     assert noise["passed"] and not noise["forced"] and noise["spread_pct"] == {"decode_ms": 0.0, "prefill_ms": 0.0}
     # Timed at the start, after every 10 of the 34 other timings and at the end (each the median over rounds).
-    assert len(noise["full_model_ms"]) == 5 and (noise["max_spread_pct"], noise["max_error_pct"]) == (30.0, 15.0)
+    assert len(noise["full_model_ms"]) == 5 and (noise["max_spread_pct"], noise["max_error_pct"]) == (50.0, 15.0)
 
     # The machine gets busy halfway (20 of 39 timings): everything after runs 3x slower.
     monkeypatch.setattr(latency, "measure", slowing_measure(20))
@@ -326,7 +326,7 @@ def test_a_profile_on_a_busy_machine_is_refused_and_latency_json_left_as_it_was_
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the progress bar)
     assert err.startswith("error: the latency profile looks noisy")
     assert "the full model's 5 timings from start to end spread decode 200.0%, prefill 200.0%" in err
-    assert "threshold 30%" in err and "the table's median error on 10 unseen sub-networks is decode" in err
+    assert "threshold 50%" in err and "the table's median error on 10 unseen sub-networks is decode" in err
     assert "threshold 15%" in err and "add --force" in err
     assert (ckpt / "latency.json").read_bytes() == before
 
