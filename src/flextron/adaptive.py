@@ -81,8 +81,9 @@ class AdaptiveRouting:
         # Per hidden size of the space (one without hidden sizes): the constant, the [L, K] tables and
         # the penalties (each choice's share of its layer's largest cost), so that a request routed at
         # hidden size d is priced, shifted and calibrated by the table of d.
-        self._consts = [t.const for t in table.by_hidden or (table,)]
-        _, tm, ta = (t.nan_to_num(posinf=0.0).float() for t in table.hidden_tensors())
+        consts, tm, ta = table.hidden_tensors()
+        self._consts = consts.tolist()
+        tm, ta = (t.nan_to_num(posinf=0.0).float() for t in (tm, ta))
         self._mlp_costs, self._attn_costs = tm, ta
         device = routers.shift.device
         self._mlp_penalties = (tm / tm.amax(-1, keepdim=True).clamp(min=1e-12)).to(device)

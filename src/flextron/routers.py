@@ -264,7 +264,7 @@ def project(space: ElasticSpace, table: CostTable, logp: Choices, target: float,
             idx[k][0] = j
             changed = table(current())
             idx[k][0] = i
-            return changed - table(current())
+            return changed - cost
         terms = getattr(table.at_hidden(idx["hidden"][0]) if "hidden" in idx else table, k)[layer]
         return terms[j] - terms[i]
 
