@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flextron import api
@@ -53,6 +56,21 @@ def source(work: Path, smoke: bool) -> tuple[str | None, dict]:
         make_model("llama", n_layers=6).save_pretrained(src)
         make_bpe_tokenizer().save_pretrained(src)  # byte-level BPE: llama.cpp can load it too
     return str(src), {"multiple": 8, "calib_sequences": 8, "calib_seq_len": 32}
+
+
+@contextmanager
+def workspace(a: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
+    """(work directory, checkpoint): `a.work` (default a temporary directory, removed after) and `a.ckpt`,
+    else `a.model` (default the packaged SmolLM2, with `a.smoke` a tiny random Llama) converted there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt = a.ckpt
+        if ckpt is None:
+            model, kw = source(work, a.smoke)
+            log("convert")
+            ckpt = api.convert(a.model or model, work / "ckpt", device="cpu", progress=False, overwrite=True, **kw)
+        yield work, Path(ckpt)
 
 
 def build(work: Path, name: str, a: argparse.Namespace, metric: str, table: Path | None = None,

@@ -21,3 +21,75 @@ def test_gpu_benchmark_dry_runs_on_cpu(tmp_path):
     assert budgets == {(b, n) for b in ("1.0", "0.75", "0.5") for n in (1, 8)}
     assert all(r["bytes_ratio"] >= 1 for r in result["decode"]["tiny"])
     assert "GPU: **none**" in run.stdout
+
+
+def test_quant_front_smoke(tmp_path):
+    """A smoke run prints and writes the JSON asked for, never the results; the full model's f32 export
+    scores the perplexity transformers gives the same model on the same window."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flextron.data import heldout_windows
+
+    def published() -> tuple[str | None, bytes | None]:
+        """This benchmark's docs/results.md section and JSON (other benchmarks may write theirs meanwhile)."""
+        md, js = ROOT / "docs" / "results.md", ROOT / "benchmarks" / "results" / "quant_front.json"
+        text = md.read_text() if md.exists() else ""
+        section = text.partition("<!-- quant-front:start -->")[2].partition("<!-- quant-front:end -->")[0]
+        return section or None, js.read_bytes() if js.exists() else None
+
+    before = published()
+    out, work = tmp_path / "front.json", tmp_path / "work"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quant_front.py"), "--smoke", "--budgets",
+                          "0.5,1.0", "--outtypes", "f16,q8_0,q4_k_m", "--f32", "1.0", "--work", str(work),
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert published() == before
+    data = json.loads(out.read_text())
+    rows = {(r["budget"], r["outtype"]): r for r in data["rows"]}
+    assert set(rows) == {(b, t) for b in (0.5, 1.0) for t in ("f16", "q8_0", "q4_k_m")} | {(1.0, "f32")}
+    full = rows[1.0, "f16"]
+    assert full["decode_ms_over_full_f16"] == 1.0 and full["params_fraction"] == 1.0
+    assert all(r["bytes"] > 0 and r["decode_ms_over_full_f16"] > 0 for r in data["rows"])
+    assert rows[1.0, "f32"]["bytes"] > full["bytes"] > rows[1.0, "q8_0"]["bytes"] > rows[0.5, "q8_0"]["bytes"]
+    # Rows of 64 or 96 weights are no whole 256-block: llama.cpp's quantizer stored them otherwise.
+    assert rows[1.0, "q4_k_m"]["fallback"] and not full["fallback"]
+    assert sum(rows[1.0, "q4_k_m"]["fallback"].values()) <= sum(rows[1.0, "q4_k_m"]["tensor_types"].values())
+    smallest = min(data["rows"], key=lambda r: (r["bytes"], r["ppl"]))
+    assert smallest["on_bytes_front"] and data["bytes_front"][0] == f"{smallest['budget']:.0%} at {smallest['outtype']}"
+    assert data["findings"] and "| budget |" in run.stdout
+
+    tok = AutoTokenizer.from_pretrained(work / "tiny-hf")
+    ids = heldout_windows(tok, data["seq_len"], data["windows"])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(work / "tiny-hf").float()(ids).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).exp().item()
+    assert abs(rows[1.0, "f32"]["ppl"] / want - 1) < 1e-3
+    assert abs(full["ppl"] / want - 1) < 1e-2
+
+
+def test_memory_budgets_smoke(tmp_path):
+    """A smoke run writes the JSON asked for, never the results: per weight type, sub-networks of budgets
+    below the full model and the full model itself, whose predicted weights and KV cache are what llama.cpp
+    allocates and whose llama.cpp total is within the budget."""
+    results = [ROOT / "docs" / "results.md", ROOT / "benchmarks" / "results" / "memory_budgets.json"]
+    before = [p.read_bytes() if p.exists() else None for p in results]
+    out = tmp_path / "memory.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_budgets.py"), "--smoke", "--outtypes",
+                          "q4_k_m,q8_0", "--points", "2", "--context", "1000", "--batch", "2", "--work",
+                          str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [p.read_bytes() if p.exists() else None for p in results] == before
+    data = json.loads(out.read_text())
+    assert data["deployment"] == {"context": 1000, "batch": 2, "kv_type": "f16"}
+    for t in ("q4_k_m", "q8_0"):
+        *below, full = [r for r in data["rows"] if r["outtype"] == t]
+        assert full["budget"] == "memory_mb=100%" and full["subnet"] == {"mlp": [96] * 6, "attn": [4] * 6}
+        assert len(below) == 2 and below[0]["budget_mb"] < below[1]["budget_mb"] < full["budget_mb"]
+        assert all(r["subnet"] != full["subnet"] for r in below)
+        assert f"| {t} |" in run.stdout
+    for r in data["rows"]:
+        assert r["predicted"]["total"] <= r["budget_mb"] * 1e6 + 0.5 and r["fits"]  # bytes: the full model's rounded
+        assert r["predicted"]["weights"] == r["llama_cpp"]["weights"]
+        assert abs(r["predicted"]["kv"] - r["llama_cpp"]["kv"]) <= 0.006 * 2**20  # llama.cpp logs MiB to 2 decimals
+        assert r["file_bytes"] > r["llama_cpp"]["weights"]  # the tokenizer and the rest of the metadata

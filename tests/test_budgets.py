@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 
@@ -14,6 +15,7 @@ from flextron.budgets import (
 )
 from flextron.cost import analytic_table, subnet_cost
 from flextron.errors import FlextronError
+from flextron.footprint import Deployment
 from flextron.latency_table import LatencyTable
 from flextron.space import Budget, Subnet
 from helpers import make_elastic
@@ -146,3 +148,77 @@ def test_a_small_params_budget_is_met_at_a_smaller_hidden_size():
                                                                         (i, j, 0, 0, h + 1)) if max(k) < 4 and k[4] < 3)
     assert uniform_subnet_for(em, Budget(metric="params", fraction=0.9 * floor_at_full / table.full))[0].hidden < 64
     assert budget_grid(em, "params")[0] < floor_at_full / table.full
+
+
+def test_a_memory_budget_selects_the_largest_uniform_sub_network_within_it():
+    """memory_mb=N: the largest uniform sub-network whose llama.cpp memory at the model's deployment is
+    within N megabytes; the next larger one is not. Smaller weights fit more of the model in as much."""
+    em = make_elastic("llama")
+    every = [em.space.uniform(i, j) for i in range(4) for j in range(4)]
+    chosen = {}
+    for weight_type in ("f32", "q8_0"):
+        em.deployment = Deployment(weight_type, 512)
+        table = cost_table(em, "memory_mb")
+        for k in range(5):
+            n = table.smallest + (table.full - table.smallest) * k / 4
+            sub = select_subnet(em, Budget.parse(f"memory_mb={n!r}"))
+            assert table(sub) <= n and all(table(s) > n for s in every if table(s) > table(sub))
+            assert sub == select_subnet(em, Budget.parse(f"memory={n * 1000!r}KB"))
+        n = 0.5 * (analytic_table(em, "memory_mb", deployment=Deployment("f32", 512)).full + table.smallest)
+        chosen[weight_type] = subnet_cost(em, select_subnet(em, Budget(metric="memory_mb", value=n))).params
+    assert chosen["q8_0"] > chosen["f32"]  # q8_0 weights: a larger sub-network within the same megabytes
+    em.deployment = Deployment("f32", 512)
+    with pytest.raises(FlextronError, match=r"memory_mb at f32 weights, 512-token f16 KV cache, .*\(or memory_mb="):
+        select_subnet(em, Budget(metric="memory_mb", value=cost_table(em, "memory_mb").smallest * 0.99))
+
+
+def test_a_narrower_sub_network_that_costs_more_than_a_wider_one_within_the_budget_is_never_chosen():
+    """At q4_0 an MLP width of 72 (rows not whole 32-blocks: f16) takes more memory than the full 96 (q4_0):
+    a budget both fit serves the full model, which contains it."""
+    em = make_elastic("llama")
+    em.deployment = Deployment("q4_0", 512)
+    table = cost_table(em, "memory_mb")
+    narrower, full = em.space.uniform(2, 3), em.space.full()
+    assert narrower.mlp == [72, 72] and table(narrower) > table(full)  # the premise
+    assert select_subnet(em, Budget(metric="memory_mb", value=table(narrower))) == full
+
+
+def test_routers_of_another_metric_serve_a_memory_budget(trained_routers):
+    """Routers trained on params: a memory budget is one in another metric, served as such (what the check
+    kept where it fits, else the router's choice projected onto it, in megabytes)."""
+    em, routers, _, _ = trained_routers
+    assert routers.metric == "params"
+    em.deployment = Deployment("f32", 256)  # a short context: the tiny model's weights weigh the most
+    try:
+        table = cost_table(em, "memory_mb")
+        for fraction in (0.8, 0.9, 1.0):
+            for budget in (Budget.parse(f"memory_mb={fraction:.0%}"),
+                           Budget(metric="memory_mb", value=fraction * table.full)):
+                sub = select_subnet(em, budget)
+                em.space.validate(sub)
+                assert table(sub) <= fraction * table.full * (1 + 1e-9)
+        assert table(select_subnet(em, Budget.parse("memory_mb=90%"))) > table(select_subnet(em, Budget.parse("0.4")))
+    finally:
+        em.deployment = Deployment()
+
+
+def test_export_prices_a_memory_budget_at_the_weights_it_writes(elastic_ckpt, tmp_path):
+    import gguf
+
+    from flextron import api
+
+    ckpt = elastic_ckpt(bpe=True)
+    em = api.load(ckpt, "cpu")[0]
+    f32 = analytic_table(em, "memory_mb", deployment=Deployment("f32", 512))
+    n = (f32.smallest + f32.full) / 2
+    written = {}
+    for outtype in ("f32", "q8_0"):
+        out = api.export(ckpt, f"memory={n!r}MB", tmp_path / f"{outtype}.gguf", format="gguf", outtype=outtype,
+                         context=512)
+        fields = gguf.GGUFReader(out).fields
+        written[outtype] = Subnet(**json.loads(fields["flextron.subnet"].contents()))
+        table = analytic_table(em, "memory_mb", deployment=Deployment(outtype, 512))
+        assert table(written[outtype]) <= n
+        recorded = Budget.parse(fields["flextron.budget"].contents())
+        assert recorded.metric == "memory_mb" and recorded.value == pytest.approx(n)
+    assert f32(written["q8_0"]) > f32(written["f32"])  # q8_0 weights: more of the model in as much memory

@@ -1,11 +1,14 @@
 import argparse
 import inspect
 import json
+import math
+import re
 import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
 
@@ -25,7 +28,7 @@ from flextron.options import (
     ServeOptions,
     TrainOptions,
 )
-from helpers import hf_greedy, make_tokenizer, word_text
+from helpers import TEMPLATE, hf_greedy, make_tokenizer, word_text
 
 # command: (its options dataclass, the api function, the shortest command line, the options it means)
 COMMANDS = {
@@ -62,6 +65,46 @@ def test_convert_then_eval(tiny_hf_dir, tmp_path, capsys):
     assert manifest["family"] == "llama" and manifest["calibration"]["n_sequences"] == 8
     assert manifest["elastic_space"]["mlp"][0] == [24, 48, 72, 96]
     assert len(manifest["importance"]["mlp"][0]) == 96
+
+
+def test_eval_chat_and_ppl_data_of_a_converted_checkpoint(tiny_hf_dir, tmp_path, capsys):
+    """Issue 40: `eval --tasks chat` compares each budget with the model the checkpoint was converted from
+    (its manifest's source_model); --ppl-data adds a perplexity column on the user's text."""
+    model_dir, text = tiny_hf_dir
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(model_dir)
+    ckpt, prompts, out = tmp_path / "ckpt", tmp_path / "prompts.txt", tmp_path / "eval.json"
+    assert main(["convert", str(model_dir), "--out", str(ckpt), "--calib-data", str(text), "--calib-sequences", "4",
+                 "--calib-seq-len", "16", "--multiple", "8"]) == 0
+    prompts.write_text("w5 w6\nw7 w8 w9\n\nw10\n")
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--tasks", "chat", "--budgets", "1.0,0.5", "--chat-prompts", str(prompts),
+                 "--chat-tokens", "4", "--ppl-data", str(text), "--limit", "2", "--seq-len", "16",
+                 "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "Chat: agreement with the original" in shown and "ppl data" in shown
+    full, half = json.loads(out.read_text())
+    assert full["chat"]["n"] == 3 and full["chat"]["new_tokens"] == 4
+    assert full["chat"]["agree_tokens"] == 1.0 and full["chat"]["kl"] < 1e-6  # sorted, untrained: the original
+    assert half["chat"]["kl"] > 0 and "ppl" not in full and full["data_tokens"] == 2 * 15
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    windows = torch.tensor(tok(text.read_text(), add_special_tokens=False)["input_ids"][:32]).view(2, 16)
+    with torch.no_grad():  # the original's own loss: the converted checkpoint at 100 % is the same function
+        loss = model(input_ids=windows, labels=windows).loss
+    assert full["ppl_data"] == pytest.approx(math.exp(loss.item()), rel=1e-4) and half["ppl_data"] > 1
+    report_md = api.report(out)[1]
+    assert "same 1st sentence" in report_md and "ppl data" in report_md
+    missing, empty = tmp_path / "missing.txt", tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    for args, message in (([str(ckpt), "--ppl-data", str(missing)], f"--ppl-data {missing} is not a file"),
+                          ([str(ckpt), "--ppl-data", str(empty)], f"--ppl-data {empty} holds no text"),
+                          ([str(ckpt), "--tasks", "chat", "--original", str(missing)], "neither an existing"),
+                          ([str(ckpt), "--chat-prompts", str(prompts)], "add chat to --tasks"),
+                          ([str(ckpt), "--tasks", "chat", "--adaptive"], "drop --adaptive")):
+        assert main(["eval", *args, "--budgets", "1.0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
@@ -168,6 +211,40 @@ def test_convert_with_depth_then_export_below_the_width_only_minimum(tiny_hf_dir
     assert main(["convert", str(model_dir), "--out", str(tmp_path / "c3"), "--space", str(space_file), "--calib-data",
                  str(text), "--calib-sequences", "4", "--calib-seq-len", "16"]) == 0
     assert json.loads((tmp_path / "c3" / "flextron.json").read_text())["elastic_space"]["skip_order"] == order
+
+
+MEMORY_LINE = (r"Predicted llama\.cpp memory at (.+?): ([\d.]+) MB = weights ([\d.]+) MB \(file ([\d.]+) MB\) \+ "
+               r"KV cache ([\d.]+) MB \+ buffers ([\d.]+) MB")
+
+
+def test_export_gguf_prints_the_memory_it_will_take_at_the_deployment(elastic_ckpt, tmp_path, capsys):
+    """The weights are the bytes of the GGUF's tensors (what llama.cpp loads), the KV cache keys and values
+    of every layer's KV heads (its metadata) for each sequence's cells, which llama.cpp pads to 256; a
+    memory budget just below the full model's gets a sub-network whose predicted total is within it."""
+    import gguf
+
+    ckpt = elastic_ckpt(bpe=True)
+    deployment = ["--format", "gguf", "--outtype", "q8_0", "--context", "1000", "--batch", "2"]
+    printed = {}
+    for name, budget in (("full", "1.0"), ("below", None)):
+        if budget is None:  # 10 kB under the full model's
+            limit = printed["full"][0] - 0.01
+            budget = f"memory_mb={limit:.2f}"
+        out = tmp_path / f"{name}.gguf"
+        assert main(["export", str(ckpt), "--budget", budget, "--out", str(out), *deployment]) == 0
+        m = re.search(MEMORY_LINE, " ".join(capsys.readouterr().out.split()))
+        assert m and m.group(1) == "q8_0 weights, 1000-token f16 KV cache x 2 sequences"
+        total, weights, file, kv, buffers = map(float, m.groups()[1:])
+        reader = gguf.GGUFReader(out)
+        assert weights == pytest.approx(sum(int(t.n_bytes) for t in reader.tensors) / 1e6, abs=0.005)
+        assert file == pytest.approx(out.stat().st_size / 1e6, abs=0.005)
+        head_dim, kv_heads = (reader.fields[f"llama.{k}"].contents()
+                              for k in ("attention.key_length", "attention.head_count_kv"))
+        layers = reader.fields["llama.block_count"].contents()
+        assert kv == pytest.approx(layers * 2 * kv_heads * head_dim * 2 * 2048 / 1e6, abs=0.005)
+        assert buffers > 0 and total == pytest.approx(weights + kv + buffers, abs=0.015)
+        printed[name] = total, json.loads(reader.fields["flextron.subnet"].contents())
+    assert printed["below"][0] <= limit + 0.005 and printed["below"][1] != printed["full"][1]  # 2 decimals printed
 
 
 def test_generate_is_greedy_at_a_tiny_temperature_and_ends_at_stop_strings(tiny_hf_dir, capsys):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from flextron.cost import ANALYTIC, analytic_table, subnet_cost
+from flextron.cost import ANALYTIC, MB, analytic_table, memory_parts, subnet_cost
+from flextron.footprint import Deployment, compute_bytes, kv_bytes
 from flextron.latency_table import LatencyTable
 from flextron.space import Subnet
 from helpers import VOCAB, make_elastic, two_graph_table
@@ -179,6 +180,58 @@ def test_a_space_without_hidden_sizes_prices_as_before_and_the_full_hidden_size_
         assert (m == "kv_bytes") == bool((attn[0] == attn[2]).all())
     assert new.smallest == new(em.space.smallest()) == new.at_hidden(0)(dataclasses.replace(
         em.space.smallest(), hidden=None))
+
+
+def test_f32_memory_is_four_bytes_a_parameter_plus_kv_cache_and_buffers(kind):
+    """At f32 every tensor llama.cpp holds is 4 bytes a value: the memory of a sub-network is 4 x all its
+    parameters (embeddings included, at its hidden size) beside its KV cache and buffers."""
+    em = make_elastic(kind, hidden=kind != "gpt2")
+    deployment = Deployment("f32", 1000, 2)
+    memory = analytic_table(em, "memory_mb", deployment=deployment)
+    subnets = [em.space.full(), em.space.uniform(1, 2), Subnet(mlp=[em.space.mlp[0][0], em.space.mlp[1][2]],
+                                                                attn=[1, 3])]
+    subnets += [dataclasses.replace(s, hidden=h) for s in subnets for h in (em.space.hidden or [])[:-1]]
+    for sub in subnets:
+        kv = sum(kv_bytes(b.attn_heads(a)[1], b.geometry.head_dim, deployment) for b, a in zip(em.blocks, sub.attn))
+        everything = subnet_cost(em, sub).params
+        assert memory(sub) * MB == pytest.approx(4 * everything + kv + compute_bytes(em, sub.hidden, deployment))
+    # 2 x 1024 cells (1000 padded to 256) of keys and values, f16, of each KV head kept.
+    assert kv_bytes(3, 8, deployment) == 2 * 2 * 1024 * 3 * 8 * 2
+
+
+def test_memory_follows_the_weight_type_and_the_model_deployment():
+    em = make_elastic("llama")
+    sub = Subnet(mlp=[24, 72], attn=[1, 3])
+    f32, q8 = (analytic_table(em, "memory_mb", deployment=Deployment(t, 512))(sub) for t in ("f32", "q8_0"))
+    assert q8 < f32
+    em.deployment = Deployment("q8_0", 512)
+    assert analytic_table(em, "memory_mb")(sub) == q8 and subnet_cost(em, sub).memory_bytes == round(q8 * MB)
+    longer = analytic_table(em, "memory_mb", deployment=Deployment("q8_0", 1024))(sub)
+    assert (longer - q8) * MB >= 512 * 2 * 2 * (1 + 3) * 8  # the KV cache of 512 more cells, at least
+
+
+def test_memory_parts_split_the_table_into_the_gguf_tensors_its_kv_heads_and_buffers(tmp_path):
+    """Weights: the bytes of the tensors of the GGUF the sub-network is written as (what llama.cpp loads);
+    KV cache: keys and values of the KV heads its layers hold, one stand-in group in a skipped first
+    attention included (deci); the rest the buffers. Together the table's total."""
+    import gguf
+
+    from flextron.gguf import write_gguf
+    from helpers import make_bpe_tokenizer
+
+    em = make_elastic("llama", min_layers=1)
+    deployment = Deployment("q8_0", 1000, 2)
+    for sub in (em.space.full(), Subnet(mlp=[96, 48], attn=[0, 2])):
+        parts = memory_parts(em, sub, deployment)
+        reader = gguf.GGUFReader(write_gguf(em, make_bpe_tokenizer(), sub, tmp_path / "m.gguf", "q8_0",
+                                            overwrite=True)["path"])
+        arch = reader.fields["general.architecture"].contents()
+        kv_heads = reader.fields[f"{arch}.attention.head_count_kv"].contents()
+        assert parts["weights"] == sum(int(t.n_bytes) for t in reader.tensors)
+        assert parts["kv"] == 2 * 2048 * sum(kv_heads if isinstance(kv_heads, list) else [kv_heads] * 2) * 8 * 2
+        assert parts["buffers"] == compute_bytes(em, None, deployment)
+        assert sum(parts[k] for k in ("weights", "kv", "buffers")) == parts["total"]
+        assert parts["total"] == round(analytic_table(em, "memory_mb", deployment=deployment)(sub) * MB)
 
 
 def test_a_measured_table_prices_a_hidden_size_in_proportion_until_one_is_timed():

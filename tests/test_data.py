@@ -37,3 +37,24 @@ def test_windows_and_sampling():
         windows(ids, 2000)
     with pytest.raises(FlextronError, match="empty"):
         tokenize(make_tokenizer(), "  \n")
+
+
+def test_mixed_rows_hold_the_share_and_read_each_stream_in_its_own_order():
+    import numpy as np
+
+    from flextron.data import MixedSequences, PackedSequences
+
+    text = PackedSequences(np.arange(0, 400, dtype=np.int64), 4, seed=1)  # 100 rows of ids < 400
+    chat_mask = np.arange(1000, 1200) % 3 == 0
+    chat = PackedSequences(np.arange(1000, 1200, dtype=np.int64), 4, seed=2, mask=chat_mask)  # 50 rows
+    mixed = MixedSequences(text, chat, 0.3)
+    rows = mixed.rows(0, 40)
+    from_chat = rows[:, 0] >= 1000
+    assert from_chat.sum() == 12  # 30 % of 40 rows
+    assert all(abs(int(from_chat[:n].sum()) - 0.3 * n) < 1 for n in range(1, 41))  # within a row all along
+    assert torch.equal(rows[from_chat], chat.rows(0, 12)) and torch.equal(rows[~from_chat], text.rows(0, 28))
+    masks = mixed.masks(0, 40)
+    assert masks[~from_chat].all() and torch.equal(masks[from_chat], chat.masks(0, 12))
+    assert torch.equal(masks[from_chat], torch.from_numpy(chat_mask)[rows[from_chat] - 1000])
+    assert torch.equal(mixed.rows(17, 5), rows[17:22])  # any stretch reads the same rows
+    assert MixedSequences(text, PackedSequences(np.arange(1000, 1200), 4), 0.5).masks(0, 4) is None

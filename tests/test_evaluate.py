@@ -9,12 +9,20 @@ import math
 import pytest
 import torch
 
-from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, perplexity, router_report
+from flextron.errors import FlextronError
+from flextron.evaluate import (
+    adaptive_at_budgets,
+    eval_at_budgets,
+    perplexity,
+    read_text_file,
+    router_report,
+    text_windows,
+)
 from flextron.options import RouteOptions
 from flextron.results import EvalRow, rows_json
 from flextron.routers import AdaptiveRouters, Routers, StaticRouter
 from flextron.space import Budget, Subnet
-from helpers import make_elastic, make_model
+from helpers import make_elastic, make_model, make_tokenizer, word_text
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -25,6 +33,26 @@ def test_perplexity_equals_the_hf_loss_loop(batch_size):
         losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     assert perplexity(model, windows, batch_size=batch_size, progress=False) == pytest.approx(
         math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_ppl_data_is_perplexity_on_the_user_text_beside_the_held_out_one(tmp_path):
+    """Issue 40: `eval --ppl-data FILE` scores windows of a text file as the held-out perplexity is scored."""
+    em, tok = make_elastic(), make_tokenizer()
+    text = word_text(100)
+    data = text_windows(tok, text, 16)
+    held = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    (row,) = eval_at_budgets(em, held, [Budget.parse("0.5")], progress=False, data_windows=data)
+    with em.subnet(row.subnet):
+        assert row.ppl_data == pytest.approx(perplexity(em, data, progress=False), rel=1e-6)
+        assert row.ppl == pytest.approx(perplexity(em, held, progress=False), rel=1e-6) != row.ppl_data
+    assert row.data_tokens == data[:, 1:].numel() and data.shape == (100 // 16, 16)
+    assert EvalRow.from_dict(json.loads(rows_json(row))) == row
+    with pytest.raises(FlextronError, match="holds 100 tokens, fewer than one window of --seq-len 128"):
+        text_windows(tok, text, 128)
+    file = tmp_path / "domain.txt"
+    file.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(FlextronError, match="cannot read --ppl-data"):
+        read_text_file(file)
 
 
 # The keys, in order, that each kind of row has always been written with (routing.json,

@@ -201,6 +201,100 @@ def test_smaller_outtypes_load_and_stay_close(outtype, tol, tmp_path):
     assert diff < tol, diff
 
 
+# llama.cpp's quantizer types: the types of the weight matrices whose rows are whole 256-weight blocks
+# (k-quant mixes keep some in a larger k-type; q4_0's output layer is q6_k).
+QUANTIZER_TYPES = {"q4_k_m": {"Q4_K", "Q5_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"},
+                   "q4_0": {"Q4_0", "Q6_K"}}
+# Relative error of the logits (RMS of the difference over the RMS spread of the f32 logits): random Gaussian
+# weights rounded to 4-6 bits per weight, through two layers; observed 0.14-0.16 (q4_k_m), 0.08-0.09 (q5_k_m),
+# 0.05 (q6_k), 0.21-0.22 (q4_0) on this model, so about twice that. Another sub-network is 0.88 off.
+QUANTIZED_TOL = {"q4_k_m": 0.3, "q5_k_m": 0.2, "q6_k": 0.12, "q4_0": 0.4}
+
+
+def relative_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference - reference.mean(-1, keepdims=True)))
+
+
+def wide_elastic() -> ElasticModel:
+    """A tiny Llama whose rows are whole k-quant blocks (hidden 256, MLP 512): MLP widths 128-512, one or two
+    of its two KV groups (head size 64)."""
+    from flextron.space import ElasticSpace
+
+    torch.manual_seed(0)
+    em = ElasticModel(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=256)).eval())
+    b = em.blocks[0]
+    em.set_space(ElasticSpace.default(2, b.mlp.n_units, b.attn.n_units, multiple=64, kv_groups=b.geometry.n_kv_heads))
+    return em
+
+
+@pytest.mark.parametrize("outtype,case", [("q4_k_m", "uniform"), ("q4_k_m", "per_layer"), ("q5_k_m", "per_layer"),
+                                          ("q6_k", "per_layer"), ("q4_0", "uniform")])
+def test_llamacpp_quantizer_types_load_close_to_the_f32_export(outtype, case, tmp_path):
+    """llama.cpp quantizes the f32 export: its tensor mix where rows are whole blocks; in a per-layer (deci)
+    sub-network the 384-neuron MLP and the one-group attention output of layer 0 are not, and fall back as
+    llama.cpp decides, which the export reports as the file holds them. The logits stay near the f32 file's."""
+    em, tok = wide_elastic(), make_bpe_tokenizer()
+    s = em.space
+    sub = s.uniform(1, 1) if case == "uniform" else Subnet(mlp=[384, 512], attn=[1, 2])
+    f32 = write_gguf(em, tok, sub, tmp_path / "f32.gguf")
+    info = write_gguf(em, tok, sub, tmp_path / "q.gguf", outtype=outtype)
+    assert info["architecture"] == f32["architecture"] == ("llama" if case == "uniform" else "deci")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf", "q.gguf"]  # the f32 step is gone
+    stored = {t.name: (t.tensor_type.name, int(t.shape[0])) for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors
+              if len(t.shape) == 2}
+    whole = {name: kind for name, (kind, row) in stored.items() if row % 256 == 0}
+    assert set(whole.values()) <= QUANTIZER_TYPES[outtype]
+    assert info["fallback"] == {name: kind for name, (kind, row) in stored.items() if row % 256}
+    if case == "per_layer" and outtype != "q4_0":  # q4_0's blocks are 32 weights: nothing falls back
+        assert set(info["fallback"]) == {"blk.0.ffn_down.weight", "blk.0.attn_output.weight"}
+        assert not set(info["fallback"].values()) & QUANTIZER_TYPES[outtype]
+    assert info["bytes"] < 0.35 * f32["bytes"]
+    error = relative_error(gguf_logits(tmp_path / "q.gguf", IDS), gguf_logits(tmp_path / "f32.gguf", IDS))
+    assert error < QUANTIZED_TOL[outtype], error
+
+
+def test_a_failed_quantization_leaves_the_existing_output_as_it_was(tmp_path, monkeypatch):
+    """llama.cpp refuses a file type it does not know: one line with its reason, the old file untouched, no
+    intermediate left."""
+    import llama_cpp
+
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    out = tmp_path / "m.gguf"
+    write_gguf(em, tok, em.space.full(), out, outtype="f16")
+    before = out.read_bytes()
+    monkeypatch.setattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_Q4_K_M", 9999)
+    with pytest.raises(FlextronError, match="could not quantize the export to q4_k_m .*invalid output file type 9999") \
+            as failed:
+        write_gguf(em, tok, em.space.smallest(), out, outtype="q4_k_m", overwrite=True)
+    assert "\n" not in str(failed.value)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    with pytest.raises(FlextronError, match="--outtype must be one of .*q4_k_m, q4_0, not 'q3_k'"):
+        write_gguf(em, tok, em.space.full(), out, outtype="q3_k", overwrite=True)
+
+
+def test_cli_export_at_a_quantizer_type_reports_its_fallbacks(elastic_ckpt, tmp_path, capsys):
+    ckpt = elastic_ckpt(bpe=True)
+    out = tmp_path / "q.gguf"
+    assert main(["export", str(ckpt), "--budget", "0.5", "--format", "gguf", "--out", str(out),
+                 "--outtype", "q4_k_m"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    # hidden size 64: no row is a whole 256-weight block; llama.cpp stores them in 32-weight types, and rows of
+    # the 48-neuron MLP, not whole 32-weight blocks either, in f16.
+    stored = [t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2]
+    counts = {kind: stored.count(kind) for kind in sorted(set(stored))}
+    assert f"{len(stored)} tensors whose rows are not whole q4_k_m blocks" in text
+    assert ", ".join(f"{n} {kind}" for kind, n in counts.items()) in text and set(counts) == {"F16", "Q5_0", "Q8_0"}
+    with pytest.raises(SystemExit, match="2"):
+        main(["export", str(ckpt), "--budget", "0.5", "--format", "gguf", "--out", str(tmp_path / "x.gguf"),
+              "--outtype", "q3_k"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "q4_k_m" in err and "q3_k" in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_cli_export_gguf(elastic_ckpt, tmp_path, capsys):
     ckpt = elastic_ckpt(bpe=True)
     out = tmp_path / "half.gguf"

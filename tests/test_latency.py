@@ -9,7 +9,7 @@ from flextron.budgets import budget_metric, budget_target
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.errors import FlextronError
 from flextron.latency import random_subnets, trimmed_mean
-from flextron.latency_table import QUANTITY, LatencyTable, fit
+from flextron.latency_table import QUANTITY, LatencyTable, check_weight_type, fit
 from flextron.space import Budget, Subnet
 from helpers import make_elastic, make_tokenizer, two_graph_table
 
@@ -468,6 +468,7 @@ def _fitted_table(em) -> dict:
     (lambda t: t.update(noise={**NOISE, "full_model_ms": []}), "noise.full_model_ms must be a non-empty list"),
     (lambda t: t.update(noise={**NOISE, "spread_pct": {"decode_ms": 1.0}}), "noise.spread_pct.prefill_ms must be"),
     (lambda t: t.update(noise={**NOISE, "forced": "yes"}), "noise.passed and noise.forced must be true or false"),
+    (lambda t: t.update(outtype="q3"), "outtype must be one of f32, .*, q4_k_m, q4_0, not 'q3'"),
 ])
 def test_a_damaged_table_is_refused_in_one_line_naming_the_file(tmp_path, damage, message):
     em = make_elastic()
@@ -503,6 +504,29 @@ def test_a_loaded_table_prices_by_one_cost_table_per_metric_and_round_trips(tmp_
     checked = LatencyTable({**_fitted_table(em), "noise": NOISE}, em)
     assert checked.noise.to_dict() == NOISE and checked.noise_problems == []
     assert LatencyTable.load(checked.save(tmp_path), em).noise == checked.noise
+
+
+def test_latency_budgets_hold_at_the_weight_type_their_llamacpp_table_was_timed_at(tmp_path):
+    """A llama.cpp table records its weight type; GGUF weights of another type are refused for budgets it
+    prices, in one line naming both fixes. Analytic budgets and HF tables (no weight type, as every table
+    profiled in HF) take any type."""
+    em = make_elastic()
+    table = LatencyTable({**_fitted_table(em), "runtime": "llama.cpp (llama-cpp-python 0.3)", "outtype": "q4_k_m"}, em)
+    assert LatencyTable.load(table.save(tmp_path), em).outtype == "q4_k_m"
+    for metric in QUANTITY:
+        check_weight_type(table, metric, "q4_k_m")
+        with pytest.raises(FlextronError) as refused:
+            check_weight_type(table, metric, "f32")
+        message = str(refused.value)
+        assert f"the {metric} budgets are priced by the llama.cpp latency table timed at q4_k_m weights, not f32" \
+            in message and "--outtype q4_k_m" in message and "--runtime llama.cpp --outtype f32" in message
+        assert "\n" not in message
+    check_weight_type(table, "params", "f32")
+    check_weight_type(table, "latency_ms", None)
+    hf = LatencyTable(_fitted_table(em), em)
+    assert hf.outtype is None
+    check_weight_type(hf, "latency_ms", "q4_k_m")
+    check_weight_type(None, "latency_ms", "q4_k_m")
 
 
 def test_no_module_reads_the_latency_table_by_key_outside_latency_table():

@@ -9,6 +9,7 @@ from flextron import api, llamacpp
 from flextron.budgets import budget_target
 from flextron.cli import main
 from flextron.errors import FlextronError
+from flextron.footprint import Deployment
 from flextron.gguf import write_gguf
 from flextron.space import Budget, Subnet
 from helpers import make_bpe_tokenizer, make_elastic
@@ -86,6 +87,29 @@ def test_load_refuses_missing_and_foreign_files(tmp_path):
         llamacpp.load(tmp_path / "bad.gguf")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_allocated_is_what_llama_cpp_sizes_for_the_model_kv_cache_and_logits(batch, tmp_path):
+    """The model size is the bytes of the GGUF's tensors; the KV cache keys and values of every layer's KV
+    heads for the context's cells, which llama.cpp pads to 256 (llama-context.cpp), f16; the output buffer
+    f32 logits of one token per sequence. llama.cpp logs the buffers in MiB to 2 decimals."""
+    import gguf
+
+    em = make_elastic("llama")
+    path = write_gguf(em, make_bpe_tokenizer(), em.space.full(), tmp_path / "m.gguf", "q8_0")["path"]
+    got = llamacpp.allocated(path, Deployment("q8_0", context=1000, batch=batch))
+    cfg = em.config
+    assert got["weights"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    cells = 1024 * batch  # 1000 x batch padded to 256, each sequence's 1000 too
+    assert got["kv"] == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cells
+    assert got["output"] == pytest.approx(4 * cfg.vocab_size * batch, abs=0.005 * 2**20)
+    assert got["compute"] > 0
+    with pytest.raises(FlextronError, match="not a GGUF file"):
+        llamacpp.allocated(tmp_path / "none.gguf", Deployment())
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(FlextronError, match="llama.cpp cannot load"):
+        llamacpp.allocated(tmp_path / "bad.gguf", Deployment())
+
+
 def test_missing_runtime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     with pytest.raises(FlextronError, match=r"flextron\[gguf\]"):
@@ -121,6 +145,37 @@ def test_profile_in_llamacpp_stores_a_named_table_budgets_use(elastic_ckpt, caps
     assert cost(mixed) == pytest.approx(by_table(table["decode_ms"], mixed))
     with pytest.raises(FlextronError, match="batch 1"):
         api.profile(ckpt, runtime="llama.cpp", batch=2, **TINY)
+
+
+def test_profile_at_a_quantizer_type_times_it_and_its_latency_budgets_export_at_it(elastic_ckpt, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`profile --outtype q4_k_m` times llama.cpp-quantized files and latency.json records the type; a GGUF
+    export at another type is refused for a latency budget (one line, both fixes), not for others."""
+    import gguf
+
+    ckpt = elastic_ckpt(bpe=True)
+    timed, measure = [], llamacpp.measure
+
+    def recording(path, *args, **kwargs):
+        timed.append(gguf.GGUFReader(path).fields["general.file_type"].contents())
+        return measure(path, *args, **kwargs)
+
+    monkeypatch.setattr(llamacpp, "measure", recording)
+    assert main(["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "q4_k_m", "--samples",
+                 "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1", "--rounds", "3",
+                 "--force"]) == 0  # as the f16 profile above
+    assert "q4_k_m" in capsys.readouterr().out
+    assert len(timed) > 4 and set(timed) == {gguf.LlamaFileType.MOSTLY_Q4_K_M}
+    assert json.loads((ckpt / "latency.json").read_text())["outtype"] == "q4_k_m"
+    out = tmp_path / "m.gguf"
+    export = ["export", str(ckpt), "--format", "gguf", "--out", str(out), "--overwrite"]
+    for budget in ("latency_ms=1e6", "1.0"):  # a bare fraction is a latency budget where a table is stored
+        assert main([*export, "--budget", budget]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "timed at q4_k_m weights, not f32" in err and "--outtype q4_k_m" in err
+        assert "flextron profile CKPT --runtime llama.cpp --outtype f32" in err and not out.exists()
+    assert main([*export, "--budget", "latency_ms=1e6", "--outtype", "q4_k_m"]) == 0
+    assert main([*export, "--budget", "params=50%", "--outtype", "f16"]) == 0
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])

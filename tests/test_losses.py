@@ -54,6 +54,38 @@ def test_chunked_loss_equals_the_full_logits_loss_in_value_and_gradient(kind):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_a_mask_limits_both_terms_to_the_positions_predicting_its_tokens():
+    """Chat data trained on the assistant's tokens only: the chunked loss equals KL and CE computed
+    directly on the positions before each masked token, in value and gradient; the logits path agrees."""
+    em, teacher = ElasticModel(make_model("llama", seed=0)), ElasticModel(make_model("llama", seed=1))
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 3:6] = mask[1, 7:] = True
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+        t_hidden = teacher(input_ids=ids, head=lambda h, out: h)
+    rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)  # position t predicts token t + 1
+    logits = em(input_ids=ids).logits
+    s_log, t_log = F.log_softmax(logits[rows, cols], -1), F.log_softmax(t_logits[rows, cols], -1)
+    ref_kd = (t_log.exp() * (t_log - s_log)).sum(-1).mean()
+    ref_lm = F.cross_entropy(logits[rows, cols], ids[rows, cols + 1])
+    (ref_kd + 0.5 * ref_lm).backward()
+    ref = {n: p.grad.clone() for n, p in em.named_parameters()}
+    em.zero_grad()
+    cfg = TrainOptions(max_steps=1, lm_weight=0.5, loss_chunk=4)
+    t_head = teacher.model.get_output_embeddings()
+    loss, parts = em(input_ids=ids, head=lambda h, out: distill_loss(h, t_hidden, ids, cfg, out, t_head, mask))
+    loss.backward()
+    assert parts["kd"] == pytest.approx(ref_kd.item(), rel=1e-5)
+    assert parts["lm"] == pytest.approx(ref_lm.item(), rel=1e-5)
+    for n, p in em.named_parameters():
+        assert torch.allclose(p.grad, ref[n], rtol=1e-4, atol=1e-6), n
+    with torch.no_grad():
+        _, on_logits = distill_loss(em(input_ids=ids).logits, t_logits, ids, cfg, mask=mask)
+    assert on_logits["kd"] == pytest.approx(ref_kd.item(), rel=1e-5)
+    assert on_logits["lm"] == pytest.approx(ref_lm.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_chunked_loss_at_a_smaller_hidden_size_equals_the_loss_on_the_models_own_logits(kind):
     """The student's hidden states have d channels: its head reads the first d columns; the teacher's all."""

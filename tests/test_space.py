@@ -19,10 +19,24 @@ from flextron.space import Budget, ElasticSpace, Subnet
     ("latency_ms=0.8", "latency_ms", None, 0.8),
     ("kv_bytes=50%", "kv_bytes", 0.5, None),
     (" 1.0 ", "auto", 1.0, None),
+    ("memory_mb=60", "memory_mb", None, 60.0),  # megabytes of 10^6 bytes
+    ("memory_mb=50%", "memory_mb", 0.5, None),
+    ("memory=512MB", "memory_mb", None, 512.0),
+    ("memory=1.5GB", "memory_mb", None, 1500.0),
+    ("memory=512 MiB", "memory_mb", None, 2**29 / 1e6),
+    ("Memory=2gib", "memory_mb", None, 2**31 / 1e6),
+    ("memory=800KB", "memory_mb", None, 0.8),
+    ("memory=50%", "memory_mb", 0.5, None),
 ])
 def test_budget_parse(text, metric, fraction, value):
     b = Budget.parse(text)
     assert (b.metric, b.fraction, b.value) == (metric, fraction, value)
+    assert Budget.parse(str(b)) == b  # what eval and the report write reads back the same
+
+
+def test_memory_budgets_read_as_megabytes():
+    assert str(Budget.parse("memory=1.5GB")) == "memory_mb=1500"
+    assert str(Budget.parse("memory=512MiB")) == "memory_mb=536.870912"
 
 
 @pytest.mark.parametrize("text,match", [
@@ -33,6 +47,13 @@ def test_budget_parse(text, metric, fraction, value):
     ("50%%", "cannot read budget"),
     ("1.5", "above the full model"),
     ("120%", "above the full model"),
+    ("memory=512", "give a size with its unit"),  # a number alone: say which
+    ("memory=5TB", "give a size with its unit"),
+    ("memory=MB", "cannot read budget"),
+    ("memory_mb=512MB", "memory_mb counts megabytes"),
+    ("params=5MB", "cannot read budget"),
+    ("mem=5", "unknown budget metric"),
+    ("memory=0GB", "must be positive"),
 ])
 def test_budget_parse_rejects(text, match):
     with pytest.raises(FlextronError, match=match):

@@ -33,8 +33,9 @@ def test_packaged_tasks_load_grouped_by_document():
 
 
 def test_unknown_task_and_bad_file_are_clear_errors(tmp_path):
-    with pytest.raises(FlextronError, match="unknown task 'hellaswg'"):
+    with pytest.raises(FlextronError, match="unknown task 'hellaswg'; use ppl, chat, hellaswag"):
         task_names(["ppl", "hellaswg"])
+    assert task_names(["chat", "ppl"]) == ["chat", "ppl"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"doc_id": 0}\n')
     with pytest.raises(FlextronError, match="cannot read task requests"):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,49 @@ def test_a_kill_during_the_final_prune_leaves_nothing_once_the_run_completes(set
     (doomed / "dcp" / "__0_0.distcp").write_bytes(b"shard")
     api.train(ckpt, run, cfg, [str(data)], device="cpu", resume=True, progress=False)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]
+
+
+def test_an_instruct_model_distils_on_its_own_answers_beside_the_text(setup, tmp_path, monkeypatch):
+    """--chat auto on a tokenizer with a chat template: the teacher answers the prompts once (cached), and
+    --chat-mix of each step's rows are those conversations; --chat-loss assistant masks the rest of them."""
+    import flextron.train.elastic as elastic
+    from test_chat import TINY_TEMPLATE
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root, _, data = setup
+    tok = make_tokenizer()
+    tok.chat_template = TINY_TEMPLATE
+    make_model("llama").save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    ckpt = api.convert(str(tmp_path / "hf"), tmp_path / "ckpt", calib_sequences=4, calib_seq_len=32,
+                       calib_data=str(data), multiple=8, device="cpu", progress=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"w{i} w{i + 1}\n" for i in range(10, 90)))
+    masks = []
+
+    def distill_loss(student, teacher, ids, cfg, s_head=None, t_head=None, mask=None):
+        masks.append(mask)
+        return loss_of(student, teacher, ids, cfg, s_head, t_head, mask)
+
+    loss_of = elastic.distill_loss
+    monkeypatch.setattr(elastic, "distill_loss", distill_loss)
+    cfg = TrainOptions(max_steps=2, n_random=0, chat_prompts=str(prompts), chat_tokens=6,
+                       chat_mix=0.5, chat_loss="assistant", **{**FAST, "micro_batch": 4})
+    api.train(ckpt, tmp_path / "run", cfg, [str(data)], device="cpu", progress=False)
+    answers = [json.loads(line) for line in next((tmp_path / "cache" / "flextron" / "chat").glob("*.jsonl"))
+               .read_text().splitlines()]
+    assert 0 < len(answers) < 80 and answers[0]["prompt"] == "w10 w11"  # enough for the run's chat rows, in order
+    mask = masks[0]
+    assert mask.shape == (4, 32) and mask[[0, 2]].all()  # rows 1 and 3 of every 4 are chat
+    assert 0 < mask[[1, 3]].sum() < mask[[1, 3]].numel()  # the prompts and turn marks are not learned
+    with pytest.raises(FlextronError, match="--chat-loss was assistant, now all"):
+        api.train(ckpt, tmp_path / "run", replace(cfg, chat_loss="all"), [str(data)], device="cpu", progress=False,
+                  resume=True)
+    masks.clear()
+    api.train(ckpt, tmp_path / "plain", replace(cfg, chat="none"), [str(data)], device="cpu", progress=False)
+    assert masks[0] is None
+
+
+def test_chat_options_are_checked():
+    with pytest.raises(FlextronError, match="--chat takes auto, self, none or a .jsonl"):
+        TrainOptions(max_steps=1, chat="chats.txt")

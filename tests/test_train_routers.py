@@ -19,6 +19,7 @@ from flextron.data import PackedSequences, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import perplexity
+from flextron.latency_table import LatencyTable
 from flextron.options import RouteOptions, read_yaml
 from flextron.routers import ADAPTIVE_WEIGHTS, AdaptiveRouters, Routers, StaticRouter, decode
 from flextron.space import Budget, ElasticSpace, Subnet
@@ -30,7 +31,7 @@ from flextron.train.routers import (
     train_adaptive,
     warm_start,
 )
-from helpers import make_elastic, make_model, make_tokenizer, word_text
+from helpers import make_elastic, make_model, make_tokenizer, two_graph_table, word_text
 
 GRID = (0.4, 0.7, 1.0)  # the input-adaptive routers' budget grid
 
@@ -116,6 +117,29 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     # Adaptive routers take the static routers' metric: another one is refused, not recorded beside it.
     assert main(["route", str(tmp_path / "routed"), "--adaptive", "--metric", "flops", "--data", "data.txt"]) == 2
     assert "take the budgets of the static routers (params), not flops" in capsys.readouterr().err
+
+
+def test_routers_record_the_weight_type_of_their_latency_budgets(tmp_path, capsys):
+    """Latency budgets priced by a llama.cpp table hold at its weight type: route refuses another `--outtype`
+    in one line before training, and the routers record the table's (router config, manifest, report)."""
+    em = make_elastic()
+    table, _, _ = two_graph_table(em)
+    em.latency = LatencyTable({**table.to_dict(), "runtime": "llama.cpp (llama-cpp-python 0.3)", "outtype": "q4_k_m"},
+                              em)
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(2000))
+    capsys.readouterr()
+    assert main(["route", str(ckpt), "--outtype", "q8_0", "--data", str(data), "--metric", "latency_ms"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "timed at q4_k_m weights, not q8_0" in err and "--outtype q4_k_m" in err
+    assert not (ckpt / "routers.json").exists()
+    cfg = RouteOptions(budgets=(0.8, 1.0), steps=2, joint_steps=0, seq_len=16, micro_batch=2, eval_limit=1,
+                       check_sequences=0, surrogate=False, dtype="fp32")
+    result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
+    routed, _, manifest = load_checkpoint(ckpt)
+    assert routed.routers.metric == "latency_ms" and routed.routers.config.outtype == "q4_k_m"
+    assert manifest["routing"]["outtype"] == result["outtype"] == "q4_k_m"
 
 
 def test_route_keeps_the_better_of_routed_and_uniform_and_quality_is_monotone(trained_routers, tmp_path):

@@ -4,7 +4,9 @@ device, load and delegate: each stage's work lives in its own module (`convert`,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +14,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import load_hf
-from flextron.budgets import select_subnet
+from flextron.behaviour import chat_prompts, compare, original_model, reference
+from flextron.budgets import budget_metric, select_subnet
 from flextron.checkpoint import MANIFEST, load_checkpoint
 from flextron.convert import convert as convert_checkpoint
-from flextron.cost import subnet_cost
+from flextron.cost import memory_parts, subnet_cost
 from flextron.data import heldout_windows
 from flextron.elastic import ElasticModel
 from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
-from flextron.evaluate import adaptive_at_budgets, eval_at_budgets
+from flextron.evaluate import adaptive_at_budgets, eval_at_budgets, read_text_file, text_windows
 from flextron.export import export as export_model
 from flextron.fsutil import check_output_dir, clean_leftovers
 from flextron.generation import check_positions, prompt_inputs
-from flextron.latency_table import LatencyTable
+from flextron.latency_table import LatencyTable, check_weight_type
 from flextron.options import (
     ConvertOptions,
     EvalOptions,
@@ -41,7 +44,7 @@ from flextron.precision import compute_dtype
 from flextron.results import EvalRow
 from flextron.serve import Server, Service
 from flextron.space import Budget, Subnet
-from flextron.tasks import load_docs, score_task, task_names
+from flextron.tasks import OWN_TASKS, load_docs, score_task, task_names
 
 
 def resolve_device(device: str | None) -> str:
@@ -94,13 +97,15 @@ def open_model(path: str | Path | None, budgets: list[Budget], device: str | Non
 
 def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, device: str | None = None,
              progress: bool = True, **overrides: Any) -> list[EvalRow]:
-    """Held-out perplexity (task `ppl`) and zero-shot task scores (`flextron.tasks.TASKS` or request
-    files) of an elastic checkpoint at each budget; `options` or its fields as keyword arguments.
-    `limit` caps windows and documents per task. `adaptive`: route per token and per request (rows
-    then report the realised average cost).
+    """Held-out perplexity (task `ppl`), behaviour against the original on chat prompts (task `chat`,
+    `flextron.behaviour`) and zero-shot task scores (`flextron.tasks.TASKS` or request files) of an elastic
+    checkpoint at each budget; `options` or its fields as keyword arguments. `limit` caps windows and
+    documents per task; `ppl_data` adds the perplexity on a text file. `adaptive`: route per token and per
+    request (rows then report the realised average cost).
 
     A path without a flextron manifest (or None, the packaged model) is evaluated as a
-    plain HF model at full size: pass `budgets=["1.0"]`.
+    plain HF model at full size: pass `budgets=["1.0"]`. Memory budgets (`memory_mb=60`, `memory=512MB`) are
+    priced at `weight_type` weights with a KV cache of `context` x `batch` at `kv_type` (`flextron.footprint`).
     """
     o = resolve(EvalOptions, options, overrides)
     limit, seq_len, batch_size = o.limit, o.seq_len, o.batch_size
@@ -108,16 +113,41 @@ def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, dev
     autocast = compute_dtype(o.dtype, device)
     tasks = task_names(list(o.tasks) or ["ppl"])
     parsed = [Budget.parse(b) for b in o.budgets]
-    docs = {t: load_docs(t, limit) for t in tasks if t != "ppl"}
+    _check_eval_options(o, tasks)
+    docs = {t: load_docs(t, limit) for t in tasks if t not in OWN_TASKS}
+    data = read_text_file(o.ppl_data) if o.ppl_data else None
+    prompts = chat_prompts(o.chat_prompts, o.chat_limit) if "chat" in tasks else None
+    source = original_model(path, o.original) if prompts else None
+    ref = None
+    if source is not None:  # the original answers first and is let go before the model loads
+        original, original_tok, _ = load_hf(source, device=device)
+        ref = reference(ElasticModel(original), original_tok, prompts, o.chat_tokens, batch_size, autocast)
+        del original
     em, tok = open_model(path, parsed, device, o.verify)
+    em.deployment = o.deployment(o.weight_type)
     windows = heldout_windows(tok, seq_len, limit) if "ppl" in tasks else None
+    data_windows = text_windows(tok, data, seq_len, limit, f"--ppl-data {o.ppl_data}") if data else None
+    if prompts and ref is None:  # a plain model is its own original
+        ref = reference(em, tok, prompts, o.chat_tokens, batch_size, autocast)
 
     def score(model: torch.nn.Module) -> dict:
         return {t: score_task(model, tok, t, d, batch_size, autocast, progress) for t, d in docs.items()}
 
+    def chat(model: ElasticModel) -> dict:
+        return compare(model, tok, ref, batch_size, autocast)
+
     if o.adaptive:
         return adaptive_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
-    return eval_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
+    return eval_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None,
+                           data_windows, chat if ref is not None else None)
+
+
+def _check_eval_options(o: EvalOptions, tasks: list[str]) -> None:
+    """Refuse, before any model loads, the chat and --ppl-data options where they do not apply."""
+    if o.adaptive and ("chat" in tasks or o.ppl_data):
+        raise FlextronError("--tasks chat and --ppl-data score the budgets' static sub-networks; drop --adaptive")
+    if "chat" not in tasks and (o.chat_prompts or o.original):
+        raise FlextronError("--chat-prompts and --original set up the chat task; add chat to --tasks")
 
 
 def describe(path: str | Path) -> list[dict]:
@@ -141,9 +171,12 @@ def report(run: str | Path, options: ReportOptions | None = None, **overrides: A
 def export(ckpt: str | Path, budget: str | float | None, out: str | Path, options: ExportOptions | None = None, *,
            overwrite: bool = False, subnet: Subnet | dict | None = None, **overrides: Any) -> Path:
     """Slice the sub-network for `budget` (or the explicit `subnet`) into a standalone HF directory,
-    or with `format="gguf"` into one llama.cpp file (`outtype`: f32, f16, bf16 or q8_0; `graph`: which
-    llama.cpp graph a uniform sub-network is written in, by default the faster by the checkpoint's
-    llama.cpp latency table, as its budgets were priced)."""
+    or with `format="gguf"` into one llama.cpp file (`outtype`: f32, f16, bf16, q8_0, or a llama.cpp quantizer
+    type q6_k, q5_k_m, q4_k_m, q4_0; a latency budget needs the type its llama.cpp table was timed at; `graph`:
+    which llama.cpp graph a uniform sub-network is written in, by default the faster by the checkpoint's
+    llama.cpp latency table, as its budgets were priced). A memory budget (`memory_mb=60`, `memory=512MB`)
+    is priced at `outtype` weights with a KV cache of `context` x `batch` at `kv_type`; a GGUF records what
+    it is predicted to occupy there, in bytes (`flextron.memory`: `cost.memory_parts` and the deployment)."""
     o = resolve(ExportOptions, options, overrides)
     out = Path(out)
     if (budget is None) == (subnet is None):
@@ -151,7 +184,10 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
     if o.format == "hf":
         check_output_dir(out, overwrite)
     em, tok, _ = load(ckpt, "cpu", o.verify)
+    em.deployment = o.deployment(o.outtype)  # a memory budget holds for the weights written
     if subnet is None:
+        if o.format == "gguf":  # a latency budget holds at the weight type its llama.cpp table was timed at
+            check_weight_type(em.latency, budget_metric(em, Budget.parse(budget)), o.outtype)
         subnet = select_subnet(em, Budget.parse(budget))
     elif isinstance(subnet, dict):
         hidden = subnet.get("hidden")  # the full size is spelled None, as every sub-network flextron makes
@@ -163,6 +199,8 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
         from flextron.latency_table import per_layer_graph
 
         per_layer = per_layer_graph(em, subnet, o.graph)
+        # What llama.cpp will allocate for it at the deployment (bytes), as a memory budget prices it.
+        info["memory"] = json.dumps({**memory_parts(em, subnet), "deployment": asdict(em.deployment)})
         write_gguf(em, tok, subnet, out, o.outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info,
                    per_layer=per_layer)
         return out
@@ -183,6 +221,7 @@ def generate(path: str | Path, prompt: str, options: GenerateOptions | None = No
     o = resolve(GenerateOptions, options, overrides)
     budget = None if o.budget is None else Budget.parse(o.budget)
     em, tok = open_model(path, [] if budget is None else [budget], resolve_device(device), o.verify)
+    em.deployment = o.deployment(o.weight_type)
     engine = Engine(em, tok, start=False)
     fraction = engine.adaptive_fraction(budget or Budget(fraction=1.0)) if o.adaptive else None
     # No budget: the full model, whatever the routers would pick at 100 % (adaptive routing routes it).
@@ -215,6 +254,7 @@ def serve(ckpt: str | Path, options: ServeOptions | None = None, *, device: str 
     device = resolve_device(device)
     em, tok, _ = load_checkpoint(Path(ckpt), device=device, dtype=compute_dtype(o.dtype, device) or torch.float32,
                                  verify=o.verify)
+    em.deployment = o.deployment(o.weight_type)
     server = Server(Service(em, tok, o.name or Path(ckpt).resolve().name, o), o.host, o.port)
     try:
         if on_ready is not None:

@@ -1,12 +1,14 @@
 """Budgets: which metric a budget is in, its cost table and target, and the sub-network it selects.
 
-A budget (`0.5`, `latency_ms=25`, ...) resolves in one place: `budget_metric` (an `auto` budget
+A budget (`0.5`, `latency_ms=25`, `memory_mb=60`, ...) resolves in one place: `budget_metric` (an `auto` budget
 follows the routers, else a measured latency table, else params), `cost_table`, `budget_target`
 (checked against the smallest sub-network), then `select_subnet`: what the check against uniform
 kept at the largest checked budget within the target (the static router's choice projected onto
 it where the routers carry no checks), or without routers the largest uniform sub-network within it
 (in a space with hidden sizes, at any of them: a small budget may only be met at a smaller hidden size).
-`AdaptiveRouting.fraction` reads budgets through `budget_target` too.
+`AdaptiveRouting.fraction` reads budgets through `budget_target` too. A memory budget is priced at
+the model's deployment (`em.deployment`, from the command's --weight-type / --outtype, --context,
+--batch, --kv-type); routers of another metric serve it as any budget in another metric.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
     full, smallest = table.full, table.smallest
     target = budget.fraction * full if budget.fraction is not None else budget.value
     if not fits(smallest, target):
+        at = f" at {em.deployment}" if table.metric == "memory_mb" else ""
+        least = f" (or {table.metric}={smallest:.4g} or more)" if budget.value is not None else ""
         raise FlextronError(
             f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full model's "
-            f"{table.metric}, {smallest:.4g}); choose a budget between {smallest / full:.2f} and 1.0"
+            f"{table.metric}{at}, {smallest:.4g}); choose a budget between {smallest / full:.2f} and 1.0{least}"
         )
     return table, target
 
@@ -92,10 +96,12 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
     in a depth space, the first layers of each kind's skip order skipped (`ElasticSpace.uniform`),
     at each of the space's hidden sizes. Largest: the costliest that fits; among equal costs (a
     fitted latency table may price a width step at 0) the larger hidden size, then the wider MLP,
-    then the wider attention wins."""
+    then the wider attention wins. One that another fitting sub-network contains (as wide or wider
+    everywhere) is never chosen: a cost need not grow with the widths (at a block-quantized memory
+    type, a width whose rows are not whole blocks falls back to a larger type than the full width)."""
     table, target = budget_target(em, budget)
     space = em.space
-    best: tuple[tuple[float, int, int, int], Subnet] | None = None
+    fitting: list[tuple[tuple[float, int, int, int], Subnet, tuple[int, ...]]] = []
     for h in range(len(space.hidden or [None])):
         at = table.at_hidden(h)
         parts = _uniform_parts(space, at)
@@ -103,12 +109,13 @@ def uniform_subnet_for(em: ElasticModel, budget: Budget) -> tuple[Subnet, float]
             for attn, cost_attn in parts["attn"].items():
                 subnet = Subnet(mlp=list(mlp), attn=list(attn), hidden=space.hidden_at(h))
                 cost = at.const + cost_mlp + cost_attn if table.stock is None else table(subnet)
-                key = (cost, h, sum(mlp), sum(attn))
-                if fits(key[0], target) and (best is None or key > best[0]):
-                    best = (key, subnet)
-    if best is None:  # a per-layer space whose smallest uniform choice is above the smallest mix
+                if fits(cost, target):
+                    fitting.append(((cost, h, sum(mlp), sum(attn)), subnet, (h, *mlp, *attn)))
+    if not fitting:  # a per-layer space whose smallest uniform choice is above the smallest mix
         raise FlextronError(f"no uniform sub-network fits budget {budget}; train routers (flextron route)")
-    return best[1], best[0][0]
+    fitting.sort(key=lambda f: f[0], reverse=True)  # in a monotone table the first is contained by none
+    return next((subnet, key[0]) for key, subnet, dims in fitting
+                if not any(other != dims and all(o >= d for o, d in zip(other, dims)) for _, _, other in fitting))
 
 
 def uniform_candidates(em: ElasticModel, table: CostTable, target: float, skip_points: int = 5) -> list[Subnet]:

@@ -6,9 +6,11 @@ Each command's flags come from its options dataclass (`flextron.options`);
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -20,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api, demo
 from flextron.errors import FlextronError
+from flextron.footprint import Deployment
 from flextron.fsutil import atomic_write, check_target
 from flextron.options import (
     ConvertOptions,
@@ -36,7 +39,7 @@ from flextron.options import (
     field_type,
     read_yaml,
 )
-from flextron.report import task_cell, widths_cell
+from flextron.report import CHAT_COLUMNS, chat_cells, chat_note, task_cell, widths_cell
 from flextron.results import EvalRow, rows_json
 
 console = Console()
@@ -120,17 +123,38 @@ def print_space(rows: list[dict]) -> None:
 
 def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str = "elastic",
               more: dict[str, list[EvalRow]] | None = None) -> None:
-    table = Table(title="Held-out perplexity (War and Peace, last 300k chars)")
-    for col in ("model", "budget", "MLP width", "attn units", "non-emb params", "ppl"):
+    groups = {label: rows, **(more or {})}
+    data = any(r.ppl_data is not None for g in groups.values() for r in g)  # `eval --ppl-data`: its own column
+    table = Table(title="Held-out perplexity (War and Peace, last 300k chars)" + (" | ppl data: the --ppl-data file"
+                                                                                   if data else ""))
+    for col in ("model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *(["ppl data"] if data else [])):
         table.add_column(col, justify="right")
     if original is not None:
         table.add_row("original", "-", "-", "-", _human(original.cost["params_nonembed"]), f"{original.ppl:.2f}")
-    for name, group in {label: rows, **(more or {})}.items():
+    for name, group in groups.items():
         for r in group:
             table.add_row(name, str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn),
                           f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
-                          f"{r.ppl:.2f}" if r.ppl is not None else "-")
+                          f"{r.ppl:.2f}" if r.ppl is not None else "-",
+                          *([f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data else []))
     console.print(table)
+
+
+def print_chat(groups: dict[str, list[EvalRow]]) -> None:
+    """The chat behaviour of each series' rows that have it (`flextron.behaviour`)."""
+    note = chat_note(groups)
+    if note is None:
+        return
+    table = Table(title="Chat: agreement with the original")
+    for col in ("model", "budget", "non-emb params", *CHAT_COLUMNS):
+        table.add_column(col, justify="right")
+    for name, group in groups.items():
+        for r in group:
+            if r.chat:
+                table.add_row(name, str(r.budget), f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
+                              *chat_cells(r.chat))
+    console.print(table)
+    console.print(note, markup=False, highlight=False)
 
 
 def print_tasks(rows: list[EvalRow]) -> None:
@@ -163,8 +187,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     rows = api.evaluate(a.path, _options(a, EvalOptions), device=a.device)
     if a.adaptive:
         print_adaptive(rows)
-    elif rows[0].ppl is not None:
+    elif rows[0].ppl is not None or rows[0].ppl_data is not None:
         print_ppl(rows)
+    print_chat({"elastic": rows})
     print_tasks(rows)
     if a.out:
         out = Path(a.out)
@@ -177,6 +202,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print_space(result["space"])
     print_ppl(result["prune_only"], result["original"], label="prune only",
               more={"flextron": result["flextron"], "export": [result["export_eval"]]})
+    print_chat({"prune only": result["prune_only"], "flextron": result["flextron"]})
     v = result["latency_validation"]
     console.print(f"Latency table error on unseen sub-networks: decode median {v['decode_ms']['median_pct']:.1f}%, "
                   f"prefill median {v['prefill_ms']['median_pct']:.1f}%; routers budget in {result['router_metric']}")
@@ -237,7 +263,8 @@ def cmd_route(a: argparse.Namespace) -> None:
         console.print(f"Adaptive routers stored in {result['checkpoint']}; details in "
                       f"{result['checkpoint']}/adaptive.json")
         return
-    t = Table(title=f"Routed sub-networks (budgets in {result['metric']})")
+    at = f" at {result['outtype']} weights" if "outtype" in result else ""
+    t = Table(title=f"Routed sub-networks (budgets in {result['metric']}{at})")
     for col in ("budget", "MLP widths", "attn units", "cost/target", "ppl", "uniform ppl", "kept"):
         t.add_column(col, justify="right")
     for r in result["budgets"]:
@@ -267,12 +294,24 @@ def print_adaptive(rows: list[EvalRow]) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from flextron.export import read_export_info
 
-    out = api.export(a.ckpt, a.budget, a.out, _options(a, ExportOptions), overwrite=a.overwrite)
-    if a.format == "gguf":
+    o = _options(a, ExportOptions)
+    out = api.export(a.ckpt, a.budget, a.out, o, overwrite=a.overwrite)
+    if o.format == "gguf":
         import gguf
 
-        arch = gguf.GGUFReader(out).fields["general.architecture"].contents()
-        console.print(f"Exported a llama.cpp GGUF ([bold]{arch}[/bold], {a.outtype}) to [bold]{out}[/bold]")
+        from flextron.gguf import fallbacks
+
+        fields = gguf.GGUFReader(out).fields
+        arch = fields["general.architecture"].contents()
+        console.print(f"Exported a llama.cpp GGUF ([bold]{arch}[/bold], {o.outtype}) to [bold]{out}[/bold]")
+        m = json.loads(fields["flextron.memory"].contents())
+        console.print(f"Predicted llama.cpp memory at {Deployment(**m['deployment'])}: {m['total'] / 1e6:.2f} MB = "
+                      f"weights {m['weights'] / 1e6:.2f} MB (file {out.stat().st_size / 1e6:.2f} MB) + KV cache "
+                      f"{m['kv'] / 1e6:.2f} MB + buffers {m['buffers'] / 1e6:.2f} MB")
+        if fell := fallbacks(out, o.outtype):
+            kinds = ", ".join(f"{n} {t}" for t, n in sorted(Counter(fell.values()).items()))
+            console.print(f"{len(fell)} tensors whose rows are not whole {o.outtype} blocks were stored as llama.cpp "
+                          f"fell back: {kinds}")
         return
     info = read_export_info(out)
     kind = "per-layer widths, flextron architecture" if info["per_layer"] else "stock transformers architecture"
@@ -403,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = command("export", ExportOptions, cmd_export,
                 "slice the sub-network for a budget into a standalone HF directory or a GGUF file")
     x.add_argument("ckpt", help="elastic checkpoint")
-    x.add_argument("--budget", required=True, help="0.6, 60%%, or metric=value such as params=80e6")
+    x.add_argument("--budget", required=True,
+                   help="0.6, 60%%, metric=value such as params=80e6, or memory=512MB (at --outtype, --context)")
     x.add_argument("--out", required=True, help="directory (or GGUF file) to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

@@ -15,6 +15,12 @@ Routers read the same tables as tensors for expected costs.
   `context` positions);
 - kv_bytes: KV-cache bytes per token (head sizes never change with the hidden size);
   decode_bytes: weight bytes read per decoded token (the LM head included, the embeddings not);
+- memory_mb: megabytes (10^6 bytes) a llama.cpp deployment of the sub-network's GGUF occupies at the
+  model's `Deployment` (`em.deployment`: weight type, context, batch, KV cache type): its weights as
+  llama.cpp stores them, its KV cache and llama.cpp's buffers (`flextron.footprint`). The constant
+  holds the embeddings, output layer and buffers; each layer's terms its weights, and the attention's
+  its KV cache. In a depth space, skipping shifts which later layers the k-quant mixes give more bits
+  (llama.cpp counts the tensors present); the terms keep each layer's place in the full model;
 - latency_ms / prefill_ms: measured decode (per token) / prefill latency.
 
 At hidden size d every projection reads or writes d channels of the residual stream, its norms
@@ -28,16 +34,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from flextron import footprint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
+from flextron.footprint import Deployment
 from flextron.space import ElasticSpace, Subnet
 
-ANALYTIC = ("params", "flops", "kv_bytes", "decode_bytes")
+ANALYTIC = ("params", "flops", "kv_bytes", "decode_bytes", "memory_mb")
 MEASURED = ("latency_ms", "prefill_ms")
+MB = 1e6  # bytes of a megabyte, the unit of memory_mb
 
 
 def fits(cost: float, target: float) -> bool:
@@ -175,6 +185,56 @@ def _fixed_nonembed(em: ElasticModel, hidden: int | None = None) -> int:
     return fixed
 
 
+def _memory_terms(em: ElasticModel, hidden: int | None, deployment: Deployment, graph: str | None
+                  ) -> tuple[float, list[list[float]], list[list[float]]]:
+    """const, mlp and attn terms of memory_mb at hidden size `hidden` (None: the full one), the weights
+    as `graph` stores them (None: the family's own llama.cpp architecture). A per-layer graph stands a
+    zero FFN in for a skipped MLP, and a single KV group for a skipped attention in the first layer (in
+    every layer in openelm; `flextron.gguf.layer_counts`): a skip is priced at those."""
+    from flextron.gguf import ZERO_FFN
+
+    names, n, wt = footprint.gguf_names(em), len(em.blocks), deployment.weight_type
+    mlp = [[footprint.part_bytes(b.mlp, i, n, c or (ZERO_FFN if graph else 0), hidden, wt, names, graph) / MB
+            for c in choices] for i, (b, choices) in enumerate(zip(em.blocks, em.space.mlp))]
+    attn = []
+    for i, (b, choices) in enumerate(zip(em.blocks, em.space.attn)):
+        stand_in = _attn_stand_in(graph, i)
+        attn.append([(footprint.part_bytes(b.attn, i, n, c or stand_in, hidden, wt, names, graph)
+                      + footprint.kv_bytes(b.attn_heads(c or stand_in)[1], b.geometry.head_dim, deployment)) / MB
+                     for c in choices])
+    const = footprint.embedding_bytes(em, hidden, wt, graph) + footprint.compute_bytes(em, hidden, deployment)
+    return const / MB, mlp, attn
+
+
+def _attn_stand_in(graph: str | None, layer: int) -> int:
+    """The KV groups a per-layer `graph` keeps for a skipped attention in `layer` (`_memory_terms`)."""
+    return int(graph == "openelm" or (graph is not None and layer == 0))
+
+
+def memory_parts(em: ElasticModel, subnet: Subnet, deployment: Deployment | None = None) -> dict[str, int]:
+    """memory_mb of `subnet` at `deployment` (default: the model's) in bytes, split as llama.cpp reports
+    what it allocates: `weights` (its model size), `kv` (the KV cache), `buffers` (output and compute)."""
+    deployment = deployment or em.deployment
+    total = round(analytic_table(em, "memory_mb", deployment=deployment)(subnet) * MB)
+    graph = footprint.per_layer_arch(em)
+    kv = sum(footprint.kv_bytes(b.attn_heads(a or _attn_stand_in(graph, i))[1], b.geometry.head_dim, deployment)
+             for i, (b, a) in enumerate(zip(em.blocks, subnet.attn)))
+    buffers = footprint.compute_bytes(em, subnet.hidden, deployment)
+    return {"weights": total - kv - buffers, "kv": kv, "buffers": buffers, "total": total}
+
+
+def _memory_table(em: ElasticModel, deployment: Deployment) -> CostTable:
+    """memory_mb, as `export --format gguf` writes a sub-network: the terms as the family's per-layer
+    llama.cpp graph stores them; where its own graph stores the projections otherwise (fused, split),
+    the sub-networks written there priced by a stock table of that graph."""
+    graph = footprint.per_layer_arch(em)
+    main = _per_hidden(em, "memory_mb", lambda hidden: _memory_terms(em, hidden, deployment, graph))
+    if graph is None or not footprint.regrouped(em, graph):
+        return main
+    stock = _per_hidden(em, "memory_mb", lambda hidden: _memory_terms(em, hidden, deployment, None))
+    return replace(main, stock=stock, in_stock=partial(footprint.in_own_graph, em))
+
+
 def _terms(em: ElasticModel, metric: str, hidden: int | None, context: int, kv_dtype_bytes: int,
            weight_dtype_bytes: int) -> tuple[float, list[list[float]], list[list[float]]]:
     """const, mlp and attn terms of an analytic `metric` at hidden size `hidden` (None: the full one)."""
@@ -206,19 +266,27 @@ def _terms(em: ElasticModel, metric: str, hidden: int | None, context: int, kv_d
     return float(const), mlp, attn
 
 
-def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
-                   weight_dtype_bytes: int = 2) -> CostTable:
-    """The table of an analytic `metric` (measured ones: `LatencyTable.table`), one per hidden size
-    where the space has them."""
-    if metric not in ANALYTIC:
-        raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
+def _per_hidden(em: ElasticModel, metric: str,
+                terms: Callable[[int | None], tuple[float, list[list[float]], list[list[float]]]]) -> CostTable:
+    """The table of `terms(hidden size)`, one per hidden size where the space has them."""
     space = em.space
     if not space.hidden:
-        return CostTable(metric, *_terms(em, metric, None, context, kv_dtype_bytes, weight_dtype_bytes), space)
+        return CostTable(metric, *terms(None), space)
     flat = replace(space, hidden=None)
-    per = tuple(CostTable(metric, *_terms(em, metric, space.hidden_at(i), context, kv_dtype_bytes, weight_dtype_bytes),
-                          flat) for i in range(len(space.hidden)))
+    per = tuple(CostTable(metric, *terms(space.hidden_at(i)), flat) for i in range(len(space.hidden)))
     return CostTable(metric, per[-1].const, per[-1].mlp, per[-1].attn, space, by_hidden=per)
+
+
+def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_bytes: int = 2,
+                   weight_dtype_bytes: int = 2, deployment: Deployment | None = None) -> CostTable:
+    """The table of an analytic `metric` (measured ones: `LatencyTable.table`), one per hidden size
+    where the space has them. memory_mb prices `deployment` (default: the model's, `em.deployment`)."""
+    if metric not in ANALYTIC:
+        raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
+    if metric == "memory_mb":
+        return _memory_table(em, deployment or em.deployment)
+    return _per_hidden(em, metric, lambda hidden: _terms(em, metric, hidden, context, kv_dtype_bytes,
+                                                         weight_dtype_bytes))
 
 
 @dataclass(frozen=True)
@@ -228,6 +296,7 @@ class Cost:
     flops_per_token: int
     kv_bytes_per_token: int
     decode_bytes_per_token: int
+    memory_bytes: int  # at the model's deployment (em.deployment)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,14 +308,14 @@ def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1
     embeddings and LM head, `params_nonembed` without, whichever of the two the params metric is."""
     subnet = subnet or em.space.full()
     em.space.validate(subnet)
-    value = {m: int(analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet))
-             for m in ANALYTIC}
+    value = {m: analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet) for m in ANALYTIC}
     embeddings = _embedding_params(em, subnet.hidden)
-    nonembed = value["params"] - (embeddings if em.space.hidden else 0)
+    nonembed = int(value["params"]) - (embeddings if em.space.hidden else 0)
     return Cost(
         params=nonembed + embeddings,
         params_nonembed=nonembed,
-        flops_per_token=value["flops"],
-        kv_bytes_per_token=value["kv_bytes"],
-        decode_bytes_per_token=value["decode_bytes"],
+        flops_per_token=int(value["flops"]),
+        kv_bytes_per_token=int(value["kv_bytes"]),
+        decode_bytes_per_token=int(value["decode_bytes"]),
+        memory_bytes=round(value["memory_mb"] * MB),
     )

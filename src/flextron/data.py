@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -175,14 +176,16 @@ def load_corpus(sources: list[str] | None = None) -> str:
 
 class PackedSequences:
     """A token stream (a tensor, or a memory-mapped token file) cut into fixed-length sequences,
-    reshuffled each epoch from a seed; only the rows asked for are read."""
+    reshuffled each epoch from a seed; only the rows asked for are read. `mask` (a bool per token, e.g. a
+    chat's assistant tokens) marks the tokens the loss is on; None: all of them."""
 
-    def __init__(self, ids: Tensor | np.ndarray, seq_len: int, seed: int = 0) -> None:
+    def __init__(self, ids: Tensor | np.ndarray, seq_len: int, seed: int = 0, mask: np.ndarray | None = None) -> None:
         ids = ids.numpy() if isinstance(ids, Tensor) else ids
         n = len(ids) // seq_len
         if n == 0:
             raise FlextronError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
         self.data = ids[: n * seq_len].reshape(n, seq_len)
+        self.mask = None if mask is None else mask[: n * seq_len].reshape(n, seq_len)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -190,12 +193,45 @@ class PackedSequences:
 
     def rows(self, start: int, count: int) -> Tensor:
         """Rows start .. start+count of the endless shuffled order (epoch after epoch)."""
-        out = []
-        for pos in range(start, start + count):
-            epoch, i = divmod(pos, len(self.data))
-            out.append(self.data[int(self._order(epoch)[i])])
-        return torch.from_numpy(np.stack(out).astype(np.int64))
+        return torch.from_numpy(np.stack([self.data[i] for i in self._indices(start, count)]).astype(np.int64))
+
+    def masks(self, start: int, count: int) -> Tensor | None:
+        """The loss masks of the same rows (None: every token counts)."""
+        if self.mask is None:
+            return None
+        return torch.from_numpy(np.stack([self.mask[i] for i in self._indices(start, count)]))
+
+    def _indices(self, start: int, count: int) -> list[int]:
+        return [int(self._order(pos // len(self.data))[pos % len(self.data)]) for pos in range(start, start + count)]
 
     @lru_cache(maxsize=2)  # noqa: B019  (an instance lives as long as its training run)
     def _order(self, epoch: int) -> Tensor:
         return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+
+class MixedSequences:
+    """Rows of two packed streams at a fixed share of the second (e.g. chat beside prose): row p of the
+    endless order is the second's when floor((p + 1) * share) > floor(p * share), so any stretch of rows
+    holds the share within one row, and each stream is read in its own order."""
+
+    def __init__(self, first: PackedSequences, second: PackedSequences, share: float) -> None:
+        self.first, self.second, self.share = first, second, share
+
+    def _sources(self, start: int, count: int) -> list[tuple[PackedSequences, int]]:
+        out = []
+        for p in range(start, start + count):
+            taken = math.floor(p * self.share)  # rows of the second before row p
+            if math.floor((p + 1) * self.share) > taken:
+                out.append((self.second, taken))
+            else:
+                out.append((self.first, p - taken))
+        return out
+
+    def rows(self, start: int, count: int) -> Tensor:
+        return torch.cat([seq.rows(i, 1) for seq, i in self._sources(start, count)])
+
+    def masks(self, start: int, count: int) -> Tensor | None:
+        if self.first.mask is None and self.second.mask is None:
+            return None
+        return torch.cat([torch.ones(1, seq.data.shape[1], dtype=torch.bool) if seq.mask is None else seq.masks(i, 1)
+                          for seq, i in self._sources(start, count)])

@@ -1,9 +1,10 @@
 """The whole pipeline on the packaged model: convert -> elastic training -> profile -> routers ->
 export one budget (HF directory and llama.cpp GGUF) -> evaluate -> report (tables and plots).
 Prune-only budgets are fractions of the parameters; after profiling, router budgets are fractions
-of this machine's decode latency, on a grid spanning what the smallest sub-network allows.
-Presets size it: `tiny` (a smoke run of a couple of minutes), `demo` (about a quarter of an hour
-on 2 CPU cores), `bench` (larger)."""
+of this machine's decode latency, on a grid spanning what the smallest sub-network allows. The
+prune-only and routed budgets are also compared with the original on held-out chat prompts
+(`flextron.behaviour`: greedy agreement and KL). Presets size it: `tiny` (a smoke run of a couple
+of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
 
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ class Preset:
     profile: dict = field(default_factory=dict)
     eval_windows: int = 8  # held-out windows of 1,024 tokens every perplexity is measured on
     budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")  # prune-only evaluation (params)
+    chat: tuple[int, int] = (20, 32)  # held-out chat prompts, and new tokens of each answer (`flextron.behaviour`)
 
 
 PRESETS = {
     "tiny": Preset(
         convert=ConvertOptions(calib_sequences=16, calib_seq_len=128, dtype="auto"),
-        train=TrainOptions(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE),
+        train=TrainOptions(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE,
+                           chat_tokens=32),
         route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, surrogate_warmup=8,
                            check_sequences=2),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
-        eval_windows=2, budgets=("1.0", "0.5"),
+        eval_windows=2, budgets=("1.0", "0.5"), chat=(4, 8),
     ),
     # Sized to a quarter of an hour on 2 CPU cores: on the first run the routers must already beat
     # prune-only and the uniform sub-networks (measured: docs/results.md, "The demo pipeline").
@@ -61,7 +64,7 @@ PRESETS = {
         convert=ConvertOptions(dtype="auto"),
         train=TrainOptions(tokens=200_000, seq_len=256, micro_batch=4, eval_limit=0, save_every=50),
         route=RouteOptions(steps=300, joint_steps=40),
-        eval_windows=69,
+        eval_windows=69, chat=(64, 48),
     ),
 }
 
@@ -80,8 +83,10 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
     ev = {"limit": p.eval_windows, "seq_len": 1024, "device": device, "progress": progress}
     ckpt = api.convert(None, out / "ckpt", p.convert, device=device, overwrite=True, progress=progress)
     write_yaml(out / "config.yaml", {**asdict(options), "device": api.resolve_device(device)})
+    # Chat behaviour before and after training: greedy answers and next-token KL against the original.
+    chat = {"chat_limit": p.chat[0], "chat_tokens": p.chat[1]}
     original = api.evaluate(None, budgets=["1.0"], **ev)[0]
-    pruned = api.evaluate(ckpt, budgets=p.budgets, **ev)
+    pruned = api.evaluate(ckpt, budgets=p.budgets, tasks=["ppl", "chat"], **chat, **ev)
     run_dir = out / "train"
     shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts afresh
     trained = Path(api.train(ckpt, run_dir, p.train, device=device, progress=progress)["final"])
@@ -97,6 +102,10 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
     # The router report's held-out rows are the flextron curve: the same windows as every evaluation here.
     routed = api.route(trained, replace(p.route, budgets=grid, eval_limit=p.eval_windows), out=out / "elastic",
                        overwrite=True, device=device, unseen=(), progress=progress)
+    behaved = api.evaluate(out / "elastic", budgets=[str(r.budget.fraction) for r in routed["budgets"]], tasks=["chat"],
+                           **chat, **ev)
+    for r, b in zip(routed["budgets"], behaved):  # the same sub-networks: both select them by `select_subnet`
+        r.chat = b.chat
     export_budget = str(grid[len(grid) // 2])
     exported = api.export(out / "elastic", export_budget, out / f"export-{export_budget}", overwrite=True)
     gguf = api.export(out / "elastic", export_budget, out / f"export-{export_budget}.gguf", overwrite=True,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flextron.errors import FlextronError
 from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
+from flextron.footprint import Deployment
 from flextron.hidden import HiddenAxis, ModuleView
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 from flextron.space import ElasticSpace, Subnet
@@ -482,9 +483,11 @@ class ElasticModel(nn.Module):
         self.attn_unit = attn_unit or (space.attn_unit if space is not None else "group")
         self.blocks = [ElasticBlock(b, self.family, self.attn_unit) for b in self.family.blocks(model)]
         # Budget resolution aids loaded with a checkpoint: the measured latency table and the
-        # trained routers (a plain holder, so the routers are not parameters of the LLM).
+        # trained routers (a plain holder, so the routers are not parameters of the LLM); and the
+        # llama.cpp deployment memory budgets are priced at (the command's options set it).
         self.latency: LatencyTable | None = None
         self.routers: Routers | None = None
+        self.deployment = Deployment()
         self.axis: HiddenAxis | None = None  # built once a space has hidden-size choices
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
             spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units),

@@ -1,21 +1,26 @@
-"""Held-out perplexity and task scores of the sub-networks that budgets select, as typed rows
-(`flextron.results.EvalRow`); the router reports, static and adaptive."""
+"""Held-out perplexity (and on a user's text file), task scores and chat behaviour of the sub-networks
+that budgets select, as typed rows (`flextron.results.EvalRow`); the router reports, static and adaptive."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.budgets import budget_target, select_subnet, smallest_fraction, uniform_subnet_for
 from flextron.cost import subnet_cost
+from flextron.data import tokenize
+from flextron.data import windows as cut_windows
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
 from flextron.precision import autocast
 from flextron.results import EvalRow
 from flextron.routers import decode
@@ -55,11 +60,37 @@ def _sized_row(em: ElasticModel, budget: Budget, subnet: Subnet, params_full: fl
                    params_fraction=counted_params(em, subnet) / params_full, **more)
 
 
+def read_text_file(path: str | Path, flag: str = "--ppl-data") -> str:
+    """A user's UTF-8 text file (`flag` names it in the one-line refusal of a missing, unreadable or empty one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlextronError(f"{flag} {path} is not a file; pass a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlextronError(f"cannot read {flag} {path} ({e}); pass a UTF-8 text file") from None
+    if not text.strip():
+        raise FlextronError(f"{flag} {path} holds no text; pass a UTF-8 text file")
+    return text
+
+
+def text_windows(tok: PreTrainedTokenizerBase, text: str, seq_len: int, limit: int | None = None,
+                 what: str = "--ppl-data") -> Tensor:
+    """Perplexity windows of a text (`what` names it in the refusal of one shorter than a window)."""
+    ids = tokenize(tok, text)
+    if ids.numel() < seq_len:
+        raise FlextronError(f"{what} holds {ids.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+                            "pass more text or a smaller --seq-len")
+    return cut_windows(ids, seq_len, limit)
+
+
 def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                     autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                    tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
+                    tasks: Callable[[nn.Module], dict] | None = None, data_windows: Tensor | None = None,
+                    chat: Callable[[ElasticModel], dict] | None = None) -> list[EvalRow]:
     """Per budget, the sub-network it selects (router, else largest uniform), its cost, held-out
-    perplexity on `windows` (unless None) and `tasks(model)` (unless None)."""
+    perplexity on `windows`, perplexity on `data_windows` (`ppl_data`), `tasks(model)` and `chat(em)`
+    at the sub-network (`flextron.behaviour.compare`), each unless None."""
     full = counted_params(em)
     rows = []
     for budget in budgets:
@@ -69,8 +100,14 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
             if windows is not None:
                 row.ppl = perplexity(em, windows, batch_size, autocast_dtype, progress, desc=f"ppl @ {budget}")
                 row.tokens = int(windows[:, 1:].numel())
+            if data_windows is not None:
+                row.ppl_data = perplexity(em, data_windows, batch_size, autocast_dtype, progress,
+                                          desc=f"ppl_data @ {budget}")
+                row.data_tokens = int(data_windows[:, 1:].numel())
             if tasks is not None:
                 row.tasks = tasks(em)
+            if chat is not None:
+                row.chat = chat(em)
         rows.append(row)
     return rows
 

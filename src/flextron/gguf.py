@@ -15,6 +15,10 @@ explicitly; llama.cpp's gemma graphs scale the embeddings by sqrt(d) as transfor
 HF export's fold holds); qwen2, olmo2 and phi3 size their queries by it, gpt2 its heads. Weights
 come from `export.sliced_state_dict`: the slicing rule lives there only; the tokenizer fields from
 `gguf_tokenizer`. What llama.cpp cannot express is refused before anything is written.
+
+f32, f16, bf16 and q8_0 are encoded here as llama.cpp's converter encodes them; the other types
+(q6_k, q5_k_m, q4_k_m, q4_0) are written as f32 first and quantized by llama.cpp's own quantizer,
+with its tensor mix and its fallbacks for rows that are not whole blocks (`fallbacks` reads them back).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ _GEMMA = {"gemma2", "gemma3"}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Every n-th layer of llama.cpp's smollm3 graph has no RoPE; the others all have it.
 _SMOLLM3_NO_ROPE_STEP = 4
+# The outtypes encoded here; the others are llama.cpp quantizer types.
+_ENCODED = ("f32", "f16", "bf16", "q8_0")
 # Width of the all-zero FFN that stands for a skipped MLP (it adds exactly 0 to the residual stream).
 ZERO_FFN = 32
 
@@ -372,6 +378,28 @@ def _encode(name: str, t: Tensor, outtype: str) -> tuple[np.ndarray, object]:
         return data.astype(np.float16), Q.F16
 
 
+def _nominal(outtype: str):
+    """The GGML type an `outtype` file nominally stores its weight matrices in (llama.cpp's k-quant mixes
+    keep some in a larger k-type, and all put norms and other vectors in f32)."""
+    from gguf import GGMLQuantizationType as Q
+
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K, "q5_k_m": Q.Q5_K,
+            "q4_k_m": Q.Q4_K, "q4_0": Q.Q4_0}[outtype]
+
+
+def fallbacks(path: Path, outtype: str) -> dict[str, str]:
+    """The quantized tensors of the GGUF at `path` whose rows are not whole blocks of `outtype`'s nominal
+    type (256 weights for the k-quants, 32 for q8_0 and q4_0), each with the type it is stored in: what
+    llama.cpp's quantizer (or, for q8_0, its converter) fell back to for them."""
+    import gguf
+
+    block = gguf.GGML_QUANT_SIZES[_nominal(outtype)][0]
+    if block == 1:
+        return {}
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
+            if len(t.shape) >= 2 and t.shape[0] % block and t.tensor_type != gguf.GGMLQuantizationType.F32}
+
+
 def _file_type(outtype: str):
     from gguf import LlamaFileType as F
 
@@ -440,7 +468,8 @@ def _write_family_hparams(writer, em: ElasticModel, subnet: Subnet, arch: str) -
 def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet, out: Path,
                outtype: str = "f32", overwrite: bool = False, name: str = "flextron", info: dict | None = None,
                per_layer: bool = False) -> dict:
-    """Write `subnet` as one GGUF file at `out` (atomically); returns what was written.
+    """Write `subnet` as one GGUF file at `out` (atomically); returns what was written, with the
+    tensors whose types fell back from `outtype`'s (`fallbacks`).
 
     `info` (e.g. source checkpoint, budget) is stored as `flextron.*` metadata strings. `per_layer`
     writes llama.cpp's `deci` even for a sub-network the family's own architecture can hold (the
@@ -459,7 +488,17 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
     write_tokenizer = tokenizer_fields(tokenizer, em.config.vocab_size)
     tensors = _tensors(em, subnet, arch)
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, outtype: str = outtype) -> None:
+        if outtype not in _ENCODED:  # llama.cpp quantizes an f32 export, written beside its output and removed
+            from flextron.llamacpp import quantize
+
+            source = tmp.with_name(f"{tmp.name}-f32")
+            try:
+                write(source, "f32")
+                quantize(source, tmp, outtype)
+            finally:
+                source.unlink(missing_ok=True)
+            return
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name)
@@ -481,4 +520,4 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
 
     atomic_write(out, write)
     return {"path": str(out), "architecture": arch, "outtype": outtype, "per_layer": arch in PER_LAYER_ARCHS,
-            "bytes": out.stat().st_size}
+            "bytes": out.stat().st_size, "fallback": fallbacks(out, outtype)}

@@ -8,7 +8,8 @@ over several hidden sizes each term affine in the hidden size, see `fit`) lives 
 old table with decreasing terms is refitted from its measurements on load; `flextron.latency`
 measures the sub-networks it is fitted on. The profile's noise check is read and judged here too
 (`NoiseCheck`, the optional record in latency.json; `noise_problems`, the rule that refuses a busy
-machine's table).
+machine's table). A llama.cpp table is timed at one GGUF weight type (`LatencyTable.outtype`): a
+latency budget holds for exports at that type only (`check_weight_type`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flextron.cost import CostTable, measured_table
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 from flextron.gguf import in_own_arch
+from flextron.options import OUTTYPES
 from flextron.space import ElasticSpace, Subnet
 
 if TYPE_CHECKING:
@@ -356,6 +358,8 @@ class LatencyTable:
                     raise _Damaged("stock.graph must name the llama.cpp graph")
                 self.stock = self._graph(stock, "stock.")
             self.measurements = _measurements(data.get("measurements", []))
+            if data.get("outtype", OUTTYPES[0]) not in OUTTYPES:
+                raise _Damaged(f"outtype must be one of {', '.join(OUTTYPES)}, not {data['outtype']!r}")
             self.noise: NoiseCheck | None = None if data.get("noise") is None else NoiseCheck.from_dict(data["noise"])
             self.main = self._refitted(self.main)
             self._tables: dict[str, CostTable] = {}
@@ -441,7 +445,7 @@ class LatencyTable:
 
     @property
     def outtype(self) -> str | None:
-        """GGUF weight type the table was timed with (None: HF eager)."""
+        """The GGUF weight type the table was timed at (every llama.cpp table records it); None for HF eager."""
         return self.data.get("outtype")
 
     @property
@@ -515,6 +519,17 @@ class LatencyTable:
         """Whether `export --format gguf` (`--graph auto`) writes `subnet` in the family's own llama.cpp
         graph: where that graph can hold it, unless this table says `deci` decodes it faster."""
         return in_own_arch(self.em, subnet) and not self.deci_faster(subnet)
+
+
+def check_weight_type(table: LatencyTable | None, metric: str, outtype: str | None) -> None:
+    """Refuse (one line) GGUF weights of `outtype` for budgets in `metric` where a llama.cpp table
+    timed at another weight type prices them: its latencies hold at its own type only. Nothing to
+    check for analytic metrics, an HF eager table, or no `outtype` given."""
+    if metric not in QUANTITY or table is None or table.outtype in (None, outtype) or outtype is None:
+        return
+    raise FlextronError(f"the {metric} budgets are priced by the llama.cpp latency table timed at {table.outtype} "
+                        f"weights, not {outtype}: use --outtype {table.outtype}, or profile at {outtype} first "
+                        f"(flextron profile CKPT --runtime llama.cpp --outtype {outtype})")
 
 
 def per_layer_graph(em: ElasticModel, subnet: Subnet, graph: str) -> bool:

@@ -1,9 +1,11 @@
 """The llama.cpp runtime (through `llama-cpp-python`): load a GGUF, logits, greedy decoding, timing,
-and the latency table of a checkpoint's sub-networks as GGUF exports."""
+the latency table of a checkpoint's sub-networks as GGUF exports, and llama.cpp's own quantizer."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flextron.errors import FlextronError
+from flextron.footprint import Deployment
 from flextron.gguf import gguf_arch, in_own_arch, write_gguf
 from flextron.latency import StockGraph, trimmed_mean
 from flextron.latency import profile as fit_table
@@ -37,6 +40,46 @@ def _llama_cpp():
         raise FlextronError("the llama.cpp runtime needs llama-cpp-python: pip install 'flextron[gguf]' "
                             "(it builds from source with cmake and g++, a few minutes)") from None
     return llama_cpp
+
+
+def quantize(source: Path, out: Path, outtype: str) -> None:
+    """llama.cpp's quantizer (`llama-quantize`, its default tensor mix for the type, every core) on the GGUF
+    `source`, written to `out`: `outtype` one of llama.cpp's file types (q4_k_m -> LLAMA_FTYPE_MOSTLY_Q4_K_M).
+    Its per-tensor log is kept quiet; a failure is one FlextronError line with llama.cpp's reason."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
+    params.nthread = default_threads()
+    with _log_lines() as problems:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if failed:
+        reason = " ".join(problems[-1].split()) if problems else "no reason given"
+        raise FlextronError(f"llama.cpp could not quantize the export to {outtype} ({reason}); export with "
+                            "another --outtype")
+
+
+_LOG_INFO, _LOG_WARN = 2, 3  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+@contextmanager
+def _log_lines(lowest: int = _LOG_WARN) -> Iterator[list[str]]:
+    """llama.cpp's log within the block: nothing printed, its lines of level `lowest` up to errors
+    (by default its warnings and errors) collected."""
+    llama_cpp = _llama_cpp()
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if lowest <= level < 5:
+            lines.append(text.decode("utf-8", "replace"))
+
+    callback, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(data))
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(callback, data)
 
 
 def runtime_version() -> str:
@@ -78,6 +121,41 @@ def opened(path: str | Path, **options) -> Iterator:
         yield llm
     finally:
         llm.close()
+
+
+def allocated(path: str | Path, deployment: Deployment) -> dict[str, int]:
+    """What llama.cpp allocates to run the GGUF `path` at `deployment` (a KV cache of `context` cells per
+    sequence for `batch` sequences at `kv_type`; flash attention, its default 512-token micro-batch), in
+    bytes: `weights` (its model size, exact) and the `kv`, `output` and `compute` buffers its log reports
+    (MiB to 2 decimals)."""
+    llama_cpp = _llama_cpp()
+    if not Path(path).is_file():
+        raise FlextronError(f"{path} is not a GGUF file")
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = deployment.context * deployment.batch, deployment.batch
+    params.n_threads = params.n_threads_batch = 1
+    params.type_k = params.type_v = getattr(llama_cpp, f"GGML_TYPE_{deployment.kv_type.upper()}")
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    with _log_lines(_LOG_INFO) as lines:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise FlextronError(f"llama.cpp cannot load {path}")
+        try:
+            lines.clear()  # the model's own buffers: its size is exact
+            ctx = llama_cpp.llama_init_from_model(model, params)
+            if not ctx:
+                raise FlextronError(f"llama.cpp cannot make a context for {path} at {deployment}")
+            reported = list(lines)
+            llama_cpp.llama_free(ctx)
+            out = {"weights": llama_cpp.llama_model_size(model), "kv": 0, "output": 0, "compute": 0}
+        finally:
+            llama_cpp.llama_model_free(model)
+    for line in reported:
+        if m := re.search(r"(\w+) buffer size =\s*([0-9.]+) MiB", line):
+            key = m.group(1).lower()
+            if key in out:
+                out[key] += round(float(m.group(2)) * 2**20)
+    return out
 
 
 def last_logits(llm) -> np.ndarray:

@@ -19,11 +19,12 @@ from typing import Any, TypeVar
 import yaml
 
 from flextron.errors import FlextronError
+from flextron.footprint import KV_TYPES, Deployment
 from flextron.fsutil import atomic_write
 from flextron.space import ATTN_UNITS
 
 DTYPE_NAMES = ("auto", "fp32", "bf16")  # flextron.precision.compute_dtype: auto is bf16 on CUDA, else fp32
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # GGUF weight types
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # GGUF weight types (flextron.gguf)
 GRAPHS = ("auto", "own", "deci")  # llama.cpp graphs a uniform sub-network can be written in
 SAMPLING = ("sandwich", "uniform", "budgets", "fixed")
 LOGGERS = ("csv", "tensorboard", "wandb")  # metrics.csv is always written; the others add a tracker
@@ -172,6 +173,27 @@ class Adaptive(Options):
 
 
 @dataclass
+class Deployed(Options):
+    """The llama.cpp deployment a memory budget (memory_mb=N, memory=512MB) is priced at, besides its
+    weight type (`Weighted`, or the command's --outtype); see flextron.footprint."""
+
+    context: int = opt(4096, "memory budgets: KV cache tokens per sequence (llama.cpp's default -c)", **_POSITIVE)
+    batch: int = opt(1, "memory budgets: sequences decoded together, each with its own KV cache", **_POSITIVE)
+    kv_type: str = opt("f16", "memory budgets: KV cache type (llama.cpp's -ctk / -ctv)", choices=KV_TYPES)
+
+    def deployment(self, weight_type: str) -> Deployment:
+        return Deployment(weight_type, self.context, self.batch, self.kv_type)
+
+
+@dataclass
+class Weighted(Deployed):
+    """A memory budget's weight type, for commands that write no GGUF."""
+
+    weight_type: str = opt("f32", "memory budgets: GGUF weight type deployed (as export --outtype writes it)",
+                           choices=OUTTYPES)
+
+
+@dataclass
 class ConvertOptions(Options):
     """`flextron convert`: the elastic space and the importance calibration."""
 
@@ -210,15 +232,25 @@ class ConvertOptions(Options):
 
 
 @dataclass
-class EvalOptions(Verified, Computed, Adaptive):
+class EvalOptions(Weighted, Verified, Computed, Adaptive):
     """`flextron eval`: held-out perplexity and zero-shot tasks at each budget."""
 
-    budgets: tuple[str, ...] = opt(("1.0", "0.75", "0.5"), "budgets: 0.6, 60%, or metric=value such as params=80e6")
-    tasks: tuple[str, ...] = opt(("ppl",), "ppl and/or zero-shot task names (see flextron.tasks.TASKS), "
+    budgets: tuple[str, ...] = opt(("1.0", "0.75", "0.5"), "budgets: 0.6, 60%, or metric=value such as params=80e6 "
+                                   "or memory=512MB")
+    tasks: tuple[str, ...] = opt(("ppl",), "ppl, chat (greedy answers and next-token KL against the original: "
+                                           "flextron.behaviour) and/or zero-shot task names (flextron.tasks.TASKS), "
                                            "or requests.jsonl(.gz) files")
     limit: int | None = opt(None, "at most this many windows / documents per task", **_POSITIVE)
     seq_len: int = opt(1024, "tokens per perplexity window", **_POSITIVE)
     batch_size: int = opt(4, "sequences per forward", **_POSITIVE)
+    ppl_data: str | None = opt(None, "also the perplexity on windows of this UTF-8 text file (another domain), "
+                                     "column ppl_data")
+    chat_prompts: str | None = opt(None, "chat task: prompts file, one per line (.txt) or {\"prompt\": ...} per "
+                                         "line (.jsonl) (default: the packaged held-out questions)")
+    chat_limit: int = opt(64, "chat task: at most this many prompts", **_POSITIVE)
+    chat_tokens: int = opt(48, "chat task: new tokens of each greedy answer compared", **_POSITIVE)
+    original: str | None = opt(None, "chat task: the model to compare with (default: the one the checkpoint was "
+                                     "converted from, as its manifest records)")
 
 
 @dataclass
@@ -251,7 +283,7 @@ class ProfileOptions(Verified):
 
 
 @dataclass
-class ExportOptions(Verified):
+class ExportOptions(Deployed, Verified):
     """`flextron export`: the output format."""
 
     format: str = opt("hf", "an HF directory, or one llama.cpp GGUF file", choices=("hf", "gguf"))
@@ -289,7 +321,7 @@ class Sampling(Options):
 
 
 @dataclass
-class GenerateOptions(Verified, Adaptive, Sampling):
+class GenerateOptions(Weighted, Verified, Adaptive, Sampling):
     """`flextron generate`: the sampling settings, the budget and the prompt's form."""
 
     budget: str | None = opt(None, "0.6, 60%, or metric=value; elastic checkpoints only (default: the full model)")
@@ -320,7 +352,7 @@ class ServeLimits(Options):
 
 
 @dataclass
-class ServeOptions(Verified, Computed, ServeLimits):
+class ServeOptions(Weighted, Verified, Computed, ServeLimits):
     """`flextron serve`: where to listen, what to call the model, and the server's limits."""
 
     host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
@@ -344,6 +376,9 @@ class ReportOptions(Options):
     title: str | None = opt(None, "the report's title (default: from the run)")
     into: str | None = opt(None, "also replace a marked section of this markdown file")
     section: str = opt("report", "the section name in --into (<!-- NAME:start -->)")
+
+
+CHAT_SOURCES = ("auto", "self", "none")  # --chat, besides a .jsonl file
 
 
 @dataclass
@@ -370,6 +405,17 @@ class TrainOptions(Autocast):
     n_random: int = opt(2, "random sub-networks per step besides the full and the smallest", **_NON_NEGATIVE)
     mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
                                "(what adaptive routing runs; at full-width compute)", **_NON_NEGATIVE)
+    chat: str = opt("auto", "chat-format distillation data beside the text: a .jsonl of {\"messages\": [...]} "
+                            "conversations, self (the teacher's own answers to --chat-prompts, generated once and "
+                            "cached), none, or auto (self where the tokenizer has a chat template, else none)")
+    chat_mix: float = opt(0.5, "share of the training sequences taken from the chat data", low=0.0, high=1.0,
+                          low_open=True)
+    chat_loss: str = opt("all", "on chat sequences, the loss on every token or on the assistant's only",
+                         choices=("all", "assistant"))
+    chat_prompts: str | None = opt(None, "prompts --chat self answers: a text file, one per line, or .jsonl lines "
+                                         "with a \"prompt\" (default: the packaged task questions, train split)")
+    chat_tokens: int = opt(128, "--chat self: the most tokens of each of the teacher's answers", **_POSITIVE)
+    chat_temperature: float = opt(0.0, "--chat self: 0 for the teacher's greedy answers, >0 to sample them", low=0.0)
     budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
                                      "budget fractions for --sampling budgets; fixed uses the first", **_FRACTION)
     budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)",
@@ -400,17 +446,22 @@ class TrainOptions(Autocast):
                 raise FlextronError("--budget-probs must not all be 0")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
+        if self.chat not in CHAT_SOURCES and not self.chat.endswith(".jsonl"):
+            raise FlextronError(f"--chat takes {', '.join(CHAT_SOURCES)} or a .jsonl file of conversations, "
+                                f"not {self.chat!r}")
 
 
 @dataclass
-class RouteOptions(Autocast):
+class RouteOptions(Deployed, Autocast):
     """`flextron route`: static routers (budget -> per-layer choices), surrogate-guided, then joint
     fine-tuning."""
 
     budgets: tuple[float, ...] = opt((0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the trained grid of budget fractions",
                                      **_FRACTION)
     metric: str = opt("auto", "cost the budgets refer to: auto (measured decode latency if profiled, else params), "
-                      "params, flops, kv_bytes, decode_bytes, latency_ms or prefill_ms")
+                      "params, flops, kv_bytes, decode_bytes, memory_mb (at --outtype), latency_ms or prefill_ms")
+    outtype: str | None = opt(None, "GGUF weight type the routed sub-networks are for: latency budgets need a "
+                              "llama.cpp table timed at it (default and recorded: the table's)", choices=OUTTYPES)
     steps: int = opt(200, "router steps (LLM frozen)", **_POSITIVE)
     joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together", **_NON_NEGATIVE)
     hidden: int = opt(128, "router MLP hidden size", **_POSITIVE)

@@ -88,11 +88,36 @@ def task_cell(m: dict) -> str:
     return f"{m['acc']:.1%} ({m['acc_norm']:.1%})" if "acc_norm" in m else f"{m['acc']:.1%} (ppl {m['ppl']:.1f})"
 
 
+CHAT_COLUMNS = ("same 1st sentence", "same answer", "KL")
+
+
+def chat_cells(chat: dict | None) -> list[str]:
+    """A row's chat behaviour (`flextron.behaviour.compare`) as the cells of `CHAT_COLUMNS`."""
+    if not chat:
+        return ["-"] * len(CHAT_COLUMNS)
+    return [f"{chat['agree_sentence']:.0%}", f"{chat['agree_tokens']:.0%}", f"{chat['kl']:.3f}"]
+
+
+def chat_note(groups: dict[str, list[EvalRow]]) -> str | None:
+    """What the chat columns measure, on how many prompts and tokens (None without them)."""
+    chat = next((r.chat for rows in groups.values() for r in rows if r.chat), None)
+    if chat is None:
+        return None
+    return (f"Chat: on {chat['n']} prompts, the share whose greedy answer has the original's first sentence, the "
+            f"share whose first {chat['new_tokens']} tokens are the original's (same answer), and the mean "
+            "KL(original || model) of the next token over the original's answers (nats).")
+
+
 def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> str:
-    """Tables of every series of `groups` (budget, widths, size, perplexity, task scores), the
-    routers of `data` and the plots. Beside an original, single rows show no budget."""
-    tasks = next((list(r.tasks) for rows in groups.values() for r in rows if r.tasks), [])
-    head = ["model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *tasks]
+    """Tables of every series of `groups` (budget, widths, size, perplexity, perplexity on the user's text,
+    chat behaviour, task scores), the routers of `data` and the plots. Beside an original, single rows
+    show no budget."""
+    every = [r for rows in groups.values() for r in rows]
+    tasks = next((list(r.tasks) for r in every if r.tasks), [])
+    data_ppl = any(r.ppl_data is not None for r in every)
+    chat = chat_note(groups)
+    head = ["model", "budget", "MLP width", "attn units", "non-emb params", "ppl", *(["ppl data"] if data_ppl else []),
+            *(CHAT_COLUMNS if chat else ()), *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     relative = isinstance(data.get("original"), EvalRow)
     for name, rows in groups.items():
@@ -100,8 +125,14 @@ def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> 
             cells = [name, "-" if relative and len(rows) == 1 else str(r.budget), widths_cell(r.subnet.mlp),
                      widths_cell(r.subnet.attn), f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})",
                      f"{r.ppl:.2f}" if r.ppl is not None else "-"]
+            cells += [f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data_ppl else []
+            cells += chat_cells(r.chat) if chat else []
             cells += [task_cell(r.tasks[t]) if t in (r.tasks or {}) else "-" for t in tasks]
             lines.append("| " + " | ".join(cells) + " |")
+    if data_ppl:
+        lines += ["", "ppl data: perplexity on the text file passed to `eval --ppl-data`."]
+    if chat:
+        lines += ["", chat]
     if tasks:
         lines += ["", "Tasks: accuracy (length-normalised accuracy); LAMBADA: greedy accuracy (perplexity)."]
     routes = data.get("routes")

@@ -36,6 +36,9 @@ class EvalRow:
     ppl: float | None = None
     tokens: int | None = None  # the tokens `ppl` scored
     tasks: dict[str, dict] | None = None  # per task, its scores (`flextron.tasks.score_task`)
+    ppl_data: float | None = None  # perplexity on the user's text file (`eval --ppl-data`)
+    data_tokens: int | None = None  # the tokens `ppl_data` scored
+    chat: dict | None = None  # agreement and KL with the original on chat prompts (`flextron.behaviour.compare`)
     uniform_ppl: float | None = None
     realised_fraction: float | None = None  # adaptive: the average realised cost / full cost
     kept: str | None = None  # what the check on held-out training rows kept (router, uniform, lower budget;

@@ -291,7 +291,9 @@ class Subnet:
         return {k: v for k, v in asdict(self).items() if k != "hidden" or v is not None}
 
 
-METRICS = ("params", "flops", "kv_bytes", "decode_bytes", "latency_ms", "prefill_ms")
+METRICS = ("params", "flops", "kv_bytes", "decode_bytes", "memory_mb", "latency_ms", "prefill_ms")
+# memory=SIZE: its unit, in megabytes (10^6 bytes) of the memory_mb metric
+MEMORY_UNITS = {"KB": 1e-3, "MB": 1.0, "GB": 1e3, "KiB": 1024 / 1e6, "MiB": 2**20 / 1e6, "GiB": 2**30 / 1e6}
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,8 @@ class Budget:
 
     Metric "auto" (a bare fraction) means measured decode latency where the checkpoint has a
     latency table, else parameters (non-embedding ones, or all of them in a space with hidden sizes).
+    A memory budget is in megabytes of 10^6 bytes (`memory_mb`), written as a number of them or as
+    `memory=SIZE` with a unit (`MEMORY_UNITS`: 512MB, 1.5GB, 2GiB).
     """
 
     metric: str = "auto"
@@ -308,21 +312,26 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str | float) -> Budget:
-        """Accept `0.6` or `60%` (fractions), `params=80e6` or `latency_ms=25` (absolute), `flops=50%`."""
+        """Accept `0.6` or `60%` (fractions), `params=80e6` or `latency_ms=25` (absolute), `flops=50%`,
+        `memory_mb=60`, `memory=512MB` or `memory=50%`."""
         s = str(text).strip().lower().replace(" ", "")
-        metric = "auto"
+        metric, unit = "auto", None
         if "=" in s:
             metric, s = s.split("=", 1)
-            if metric not in METRICS:
+            if metric == "memory":
+                metric, s, unit = "memory_mb", *_memory_size(text, s)
+            elif metric not in METRICS:
                 raise FlextronError(
-                    f"unknown budget metric {metric!r}; use one of {', '.join(METRICS)}"
+                    f"unknown budget metric {metric!r}; use one of {', '.join(METRICS)}, or memory=SIZE such as "
+                    "memory=512MB"
                 )
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(%?)", s)
         if not m:
+            hint = " (memory_mb counts megabytes: memory_mb=512, or memory=512MB)" if metric == "memory_mb" else ""
             raise FlextronError(
-                f"cannot read budget {text!r}; write 0.6, 60% or metric=value such as params=80e6"
+                f"cannot read budget {text!r}; write 0.6, 60% or metric=value such as params=80e6{hint}"
             )
-        number = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+        number = float(m.group(1)) / (100.0 if m.group(2) else 1.0) * (unit or 1.0)
         if not math.isfinite(number):
             raise FlextronError(f"budget {text!r} is not a finite number")
         if number <= 0:
@@ -337,4 +346,18 @@ class Budget:
         prefix = "" if self.metric == "auto" else f"{self.metric}="
         if self.fraction is not None:
             return f"{prefix}{self.fraction:.0%}"
-        return f"{prefix}{self.value:g}"
+        short = f"{self.value:g}"
+        return prefix + (short if float(short) == self.value else f"{self.value:.12g}")  # reads back the same
+
+
+def _memory_size(text: str | float, size: str) -> tuple[str, float | None]:
+    """`memory=SIZE`: the number and its unit in megabytes (None for a percentage)."""
+    if size.endswith("%"):
+        return size, None
+    units = {u.lower(): scale for u, scale in MEMORY_UNITS.items()}  # `parse` reads the text in lower case
+    m = re.fullmatch(r"(.*?)([a-z]+)", size)
+    if not m or m.group(2) not in units:
+        raise FlextronError(f"cannot read memory budget {text!r}; give a size with its unit "
+                            f"({', '.join(MEMORY_UNITS)}) such as memory=512MB or memory=1.5GB, or megabytes as "
+                            "memory_mb=512")
+    return m.group(1), units[m.group(2)]

@@ -43,11 +43,14 @@ class Doc:
     gold: int
 
 
+OWN_TASKS = ("ppl", "chat")  # held-out perplexity; behaviour against the original (`flextron.behaviour`)
+
+
 def task_names(spec: list[str]) -> list[str]:
-    """Validate `--tasks`: `ppl`, known task names, or paths to request files."""
+    """Validate `--tasks`: `ppl`, `chat`, known task names, or paths to request files."""
     for name in spec:
-        if name != "ppl" and name not in TASKS and not Path(name).is_file():
-            raise FlextronError(f"unknown task {name!r}; use ppl, {', '.join(TASKS)}, or a path to an "
+        if name not in OWN_TASKS and name not in TASKS and not Path(name).is_file():
+            raise FlextronError(f"unknown task {name!r}; use {', '.join(OWN_TASKS + tuple(TASKS))}, or a path to an "
                                 "olmo-eval style requests.jsonl(.gz) file")
     return list(spec)
 

@@ -23,14 +23,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flextron.budgets import select_subnet
+from flextron.chat import conversation_tokens, packaged_prompts, read_conversations, read_prompts, teacher_conversations
 from flextron.checkpoint import load_checkpoint, read_manifest
-from flextron.data import PackedSequences, heldout_windows
+from flextron.data import MixedSequences, PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
 from flextron.generation import check_positions, context_length
-from flextron.options import TrainOptions, write_yaml
+from flextron.options import Sampling, TrainOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.report import plot_ppl_vs_size
 from flextron.results import EvalRow, rows_json
@@ -59,23 +60,26 @@ from flextron.train.sharded import is_sharded, load_sharded_state, save_sharded_
 
 # What a resumed run must share with the run it continues: its source, its settings.
 _SOURCE_KEYS = ("source_model", "family", "elastic_space")
-_RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "mixed_tokens", "budgets")
+_RESUME_KEYS = ("seq_len", "micro_batch", "grad_accum", "sampling", "seed", "n_random", "mixed_tokens", "budgets",
+                "chat", "chat_mix", "chat_loss")
 
 
 def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batches: list[Tensor],
-                 subnets: list[Subnet], cfg: TrainOptions, device: torch.device) -> tuple[float, dict]:
+                 subnets: list[Subnet], cfg: TrainOptions, device: torch.device,
+                 masks: list[Tensor | None] | None = None) -> tuple[float, dict]:
     """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
-    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts."""
+    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts.
+    `masks`: per micro-batch, the tokens the loss is on (None: all)."""
     amp, t_head = compute_dtype(cfg.dtype, device), teacher.model.get_output_embeddings()
     loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
     n_passes = len(batches) * len(subnets)
-    for a, ids in enumerate(batches):
-        ids = ids.to(device)
+    for a, (ids, mask) in enumerate(zip(batches, masks or [None] * len(batches))):
+        ids, mask = ids.to(device), None if mask is None else mask.to(device)
         with torch.no_grad(), autocast(device, amp):
             t_hidden = teacher(input_ids=ids, use_cache=False, head=lambda h, out: h)
 
         def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
-            return distill_loss(h, t_hidden, ids, cfg, out, t_head)  # noqa: B023  (called at once)
+            return distill_loss(h, t_hidden, ids, cfg, out, t_head, mask)  # noqa: B023  (called at once)
 
         for j, sub in enumerate(subnets):
             last = a == len(batches) - 1 and j == len(subnets) - 1
@@ -204,8 +208,10 @@ def train(ckpt: Path, run: Path, cfg: TrainOptions, data: list[str] | None = Non
     """
     r = _open_run(ckpt, run, cfg, init_distributed(device), resume)
     teacher, tok = _load_teacher(r, progress)
+    sequences = _sequences(data, tok, r, teacher, progress)  # the teacher answers chat prompts unsharded
+    if cfg.fsdp:
+        shard_frozen(teacher)
     r, student = _student(r)
-    sequences = _sequences(data, tok, r)
     if r.d.main:
         _record_run(r, data, device)
     final = _train_steps(r, student, teacher, sequences, tok, callbacks or [], progress)
@@ -256,18 +262,50 @@ def _load_teacher(r: _Run, progress: bool) -> tuple[ElasticModel, PreTrainedToke
         amp_bytes = 4 if compute_dtype(cfg.dtype, d.device) is None else 2
         est = estimate_memory(teacher, cfg, d.world, teacher.model.dtype.itemsize, amp_bytes)
         tqdm.write(est.summary())
-    if cfg.fsdp:
-        shard_frozen(teacher)
     return teacher, tok
 
 
-def _sequences(data: list[str] | None, tok: PreTrainedTokenizerBase, r: _Run) -> PackedSequences:
-    """The training rows: rank 0 tokenizes the corpus once, the others map its token file."""
+def _sequences(data: list[str] | None, tok: PreTrainedTokenizerBase, r: _Run, teacher: ElasticModel,
+               progress: bool) -> PackedSequences | MixedSequences:
+    """The training rows: the text (rank 0 tokenizes the corpus once, the others map its token file), and
+    beside it the chat data at a share of --chat-mix."""
+    cfg = r.cfg
     ids = corpus_tokens(data, tok) if r.d.main else None
     if r.d.world > 1:
         dist.barrier()
         ids = ids if r.d.main else corpus_tokens(data, tok, build=False)
-    return PackedSequences(ids, r.cfg.seq_len, r.cfg.seed)
+    text = PackedSequences(ids, cfg.seq_len, cfg.seed)
+    source = cfg.chat if cfg.chat != "auto" else ("self" if getattr(tok, "chat_template", None) else "none")
+    if source == "none":
+        return text
+    if source == "self":
+        conversations = _teacher_answers(tok, r, teacher, progress)
+    else:
+        conversations = read_conversations(source)
+    chat_ids, assistant = conversation_tokens(tok, conversations, cfg.chat_loss == "assistant")
+    chat = PackedSequences(chat_ids, cfg.seq_len, cfg.seed, assistant)
+    return MixedSequences(text, chat, cfg.chat_mix)
+
+
+def _teacher_answers(tok: PreTrainedTokenizerBase, r: _Run, teacher: ElasticModel, progress: bool) -> list[list[dict]]:
+    """The teacher's answers to the chat prompts, enough for one pass over the run's chat share (rank 0
+    generates them into the cache; the others read it there)."""
+    cfg = r.cfg
+    prompts = read_prompts(cfg.chat_prompts) if cfg.chat_prompts else packaged_prompts("train")
+    sampling = Sampling(max_new_tokens=cfg.chat_tokens, temperature=cfg.chat_temperature, seed=cfg.seed)
+    needed = math.ceil(r.total * r.per_step * cfg.seq_len * cfg.chat_mix) + cfg.seq_len
+    teacher_id = json.dumps(r.manifest.get("weights_sha256"), sort_keys=True)
+
+    def answers() -> list[list[dict]]:
+        return teacher_conversations(teacher, tok, prompts, teacher_id, needed, sampling, progress=progress)
+
+    if r.d.main:
+        conversations = answers()
+    if r.d.world > 1:
+        dist.barrier()
+        if not r.d.main:
+            conversations = answers()  # all cached by now: nothing left to generate
+    return conversations
 
 
 def _student(r: _Run) -> tuple[_Run, _Student]:
@@ -315,7 +353,7 @@ def _record_run(r: _Run, data: list[str] | None, device: str) -> None:
     write_yaml(r.dir / "config.yaml", {**r.info["config"], "data": data, "device": device})
 
 
-def _train_steps(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences,
+def _train_steps(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences | MixedSequences,
                  tok: PreTrainedTokenizerBase, callbacks: list[Callable[[int, dict], None]], progress: bool) -> Path:
     """The optimizer steps from `s.step` to the last, each logged (metrics.csv, the progress bar,
     `callbacks`), a checkpoint every --save-every steps and at the last. Returns the last checkpoint
@@ -348,16 +386,17 @@ def _train_steps(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedS
     return last_good
 
 
-def _optimizer_step(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences,
+def _optimizer_step(r: _Run, s: _Student, teacher: ElasticModel, sequences: PackedSequences | MixedSequences,
                     last_good: Path) -> tuple[float, dict, float]:
     """Step `s.step` + 1 on this rank's rows: the loss (mean over ranks), its parts on this rank and
     the gradient norm. A loss or gradient norm that is not finite stops training before the update,
     naming `last_good`."""
     cfg, d, step = r.cfg, r.d, s.step
     subnets = sample_subnets(s.em, cfg, step)
-    batches = [sequences.rows(step * r.per_step + (a * d.world + d.rank) * cfg.micro_batch, cfg.micro_batch)
-               for a in range(cfg.grad_accum)]  # this rank's rows only
-    loss_sum, parts = distill_step(s.model, s.em, teacher, batches, subnets, cfg, d.device)
+    starts = [step * r.per_step + (a * d.world + d.rank) * cfg.micro_batch for a in range(cfg.grad_accum)]
+    batches = [sequences.rows(i, cfg.micro_batch) for i in starts]  # this rank's rows only
+    masks = [sequences.masks(i, cfg.micro_batch) for i in starts]
+    loss_sum, parts = distill_step(s.model, s.em, teacher, batches, subnets, cfg, d.device, masks)
     loss = all_mean(loss_sum, d)
     if not math.isfinite(loss):
         raise FlextronError(f"the loss became {loss} at step {step + 1}; training stopped, the last good "

@@ -34,13 +34,14 @@ from flextron.budgets import (
     uniform_subnet_for,
 )
 from flextron.checkpoint import load_checkpoint, save_checkpoint
-from flextron.cost import CostTable, fits
+from flextron.cost import MEASURED, CostTable, fits
 from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import adaptive_router_report, checked_router_report, perplexity
 from flextron.fsutil import atomic_write, check_output_dir
 from flextron.generation import check_positions
+from flextron.latency_table import check_weight_type
 from flextron.options import RouteOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.results import rows_json
@@ -78,12 +79,17 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     if out != ckpt:
         check_output_dir(out, overwrite)
     em, tok, manifest = load_checkpoint(ckpt, device=device)
+    em.deployment = cfg.deployment(cfg.outtype or "f32")  # what memory budgets are priced at
     if adaptive and em.routers is None:
         raise FlextronError(f"{ckpt} has no static routers yet; run `flextron route {ckpt}` first, then --adaptive")
     if adaptive and cfg.metric not in ("auto", em.routers.metric):
         raise FlextronError(f"adaptive routers take the budgets of the static routers ({em.routers.metric}), not "
                             f"{cfg.metric}; drop --metric")
     lowest = smallest_fraction(em, cfg.metric)
+    metric = budget_metric(em, Budget(metric=cfg.metric, fraction=1.0))
+    check_weight_type(em.latency, metric, cfg.outtype)
+    if metric in MEASURED:  # the routers record the weight type their latency budgets hold at
+        cfg = replace(cfg, outtype=em.latency.outtype)
     if cfg.budgets == RouteOptions().budgets:  # the default grid starts at the smallest sub-network when above it
         cfg = replace(cfg, budgets=tuple(sorted({max(b, math.ceil(lowest * 100) / 100) for b in cfg.budgets})))
     grid = sorted(cfg.budgets)
@@ -109,7 +115,7 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
         check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
     key = "adaptive_routing" if adaptive else "routing"
     manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
-                     "surrogate": cfg.surrogate and not adaptive}
+                     "surrogate": cfg.surrogate and not adaptive, **({"outtype": cfg.outtype} if cfg.outtype else {})}
     if cfg.surrogate and not adaptive:
         manifest[key]["surrogate_guided"] = guided_fraction(log)
     save_checkpoint(em, tok, out, manifest, overwrite=True)
@@ -117,7 +123,7 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     report = adaptive_router_report if adaptive else checked_router_report
     result = {"checkpoint": str(out), "metric": em.routers.metric,
               "budgets": report(em, windows, fractions, amp, progress), "log": log,
-              **{k: v for k, v in manifest[key].items() if k == "surrogate_guided"}}
+              **{k: v for k, v in manifest[key].items() if k in ("surrogate_guided", "outtype")}}
     name = "adaptive" if adaptive else "routing"
     atomic_write(out / f"{name}.json", lambda p: p.write_text(rows_json(result)))
     data = None if data is None else [str(Path(d).resolve()) if Path(d).exists() else d for d in data]

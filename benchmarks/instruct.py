@@ -1,0 +1,121 @@
+"""Does an instruct model stay an instruct model? The packaged SmolLM2-135M-Instruct, converted once,
+then elastic training at the demo's size (16 steps of 4 x 256 tokens, sandwich) with each kind of data
+at equal tokens:
+
+  prose       the packaged text only (--chat none, what training read before chat data existed);
+  chat        half the rows the teacher's own greedy answers to the packaged train prompts (--chat self,
+              the default for a model with a chat template), the loss on every token;
+  assistant   the same rows, the loss on the assistant's tokens only (--chat-loss assistant).
+
+Each model (and the converted one, before training) is compared with the original on held-out chat
+prompts at uniform sub-networks of each parameter budget (`flextron.behaviour`: greedy agreement of the
+first N tokens and of the first sentence, KL to the original over its own answers), and scored on the
+held-out prose and on off-domain text (the docstrings of a fixed list of Python standard modules:
+technical documentation, never trained on).
+
+    python benchmarks/instruct.py [--steps 16] [--prompts 64] [--variants prose,chat,assistant]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from _results import command_line, publish
+from flextron import api
+from flextron.behaviour import compare, reference
+from flextron.budgets import select_subnet
+from flextron.chat import packaged_prompts
+from flextron.checkpoint import load_checkpoint
+from flextron.data import heldout_windows, tokenize, windows
+from flextron.evaluate import perplexity
+from flextron.options import TrainOptions
+from flextron.space import Budget
+
+VARIANTS = {"prose": {"chat": "none"}, "chat": {"chat": "self"},
+            "assistant": {"chat": "self", "chat_loss": "assistant"}}
+DOC_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "csv", "dataclasses", "datetime", "email",
+               "functools", "http.client", "itertools", "json", "logging", "os", "pathlib", "pickle", "re",
+               "shutil", "socket", "sqlite3", "subprocess", "tarfile", "threading", "typing", "unittest",
+               "urllib.request", "xml.etree.ElementTree", "zipfile")
+
+
+def docs_text() -> str:
+    """Technical documentation: the docstrings of DOC_MODULES and of their public classes and functions."""
+    parts = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(v for k, v in sorted(vars(module).items()) if not k.startswith("_"))]:
+            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj) \
+                else None
+            if doc and len(doc) > 200 and doc not in parts:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def scores(ckpt: Path, budgets: list[str], ref, prose: torch.Tensor, docs: torch.Tensor) -> list[dict]:
+    em, tok, _ = load_checkpoint(ckpt)
+    rows = []
+    for b in budgets:
+        sub = select_subnet(em, Budget.parse(b))
+        with em.subnet(sub):
+            row = {"budget": b, **compare(em, tok, ref)}
+            row["ppl"] = perplexity(em, prose, progress=False)
+            row["ppl_docs"] = perplexity(em, docs, progress=False)
+        rows.append(row)
+        print(f"  {ckpt.parent.name if ckpt.name.startswith('step') else ckpt.name} {b}: {row}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps of every training run")
+    p.add_argument("--prompts", type=int, default=64, help="held-out chat prompts compared")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens of each greedy answer compared")
+    p.add_argument("--budgets", default="1.0,0.75,0.5", help="parameter budgets (uniform sub-networks)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--windows", type=int, default=8, help="held-out 1,024-token windows of each text")
+    p.add_argument("--work", default="/tmp/flextron-instruct")
+    a = p.parse_args()
+    work, budgets = Path(a.work), a.budgets.split(",")
+    t0 = time.time()
+    ckpt = work / "ckpt"
+    if not ckpt.is_dir():
+        api.convert(None, ckpt, calib_sequences=128, progress=False)
+    original, tok, _ = load_checkpoint(ckpt)  # at full width the converted model is the original's function
+    ref = reference(original, tok, packaged_prompts("eval", a.prompts), a.new_tokens)
+    prose = heldout_windows(tok, 1024, a.windows)
+    docs = windows(tokenize(tok, docs_text()), 1024, a.windows)
+    results = {"before": scores(ckpt, budgets, ref, prose, docs)}
+    for name in a.variants.split(","):
+        cfg = TrainOptions(max_steps=a.steps, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
+                           save_every=10**9, **VARIANTS[name])
+        started = time.time()
+        shutil.rmtree(work / name, ignore_errors=True)
+        final = api.train(ckpt, work / name, cfg, progress=False)["final"]
+        print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
+        results[name] = scores(Path(final), budgets, ref, prose, docs)
+    base = {r["budget"]: r for r in results["before"]}
+    lines = [f"Command: `{command_line('instruct.py', p, a)}` ({time.time() - t0:.0f} s on this machine). "
+             f"{a.prompts} held-out chat prompts, greedy answers of {a.new_tokens} tokens; the original's own "
+             "answers agree with themselves (1.00) at KL 0. Perplexity ratios are to the original (the converted "
+             "model at 100 %).", "",
+             "| data | budget | first sentence = original's | first N tokens = original's | KL to original | "
+             "prose ppl (x original) | docs ppl (x original) |", "|---|---|---|---|---|---|---|"]
+    full = base["1.0"] if "1.0" in base else results["before"][0]
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(f"| {name} | {float(r['budget']):.0%} | {r['agree_sentence']:.2f} | {r['agree_tokens']:.2f} | "
+                         f"{r['kl']:.3f} | {r['ppl']:.2f} ({r['ppl'] / full['ppl']:.2f}x) | "
+                         f"{r['ppl_docs']:.2f} ({r['ppl_docs'] / full['ppl_docs']:.2f}x) |")
+    publish("instruct", "instruct", {"args": vars(a), "results": results}, lines, smoke=False)
+
+
+if __name__ == "__main__":
+    main()
