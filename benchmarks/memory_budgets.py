@@ -24,8 +24,8 @@ from _results import command_line, publish
 from _variants import log, workspace
 from flextron import api, llamacpp
 from flextron.cost import MB, analytic_table
+from flextron.deployment import Deployment
 from flextron.elastic import ElasticModel
-from flextron.footprint import Deployment
 from flextron.fsutil import atomic_write
 from flextron.report import widths_cell
 

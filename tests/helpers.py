@@ -129,6 +129,11 @@ FAMILY_KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", *NEW_KINDS]
 LLAMA_KINDS = [k for k in FAMILY_KINDS if k != "gpt2"]
 
 
+# A chat template the tiny word-level tokenizer can read: every piece is a word of its vocabulary.
+TINY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}w2 {% else %}w1 {% endif %}"
+                 "{{ m['content'] }} [EOS] {% endfor %}{% if add_generation_prompt %}w2 {% endif %}")
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer of `VOCAB` pieces: [UNK], [EOS], w0 .. w125."""
     words = ["[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 2)]

@@ -14,8 +14,8 @@ from flextron.budgets import (
     uniform_subnet_for,
 )
 from flextron.cost import analytic_table, subnet_cost
+from flextron.deployment import Deployment
 from flextron.errors import FlextronError
-from flextron.footprint import Deployment
 from flextron.latency_table import LatencyTable
 from flextron.space import Budget, Subnet
 from helpers import make_elastic

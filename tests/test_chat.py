@@ -16,11 +16,8 @@ from flextron.chat import (
 )
 from flextron.errors import FlextronError
 from flextron.options import Sampling
-from helpers import make_elastic, make_tokenizer
+from helpers import TINY_TEMPLATE, make_elastic, make_tokenizer
 
-# A template the tiny word-level tokenizer can read: every piece is a word of its vocabulary.
-TINY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}w2 {% else %}w1 {% endif %}"
-                 "{{ m['content'] }} [EOS] {% endfor %}{% if add_generation_prompt %}w2 {% endif %}")
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"},
                 {"role": "assistant", "content": "Six."}]

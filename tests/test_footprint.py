@@ -158,7 +158,7 @@ def test_tensor_types_of_the_packaged_gemma3_q4_k_m_file(gemma3):
 
 
 def test_weight_types_are_the_export_types():
-    from flextron.footprint import WEIGHT_TYPES
+    from flextron.deployment import WEIGHT_TYPES
 
     assert set(WEIGHT_TYPES) == set(OUTTYPES)
 

@@ -8,8 +8,8 @@ import pytest
 from flextron import api, llamacpp
 from flextron.budgets import budget_target
 from flextron.cli import main
+from flextron.deployment import Deployment
 from flextron.errors import FlextronError
-from flextron.footprint import Deployment
 from flextron.gguf import write_gguf
 from flextron.space import Budget, Subnet
 from helpers import make_bpe_tokenizer, make_elastic

@@ -19,7 +19,7 @@ from flextron.routers import Routers, StaticRouter
 from flextron.space import Budget, ElasticSpace
 from flextron.train.elastic import sample_subnets
 from flextron.train.loop import STATE_FILE, checkpoints, prune_checkpoints
-from helpers import dead_pid, make_elastic, make_model, make_tokenizer, word_text
+from helpers import TINY_TEMPLATE, dead_pid, make_elastic, make_model, make_tokenizer, word_text
 
 FAST = dict(seq_len=32, micro_batch=2, lr=1e-3, warmup_steps=1, eval_limit=0, dtype="fp32")
 
@@ -437,7 +437,6 @@ def test_an_instruct_model_distils_on_its_own_answers_beside_the_text(setup, tmp
     """--chat auto on a tokenizer with a chat template: the teacher answers the prompts once (cached), and
     --chat-mix of each step's rows are those conversations; --chat-loss assistant masks the rest of them."""
     import flextron.train.elastic as elastic
-    from test_chat import TINY_TEMPLATE
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root, _, data = setup

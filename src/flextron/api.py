@@ -204,6 +204,7 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
         write_gguf(em, tok, subnet, out, o.outtype, overwrite=overwrite, name=Path(ckpt).resolve().name, info=info,
                    per_layer=per_layer)
         return out
+    info["cost"] = subnet_cost(em, subnet).to_dict()
     return export_model(em, tok, subnet, out, overwrite=overwrite, info=info)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flextron.cost import MEASURED, CostTable, analytic_table, fits
+from flextron.deployment import Deployment
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.routers import decode, project
@@ -66,7 +67,7 @@ def budget_target(em: ElasticModel, budget: Budget) -> tuple[CostTable, float]:
     full, smallest = table.full, table.smallest
     target = budget.fraction * full if budget.fraction is not None else budget.value
     if not fits(smallest, target):
-        at = f" at {em.deployment}" if table.metric == "memory_mb" else ""
+        at = f" at {em.deployment or Deployment()}" if table.metric == "memory_mb" else ""
         least = f" (or {table.metric}={smallest:.4g} or more)" if budget.value is not None else ""
         raise FlextronError(
             f"budget {budget} is below the smallest sub-network ({smallest / full:.1%} of the full model's "

@@ -21,8 +21,8 @@ from rich.table import Table
 from transformers.utils import logging as hf_logging
 
 from flextron import __version__, api, demo
+from flextron.deployment import Deployment
 from flextron.errors import FlextronError
-from flextron.footprint import Deployment
 from flextron.fsutil import atomic_write, check_target
 from flextron.options import (
     ConvertOptions,

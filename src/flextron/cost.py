@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from flextron import footprint
+from flextron.deployment import Deployment
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from flextron.footprint import Deployment
 from flextron.space import ElasticSpace, Subnet
 
 ANALYTIC = ("params", "flops", "kv_bytes", "decode_bytes", "memory_mb")
@@ -214,7 +214,7 @@ def _attn_stand_in(graph: str | None, layer: int) -> int:
 def memory_parts(em: ElasticModel, subnet: Subnet, deployment: Deployment | None = None) -> dict[str, int]:
     """memory_mb of `subnet` at `deployment` (default: the model's) in bytes, split as llama.cpp reports
     what it allocates: `weights` (its model size), `kv` (the KV cache), `buffers` (output and compute)."""
-    deployment = deployment or em.deployment
+    deployment = deployment or em.deployment or Deployment()
     total = round(analytic_table(em, "memory_mb", deployment=deployment)(subnet) * MB)
     graph = footprint.per_layer_arch(em)
     kv = sum(footprint.kv_bytes(b.attn_heads(a or _attn_stand_in(graph, i))[1], b.geometry.head_dim, deployment)
@@ -284,7 +284,7 @@ def analytic_table(em: ElasticModel, metric: str, context: int = 1024, kv_dtype_
     if metric not in ANALYTIC:
         raise FlextronError(f"unknown cost metric {metric!r}; use one of {', '.join(ANALYTIC + MEASURED)}")
     if metric == "memory_mb":
-        return _memory_table(em, deployment or em.deployment)
+        return _memory_table(em, deployment or em.deployment or Deployment())
     return _per_hidden(em, metric, lambda hidden: _terms(em, metric, hidden, context, kv_dtype_bytes,
                                                          weight_dtype_bytes))
 
@@ -296,7 +296,7 @@ class Cost:
     flops_per_token: int
     kv_bytes_per_token: int
     decode_bytes_per_token: int
-    memory_bytes: int  # at the model's deployment (em.deployment)
+    memory_bytes: int | None  # at the model's deployment (em.deployment); None where llama.cpp cannot run it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +308,12 @@ def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1
     embeddings and LM head, `params_nonembed` without, whichever of the two the params metric is."""
     subnet = subnet or em.space.full()
     em.space.validate(subnet)
-    value = {m: analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet) for m in ANALYTIC}
+    value = {m: analytic_table(em, m, context, kv_dtype_bytes, weight_dtype_bytes)(subnet) for m in ANALYTIC
+             if m != "memory_mb"}
+    try:
+        memory = round(analytic_table(em, "memory_mb")(subnet) * MB)
+    except FlextronError:  # a model llama.cpp cannot run (e.g. Gemma 1 converted as llama) has no memory
+        memory = None
     embeddings = _embedding_params(em, subnet.hidden)
     nonembed = int(value["params"]) - (embeddings if em.space.hidden else 0)
     return Cost(
@@ -317,5 +322,5 @@ def subnet_cost(em: ElasticModel, subnet: Subnet | None = None, context: int = 1
         flops_per_token=int(value["flops"]),
         kv_bytes_per_token=int(value["kv_bytes"]),
         decode_bytes_per_token=int(value["decode_bytes"]),
-        memory_bytes=round(value["memory_mb"] * MB),
+        memory_bytes=memory,
     )

@@ -29,12 +29,12 @@ from torch import Tensor, nn
 
 from flextron.errors import FlextronError
 from flextron.families import AttnGeometry, Branch, Family, Proj, detect_family
-from flextron.footprint import Deployment
 from flextron.hidden import HiddenAxis, ModuleView
 from flextron.modeling_flextron import skipped_attention_forward, skipped_mlp_forward
 from flextron.space import ElasticSpace, Subnet
 
 if TYPE_CHECKING:  # loaded with a checkpoint, built on this module
+    from flextron.deployment import Deployment
     from flextron.latency_table import LatencyTable
     from flextron.routers import Routers
 
@@ -487,7 +487,7 @@ class ElasticModel(nn.Module):
         # llama.cpp deployment memory budgets are priced at (the command's options set it).
         self.latency: LatencyTable | None = None
         self.routers: Routers | None = None
-        self.deployment = Deployment()
+        self.deployment: Deployment | None = None  # None: footprint.Deployment()'s defaults
         self.axis: HiddenAxis | None = None  # built once a space has hidden-size choices
         if space is None:  # the default choices of each layer's own size (exports may differ per layer)
             spaces = [ElasticSpace.default(1, max(1, b.mlp.n_units), max(1, b.attn.n_units),

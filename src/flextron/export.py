@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from flextron.cost import subnet_cost
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_dir, file_sha256
@@ -216,10 +215,9 @@ def export(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet,
            overwrite: bool = False, info: dict | None = None) -> Path:
     """Write `subnet` as a standalone HF directory (weights, config, tokenizer, generation config).
 
-    `info` is added to the directory's `flextron_export.json` (e.g. source checkpoint, budget).
+    `info` is added to the directory's `flextron_export.json` (e.g. source checkpoint, budget, cost).
     """
     em.space.validate(subnet)
-    cost = subnet_cost(em, subnet)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         model = build_model(em, subnet)
         model.save_pretrained(tmp)
@@ -230,7 +228,6 @@ def export(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Subnet,
             "architecture": type(model).__name__,
             "per_layer": type(model).__name__ in {m.__name__ for _, m in PER_LAYER.values()},
             "subnet": subnet.to_dict(),
-            "cost": cost.to_dict(),
             **(info or {}),
         }
         if (tmp / MODELING_FILE).is_file():  # what `trust_remote_code=True` would run: recorded, checked on load

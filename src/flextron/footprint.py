@@ -19,26 +19,20 @@ allocates beside them, at a `Deployment` (weight type, context, batch, KV cache 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from flextron.deployment import Deployment
 from flextron.errors import FlextronError
 
 if TYPE_CHECKING:
     from flextron.elastic import ElasticLinear, ElasticModel, ElasticPart
     from flextron.space import Subnet
 
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # = flextron.options.OUTTYPES
-KV_TYPES = ("f16", "q8_0", "q4_0", "f32")
 _CONVERTED = ("f32", "f16", "bf16", "q8_0")  # encoded by flextron.gguf itself; the rest by llama.cpp's quantizer
 _DEFAULT_TYPE = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q4_k_m": "q4_k", "q4_0": "q4_0"}  # llama_ftype_get_default_type
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # tensor_type_fallback
-UBATCH = 512  # llama.cpp's default micro-batch (-ub)
-_CELL_PAD = 256  # llama.cpp pads the context (and each sequence's cells) to this
-
-
 def block(ggml_type: str) -> tuple[int, int]:
     """(values per block, bytes per block) of a GGML type (gguf's table, llama.cpp's block sizes)."""
     import gguf
@@ -52,46 +46,6 @@ def row_bytes(ggml_type: str, n: int) -> int:
     if n % size:
         raise FlextronError(f"a row of {n} values is not a whole number of {ggml_type} blocks of {size}")
     return n // size * nbytes
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """A llama.cpp deployment a memory budget is priced at: GGUF weights of `weight_type` (an
-    `export --outtype`), a KV cache of `context` tokens for each of `batch` sequences at `kv_type`."""
-
-    weight_type: str = "f32"
-    context: int = 4096  # llama.cpp's default -c
-    batch: int = 1
-    kv_type: str = "f16"
-
-    def __post_init__(self) -> None:
-        if self.weight_type not in WEIGHT_TYPES:
-            raise FlextronError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, not {self.weight_type!r}")
-        if self.kv_type not in KV_TYPES:
-            raise FlextronError(f"KV cache type must be one of {', '.join(KV_TYPES)}, not {self.kv_type!r}")
-        for name in ("context", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FlextronError(f"--{name} must be a positive integer, got {value!r}")
-
-    def __str__(self) -> str:
-        seqs = f" x {self.batch} sequences" if self.batch > 1 else ""
-        return f"{self.weight_type} weights, {self.context}-token {self.kv_type} KV cache{seqs}"
-
-    @property
-    def seq_cells(self) -> int:
-        """KV cells of one sequence: llama.cpp's n_ctx_seq (one stream per sequence)."""
-        n_ctx = _pad(self.context * self.batch)
-        return n_ctx if self.batch == 1 else _pad(n_ctx // self.batch)
-
-    @property
-    def ubatch(self) -> int:
-        """Tokens of the micro-batch llama.cpp reserves its compute buffer for (at most the context)."""
-        return min(UBATCH, self.context * self.batch)
-
-
-def _pad(n: int) -> int:
-    return -(-n // _CELL_PAD) * _CELL_PAD
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -150,7 +104,11 @@ def _own_arch(em: ElasticModel) -> str:
     from flextron.families import PER_LAYER_PREFIX
     from flextron.gguf import UNIFORM_ARCH
 
-    return UNIFORM_ARCH[em.config.model_type.removeprefix(PER_LAYER_PREFIX)]
+    model_type = em.config.model_type.removeprefix(PER_LAYER_PREFIX)
+    if model_type not in UNIFORM_ARCH:
+        raise FlextronError(f"a {model_type} model has no llama.cpp architecture, so its llama.cpp memory cannot be "
+                            "priced; give a params, flops, kv_bytes or decode_bytes budget")
+    return UNIFORM_ARCH[model_type]
 
 
 def gguf_names(em: ElasticModel) -> dict[int, str]:
@@ -196,10 +154,9 @@ def _tied(em: ElasticModel, graph: str | None) -> bool:
 def in_own_graph(em: ElasticModel, subnet: Subnet) -> bool:
     """Whether `export --format gguf` writes `subnet` in the family's own architecture (`--graph auto`)."""
     from flextron.gguf import in_own_arch
-    from flextron.latency_table import per_layer_graph
 
-    try:
-        return in_own_arch(em, subnet) and not per_layer_graph(em, subnet, "auto")
+    try:  # --graph auto (`latency_table.per_layer_graph`): deci where the llama.cpp table says it is faster
+        return in_own_arch(em, subnet) and not (em.latency is not None and em.latency.deci_faster(subnet))
     except FlextronError:
         return False
 

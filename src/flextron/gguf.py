@@ -490,7 +490,7 @@ def write_gguf(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, subnet: Sub
 
     def write(tmp: Path, outtype: str = outtype) -> None:
         if outtype not in _ENCODED:  # llama.cpp quantizes an f32 export, written beside its output and removed
-            from flextron.llamacpp import quantize
+            from flextron.llamacpp_binding import quantize
 
             source = tmp.with_name(f"{tmp.name}-f32")
             try:

@@ -1,10 +1,8 @@
 """The llama.cpp runtime (through `llama-cpp-python`): load a GGUF, logits, greedy decoding, timing,
-the latency table of a checkpoint's sub-networks as GGUF exports, and llama.cpp's own quantizer."""
+and the latency table of a checkpoint's sub-networks as GGUF exports."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import statistics
 import tempfile
@@ -18,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flextron.deployment import Deployment
 from flextron.errors import FlextronError
-from flextron.footprint import Deployment
 from flextron.gguf import gguf_arch, in_own_arch, write_gguf
 from flextron.latency import StockGraph, trimmed_mean
 from flextron.latency import profile as fit_table
+from flextron.llamacpp_binding import _LOG_INFO, _llama_cpp, _log_lines, default_threads  # noqa: F401  (default_threads: part of this module's API)
 from flextron.options import ProfileOptions
 
 if TYPE_CHECKING:
@@ -33,61 +32,8 @@ if TYPE_CHECKING:
 RUNTIME = "llama.cpp"
 
 
-def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise FlextronError("the llama.cpp runtime needs llama-cpp-python: pip install 'flextron[gguf]' "
-                            "(it builds from source with cmake and g++, a few minutes)") from None
-    return llama_cpp
-
-
-def quantize(source: Path, out: Path, outtype: str) -> None:
-    """llama.cpp's quantizer (`llama-quantize`, its default tensor mix for the type, every core) on the GGUF
-    `source`, written to `out`: `outtype` one of llama.cpp's file types (q4_k_m -> LLAMA_FTYPE_MOSTLY_Q4_K_M).
-    Its per-tensor log is kept quiet; a failure is one FlextronError line with llama.cpp's reason."""
-    llama_cpp = _llama_cpp()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
-    params.nthread = default_threads()
-    with _log_lines() as problems:
-        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
-    if failed:
-        reason = " ".join(problems[-1].split()) if problems else "no reason given"
-        raise FlextronError(f"llama.cpp could not quantize the export to {outtype} ({reason}); export with "
-                            "another --outtype")
-
-
-_LOG_INFO, _LOG_WARN = 2, 3  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
-
-
-@contextmanager
-def _log_lines(lowest: int = _LOG_WARN) -> Iterator[list[str]]:
-    """llama.cpp's log within the block: nothing printed, its lines of level `lowest` up to errors
-    (by default its warnings and errors) collected."""
-    llama_cpp = _llama_cpp()
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if lowest <= level < 5:
-            lines.append(text.decode("utf-8", "replace"))
-
-    callback, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(data))
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(callback, data)
-
-
 def runtime_version() -> str:
     return f"{RUNTIME} (llama-cpp-python {_llama_cpp().__version__})"
-
-
-def default_threads() -> int:
-    return os.cpu_count() or 1
 
 
 def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, exact: bool = False,

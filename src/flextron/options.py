@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from flextron.deployment import KV_TYPES, Deployment
 from flextron.errors import FlextronError
-from flextron.footprint import KV_TYPES, Deployment
 from flextron.fsutil import atomic_write
 from flextron.space import ATTN_UNITS
 
