@@ -387,7 +387,7 @@ def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
     in that graph."""
     from flextron.budgets import uniform_subnet_for
     from flextron.cost import fits
-    from flextron.latency_table import per_layer_graph
+    from flextron.gguf import per_layer_graph
     from flextron.routers import Choices, project
 
     em = make_elastic()

@@ -195,8 +195,7 @@ def export(ckpt: str | Path, budget: str | float | None, out: str | Path, option
                         hidden=None if hidden == em.hidden_size else hidden)
     info = {"source_checkpoint": str(ckpt), "budget": None if budget is None else str(Budget.parse(budget))}
     if o.format == "gguf":
-        from flextron.gguf import write_gguf
-        from flextron.latency_table import per_layer_graph
+        from flextron.gguf import per_layer_graph, write_gguf
 
         per_layer = per_layer_graph(em, subnet, o.graph)
         # What llama.cpp will allocate for it at the deployment (bytes), as a memory budget prices it.

@@ -153,10 +153,10 @@ def _tied(em: ElasticModel, graph: str | None) -> bool:
 
 def in_own_graph(em: ElasticModel, subnet: Subnet) -> bool:
     """Whether `export --format gguf` writes `subnet` in the family's own architecture (`--graph auto`)."""
-    from flextron.gguf import in_own_arch
+    from flextron.gguf import in_own_arch, per_layer_graph
 
-    try:  # --graph auto (`latency_table.per_layer_graph`): deci where the llama.cpp table says it is faster
-        return in_own_arch(em, subnet) and not (em.latency is not None and em.latency.deci_faster(subnet))
+    try:
+        return in_own_arch(em, subnet) and not per_layer_graph(em, subnet, "auto")
     except FlextronError:
         return False
 

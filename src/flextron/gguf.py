@@ -153,6 +153,19 @@ def gguf_arch(em: ElasticModel, subnet: Subnet, per_layer: bool = False) -> str:
     return "deci"
 
 
+def per_layer_graph(em: ElasticModel, subnet: Subnet, graph: str) -> bool:
+    """The graph rule of `export --format gguf --graph GRAPH`: whether `subnet` is written in the
+    per-layer graph (`deci`) although the family's own could hold it: `deci` asked, or `auto` and the
+    checkpoint's llama.cpp table says `deci` decodes it faster. (A sub-network the family's own graph
+    cannot hold is written per-layer in any case; `own` refuses it.)"""
+    if graph == "own":
+        if not in_own_arch(em, subnet):
+            raise FlextronError(f"llama.cpp's {em.config.model_type} graph cannot hold this sub-network (per-layer "
+                                "sizes or head counts); export it with --graph auto or deci")
+        return False
+    return graph == "deci" or (em.latency is not None and em.latency.deci_faster(subnet))
+
+
 def _own_needs(own: str) -> str:
     """What llama.cpp's `own` architecture needs of a sub-network, in words."""
     needs = "the same MLP width and heads in every layer, no skipped sub-layer"

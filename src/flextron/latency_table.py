@@ -530,16 +530,3 @@ def check_weight_type(table: LatencyTable | None, metric: str, outtype: str | No
     raise FlextronError(f"the {metric} budgets are priced by the llama.cpp latency table timed at {table.outtype} "
                         f"weights, not {outtype}: use --outtype {table.outtype}, or profile at {outtype} first "
                         f"(flextron profile CKPT --runtime llama.cpp --outtype {outtype})")
-
-
-def per_layer_graph(em: ElasticModel, subnet: Subnet, graph: str) -> bool:
-    """The graph rule of `export --format gguf --graph GRAPH`: whether `subnet` is written in the
-    per-layer graph (`deci`) although the family's own could hold it: `deci` asked, or `auto` and the
-    checkpoint's llama.cpp table says `deci` decodes it faster. (A sub-network the family's own graph
-    cannot hold is written per-layer in any case; `own` refuses it.)"""
-    if graph == "own":
-        if not in_own_arch(em, subnet):
-            raise FlextronError(f"llama.cpp's {em.config.model_type} graph cannot hold this sub-network (per-layer "
-                                "sizes or head counts); export it with --graph auto or deci")
-        return False
-    return graph == "deci" or (em.latency is not None and em.latency.deci_faster(subnet))

@@ -21,7 +21,7 @@ from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, in_own_arch, write_gguf
 from flextron.latency import StockGraph, trimmed_mean
 from flextron.latency import profile as fit_table
-from flextron.llamacpp_binding import _LOG_INFO, _llama_cpp, _log_lines, default_threads  # noqa: F401  (default_threads: part of this module's API)
+from flextron.llamacpp_binding import LOG_INFO, default_threads, library, log_lines
 from flextron.options import ProfileOptions
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ RUNTIME = "llama.cpp"
 
 
 def runtime_version() -> str:
-    return f"{RUNTIME} (llama-cpp-python {_llama_cpp().__version__})"
+    return f"{RUNTIME} (llama-cpp-python {library().__version__})"
 
 
 def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, exact: bool = False,
@@ -46,7 +46,7 @@ def load(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, exac
 
     `all_logits` keeps every position's logits (`logits`); otherwise only the last one is computed.
     """
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     if not Path(path).is_file():
         raise FlextronError(f"{path} is not a GGUF file")
     threads = threads or default_threads()
@@ -74,7 +74,7 @@ def allocated(path: str | Path, deployment: Deployment) -> dict[str, int]:
     sequence for `batch` sequences at `kv_type`; flash attention, its default 512-token micro-batch), in
     bytes: `weights` (its model size, exact) and the `kv`, `output` and `compute` buffers its log reports
     (MiB to 2 decimals)."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     if not Path(path).is_file():
         raise FlextronError(f"{path} is not a GGUF file")
     params = llama_cpp.llama_context_default_params()
@@ -82,7 +82,7 @@ def allocated(path: str | Path, deployment: Deployment) -> dict[str, int]:
     params.n_threads = params.n_threads_batch = 1
     params.type_k = params.type_v = getattr(llama_cpp, f"GGML_TYPE_{deployment.kv_type.upper()}")
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    with _log_lines(_LOG_INFO) as lines:
+    with log_lines(LOG_INFO) as lines:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
         if not model:
             raise FlextronError(f"llama.cpp cannot load {path}")
@@ -106,7 +106,7 @@ def allocated(path: str | Path, deployment: Deployment) -> dict[str, int]:
 
 def last_logits(llm) -> np.ndarray:
     """Logits after the last evaluated token."""
-    ptr = _llama_cpp().llama_get_logits_ith(llm.ctx, -1)
+    ptr = library().llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from flextron.errors import FlextronError
 
 
-def _llama_cpp():
+def library():
+    """The `llama_cpp` module, refused in one line where llama-cpp-python is not installed."""
     try:
         import llama_cpp
     except ImportError:
@@ -26,11 +27,11 @@ def quantize(source: Path, out: Path, outtype: str) -> None:
     """llama.cpp's quantizer (`llama-quantize`, its default tensor mix for the type, every core) on the GGUF
     `source`, written to `out`: `outtype` one of llama.cpp's file types (q4_k_m -> LLAMA_FTYPE_MOSTLY_Q4_K_M).
     Its per-tensor log is kept quiet; a failure is one FlextronError line with llama.cpp's reason."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
     params.nthread = default_threads()
-    with _log_lines() as problems:
+    with log_lines() as problems:
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if failed:
         reason = " ".join(problems[-1].split()) if problems else "no reason given"
@@ -38,14 +39,14 @@ def quantize(source: Path, out: Path, outtype: str) -> None:
                             "another --outtype")
 
 
-_LOG_INFO, _LOG_WARN = 2, 3  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+LOG_INFO, LOG_WARN = 2, 3  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 
 
 @contextmanager
-def _log_lines(lowest: int = _LOG_WARN) -> Iterator[list[str]]:
+def log_lines(lowest: int = LOG_WARN) -> Iterator[list[str]]:
     """llama.cpp's log within the block: nothing printed, its lines of level `lowest` up to errors
     (by default its warnings and errors) collected."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     lines: list[str] = []
 
     @llama_cpp.llama_log_callback
