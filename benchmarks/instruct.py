@@ -5,7 +5,9 @@ at equal tokens:
   prose       the packaged text only (--chat none, what training read before chat data existed);
   chat        half the rows the teacher's own greedy answers to the packaged train prompts (--chat self,
               the default for a model with a chat template), the loss on every token;
-  assistant   the same rows, the loss on the assistant's tokens only (--chat-loss assistant).
+  assistant   the same rows, the loss on the assistant's tokens only (--chat-loss assistant);
+  NAME:K=V;K=V  a variant with other training options (e.g. chat:full_weight=1;lr=1e-5): which schedule
+              keeps the full budget the original.
 
 Each model (and the converted one, before training) is compared with the original on held-out chat
 prompts at uniform sub-networks of each parameter budget (`flextron.behaviour`: greedy agreement of the
@@ -13,7 +15,7 @@ first N tokens and of the first sentence, KL to the original over its own answer
 held-out prose and on off-domain text (the docstrings of a fixed list of Python standard modules:
 technical documentation, never trained on).
 
-    python benchmarks/instruct.py [--steps 16] [--prompts 64] [--variants prose,chat,assistant]
+    python benchmarks/instruct.py [--steps 16] [--prompts 64] [--variants prose,chat,assistant,chat:lr=1e-5]
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def docs_text() -> str:
     return "\n\n".join(parts)
 
 
+def variant(spec: str) -> dict:
+    """The training options of a --variants entry: a named variant, then any K=V overrides."""
+    name, _, overrides = spec.partition(":")
+    options = dict(VARIANTS[name])
+    for item in filter(None, overrides.split(";")):
+        key, _, value = item.partition("=")
+        kind = type(TrainOptions.__dataclass_fields__[key].default)
+        options[key] = kind(value)
+    return options
+
+
 def scores(ckpt: Path, budgets: list[str], ref, prose: torch.Tensor, docs: torch.Tensor) -> list[dict]:
     em, tok, _ = load_checkpoint(ckpt)
     rows = []
@@ -95,10 +108,11 @@ def main() -> None:
     results = {"before": scores(ckpt, budgets, ref, prose, docs)}
     for name in a.variants.split(","):
         cfg = TrainOptions(max_steps=a.steps, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
-                           save_every=10**9, **VARIANTS[name])
+                           save_every=10**9, **variant(name))
         started = time.time()
-        shutil.rmtree(work / name, ignore_errors=True)
-        final = api.train(ckpt, work / name, cfg, progress=False)["final"]
+        run = work / name.replace(":", "-").replace(";", "-")
+        shutil.rmtree(run, ignore_errors=True)
+        final = api.train(ckpt, run, cfg, progress=False)["final"]
         print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
         results[name] = scores(Path(final), budgets, ref, prose, docs)
     base = {r["budget"]: r for r in results["before"]}

@@ -58,7 +58,8 @@ def trained_routers():
     # Tiny random models tell architectures apart only a little: a loose threshold lets the
     # surrogate guide some steps and not others (its error hovers around 0.3-0.5 here).
     cfg = RouteOptions(budgets=(0.4, 0.6, 0.8, 1.0), metric="params", steps=100, joint_steps=4, seq_len=16,
-                       micro_batch=2, dtype="fp32", router_lr=1e-2, surrogate_warmup=32, surrogate_threshold=0.4)
+                       micro_batch=2, dtype="fp32", router_lr=1e-2, surrogate=True, surrogate_warmup=32,
+                       surrogate_threshold=0.4)
     routers, log = train_routers(em, teacher, data, cfg, progress=False)
     em.routers = routers
     return em, routers, log, tok

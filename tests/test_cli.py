@@ -331,3 +331,19 @@ def test_an_empty_list_option_is_refused_in_one_line(elastic_ckpt, capsys):
         assert exit_.value.code == 2 and "expected one or more comma-separated values" in capsys.readouterr().err
     with pytest.raises(FlextronError, match="--budgets needs at least one value"):
         api.evaluate(ckpt, budgets=(), limit=1, seq_len=16, device="cpu")
+
+
+def test_the_perplexity_table_gives_every_size_as_a_share_of_the_original(capsys):
+    """An export evaluated alone is 100 % of itself; beside the original its row says its own budget and share."""
+    from flextron.cli import print_ppl
+    from flextron.results import EvalRow
+    from flextron.space import Budget, Subnet
+
+    def row(budget: str, params: float, fraction: float) -> EvalRow:
+        return EvalRow(budget=Budget.parse(budget), subnet=Subnet(mlp=[8, 16], attn=[1, 2]),
+                       cost={"params_nonembed": params}, params_fraction=fraction, ppl=30.0)
+
+    original = row("1.0", 100e6, 1.0)
+    print_ppl([original], original, label="prune only", more={"export": [row("0.82", 62e6, 1.0)]})
+    export = next(line for line in capsys.readouterr().out.splitlines() if "export" in line)
+    assert "82%" in export and "(62%)" in export and "100%" not in export

@@ -49,6 +49,7 @@ def test_demo_pipeline_routes_exports_and_evaluates(demo):
     half = next(r for r in demo["flextron"] if str(r.budget) == f"{float(demo['export_budget']):.0%}")
     # The exported directory is the same sub-network the elastic checkpoint runs at that budget.
     assert abs(demo["export_eval"].ppl / half.ppl - 1) < 1e-3
+    assert demo["export_eval"].budget == half.budget  # its row names the budget it was exported at
     report = Path(demo["report"])
     assert (report.parent / "pareto.png").is_file()
     text = report.read_text()

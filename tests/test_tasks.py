@@ -98,8 +98,11 @@ def test_encode_pair_moves_trailing_space_to_the_continuation():
     assert ctx == [tok.eos_token_id] and cont == tok.encode("w5", add_special_tokens=False)
 
 
-def test_batched_loglikelihoods_equal_one_at_a_time():
-    model, tok = make_model("llama"), make_tokenizer()
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "phi3", "gpt2"])
+def test_batched_loglikelihoods_equal_one_at_a_time(kind):
+    """Batched, right-padded, and only the continuation's positions through the LM head: the same scores as
+    one whole sequence at a time through the HF model."""
+    model, tok = make_model(kind), make_tokenizer()
     pairs = [p for d, _ in random_docs(6) for p in d]
     got = loglikelihoods(model, tok, pairs, batch_size=5, progress=False)
     for (ctx, cont), (ll, greedy) in zip(pairs, got):

@@ -476,3 +476,30 @@ def test_an_instruct_model_distils_on_its_own_answers_beside_the_text(setup, tmp
 def test_chat_options_are_checked():
     with pytest.raises(FlextronError, match="--chat takes auto, self, none or a .jsonl"):
         TrainOptions(max_steps=1, chat="chats.txt")
+
+
+def test_full_weight_weighs_the_full_sub_networks_gradient():
+    """--full-weight w: the step's gradient is (w * the full model's + each other sub-network's) / (w + others)."""
+    from flextron.train.elastic import distill_step
+
+    em, teacher = make_elastic(), make_elastic()
+    teacher.requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    full, small = em.space.full(), em.space.smallest()
+    torch.manual_seed(0)
+    with torch.no_grad():  # at the start the full model is the teacher and has no gradient: move it away
+        for p in em.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def grads(subnets, full_weight):
+        em.zero_grad(set_to_none=True)
+        loss, _ = distill_step(em, em, teacher, [ids], subnets, TrainOptions(max_steps=1, full_weight=full_weight,
+                                                                                **FAST), torch.device("cpu"))
+        return loss, torch.cat([p.grad.flatten() for p in em.parameters() if p.grad is not None])
+
+    loss_full, g_full = grads([full], 1.0)
+    loss_small, g_small = grads([small], 1.0)
+    loss, g = grads([full, small], 3.0)
+    assert loss == pytest.approx((3 * loss_full + loss_small) / 4, rel=1e-5)
+    torch.testing.assert_close(g, (3 * g_full + g_small) / 4, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(g, (g_full + g_small) / 2, rtol=1e-3, atol=1e-6)

@@ -100,7 +100,8 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)  # --data given relative to here; routing.yaml must replay from anywhere
     assert main(["route", str(ckpt), "--out", str(tmp_path / "routed"), "--data", "data.txt", "--steps", "20",
                  "--joint-steps", "2", "--seq-len", "16", "--micro-batch", "2", "--eval-limit", "1",
-                 "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu"]) == 0
+                 "--budgets", "0.5,1.0", "--metric", "params", "--dtype", "fp32", "--device", "cpu",
+                 "--surrogate"]) == 0
     shown = capsys.readouterr().out
     assert "Routed sub-networks" in shown and "uniform" in shown and "kept" in shown and "The surrogate guided" in shown
     routed, _, manifest = load_checkpoint(tmp_path / "routed")

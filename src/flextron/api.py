@@ -299,10 +299,10 @@ def route(ckpt: str | Path, cfg: RouteOptions | None = None, data: list[str] | N
           out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
           unseen: tuple[float, ...] | None = None, adaptive: bool = False, progress: bool = True,
           **overrides: Any) -> dict:
-    """Train static routers (surrogate-guided) and fine-tune jointly; per budget keep the better of
-    the routed and the largest uniform sub-network on held-out training rows; store them in the
-    checkpoint (or in `out`) and report, per budget, the kept sub-network, its cost and held-out
-    perplexity.
+    """Train static routers (straight through the LLM, or surrogate-guided) and fine-tune jointly; per
+    budget keep the better of the routed and the largest uniform sub-network on held-out training rows;
+    store them in the checkpoint (or in `out`) and report, per budget, the kept sub-network, its cost and
+    held-out perplexity.
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead and
     report them against the static router at the same realised cost; see `flextron.train.routers.route`.

@@ -133,8 +133,11 @@ def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str =
         table.add_row("original", "-", "-", "-", _human(original.cost["params_nonembed"]), f"{original.ppl:.2f}")
     for name, group in groups.items():
         for r in group:
+            # Beside the original every size is a share of it (an export alone is 100 % of itself).
+            share = (r.params_fraction if original is None
+                     else r.cost["params_nonembed"] / original.cost["params_nonembed"])
             table.add_row(name, str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn),
-                          f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
+                          f"{_human(r.cost['params_nonembed'])} ({share:.0%})",
                           f"{r.ppl:.2f}" if r.ppl is not None else "-",
                           *([f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data else []))
     console.print(table)

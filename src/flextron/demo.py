@@ -46,8 +46,7 @@ PRESETS = {
         convert=ConvertOptions(calib_sequences=16, calib_seq_len=128, dtype="auto"),
         train=TrainOptions(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE,
                            chat_tokens=32),
-        route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, surrogate_warmup=8,
-                           check_sequences=2),
+        route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, check_sequences=2),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
         eval_windows=2, budgets=("1.0", "0.5"), chat=(4, 8),
     ),
@@ -57,7 +56,7 @@ PRESETS = {
         convert=ConvertOptions(calib_sequences=128, dtype="auto"),
         train=TrainOptions(max_steps=16, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
                            save_every=_NO_SAVE),
-        route=RouteOptions(steps=20, joint_steps=2, surrogate_warmup=12, check_sequences=8),
+        route=RouteOptions(steps=20, joint_steps=2, check_sequences=8),
         profile={"repeats": 2},
     ),
     "bench": Preset(
@@ -111,7 +110,8 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
     gguf = api.export(out / "elastic", export_budget, out / f"export-{export_budget}.gguf", overwrite=True,
                       format="gguf")
     speed = export_speed(out / "elastic", gguf, export_budget, p.profile, device)
-    export_row = api.evaluate(exported, budgets=["1.0"], **ev)[0]
+    # The export alone is 100 % of itself: its row names the budget it was exported at.
+    export_row = replace(api.evaluate(exported, budgets=["1.0"], **ev)[0], budget=Budget.parse(export_budget))
     result = {
         "preset": preset, "converted": str(ckpt), "checkpoint": str(out / "elastic"), "export": str(exported),
         "export_budget": export_budget, "gguf": str(gguf), "export_speed": speed,

@@ -403,6 +403,10 @@ class TrainOptions(Autocast):
                         "(MatFormer baseline), budgets (routed budgets), fixed (the first budget only)",
                         choices=SAMPLING)
     n_random: int = opt(2, "random sub-networks per step besides the full and the smallest", **_NON_NEGATIVE)
+    full_weight: float = opt(16.0, "weight of the full sub-network's loss against each other sub-network's: "
+                                    "keeps the full budget closer to the original (16 halved its KL to the "
+                                    "original on SmolLM2 at no cost at 50 %, docs/results.md \"instruct\")",
+                             **_POSITIVE_FLOAT)
     mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
                                "(what adaptive routing runs; at full-width compute)", **_NON_NEGATIVE)
     chat: str = opt("auto", "chat-format distillation data beside the text: a .jsonl of {\"messages\": [...]} "
@@ -474,7 +478,9 @@ class RouteOptions(Deployed, Autocast):
     tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end", **_POSITIVE_FLOAT)
     budget_weight: float = opt(10.0, "weight of the budget penalty", **_NON_NEGATIVE)
     tolerance: float = opt(0.01, "|expected cost / target - 1| below this costs nothing", **_NON_NEGATIVE)
-    surrogate: bool = opt(True, "guide routers by a loss surrogate (off: straight-through Gumbel through the LLM)")
+    surrogate: bool = opt(False, "guide routers by a loss surrogate while it is accurate (off: straight-through "
+                                 "Gumbel through the LLM at every step; on SmolLM2 at 100-200 router steps the "
+                                 "surrogate never became accurate enough to guide: docs/results.md)")
     surrogate_threshold: float = opt(0.25, "surrogate error / the loss's spread under which routers follow it",
                                      **_NON_NEGATIVE)
     surrogate_warmup: int = opt(64, "random architectures the surrogate is fitted on before router steps",

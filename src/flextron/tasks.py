@@ -182,11 +182,14 @@ def loglikelihoods(model: nn.Module, tok: PreTrainedTokenizerBase, pairs: list[t
         # The context of row i: what its input holds before the continuation's first token is predicted.
         routed = {"prompt_lengths": [max(1, len(encoded[i][0]) - len(encoded[i][1]) + 1) for i in idx]} \
             if isinstance(model, AdaptiveLM) else {}
+        # Only the positions that predict a continuation token reach the LM head: at a large
+        # vocabulary the head over every context position costs more than the rest of the model.
+        keep = width - min(len(encoded[i][0]) - len(encoded[i][1]) for i in idx)
         with autocast(device, autocast_dtype):
-            logits = model(input_ids=batch, use_cache=False, **routed).logits
+            logits = model(input_ids=batch, use_cache=False, logits_to_keep=keep, **routed).logits
         for row, i in enumerate(idx):
             inp, cont = encoded[i]
-            pos = torch.arange(len(inp) - len(cont), len(inp), device=device)
+            pos = torch.arange(len(inp) - len(cont), len(inp), device=device) - (width - keep)
             logp = F.log_softmax(logits[row, pos].float(), dim=-1)
             target = torch.tensor(cont, device=device)
             results[i] = (logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))

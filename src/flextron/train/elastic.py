@@ -68,11 +68,14 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
                  subnets: list[Subnet], cfg: TrainOptions, device: torch.device,
                  masks: list[Tensor | None] | None = None) -> tuple[float, dict]:
     """Forward and backward of one optimizer step: per micro-batch one teacher pass, then each sub-network's
-    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). Mean loss and parts.
+    distillation pass (gradients accumulate; the cross-rank reduction runs on the last). The mean loss and parts,
+    the full sub-network weighing `cfg.full_weight` against each other one.
     `masks`: per micro-batch, the tokens the loss is on (None: all)."""
     amp, t_head = compute_dtype(cfg.dtype, device), teacher.model.get_output_embeddings()
     loss_sum, parts = 0.0, {"kd": 0.0, "lm": 0.0}
-    n_passes = len(batches) * len(subnets)
+    full = em.space.full()
+    weights = [cfg.full_weight if sub == full else 1.0 for sub in subnets]
+    total = len(batches) * sum(weights)
     for a, (ids, mask) in enumerate(zip(batches, masks or [None] * len(batches))):
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
         with torch.no_grad(), autocast(device, amp):
@@ -81,15 +84,15 @@ def distill_step(model: nn.Module, em: ElasticModel, teacher: ElasticModel, batc
         def head(h: Tensor, out: nn.Module) -> tuple[Tensor, dict]:
             return distill_loss(h, t_hidden, ids, cfg, out, t_head, mask)  # noqa: B023  (called at once)
 
-        for j, sub in enumerate(subnets):
+        for j, (sub, w) in enumerate(zip(subnets, weights)):
             last = a == len(batches) - 1 and j == len(subnets) - 1
             scope = em.subnet(sub) if isinstance(sub, Subnet) else em.choices(sub)
             with scope, grad_sync(model, last), autocast(device, amp):
                 loss, p = model(input_ids=ids, use_cache=False, head=head)
-                (loss / n_passes).backward()
-            loss_sum += loss.item() / n_passes
+                (loss * (w / total)).backward()
+            loss_sum += loss.item() * w / total
             for k in parts:
-                parts[k] += p[k] / n_passes
+                parts[k] += p[k] * w / total
     return loss_sum, parts
 
 

@@ -1,16 +1,18 @@
-"""Stages 2-3: static routers trained through a surrogate model, then joint fine-tuning; the
+"""Stages 2-3: static routers trained straight through the LLM (or through a surrogate model), then joint
+fine-tuning; the
 input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way; and
 `route`, the stage that runs them on a checkpoint, checks, stores and reports them.
 
-Stage 2 keeps the LLM frozen. The surrogate (an MLP from the router's per-layer choice
+Stage 2 keeps the LLM frozen. Each step draws a budget from the grid, a relaxed Gumbel-softmax
+sample of the router's choices (annealed temperature) and a fresh training batch, and
+back-propagates the LLM's loss through soft masks (straight-through) plus the budget loss into the
+router. With `surrogate=True` (the paper's method; off by default because it never became accurate
+enough to guide at CPU step counts) a surrogate (an MLP from the router's per-layer choice
 probabilities to the LLM's distillation loss, `flextron.train.surrogate`) first warms up on random
-architectures of every size. Then each step draws a budget from the grid, a relaxed Gumbel-softmax
-sample of the router's choices (annealed temperature) and a fresh training batch; the sampled
-architecture's loss is measured and fitted. While the surrogate's running error on architectures
-it had not yet seen is under the threshold, the router descends surrogate + budget loss and the
-LLM only runs forward (hard slices); otherwise the step back-propagates the LLM's loss through soft
-masks (straight-through), as the ablation (`surrogate=False`) does at every step. Stage 3 drops
-the surrogate and fine-tunes LLM and router together through the soft masks.
+architectures of every size and is fitted on every sampled architecture's loss; while its running
+error on architectures it had not yet seen is under the threshold, the router descends surrogate +
+budget loss instead and the LLM only runs forward (hard slices). Stage 3 fine-tunes LLM and router
+together through the soft masks.
 """
 
 from __future__ import annotations
@@ -64,11 +66,11 @@ from flextron.train.surrogate import OnlineSurrogate, random_logits
 
 def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: str | Path | None, overwrite: bool,
           device: str, unseen: tuple[float, ...] | None, adaptive: bool, progress: bool) -> dict:
-    """Train static routers (surrogate-guided) and fine-tune jointly; per budget keep the better of
-    the routed and the largest uniform sub-network on held-out training rows; store them in the
-    checkpoint (or in `out`) and report (also in routing.json), per budget, the kept sub-network,
-    its cost and held-out perplexity on the grid and the `unseen` budgets (default: midway between
-    the grid's two lowest and its two highest).
+    """Train static routers (straight through the LLM, or surrogate-guided) and fine-tune jointly; per
+    budget keep the better of the routed and the largest uniform sub-network on held-out training rows;
+    store them in the checkpoint (or in `out`) and report (also in routing.json), per budget, the kept
+    sub-network, its cost and held-out perplexity on the grid and the `unseen` budgets (default: midway
+    between the grid's two lowest and its two highest).
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead, per
     grid budget keep the better of adaptive routing and the static sub-network (`check_against_static`), and
