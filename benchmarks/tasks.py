@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--budgets", default="params=100%,params=75%,params=50%,params=35%",
                    help="parameter budgets by default: the same sub-network sizes whatever metric a checkpoint's "
                         "routers were trained on")
+    p.add_argument("--prune-budgets", default=None, help="budgets of the prune-only rows (default: --budgets; "
+                                                          "params=100%% alone: the original only)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=200, help="documents per task (the first of each packaged file)")
     p.add_argument("--windows", type=int, default=8, help="1,024-token windows of each perplexity")
@@ -43,11 +45,13 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/flextron-tasks")
     a = p.parse_args()
     budgets, tasks = a.budgets.split(","), a.tasks.split(",")
-    if Budget.parse(budgets[0]).fraction != 1.0:
-        p.error("--budgets must start at 1.0: the original's row, which the perplexities are compared with")
+    pruned = a.prune_budgets.split(",") if a.prune_budgets else budgets
+    if Budget.parse(pruned[0]).fraction != 1.0:
+        p.error("the prune-only budgets must start at 1.0: the original's row, which the perplexities are compared "
+                "with")
     limit = 8 if a.smoke else a.limit
     if a.smoke:
-        budgets = budgets[:2]
+        budgets, pruned = budgets[:2], pruned[:2]
     t0 = time.time()
     converted, docs = Path(a.work) / "converted", Path(a.work) / "docs.txt"
     docs.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +61,9 @@ def main() -> None:
     runs = {"prune-only": str(converted), **dict(c.split("=", 1) for c in a.ckpt)}
     results = {}
     for name, path in runs.items():
-        rows = api.evaluate(path, budgets=budgets, tasks=tasks, limit=limit, device=a.device, progress=False)
-        ppl = api.evaluate(path, budgets=budgets, limit=2 if a.smoke else a.windows, ppl_data=str(docs),
+        at = pruned if name == "prune-only" else budgets
+        rows = api.evaluate(path, budgets=at, tasks=tasks, limit=limit, device=a.device, progress=False)
+        ppl = api.evaluate(path, budgets=at, limit=2 if a.smoke else a.windows, ppl_data=str(docs),
                            device=a.device, progress=False)
         results[name] = [{**r.to_dict(), "ppl": q.ppl, "ppl_data": q.ppl_data} for r, q in zip(rows, ppl)]
         for r in results[name]:
