@@ -7,7 +7,7 @@ its routers serve; others at the largest uniform sub-network within each budget.
 perplexity on held-out prose and on off-domain text (`eval --ppl-data`: the docstrings of
 `instruct.DOC_MODULES`, technical documentation never trained on), each as a ratio to the original's.
 
-    python benchmarks/tasks.py [--ckpt NAME=PATH ...] [--budgets params=100%,params=75%,...] [--limit 200]
+    python benchmarks/tasks.py [--ckpt NAME=PATH,...] [--budgets params=100%,params=75%,...] [--limit 200]
     python benchmarks/tasks.py --smoke      # 8 documents per task, 2 budgets; writes no results
 """
 
@@ -31,7 +31,7 @@ def accuracy(scores: dict) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", action="append", default=[], help="NAME=PATH of an elastic checkpoint (repeatable)")
+    p.add_argument("--ckpt", default="", help="NAME=PATH of an elastic checkpoint, comma-separated for more")
     p.add_argument("--budgets", default="params=100%,params=75%,params=50%,params=35%",
                    help="parameter budgets by default: the same sub-network sizes whatever metric a checkpoint's "
                         "routers were trained on")
@@ -58,7 +58,7 @@ def main() -> None:
     docs.write_text(docs_text(), encoding="utf-8")
     if not converted.is_dir():
         api.convert(None, converted, calib_sequences=128, progress=False)
-    runs = {"prune-only": str(converted), **dict(c.split("=", 1) for c in a.ckpt)}
+    runs = {"prune-only": str(converted), **dict(c.split("=", 1) for c in a.ckpt.split(",") if c)}
     results = {}
     for name, path in runs.items():
         at = pruned if name == "prune-only" else budgets
