@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import shutil
 import time
 from pathlib import Path
@@ -62,13 +63,16 @@ def docs_text() -> str:
 
 
 def variant(spec: str) -> dict:
-    """The training options of a --variants entry: a named variant, then any K=V overrides."""
+    """The training options of a --variants entry: a named variant, then any K=V overrides, each value read
+    as JSON where it is (1e-5, 16, true) and as text otherwise; TrainOptions checks them as it checks a config."""
     name, _, overrides = spec.partition(":")
     options = dict(VARIANTS[name])
     for item in filter(None, overrides.split(";")):
         key, _, value = item.partition("=")
-        kind = type(TrainOptions.__dataclass_fields__[key].default)
-        options[key] = kind(value)
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
     return options
 
 

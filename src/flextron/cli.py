@@ -39,7 +39,7 @@ from flextron.options import (
     field_type,
     read_yaml,
 )
-from flextron.report import CHAT_COLUMNS, chat_cells, chat_note, task_cell, widths_cell
+from flextron.report import CHAT_COLUMNS, chat_cells, chat_note, shares_of, task_cell, widths_cell
 from flextron.results import EvalRow, rows_json
 
 console = Console()
@@ -124,6 +124,8 @@ def print_space(rows: list[dict]) -> None:
 def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str = "elastic",
               more: dict[str, list[EvalRow]] | None = None) -> None:
     groups = {label: rows, **(more or {})}
+    if original is not None:
+        groups = shares_of(groups, original)
     data = any(r.ppl_data is not None for g in groups.values() for r in g)  # `eval --ppl-data`: its own column
     table = Table(title="Held-out perplexity (War and Peace, last 300k chars)" + (" | ppl data: the --ppl-data file"
                                                                                    if data else ""))
@@ -133,11 +135,8 @@ def print_ppl(rows: list[EvalRow], original: EvalRow | None = None, label: str =
         table.add_row("original", "-", "-", "-", _human(original.cost["params_nonembed"]), f"{original.ppl:.2f}")
     for name, group in groups.items():
         for r in group:
-            # Beside the original every size is a share of it (an export alone is 100 % of itself).
-            share = (r.params_fraction if original is None
-                     else r.cost["params_nonembed"] / original.cost["params_nonembed"])
             table.add_row(name, str(r.budget), widths_cell(r.subnet.mlp), widths_cell(r.subnet.attn),
-                          f"{_human(r.cost['params_nonembed'])} ({share:.0%})",
+                          f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
                           f"{r.ppl:.2f}" if r.ppl is not None else "-",
                           *([f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data else []))
     console.print(table)

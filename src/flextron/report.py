@@ -76,11 +76,15 @@ def _groups(data: dict) -> dict[str, list[EvalRow]]:
     evaluated alone is 100% of itself)."""
     groups = {_label(k): rows for k, v in data.items() if k != "routes" and (rows := _table_rows(v))}
     original = data.get("original")
-    if isinstance(original, EvalRow):
-        full = original.cost["params_nonembed"]
-        groups = {name: [replace(r, params_fraction=r.cost["params_nonembed"] / full) for r in rows]
-                  for name, rows in groups.items()}
-    return groups
+    return shares_of(groups, original) if isinstance(original, EvalRow) else groups
+
+
+def shares_of(groups: dict[str, list[EvalRow]], original: EvalRow) -> dict[str, list[EvalRow]]:
+    """Every row's `params_fraction` as its share of `original`'s non-embedding parameters (an export
+    evaluated alone is otherwise 100% of itself)."""
+    full = original.cost["params_nonembed"]
+    return {name: [replace(r, params_fraction=r.cost["params_nonembed"] / full) for r in rows]
+            for name, rows in groups.items()}
 
 
 def task_cell(m: dict) -> str:

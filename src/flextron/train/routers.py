@@ -1,7 +1,7 @@
-"""Stages 2-3: static routers trained straight through the LLM (or through a surrogate model), then joint
-fine-tuning; the
-input-adaptive routers (per-token MLP, per-request attention) trained the same two-stage way; and
-`route`, the stage that runs them on a checkpoint, checks, stores and reports them.
+"""Stages 2-3: static routers trained straight through the LLM (or through a surrogate model), then
+joint fine-tuning; the input-adaptive routers (per-token MLP, per-request attention) trained the
+same two-stage way; and `route`, the stage that runs them on a checkpoint, checks, stores and
+reports them.
 
 Stage 2 keeps the LLM frozen. Each step draws a budget from the grid, a relaxed Gumbel-softmax
 sample of the router's choices (annealed temperature) and a fresh training batch, and
@@ -174,8 +174,8 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
 
     log = warm_start(em, router, table, *batch(0), cfg.warm_start, amp, progress) if cfg.warm_start > 0 else []
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    surrogate = OnlineSurrogate(router.n_choices, cfg, gen, device)
-    warmup = cfg.surrogate_warmup if cfg.surrogate else 0
+    surrogate = OnlineSurrogate(router.n_choices, cfg, gen, device) if cfg.surrogate else None
+    warmup = cfg.surrogate_warmup if surrogate else 0
     total = cfg.steps + cfg.joint_steps
     bar = tqdm(total=warmup + total, desc="routers", disable=not progress)
 
@@ -208,7 +208,7 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
         # Guided: descend the surrogate's prediction, the LLM only measures (forward, hard slices).
         # Otherwise (joint stage, ablation, or a surrogate not yet accurate) the step goes straight
         # through the LLM: the router still learns from the true loss instead of idling on the budget.
-        guided = cfg.surrogate and not joint and surrogate.accurate
+        guided = surrogate is not None and not joint and surrogate.accurate
         if guided:
             measured = measure(y.map(torch.Tensor.detach), ids, t_logits)
             loss = surrogate.predict(probs) + cfg.budget_weight * budget_loss
@@ -219,13 +219,14 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
             loss = kd + cfg.budget_weight * budget_loss
             measured = kd.item()
         _update(em, loss, opt, llm_opt)
-        if cfg.surrogate and not joint:
+        if surrogate is not None and not joint:
             surrogate.observe(probs.map(torch.Tensor.detach), y.map(torch.Tensor.detach), measured)
+        guide = {} if surrogate is None else {"surrogate_error": surrogate.error, "surrogate_used": guided}
         log.append({"step": step + 1, "stage": "joint" if joint else "router", "budget": fraction, "tau": tau,
-                    "cost_ratio": ratio.item(), "kd": measured, "surrogate_error": surrogate.error,
-                    "surrogate_used": guided, "elapsed_s": time.time() - t0})
+                    "cost_ratio": ratio.item(), "kd": measured, **guide, "elapsed_s": time.time() - t0})
         bar.update(1)
-        bar.set_postfix(kd=f"{measured:.3f}", cost=f"{ratio.item():.2f}", sm_err=f"{surrogate.error:.2f}")
+        bar.set_postfix(kd=f"{measured:.3f}", cost=f"{ratio.item():.2f}",
+                        **({} if surrogate is None else {"sm_err": f"{surrogate.error:.2f}"}))
     bar.close()
     em.requires_grad_(False)
     em.eval()
