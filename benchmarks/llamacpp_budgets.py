@@ -4,7 +4,7 @@ to a GGUF and timed in llama.cpp: measured decode (and prefill) ms against the b
 beside what the table predicted. With routers (`flextron route`) the routed per-layer
 sub-networks are measured, else the largest uniform ones.
 
-    python benchmarks/llamacpp_budgets.py CKPT [--budgets 0.45,0.55,...] [--threads N]
+    python benchmarks/llamacpp_budgets.py CKPT [--budgets 0.45,0.55,...] [--threads N] [--name NAME]
     python benchmarks/llamacpp_budgets.py --smoke      # a tiny random model, seconds; writes no results
 """
 
@@ -23,7 +23,7 @@ from flextron.checkpoint import save_checkpoint
 from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, write_gguf
 from flextron.latency_table import reported_error
-from flextron.space import Budget, Subnet
+from flextron.space import Budget, ElasticSpace, Subnet
 
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
@@ -37,6 +37,13 @@ def smoke_checkpoint(work: Path) -> Path:
     api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, samples=6, validate=2,
                 threads=1, progress=False, force=True)  # a tiny model's microseconds: noise, whatever the machine
     return ckpt
+
+
+def space_label(space: ElasticSpace) -> str:
+    """The kinds of choice a checkpoint's space holds, as the results' headings name them."""
+    kinds = ["width" if space.attn_unit == "group" else "width (query-head units)"]
+    kinds += ["depth"] * space.depth + ["hidden size"] * bool(space.hidden)
+    return " + ".join(kinds)
 
 
 def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
@@ -86,6 +93,7 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
     return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
+            "space": space_label(em.space),
             "validation": em.latency.main.validation,
             "stock": {"graph": em.latency.stock_graph, "validation": em.latency.stock.validation,
                       "fit_error": em.latency.stock.fit_error} if em.latency.stock is not None else None,
@@ -108,6 +116,8 @@ def main() -> None:
     p.add_argument("--budgets", default=None, help="fractions of the full model's decode latency "
                    "(default: the checkpoint's feasible grid plus two budgets between its points)")
     p.add_argument("--threads", type=int, default=None, help="default: the table's")
+    p.add_argument("--name", default="llamacpp_budgets",
+                   help="results name (JSON and docs/results.md section): one per space and thread count")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     timing = {"context": 16, "decode_steps": 2, "rounds": 1} if a.smoke else TIMING
@@ -122,9 +132,12 @@ def main() -> None:
             budgets = sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
         meta, rows = run(ckpt, budgets, work, a.threads, timing)
     lines = [
-        "## Latency budgets measured in llama.cpp",
+        f"## Latency budgets measured in llama.cpp: {meta['space']}, {meta['threads']} thread(s)",
         "",
-        f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}` — {llamacpp.runtime_version()}, "
+        f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}"
+        f"{f' --threads {a.threads}' if a.threads else ''}"
+        f"{f' --name {a.name}' if a.name != p.get_default('name') else ''}`"
+        f" — {llamacpp.runtime_version()}, "
         f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
         f"them; target = budget x the full model's time. The full model and each sub-network are timed back to "
@@ -154,8 +167,8 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not a.smoke:
-        write_json("llamacpp_budgets", {**meta, "timing": timing, "rows": rows, "checkpoint": str(a.ckpt)})
-        update_section("llamacpp_budgets", "\n".join(lines))
+        write_json(a.name, {**meta, "timing": timing, "rows": rows, "checkpoint": str(a.ckpt)})
+        update_section(a.name, "\n".join(lines))
 
 
 if __name__ == "__main__":

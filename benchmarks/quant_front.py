@@ -13,6 +13,7 @@ per-round ratios to the full model at f16 (`llamacpp.measure_rounds`). Then the 
 (perplexity vs bytes, vs decode latency) and where width beats stronger quantization.
 
     python benchmarks/quant_front.py [--ckpt CKPT | --model HF_DIR] [--windows 4] [--seq-len 1024] [--no-timing]
+                                     [--name NAME]   # NAME: its own JSON, results section and plots
     python benchmarks/quant_front.py --smoke [--out smoke.json]   # a tiny random model, seconds; writes no results
 """
 
@@ -139,6 +140,8 @@ def main() -> None:
     p.add_argument("--no-timing", action="store_true", help="sizes and perplexity only")
     p.add_argument("--work", default=None, help="keep the checkpoint and GGUFs here (default: a temp dir)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--name", default="quant_front", help="results name (JSON, docs/results.md section, plots): "
+                   "one per model or checkpoint, so a run on another leaves the others' results in place")
     p.add_argument("--smoke", action="store_true", help="tiny random model; print, write no results")
     a = p.parse_args()
     if a.smoke:
@@ -228,9 +231,9 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|",
                   *(f"| {name(n)} | {mb(n)} | {n['ppl']:.3f} | {name(w)} | {mb(w)} | {w['ppl']:.3f} | "
                     f"{'width' if n['ppl'] < w['ppl'] else 'quantization'} |" for n, w in pairs)]
-    lines += ["", "![perplexity vs file size](img/quant_front_bytes.png)"]
+    lines += ["", f"![perplexity vs file size](img/{a.name}_bytes.png)"]
     if timed:
-        lines += ["", "![perplexity vs decode latency](img/quant_front_latency.png)"]
+        lines += ["", f"![perplexity vs decode latency](img/{a.name}_latency.png)"]
     if not a.smoke:
         plots = [("bytes", lambda r: r["bytes"] / 1e6, "GGUF file size (MB)")]
         if timed:
@@ -239,12 +242,13 @@ def main() -> None:
             series = {t: ([x(r) for r in rows if r["outtype"] == t], [r["ppl"] for r in rows if r["outtype"] == t])
                       for t in outtypes}
             on = fronts[key]
-            plot_ppl_vs_size(series, IMG_DIR / f"quant_front_{key}.png", f"{data['model']}: width x weight type",
+            plot_ppl_vs_size(series, IMG_DIR / f"{a.name}_{key}.png", f"{data['model']}: width x weight type",
                              full["f16"]["ppl"], {"Pareto front": ([x(r) for r in on], [r["ppl"] for r in on])},
                              xlabel=xlabel)
     if a.out:
         atomic_write(Path(a.out), lambda t: t.write_text(json.dumps(data, indent=1)))
-    publish("quant_front", "quant-front", data, lines, a.smoke)
+    # The first results' section kept its name when --name came: a rerun of the default replaces it in place.
+    publish(a.name, "quant-front" if a.name == "quant_front" else a.name, data, lines, a.smoke)
 
 
 if __name__ == "__main__":

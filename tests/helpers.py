@@ -201,14 +201,14 @@ def make_device(path):
     return path
 
 
-def two_graph_table(em) -> tuple[dict, Callable, Callable]:
-    """A llama.cpp-shaped latency table of `em` (a 2-layer space of MLP 24-96, 1-4 attention units)
+def two_graph_table(em, samples: int = 10) -> tuple[dict, Callable, Callable]:
+    """A llama.cpp-shaped latency table of `em` (a 2-layer space of MLP 24-96, 1-4 attention units, 0 a skip)
     fitted on additive fake timers, and the timers: `deci` for every sub-network, `own` (the stock
     graph, uniform sub-networks only) faster than deci for narrow sub-networks, slower for wide ones."""
     from flextron.latency import StockGraph, profile
     from flextron.options import ProfileOptions
 
-    mlp_ms, attn_ms = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {1: 0.5, 2: 0.9, 3: 1.4, 4: 1.6}
+    mlp_ms, attn_ms = {0: 0.0, 24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {0: 0.0, 1: 0.5, 2: 0.9, 3: 1.4, 4: 1.6}
 
     def deci(s):
         ms = 5.0 + sum(mlp_ms[w] for w in s.mlp) + sum(attn_ms[a] for a in s.attn)
@@ -218,7 +218,8 @@ def two_graph_table(em) -> tuple[dict, Callable, Callable]:
         return {k: 1.5 * v - 6.0 * (10 if k == "prefill_ms" else 1) for k, v in deci(s).items()}
 
     uniform = StockGraph("llama", lambda s: len(set(s.mlp)) == len(set(s.attn)) == 1, own)
-    return profile(em, ProfileOptions(samples=10, validate=3), timer=deci, stock=uniform, progress=False), deci, own
+    return (profile(em, ProfileOptions(samples=samples, validate=3), timer=deci, stock=uniform, progress=False),
+            deci, own)
 
 
 def write_requests(path, docs: list[tuple[list[tuple[str, str]], int]]) -> None:

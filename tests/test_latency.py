@@ -380,6 +380,21 @@ def test_the_fit_design_predicts_uniform_sub_networks_better_than_independent_dr
     assert sum(s in uniform for s in design_subnets(em, 10, 0)) >= 5  # half are uniform draws
 
 
+def test_a_depth_space_fits_its_stock_graph_on_every_unskipped_uniform_sub_network():
+    """With skips, few random draws are uniform and unskipped (what the stock graph holds): the stock fit
+    takes all 16 of them rather than a cover of 7 validated on the rest, one by one."""
+    em = make_elastic(min_layers=1)
+    table, _, own = two_graph_table(em, samples=16)
+    fitted = {json.dumps(m["subnet"]) for m in table.measurements if m["role"] == "fit-stock"}
+    uniform = [Subnet(mlp=[w] * 2, attn=[a] * 2) for w in (24, 48, 72, 96) for a in (1, 2, 3, 4)]
+    assert fitted == {json.dumps(s.to_dict()) for s in uniform}
+    assert not any(m["role"] == "validate-stock" for m in table.measurements)
+    error, which = table.stock.error("decode_ms")
+    assert which == "fitted" and error["n"] == 16 and error["max_pct"] < 1e-6
+    em.latency = table
+    assert table.table("latency_ms")(uniform[5]) == pytest.approx(own(uniform[5])["decode_ms"])
+
+
 def test_a_stock_graph_prices_the_sub_networks_the_runtime_runs_there():
     """llama.cpp can run uniform sub-networks (the full model included) in the family's own graph as
     well as in deci, and runs the others as deci: a uniform one is priced in the graph the table says

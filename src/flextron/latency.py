@@ -149,7 +149,10 @@ def profile(em: ElasticModel, options: ProfileOptions, autocast_dtype: torch.dty
     if stock is not None:
         # Every width of each kind in the stock fit; each stock timing right after its twin's, and
         # the stock validation between the others, so a drift of the machine spares the comparison.
-        fit_nets += [s for s in _uniform_cover(em) if s not in fit_nets]
+        # A stock graph holding few sub-networks (a depth space's unskipped uniform ones) is fitted on all of
+        # them: the few a cover leaves free would validate a fit pinned through single timings.
+        held = _stock_uniforms(em, stock.written)
+        fit_nets += [s for s in (held if len(held) <= options.samples else _uniform_cover(em)) if s not in fit_nets]
         jobs = []
         for i, s in enumerate(fit_nets):
             jobs.append((s, default, "fit"))
@@ -229,6 +232,16 @@ def _uniform_cover(em: ElasticModel) -> list[Subnet]:
         cover += [space.uniform(i, top[1], hidden_index=h) for i in range(top[0] + 1)]
         cover += [space.uniform(top[0], j, hidden_index=h) for j in range(top[1])]
     return cover
+
+
+def _stock_uniforms(em: ElasticModel, written: Callable[[Subnet], bool]) -> list[Subnet]:
+    """Every uniform sub-network with no skipped sub-layer, at every hidden size, that a stock graph
+    holds (`StockGraph.written`)."""
+    space = em.space
+    top = [max(len(space.widths(k, i)) for i in range(space.n_layers)) for k in KINDS]
+    hidden = range(len(space.hidden)) if space.hidden else [None]
+    nets = (space.uniform(i, j, hidden_index=h) for h in hidden for i in range(top[0]) for j in range(top[1]))
+    return _distinct(s for s in nets if 0 not in (*s.mlp, *s.attn) and written(s))
 
 
 def _distinct(subnets, limit: int | None = None) -> list[Subnet]:
