@@ -20,6 +20,7 @@ from _results import update_section, write_json
 from flextron import api, llamacpp
 from flextron.budgets import budget_grid, cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
+from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, write_gguf
 from flextron.latency_table import reported_error
@@ -44,6 +45,16 @@ def space_label(space: ElasticSpace) -> str:
     kinds = ["width" if space.attn_unit == "group" else "width (query-head units)"]
     kinds += ["depth"] * space.depth + ["hidden size"] * bool(space.hidden)
     return " + ".join(kinds)
+
+
+def seen(em: ElasticModel, budget: float) -> str:
+    """How the routers know `budget`: trained on it ("grid"), checked against uniform there ("checked"),
+    or neither ("unseen": the router's projection, served unchecked between checked budgets)."""
+    if em.routers is None:
+        return "uniform"
+    if any(abs(budget - g) < 1e-9 for g in em.routers.config.budgets):
+        return "grid"
+    return "checked" if any(abs(budget - c["budget"]) < 1e-9 for c in em.routers.checked or []) else "unseen"
 
 
 def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
@@ -80,7 +91,7 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     for b in budgets:
         subnet = select_subnet(em, Budget(fraction=b))
         full, got, ratio, to_deci = against_full(subnet)
-        row = {"budget": b, "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
+        row = {"budget": b, "seen": seen(em, b), "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
                **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
         for key, table in tables.items():
@@ -114,7 +125,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", nargs="?")
     p.add_argument("--budgets", default=None, help="fractions of the full model's decode latency "
-                   "(default: the checkpoint's feasible grid plus two budgets between its points)")
+                   "(default: the routers' grid, else the checkpoint's feasible grid, and the budgets halfway "
+                   "between its points)")
     p.add_argument("--threads", type=int, default=None, help="default: the table's")
     p.add_argument("--name", default="llamacpp_budgets",
                    help="results name (JSON and docs/results.md section): one per space and thread count")
@@ -128,7 +140,8 @@ def main() -> None:
         if a.budgets:
             budgets = [float(x) for x in a.budgets.split(",")]
         else:
-            grid = budget_grid(api.load(ckpt, "cpu")[0], "latency_ms")
+            em = api.load(ckpt, "cpu")[0]
+            grid = list(em.routers.config.budgets) if em.routers else budget_grid(em, "latency_ms")
             budgets = sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
         meta, rows = run(ckpt, budgets, work, a.threads, timing)
     lines = [
@@ -158,10 +171,14 @@ def main() -> None:
         "Last column: the same sub-network against the full model written as `deci` (the per-layer graph "
         "of routed sub-networks), timed in the same rounds.",
         "",
-        "| budget | written as | decode ms (measured / target) | measured / target | table's prediction / target | "
-        "prefill measured / target | measured / target, full as deci |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {r['budget']:.1%} | {r['graph']} | {r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
+        "Routers: \"grid\" budgets they were trained on, \"checked\" ones the quality check scored against "
+        "uniform, \"unseen\" neither.",
+        "",
+        "| budget | routers | written as | decode ms (measured / target) | measured / target | "
+        "table's prediction / target | prefill measured / target | measured / target, full as deci |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {r['budget']:.1%} | {r['seen']} | {r['graph']} | "
+          f"{r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
           f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} | "
           f"{r['decode_ms_ratio_to_deci_full']:.3f} |" for r in rows),
     ]
