@@ -503,3 +503,21 @@ def test_full_weight_weighs_the_full_sub_networks_gradient():
     assert loss == pytest.approx((3 * loss_full + loss_small) / 4, rel=1e-5)
     torch.testing.assert_close(g, (3 * g_full + g_small) / 4, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(g, (g_full + g_small) / 2, rtol=1e-3, atol=1e-6)
+
+
+def test_a_larger_adam_eps_moves_weights_with_small_gradients_less(setup, tmp_path):
+    """AdamW's first step moves each weight by about lr * g / (|g| + eps): with eps far above the gradients
+    the step shrinks with them, with the default eps every weight that has a gradient moves by about lr."""
+    root, ckpt, data = setup
+    before = load_file(Path(ckpt) / "model.safetensors")
+
+    def moved(eps: float) -> torch.Tensor:
+        final = api.train(ckpt, tmp_path / f"eps{eps}", TrainOptions(max_steps=1, adam_eps=eps, **FAST), [str(data)],
+                          device="cpu", progress=False)["final"]
+        after = load_file(Path(final) / "model.safetensors")
+        return torch.cat([(after[k].float() - before[k].float()).abs().flatten() for k in before])
+
+    default, damped = moved(1e-8), moved(1.0)
+    assert 0 < damped.sum() < 0.01 * default.sum()
+    with pytest.raises(FlextronError, match="--adam-eps"):
+        TrainOptions(max_steps=1, adam_eps=0.0)

@@ -395,6 +395,9 @@ class TrainOptions(Autocast):
     min_lr_ratio: float = opt(0.1, "the cosine schedule ends at this fraction of --lr", low=0.0, high=1.0)
     warmup_steps: int = opt(10, "linear warm-up steps", **_NON_NEGATIVE)
     weight_decay: float = opt(0.0, "AdamW weight decay", **_NON_NEGATIVE)
+    adam_eps: float = opt(1e-8, "AdamW epsilon: gradients far below it move their weights less than --lr a step "
+                                "(the full model starts at the teacher, where its gradients are near 0)",
+                          **_POSITIVE_FLOAT)
     clip: float = opt(1.0, "gradient norm clipping threshold", **_POSITIVE_FLOAT)
     kd_temperature: float = opt(1.0, "distillation softmax temperature", **_POSITIVE_FLOAT)
     kd_weight: float = opt(1.0, "weight of the distillation loss (KL to the frozen original)", **_NON_NEGATIVE)
@@ -493,6 +496,10 @@ class RouteOptions(Deployed, Autocast):
     check_sequences: int = opt(16, "held-out training sequences each budget's choice is checked on against "
                                "the uniform sub-network (with --adaptive: adaptive routing against the "
                                "static sub-network) (0: off)", **_NON_NEGATIVE)
+    check_budgets: tuple[float, ...] | None = opt(
+        None, "budgets checked (and reported) besides the grid, which the routers never train on (default: "
+              "halfway between the grid's two lowest and between its two highest); a budget asked between checked "
+              "ones is served the checked one below it, so check the budgets you serve", **_FRACTION)
     seq_len: int = opt(256, "tokens per training sequence", **_POSITIVE)
     micro_batch: int = opt(4, "sequences per step", **_POSITIVE)
     eval_limit: int = opt(16, "held-out windows for the perplexity report", **_POSITIVE)

@@ -339,7 +339,8 @@ def _load_student(r: _Run) -> _Student:
         enable_activation_checkpointing(em)
     em.train()
     model = wrap(em, r.d, cfg.fsdp)
-    optimizer = torch.optim.AdamW(em.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(em.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                  eps=cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, r.total, cfg.min_lr_ratio))
     student = _Student(em, model, optimizer, scheduler)
     if r.start != r.source:
