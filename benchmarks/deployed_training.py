@@ -81,8 +81,9 @@ def main() -> None:
         first = api.train(ckpt, work / "run-first", TrainOptions(sampling="sandwich", lr=settings["lr"], **base),
                           device=a.device)
         cfg = RouteOptions(budgets=tuple(fractions), metric="params", steps=a.router_steps, joint_steps=0,
-                           surrogate=False, dtype=settings["dtype"], seq_len=seq_len, eval_limit=limit)
-        api.route(first["final"], cfg, out=work / "routed", overwrite=True, unseen=(), device=a.device)
+                           surrogate=False, dtype=settings["dtype"], seq_len=seq_len, eval_limit=limit,
+                           check_budgets=tuple(fractions))
+        api.route(first["final"], cfg, out=work / "routed", overwrite=True, device=a.device)
         (work / "first.json").write_text(json.dumps(stamp))
     shutil.rmtree(work / "run-second", ignore_errors=True)
     lr = settings["lr"] if a.second_lr is None else a.second_lr

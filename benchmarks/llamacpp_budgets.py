@@ -61,7 +61,14 @@ def gguf(ckpt: Path, subnet: Subnet, path: Path, outtype: str) -> Path:
     return api.export(ckpt, None, path, overwrite=True, subnet=subnet, format="gguf", outtype=outtype)
 
 
-def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timing: dict) -> tuple[dict, list[dict]]:
+def default_budgets(em: ElasticModel) -> list[float]:
+    """The routers' grid (else the checkpoint's feasible grid) and the budgets halfway between its points."""
+    grid = list(em.routers.config.budgets) if em.routers else budget_grid(em, "latency_ms")
+    return sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
+
+
+def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None,
+        timing: dict) -> tuple[dict, list[dict]]:
     em, tok, _ = api.load(ckpt, "cpu")
     if em.latency is None or not em.latency.runtime.startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
@@ -88,7 +95,7 @@ def run(ckpt: Path, budgets: list[float], work: Path, threads: int | None, timin
     print(f"smallest sub-network: decode {smallest['measured_fraction']:.3f} of the full model's (table "
           f"{smallest['table_fraction']:.3f})")
     rows = []
-    for b in budgets:
+    for b in budgets or default_budgets(em):
         subnet = select_subnet(em, Budget(fraction=b))
         full, got, ratio, to_deci = against_full(subnet)
         row = {"budget": b, "seen": seen(em, b), "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
@@ -137,12 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = smoke_checkpoint(work) if a.smoke else Path(a.ckpt)
-        if a.budgets:
-            budgets = [float(x) for x in a.budgets.split(",")]
-        else:
-            em = api.load(ckpt, "cpu")[0]
-            grid = list(em.routers.config.budgets) if em.routers else budget_grid(em, "latency_ms")
-            budgets = sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
+        budgets = [float(x) for x in a.budgets.split(",")] if a.budgets else None
         meta, rows = run(ckpt, budgets, work, a.threads, timing)
     lines = [
         f"## Latency budgets measured in llama.cpp: {meta['space']}, {meta['threads']} thread(s)",

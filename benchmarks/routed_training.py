@@ -34,8 +34,8 @@ def main() -> None:
         shutil.rmtree(base)
     shutil.copytree(a.ckpt, base, ignore=shutil.ignore_patterns("training_state.pt"))
     cfg = RouteOptions(budgets=tuple(fractions), metric="params", steps=a.steps, joint_steps=0, surrogate=False,
-                       dtype="bf16", eval_limit=previous["eval_tokens"] // 1023)
-    routed = api.route(base, cfg, unseen=(), device=a.device)
+                       dtype="bf16", eval_limit=previous["eval_tokens"] // 1023, check_budgets=tuple(fractions))
+    routed = api.route(base, cfg, device=a.device)
     data = {"command": f"python benchmarks/routed_training.py --ckpt {a.ckpt} --steps {a.steps}",
             "source": a.ckpt, "steps": a.steps, "rows": [r.to_dict() for r in routed["budgets"]],
             "previous": previous["results"],

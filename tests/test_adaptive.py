@@ -258,7 +258,7 @@ def test_report_compares_with_the_smallest_sub_network_where_tokens_skipped_belo
 def test_adaptive_cli_route_eval_generate_and_errors(elastic_ckpt, tmp_path, capsys, attn_unit):
     from flextron.checkpoint import load_checkpoint
     from flextron.cli import main
-    from helpers import word_text
+    from helpers import make_model, make_tokenizer, word_text
 
     ckpt = elastic_ckpt(attn_unit=attn_unit)
     data = tmp_path / "data.txt"
@@ -275,10 +275,17 @@ def test_adaptive_cli_route_eval_generate_and_errors(elastic_ckpt, tmp_path, cap
     em, _, manifest = load_checkpoint(ckpt)
     assert em.routers.adaptive is not None and manifest["adaptive_routing"]["steps"] == 6
     assert em.attn_unit == attn_unit and em.blocks[0].head_units == (attn_unit == "head")
+    original = tmp_path / "original"
+    make_model("llama").save_pretrained(original)
+    make_tokenizer().save_pretrained(original)
     assert main(["eval", str(ckpt), "--adaptive", "--budgets", "0.5,1.0", "--limit", "2", "--seq-len", "32",
+                 "--tasks", "ppl,chat", "--chat-limit", "2", "--chat-tokens", "3", "--ppl-data", str(data),
+                 "--original", str(original),
                  "--out", str(tmp_path / "eval.json")]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())
     assert [r["budget"] for r in rows] == [0.5, 1.0] and all(0 < r["realised_fraction"] <= 1 for r in rows)
+    assert all(r["chat"]["n"] == 2 and r["ppl_data"] > 1 for r in rows)
+    assert "adaptive, " in capsys.readouterr().out  # the chat table's size: the realised cost
     assert main(["generate", str(ckpt), "w3 w4 w5", "--budget", "0.5", "--adaptive", "--max-new-tokens", "4",
                  "--raw", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) >= 1

@@ -10,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.assets import DEFAULT_MODEL
 from flextron.behaviour import compare, first_sentence, original_model, reference
-from flextron.budgets import select_subnet
+from flextron.budgets import cost_table, select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.export import EXPORT_MANIFEST, build_model
-from flextron.generation import prompt_inputs
+from flextron.generation import prompt_inputs, stop_token_ids
+from flextron.routers import AdaptiveRouters
 from flextron.space import Budget
-from helpers import TEMPLATE, hf_greedy, make_elastic, make_model, make_tokenizer
+from helpers import TEMPLATE, hf_greedy, make_elastic, make_model, make_tokenizer, prompt_sensitive
 
 PROMPTS = ["w5 w6", "w7", "w9 w10 w11 w12", "w20 w3"]
 NEW = 6
@@ -143,3 +145,39 @@ def test_the_original_is_the_model_the_checkpoint_was_converted_from(tiny_hf_dir
     (export / EXPORT_MANIFEST).write_text(json.dumps({"source_checkpoint": str(tmp_path / "nothing")}))
     with pytest.raises(FlextronError, match="--original"):
         original_model(export)
+
+
+def test_adaptive_routing_is_scored_with_each_answer_routed_from_its_prompt(tok):
+    """`eval --tasks chat --adaptive`: each prompt alone, its attention widths chosen from the prompt and
+    every token's MLP width from its own state, greedy and teacher-forced, gives what the batched,
+    right-padded comparison and the engine's adaptive requests give."""
+    em = make_elastic()
+    torch.manual_seed(0)
+    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, (0.4, 0.7, 1.0), hidden=16)
+    with torch.no_grad():  # spread the untrained routers' choices over the widths, and by prompt
+        for lin in routers.token_out:
+            lin.weight.mul_(30)
+    prompt_sensitive(routers)
+    routing = AdaptiveRouting(em, routers, cost_table(em, "params"))
+    ref = reference(ElasticModel(make_model("llama")), tok, PROMPTS, NEW)
+    original = make_model("llama")
+    stop = set(stop_token_ids(em.model, tok))
+    kl, count, agree = 0.0, 0, 0
+    with routing.attached(), torch.no_grad():
+        got = compare(AdaptiveLM(routing, 0.7), tok, ref, batch_size=3)
+        assert "forward" in vars(em.blocks[0].mlp.module)  # the engine's requests left the routing attached
+    with routing.attached(), torch.no_grad():
+        for ids, answer in zip(ref.prompt_ids, ref.answers):
+            seq = list(ids)
+            while len(seq) - len(ids) < NEW and (len(seq) == len(ids) or seq[-1] not in stop):
+                routing.start(0.7, torch.tensor([ids]))
+                seq.append(int(em(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            agree += seq[len(ids):] == answer
+            routing.start(0.7, torch.tensor([ids]))
+            x = torch.tensor([ids + answer[:-1]])
+            q = F.log_softmax(em(input_ids=x).logits[0, len(ids) - 1:], -1)
+            p = F.log_softmax(original(input_ids=x).logits[0, len(ids) - 1:], -1)
+            kl += F.kl_div(q, p, log_target=True, reduction="sum").item()
+            count += len(answer)
+    assert got["kl"] == pytest.approx(kl / count, rel=1e-4) and got["kl"] > 1e-4
+    assert got["agree_tokens"] == agree / len(PROMPTS)

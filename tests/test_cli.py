@@ -100,8 +100,7 @@ def test_eval_chat_and_ppl_data_of_a_converted_checkpoint(tiny_hf_dir, tmp_path,
     for args, message in (([str(ckpt), "--ppl-data", str(missing)], f"--ppl-data {missing} is not a file"),
                           ([str(ckpt), "--ppl-data", str(empty)], f"--ppl-data {empty} holds no text"),
                           ([str(ckpt), "--tasks", "chat", "--original", str(missing)], "neither an existing"),
-                          ([str(ckpt), "--chat-prompts", str(prompts)], "add chat to --tasks"),
-                          ([str(ckpt), "--tasks", "chat", "--adaptive"], "drop --adaptive")):
+                          ([str(ckpt), "--chat-prompts", str(prompts)], "add chat to --tasks")):
         assert main(["eval", *args, "--budgets", "1.0"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

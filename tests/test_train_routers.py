@@ -110,6 +110,7 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     report = json.loads((tmp_path / "routed" / "routing.json").read_text())
     recorded = read_yaml(tmp_path / "routed" / "routing.yaml")  # the resolved options, for `route --config`
     assert recorded["steps"] == 20 and recorded["budgets"] == [0.5, 1.0] and recorded["data"] == [str(data.resolve())]
+    assert recorded["check_budgets"] == [0.75]
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
     assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])
@@ -234,6 +235,26 @@ def test_default_grid_starts_at_the_smallest_sub_network_when_it_is_above_the_gr
     assert all(r.budget.fraction >= lowest for r in result["budgets"])
     with pytest.raises(FlextronError, match="smallest sub-network"):  # a grid the user chose is not moved
         api.route(ckpt, replace(cfg, budgets=(0.5, 1.0)), [str(data)], device="cpu", progress=False)
+    with pytest.raises(FlextronError, match="smallest sub-network"):  # nor a budget to check
+        api.route(ckpt, replace(cfg, check_budgets=(0.5,)), [str(data)], device="cpu", progress=False)
+
+
+def test_check_budgets_are_checked_and_serve_the_budgets_above_them(tmp_path):
+    """--check-budgets: checked against uniform beside the grid (not the default midpoints), and a budget
+    asked between them is served what the check below it kept."""
+    em = make_elastic()
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(2000))
+    cfg = RouteOptions(metric="params", budgets=(0.6, 1.0), check_budgets=(0.85,), steps=2, joint_steps=0, seq_len=16,
+                       micro_batch=2, eval_limit=1, check_sequences=1, surrogate=False, dtype="fp32")
+    result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
+    assert [r.budget.fraction for r in result["budgets"]] == [0.6, 0.85, 1.0]
+    assert read_yaml(ckpt / "routing.yaml")["check_budgets"] == [0.85]
+    routed = api.load(ckpt, "cpu")[0]
+    assert [c["budget"] for c in routed.routers.checked] == [0.6, 0.85, 1.0]
+    served = {b: select_subnet(routed, Budget.parse(f"params={b:.0%}")) for b in (0.85, 0.95)}
+    assert served[0.95] == served[0.85]
 
 
 def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path, capsys):

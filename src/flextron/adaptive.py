@@ -97,6 +97,7 @@ class AdaptiveRouting:
         # Static sub-networks served (their fixed logits and hidden-size index), by budget.
         self._served: dict[float, tuple[tuple[Tensor, Tensor], int]] = {}
         self._hidden: dict[float, int] = {}  # the hidden-size index routed at each grid budget
+        self._attached = False
         self.reset_stats()
 
     def _price(self, h: int) -> None:
@@ -124,7 +125,11 @@ class AdaptiveRouting:
     @contextmanager
     def attached(self) -> Iterator[AdaptiveRouting]:
         """Attached inside the `with` block; on leaving it, by an exception too, detached with the
-        model's previous sub-network (or soft mix) back."""
+        model's previous sub-network (or soft mix) back. Inside another `attached` block of this routing,
+        it stays attached: the outer block detaches."""
+        if self._attached:
+            yield self
+            return
         with self.em.subnet(None):
             self.attach()
             try:
@@ -139,12 +144,14 @@ class AdaptiveRouting:
             module = block.mlp.module
             module.forward = types.MethodType(
                 lambda mod, x, _layer=layer: self._mlp_forward(_layer, mod, x), module)
+        self._attached = True
         return self
 
     def detach(self) -> None:
         for block in self.em.blocks:
             vars(block.mlp.module).pop("forward", None)
         self.em.set_subnet(None)
+        self._attached = False
 
     def reset_stats(self) -> None:
         n = len(self.em.blocks)

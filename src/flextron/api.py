@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from flextron.adaptive import AdaptiveLM
 from flextron.assets import load_hf
 from flextron.behaviour import chat_prompts, compare, original_model, reference
 from flextron.budgets import budget_metric, select_subnet
@@ -133,19 +134,18 @@ def evaluate(path: str | Path | None, options: EvalOptions | None = None, *, dev
     def score(model: torch.nn.Module) -> dict:
         return {t: score_task(model, tok, t, d, batch_size, autocast, progress) for t, d in docs.items()}
 
-    def chat(model: ElasticModel) -> dict:
+    def chat(model: ElasticModel | AdaptiveLM) -> dict:
         return compare(model, tok, ref, batch_size, autocast)
 
     if o.adaptive:
-        return adaptive_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None)
+        return adaptive_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None,
+                                   data_windows, chat if ref is not None else None)
     return eval_at_budgets(em, windows, parsed, batch_size, autocast, progress, score if docs else None,
                            data_windows, chat if ref is not None else None)
 
 
 def _check_eval_options(o: EvalOptions, tasks: list[str]) -> None:
-    """Refuse, before any model loads, the chat and --ppl-data options where they do not apply."""
-    if o.adaptive and ("chat" in tasks or o.ppl_data):
-        raise FlextronError("--tasks chat and --ppl-data score the budgets' static sub-networks; drop --adaptive")
+    """Refuse, before any model loads, the chat options where they do not apply."""
     if "chat" not in tasks and (o.chat_prompts or o.original):
         raise FlextronError("--chat-prompts and --original set up the chat task; add chat to --tasks")
 
@@ -297,7 +297,7 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
 
 def route(ckpt: str | Path, cfg: RouteOptions | None = None, data: list[str] | None = None, *,
           out: str | Path | None = None, overwrite: bool = False, device: str | None = None,
-          unseen: tuple[float, ...] | None = None, adaptive: bool = False, progress: bool = True,
+          adaptive: bool = False, progress: bool = True,
           **overrides: Any) -> dict:
     """Train static routers (straight through the LLM, or surrogate-guided) and fine-tune jointly; per
     budget keep the better of the routed and the largest uniform sub-network on held-out training rows;
@@ -311,5 +311,5 @@ def route(ckpt: str | Path, cfg: RouteOptions | None = None, data: list[str] | N
     from flextron.train.routers import route as route_stage  # torch.distributed only when training
 
     cfg = resolve(RouteOptions, cfg, overrides)
-    return route_stage(ckpt, cfg, data, out=out, overwrite=overwrite, device=resolve_device(device), unseen=unseen,
+    return route_stage(ckpt, cfg, data, out=out, overwrite=overwrite, device=resolve_device(device),
                        adaptive=adaptive, progress=progress)

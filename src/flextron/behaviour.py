@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from flextron.adaptive import AdaptiveLM
 from flextron.assets import DEFAULT_MODEL, GEMMA3
 from flextron.chat import packaged_prompts, read_prompts
 from flextron.checkpoint import MANIFEST, read_manifest
@@ -92,23 +93,27 @@ def original_model(path: str | Path | None, original: str | None = None) -> str 
                         "--original MODEL_DIR, the model `flextron convert` read")
 
 
-def greedy_answers(em: ElasticModel, tok: PreTrainedTokenizerBase, prompt_ids: list[list[int]], new_tokens: int
-                   ) -> list[Result]:
-    """Greedy answers of at most `new_tokens` tokens to every prompt at `em`'s current sub-network, all
-    decoding in one batch (`flextron.engine`)."""
-    n = len(prompt_ids)
-    engine = Engine(em, tok, limits=ServeLimits(max_batch=n, max_queue=n), start=False)
+def greedy_answers(model: ElasticModel | AdaptiveLM, tok: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
+                   new_tokens: int) -> list[Result]:
+    """Greedy answers of at most `new_tokens` tokens to every prompt at the model's current sub-network, all
+    decoding in one batch (`flextron.engine`); an `AdaptiveLM`'s each routed from its prompt, unbatched."""
+    n, adaptive = len(prompt_ids), isinstance(model, AdaptiveLM)
+    em = model.em if adaptive else model
+    engine = Engine(em, tok, limits=ServeLimits(max_batch=n, max_queue=n), start=False,
+                    routing=model.routing if adaptive else None)
     greedy = Sampling(max_new_tokens=new_tokens, temperature=0.0)
-    return engine.generate([Request(ids, em.current, greedy) for ids in prompt_ids])
+    fraction = model.fraction if adaptive else None
+    return engine.generate([Request(ids, em.current, greedy, adaptive=fraction) for ids in prompt_ids])
 
 
 @torch.no_grad()
-def answer_logprobs(em: ElasticModel, prompt_ids: list[list[int]], answers: list[list[int]], batch_size: int = 8,
-                    autocast_dtype: torch.dtype | None = None) -> Iterator[tuple[int, Tensor]]:
+def answer_logprobs(model: ElasticModel | AdaptiveLM, prompt_ids: list[list[int]], answers: list[list[int]],
+                    batch_size: int = 8, autocast_dtype: torch.dtype | None = None) -> Iterator[tuple[int, Tensor]]:
     """Teacher forcing, prompt + answer fed whole: per prompt (its index), the next-token log-probabilities
     [len(answer), V] at the positions that predict its answer's tokens; empty answers left out. Rows of
-    similar lengths share a forward, right-padded (no real position attends to the padding)."""
-    device = next(em.parameters()).device
+    similar lengths share a forward, right-padded (no real position attends to the padding). An
+    `AdaptiveLM` routes each row from its prompt alone, as generation does."""
+    device = next(model.parameters()).device
     seqs = [p + a[:-1] for p, a in zip(prompt_ids, answers)]
     order = sorted((i for i in range(len(seqs)) if answers[i]), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
@@ -116,8 +121,9 @@ def answer_logprobs(em: ElasticModel, prompt_ids: list[list[int]], answers: list
         width = max(len(seqs[i]) for i in idx)
         first = min(len(prompt_ids[i]) for i in idx) - 1  # the earliest position whose logits are read
         batch = torch.tensor([seqs[i] + [0] * (width - len(seqs[i])) for i in idx], device=device)
+        routed = {"prompt_lengths": [len(prompt_ids[i]) for i in idx]} if isinstance(model, AdaptiveLM) else {}
         with autocast(device, autocast_dtype):
-            logits = em(input_ids=batch, use_cache=False, logits_to_keep=width - first).logits
+            logits = model(input_ids=batch, use_cache=False, logits_to_keep=width - first, **routed).logits
         for row, i in enumerate(idx):
             at = len(prompt_ids[i]) - 1 - first
             yield i, F.log_softmax(logits[row, at : at + len(answers[i])].float(), -1)
@@ -157,16 +163,17 @@ def _offsets(answers: list[list[int]]) -> list[int]:
     return [0, *itertools.accumulate(map(len, answers))]
 
 
-def compare(em: ElasticModel, tok: PreTrainedTokenizerBase, ref: Reference, batch_size: int = 8,
+def compare(model: ElasticModel | AdaptiveLM, tok: PreTrainedTokenizerBase, ref: Reference, batch_size: int = 8,
             autocast_dtype: torch.dtype | None = None) -> dict:
-    """`em` at its current sub-network against the original's `ref`: {n, new_tokens, agree_tokens,
-    agree_sentence, kl} (shares of the prompts; KL in nats per answer token)."""
+    """The model at its current sub-network (or routed adaptively, each answer from its prompt) against the
+    original's `ref`: {n, new_tokens, agree_tokens, agree_sentence, kl} (shares of the prompts; KL in nats per
+    answer token)."""
     if tokenizer_key(tok) != ref.tokenizer:
         raise FlextronError("the model's tokenizer is not the original's, so their answers cannot be compared token "
                             "by token; pass the --original the model was converted from")
-    results = greedy_answers(em, tok, ref.prompt_ids, ref.new_tokens)
+    results = greedy_answers(model, tok, ref.prompt_ids, ref.new_tokens)
     offsets, kl = _offsets(ref.answers), 0.0
-    for i, lp in answer_logprobs(em, ref.prompt_ids, ref.answers, batch_size, autocast_dtype):
+    for i, lp in answer_logprobs(model, ref.prompt_ids, ref.answers, batch_size, autocast_dtype):
         original = ref.logprobs[offsets[i] : offsets[i + 1]].to(lp.device)
         kl += F.kl_div(lp, original, log_target=True, reduction="sum").item()
     n = len(results)

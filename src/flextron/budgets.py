@@ -149,7 +149,7 @@ def select_subnet(em: ElasticModel, budget: Budget) -> Subnet:
     """The sub-network for a budget (what eval, export, generate and serve all run).
 
     Without routers: the largest uniform sub-network within the budget. With routers that `route`
-    checked against uniform (`Routers.checked`, at the grid budgets and the unseen midpoints):
+    checked against uniform (`Routers.checked`, at the grid budgets and `--check-budgets`):
     snapped to the largest checked budget at or below this one, whose kept sub-network is served
     (the router's projection there, or the uniform or lower budget's sub-network it kept): it fits,
     and it was measured against the largest uniform sub-network within that budget. A budget in

@@ -39,7 +39,7 @@ from flextron.options import (
     field_type,
     read_yaml,
 )
-from flextron.report import CHAT_COLUMNS, chat_cells, chat_note, shares_of, task_cell, widths_cell
+from flextron.report import CHAT_COLUMNS, chat_cells, chat_note, shares_of, size_cell, task_cell, widths_cell
 from flextron.results import EvalRow, rows_json
 
 console = Console()
@@ -153,8 +153,7 @@ def print_chat(groups: dict[str, list[EvalRow]]) -> None:
     for name, group in groups.items():
         for r in group:
             if r.chat:
-                table.add_row(name, str(r.budget), f"{_human(r.cost['params_nonembed'])} ({r.params_fraction:.0%})",
-                              *chat_cells(r.chat))
+                table.add_row(name, str(r.budget), size_cell(r), *chat_cells(r.chat))
     console.print(table)
     console.print(note, markup=False, highlight=False)
 
@@ -282,12 +281,14 @@ def cmd_route(a: argparse.Namespace) -> None:
 def print_adaptive(rows: list[EvalRow]) -> None:
     t = Table(title=f"Input-adaptive routing (budgets in {rows[0].metric})")
     checked = any(r.kept for r in rows)  # route: what the check against static routing kept
-    for col in ("budget", "realised cost", "cost/target", "ppl", "static router ppl, same cost",
-                *(["kept"] if checked else [])):
+    data = any(r.ppl_data is not None for r in rows)
+    for col in ("budget", "realised cost", "cost/target", "ppl", *(["ppl data"] if data else []),
+                "static router ppl, same cost", *(["kept"] if checked else [])):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(str(r.budget), f"{r.realised_fraction:.1%}", f"{r.cost_ratio:.3f}",
                   f"{r.ppl:.2f}" if r.ppl is not None else "-",
+                  *([f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data else []),
                   f"{r.static_ppl:.2f}" if r.static_ppl is not None else "-",
                   *([r.kept or "-"] if checked else []))
     console.print(t)

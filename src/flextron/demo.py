@@ -99,8 +99,9 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
     # grid spans this machine's feasible range.
     grid = budget_grid(api.load(trained, "cpu")[0])
     # The router report's held-out rows are the flextron curve: the same windows as every evaluation here.
-    routed = api.route(trained, replace(p.route, budgets=grid, eval_limit=p.eval_windows), out=out / "elastic",
-                       overwrite=True, device=device, unseen=(), progress=progress)
+    routed = api.route(trained, replace(p.route, budgets=grid, check_budgets=grid,
+                                                  eval_limit=p.eval_windows),
+                       out=out / "elastic", overwrite=True, device=device, progress=progress)
     behaved = api.evaluate(out / "elastic", budgets=[str(r.budget.fraction) for r in routed["budgets"]], tasks=["chat"],
                            **chat, **ev)
     for r, b in zip(routed["budgets"], behaved):  # the same sub-networks: both select them by `select_subnet`

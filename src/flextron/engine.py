@@ -234,10 +234,11 @@ def _pad_left(x: Tensor, length: int) -> Tensor:
 class Engine:
     """Runs requests on its own thread (with `start=False`, on the thread that calls `run()`); `submit`
     returns at once, the request's future holds the result. Of the server's `limits` it reads `max_batch`,
-    `max_queue`, `max_budgets` and `mix_budgets`."""
+    `max_queue`, `max_budgets` and `mix_budgets`. Adaptive requests are routed by `routing` (default: the
+    checkpoint's adaptive routers, built at the first)."""
 
     def __init__(self, em: ElasticModel, tokenizer: PreTrainedTokenizerBase, limits: ServeLimits | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, routing: AdaptiveRouting | None = None) -> None:
         self.em, self.tokenizer = em, tokenizer
         self.limits = limits or ServeLimits()
         self.eos = set(stop_token_ids(em.model, tokenizer))
@@ -252,7 +253,7 @@ class Engine:
         self._budgets: OrderedDict[Budget, tuple[Subnet, Cost]] = OrderedDict()
         self._budget_lock = threading.Lock()
         self._closed = False
-        self._routing: AdaptiveRouting | None = None
+        self._routing = routing
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self.run, name="flextron-engine", daemon=True)

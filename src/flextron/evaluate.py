@@ -114,11 +114,13 @@ def eval_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budg
 
 def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[Budget], batch_size: int = 4,
                         autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                        tasks: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
+                        tasks: Callable[[nn.Module], dict] | None = None, data_windows: Tensor | None = None,
+                        chat: Callable[[nn.Module], dict] | None = None) -> list[EvalRow]:
     """Per budget (in the routers' metric), input-adaptive routing: each sequence a request, each
     token its MLP width, scored causally (`AdaptiveLM`: a window in chunks whose widths the tokens
-    before them choose, a task's candidates at their context's widths). Rows hold the budget as a
-    fraction, the realised average cost / full cost, perplexity and tasks."""
+    before them choose, a task's candidates at their context's widths, a chat answer at its prompt's).
+    Rows hold the budget as a fraction, the realised average cost / full cost (of the windows and
+    tasks scored), perplexity, `ppl_data`, tasks and chat, each unless None."""
     routing = AdaptiveRouting.for_model(em)
     fractions = [routing.fraction(b) for b in budgets]
     rows = []
@@ -129,8 +131,16 @@ def adaptive_at_budgets(em: ElasticModel, windows: Tensor | None, budgets: list[
             if windows is not None:
                 row.ppl = perplexity(lm, windows, batch_size, autocast_dtype, progress,
                                      desc=f"adaptive @ {fraction:.0%}")
+            if data_windows is not None:
+                row.ppl_data = perplexity(lm, data_windows, batch_size, autocast_dtype, progress,
+                                          desc=f"adaptive ppl_data @ {fraction:.0%}")
+                row.data_tokens = int(data_windows[:, 1:].numel())
             if tasks is not None:
                 row.tasks = tasks(lm)
+            if chat is not None:
+                scored = len(lm.costs)
+                row.chat = chat(lm)
+                del lm.costs[scored:]  # its rows are right-padded: the realised cost is of the windows and tasks
             row.realised_fraction = sum(lm.costs) / max(len(lm.costs), 1)
             row.cost_ratio = row.realised_fraction / fraction
             rows.append(row)

@@ -102,6 +102,14 @@ def chat_cells(chat: dict | None) -> list[str]:
     return [f"{chat['agree_sentence']:.0%}", f"{chat['agree_tokens']:.0%}", f"{chat['kl']:.3f}"]
 
 
+def size_cell(r: EvalRow) -> str:
+    """A row's non-embedding parameters and their share; for adaptive routing (each request sized by its
+    routers), the realised share of the budget's metric."""
+    if r.cost is None:
+        return f"adaptive, {r.realised_fraction:.0%} of the {r.metric}"
+    return f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})"
+
+
 def chat_note(groups: dict[str, list[EvalRow]]) -> str | None:
     """What the chat columns measure, on how many prompts and tokens (None without them)."""
     chat = next((r.chat for rows in groups.values() for r in rows if r.chat), None)
@@ -127,8 +135,7 @@ def markdown(data: dict, groups: dict[str, list[EvalRow]], plots: list[str]) -> 
     for name, rows in groups.items():
         for r in rows:
             cells = [name, "-" if relative and len(rows) == 1 else str(r.budget), widths_cell(r.subnet.mlp),
-                     widths_cell(r.subnet.attn), f"{r.cost['params_nonembed'] / 1e6:.1f} M ({r.params_fraction:.0%})",
-                     f"{r.ppl:.2f}" if r.ppl is not None else "-"]
+                     widths_cell(r.subnet.attn), size_cell(r), f"{r.ppl:.2f}" if r.ppl is not None else "-"]
             cells += [f"{r.ppl_data:.2f}" if r.ppl_data is not None else "-"] if data_ppl else []
             cells += chat_cells(r.chat) if chat else []
             cells += [task_cell(r.tasks[t]) if t in (r.tasks or {}) else "-" for t in tasks]

@@ -65,11 +65,11 @@ from flextron.train.surrogate import OnlineSurrogate, random_logits
 
 
 def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: str | Path | None, overwrite: bool,
-          device: str, unseen: tuple[float, ...] | None, adaptive: bool, progress: bool) -> dict:
+          device: str, adaptive: bool, progress: bool) -> dict:
     """Train static routers (straight through the LLM, or surrogate-guided) and fine-tune jointly; per
     budget keep the better of the routed and the largest uniform sub-network on held-out training rows;
     store them in the checkpoint (or in `out`) and report (also in routing.json), per budget, the kept
-    sub-network, its cost and held-out perplexity on the grid and the `unseen` budgets (default: midway
+    sub-network, its cost and held-out perplexity on the grid and `cfg.check_budgets` (default: midway
     between the grid's two lowest and its two highest).
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead, per
@@ -95,12 +95,13 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     if cfg.budgets == RouteOptions().budgets:  # the default grid starts at the smallest sub-network when above it
         cfg = replace(cfg, budgets=tuple(sorted({max(b, math.ceil(lowest * 100) / 100) for b in cfg.budgets})))
     grid = sorted(cfg.budgets)
-    if unseen is None:
+    if cfg.check_budgets is None:
         pairs = (grid[:2], grid[-2:]) if len(grid) > 1 else ()  # one budget (e.g. timing noise): none between
-        unseen = tuple(sorted({round((a + b) / 2, 4) for a, b in pairs}))
-    if not fits(lowest, min(cfg.budgets)) or not fits(lowest, min(unseen, default=1.0)):
+        cfg = replace(cfg, check_budgets=tuple(sorted({round((a + b) / 2, 4) for a, b in pairs})) or tuple(grid))
+    fractions = sorted(set(grid) | set(cfg.check_budgets))
+    if not fits(lowest, fractions[0]):
         raise FlextronError(f"router budgets must lie between {lowest:.2f} (the smallest sub-network) and 1.0 "
-                            f"of the full model's cost; got {sorted(set(cfg.budgets) | set(unseen))}")
+                            f"of the full model's cost; got {fractions}")
     check_positions(em.config, cfg.seq_len, "--seq-len")
     teacher, _, _ = load_checkpoint(ckpt, device=device)
     teacher.requires_grad_(False)
@@ -111,7 +112,6 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     else:
         em.routers, log = train_routers(em, teacher, data_seq, cfg, progress=progress)
     del teacher
-    fractions = sorted(set(cfg.budgets) | set(unseen))
     amp = compute_dtype(cfg.dtype, device)
     if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
         check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
