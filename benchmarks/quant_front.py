@@ -2,7 +2,8 @@
 lighter weight type beat the full model at a stronger quantization, at equal bytes or equal latency?
 
 The largest uniform sub-network within each parameter budget (`--budgets`, fractions of the non-embedding
-parameters; the same for every type) of a checkpoint (`--ckpt`, e.g. an elastic-trained one; else the
+parameters; the same for every type; with `--routed`, what a routed checkpoint serves there, as
+`flextron export --budget params=B` picks it) of a checkpoint (`--ckpt`, e.g. an elastic-trained one; else the
 packaged SmolLM2, or `--model`, converted prune-only) is exported to a GGUF at each weight type
 (`--outtypes`; the k-quants through llama.cpp's own quantizer, whose fallbacks for rows that are not whole
 256-blocks are counted) and at f32 for `--f32` budgets. Each file's size, its held-out perplexity scored
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from _results import IMG_DIR, command_line, publish
 from _variants import log, workspace
 from flextron import api, llamacpp
-from flextron.budgets import uniform_subnet_for
+from flextron.budgets import select_subnet, uniform_subnet_for
 from flextron.data import heldout_windows
 from flextron.evaluate import counted_params
 from flextron.fsutil import atomic_write
@@ -130,6 +131,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF model dir to convert (default: the packaged SmolLM2)")
     p.add_argument("--budgets", default="0.35,0.5,0.65,0.75,1.0", help="fractions of the non-embedding parameters")
     p.add_argument("--outtypes", default="f16,q8_0,q6_k,q5_k_m,q4_k_m")
+    p.add_argument("--routed", action="store_true", help="each budget's routed sub-network (select_subnet), "
+                   "not the largest uniform one")
     p.add_argument("--f32", default="0.65,1.0", help="budgets also exported at f32 ('' for none)")
     p.add_argument("--windows", type=int, default=4, help="held-out windows perplexity is scored on")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -160,7 +163,8 @@ def main() -> None:
         params_full = counted_params(em)
         rows, paths = [], []
         for b, t in configs:
-            subnet = uniform_subnet_for(em, Budget(metric="params", fraction=b))[0]
+            budget = Budget(metric="params", fraction=b)
+            subnet = select_subnet(em, budget) if a.routed else uniform_subnet_for(em, budget)[0]
             path = work / f"{b:g}-{t}.gguf"
             written = write_gguf(em, tok, subnet, path, t, overwrite=True)
             row = {"budget": b, "outtype": t, "subnet": subnet.to_dict(), "architecture": written["architecture"],
@@ -202,11 +206,12 @@ def main() -> None:
                                   for n, w in pairs]}
     data["findings"] = findings(rows, fronts, pairs)
     timed = not a.no_timing
+    chosen = "The routed sub-network the checkpoint serves at" if a.routed else "The largest uniform sub-network within"
     lines = [
         "## The size-quality front: elastic width x quantization in llama.cpp", "",
         f"`{data['command']}` — {data['model']}{', checkpoint ' + data['checkpoint'] if a.ckpt else ', prune-only'}, "
-        f"{data['runtime']}, {data['seconds']} s. The largest uniform sub-network within each budget (a fraction of "
-        f"the {data['params_counted']} parameters) as a GGUF at each type; perplexity scored in llama.cpp on "
+        f"{data['runtime']}, {data['seconds']} s. {chosen} each budget (a fraction of the "
+        f"{data['params_counted']} parameters) as a GGUF at each type; perplexity scored in llama.cpp on "
         f"{a.windows} packaged held-out windows of {a.seq_len} tokens ({data['tokens']:,} tokens, every next token, "
         "f16 KV cache)"
         + (f"; decode ms/token after {a.context} tokens at batch 1, every file timed in the same run in {a.rounds} "
