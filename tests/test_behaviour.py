@@ -13,16 +13,23 @@ import torch.nn.functional as F
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.assets import DEFAULT_MODEL
 from flextron.behaviour import compare, first_sentence, original_model, reference
-from flextron.budgets import cost_table, select_subnet
+from flextron.budgets import select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.export import EXPORT_MANIFEST, build_model
 from flextron.generation import prompt_inputs, stop_token_ids
-from flextron.routers import AdaptiveRouters
 from flextron.space import Budget
-from helpers import TEMPLATE, hf_greedy, make_elastic, make_model, make_tokenizer, prompt_sensitive
+from helpers import (
+    TEMPLATE,
+    hf_greedy,
+    make_elastic,
+    make_model,
+    make_tokenizer,
+    prompt_sensitive,
+    with_adaptive_routers,
+)
 
 PROMPTS = ["w5 w6", "w7", "w9 w10 w11 w12", "w20 w3"]
 NEW = 6
@@ -151,14 +158,9 @@ def test_adaptive_routing_is_scored_with_each_answer_routed_from_its_prompt(tok)
     """`eval --tasks chat --adaptive`: each prompt alone, its attention widths chosen from the prompt and
     every token's MLP width from its own state, greedy and teacher-forced, gives what the batched,
     right-padded comparison and the engine's adaptive requests give."""
-    em = make_elastic()
-    torch.manual_seed(0)
-    routers = AdaptiveRouters(em.space.mlp, em.space.attn, em.config.hidden_size, (0.4, 0.7, 1.0), hidden=16)
-    with torch.no_grad():  # spread the untrained routers' choices over the widths, and by prompt
-        for lin in routers.token_out:
-            lin.weight.mul_(30)
-    prompt_sensitive(routers)
-    routing = AdaptiveRouting(em, routers, cost_table(em, "params"))
+    em = with_adaptive_routers(make_elastic())
+    prompt_sensitive(em.routers.adaptive)
+    routing = AdaptiveRouting.for_model(em)
     ref = reference(ElasticModel(make_model("llama")), tok, PROMPTS, NEW)
     original = make_model("llama")
     stop = set(stop_token_ids(em.model, tok))
