@@ -121,7 +121,8 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
             "stock": {"graph": em.latency.stock_graph, "validation": em.latency.stock.validation,
                       "fit_error": em.latency.stock.fit_error} if em.latency.stock is not None else None,
             "table": {k: v for k, v in em.latency.settings.items()
-                      if k in ("runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds")}
+                      if k in ("runtime", "threads", "outtype", "context", "decode_steps", "repeats", "rounds",
+                               "relative_to")}
             }, rows
 
 

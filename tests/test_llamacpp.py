@@ -154,13 +154,13 @@ def test_profile_at_a_quantizer_type_times_it_and_its_latency_budgets_export_at_
     import gguf
 
     ckpt = elastic_ckpt(bpe=True)
-    timed, measure = [], llamacpp.measure
+    timed, load = [], llamacpp.load
 
     def recording(path, *args, **kwargs):
         timed.append(gguf.GGUFReader(path).fields["general.file_type"].contents())
-        return measure(path, *args, **kwargs)
+        return load(path, *args, **kwargs)
 
-    monkeypatch.setattr(llamacpp, "measure", recording)
+    monkeypatch.setattr(llamacpp, "load", recording)
     assert main(["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--outtype", "q4_k_m", "--samples",
                  "5", "--validate", "2", "--context", "16", "--decode-steps", "2", "--repeats", "1", "--rounds", "3",
                  "--force"]) == 0  # as the f16 profile above
@@ -222,13 +222,56 @@ def test_profile_in_llamacpp_refuses_a_table_timed_on_a_busy_machine(elastic_ckp
     ckpt = elastic_ckpt(bpe=True)
     calls = []
 
-    def busy_after_ten(path, *args, **kwargs):  # stands in for `llamacpp.measure`: 3x slower after 10 timings
-        calls.append(path)
+    def busy_after_ten(llm, ids, decode_steps):  # stands in for llama.cpp: every file 3x slower after 10 timings
+        calls.append(llm.model_path)
         slow = 3.0 if len(calls) > 10 else 1.0
         return {"decode_ms": slow, "prefill_ms": 10 * slow}
 
-    monkeypatch.setattr(llamacpp, "measure", busy_after_ten)
+    monkeypatch.setattr(llamacpp, "_time_once", busy_after_ten)
     with pytest.raises(FlextronError, match=r"looks noisy .*the full model's \d+ timings from start to end spread "
                                             r"decode 200\.0%"):
         api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, **TINY)
     assert len(calls) > 10 and not (ckpt / "latency.json").exists()
+
+
+def test_profile_in_llamacpp_times_each_sub_network_beside_the_full_model(elastic_ckpt, monkeypatch):
+    """Each timing is the sub-network's median ratio to the full model (kept loaded) within rounds, times the full
+    model's own time at the start: a slow load or spell that hits both moves neither the table nor its fit."""
+    ckpt = elastic_ckpt(bpe=True)
+    em, _, _ = api.load(ckpt, "cpu")
+    full, timed = em.space.full(), []
+
+    def work(subnet: Subnet) -> float:  # decode ms of a sub-network by a known additive cost
+        return 1.0 + sum(m / 96 for m in subnet.mlp) + sum(a / 4 for a in subnet.attn)
+
+    by_path, load = {}, llamacpp.load
+
+    def loading(path, *args, **kwargs):  # remember which sub-network each loaded file is
+        llm = load(path, *args, **kwargs)
+        by_path[llm.model_path] = timed[-1] if timed and "subnet" in str(path) else full
+        return llm
+
+    write = llamacpp.write_gguf
+
+    def writing(em_, tok, subnet, path, *args, **kwargs):
+        timed.append(subnet)
+        return write(em_, tok, subnet, path, *args, **kwargs)
+
+    def slow_every_third_load(llm, ids, decode_steps):  # a load in three runs 4x slower, as does the reference then
+        slow = 4.0 if (len(timed) % 3 == 0) else 1.0
+        ms = work(by_path[llm.model_path]) * slow
+        return {"decode_ms": ms, "prefill_ms": 10 * ms}
+
+    monkeypatch.setattr(llamacpp, "load", loading)
+    monkeypatch.setattr(llamacpp, "write_gguf", writing)
+    monkeypatch.setattr(llamacpp, "_time_once", slow_every_third_load)
+    table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=6, validate=2, rounds=1, force=True, **TINY)
+    assert table.settings["relative_to"] == "the full model as deci"
+    fitted = [m for m in table.measurements if m["role"] == "fit"]
+    assert len(fitted) >= 6
+    scale = table.data["reference"]["decode_ms"]
+    for m in fitted:  # the slow loads are gone: exactly the known cost relative to the full model's
+        s = Subnet(**m["subnet"])
+        assert m["decode_ms"] == pytest.approx(scale * work(s) / work(full))
+        assert m["prefill_ms"] == pytest.approx(10 * m["decode_ms"])
+    assert table.main.validation["decode_ms"]["median_pct"] == pytest.approx(0, abs=1e-6)  # the cost is additive
