@@ -11,6 +11,8 @@ sub-networks are measured, else the largest uniform ones.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
 import time
@@ -30,12 +32,13 @@ from flextron.space import Budget, ElasticSpace, Subnet
 TIMING = {"context": 256, "decode_steps": 32, "rounds": 7}
 
 
-def smoke_checkpoint(work: Path) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer, profiled in llama.cpp on tiny settings."""
+def smoke_checkpoint(work: Path, hidden: bool = False) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer (with `hidden`, hidden sizes too), profiled in
+    llama.cpp on tiny settings."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from helpers import make_bpe_tokenizer, make_elastic
 
-    ckpt = save_checkpoint(make_elastic("llama"), make_bpe_tokenizer(), work / "ckpt", {})
+    ckpt = save_checkpoint(make_elastic("llama", hidden=hidden), make_bpe_tokenizer(), work / "ckpt", {})
     api.profile(ckpt, runtime="llama.cpp", context=16, decode_steps=2, repeats=1, samples=6, validate=2,
                 threads=1, progress=False, force=True)  # a tiny model's microseconds: noise, whatever the machine
     return ckpt
@@ -69,37 +72,49 @@ def default_budgets(em: ElasticModel) -> list[float]:
 
 
 def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None,
-        timing: dict) -> tuple[dict, list[dict]]:
+        timing: dict, references: int = 3) -> tuple[dict, list[dict]]:
     em, tok, _ = api.load(ckpt, "cpu")
     if em.latency is None or not em.latency.runtime.startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
     outtype, threads = em.latency.outtype, threads or em.latency.threads
 
-    full_gguf = gguf(ckpt, em.space.full(), work / "full.gguf", outtype)  # written once, timed beside each
+    # The reference, the full model as written, is `references` files timed alike, and each round's reference
+    # time is their median: one file can run up to ~18 % slower than a copy of itself in the same rounds (a run's
+    # 100 % row, which is such a copy, measured 0.853), and every row is a fraction of the reference.
+    fulls = [gguf(ckpt, em.space.full(), work / f"full{i}.gguf", outtype) for i in range(references)]
     # The full model written as deci too: the per-layer graph runs the same weights at another speed
     # (benchmarks/gguf_arch.py), and routed sub-networks are deci files.
     full_deci = write_gguf(em, tok, em.space.full(), work / "full-deci.gguf", outtype, per_layer=True)["path"]
 
-    def against_full(subnet: Subnet) -> tuple[dict, dict, dict, dict]:
-        """Medians of the full model and of `subnet`, and `subnet`'s per-round ratios to the full
-        model as written (`llama`) and as deci."""
-        paths = [full_gguf, gguf(ckpt, subnet, work / "subnet.gguf", outtype), full_deci]
-        full, got, deci = llamacpp.measure_rounds(paths, threads=threads, **timing)
-        return (llamacpp.medians(full), llamacpp.medians(got), llamacpp.median_ratios(got, full),
-                llamacpp.median_ratios(got, deci))
+    # One session for every row: each distinct sub-network written once, and all the files loaded together
+    # and timed in turn in each round, so every row is judged against the same loads of the full model.
+    budgets = budgets or default_budgets(em)
+    served = {b: select_subnet(em, Budget(fraction=b)) for b in budgets}
+
+    def named(s: Subnet) -> str:
+        return json.dumps(s.to_dict())
+
+    distinct = {named(s): s for s in [em.space.smallest(), *served.values()]}
+    paths = [gguf(ckpt, s, work / f"subnet{i}.gguf", outtype) for i, s in enumerate(distinct.values())]
+    timings = llamacpp.measure_rounds([*fulls, full_deci, *paths], threads=threads, **timing)
+    full_sets, deci_runs, runs = timings[:references], timings[references], timings[references + 1:]
+    full_runs = [{k: statistics.median(r[k] for r in round_) for k in round_[0]} for round_ in zip(*full_sets)]
+    full = llamacpp.medians(full_runs)
+    timed = {k: (llamacpp.medians(r), llamacpp.median_ratios(r, full_runs), llamacpp.median_ratios(r, deci_runs))
+             for k, r in zip(distinct, runs)}
+    reference_ms = [llamacpp.medians(f)["decode_ms"] for f in full_sets]
+    print("reference files, decode ms: " + ", ".join(f"{ms:.2f}" for ms in reference_ms))
 
     tables = {"decode_ms": cost_table(em, "latency_ms"), "prefill_ms": cost_table(em, "prefill_ms")}
-    _, _, small, _ = against_full(em.space.smallest())
     decode = tables["decode_ms"]
     deci = replace(decode, stock=None, in_stock=None)
-    smallest = {"measured_fraction": small["decode_ms"], "table_fraction": decode.smallest / decode.full,
-                "subnet": em.space.smallest().to_dict()}
+    smallest = {"measured_fraction": timed[named(em.space.smallest())][1]["decode_ms"],
+                "table_fraction": decode.smallest / decode.full, "subnet": em.space.smallest().to_dict()}
     print(f"smallest sub-network: decode {smallest['measured_fraction']:.3f} of the full model's (table "
           f"{smallest['table_fraction']:.3f})")
     rows = []
-    for b in budgets or default_budgets(em):
-        subnet = select_subnet(em, Budget(fraction=b))
-        full, got, ratio, to_deci = against_full(subnet)
+    for b, subnet in served.items():
+        got, ratio, to_deci = timed[named(subnet)]
         row = {"budget": b, "seen": seen(em, b), "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
                **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
@@ -116,6 +131,7 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
     return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
+            "reference_decode_ms": reference_ms,
             "space": space_label(em.space),
             "validation": em.latency.main.validation,
             "stock": {"graph": em.latency.stock_graph, "validation": em.latency.stock.validation,
@@ -141,6 +157,8 @@ def main() -> None:
                    "(default: the routers' grid, else the checkpoint's feasible grid, and the budgets halfway "
                    "between its points)")
     p.add_argument("--threads", type=int, default=None, help="default: the table's")
+    p.add_argument("--references", type=int, default=3,
+                   help="copies of the full model timed as the reference (each round: their median)")
     p.add_argument("--name", default="llamacpp_budgets",
                    help="results name (JSON and docs/results.md section): one per space and thread count")
     p.add_argument("--smoke", action="store_true")
@@ -151,18 +169,22 @@ def main() -> None:
         work = Path(tmp)
         ckpt = smoke_checkpoint(work) if a.smoke else Path(a.ckpt)
         budgets = [float(x) for x in a.budgets.split(",")] if a.budgets else None
-        meta, rows = run(ckpt, budgets, work, a.threads, timing)
+        meta, rows = run(ckpt, budgets, work, a.threads, timing, a.references)
     lines = [
         f"## Latency budgets measured in llama.cpp: {meta['space']}, {meta['threads']} thread(s)",
         "",
         f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}"
         f"{f' --threads {a.threads}' if a.threads else ''}"
-        f"{f' --name {a.name}' if a.name != p.get_default('name') else ''}`"
+        f"{f' --name {a.name}' if a.name != p.get_default('name') else ''}"
+        f"{f' --references {a.references}' if a.references != p.get_default('references') else ''}`"
         f" — {llamacpp.runtime_version()}, "
         f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
-        f"them; target = budget x the full model's time. The full model and each sub-network are timed back to "
-        f"back in {timing['rounds']} rounds; measured / target is the median of the per-round ratios / budget.",
+        f"them; target = budget x the full model's time. One session: the full model (as written and as `deci`), "
+        f"the smallest and every served sub-network are loaded together and timed in turn in {timing['rounds']} "
+        "rounds, so every row has the same reference; measured / target is the median of the per-round ratios / "
+        f"budget. The reference is {a.references} copies of the full model, each round's time their median (their "
+        f"decode ms: {', '.join(f'{ms:.2f}' for ms in meta['reference_decode_ms'])}).",
         "",
         f"The checkpoint's latency table (`flextron profile CKPT --runtime llama.cpp`, {meta['table']}): "
         f"|predicted - measured| / measured on {meta['validation']['decode_ms']['n']} unseen random sub-networks, "

@@ -1,6 +1,7 @@
 import json
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from flextron.budgets import budget_metric, budget_target
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.errors import FlextronError
 from flextron.latency import random_subnets, trimmed_mean
-from flextron.latency_table import QUANTITY, LatencyTable, check_weight_type, fit
+from flextron.latency_table import QUANTITY, LatencyTable, check_weight_type, design, fit, hidden_ratios
 from flextron.space import Budget, Subnet
 from helpers import make_elastic, make_tokenizer, two_graph_table
 
@@ -27,6 +28,36 @@ def test_fit_recovers_an_additive_cost_model():
         exact = 5.0 + sum(true_mlp[w] for w in s.mlp) + sum(true_attn[a] for a in s.attn)
         assert predict(s) == pytest.approx(exact, rel=1e-9)
     assert min(table.mlp.values()) == pytest.approx(0.0) and min(table.attn.values()) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_the_fit_minimises_the_relative_error_by_default(hidden):
+    """Weighted least squares by 1 / time, checked against numpy's unconstrained solution on timings whose
+    best increments are all positive (so the non-negativity is not binding), and unlike plain least squares:
+    noise of a few % on the large sub-networks must not move the price of the small ones as much."""
+    em = make_elastic(hidden=hidden)
+    space = em.space
+
+    def columns(nets: list[Subnet]) -> np.ndarray:  # the fit's unknowns: overhead (c0, c1) and increments (u, v)
+        x, r = design(space, nets), hidden_ratios(space, nets)[:, None]
+        ones = np.ones((len(nets), 1))
+        return np.hstack([ones, r, x, r * x] if hidden else [ones, x])
+
+    nets = random_subnets(em, 40, seed=0, mode="spread")
+    cols = columns(nets)
+    n = design(space, nets).shape[1]
+    truth = np.concatenate([[2.0, 3.0], np.linspace(0.2, 0.6, n), np.linspace(0.3, 0.9, n)] if hidden else
+                           [[5.0], np.linspace(0.5, 1.5, n)])
+    y = cols @ truth * (1 + 0.03 * np.sin(np.arange(len(nets)) * 1.7))  # a few % of deterministic noise
+    w = 1 / y
+    expected = np.linalg.lstsq(cols * w[:, None], y * w, rcond=None)[0]
+    assert (expected > 0).all()
+    relative, plain = fit(space, nets, y.tolist()), fit(space, nets, y.tolist(), relative=False)
+    probes = random_subnets(em, 5, seed=3, mode="spread")
+    for s, row in zip(probes, columns(probes)):
+        assert relative.costs(space, "latency_ms")(s) == pytest.approx(row @ expected, rel=1e-9)
+    smallest = space.smallest()
+    assert relative.costs(space, "latency_ms")(smallest) != pytest.approx(plain.costs(space, "latency_ms")(smallest))
 
 
 def test_trimmed_mean_drops_outliers():
@@ -478,6 +509,8 @@ def _fitted_table(em) -> dict:
      r"decode_ms decreases with width \(or hidden size\)"),
     (lambda t: t.update(measurements=[{"role": "fit", "subnet": {"mlp": [24], "attn": [1], "hidden": "32"},
                                        "decode_ms": 1.0, "prefill_ms": 1.0}]), "needs a role and a subnet"),
+    (lambda t: t.update(measurements=[{"role": "fit", "subnet": {"mlp": [24], "attn": [1]}, "decode_ms": 0.0,
+                                       "prefill_ms": 1.0}]), r"measurements\[0\].decode_ms must be a positive time"),
     (lambda t: t.update(validation_by_hidden={"decode_ms": {"half": {"n": 1}}}),
      "validation_by_hidden.decode_ms must map each hidden size"),
     (lambda t: t.update(noise={**NOISE, "full_model_ms": []}), "noise.full_model_ms must be a non-empty list"),
