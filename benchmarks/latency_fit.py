@@ -19,22 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from _results import command_line, publish
+from _results import publish
 from flextron import api
-from flextron.latency_table import QUANTITY, Fit, fit
+from flextron.latency import relative_errors
+from flextron.latency_table import QUANTITY, fit
 from flextron.space import ElasticSpace, Subnet
 from llamacpp_budgets import smoke_checkpoint
 
 RULES = {"ms": False, "relative": True}  # rule name -> `fit(relative=...)`
-
-
-def errors(space: ElasticSpace, f: Fit, nets: list[Subnet], ys: list[float]) -> list[float]:
-    price = f.costs(space, "latency_ms")
-    return [abs(price(s) / y - 1) * 100 for s, y in zip(nets, ys)]
-
-
-def summary(errs: list[float]) -> dict:
-    return {"median_pct": statistics.median(errs), "max_pct": max(errs), "n": len(errs)}
 
 
 def score(space: ElasticSpace, rows: list[dict], routed: list[dict], key: str, relative: bool) -> dict:
@@ -44,18 +36,20 @@ def score(space: ElasticSpace, rows: list[dict], routed: list[dict], key: str, r
         return [Subnet(**r["subnet"]) for r in picked], [r[key] for r in picked]
 
     (fit_nets, fit_y), (val_nets, val_y) = part("fit"), part("validate")
-    table = fit(space, fit_nets, fit_y, relative)
+    price = fit(space, fit_nets, fit_y, relative).costs(space, "latency_ms")
     nets, ys = fit_nets + val_nets, fit_y + val_y
     order = np.random.default_rng(0).permutation(len(nets))
-    cv = []
+    pred, meas = [], []
     for k in range(5):
-        held = set(order[k::5].tolist())
+        held = order[k::5].tolist()
         train = [i for i in range(len(nets)) if i not in held]
-        fold = fit(space, [nets[i] for i in train], [ys[i] for i in train], relative)
-        cv += errors(space, fold, [nets[i] for i in held], [ys[i] for i in held])
-    out = {"unseen": summary(errors(space, table, val_nets, val_y)), "cross_validated": summary(cv)}
+        fold = fit(space, [nets[i] for i in train], [ys[i] for i in train], relative).costs(space, "latency_ms")
+        pred += [fold(nets[i]) for i in held]
+        meas += [ys[i] for i in held]
+    # Errors by the rule the profile reports its own (`relative_errors`: the upper median of an even count).
+    out = {"unseen": relative_errors([price(s) for s in val_nets], val_y),
+           "cross_validated": relative_errors(pred, meas)}
     if routed:
-        price = table.costs(space, "latency_ms")
         off = [(price(Subnet(**r["subnet"])) / price.full / r["measured"][key] - 1) * 100 for r in routed]
         out["routed"] = {"budgets": [r["budget"] for r in routed], "error_pct": off,
                          "median_abs_pct": statistics.median(map(abs, off)),
@@ -94,7 +88,7 @@ def main() -> None:
                             "runtime": em.latency.runtime, "threads": em.latency.threads,
                             "scores": {key: {rule: score(em.space, rows, routed, key, relative)
                                              for rule, relative in RULES.items()} for key in QUANTITY.values()}})
-    cmd = command_line("latency_fit.py", p, a).replace("--runs ", "")
+    cmd = " ".join(["python benchmarks/latency_fit.py", *(["--smoke"] if a.smoke else a.runs)])
     lines = ["## The latency table's fit: least squares on milliseconds vs on the relative error", "",
              f"`{cmd}` — each checkpoint's stored measurements refitted by both rules, nothing timed again. "
              "Errors are |predicted / measured - 1|, median (max). Unseen: the profile's validation sub-networks. "

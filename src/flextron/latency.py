@@ -100,7 +100,9 @@ def design_subnets(em: ElasticModel, n: int, seed: int) -> list[Subnet]:
     return [em.space.sample(gen, "uniform" if i % 2 == 0 else "spread") for i in range(n)]
 
 
-def _errors(pred: list[float], meas: list[float]) -> dict:
+def relative_errors(pred: list[float], meas: list[float]) -> dict:
+    """|predicted - measured| / measured in %: the median (the upper one of an even count), max and count,
+    as every table reports its validation and fit errors."""
     err = sorted(abs(p - m) / m * 100 for p, m in zip(pred, meas))
     if not err:  # every stock sub-network of a small space is in the fit
         return {"median_pct": None, "max_pct": None, "n": 0}
@@ -265,7 +267,7 @@ def _fitted(em: ElasticModel, rows: list[dict], suffix: str) -> dict:
     out: dict = {"validation": {}, "fit_error": {}, **({"validation_by_hidden": {}} if sizes else {})}
 
     def errors(predict: CostTable, part: list[dict], key: str) -> dict:
-        return _errors([predict(Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
+        return relative_errors([predict(Subnet(**r["subnet"])) for r in part], [r[key] for r in part])
 
     for key in ("decode_ms", "prefill_ms"):
         fitted = fit_terms(em.space, [Subnet(**r["subnet"]) for r in fit], [r[key] for r in fit])
