@@ -4,7 +4,7 @@ to a GGUF and timed in llama.cpp: measured decode (and prefill) ms against the b
 beside what the table predicted. With routers (`flextron route`) the routed per-layer
 sub-networks are measured, else the largest uniform ones.
 
-    python benchmarks/llamacpp_budgets.py CKPT [--budgets 0.45,0.55,...] [--threads N] [--name NAME]
+    python benchmarks/llamacpp_budgets.py CKPT [--budgets 0.45,0.55,...] [--threads N] [--copies N] [--name NAME]
     python benchmarks/llamacpp_budgets.py --smoke      # a tiny random model, seconds; writes no results
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,8 +72,18 @@ def default_budgets(em: ElasticModel) -> list[float]:
     return sorted({*grid, *(round((x + y) / 2, 3) for x, y in zip(grid, grid[1:]))})
 
 
+def per_round_median(copies: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Copies of one model timed in the same rounds, as one file: each round's time is their median."""
+    return [{k: statistics.median(r[k] for r in round_) for k in round_[0]} for round_ in zip(*copies)]
+
+
+def _copy(path: Path, to: Path) -> Path:
+    shutil.copyfile(path, to)
+    return to
+
+
 def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None,
-        timing: dict, references: int = 3) -> tuple[dict, list[dict]]:
+        timing: dict, references: int = 3, copies: int = 2) -> tuple[dict, list[dict]]:
     em, tok, _ = api.load(ckpt, "cpu")
     if em.latency is None or not em.latency.runtime.startswith(llamacpp.RUNTIME):
         raise FlextronError(f"{ckpt} has no llama.cpp latency table; run flextron profile {ckpt} --runtime llama.cpp")
@@ -80,14 +91,16 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
 
     # The reference, the full model as written, is `references` files timed alike, and each round's reference
     # time is their median: one file can run up to ~18 % slower than a copy of itself in the same rounds (a run's
-    # 100 % row, which is such a copy, measured 0.853), and every row is a fraction of the reference.
-    fulls = [gguf(ckpt, em.space.full(), work / f"full{i}.gguf", outtype) for i in range(references)]
+    # 100 % row, which is such a copy, measured 0.853), and every row is a fraction of the reference. Each served
+    # sub-network is `copies` files for the same reason.
+    full = gguf(ckpt, em.space.full(), work / "full0.gguf", outtype)
+    fulls = [full, *(_copy(full, work / f"full{i}.gguf") for i in range(1, references))]
     # The full model written as deci too: the per-layer graph runs the same weights at another speed
     # (benchmarks/gguf_arch.py), and routed sub-networks are deci files.
     full_deci = write_gguf(em, tok, em.space.full(), work / "full-deci.gguf", outtype, per_layer=True)["path"]
 
-    # One session for every row: each distinct sub-network written once, and all the files loaded together
-    # and timed in turn in each round, so every row is judged against the same loads of the full model.
+    # One session for every row: each distinct sub-network written once (and copied), and all the files loaded
+    # together and timed in turn in each round, so every row is judged against the same loads of the full model.
     budgets = budgets or default_budgets(em)
     served = {b: select_subnet(em, Budget(fraction=b)) for b in budgets}
 
@@ -95,13 +108,20 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
         return json.dumps(s.to_dict())
 
     distinct = {named(s): s for s in [em.space.smallest(), *served.values()]}
-    paths = [gguf(ckpt, s, work / f"subnet{i}.gguf", outtype) for i, s in enumerate(distinct.values())]
+    paths = []
+    for i, s in enumerate(distinct.values()):
+        first = gguf(ckpt, s, work / f"subnet{i}-0.gguf", outtype)
+        paths += [first, *(_copy(first, work / f"subnet{i}-{c}.gguf") for c in range(1, copies))]
     timings = llamacpp.measure_rounds([*fulls, full_deci, *paths], threads=threads, **timing)
     full_sets, deci_runs, runs = timings[:references], timings[references], timings[references + 1:]
-    full_runs = [{k: statistics.median(r[k] for r in round_) for k in round_[0]} for round_ in zip(*full_sets)]
+    full_runs = per_round_median(full_sets)
     full = llamacpp.medians(full_runs)
-    timed = {k: (llamacpp.medians(r), llamacpp.median_ratios(r, full_runs), llamacpp.median_ratios(r, deci_runs))
-             for k, r in zip(distinct, runs)}
+    timed = {}
+    for i, k in enumerate(distinct):
+        sets = runs[i * copies:(i + 1) * copies]
+        r = per_round_median(sets)
+        timed[k] = (llamacpp.medians(r), llamacpp.median_ratios(r, full_runs), llamacpp.median_ratios(r, deci_runs),
+                    [llamacpp.median_ratios(c, full_runs)["decode_ms"] for c in sets])
     reference_ms = [llamacpp.medians(f)["decode_ms"] for f in full_sets]
     print("reference files, decode ms: " + ", ".join(f"{ms:.2f}" for ms in reference_ms))
 
@@ -114,7 +134,7 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
           f"{smallest['table_fraction']:.3f})")
     rows = []
     for b, subnet in served.items():
-        got, ratio, to_deci = timed[named(subnet)]
+        got, ratio, to_deci, each_copy = timed[named(subnet)]
         row = {"budget": b, "seen": seen(em, b), "subnet": subnet.to_dict(), "graph": gguf_arch(em, subnet),
                **{f"measured_{k}": v for k, v in got.items()},
                **{f"full_{k}": v for k, v in full.items()}}
@@ -126,12 +146,13 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
         # Were the same choices a deci file: over the target means that no per-layer sub-network
         # within it holds as much as a uniform one served in the stock graph.
         row["decode_ms_predicted_deci_ratio"] = deci(subnet) / (b * decode.full)
+        row["decode_ms_copy_ratios"] = [c / b for c in each_copy]
         rows.append(row)
         print(f"budget {b:.0%}: decode {got['decode_ms']:.2f} ms (x{row['decode_ms_ratio']:.3f} of target, table "
               f"x{row['decode_ms_predicted_ratio']:.3f}), prefill {got['prefill_ms']:.1f} ms "
               f"(x{row['prefill_ms_ratio']:.3f})")
     return {"outtype": outtype, "threads": threads, "routed": em.routers is not None, "smallest": smallest,
-            "reference_decode_ms": reference_ms,
+            "reference_decode_ms": reference_ms, "copies": copies,
             "space": space_label(em.space),
             "validation": em.latency.main.validation,
             "stock": {"graph": em.latency.stock_graph, "validation": em.latency.stock.validation,
@@ -159,6 +180,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="default: the table's")
     p.add_argument("--references", type=int, default=3,
                    help="copies of the full model timed as the reference (each round: their median)")
+    p.add_argument("--copies", type=int, default=2,
+                   help="copies of each served sub-network timed (each round: their median)")
     p.add_argument("--name", default="llamacpp_budgets",
                    help="results name (JSON and docs/results.md section): one per space and thread count")
     p.add_argument("--smoke", action="store_true")
@@ -169,14 +192,15 @@ def main() -> None:
         work = Path(tmp)
         ckpt = smoke_checkpoint(work) if a.smoke else Path(a.ckpt)
         budgets = [float(x) for x in a.budgets.split(",")] if a.budgets else None
-        meta, rows = run(ckpt, budgets, work, a.threads, timing, a.references)
+        meta, rows = run(ckpt, budgets, work, a.threads, timing, a.references, a.copies)
     lines = [
         f"## Latency budgets measured in llama.cpp: {meta['space']}, {meta['threads']} thread(s)",
         "",
         f"`python benchmarks/llamacpp_budgets.py {a.ckpt or '--smoke'}"
         f"{f' --threads {a.threads}' if a.threads else ''}"
         f"{f' --name {a.name}' if a.name != p.get_default('name') else ''}"
-        f"{f' --references {a.references}' if a.references != p.get_default('references') else ''}`"
+        f"{f' --references {a.references}' if a.references != p.get_default('references') else ''}"
+        f"{f' --copies {a.copies}' if a.copies != p.get_default('copies') else ''}`"
         f" — {llamacpp.runtime_version()}, "
         f"{meta['outtype']}, {meta['threads']} threads, {'routed' if meta['routed'] else 'uniform'} sub-networks, "
         f"{round(time.time() - t0)} s. Decode ms/token after {timing['context']} tokens (batch 1), prefill ms of "
@@ -184,7 +208,9 @@ def main() -> None:
         f"the smallest and every served sub-network are loaded together and timed in turn in {timing['rounds']} "
         "rounds, so every row has the same reference; measured / target is the median of the per-round ratios / "
         f"budget. The reference is {a.references} copies of the full model, each round's time their median (their "
-        f"decode ms: {', '.join(f'{ms:.2f}' for ms in meta['reference_decode_ms'])}).",
+        f"decode ms: {', '.join(f'{ms:.2f}' for ms in meta['reference_decode_ms'])}), and each served sub-network "
+        f"is {a.copies} copies of its file timed alike, each round's time their median; the copies column gives "
+        "each copy's own measured / target, how far one file of the same sub-network can stray.",
         "",
         f"The checkpoint's latency table (`flextron profile CKPT --runtime llama.cpp`, {meta['table']}): "
         f"|predicted - measured| / measured on {meta['validation']['decode_ms']['n']} unseen random sub-networks, "
@@ -208,13 +234,14 @@ def main() -> None:
         "",
         "| budget | routers | written as | decode ms (measured / target) | measured / target | "
         "table's prediction / target | the same as deci, table / target | prefill measured / target | "
-        "measured / target, full as deci |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "measured / target, full as deci | copies: measured / target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {r['budget']:.1%} | {r['seen']} | {r['graph']} | "
           f"{r['measured_decode_ms']:.2f} / {r['decode_ms_target']:.2f} | "
           f"{r['decode_ms_ratio']:.3f} | {r['decode_ms_predicted_ratio']:.3f} | "
           f"{r['decode_ms_predicted_deci_ratio']:.3f} | {r['prefill_ms_ratio']:.3f} | "
-          f"{r['decode_ms_ratio_to_deci_full']:.3f} |" for r in rows),
+          f"{r['decode_ms_ratio_to_deci_full']:.3f} | "
+          f"{', '.join(f'{c:.3f}' for c in r['decode_ms_copy_ratios'])} |" for r in rows),
     ]
     print("\n".join(lines))
     if not a.smoke:

@@ -93,3 +93,18 @@ def test_memory_budgets_smoke(tmp_path):
         assert r["predicted"]["weights"] == r["llama_cpp"]["weights"]
         assert abs(r["predicted"]["kv"] - r["llama_cpp"]["kv"]) <= 0.006 * 2**20  # llama.cpp logs MiB to 2 decimals
         assert r["file_bytes"] > r["llama_cpp"]["weights"]  # the tokenizer and the rest of the metadata
+
+
+def test_llamacpp_budgets_smoke_times_copies_of_each_served_subnet():
+    """Each served sub-network is timed from several copies of its file; in the one round of a smoke run its
+    measured / target is the median of the copies' own ratios (a rounded median is the median of the rounded)."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llamacpp_budgets.py"), "--smoke", "--budgets",
+                          "0.95,1.0", "--copies", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| 95.0%") or
+            line.startswith("| 100.0%")]
+    assert len(rows) == 2 and "--copies 3" in run.stdout
+    for cells in rows:
+        copies = [float(c) for c in cells[-1].rstrip(" |").split(", ")]
+        assert len(copies) == 3 and all(c > 0 for c in copies)
+        assert float(cells[4]) == sorted(copies)[1]
