@@ -77,6 +77,20 @@ def per_round_median(copies: list[list[dict[str, float]]]) -> list[dict[str, flo
     return [{k: statistics.median(r[k] for r in round_) for k in round_[0]} for round_ in zip(*copies)]
 
 
+def load_order(copies: list[list[Path]], references: list[Path], deci: Path) -> list[Path]:
+    """The order files are loaded in and timed in each round. A file's speed follows its place in the load
+    order (benchmarks/load_order.py), so each sub-network's copies (`copies[c]`: copy c of every sub-network)
+    sit at places mirrored about the middle, alternate copies in reverse, and the reference copies at places
+    spread evenly from first to last (the deci full model in the middle): every model's average place is
+    the middle."""
+    out = [p for c, row in enumerate(copies) for p in (row if c % 2 == 0 else row[::-1])]
+    out.insert(len(out) // 2, deci)
+    n = len(out)
+    for j in reversed(range(len(references))):
+        out.insert(round(j * n / max(1, len(references) - 1)), references[j])
+    return out
+
+
 def _copy(path: Path, to: Path) -> Path:
     shutil.copyfile(path, to)
     return to
@@ -108,17 +122,19 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
         return json.dumps(s.to_dict())
 
     distinct = {named(s): s for s in [em.space.smallest(), *served.values()]}
-    paths = []
-    for i, s in enumerate(distinct.values()):
+    files: dict[str, list[Path]] = {"full": fulls, "deci": [full_deci]}
+    for i, (k, s) in enumerate(distinct.items()):
         first = gguf(ckpt, s, work / f"subnet{i}-0.gguf", outtype)
-        paths += [first, *(_copy(first, work / f"subnet{i}-{c}.gguf") for c in range(1, copies))]
-    timings = llamacpp.measure_rounds([*fulls, full_deci, *paths], threads=threads, **timing)
-    full_sets, deci_runs, runs = timings[:references], timings[references], timings[references + 1:]
+        files[k] = [first, *(_copy(first, work / f"subnet{i}-{c}.gguf") for c in range(1, copies))]
+    order = load_order([[files[k][c] for k in distinct] for c in range(copies)], fulls, full_deci)
+    timings = dict(zip(order, llamacpp.measure_rounds(order, threads=threads, **timing)))
+    full_sets = [timings[f] for f in fulls]
     full_runs = per_round_median(full_sets)
     full = llamacpp.medians(full_runs)
+    deci_runs = timings[full_deci]
     timed = {}
-    for i, k in enumerate(distinct):
-        sets = runs[i * copies:(i + 1) * copies]
+    for k in distinct:
+        sets = [timings[f] for f in files[k]]
         r = per_round_median(sets)
         timed[k] = (llamacpp.medians(r), llamacpp.median_ratios(r, full_runs), llamacpp.median_ratios(r, deci_runs),
                     [llamacpp.median_ratios(c, full_runs)["decode_ms"] for c in sets])
@@ -210,7 +226,9 @@ def main() -> None:
         f"budget. The reference is {a.references} copies of the full model, each round's time their median (their "
         f"decode ms: {', '.join(f'{ms:.2f}' for ms in meta['reference_decode_ms'])}), and each served sub-network "
         f"is {a.copies} copies of its file timed alike, each round's time their median; the copies column gives "
-        "each copy's own measured / target, how far one file of the same sub-network can stray.",
+        "each copy's own measured / target, how far one file of the same sub-network can stray. Files load in an "
+        "order that mirrors each model's copies about the middle (the reference copies first, middle and last), "
+        "so no row gains from its place (benchmarks/load_order.py).",
         "",
         f"The checkpoint's latency table (`flextron profile CKPT --runtime llama.cpp`, {meta['table']}): "
         f"|predicted - measured| / measured on {meta['validation']['decode_ms']['n']} unseen random sub-networks, "

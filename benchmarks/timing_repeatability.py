@@ -34,6 +34,12 @@ def session(full: Path, subs: list[Path], rounds: int, timing: dict) -> dict:
             "together": [llamacpp.median_ratios(t, together[0])[KEY] for t in together[1:]]}
 
 
+def timing_of(smoke: bool, threads: int) -> dict:
+    """llama.cpp timing settings: the tiny smoke model's, else 256 tokens of context and 32 decode steps."""
+    return {"context": 16, "decode_steps": 2, "threads": 1} if smoke else \
+        {"context": 256, "decode_steps": 32, "threads": threads}
+
+
 def spread(xs: list[float]) -> float:
     """Largest over smallest - 1, in %."""
     return (max(xs) / min(xs) - 1) * 100
@@ -48,8 +54,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
-    timing = {"context": 16, "decode_steps": 2, "threads": 1} if a.smoke else \
-        {"context": 256, "decode_steps": 32, "threads": a.threads}
+    timing = timing_of(a.smoke, a.threads)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

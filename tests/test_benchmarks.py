@@ -108,3 +108,30 @@ def test_llamacpp_budgets_smoke_times_copies_of_each_served_subnet():
         copies = [float(c) for c in cells[-1].rstrip(" |").split(", ")]
         assert len(copies) == 3 and all(c > 0 for c in copies)
         assert float(cells[4]) == sorted(copies)[1]
+
+
+def test_llamacpp_budgets_load_order_favours_no_model():
+    """The reference copies go first, in the middle and last; each sub-network's two copies sit mirrored
+    about the middle, so every model's mean place is the same."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from llamacpp_budgets import load_order
+
+    rows = [[Path(f"s{i}-{c}") for i in range(5)] for c in range(2)]
+    refs = [Path(f"ref{j}") for j in range(3)]
+    order = load_order(rows, refs, Path("deci"))
+    assert sorted(order) == sorted([*rows[0], *rows[1], *refs, Path("deci")])
+    place = {p: i for i, p in enumerate(order)}
+    assert place[refs[0]] == 0 and place[refs[2]] == len(order) - 1
+    mean = (len(order) - 1) / 2
+    assert abs(place[refs[1]] - mean) <= 1 and abs(place[Path("deci")] - mean) <= 1
+    assert all(abs((place[rows[0][i]] + place[rows[1][i]]) / 2 - mean) <= 1 for i in range(5))
+
+
+def test_load_order_smoke():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_order.py"), "--smoke", "--copies", "3",
+                          "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]
+    assert [r.split(" | ")[3] for r in rows] == ["3", "2", "1"]
+    assert "averaged per file" in run.stdout
