@@ -78,7 +78,7 @@ def per_round_median(copies: list[list[dict[str, float]]]) -> list[dict[str, flo
 
 
 def load_order(copies: list[list[Path]], references: list[Path], deci: Path) -> list[Path]:
-    """The order files are loaded in and timed in each round. A file's speed follows its place in the load
+    """The order files are loaded in and timed in each round. A file's speed can follow its place in the load
     order (benchmarks/load_order.py), so each sub-network's copies (`copies[c]`: copy c of every sub-network)
     sit at places mirrored about the middle, alternate copies in reverse, and the reference copies at places
     spread evenly from first to last (the deci full model in the middle): every model's average place is
@@ -91,9 +91,13 @@ def load_order(copies: list[list[Path]], references: list[Path], deci: Path) -> 
     return out
 
 
-def _copy(path: Path, to: Path) -> Path:
-    shutil.copyfile(path, to)
-    return to
+def with_copies(first: Path, n: int) -> list[Path]:
+    """`first` and n - 1 byte copies of it beside it (`name-1.gguf`, ...): one model as n files."""
+    out = [first]
+    for i in range(1, n):
+        out.append(first.with_name(f"{first.stem}-{i}{first.suffix}"))
+        shutil.copyfile(first, out[-1])
+    return out
 
 
 def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None,
@@ -107,8 +111,7 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
     # time is their median: one file can run up to ~18 % slower than a copy of itself in the same rounds (a run's
     # 100 % row, which is such a copy, measured 0.853), and every row is a fraction of the reference. Each served
     # sub-network is `copies` files for the same reason.
-    full = gguf(ckpt, em.space.full(), work / "full0.gguf", outtype)
-    fulls = [full, *(_copy(full, work / f"full{i}.gguf") for i in range(1, references))]
+    fulls = with_copies(gguf(ckpt, em.space.full(), work / "full.gguf", outtype), references)
     # The full model written as deci too: the per-layer graph runs the same weights at another speed
     # (benchmarks/gguf_arch.py), and routed sub-networks are deci files.
     full_deci = write_gguf(em, tok, em.space.full(), work / "full-deci.gguf", outtype, per_layer=True)["path"]
@@ -124,8 +127,7 @@ def run(ckpt: Path, budgets: list[float] | None, work: Path, threads: int | None
     distinct = {named(s): s for s in [em.space.smallest(), *served.values()]}
     files: dict[str, list[Path]] = {"full": fulls, "deci": [full_deci]}
     for i, (k, s) in enumerate(distinct.items()):
-        first = gguf(ckpt, s, work / f"subnet{i}-0.gguf", outtype)
-        files[k] = [first, *(_copy(first, work / f"subnet{i}-{c}.gguf") for c in range(1, copies))]
+        files[k] = with_copies(gguf(ckpt, s, work / f"subnet{i}.gguf", outtype), copies)
     order = load_order([[files[k][c] for k in distinct] for c in range(copies)], fulls, full_deci)
     timings = dict(zip(order, llamacpp.measure_rounds(order, threads=threads, **timing)))
     full_sets = [timings[f] for f in fulls]

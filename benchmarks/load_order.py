@@ -11,7 +11,6 @@ stays with a file is the file's (its pages); one that moves with the load positi
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from _results import command_line, publish
 from flextron import api, llamacpp
-from llamacpp_budgets import gguf, smoke_checkpoint
+from llamacpp_budgets import gguf, smoke_checkpoint, with_copies
 from timing_repeatability import spread, timing_of
 
 KEY = "decode_ms"
@@ -36,11 +35,7 @@ def full_copies(ckpt: Path, work: Path, n: int) -> tuple[list[Path], str]:
     """`n` byte-identical GGUFs of the checkpoint's full model, at its latency table's weight type."""
     em, _, _ = api.load(ckpt, "cpu")
     outtype = em.latency.outtype if em.latency is not None and em.latency.outtype else "f32"
-    files = [gguf(ckpt, em.space.full(), work / "copy0.gguf", outtype)]
-    for i in range(1, n):
-        files.append(work / f"copy{i}.gguf")
-        shutil.copyfile(files[0], files[-1])
-    return files, outtype
+    return with_copies(gguf(ckpt, em.space.full(), work / "copy.gguf", outtype), n), outtype
 
 
 def main() -> None:
