@@ -110,6 +110,19 @@ def test_llamacpp_budgets_smoke_times_copies_of_each_served_subnet():
         assert float(cells[4]) == sorted(copies)[1]
 
 
+def test_llamacpp_budgets_times_groups_of_sub_networks_in_sessions_of_their_own():
+    """With --group 1 every distinct sub-network (the smallest, the 95 % one and the full model) is timed in its own
+    session beside its own reference copies, and each row is read against its session's reference."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llamacpp_budgets.py"), "--smoke", "--budgets",
+                          "0.95,1.0", "--copies", "1", "--references", "2", "--group", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sessions = [line for line in run.stdout.splitlines() if line.startswith("reference files, decode ms: ")]
+    assert len(sessions) == 3 and all(len(line.split(": ")[1].split(", ")) == 2 for line in sessions)
+    assert "3 sessions of 1 served sub-networks" in run.stdout and "--group 1" in run.stdout
+    assert len([line for line in run.stdout.splitlines() if line.startswith("| 95.0%")]) == 1
+
+
 def test_llamacpp_budgets_load_order_favours_no_model():
     """The reference copies go first, in the middle and last; each sub-network's two copies sit mirrored
     about the middle, so every model's mean place is the same."""

@@ -315,6 +315,47 @@ def test_rounds_interleave_sub_networks_so_a_slow_spell_hits_one_round_of_each()
         5.0 + sum(true_mlp[w] for w in m["subnet"]["mlp"]) for m in table.measurements]
 
 
+def test_refine_fits_the_kind_of_sub_network_routers_serve_where_random_ones_misprice_it():
+    """Where nearly full sub-networks run 5 % faster than the sum of their parts (not additive), a table fitted on
+    random sub-networks over-prices the ones routers serve; refitted with them, it prices them closer, and the
+    unseen random ones about as well as before. The profile's rows, validation and
+    noise record stay; a second refinement with nothing new and a busy one are refused."""
+    from flextron.latency import profile, refine
+    from flextron.options import ProfileOptions
+
+    em = make_elastic(n_layers=4, min_layers=1)  # MLP 0 (skipped) to 96, attention 0 to 4 units
+    mlp_ms, attn_ms = {0: 0.0, **MLP_MS}, {0: 0.0, **ATTN_MS}
+    calls, busy_from = [], []
+
+    def timer(s):
+        calls.append(s)
+        ms = 5.0 + sum(mlp_ms[w] + attn_ms[a] for w, a in zip(s.mlp, s.attn))
+        ms *= 0.95 if sum(w == 96 for w in s.mlp) >= 3 else 1.0
+        ms *= 3.0 if busy_from and len(calls) > busy_from[0] else 1.0
+        return {"decode_ms": ms, "prefill_ms": 10 * ms}
+
+    table = profile(em, ProfileOptions(samples=12, validate=4), timer=timer, progress=False)
+    served = [Subnet(mlp=[96, 96, 0, 96], attn=[4, 0, 0, 4]), Subnet(mlp=[96, 96, 96, 48], attn=[4, 4, 0, 4]),
+              Subnet(mlp=[96, 0, 96, 96], attn=[4, 0, 4, 2]), Subnet(mlp=[96, 96, 96, 96], attn=[4, 0, 4, 4]),
+              Subnet(mlp=[72, 96, 0, 96], attn=[4, 4, 0, 3])]
+    refined = refine(em, table, served + served[:1], timer, ProfileOptions(), progress=False)
+    (record,) = refined.data["refined"]
+    before, after = record["error_before"]["decode_ms"], record["error_after"]["decode_ms"]
+    assert record["subnets"] == before["n"] == 5 and before["median_signed_pct"] > 2  # over-priced
+    assert after["median_pct"] < 0.6 * before["median_pct"]
+    assert abs(after["median_signed_pct"]) < 0.5 * before["median_signed_pct"]
+    val = [fitted.validation["decode_ms"]["median_pct"] for fitted in (table.main, refined.main)]
+    assert val[1] < val[0] + 1  # the random ones, never fitted on, stay priced about as well
+    assert refined.measurements[: len(table.measurements)] == table.measurements
+    assert [m["routed"] for m in refined.measurements[len(table.measurements):]] == [True] * 5
+    assert refined.main.validation["decode_ms"]["n"] == 4 and refined.noise == table.noise
+    with pytest.raises(FlextronError, match="already in the latency table's fit"):
+        refine(em, refined, served, timer, ProfileOptions(), progress=False)
+    busy_from.append(len(calls) + 3)  # the machine gets 3x slower after three more timings
+    with pytest.raises(FlextronError, match="the latency refinement looks noisy"):
+        refine(em, table, served, timer, ProfileOptions(check_every=2), progress=False)
+
+
 MLP_MS, ATTN_MS = {24: 1.0, 48: 1.7, 72: 2.6, 96: 3.1}, {1: 0.4, 2: 0.9, 3: 1.1, 4: 1.5}
 
 

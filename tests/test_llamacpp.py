@@ -234,37 +234,42 @@ def test_profile_in_llamacpp_refuses_a_table_timed_on_a_busy_machine(elastic_ckp
     assert len(calls) > 10 and not (ckpt / "latency.json").exists()
 
 
-def test_profile_in_llamacpp_times_each_sub_network_beside_the_full_model(elastic_ckpt, monkeypatch):
-    """Each timing is the sub-network's median ratio to the full model (kept loaded) within rounds, times the full
-    model's own time at the start: a slow load or spell that hits both moves neither the table nor its fit."""
-    ckpt = elastic_ckpt(bpe=True)
-    em, _, _ = api.load(ckpt, "cpu")
-    full, timed = em.space.full(), []
-
-    def work(subnet: Subnet) -> float:  # decode ms of a sub-network by a known additive cost
-        return 1.0 + sum(m / 96 for m in subnet.mlp) + sum(a / 4 for a in subnet.attn)
-
-    by_path, load = {}, llamacpp.load
+def known_costs(monkeypatch, em, work, slow) -> None:
+    """llama.cpp's timings replaced by a known cost: `work(subnet)` for the file of that sub-network (the full
+    model's for the reference), times `slow(number of sub-network files written so far)`, which hits every
+    file loaded at that point, the reference included, as a slow spell of a busy machine does."""
+    by_path, load, write, timed = {}, llamacpp.load, llamacpp.write_gguf, []
 
     def loading(path, *args, **kwargs):  # remember which sub-network each loaded file is
         llm = load(path, *args, **kwargs)
-        by_path[llm.model_path] = timed[-1] if timed and "subnet" in str(path) else full
+        by_path[llm.model_path] = timed[-1] if timed and "subnet" in str(path) else em.space.full()
         return llm
-
-    write = llamacpp.write_gguf
 
     def writing(em_, tok, subnet, path, *args, **kwargs):
         timed.append(subnet)
         return write(em_, tok, subnet, path, *args, **kwargs)
 
-    def slow_every_third_load(llm, ids, decode_steps):  # a load in three runs 4x slower, as does the reference then
-        slow = 4.0 if (len(timed) % 3 == 0) else 1.0
-        ms = work(by_path[llm.model_path]) * slow
+    def timing(llm, ids, decode_steps):
+        ms = work(by_path[llm.model_path]) * slow(len(timed))
         return {"decode_ms": ms, "prefill_ms": 10 * ms}
 
     monkeypatch.setattr(llamacpp, "load", loading)
     monkeypatch.setattr(llamacpp, "write_gguf", writing)
-    monkeypatch.setattr(llamacpp, "_time_once", slow_every_third_load)
+    monkeypatch.setattr(llamacpp, "_time_once", timing)
+
+
+def additive_work(subnet: Subnet) -> float:
+    """Decode ms of a tiny model's sub-network by a known additive cost."""
+    return 1.0 + sum(m / 96 for m in subnet.mlp) + sum(a / 4 for a in subnet.attn)
+
+
+def test_profile_in_llamacpp_times_each_sub_network_beside_the_full_model(elastic_ckpt, monkeypatch):
+    """Each timing is the sub-network's median ratio to the full model (kept loaded) within rounds, times the full
+    model's own time at the start: a slow load or spell that hits both moves neither the table nor its fit."""
+    ckpt = elastic_ckpt(bpe=True)
+    em, _, _ = api.load(ckpt, "cpu")
+    full = em.space.full()
+    known_costs(monkeypatch, em, additive_work, lambda n: 4.0 if n % 3 == 0 else 1.0)  # a load in three 4x slower
     table = api.profile(ckpt, runtime="llama.cpp", threads=1, samples=6, validate=2, rounds=1, force=True, **TINY)
     assert table.settings["relative_to"] == "the full model as deci"
     fitted = [m for m in table.measurements if m["role"] == "fit"]
@@ -272,6 +277,62 @@ def test_profile_in_llamacpp_times_each_sub_network_beside_the_full_model(elasti
     scale = table.data["reference"]["decode_ms"]
     for m in fitted:  # the slow loads are gone: exactly the known cost relative to the full model's
         s = Subnet(**m["subnet"])
-        assert m["decode_ms"] == pytest.approx(scale * work(s) / work(full))
+        assert m["decode_ms"] == pytest.approx(scale * additive_work(s) / additive_work(full))
         assert m["prefill_ms"] == pytest.approx(10 * m["decode_ms"])
     assert table.main.validation["decode_ms"]["median_pct"] == pytest.approx(0, abs=1e-6)  # the cost is additive
+
+
+def test_refine_times_the_served_sub_networks_on_the_tables_scale_and_refits(trained_routers, tmp_path, monkeypatch,
+                                                                              capsys):
+    """`profile --refine` adds the sub-networks the routers serve at their grid budgets to the stored table, timed
+    beside a fresh load of its reference on a machine 3x slower than the profile's, and stored as the same fraction
+    of the full model as the profile's rows: the table's scale, settings and unseen validation stay as they were."""
+    from flextron.budgets import select_subnet
+    from flextron.checkpoint import save_checkpoint
+
+    em, routers, _, _ = trained_routers
+    ckpt = save_checkpoint(em, make_bpe_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    full = em.space.full()
+
+    def work(s: Subnet) -> float:  # wide layers run faster than the sum of their parts: not additive
+        return additive_work(s) - 0.2 * sum(m == 96 for m in s.mlp) ** 2
+
+    known_costs(monkeypatch, em, work, lambda n: 1.0)
+    args = ["profile", str(ckpt), "--runtime", "llama.cpp", "--threads", "1", "--samples", "6", "--validate", "2",
+            "--context", "16", "--decode-steps", "2", "--repeats", "1", "--force", "--no-verify"]
+    assert main(args) == 0
+    before = json.loads((ckpt / "latency.json").read_text())
+    known_costs(monkeypatch, em, work, lambda n: 3.0)
+    assert main([*args[:2], "--refine", "--force", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    after = json.loads((ckpt / "latency.json").read_text())
+    served = [select_subnet(em, Budget(metric=routers.metric, fraction=b)) for b in routers.config.budgets]
+    measured = [Subnet(**m["subnet"]) for m in before["measurements"]]
+    new = [s for i, s in enumerate(served) if s not in measured and s not in served[:i]]
+    added = after["measurements"][len(before["measurements"]):]
+    assert after["measurements"][: len(before["measurements"])] == before["measurements"]
+    assert new and [Subnet(**m["subnet"]) for m in added] == new
+    scale = before["reference"]["decode_ms"]
+    for m in added:
+        assert m["role"] == "fit" and m["routed"]
+        assert m["decode_ms"] == pytest.approx(scale * work(Subnet(**m["subnet"])) / work(full))
+    assert after["reference"] == before["reference"] and after["threads"] == 1 and after["noise"] == before["noise"]
+    assert after["validation"]["decode_ms"]["n"] == 2 and after["stock"] == before["stock"]
+    (refined,) = after["refined"]
+    assert refined["subnets"] == len(new) and refined["noise"]["passed"]
+    assert f"on the {len(new)} routed sub-networks added" in out
+    em2, _, _ = api.load(ckpt, "cpu")
+    assert len(em2.latency.measurements) == len(after["measurements"])  # stored, and loads as a table
+    assert main([*args[:2], "--refine", "--force", "--no-verify"]) == 2  # nothing new the second time
+    assert "already in the latency table's fit" in capsys.readouterr().err
+
+
+def test_refine_needs_a_llamacpp_table_and_routers(elastic_ckpt, capsys):
+    ckpt = elastic_ckpt(bpe=True)
+    assert main(["profile", str(ckpt), "--refine", "--no-verify"]) == 2
+    assert "--refine refits a llama.cpp latency table" in capsys.readouterr().err
+    api.profile(ckpt, runtime="llama.cpp", threads=1, samples=5, validate=2, force=True, **TINY)
+    before = (ckpt / "latency.json").read_bytes()
+    assert main(["profile", str(ckpt), "--refine", "--no-verify"]) == 2
+    assert "has no routers; run flextron route" in capsys.readouterr().err
+    assert (ckpt / "latency.json").read_bytes() == before

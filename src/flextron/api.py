@@ -277,15 +277,22 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     A table that fails the noise check (the full model's repeated timings spread more than `max_spread`
     %, or a median error on unseen sub-networks above `max_error` %: a busy machine) is refused in one
     line and the checkpoint left as it was, unless `force` (then latency.json records it: `table.noise`).
+
+    `refine`: keep the stored llama.cpp table and refit it with the sub-networks the checkpoint's routers
+    serve at their grid budgets timed and added (`llamacpp.refine`); route again afterwards, so the routers
+    learn the refitted prices.
     """
     from flextron.latency import profile as measure_table
 
     o = resolve(ProfileOptions, options, overrides)
     if o.runtime == "llama.cpp" and o.batch != 1:
         raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
-    em, tok, _ = load(ckpt, device if o.runtime == "hf" else "cpu", o.verify)
-    check_positions(em.config, o.context + o.decode_steps, "--context plus --decode-steps")
-    if o.runtime == "hf":
+    em, tok, _ = load(ckpt, device if o.runtime == "hf" and not o.refine else "cpu", o.verify)
+    if not o.refine:  # which times at the stored table's context and decode steps
+        check_positions(em.config, o.context + o.decode_steps, "--context plus --decode-steps")
+    if o.refine:
+        table = _refined(em, tok, o, ckpt, progress)
+    elif o.runtime == "hf":
         table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
     else:
         from flextron import llamacpp
@@ -293,6 +300,21 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
         table = llamacpp.profile(em, tok, o, progress=progress)
     table.save(ckpt)
     return table
+
+
+def _refined(em: ElasticModel, tok: PreTrainedTokenizerBase, o: ProfileOptions, ckpt: str | Path, progress: bool
+             ) -> LatencyTable:
+    """The stored llama.cpp table refitted with the routers' served sub-networks at their grid budgets."""
+    from flextron import llamacpp
+
+    if em.latency is None or not em.latency.runtime.startswith(llamacpp.RUNTIME):
+        raise FlextronError(f"--refine refits a llama.cpp latency table and {ckpt} has none; run flextron profile "
+                            f"{ckpt} --runtime llama.cpp first")
+    if em.routers is None:
+        raise FlextronError(f"--refine times the sub-networks the routers serve and {ckpt} has no routers; run "
+                            f"flextron route {ckpt} first")
+    served = [select_subnet(em, Budget(metric=em.routers.metric, fraction=b)) for b in em.routers.config.budgets]
+    return llamacpp.refine(em, tok, em.latency, served, o, progress=progress)
 
 
 def route(ckpt: str | Path, cfg: RouteOptions | None = None, data: list[str] | None = None, *,

@@ -182,7 +182,8 @@ def hidden_ratios(space: ElasticSpace, subnets: list[Subnet]) -> np.ndarray:
     return np.asarray([(s.hidden or full) / full if full else 1.0 for s in subnets], dtype=np.float64)
 
 
-def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float], relative: bool = True) -> Fit:
+def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float], relative: bool = True,
+        weights: list[float] | None = None) -> Fit:
     """Least squares constrained to non-negative increments between neighbouring widths, so a
     wider choice never costs less (timing noise cannot invert the table) and the smallest
     sub-network is the cheapest.
@@ -200,7 +201,9 @@ def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float], relative: bo
     latency = c0 + r c1 + sum_j x_j (u_j + r v_j), r = d / D, x the design's columns, c0, c1, u, v >= 0
     (`Fit.proportional` holds c1 and the v terms). The overhead's fixed part c0 is held non-negative
     too (the single-size intercept stays free): no part of a time is negative, and a free c0 lets timing
-    noise tilt the line c0 + r c1 until it prices the smallest hidden size at or below zero."""
+    noise tilt the line c0 + r c1 until it prices the smallest hidden size at or below zero.
+
+    `weights`: a weight per timing on top of that (`latency.refine` weighs the served sub-networks up)."""
     widths, units = columns(space)
     x, target = design(space, subnets), np.asarray(y, dtype=np.float64)
 
@@ -209,7 +212,8 @@ def fit(space: ElasticSpace, subnets: list[Subnet], y: list[float], relative: bo
         attn = np.concatenate([[0.0], np.cumsum(inc[len(widths) - 1 :])])
         return {w: float(v) for w, v in zip(widths, mlp)}, {a: float(v) for a, v in zip(units, attn)}
 
-    r, w = hidden_ratios(space, subnets), 1 / target if relative else None
+    r, w = hidden_ratios(space, subnets), 1 / target if relative else np.ones_like(target)
+    w = w if weights is None else w * np.asarray(weights, dtype=np.float64)
     if len(set(r.tolist())) < 2:
         overhead, inc = nonneg_lstsq(x, target, weights=w)
         return Fit(overhead, *terms(inc))

@@ -21,6 +21,7 @@ from flextron.errors import FlextronError
 from flextron.gguf import gguf_arch, in_own_arch, write_gguf
 from flextron.latency import StockGraph, trimmed_mean
 from flextron.latency import profile as fit_table
+from flextron.latency import refine as refit_table
 from flextron.llamacpp_binding import LOG_INFO, default_threads, library, log_lines
 from flextron.options import ProfileOptions
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from flextron.elastic import ElasticModel
+    from flextron.latency_table import LatencyTable
+    from flextron.space import Subnet
 
 RUNTIME = "llama.cpp"
 
@@ -277,6 +280,28 @@ def profile(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, options: Profi
         stock = StockGraph(own, partial(in_own_arch, em), uniform)
         return fit_table(em, options, progress=progress, runtime=named, stock=stock,
                          timer=gguf_timer(em, tokenizer, tmp, ref, options.outtype, threads, per_layer=True))
+
+
+def refine(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, table: LatencyTable, subnets: list[Subnet],
+           options: ProfileOptions, *, progress: bool) -> LatencyTable:
+    """`table` (a llama.cpp table of `em`) refitted with `subnets` added (`flextron.latency.refine`): each
+    exported as the table exports it and timed beside a fresh load of its reference, at the table's own
+    settings (threads, weight type, context, decode steps, repeats; `options` gives the rounds and the noise
+    check), and stored on the table's scale (its "reference" times: `Reference`), so old and new rows
+    are fractions of the same full model. Uniform sub-networks served in the family's own graph are left
+    out: its stock fit holds them all already."""
+    if not table.runtime.startswith(RUNTIME) or not isinstance(table.data.get("reference"), dict):
+        raise FlextronError("--refine adds sub-networks to a llama.cpp latency table timed beside its reference; "
+                            "profile the checkpoint with --runtime llama.cpp first")
+    d = table.data
+    settings = replace(options, runtime=RUNTIME, threads=table.threads, outtype=table.outtype, context=d["context"],
+                       decode_steps=d["decode_steps"], repeats=d["repeats"])
+    own = table.stock_graph
+    with tempfile.TemporaryDirectory() as tmp, _reference(em, tokenizer, Path(tmp), settings, settings.threads,
+                                                          own) as ref:
+        ref.scale = {key: float(d["reference"][key]) for key in ref.scale}
+        timer = gguf_timer(em, tokenizer, tmp, ref, settings.outtype, settings.threads, per_layer=own is not None)
+        return refit_table(em, table, [s for s in subnets if not table.runs_in_stock(s)], timer, settings, progress)
 
 
 @contextmanager

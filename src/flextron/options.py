@@ -280,6 +280,9 @@ class ProfileOptions(Verified):
     max_error: float = opt(15.0, "refuse the table where its median error on unseen sub-networks is above this %",
                            **_POSITIVE_FLOAT)
     force: bool = opt(False, "store the table even where it fails the noise check (latency.json records that)")
+    refine: bool = opt(False, "llama.cpp: time the sub-networks the routers serve at their grid budgets and refit the "
+                       "stored table with them (at its own threads, weight type, context, decode steps, repeats); "
+                       "then route again")
 
 
 @dataclass
