@@ -349,7 +349,7 @@ def test_refine_fits_the_kind_of_sub_network_routers_serve_where_random_ones_mis
     assert refined.measurements[: len(table.measurements)] == table.measurements
     assert [m["routed"] for m in refined.measurements[len(table.measurements):]] == [True] * 5
     assert refined.main.validation["decode_ms"]["n"] == 4 and refined.noise == table.noise
-    with pytest.raises(FlextronError, match="already in the latency table's fit"):
+    with pytest.raises(FlextronError, match="timed in the latency table already"):
         refine(em, refined, served, timer, ProfileOptions(), progress=False)
     busy_from.append(len(calls) + 3)  # the machine gets 3x slower after three more timings
     with pytest.raises(FlextronError, match="the latency refinement looks noisy"):

@@ -324,7 +324,7 @@ def test_refine_times_the_served_sub_networks_on_the_tables_scale_and_refits(tra
     em2, _, _ = api.load(ckpt, "cpu")
     assert len(em2.latency.measurements) == len(after["measurements"])  # stored, and loads as a table
     assert main([*args[:2], "--refine", "--force", "--no-verify"]) == 2  # nothing new the second time
-    assert "already in the latency table's fit" in capsys.readouterr().err
+    assert "timed in the latency table already" in capsys.readouterr().err
 
 
 def test_refine_needs_a_llamacpp_table_and_routers(elastic_ckpt, capsys):

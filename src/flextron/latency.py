@@ -203,8 +203,9 @@ def refine(em: ElasticModel, table: LatencyTable, subnets: list[Subnet], timer: 
     measured = [Subnet(**m["subnet"]) for m in table.measurements]
     new = [s for s in _distinct(subnets) if s not in measured]
     if not new:
-        raise FlextronError("every sub-network the routers serve is already in the latency table's fit: nothing "
-                            "to refine")
+        raise FlextronError("every sub-network the routers serve is timed in the latency table already (fitted or "
+                            "validated), or runs in the stock graph whose fit holds every uniform one: nothing to "
+                            "refine")
     jobs = _with_checks([(s, timer, "fit") for s in new], (em.space.full(), timer, _CHECK), options.check_every)
     rows, full_model = _timed(jobs, options.rounds, progress, "refining")
     for r in rows:
