@@ -558,6 +558,7 @@ def _fitted_table(em) -> dict:
     (lambda t: t.update(noise={**NOISE, "spread_pct": {"decode_ms": 1.0}}), "noise.spread_pct.prefill_ms must be"),
     (lambda t: t.update(noise={**NOISE, "forced": "yes"}), "noise.passed and noise.forced must be true or false"),
     (lambda t: t.update(outtype="q3"), "outtype must be one of f32, .*, q4_k_m, q4_0, not 'q3'"),
+    (lambda t: t.update(reference={"decode_ms": 20.0}), "reference.prefill_ms must be a finite number, not None"),
 ])
 def test_a_damaged_table_is_refused_in_one_line_naming_the_file(tmp_path, damage, message):
     em = make_elastic()

@@ -288,16 +288,16 @@ def profile(ckpt: str | Path, options: ProfileOptions | None = None, *, device: 
     if o.runtime == "llama.cpp" and o.batch != 1:
         raise FlextronError("the llama.cpp latency table is measured at batch 1; drop --batch")
     em, tok, _ = load(ckpt, device if o.runtime == "hf" and not o.refine else "cpu", o.verify)
-    if not o.refine:  # which times at the stored table's context and decode steps
-        check_positions(em.config, o.context + o.decode_steps, "--context plus --decode-steps")
-    if o.refine:
+    if o.refine:  # at the stored table's context and decode steps
         table = _refined(em, tok, o, ckpt, progress)
-    elif o.runtime == "hf":
-        table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
     else:
-        from flextron import llamacpp
+        check_positions(em.config, o.context + o.decode_steps, "--context plus --decode-steps")
+        if o.runtime == "hf":
+            table = measure_table(em, o, compute_dtype(o.dtype, next(em.parameters()).device), progress=progress)
+        else:
+            from flextron import llamacpp
 
-        table = llamacpp.profile(em, tok, o, progress=progress)
+            table = llamacpp.profile(em, tok, o, progress=progress)
     table.save(ckpt)
     return table
 

@@ -251,8 +251,8 @@ def cmd_profile(a: argparse.Namespace) -> None:
     spread = ", ".join(f"{key.removesuffix('_ms')} {v:.1f}%" for key, v in noise.spread_pct.items())
     console.print(f"Noise check: the full model timed {len(noise.full_model_ms)} times from start to end spread "
                   f"{spread} (threshold {noise.max_spread_pct:g}%); median error threshold {noise.max_error_pct:g}%")
-    for key, before in (table.data["refined"][-1]["error_before"].items() if a.refine else ()):
-        after, n = table.data["refined"][-1]["error_after"][key], before["n"]
+    for key, before in (table.refinements[-1]["error_before"].items() if a.refine else ()):
+        after, n = table.refinements[-1]["error_after"][key], before["n"]
         console.print(f"{key} on the {n} routed sub-networks added: median |error| {before['median_pct']:.1f}% before, "
                       f"{after['median_pct']:.1f}% after; signed (predicted over measured) "
                       f"{before['median_signed_pct']:+.1f}% before, {after['median_signed_pct']:+.1f}% after")

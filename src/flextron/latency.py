@@ -196,9 +196,8 @@ def refine(em: ElasticModel, table: LatencyTable, subnets: list[Subnet], timer: 
     a few sub-layers skipped or narrowed), which a table of one additive term per width can misprice all in
     one direction while it prices random ones well. Timed, the error on them says whether it does; fitted on,
     weighing together as much as the profile's fitted ones (`_fitted`), they pull the fit to where budgets
-    are served. The
-    new timings must be on the table's scale: `timer` times each beside the table's own reference
-    (`llamacpp.refine`). The noise check holds for this run's full-model timings. latency.json records
+    are served. The new timings must be on the table's scale: `timer` times each beside the table's own
+    reference (`llamacpp.refine`). The noise check holds for this run's full-model timings. latency.json records
     each refinement ("refined": how many, the table's error on them before and after, its noise check)."""
     measured = [Subnet(**m["subnet"]) for m in table.measurements]
     new = [s for s in _distinct(subnets) if s not in measured]
@@ -219,10 +218,10 @@ def refine(em: ElasticModel, table: LatencyTable, subnets: list[Subnet], timer: 
                         "median_signed_pct": statistics.median((p - m) / m * 100 for p, m in zip(pred, meas))}
         return out
 
-    data = {**table.data, "measurements": [*table.measurements, *rows]}
+    data = {**table.to_dict(), "measurements": [*table.measurements, *rows]}
     data.update(_fitted(em, data["measurements"], ""))
     after = LatencyTable(data, em, "the refined latency table")
-    data["refined"] = [*table.data.get("refined", []), {
+    data["refined"] = [*table.refinements, {
         "subnets": len(new), "rounds": options.rounds, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "error_before": errors(table), "error_after": errors(after),
         "noise": _noise_check(em, data, full_model, options, "refinement")}]

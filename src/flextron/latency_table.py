@@ -378,6 +378,11 @@ class LatencyTable:
             if data.get("outtype", OUTTYPES[0]) not in OUTTYPES:
                 raise _Damaged(f"outtype must be one of {', '.join(OUTTYPES)}, not {data['outtype']!r}")
             self.noise: NoiseCheck | None = None if data.get("noise") is None else NoiseCheck.from_dict(data["noise"])
+            # A llama.cpp table's reference: the full model's own times at the start of its profile, the scale its
+            # rows are stored on (`llamacpp.Reference`); None for HF eager.
+            ref = data.get("reference")
+            self.reference: dict[str, float] | None = None if ref is None else {
+                key: _number(_mapping(ref, "reference").get(key), f"reference.{key}") for key in QUANTITY.values()}
             self.main = self._refitted(self.main)
             self._tables: dict[str, CostTable] = {}
             self._raw: dict[str, tuple[CostTable, CostTable | None]] = {}
@@ -464,6 +469,11 @@ class LatencyTable:
     def outtype(self) -> str | None:
         """The GGUF weight type the table was timed at (every llama.cpp table records it); None for HF eager."""
         return self.data.get("outtype")
+
+    @property
+    def refinements(self) -> list[dict]:
+        """What each `profile --refine` added (`latency.refine`), oldest first."""
+        return list(self.data.get("refined", []))
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -290,16 +290,16 @@ def refine(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, table: LatencyT
     check), and stored on the table's scale (its "reference" times: `Reference`), so old and new rows
     are fractions of the same full model. Uniform sub-networks served in the family's own graph are left
     out: its stock fit holds them all already."""
-    if not table.runtime.startswith(RUNTIME) or not isinstance(table.data.get("reference"), dict):
+    if not table.runtime.startswith(RUNTIME) or table.reference is None:
         raise FlextronError("--refine adds sub-networks to a llama.cpp latency table timed beside its reference; "
                             "profile the checkpoint with --runtime llama.cpp first")
-    d = table.data
-    settings = replace(options, runtime=RUNTIME, threads=table.threads, outtype=table.outtype, context=d["context"],
-                       decode_steps=d["decode_steps"], repeats=d["repeats"])
+    timed = table.settings
+    settings = replace(options, runtime=RUNTIME, threads=table.threads, outtype=table.outtype, context=table.context,
+                       decode_steps=timed["decode_steps"], repeats=timed["repeats"])
     own = table.stock_graph
     with tempfile.TemporaryDirectory() as tmp, _reference(em, tokenizer, Path(tmp), settings, settings.threads,
                                                           own) as ref:
-        ref.scale = {key: float(d["reference"][key]) for key in ref.scale}
+        ref.scale = table.reference
         timer = gguf_timer(em, tokenizer, tmp, ref, settings.outtype, settings.threads, per_layer=own is not None)
         return refit_table(em, table, [s for s in subnets if not table.runs_in_stock(s)], timer, settings, progress)
 
