@@ -11,8 +11,11 @@ import errno
 import gzip
 import io
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -375,3 +378,15 @@ def prompt_sensitive(routers) -> None:
     the weights it applies to the pooled embeddings, so that other tokens in the prompt choose other widths."""
     with torch.no_grad():
         routers.request[0].weight[:, : routers.token_in[0].in_features].mul_(100)
+
+
+def run_clis(*commands: tuple[list[str], str]) -> list[subprocess.CompletedProcess]:
+    """`python -m flextron ARGS` for each (ARGS, stdin), all at once, their results in order: each spends
+    most of its ~9 s importing torch and transformers, which two cores do side by side."""
+    def run(command: tuple[list[str], str]) -> subprocess.CompletedProcess:
+        args, stdin = command
+        return subprocess.run([sys.executable, "-m", "flextron", *args], capture_output=True, text=True, timeout=300,
+                              input=stdin)
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(run, commands))

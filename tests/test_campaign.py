@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from helpers import (
     make_tokenizer,
     random_docs,
     rewrite_weights,
+    run_clis,
     running,
     word_text,
     write_requests,
@@ -298,11 +298,6 @@ def test_every_bad_input_is_one_clean_line_and_harms_nothing(arena, capsys):
     assert tracebacks == 0 and not damaged and not created and clean == tried
 
 
-def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flextron", *args], capture_output=True, text=True, timeout=300,
-                          input=stdin)
-
-
 def test_real_processes_exit_2_with_one_line(arena):
     """The same guarantees where the exit code and stderr are a real process's: an output FIFO, a
     run folder that is a file, and a model directory with its own code that a user agrees to run."""
@@ -313,13 +308,13 @@ def test_real_processes_exit_2_with_one_line(arena):
     (evil / "config.json").write_text(json.dumps(config))
     (evil / "evil.py").write_text("from pathlib import Path\nPath(__file__).with_name('RAN').write_text('x')\n")
     before = snapshot(arena)
-    for args, stdin, expected in (
+    cases = (
         (["eval", str(arena / "ck"), "--limit", "1", "--seq-len", "16", "--out", str(arena / "fifo.json")], "",
          "a device, FIFO"),
         (["train", str(arena / "ck"), "--out", str(arena / "file"), "--max-steps", "1"], "", "a regular file"),
         (["generate", str(evil), "w1", "--raw", "--max-new-tokens", "2"], "y\ny\n", "cannot load"),
-    ):
-        r = run_cli(*args, stdin=stdin)
+    )
+    for (_, _, expected), r in zip(cases, run_clis(*((args, stdin) for args, stdin, _ in cases))):
         assert r.returncode == 2, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
         assert expected in r.stderr

@@ -3,8 +3,6 @@ import inspect
 import json
 import math
 import re
-import subprocess
-import sys
 from dataclasses import fields
 
 import pytest
@@ -28,7 +26,7 @@ from flextron.options import (
     ServeOptions,
     TrainOptions,
 )
-from helpers import TEMPLATE, hf_greedy, make_tokenizer, word_text
+from helpers import TEMPLATE, hf_greedy, make_tokenizer, run_clis, word_text
 
 # command: (its options dataclass, the api function, the shortest command line, the options it means)
 COMMANDS = {
@@ -48,10 +46,6 @@ COMMANDS = {
 def subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flextron", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_convert_then_eval(tiny_hf_dir, tmp_path, capsys):
@@ -114,8 +108,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path):
         (["eval", "--tasks", "ppl,hellaswg"], "unknown task 'hellaswg'"),
         (["report", str(tmp_path)], "holds no results.json or eval.json"),
     ]
-    for args, message in cases:
-        r = run_cli(*args)
+    for (_, message), r in zip(cases, run_clis(*((args, "") for args, _ in cases))):
         assert r.returncode == 2, r.stderr
         assert message in r.stderr
         assert "Traceback" not in r.stderr
@@ -128,7 +121,7 @@ def test_unsupported_architecture_via_cli(tmp_path):
     OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
                              max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(d)
     make_tokenizer().save_pretrained(d)
-    r = run_cli("convert", str(d), "--out", str(tmp_path / "o"))
+    (r,) = run_clis((["convert", str(d), "--out", str(tmp_path / "o")], ""))
     assert r.returncode == 2 and "unsupported model OPTForCausalLM" in r.stderr
     assert "gemma3_text" in r.stderr and "--family" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

@@ -268,9 +268,10 @@ def test_lm_eval_local_completions_scores_as_ours(setup, tmp_path):
 def test_a_client_that_goes_away_is_one_log_line(setup, caplog):
     server, client, expected, _, _ = setup
     body = completion(max_tokens=32, stream=True, model="ckpt@75%", stop=["never"])
-    # The tiny model would stream all 32 tokens before the server saw the client go; 50 ms a step
-    # (1.6 s a request) leaves the request running when the disconnect arrives.
-    slow = server.service.engine.em.model.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    # The tiny model would stream all 32 tokens before the server saw the client go; 200 ms a step
+    # (6.4 s a request) leaves the request running when the disconnect arrives, even on a busy 2-core CI
+    # machine (at 50 ms a step, one of the two requests there once ended before its client was seen gone).
+    slow = server.service.engine.em.model.register_forward_pre_hook(lambda *_: time.sleep(0.2))
     with caplog.at_level(logging.INFO), slow:  # the hook is removed on leaving
         for _ in range(2):
             conn = http.client.HTTPConnection(*server.server_address, timeout=30)

@@ -36,7 +36,8 @@ class Preset:
     train: TrainOptions
     route: RouteOptions
     profile: dict = field(default_factory=dict)
-    eval_windows: int = 8  # held-out windows of 1,024 tokens every perplexity is measured on
+    eval_windows: int = 8  # held-out windows every perplexity is measured on
+    eval_seq_len: int = 1024  # tokens per window
     budgets: tuple[str, ...] = ("1.0", "0.75", "0.5", "0.35")  # prune-only evaluation (params)
     chat: tuple[int, int] = (20, 32)  # held-out chat prompts, and new tokens of each answer (`flextron.behaviour`)
 
@@ -48,7 +49,7 @@ PRESETS = {
                            chat_tokens=32),
         route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, check_sequences=2),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
-        eval_windows=2, budgets=("1.0", "0.5"), chat=(4, 8),
+        eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"), chat=(4, 8),
     ),
     # Sized to a quarter of an hour on 2 CPU cores: on the first run the routers must already beat
     # prune-only and the uniform sub-networks (measured: docs/results.md, "The demo pipeline").
@@ -79,7 +80,7 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
         raise FlextronError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     out = Path(options.out)
-    ev = {"limit": p.eval_windows, "seq_len": 1024, "device": device, "progress": progress}
+    ev = {"limit": p.eval_windows, "seq_len": p.eval_seq_len, "device": device, "progress": progress}
     ckpt = api.convert(None, out / "ckpt", p.convert, device=device, overwrite=True, progress=progress)
     write_yaml(out / "config.yaml", {**asdict(options), "device": api.resolve_device(device)})
     # Chat behaviour before and after training: greedy answers and next-token KL against the original.
@@ -99,8 +100,8 @@ def run(options: DemoOptions | None = None, *, device: str | None = None, progre
     # grid spans this machine's feasible range.
     grid = budget_grid(api.load(trained, "cpu")[0])
     # The router report's held-out rows are the flextron curve: the same windows as every evaluation here.
-    routed = api.route(trained, replace(p.route, budgets=grid, check_budgets=grid,
-                                                  eval_limit=p.eval_windows),
+    routed = api.route(trained, replace(p.route, budgets=grid, check_budgets=grid, eval_limit=p.eval_windows,
+                                        eval_seq_len=p.eval_seq_len),
                        out=out / "elastic", overwrite=True, device=device, progress=progress)
     behaved = api.evaluate(out / "elastic", budgets=[str(r.budget.fraction) for r in routed["budgets"]], tasks=["chat"],
                            **chat, **ev)

@@ -507,6 +507,8 @@ class RouteOptions(Deployed, Autocast):
     seq_len: int = opt(256, "tokens per training sequence", **_POSITIVE)
     micro_batch: int = opt(4, "sequences per step", **_POSITIVE)
     eval_limit: int = opt(16, "held-out windows for the perplexity report", **_POSITIVE)
+    eval_seq_len: int = opt(1024, "tokens per held-out window of the perplexity report (the model's context "
+                                  "where that is shorter)", **_POSITIVE)
     seed: int = opt(0, "seed of the data order, the routers' initialisation and their random draws", **SEED_RANGE)
 
 
