@@ -113,6 +113,8 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     assert recorded["check_budgets"] == [0.75]
     assert [r["budget"] for r in report["budgets"]] == [0.5, 0.75, 1.0]  # grid + the unseen midpoint
     assert all(r["cost_ratio"] <= 1.0 + 1e-9 for r in report["budgets"])
+    # The report's one window holds the model's 256 positions (the default --eval-seq-len is 1,024).
+    assert all(r["tokens"] == 255 for r in report["budgets"])
     assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])
     assert [c["budget"] for c in routed.routers.checked] == [0.5, 0.75, 1.0]
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
