@@ -211,10 +211,12 @@ class Reference:
     budgets are judged by, a fraction of the full model's time. `reference_*` keys carry the
     reference's raw times beside each timing, which the profile's noise check reads."""
 
-    def __init__(self, llm, context: int, decode_steps: int, repeats: int) -> None:
+    def __init__(self, llm, context: int, decode_steps: int, repeats: int, scale: dict[str, float] | None = None
+                 ) -> None:
+        """`scale`: a stored table's reference times (a refinement stores on its scale); timed here otherwise."""
         self.llm, self.decode_steps, self.repeats = llm, decode_steps, repeats
         self.ids = _prompt(llm, context)
-        self.scale = medians(_rounds([llm], self.ids, max(3, repeats), decode_steps)[0])
+        self.scale = scale or medians(_rounds([llm], self.ids, max(3, repeats), decode_steps)[0])
 
     def time(self, path: str | Path, threads: int | None) -> dict[str, float]:
         with opened(path, n_ctx=len(self.ids) + self.decode_steps, threads=threads) as llm:
@@ -298,21 +300,20 @@ def refine(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, table: LatencyT
                        decode_steps=timed["decode_steps"], repeats=timed["repeats"])
     own = table.stock_graph
     with tempfile.TemporaryDirectory() as tmp, _reference(em, tokenizer, Path(tmp), settings, settings.threads,
-                                                          own) as ref:
-        ref.scale = table.reference
+                                                          own, table.reference) as ref:
         timer = gguf_timer(em, tokenizer, tmp, ref, settings.outtype, settings.threads, per_layer=own is not None)
         return refit_table(em, table, [s for s in subnets if not table.runs_in_stock(s)], timer, settings, progress)
 
 
 @contextmanager
 def _reference(em: ElasticModel, tokenizer: PreTrainedTokenizerBase, work: Path, options: ProfileOptions,
-               threads: int, own: str | None) -> Iterator[Reference]:
+               threads: int, own: str | None, scale: dict[str, float] | None = None) -> Iterator[Reference]:
     """The full model written to `work` (as deci where the family has both graphs: the one most
-    sub-networks run in), loaded and timed for a profile (`Reference`)."""
+    sub-networks run in), loaded and timed for a profile (`Reference`; `scale`: its times, given)."""
     path = work / "reference.gguf"
     write_gguf(em, tokenizer, em.space.full(), path, options.outtype, per_layer=own is not None)
     with opened(path, n_ctx=options.context + options.decode_steps + 1, threads=threads) as llm:
-        yield Reference(llm, options.context, options.decode_steps, options.repeats)
+        yield Reference(llm, options.context, options.decode_steps, options.repeats, scale)
 
 
 def _check_hidden_sizes(em: ElasticModel, per_layer: bool) -> None:
