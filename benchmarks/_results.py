@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from flextron import report
@@ -17,8 +18,8 @@ IMG_DIR = ROOT / "docs" / "img"
 
 def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The command that reproduces a run: the script and each flag whose value is not its default
-    (`--work`, where results do not depend on it, left out)."""
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+    (`--work`, where results do not depend on it, left out), each value quoted for the shell (an empty one too)."""
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
              for k, v in vars(args).items() if k != "work" and v != parser.get_default(k)]
     return " ".join([f"python benchmarks/{script}", *flags])
 

@@ -148,3 +148,23 @@ def test_load_order_smoke():
     assert [r.split(" | ")[:2] for r in rows] == [["| 1", "1"], ["| 2", "2"], ["| 3", "3"]]
     assert [r.split(" | ")[3] for r in rows] == ["3", "2", "1"]
     assert "averaged per file" in run.stdout
+
+
+def test_the_recorded_command_line_parses_back_to_the_same_arguments():
+    """A results section's command must rerun the same run: an empty value and one with spaces survive the
+    shell (an empty --f32 was once printed as nothing, which the shell drops)."""
+    import argparse
+    import shlex
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _results import command_line
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--f32", default="0.65,1.0")
+    parser.add_argument("--name", default="front")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--no-timing", action="store_true")
+    args = parser.parse_args(["--f32", "", "--name", "a b", "--windows", "2", "--no-timing"])
+    line = command_line("quant_front.py", parser, args)
+    assert line.startswith("python benchmarks/quant_front.py ")
+    assert parser.parse_args(shlex.split(line)[2:]) == args
