@@ -19,6 +19,11 @@ def context_length(config: object) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def within_context(config: object, tokens: int) -> int:
+    """`tokens`, or the model's context where that is shorter (held-out windows of a report)."""
+    return min(tokens, context_length(config) or tokens)
+
+
 def check_positions(config: object, tokens: int, what: str) -> None:
     """Refuse, in one line, a run of `tokens` positions (`what` says which options make them) beyond
     the model's context: learned positions have no row for them, RoPE was never trained on them."""

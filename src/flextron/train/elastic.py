@@ -30,7 +30,7 @@ from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
-from flextron.generation import check_positions, context_length
+from flextron.generation import check_positions, within_context
 from flextron.options import Sampling, TrainOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.report import plot_ppl_vs_size
@@ -163,7 +163,7 @@ def _weights_finite(em: ElasticModel, d: Dist) -> bool:
 
 def _evaluate(path: Path, cfg: TrainOptions, d: Dist) -> list[EvalRow]:
     em, tok, _ = load_checkpoint(path, device=str(d.device))
-    wins = heldout_windows(tok, min(1024, context_length(em.config) or 1024), cfg.eval_limit)
+    wins = heldout_windows(tok, within_context(em.config, 1024), cfg.eval_limit)
     budgets = [Budget(fraction=b) for b in cfg.eval_budgets]
     return eval_at_budgets(em, wins, budgets, autocast_dtype=compute_dtype(cfg.dtype, d.device), progress=True)
 

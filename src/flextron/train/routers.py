@@ -42,7 +42,7 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import adaptive_router_report, checked_router_report, perplexity
 from flextron.fsutil import atomic_write, check_output_dir
-from flextron.generation import check_positions, context_length
+from flextron.generation import check_positions, within_context
 from flextron.latency_table import check_weight_type
 from flextron.options import RouteOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
@@ -121,8 +121,7 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     if cfg.surrogate and not adaptive:
         manifest[key]["surrogate_guided"] = guided_fraction(log)
     save_checkpoint(em, tok, out, manifest, overwrite=True)
-    windows = heldout_windows(tok, min(cfg.eval_seq_len, context_length(em.config) or cfg.eval_seq_len),
-                              cfg.eval_limit)
+    windows = heldout_windows(tok, within_context(em.config, cfg.eval_seq_len), cfg.eval_limit)
     report = adaptive_router_report if adaptive else checked_router_report
     result = {"checkpoint": str(out), "metric": em.routers.metric,
               "budgets": report(em, windows, fractions, amp, progress), "log": log,
