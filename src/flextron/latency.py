@@ -213,7 +213,8 @@ def refine(em: ElasticModel, table: LatencyTable, subnets: list[Subnet], timer: 
     def errors(data: LatencyTable) -> dict:  # and the signed median: how far the table over-prices them
         out = {}
         for key in QUANTITY.values():
-            pred, meas = [data.main.quantity(key).costs(em.space, key)(s) for s in new], [r[key] for r in rows]
+            price = data.main.quantity(key).costs(em.space, key)
+            pred, meas = [price(s) for s in new], [r[key] for r in rows]
             out[key] = {**relative_errors(pred, meas),
                         "median_signed_pct": statistics.median((p - m) / m * 100 for p, m in zip(pred, meas))}
         return out
