@@ -31,7 +31,7 @@ from flextron.train.routers import (
     train_adaptive,
     warm_start,
 )
-from helpers import make_elastic, make_model, make_tokenizer, two_graph_table, word_text
+from helpers import TINY_TEMPLATE, make_elastic, make_model, make_tokenizer, two_graph_table, word_text
 
 GRID = (0.4, 0.7, 1.0)  # the input-adaptive routers' budget grid
 
@@ -121,6 +121,40 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     # Adaptive routers take the static routers' metric: another one is refused, not recorded beside it.
     assert main(["route", str(tmp_path / "routed"), "--adaptive", "--metric", "flops", "--data", "data.txt"]) == 2
     assert "take the budgets of the static routers (params), not flops" in capsys.readouterr().err
+
+
+def test_route_on_an_instruct_model_reads_its_own_answers_beside_the_text(tmp_path, monkeypatch):
+    """--chat auto on a tokenizer with a chat template: the routed model (the teacher) answers the prompts once
+    (cached), and every other row the routers and their joint fine-tuning read is one of those conversations;
+    --chat none reads the text alone."""
+    import flextron.train.routers as routing
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tok = make_tokenizer()
+    tok.chat_template = TINY_TEMPLATE
+    ckpt = save_checkpoint(make_elastic(), tok, tmp_path / "ckpt", {"source_model": "tiny"})
+    data, prompts = tmp_path / "data.txt", tmp_path / "prompts.txt"
+    data.write_text(word_text(3000))
+    prompts.write_text("".join(f"w{i} w{i + 1}\n" for i in range(10, 90)))
+    read = []
+
+    def train_routers(em, teacher, rows, cfg, progress):
+        read.append(rows.rows(0, 4))
+        return train_of(em, teacher, rows, cfg, progress)
+
+    train_of = routing.train_routers
+    monkeypatch.setattr(routing, "train_routers", train_routers)
+    cfg = RouteOptions(budgets=(0.6, 1.0), metric="params", steps=2, joint_steps=1, seq_len=16, micro_batch=2,
+                       eval_limit=1, check_sequences=2, dtype="fp32", chat_prompts=str(prompts), chat_tokens=6)
+    api.route(ckpt, cfg, [str(data)], out=tmp_path / "routed", device="cpu", progress=False)
+    answers = [json.loads(line) for line in next((tmp_path / "cache" / "flextron" / "chat").glob("*.jsonl"))
+               .read_text().splitlines()]
+    assert 0 < len(answers) < 80 and answers[0]["prompt"] == "w10 w11"  # enough for the rows read, in order
+    eos = tok.convert_tokens_to_ids("[EOS]")
+    assert [bool((row == eos).any()) for row in read[0]] == [False, True, False, True]  # the text has no turn ends
+    api.route(ckpt, replace(cfg, chat="none"), [str(data)], out=tmp_path / "plain", overwrite=True, device="cpu",
+              progress=False)
+    assert not (read[1] == eos).any()
 
 
 def test_routers_record_the_weight_type_of_their_latency_budgets(tmp_path, capsys):

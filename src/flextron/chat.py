@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import cache_dir
-from flextron.data import tokenizer_key
+from flextron.data import PackedSequences, tokenizer_key
 from flextron.elastic import ElasticModel
 from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
 from flextron.fsutil import atomic_write
 from flextron.generation import prompt_inputs
-from flextron.options import Sampling, ServeLimits
+from flextron.options import ChatData, Sampling, ServeLimits
 
 PROMPT_SPLITS = {"train": ("sciq", "openbookqa"), "eval": ("arc_challenge", "piqa")}
 _ROLES = ("system", "user", "assistant")
@@ -212,3 +212,23 @@ def teacher_conversations(em: ElasticModel, tok: PreTrainedTokenizerBase, prompt
 
 def _conversation(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def chat_rows(cfg: ChatData, tok: PreTrainedTokenizerBase, teacher: ElasticModel, teacher_id: str, tokens_needed: int,
+              seq_len: int, seed: int, assistant_only: bool = False, progress: bool = True) -> PackedSequences | None:
+    """The chat-format training rows `cfg` asks for, None for `--chat none` (and `auto` on a tokenizer without a
+    chat template): the conversations of a .jsonl file, or the teacher's own answers to the prompts, enough to
+    hold `tokens_needed` tokens (`teacher_conversations`, cached under `teacher_id`). `assistant_only`: the
+    rows' mask keeps the assistant's tokens only."""
+    source = cfg.chat if cfg.chat != "auto" else ("self" if getattr(tok, "chat_template", None) else "none")
+    if source == "none":
+        return None
+    if source == "self":
+        prompts = read_prompts(cfg.chat_prompts) if cfg.chat_prompts else packaged_prompts("train")
+        sampling = Sampling(max_new_tokens=cfg.chat_tokens, temperature=cfg.chat_temperature, seed=seed)
+        conversations = teacher_conversations(teacher, tok, prompts, teacher_id, tokens_needed, sampling,
+                                              progress=progress)
+    else:
+        conversations = read_conversations(source)
+    ids, assistant = conversation_tokens(tok, conversations, assistant_only)
+    return PackedSequences(ids, seq_len, seed, assistant)

@@ -47,7 +47,7 @@ PRESETS = {
         convert=ConvertOptions(calib_sequences=16, calib_seq_len=128, dtype="auto"),
         train=TrainOptions(max_steps=2, seq_len=128, micro_batch=2, n_random=1, eval_limit=0, save_every=_NO_SAVE,
                            chat_tokens=32),
-        route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, check_sequences=2),
+        route=RouteOptions(steps=8, joint_steps=1, seq_len=128, micro_batch=2, check_sequences=2, chat_tokens=32),
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
         eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"), chat=(4, 8),
     ),

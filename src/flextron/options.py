@@ -385,7 +385,28 @@ CHAT_SOURCES = ("auto", "self", "none")  # --chat, besides a .jsonl file
 
 
 @dataclass
-class TrainOptions(Autocast):
+class ChatData(Options):
+    """Chat-format distillation rows beside the text (`flextron.chat.chat_rows`)."""
+
+    chat: str = opt("auto", "chat-format distillation data beside the text: a .jsonl of {\"messages\": [...]} "
+                            "conversations, self (the teacher's own answers to --chat-prompts, generated once and "
+                            "cached), none, or auto (self where the tokenizer has a chat template, else none)")
+    chat_mix: float = opt(0.5, "share of the training sequences taken from the chat data", low=0.0, high=1.0,
+                          low_open=True)
+    chat_prompts: str | None = opt(None, "prompts --chat self answers: a text file, one per line, or .jsonl lines "
+                                         "with a \"prompt\" (default: the packaged task questions, train split)")
+    chat_tokens: int = opt(128, "--chat self: the most tokens of each of the teacher's answers", **_POSITIVE)
+    chat_temperature: float = opt(0.0, "--chat self: 0 for the teacher's greedy answers, >0 to sample them", low=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chat not in CHAT_SOURCES and not self.chat.endswith(".jsonl"):
+            raise FlextronError(f"--chat takes {', '.join(CHAT_SOURCES)} or a .jsonl file of conversations, "
+                                f"not {self.chat!r}")
+
+
+@dataclass
+class TrainOptions(ChatData, Autocast):
     """`flextron train`: elastic continued training (distillation from the frozen original over sampled
     sub-networks)."""
 
@@ -416,17 +437,8 @@ class TrainOptions(Autocast):
                              **_POSITIVE_FLOAT)
     mixed_tokens: int = opt(0, "passes per step at random per-token MLP widths and per-sequence attention widths "
                                "(what adaptive routing runs; at full-width compute)", **_NON_NEGATIVE)
-    chat: str = opt("auto", "chat-format distillation data beside the text: a .jsonl of {\"messages\": [...]} "
-                            "conversations, self (the teacher's own answers to --chat-prompts, generated once and "
-                            "cached), none, or auto (self where the tokenizer has a chat template, else none)")
-    chat_mix: float = opt(0.5, "share of the training sequences taken from the chat data", low=0.0, high=1.0,
-                          low_open=True)
     chat_loss: str = opt("all", "on chat sequences, the loss on every token or on the assistant's only",
                          choices=("all", "assistant"))
-    chat_prompts: str | None = opt(None, "prompts --chat self answers: a text file, one per line, or .jsonl lines "
-                                         "with a \"prompt\" (default: the packaged task questions, train split)")
-    chat_tokens: int = opt(128, "--chat self: the most tokens of each of the teacher's answers", **_POSITIVE)
-    chat_temperature: float = opt(0.0, "--chat self: 0 for the teacher's greedy answers, >0 to sample them", low=0.0)
     budgets: tuple[float, ...] = opt((1.0, 0.75, 0.5, 0.35),
                                      "budget fractions for --sampling budgets; fixed uses the first", **_FRACTION)
     budget_probs: tuple[float, ...] | None = opt(None, "probability of each of --budgets (default: equal)",
@@ -457,13 +469,10 @@ class TrainOptions(Autocast):
                 raise FlextronError("--budget-probs must not all be 0")
         if self.kd_weight <= 0 and self.lm_weight <= 0:
             raise FlextronError("at least one of --kd-weight and --lm-weight must be positive")
-        if self.chat not in CHAT_SOURCES and not self.chat.endswith(".jsonl"):
-            raise FlextronError(f"--chat takes {', '.join(CHAT_SOURCES)} or a .jsonl file of conversations, "
-                                f"not {self.chat!r}")
 
 
 @dataclass
-class RouteOptions(Deployed, Autocast):
+class RouteOptions(ChatData, Deployed, Autocast):
     """`flextron route`: static routers (budget -> per-layer choices), surrogate-guided, then joint
     fine-tuning."""
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from flextron.budgets import select_subnet
-from flextron.chat import conversation_tokens, packaged_prompts, read_conversations, read_prompts, teacher_conversations
+from flextron.chat import chat_rows
 from flextron.checkpoint import load_checkpoint, read_manifest
 from flextron.data import MixedSequences, PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel, PositionChoices
@@ -31,7 +31,7 @@ from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.fsutil import atomic_write, check_output_dir, clean_leftovers
 from flextron.generation import check_positions, within_context
-from flextron.options import Sampling, TrainOptions, write_yaml
+from flextron.options import TrainOptions, write_yaml
 from flextron.precision import autocast, compute_dtype
 from flextron.report import plot_ppl_vs_size
 from flextron.results import EvalRow, rows_json
@@ -271,44 +271,27 @@ def _load_teacher(r: _Run, progress: bool) -> tuple[ElasticModel, PreTrainedToke
 def _sequences(data: list[str] | None, tok: PreTrainedTokenizerBase, r: _Run, teacher: ElasticModel,
                progress: bool) -> PackedSequences | MixedSequences:
     """The training rows: the text (rank 0 tokenizes the corpus once, the others map its token file), and
-    beside it the chat data at a share of --chat-mix."""
+    beside it the chat data at a share of --chat-mix (rank 0 has the teacher answer into the cache first;
+    the others read it there)."""
     cfg = r.cfg
     ids = corpus_tokens(data, tok) if r.d.main else None
     if r.d.world > 1:
         dist.barrier()
         ids = ids if r.d.main else corpus_tokens(data, tok, build=False)
     text = PackedSequences(ids, cfg.seq_len, cfg.seed)
-    source = cfg.chat if cfg.chat != "auto" else ("self" if getattr(tok, "chat_template", None) else "none")
-    if source == "none":
-        return text
-    if source == "self":
-        conversations = _teacher_answers(tok, r, teacher, progress)
-    else:
-        conversations = read_conversations(source)
-    chat_ids, assistant = conversation_tokens(tok, conversations, cfg.chat_loss == "assistant")
-    chat = PackedSequences(chat_ids, cfg.seq_len, cfg.seed, assistant)
-    return MixedSequences(text, chat, cfg.chat_mix)
-
-
-def _teacher_answers(tok: PreTrainedTokenizerBase, r: _Run, teacher: ElasticModel, progress: bool) -> list[list[dict]]:
-    """The teacher's answers to the chat prompts, enough for one pass over the run's chat share (rank 0
-    generates them into the cache; the others read it there)."""
-    cfg = r.cfg
-    prompts = read_prompts(cfg.chat_prompts) if cfg.chat_prompts else packaged_prompts("train")
-    sampling = Sampling(max_new_tokens=cfg.chat_tokens, temperature=cfg.chat_temperature, seed=cfg.seed)
     needed = math.ceil(r.total * r.per_step * cfg.seq_len * cfg.chat_mix) + cfg.seq_len
     teacher_id = json.dumps(r.manifest.get("weights_sha256"), sort_keys=True)
 
-    def answers() -> list[list[dict]]:
-        return teacher_conversations(teacher, tok, prompts, teacher_id, needed, sampling, progress=progress)
+    def rows() -> PackedSequences | None:
+        return chat_rows(cfg, tok, teacher, teacher_id, needed, cfg.seq_len, cfg.seed, cfg.chat_loss == "assistant",
+                         progress)
 
-    if r.d.main:
-        conversations = answers()
+    chat = rows() if r.d.main else None
     if r.d.world > 1:
         dist.barrier()
         if not r.d.main:
-            conversations = answers()  # all cached by now: nothing left to generate
-    return conversations
+            chat = rows()  # all cached by now: nothing left to generate
+    return text if chat is None else MixedSequences(text, chat, cfg.chat_mix)
 
 
 def _student(r: _Run) -> tuple[_Run, _Student]:

@@ -17,6 +17,7 @@ together through the soft masks.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting, calibrate
 from flextron.budgets import (
@@ -35,9 +37,10 @@ from flextron.budgets import (
     uniform_candidates,
     uniform_subnet_for,
 )
+from flextron.chat import chat_rows
 from flextron.checkpoint import load_checkpoint, save_checkpoint
 from flextron.cost import MEASURED, CostTable, fits
-from flextron.data import PackedSequences, heldout_windows, load_corpus, tokenize
+from flextron.data import MixedSequences, PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.evaluate import adaptive_router_report, checked_router_report, perplexity
@@ -105,7 +108,7 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     check_positions(em.config, cfg.seq_len, "--seq-len")
     teacher, _, _ = load_checkpoint(ckpt, device=device)
     teacher.requires_grad_(False)
-    data_seq = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    data_seq = _rows(cfg, data, tok, teacher, json.dumps(manifest.get("weights_sha256"), sort_keys=True), progress)
     if adaptive:
         em.routers.adaptive, log = train_adaptive(em, teacher, data_seq, cfg, progress=progress)
         em.routers.adaptive_config = cfg
@@ -133,6 +136,17 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     return result
 
 
+def _rows(cfg: RouteOptions, data: list[str] | None, tok: PreTrainedTokenizerBase, teacher: ElasticModel,
+          teacher_id: str, progress: bool) -> PackedSequences | MixedSequences:
+    """The rows routing reads: the text, and beside it (at a share of --chat-mix) the chat data, enough for
+    every row the routers, the calibration and the check read."""
+    text = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
+    rows = rows_used(cfg) + max(8, cfg.micro_batch) + cfg.check_sequences
+    chat = chat_rows(cfg, tok, teacher, teacher_id, math.ceil(rows * cfg.seq_len * cfg.chat_mix) + cfg.seq_len,
+                     cfg.seq_len, cfg.seed, progress=progress)
+    return text if chat is None else MixedSequences(text, chat, cfg.chat_mix)
+
+
 def _soft(em: ElasticModel, y: Choices) -> None:
     em.set_soft([y.mlp[i, : len(c)] for i, c in enumerate(em.space.mlp)],
                 [y.attn[i, : len(c)] for i, c in enumerate(em.space.attn)], y.hidden)
@@ -146,14 +160,14 @@ def _random_logits(router: StaticRouter, gen: torch.Generator, device: torch.dev
     return Choices(*(random_logits(mask, gen).to(device) for mask in (router.mlp_mask, router.attn_mask)), hidden)
 
 
-def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
+def train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences | MixedSequences, cfg: RouteOptions,
                   progress: bool = True) -> tuple[Routers, list[dict]]:
     """Train a static router for `em` (stage 2) and fine-tune both (stage 3); returns routers and a log."""
     with em.subnet(None):  # the steps slice the model: the full one after them, whatever happens
         return _train_routers(em, teacher, data, cfg, progress)
 
 
-def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
+def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequences | MixedSequences, cfg: RouteOptions,
                    progress: bool) -> tuple[Routers, list[dict]]:
     device = next(em.parameters()).device
     metric = budget_metric(em, Budget(metric=cfg.metric, fraction=1.0))
@@ -379,7 +393,7 @@ def _tau(cfg: RouteOptions, step: int) -> float:
     return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
 
 
-def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences, cfg: RouteOptions,
+def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequences | MixedSequences, cfg: RouteOptions,
                    progress: bool = True) -> tuple[AdaptiveRouters, list[dict]]:
     """Train per-token MLP and per-request attention routers for `em` (LLM frozen), then fine-tune
     both; budgets are fractions of the static routers' metric (each run at its hidden size, in a space
