@@ -15,7 +15,16 @@ first N tokens and of the first sentence, KL to the original over its own answer
 held-out prose and on off-domain text (the docstrings of a fixed list of Python standard modules:
 technical documentation, never trained on).
 
+With --route STEPS:JOINT, each trained model is also routed (`flextron route`, params budgets, its router and
+joint steps; the chat data as its training's) and scored again at the budgets the routers serve: whether the
+joint fine-tuning keeps the full budget where training left it.
+
+With --gguf, each model's full budget is also exported to GGUF at each weight type and compared as llama.cpp
+runs it (`flextron.behaviour.compare_gguf`): the "before" rows are then the original model as a user deploys
+it, so they show how far from the original's answers deployment alone already is.
+
     python benchmarks/instruct.py [--steps 16] [--prompts 64] [--variants prose,chat,assistant,chat:lr=1e-5]
+                                  [--route 20:40] [--gguf f32,q8_0,q4_k_m] [--name instruct]
 """
 
 from __future__ import annotations
@@ -32,13 +41,14 @@ import torch
 
 from _results import command_line, publish
 from flextron import api
-from flextron.behaviour import compare, reference
+from flextron.behaviour import compare, compare_gguf, reference
 from flextron.budgets import select_subnet
 from flextron.chat import packaged_prompts
 from flextron.checkpoint import load_checkpoint
 from flextron.data import heldout_windows, tokenize, windows
 from flextron.evaluate import perplexity
-from flextron.options import TrainOptions
+from flextron.generation import stop_token_ids
+from flextron.options import RouteOptions, TrainOptions
 from flextron.space import Budget
 
 VARIANTS = {"prose": {"chat": "none"}, "chat": {"chat": "self"},
@@ -82,11 +92,26 @@ def scores(ckpt: Path, budgets: list[str], ref, prose: torch.Tensor, docs: torch
     for b in budgets:
         sub = select_subnet(em, Budget.parse(b))
         with em.subnet(sub):
-            row = {"budget": b, **compare(em, tok, ref)}
+            row = {"budget": b, "runtime": "transformers fp32", **compare(em, tok, ref)}
             row["ppl"] = perplexity(em, prose, progress=False)
             row["ppl_docs"] = perplexity(em, docs, progress=False)
         rows.append(row)
         print(f"  {ckpt.parent.name if ckpt.name.startswith('step') else ckpt.name} {b}: {row}", flush=True)
+    return rows
+
+
+def gguf_scores(ckpt: Path, outtypes: list[str], ref, work: Path, threads: int | None) -> list[dict]:
+    """The full budget exported at each of `outtypes` and compared as llama.cpp runs it (no perplexity)."""
+    em, tok, _ = load_checkpoint(ckpt)
+    stops = stop_token_ids(em.model, tok)
+    rows = []
+    for outtype in outtypes:
+        path = work / f"full-{outtype}.gguf"
+        api.export(ckpt, "1.0", path, format="gguf", outtype=outtype, overwrite=True)
+        scored = compare_gguf(path, tok, ref, stops, threads)
+        rows.append({"budget": "1.0", "runtime": f"llama.cpp {outtype}", **scored})
+        path.unlink()
+        print(f"  {ckpt} llama.cpp {outtype}: {rows[-1]}", flush=True)
     return rows
 
 
@@ -98,6 +123,10 @@ def main() -> None:
     p.add_argument("--budgets", default="1.0,0.75,0.5", help="parameter budgets (uniform sub-networks)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--windows", type=int, default=8, help="held-out 1,024-token windows of each text")
+    p.add_argument("--route", default="", help="STEPS:JOINT: also route each trained model and score it again")
+    p.add_argument("--gguf", default="", help="weight types the full budget is also compared at in llama.cpp")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own choice)")
+    p.add_argument("--name", default="instruct", help="JSON file and docs/results.md section written")
     p.add_argument("--work", default="/tmp/flextron-instruct")
     a = p.parse_args()
     work, budgets = Path(a.work), a.budgets.split(",")
@@ -109,7 +138,8 @@ def main() -> None:
     ref = reference(original, tok, packaged_prompts("eval", a.prompts), a.new_tokens)
     prose = heldout_windows(tok, 1024, a.windows)
     docs = windows(tokenize(tok, docs_text()), 1024, a.windows)
-    results = {"before": scores(ckpt, budgets, ref, prose, docs)}
+    outtypes = [t for t in a.gguf.split(",") if t]
+    results = {"before": scores(ckpt, budgets, ref, prose, docs) + gguf_scores(ckpt, outtypes, ref, work, a.threads)}
     for name in a.variants.split(","):
         cfg = TrainOptions(max_steps=a.steps, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
                            save_every=10**9, **variant(name))
@@ -118,21 +148,31 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         final = api.train(ckpt, run, cfg, progress=False)["final"]
         print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
-        results[name] = scores(Path(final), budgets, ref, prose, docs)
+        results[name] = scores(Path(final), budgets, ref, prose, docs) + gguf_scores(Path(final), outtypes, ref, run,
+                                                                                     a.threads)
+        if a.route:
+            steps, joint = map(int, a.route.split(":"))
+            started = time.time()
+            rcfg = RouteOptions(metric="params", steps=steps, joint_steps=joint, eval_limit=1, check_sequences=8,
+                                chat=cfg.chat)
+            api.route(final, rcfg, out=run / "routed", overwrite=True, device="cpu", progress=False)
+            print(f"{name}: routed in {time.time() - started:.0f} s", flush=True)
+            results[f"{name} +route"] = scores(run / "routed", budgets, ref, prose, docs)
     base = {r["budget"]: r for r in results["before"]}
     lines = [f"Command: `{command_line('instruct.py', p, a)}` ({time.time() - t0:.0f} s on this machine). "
              f"{a.prompts} held-out chat prompts, greedy answers of {a.new_tokens} tokens; the original's own "
              "answers agree with themselves (1.00) at KL 0. Perplexity ratios are to the original (the converted "
              "model at 100 %).", "",
-             "| data | budget | first sentence = original's | first N tokens = original's | KL to original | "
-             "prose ppl (x original) | docs ppl (x original) |", "|---|---|---|---|---|---|---|"]
+             "| data | budget | runs in | first sentence = original's | first N tokens = original's | KL to original | "
+             "prose ppl (x original) | docs ppl (x original) |", "|---|---|---|---|---|---|---|---|"]
     full = base["1.0"] if "1.0" in base else results["before"][0]
     for name, rows in results.items():
         for r in rows:
-            lines.append(f"| {name} | {float(r['budget']):.0%} | {r['agree_sentence']:.2f} | {r['agree_tokens']:.2f} | "
-                         f"{r['kl']:.3f} | {r['ppl']:.2f} ({r['ppl'] / full['ppl']:.2f}x) | "
-                         f"{r['ppl_docs']:.2f} ({r['ppl_docs'] / full['ppl_docs']:.2f}x) |")
-    publish("instruct", "instruct", {"args": vars(a), "results": results}, lines, smoke=False)
+            ppl = (f"{r['ppl']:.2f} ({r['ppl'] / full['ppl']:.2f}x) | "
+                   f"{r['ppl_docs']:.2f} ({r['ppl_docs'] / full['ppl_docs']:.2f}x)") if "ppl" in r else "- | -"
+            lines.append(f"| {name} | {float(r['budget']):.0%} | {r['runtime']} | {r['agree_sentence']:.2f} | "
+                         f"{r['agree_tokens']:.2f} | {r['kl']:.4f} | {ppl} |")
+    publish(a.name, a.name, {"args": vars(a), "results": results}, lines, smoke=False)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flextron.adaptive import AdaptiveLM, AdaptiveRouting
 from flextron.assets import DEFAULT_MODEL
-from flextron.behaviour import compare, first_sentence, original_model, reference
+from flextron.behaviour import compare, compare_gguf, first_sentence, original_model, reference
 from flextron.budgets import select_subnet
 from flextron.checkpoint import save_checkpoint
 from flextron.elastic import ElasticModel
@@ -20,10 +20,13 @@ from flextron.errors import FlextronError
 from flextron.evaluate import eval_at_budgets
 from flextron.export import EXPORT_MANIFEST, build_model
 from flextron.generation import prompt_inputs, stop_token_ids
+from flextron.gguf import write_gguf
 from flextron.space import Budget
 from helpers import (
     TEMPLATE,
+    THREADS,
     hf_greedy,
+    make_bpe_tokenizer,
     make_elastic,
     make_model,
     make_tokenizer,
@@ -102,6 +105,30 @@ def test_kl_and_agreement_of_a_changed_model_are_what_transformers_gives(tok):
     assert abs(result["kl"] - kl_sum / count) < abs(result["kl"] - reverse_sum / count)
     assert 0 < agree < len(PROMPTS)  # some answers change, some do not
     assert result["agree_tokens"] == result["agree_sentence"] == agree / len(PROMPTS)  # words: text is tokens
+
+
+def test_a_gguf_is_scored_by_what_llama_cpp_answers_and_predicts(tmp_path):
+    """llama.cpp's own greedy answers and logits: the original's f32 GGUF agrees with the original; a changed
+    model's GGUF is scored as transformers scores that model (f16 KV cache: the KL within 2 %)."""
+    tok = make_bpe_tokenizer()
+    tok.chat_template = TEMPLATE
+    original = make_elastic("llama")
+    ref = reference(original, tok, PROMPTS, NEW)
+    changed = make_elastic("llama")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.004)
+    stops = stop_token_ids(original.model, tok)
+    scores = {}
+    for name, em in (("original", original), ("changed", changed)):
+        write_gguf(em, tok, em.space.full(), tmp_path / f"{name}.gguf")
+        scores[name] = compare_gguf(tmp_path / f"{name}.gguf", tok, ref, stops, threads=THREADS)
+    assert scores["original"] == {"n": 4, "new_tokens": NEW, "agree_tokens": 1.0, "agree_sentence": 1.0,
+                                  "kl": pytest.approx(0.0, abs=1e-5)}
+    want = compare(changed, tok, ref)
+    assert want["kl"] > 1e-3 and want["agree_tokens"] < 1.0
+    assert scores["changed"] == {**want, "kl": pytest.approx(want["kl"], rel=0.02)}
 
 
 def test_each_budget_is_scored_at_the_sub_network_the_eval_selects(tok):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from flextron import llamacpp
 from flextron.adaptive import AdaptiveLM
 from flextron.assets import DEFAULT_MODEL, GEMMA3
 from flextron.chat import packaged_prompts, read_prompts
@@ -172,12 +173,37 @@ def compare(model: ElasticModel | AdaptiveLM, tok: PreTrainedTokenizerBase, ref:
         raise FlextronError("the model's tokenizer is not the original's, so their answers cannot be compared token "
                             "by token; pass the --original the model was converted from")
     results = greedy_answers(model, tok, ref.prompt_ids, ref.new_tokens)
+    scored = answer_logprobs(model, ref.prompt_ids, ref.answers, batch_size, autocast_dtype)
+    return _agreement(ref, [r.token_ids for r in results], [r.text for r in results], scored)
+
+
+def compare_gguf(path: str | Path, tok: PreTrainedTokenizerBase, ref: Reference, stop_ids: Collection[int],
+                 threads: int | None = None) -> dict:
+    """`compare` for a GGUF file as llama.cpp runs it by default (f16 KV cache, flash attention): what a user
+    deploying it sees, e.g. the original at q8_0. `stop_ids` end an answer (`generation.stop_token_ids`)."""
+    n_ctx = max(len(p) + len(a) for p, a in zip(ref.prompt_ids, ref.answers)) + ref.new_tokens
+    with llamacpp.opened(path, n_ctx=n_ctx, threads=threads, all_logits=True) as llm:
+        answers = [llamacpp.greedy(llm, ids, ref.new_tokens, stop_ids) for ids in ref.prompt_ids]
+
+        def scored() -> Iterator[tuple[int, Tensor]]:
+            for i, (p, a) in enumerate(zip(ref.prompt_ids, ref.answers)):
+                if a:
+                    logits = torch.from_numpy(llamacpp.logits(llm, p + a[:-1])[len(p) - 1 :])
+                    yield i, F.log_softmax(logits.float(), -1)
+
+        return _agreement(ref, answers, [tok.decode(a, skip_special_tokens=True) for a in answers], scored())
+
+
+def _agreement(ref: Reference, answers: list[list[int]], texts: list[str], scored: Iterable[tuple[int, Tensor]]
+               ) -> dict:
+    """`compare`'s numbers for a model's greedy `answers` (token ids and text) and its log-probabilities over
+    the original's answers (`scored`, as `answer_logprobs` yields them)."""
     offsets, kl = _offsets(ref.answers), 0.0
-    for i, lp in answer_logprobs(model, ref.prompt_ids, ref.answers, batch_size, autocast_dtype):
+    for i, lp in scored:
         original = ref.logprobs[offsets[i] : offsets[i + 1]].to(lp.device)
         kl += F.kl_div(lp, original, log_target=True, reduction="sum").item()
-    n = len(results)
+    n = len(answers)
     return {"n": n, "new_tokens": ref.new_tokens,
-            "agree_tokens": sum(r.token_ids == a for r, a in zip(results, ref.answers)) / n,
-            "agree_sentence": sum(first_sentence(r.text) == first_sentence(t) for r, t in zip(results, ref.texts)) / n,
+            "agree_tokens": sum(a == b for a, b in zip(answers, ref.answers)) / n,
+            "agree_sentence": sum(first_sentence(a) == first_sentence(b) for a, b in zip(texts, ref.texts)) / n,
             "kl": max(kl, 0.0) / max(len(ref.logprobs), 1)}  # rounding can take a zero KL a hair below 0

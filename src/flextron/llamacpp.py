@@ -7,7 +7,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from functools import partial
@@ -120,15 +120,15 @@ def logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-def greedy(llm, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-    """Greedy continuation of `ids`: the new token ids (stops after `eos_token_id`)."""
+def greedy(llm, ids: list[int], max_new_tokens: int, stop_ids: Collection[int] = ()) -> list[int]:
+    """Greedy continuation of `ids`: the new token ids, up to the first of `stop_ids` (kept)."""
     llm.reset()
     llm.eval(list(ids))
     out: list[int] = []
     while len(out) < max_new_tokens:
         nxt = int(np.argmax(last_logits(llm)))
         out.append(nxt)
-        if nxt == eos_token_id or len(out) == max_new_tokens:
+        if nxt in stop_ids or len(out) == max_new_tokens:
             break
         llm.eval([nxt])
     return out
