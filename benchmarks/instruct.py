@@ -115,7 +115,7 @@ def gguf_scores(ckpt: Path, outtypes: list[str], ref, work: Path, threads: int |
     return rows
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=16, help="optimizer steps of every training run")
     p.add_argument("--prompts", type=int, default=64, help="held-out chat prompts compared")
@@ -128,6 +128,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own choice)")
     p.add_argument("--name", default="instruct", help="JSON file and docs/results.md section written")
     p.add_argument("--work", default="/tmp/flextron-instruct")
+    return p
+
+
+def main() -> None:
+    p = arguments()
     a = p.parse_args()
     work, budgets = Path(a.work), a.budgets.split(",")
     t0 = time.time()
@@ -158,22 +163,28 @@ def main() -> None:
             api.route(final, rcfg, out=run / "routed", overwrite=True, device="cpu", progress=False)
             print(f"{name}: routed in {time.time() - started:.0f} s", flush=True)
             results[f"{name} +route"] = scores(run / "routed", budgets, ref, prose, docs)
-    base = {r["budget"]: r for r in results["before"]}
-    lines = [f"Command: `{command_line('instruct.py', p, a)}` ({time.time() - t0:.0f} s on this machine). "
+    publish(a.name, a.name, {"args": vars(a), "results": results}, table(a, command_line("instruct.py", p, a),
+                                                                          time.time() - t0, results), smoke=False)
+
+
+def table(a: argparse.Namespace, command: str, seconds: float, results: dict[str, list[dict]]) -> list[str]:
+    """The markdown of a run: one row per model, budget and runtime; perplexity ratios to the original's, the
+    converted model's at 100 % in transformers (GGUF rows have no perplexity)."""
+    lines = [f"Command: `{command}` ({seconds:.0f} s on this machine). "
              f"{a.prompts} held-out chat prompts, greedy answers of {a.new_tokens} tokens; the original's own "
              "answers agree with themselves (1.00) at KL 0. Perplexity ratios are to the original (the converted "
              "model at 100 %).", "",
              "| data | budget | runs in | first sentence = original's | first N tokens = original's | KL to original | "
              "prose ppl (x original) | docs ppl (x original) |", "|---|---|---|---|---|---|---|---|"]
-    full = base["1.0"] if "1.0" in base else results["before"][0]
+    measured = [r for r in results["before"] if "ppl" in r]
+    full = next((r for r in measured if r["budget"] == "1.0"), measured[0])
     for name, rows in results.items():
         for r in rows:
             ppl = (f"{r['ppl']:.2f} ({r['ppl'] / full['ppl']:.2f}x) | "
                    f"{r['ppl_docs']:.2f} ({r['ppl_docs'] / full['ppl_docs']:.2f}x)") if "ppl" in r else "- | -"
             lines.append(f"| {name} | {float(r['budget']):.0%} | {r['runtime']} | {r['agree_sentence']:.2f} | "
                          f"{r['agree_tokens']:.2f} | {r['kl']:.4f} | {ppl} |")
-    publish(a.name, a.name, {"args": vars(a), "results": results}, lines, smoke=False)
-
+    return lines
 
 if __name__ == "__main__":
     main()
