@@ -129,6 +129,14 @@ def test_a_gguf_is_scored_by_what_llama_cpp_answers_and_predicts(tmp_path):
     want = compare(changed, tok, ref)
     assert want["kl"] > 1e-3 and want["agree_tokens"] < 1.0
     assert scores["changed"] == {**want, "kl": pytest.approx(want["kl"], rel=0.02)}
+    other = make_tokenizer()  # another model's tokenizer and vocabulary: refused in one line, not mis-scored
+    with pytest.raises(FlextronError, match="tokenizer is not the original's"):
+        compare_gguf(tmp_path / "original.gguf", other, ref, stops, threads=THREADS)
+    larger = make_elastic("llama")
+    larger.model.resize_token_embeddings(160)
+    write_gguf(larger, tok, larger.space.full(), tmp_path / "larger.gguf")
+    with pytest.raises(FlextronError, match="vocabulary of 160 tokens"):
+        compare_gguf(tmp_path / "larger.gguf", tok, ref, stops, threads=THREADS)
 
 
 def test_each_budget_is_scored_at_the_sub_network_the_eval_selects(tok):

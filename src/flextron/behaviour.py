@@ -169,9 +169,7 @@ def compare(model: ElasticModel | AdaptiveLM, tok: PreTrainedTokenizerBase, ref:
     """The model at its current sub-network (or routed adaptively, each answer from its prompt) against the
     original's `ref`: {n, new_tokens, agree_tokens, agree_sentence, kl} (shares of the prompts; KL in nats per
     answer token)."""
-    if tokenizer_key(tok) != ref.tokenizer:
-        raise FlextronError("the model's tokenizer is not the original's, so their answers cannot be compared token "
-                            "by token; pass the --original the model was converted from")
+    _check_tokenizer(tok, ref)
     results = greedy_answers(model, tok, ref.prompt_ids, ref.new_tokens)
     scored = answer_logprobs(model, ref.prompt_ids, ref.answers, batch_size, autocast_dtype)
     return _agreement(ref, [r.token_ids for r in results], [r.text for r in results], scored)
@@ -181,8 +179,12 @@ def compare_gguf(path: str | Path, tok: PreTrainedTokenizerBase, ref: Reference,
                  threads: int | None = None) -> dict:
     """`compare` for a GGUF file as llama.cpp runs it by default (f16 KV cache, flash attention): what a user
     deploying it sees, e.g. the original at q8_0. `stop_ids` end an answer (`generation.stop_token_ids`)."""
+    _check_tokenizer(tok, ref)
     n_ctx = max(len(p) + len(a) for p, a in zip(ref.prompt_ids, ref.answers)) + ref.new_tokens
     with llamacpp.opened(path, n_ctx=n_ctx, threads=threads, all_logits=True) as llm:
+        if llm.n_vocab() != ref.logprobs.shape[1]:
+            raise FlextronError(f"{path} has a vocabulary of {llm.n_vocab()} tokens, the original's "
+                                f"{ref.logprobs.shape[1]}; compare a GGUF exported from the original's checkpoint")
         answers = [llamacpp.greedy(llm, ids, ref.new_tokens, stop_ids) for ids in ref.prompt_ids]
 
         def scored() -> Iterator[tuple[int, Tensor]]:
@@ -192,6 +194,12 @@ def compare_gguf(path: str | Path, tok: PreTrainedTokenizerBase, ref: Reference,
                     yield i, F.log_softmax(logits.float(), -1)
 
         return _agreement(ref, answers, [tok.decode(a, skip_special_tokens=True) for a in answers], scored())
+
+
+def _check_tokenizer(tok: PreTrainedTokenizerBase, ref: Reference) -> None:
+    if tokenizer_key(tok) != ref.tokenizer:
+        raise FlextronError("the model's tokenizer is not the original's, so their answers cannot be compared token "
+                            "by token; pass the --original the model was converted from")
 
 
 def _agreement(ref: Reference, answers: list[list[int]], texts: list[str], scored: Iterable[tuple[int, Tensor]]
