@@ -141,7 +141,7 @@ def _rows(cfg: RouteOptions, data: list[str] | None, tok: PreTrainedTokenizerBas
     """The rows routing reads: the text, and beside it (at a share of --chat-mix) the chat data, enough for
     every row the routers, the calibration and the check read."""
     text = PackedSequences(tokenize(tok, load_corpus(data)), cfg.seq_len, cfg.seed)
-    rows = rows_used(cfg) + max(8, cfg.micro_batch) + cfg.check_sequences
+    rows = rows_used(cfg) + calibration_rows(cfg) + cfg.check_sequences
     chat = chat_rows(cfg, tok, teacher, teacher_id, math.ceil(rows * cfg.seq_len * cfg.chat_mix) + cfg.seq_len,
                      cfg.seq_len, cfg.seed, progress=progress)
     return text if chat is None else MixedSequences(text, chat, cfg.chat_mix)
@@ -287,6 +287,11 @@ def warm_start(em: ElasticModel, router: StaticRouter, table: CostTable, ids: to
             rows.append({"stage": "warm start", "budget": fraction, "start": start, "kd": loss(chosen),
                          "subnet": chosen.to_dict()})
     return rows
+
+
+def calibration_rows(cfg: RouteOptions) -> int:
+    """Rows the adaptive routers' argmax is calibrated on, after their training rows."""
+    return max(8, cfg.micro_batch)
 
 
 def rows_used(cfg: RouteOptions) -> int:
@@ -437,7 +442,7 @@ def train_adaptive(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
             em.eval()
             routers.eval()
             # Sampling at the last temperature and the argmax realise different costs: calibrate the argmax.
-            held = data.rows(total * cfg.micro_batch, max(8, cfg.micro_batch)).to(device)
+            held = data.rows(total * cfg.micro_batch, calibration_rows(cfg)).to(device)
             with autocast(device, amp):
                 realised = calibrate(routing, held)
             log.append({"stage": "calibration", "budgets": list(cfg.budgets), "realised": realised,
