@@ -102,6 +102,8 @@ def scores(ckpt: Path, budgets: list[str], ref, prose: torch.Tensor, docs: torch
 
 def gguf_scores(ckpt: Path, outtypes: list[str], ref, work: Path, threads: int | None) -> list[dict]:
     """The full budget exported at each of `outtypes` and compared as llama.cpp runs it (no perplexity)."""
+    if not outtypes:  # without --gguf, no checkpoint to load
+        return []
     em, tok, _ = load_checkpoint(ckpt)
     stops = stop_token_ids(em.model, tok)
     rows = []
