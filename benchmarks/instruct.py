@@ -15,16 +15,17 @@ first N tokens and of the first sentence, KL to the original over its own answer
 held-out prose and on off-domain text (the docstrings of a fixed list of Python standard modules:
 technical documentation, never trained on).
 
-With --route STEPS:JOINT, each trained model is also routed (`flextron route`, params budgets, its router and
-joint steps; the chat data as its training's) and scored again at the budgets the routers serve: whether the
-joint fine-tuning keeps the full budget where training left it.
+With --route STEPS:JOINT[:K=V;K=V][,...], each trained model is also routed once per entry (`flextron route`,
+params budgets, its router and joint steps and any other route options, e.g. 20:40:full_weight=1; the chat data
+as its training's) and scored again at the budgets the routers serve: whether the joint fine-tuning keeps the
+full budget where training left it.
 
 With --gguf, each model's full budget is also exported to GGUF at each weight type and compared as llama.cpp
 runs it (`flextron.behaviour.compare_gguf`): the "before" rows are then the original model as a user deploys
 it, so they show how far from the original's answers deployment alone already is.
 
     python benchmarks/instruct.py [--steps 16] [--prompts 64] [--variants prose,chat,assistant,chat:lr=1e-5]
-                                  [--route 20:40] [--gguf f32,q8_0,q4_k_m] [--name instruct]
+                                  [--route 20:0,20:40] [--gguf f32,q8_0,q4_k_m] [--name instruct]
 """
 
 from __future__ import annotations
@@ -72,18 +73,29 @@ def docs_text() -> str:
     return "\n\n".join(parts)
 
 
-def variant(spec: str) -> dict:
-    """The training options of a --variants entry: a named variant, then any K=V overrides, each value read
-    as JSON where it is (1e-5, 16, true) and as text otherwise; TrainOptions checks them as it checks a config."""
-    name, _, overrides = spec.partition(":")
-    options = dict(VARIANTS[name])
-    for item in filter(None, overrides.split(";")):
+def overrides(text: str) -> dict:
+    """K=V;K=V options, each value read as JSON where it is (1e-5, 16, true) and as text otherwise; the
+    options dataclass checks them as it checks a config."""
+    options = {}
+    for item in filter(None, text.split(";")):
         key, _, value = item.partition("=")
         try:
             options[key] = json.loads(value)
         except ValueError:
             options[key] = value
     return options
+
+
+def variant(spec: str) -> dict:
+    """The training options of a --variants entry: a named variant, then any K=V overrides."""
+    name, _, rest = spec.partition(":")
+    return {**VARIANTS[name], **overrides(rest)}
+
+
+def routing(spec: str) -> dict:
+    """The route options of a --route entry: STEPS:JOINT, then any K=V overrides."""
+    steps, joint, rest = (spec.split(":", 2) + [""])[:3]
+    return {"steps": int(steps), "joint_steps": int(joint), **overrides(rest)}
 
 
 def scores(ckpt: Path, budgets: list[str], ref, prose: torch.Tensor, docs: torch.Tensor) -> list[dict]:
@@ -125,7 +137,8 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="1.0,0.75,0.5", help="parameter budgets (uniform sub-networks)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--windows", type=int, default=8, help="held-out 1,024-token windows of each text")
-    p.add_argument("--route", default="", help="STEPS:JOINT: also route each trained model and score it again")
+    p.add_argument("--route", default="", help="STEPS:JOINT[:K=V;K=V][,...]: also route each trained model (once "
+                                               "per entry) and score it again")
     p.add_argument("--gguf", default="", help="weight types the full budget is also compared at in llama.cpp")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own choice)")
     p.add_argument("--name", default="instruct", help="JSON file and docs/results.md section written")
@@ -157,14 +170,12 @@ def main() -> None:
         print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
         results[name] = scores(Path(final), budgets, ref, prose, docs) + gguf_scores(Path(final), outtypes, ref, run,
                                                                                      a.threads)
-        if a.route:
-            steps, joint = map(int, a.route.split(":"))
+        for spec in filter(None, a.route.split(",")):
             started = time.time()
-            rcfg = RouteOptions(metric="params", steps=steps, joint_steps=joint, eval_limit=1, check_sequences=8,
-                                chat=cfg.chat)
+            rcfg = RouteOptions(metric="params", eval_limit=1, check_sequences=8, chat=cfg.chat, **routing(spec))
             api.route(final, rcfg, out=run / "routed", overwrite=True, device="cpu", progress=False)
-            print(f"{name}: routed in {time.time() - started:.0f} s", flush=True)
-            results[f"{name} +route"] = scores(run / "routed", budgets, ref, prose, docs)
+            print(f"{name}: routed ({spec}) in {time.time() - started:.0f} s", flush=True)
+            results[f"{name} +route {spec}"] = scores(run / "routed", budgets, ref, prose, docs)
     publish(a.name, a.name, {"args": vars(a), "results": results}, table(a, command_line("instruct.py", p, a),
                                                                           time.time() - t0, results), smoke=False)
 

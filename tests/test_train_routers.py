@@ -29,6 +29,7 @@ from flextron.train.routers import (
     check_against_uniform,
     guided_fraction,
     train_adaptive,
+    train_routers,
     warm_start,
 )
 from helpers import TINY_TEMPLATE, make_elastic, make_model, make_tokenizer, two_graph_table, word_text
@@ -121,6 +122,28 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     # Adaptive routers take the static routers' metric: another one is refused, not recorded beside it.
     assert main(["route", str(tmp_path / "routed"), "--adaptive", "--metric", "flops", "--data", "data.txt"]) == 2
     assert "take the budgets of the static routers (params), not flops" in capsys.readouterr().err
+
+
+def test_joint_steps_with_full_weight_also_distil_the_full_model():
+    """A teacher unlike the student: the full model's distillation loss falls by the anchor's own pull, far more
+    than the routed 40 % sub-network's steps move it alone (fails if the anchor ran at the routed widths)."""
+    data = PackedSequences(tokenize(make_tokenizer(), word_text(3000)), 16, seed=0)
+    teacher = ElasticModel(make_model("llama", seed=1))
+    teacher.requires_grad_(False)
+    held = data.rows(400, 8)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=held).logits
+    drops = []
+    for weight in (0.0, 8.0):
+        em = make_elastic()
+        with torch.no_grad():
+            before = kd_loss(em(input_ids=held).logits, t_logits).item()
+        cfg = RouteOptions(budgets=(0.4,), metric="params", steps=1, joint_steps=10, seq_len=16, micro_batch=2,
+                           dtype="fp32", llm_lr=1e-2, full_weight=weight, check_sequences=0)
+        train_routers(em, teacher, data, cfg, progress=False)
+        with torch.no_grad():
+            drops.append(before - kd_loss(em(input_ids=held).logits, t_logits).item())
+    assert drops[1] > 2 * max(drops[0], 0.0), drops
 
 
 def test_route_on_an_instruct_model_reads_its_own_answers_beside_the_text(tmp_path, monkeypatch):

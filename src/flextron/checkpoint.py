@@ -108,6 +108,11 @@ def hash_difference(recorded: dict[str, str], found: dict[str, str]) -> str | No
     return None
 
 
+def weights_id(manifest: dict) -> str:
+    """The identity of a checkpoint's weights (their recorded sha256s): the key of what they generate."""
+    return json.dumps(manifest.get("weights_sha256"), sort_keys=True)
+
+
 def verify_hashes(ckpt: Path, manifest: dict) -> None:
     """Refuse weights files whose sha256 differs from the one recorded at save (checkpoints written
     before hashes were recorded pass)."""

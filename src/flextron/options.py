@@ -490,6 +490,9 @@ class RouteOptions(ChatData, Deployed, Autocast):
                             "from that start (0: no start)", **_NON_NEGATIVE)
     router_lr: float = opt(3e-3, "router learning rate", **_POSITIVE_FLOAT)
     llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps", **_NON_NEGATIVE)
+    full_weight: float = opt(0.0, "static routers' joint steps: weight of a full-model distillation pass added to "
+                                  "each step's loss, which keeps the full budget nearer the original (0: none)",
+                             **_NON_NEGATIVE)
     tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially", **_POSITIVE_FLOAT)
     tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end", **_POSITIVE_FLOAT)
     budget_weight: float = opt(10.0, "weight of the budget penalty", **_NON_NEGATIVE)

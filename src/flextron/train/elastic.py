@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from flextron.budgets import select_subnet
 from flextron.chat import chat_rows
-from flextron.checkpoint import load_checkpoint, read_manifest
+from flextron.checkpoint import load_checkpoint, read_manifest, weights_id
 from flextron.data import MixedSequences, PackedSequences, heldout_windows
 from flextron.elastic import ElasticModel, PositionChoices
 from flextron.errors import FlextronError
@@ -280,7 +280,7 @@ def _sequences(data: list[str] | None, tok: PreTrainedTokenizerBase, r: _Run, te
         ids = ids if r.d.main else corpus_tokens(data, tok, build=False)
     text = PackedSequences(ids, cfg.seq_len, cfg.seed)
     needed = math.ceil(r.total * r.per_step * cfg.seq_len * cfg.chat_mix) + cfg.seq_len
-    teacher_id = json.dumps(r.manifest.get("weights_sha256"), sort_keys=True)
+    teacher_id = weights_id(r.manifest)
 
     def rows() -> PackedSequences | None:
         return chat_rows(cfg, tok, teacher, teacher_id, needed, cfg.seq_len, cfg.seed, cfg.chat_loss == "assistant",

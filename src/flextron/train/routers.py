@@ -17,7 +17,6 @@ together through the soft masks.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -38,7 +37,7 @@ from flextron.budgets import (
     uniform_subnet_for,
 )
 from flextron.chat import chat_rows
-from flextron.checkpoint import load_checkpoint, save_checkpoint
+from flextron.checkpoint import load_checkpoint, save_checkpoint, weights_id
 from flextron.cost import MEASURED, CostTable, fits
 from flextron.data import MixedSequences, PackedSequences, heldout_windows, load_corpus, tokenize
 from flextron.elastic import ElasticModel
@@ -108,7 +107,7 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     check_positions(em.config, cfg.seq_len, "--seq-len")
     teacher, _, _ = load_checkpoint(ckpt, device=device)
     teacher.requires_grad_(False)
-    data_seq = _rows(cfg, data, tok, teacher, json.dumps(manifest.get("weights_sha256"), sort_keys=True), progress)
+    data_seq = _rows(cfg, data, tok, teacher, weights_id(manifest), progress)
     if adaptive:
         em.routers.adaptive, log = train_adaptive(em, teacher, data_seq, cfg, progress=progress)
         em.routers.adaptive_config = cfg
@@ -232,6 +231,9 @@ def _train_routers(em: ElasticModel, teacher: ElasticModel, data: PackedSequence
                 kd = kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
             loss = kd + cfg.budget_weight * budget_loss
             measured = kd.item()
+            if joint and cfg.full_weight > 0:  # the full model is distilled too: joint steps keep it the original
+                with em.subnet(None), autocast(device, amp):
+                    loss = loss + cfg.full_weight * kd_loss(em(input_ids=ids, use_cache=False).logits, t_logits)
         _update(em, loss, opt, llm_opt)
         if surrogate is not None and not joint:
             surrogate.observe(probs.map(torch.Tensor.detach), y.map(torch.Tensor.detach), measured)
