@@ -57,7 +57,7 @@ PRESETS = {
         convert=ConvertOptions(calib_sequences=128, dtype="auto"),
         train=TrainOptions(max_steps=16, seq_len=256, micro_batch=4, n_random=1, warmup_steps=4, eval_limit=0,
                            save_every=_NO_SAVE),
-        route=RouteOptions(steps=20, joint_steps=2, check_sequences=8),
+        route=RouteOptions(steps=20, check_sequences=8),
         profile={"repeats": 2},
     ),
     "bench": Preset(

@@ -483,16 +483,18 @@ class RouteOptions(ChatData, Deployed, Autocast):
     outtype: str | None = opt(None, "GGUF weight type the routed sub-networks are for: latency budgets need a "
                               "llama.cpp table timed at it (default and recorded: the table's)", choices=OUTTYPES)
     steps: int = opt(200, "router steps (LLM frozen)", **_POSITIVE)
-    joint_steps: int = opt(40, "steps fine-tuning the LLM and the routers together", **_NON_NEGATIVE)
+    joint_steps: int = opt(0, "steps fine-tuning the LLM and the routers together (the paper's stage 3; off by "
+                              "default: on SmolLM2-Instruct 40 of them moved the full budget from the original and "
+                              "gained nothing at 50 %, docs/results.md \"instruct_joint\")", **_NON_NEGATIVE)
     hidden: int = opt(128, "router MLP hidden size", **_POSITIVE)
     warm_start: float = opt(2.0, "each grid budget starts where the loss is lowest (a uniform sub-network "
                             "within it or the untrained router's choice); logit margin per choice away "
                             "from that start (0: no start)", **_NON_NEGATIVE)
     router_lr: float = opt(3e-3, "router learning rate", **_POSITIVE_FLOAT)
     llm_lr: float = opt(1e-5, "LLM learning rate in the joint steps", **_NON_NEGATIVE)
-    full_weight: float = opt(0.0, "static routers' joint steps: weight of a full-model distillation pass added to "
-                                  "each step's loss, which keeps the full budget nearer the original (0: none)",
-                             **_NON_NEGATIVE)
+    full_weight: float = opt(4.0, "static routers' joint steps: weight of a full-model distillation pass added to "
+                                  "each step's loss (4 halved the full budget's KL to the original after 40 joint "
+                                  "steps; 0: none)", **_NON_NEGATIVE)
     tau_start: float = opt(5.0, "Gumbel-softmax temperature at the start, annealed exponentially", **_POSITIVE_FLOAT)
     tau_end: float = opt(0.3, "Gumbel-softmax temperature at the end", **_POSITIVE_FLOAT)
     budget_weight: float = opt(10.0, "weight of the budget penalty", **_NON_NEGATIVE)
