@@ -4,7 +4,7 @@ Prune-only budgets are fractions of the parameters; after profiling, router budg
 of this machine's decode latency, on a grid spanning what the smallest sub-network allows. The
 prune-only and routed budgets are also compared with the original on held-out chat prompts
 (`flextron.behaviour`: greedy agreement and KL). Presets size it: `tiny` (a smoke run of a couple
-of minutes), `demo` (about a quarter of an hour on 2 CPU cores), `bench` (larger)."""
+of minutes), `demo` (about 20 minutes on 2 CPU cores), `bench` (larger)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ PRESETS = {
         profile={"context": 32, "decode_steps": 2, "repeats": 1, "samples": 6, "validate": 2},
         eval_windows=2, eval_seq_len=256, budgets=("1.0", "0.5"), chat=(4, 8),
     ),
-    # Sized to a quarter of an hour on 2 CPU cores: on the first run the routers must already beat
+    # Sized to about 20 minutes on 2 CPU cores: on the first run the routers must already beat
     # prune-only and the uniform sub-networks (measured: docs/results.md, "The demo pipeline").
     "demo": Preset(
         convert=ConvertOptions(calib_sequences=128, dtype="auto"),
