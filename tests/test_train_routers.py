@@ -27,6 +27,7 @@ from flextron.train.losses import kd_loss
 from flextron.train.routers import (
     check_against_static,
     check_against_uniform,
+    check_fractions,
     guided_fraction,
     train_adaptive,
     train_routers,
@@ -117,7 +118,7 @@ def test_route_end_to_end_through_the_cli(elastic_ckpt, tmp_path, capsys, monkey
     # The report's one window holds the model's 256 positions (the default --eval-seq-len is 1,024).
     assert all(r["tokens"] == 255 for r in report["budgets"])
     assert all(r["calib_ppl"][r["kept"]] == min(r["calib_ppl"].values()) for r in report["budgets"])
-    assert [c["budget"] for c in routed.routers.checked] == [0.5, 0.75, 1.0]
+    assert [c["budget"] for c in routed.routers.checked] == check_fractions([0.5, 0.75, 1.0], 0.03)
     assert not (ckpt / "routers.json").exists()  # --out left the source untouched
     # Adaptive routers take the static routers' metric: another one is refused, not recorded beside it.
     assert main(["route", str(tmp_path / "routed"), "--adaptive", "--metric", "flops", "--data", "data.txt"]) == 2
@@ -305,8 +306,8 @@ def test_check_budgets_are_checked_and_serve_the_budgets_above_them(tmp_path):
     ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
     data = tmp_path / "data.txt"
     data.write_text(word_text(2000))
-    cfg = RouteOptions(metric="params", budgets=(0.6, 1.0), check_budgets=(0.85,), steps=2, joint_steps=0, seq_len=16,
-                       micro_batch=2, eval_limit=1, check_sequences=1, surrogate=False, dtype="fp32")
+    cfg = RouteOptions(metric="params", budgets=(0.6, 1.0), check_budgets=(0.85,), check_step=0, steps=2, joint_steps=0,
+                       seq_len=16, micro_batch=2, eval_limit=1, check_sequences=1, surrogate=False, dtype="fp32")
     result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
     assert [r.budget.fraction for r in result["budgets"]] == [0.6, 0.85, 1.0]
     assert read_yaml(ckpt / "routing.yaml")["check_budgets"] == [0.85]
@@ -314,6 +315,34 @@ def test_check_budgets_are_checked_and_serve_the_budgets_above_them(tmp_path):
     assert [c["budget"] for c in routed.routers.checked] == [0.6, 0.85, 1.0]
     served = {b: select_subnet(routed, Budget.parse(f"params={b:.0%}")) for b in (0.85, 0.95)}
     assert served[0.95] == served[0.85]
+
+
+def test_a_budget_every_check_step_is_checked_so_none_asked_is_served_much_less(tmp_path):
+    """--check-step: between the reported budgets, one every 3 % of cost is checked too (not reported), so a
+    budget asked between checked ones is served a check at least 0.97 of it; the report keeps each of its
+    budgets' own verdicts."""
+    em = make_elastic()
+    ckpt = save_checkpoint(em, make_tokenizer(), tmp_path / "ckpt", {"source_model": "tiny"})
+    data = tmp_path / "data.txt"
+    data.write_text(word_text(2000))
+    cfg = RouteOptions(metric="params", budgets=(0.6, 1.0), steps=2, joint_steps=0, seq_len=16, micro_batch=2,
+                       eval_limit=1, check_sequences=1, surrogate=False, dtype="fp32")
+    result = api.route(ckpt, cfg, [str(data)], device="cpu", progress=False)
+    assert [r.budget.fraction for r in result["budgets"]] == [0.6, 0.8, 1.0]  # the grid and its midpoint
+    routed = api.load(ckpt, "cpu")[0]
+    checked = {c["budget"]: c for c in routed.routers.checked}
+    budgets = sorted(checked)
+    assert budgets[0] == 0.6 and budgets[-1] == 1.0 and 0.8 in budgets and len(budgets) > 10
+    assert min(a / b for a, b in zip(budgets, budgets[1:])) >= 0.97
+    for r in result["budgets"]:
+        assert (r.kept, r.calib_ppl) == (checked[r.budget.fraction]["kept"], checked[r.budget.fraction]["calib_ppl"])
+    table = cost_table(routed, "params")
+    for asked in (0.63, 0.71, 0.87, 0.99):
+        below = max(b for b in budgets if b <= asked)
+        assert below >= 0.97 * asked
+        assert select_subnet(routed, Budget(metric="params", fraction=asked)) == select_subnet(
+            routed, Budget(metric="params", fraction=below))
+        assert table(select_subnet(routed, Budget(metric="params", fraction=asked))) <= asked * table.full * (1 + 1e-9)
 
 
 def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path, capsys):

@@ -184,8 +184,10 @@ def checked_router_report(em: ElasticModel, windows: Tensor, fractions: list[flo
                           autocast_dtype: torch.dtype | None = None, progress: bool = True) -> list[EvalRow]:
     """The router report, with what the check against uniform kept per budget."""
     rows = router_report(em, windows, fractions, autocast_dtype=autocast_dtype, progress=progress)
-    for r, c in zip(rows, em.routers.checked or []):
-        r.kept, r.calib_ppl = c["kept"], c["calib_ppl"]
+    checks = {c["budget"]: c for c in em.routers.checked or []}
+    for r in rows:
+        if r.budget.fraction in checks:
+            r.kept, r.calib_ppl = checks[r.budget.fraction]["kept"], checks[r.budget.fraction]["calib_ppl"]
     return rows
 
 

@@ -367,7 +367,7 @@ class ServeOptions(Weighted, Verified, Computed, ServeLimits):
 class DemoOptions(Options):
     """`flextron demo`: the pipeline's size and where it writes."""
 
-    preset: str = opt("demo", "tiny (a smoke run of a couple of minutes), demo (about a quarter of an hour on "
+    preset: str = opt("demo", "tiny (a smoke run of a couple of minutes), demo (about 20 minutes on "
                               "2 CPU cores) or bench (larger); see flextron.demo.PRESETS")
     out: str = opt("flextron-demo", "directory to write (checkpoints, exports, results.json, report)")
 
@@ -518,6 +518,9 @@ class RouteOptions(ChatData, Deployed, Autocast):
         None, "budgets checked (and reported) besides the grid, which the routers never train on (default: "
               "halfway between the grid's two lowest and between its two highest); a budget asked between checked "
               "ones is served the checked one below it, so check the budgets you serve", **_FRACTION)
+    check_step: float = opt(0.03, "also check a budget every this share of cost below each checked one (not "
+                                  "reported), so any budget asked is served at least 1 - this of itself (0: off)",
+                            low=0.0, high=0.5)
     seq_len: int = opt(256, "tokens per training sequence", **_POSITIVE)
     micro_batch: int = opt(4, "sequences per step", **_POSITIVE)
     eval_limit: int = opt(16, "held-out windows for the perplexity report", **_POSITIVE)

@@ -72,7 +72,8 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     budget keep the better of the routed and the largest uniform sub-network on held-out training rows;
     store them in the checkpoint (or in `out`) and report (also in routing.json), per budget, the kept
     sub-network, its cost and held-out perplexity on the grid and `cfg.check_budgets` (default: midway
-    between the grid's two lowest and its two highest).
+    between the grid's two lowest and its two highest). Between those, a budget every `cfg.check_step` is
+    checked too (`check_fractions`), not reported.
 
     `adaptive`: on a checkpoint with static routers, train the input-adaptive routers instead, per
     grid budget keep the better of adaptive routing and the static sub-network (`check_against_static`), and
@@ -116,7 +117,8 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     del teacher
     amp = compute_dtype(cfg.dtype, device)
     if not adaptive and cfg.check_sequences > 0:  # on training rows the routers never read
-        check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences), fractions, amp, progress)
+        check_against_uniform(em, data_seq.rows(rows_used(cfg), cfg.check_sequences),
+                              check_fractions(fractions, cfg.check_step), amp, progress)
     key = "adaptive_routing" if adaptive else "routing"
     manifest[key] = {"metric": em.routers.metric, "steps": cfg.steps, "joint_steps": cfg.joint_steps,
                      "surrogate": cfg.surrogate and not adaptive, **({"outtype": cfg.outtype} if cfg.outtype else {})}
@@ -133,6 +135,18 @@ def route(ckpt: str | Path, cfg: RouteOptions, data: list[str] | None, *, out: s
     data = None if data is None else [str(Path(d).resolve()) if Path(d).exists() else d for d in data]
     write_yaml(out / f"{name}.yaml", {**asdict(cfg), "data": data, "device": device, "adaptive": adaptive})
     return result
+
+
+def check_fractions(fractions: list[float], step: float) -> list[float]:
+    """`fractions` and, below each, a budget every `step` of it down to the next one: a budget asked
+    between two of them is served the one below (`select_subnet`), which is then at least `1 - step` of it."""
+    out = set(fractions)
+    for low, high in zip(fractions, fractions[1:]):
+        x = math.ceil(high * (1 - step) * 1e4) / 1e4  # 4 decimals, rounded up: no gap wider than `step`
+        while step > 0 and x > low:
+            out.add(x)
+            x = math.ceil(x * (1 - step) * 1e4) / 1e4
+    return sorted(out)
 
 
 def _rows(cfg: RouteOptions, data: list[str] | None, tok: PreTrainedTokenizerBase, teacher: ElasticModel,
