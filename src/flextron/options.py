@@ -519,7 +519,8 @@ class RouteOptions(ChatData, Deployed, Autocast):
               "halfway between the grid's two lowest and between its two highest); a budget asked between checked "
               "ones is served the checked one below it, so check the budgets you serve", **_FRACTION)
     check_step: float = opt(0.03, "also check a budget every this share of cost below each checked one (not "
-                                  "reported), so any budget asked is served at least 1 - this of itself (0: off)",
+                                  "reported), so a budget asked is served the check of one at least 1 - this of "
+                                  "itself (0: off)",
                             low=0.0, high=0.5)
     seq_len: int = opt(256, "tokens per training sequence", **_POSITIVE)
     micro_batch: int = opt(4, "sequences per step", **_POSITIVE)
