@@ -345,6 +345,15 @@ def test_a_budget_every_check_step_is_checked_so_none_asked_is_served_much_less(
         assert table(select_subnet(routed, Budget(metric="params", fraction=asked))) <= asked * table.full * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("step", [0.03, 0.1, 1e-7])
+def test_check_fractions_leave_no_gap_wider_than_the_step(step):
+    fractions = [0.37, 0.5, 0.85, 1.0]
+    checked = check_fractions(fractions, step)
+    assert set(fractions) <= set(checked) and checked == sorted(set(checked))
+    assert all(a >= min((1 - step) * b, b - 1e-4) - 1e-12 for a, b in zip(checked, checked[1:]))  # 4 decimals
+    assert check_fractions(fractions, 0) == fractions
+
+
 def test_route_on_a_hidden_space_chooses_hidden_sizes_within_its_budgets(tmp_path, capsys):
     """Static routers choose the hidden size per budget; adaptive routers then route each grid budget at
     the served sub-network's hidden size, and `generate --adaptive` runs on the checkpoint."""

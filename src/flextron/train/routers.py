@@ -142,10 +142,13 @@ def check_fractions(fractions: list[float], step: float) -> list[float]:
     between two of them is served the one below (`select_subnet`), which is then at least `1 - step` of it."""
     out = set(fractions)
     for low, high in zip(fractions, fractions[1:]):
-        x = math.ceil(high * (1 - step) * 1e4) / 1e4  # 4 decimals, rounded up: no gap wider than `step`
-        while step > 0 and x > low:
+        x = high
+        while step > 0:
+            # 4 decimals, rounded up (no gap wider than `step`), and at least one down (a step finer than that ends)
+            x = min(math.ceil(x * (1 - step) * 1e4) / 1e4, round(x - 1e-4, 4))
+            if x <= low:
+                break
             out.add(x)
-            x = math.ceil(x * (1 - step) * 1e4) / 1e4
     return sorted(out)
 
 
