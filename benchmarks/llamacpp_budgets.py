@@ -58,7 +58,7 @@ def space_label(space: ElasticSpace) -> str:
 
 def seen(em: ElasticModel, budget: float) -> str:
     """How the routers know `budget`: trained on it ("grid"), checked against uniform there ("checked"),
-    or neither ("unseen": the router's projection, served unchecked between checked budgets)."""
+    or neither ("unseen": served what the check of the largest checked budget below it kept)."""
     if em.routers is None:
         return "uniform"
     if any(abs(budget - g) < 1e-9 for g in em.routers.config.budgets):
