@@ -186,8 +186,9 @@ def checked_router_report(em: ElasticModel, windows: Tensor, fractions: list[flo
     rows = router_report(em, windows, fractions, autocast_dtype=autocast_dtype, progress=progress)
     checks = {c["budget"]: c for c in em.routers.checked or []}
     for r in rows:
-        if r.budget.fraction in checks:
-            r.kept, r.calib_ppl = checks[r.budget.fraction]["kept"], checks[r.budget.fraction]["calib_ppl"]
+        check = checks.get(r.budget.fraction)
+        if check is not None:
+            r.kept, r.calib_ppl = check["kept"], check["calib_ppl"]
     return rows
 
 
