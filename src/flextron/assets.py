@@ -116,11 +116,16 @@ def _cached(target: Path, build: Callable[[], Path]) -> Path:
     return build()
 
 
+def default_gguf() -> Path:
+    """The packaged SmolLM2 GGUF file, checked against its package's record."""
+    return package_file(*_GGUF, verify=True)
+
+
 def default_model_dir() -> Path:
     """The packaged SmolLM2 GGUF, dequantized once into an fp32 safetensors directory (checked on every
     use, rebuilt when damaged)."""
     target = cache_dir() / "models" / DEFAULT_MODEL
-    return _cached(target, lambda: dequantize_gguf(package_file(*_GGUF, verify=True), target))
+    return _cached(target, lambda: dequantize_gguf(default_gguf(), target))
 
 
 def gemma3_dir() -> Path:
