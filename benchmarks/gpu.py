@@ -120,7 +120,8 @@ def cuda_tests() -> dict:
 
 class MasterWeights:
     """bf16 working weights stepped by an optimizer over fp32 master copies: sub-network passes read bf16
-    weights directly (no autocast cast per pass) and the update keeps fp32 precision."""
+    weights directly (no autocast cast per pass) and the update keeps fp32 precision; the gradients of a
+    step's passes accumulate in bf16."""
 
     def __init__(self, model: torch.nn.Module, fused: bool) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -280,17 +281,18 @@ def quality_source(a: argparse.Namespace, work: Path) -> str | None:
     return None
 
 
-def quality_run(a: argparse.Namespace, work: Path) -> dict:
+def quality_run(a: argparse.Namespace, work: Path, out: dict, save: Callable[[], None]) -> None:
     """Convert, train elastically on `a.quality_tokens` tokens, route on a params grid, then score the
-    original and the routed checkpoint: held-out perplexity and zero-shot tasks, each phase timed."""
-    tiny, phases = a.tiny, {}
+    original and the routed checkpoint: held-out perplexity and zero-shot tasks, each phase timed. Each
+    phase's results go into `out` and are saved as it ends (a call cut by its time limit keeps them)."""
+    tiny, phases = a.tiny, out.setdefault("phases_s", {})
 
     def timed(phase: str, fn: Callable, *args, **kwargs) -> object:
         t = time.perf_counter()
-        out = fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
         phases[phase] = round(time.perf_counter() - t, 1)
         print(phase, phases[phase], "s", flush=True)
-        return out
+        return result
 
     tasks = [str(Path(a.task_dir) / f"{t}.jsonl.gz") if a.task_dir else t for t in QUALITY_TASKS]
     chat = {"chat_prompts": a.chat_prompts} if a.chat_prompts else {}
@@ -298,22 +300,29 @@ def quality_run(a: argparse.Namespace, work: Path) -> dict:
     source = quality_source(a, work)
     ckpt = timed("convert", api.convert, source, work / "ckpt", dtype="bf16" if a.device == "cuda" else "fp32",
                  **({"multiple": 8} if tiny else {}), overwrite=True, **run)
-    cfg = TrainOptions(tokens=a.quality_tokens, seq_len=32 if tiny else 512, micro_batch=2 if tiny else 16,
-                       eval_limit=0, **chat)
+    cfg = TrainOptions(tokens=a.quality_tokens, seq_len=32 if tiny else 512,
+                       micro_batch=2 if tiny else a.quality_micro_batch, eval_limit=0, **chat)
     trained = timed("train", api.train, ckpt, work / "run", cfg, **run)
+    with open(work / "run" / "metrics.csv", newline="") as f:  # one row per step
+        speeds = [float(r["tokens_per_s"]) for r in csv.DictReader(f)]
+    out |= {"tokens": trained["tokens"], "steps": trained["steps"], "docs": a.quality_docs,
+            "train_tokens_per_s": round(statistics.median(speeds[1:] or speeds))}
+    save()
     routed = timed("route", api.route, trained["final"], out=work / "elastic", overwrite=True, metric="params",
                    budgets=QUALITY_GRID, steps=2 if tiny else a.route_steps, eval_limit=2 if tiny else 16,
                    check_sequences=2 if tiny else 16, **chat, **run)
-    scored = dict(tasks=["ppl", *tasks], limit=a.quality_docs, seq_len=64 if tiny else 1024, **run)
-    original = timed("eval original", api.evaluate, source, budgets=["1.0"], **scored)
-    rows = timed("eval routed", api.evaluate, work / "elastic", budgets=list(QUALITY_BUDGETS), **scored)
-    with open(work / "run" / "metrics.csv", newline="") as f:  # one row per step
-        speeds = [float(r["tokens_per_s"]) for r in csv.DictReader(f)]
-    return {"tokens": trained["tokens"], "steps": trained["steps"],
-            "train_tokens_per_s": round(statistics.median(speeds[1:] or speeds)), "phases_s": phases,
-            "docs": a.quality_docs, "route": [{"budget": r.budget.fraction, "kept": r.kept, "share": r.fraction_of_full}
-                                                  for r in routed["budgets"]],
-            "original": original[0].to_dict(), "routed": [r.to_dict() for r in rows]}
+    out["route"] = [{"budget": r.budget.fraction, "kept": r.kept, "share": r.fraction_of_full}
+                    for r in routed["budgets"]]
+    save()
+    scored = dict(tasks=["ppl", *tasks], limit=a.quality_docs, seq_len=64 if tiny else 1024,
+                  batch_size=16 if a.device == "cuda" else 4, **run)
+    out["original"] = timed("eval original", api.evaluate, source, budgets=["1.0"], **scored)[0].to_dict()
+    save()
+    out["routed"] = []
+    for budget in QUALITY_BUDGETS:
+        out["routed"] += [r.to_dict() for r in timed(f"eval {budget}", api.evaluate, work / "elastic",
+                                                     budgets=[budget], **scored)]
+        save()
 
 
 def _first_docs(src: Path, dst: Path, docs: int) -> None:
@@ -383,17 +392,19 @@ def markdown(result: dict) -> str:
         lines += [f"| {name} | {r['runtime']} | {r['budget']} | {r['batch']} | {r['static_compiled']} | "
                   f"{r['tokens_per_s']} | {r['speedup']} | {r['bytes_ratio']} |" if "error" not in r else
                   f"| {name} | {r['error']} ||||||" for r in rows]
-    q = result.get("quality")
-    if q is None or "error" in q:
-        lines += ["", f"SmolLM2 quality run: {'not run' if q is None else q['error']}"]
+    q = result.get("quality", {})
+    if "tokens" not in q:
+        lines += ["", f"SmolLM2 quality run: {q.get('error', 'not run')}"]
     else:
         lines += ["", f"SmolLM2 quality run: {q['tokens']:,} training tokens ({q['steps']} steps, "
                       f"{q['train_tokens_per_s']:,} tokens/s), phases (s): "
                       + ", ".join(f"{k} {v}" for k, v in q["phases_s"].items())
-                      + f"; {q['docs']} documents per task, accuracy (acc_norm where defined):", "",
+                      + f"; {q['docs']} documents per task, accuracy (acc_norm where defined)"
+                      + (f"; stopped by: {q['error']}" if "error" in q else "") + ":", "",
                   "| model | budget | share of params | held-out ppl | " + " | ".join(QUALITY_TASKS) + " |",
                   "|---|---|---:|---:|" + "---:|" * len(QUALITY_TASKS)]
-        for name, r in [("original", q["original"])] + [("elastic", r) for r in q["routed"]]:
+        rows = [("original", q["original"])] if "original" in q else []
+        for name, r in rows + [("elastic", r) for r in q.get("routed", [])]:
             scores = {Path(k).name.split(".")[0]: v for k, v in r["tasks"].items()}
             share = r.get("params_fraction", 1.0)
             lines.append(f"| {name} | {r['budget']} | {share:.0%} | {r['ppl']:.2f} | "
@@ -427,6 +438,8 @@ def measure(a: argparse.Namespace) -> dict:
                     rows.append({"config": config, "skipped": "CPU" if a.device != "cuda" else "past --deadline"})
                 else:
                     rows.append(attempt(train_throughput, shape, a.device, config, a) | {"config": config})
+                    if a.device == "cuda":
+                        torch.cuda.empty_cache()  # an out-of-memory row leaves nothing behind for the next
                 print(name, rows[-1], flush=True)
                 save()
     if "decode" in a.parts:
@@ -444,8 +457,10 @@ def measure(a: argparse.Namespace) -> dict:
                     print(name, rows, flush=True)
                     save()
     if "quality" in a.parts:
+        result["quality"] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            result["quality"] = attempt(quality_run, a, Path(tmp))
+            if failed := attempt(quality_run, a, Path(tmp), result["quality"], save):
+                result["quality"] |= failed
         print(result["quality"], flush=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     save()
@@ -462,6 +477,8 @@ def main() -> None:
                                                  "is not installed")
     ap.add_argument("--quality-tokens", type=int, default=1_500_000,
                     help="quality: training tokens (~4 min at the 5.9k tokens/s an H200 trained SmolLM2 at)")
+    ap.add_argument("--quality-micro-batch", type=int, default=16, help="quality: sequences of 512 tokens per "
+                                                                          "training step")
     ap.add_argument("--route-steps", type=int, default=200, help="quality: router steps")
     ap.add_argument("--quality-docs", type=int, default=200, help="quality: documents per task, held-out windows")
     ap.add_argument("--task-dir", default=None, help="quality: the task request files --pack wrote (default: "
