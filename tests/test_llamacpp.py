@@ -1,8 +1,10 @@
 """The llama.cpp runtime: timing GGUFs, the llama.cpp latency table, the missing-extra message."""
 
 import json
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from flextron import api, llamacpp
@@ -77,6 +79,38 @@ def test_load_defaults_to_llamacpps_own_settings_and_exact_turns_them_off(tmp_pa
             assert llm.context_params.flash_attn_type == fa
             want = llama_cpp.GGML_TYPE_F32 if exact else llama_cpp.GGML_TYPE_F16
             assert (llm.context_params.type_k, llm.context_params.type_v) == (want, want)
+
+
+def test_llama_cpp_processes_a_q8_0_prompt_as_the_f16_file_up_to_rounding(tmp_path):
+    """A prompt of many tokens at q8_0 runs llama.cpp's AMX kernels on CPUs that report AMX. Some VMs report
+    it and fault on its first tile instruction: a llama.cpp built with AMX dies there (signal 11), so each
+    file is scored in a subprocess and a crash fails this test with the fix, not the whole run."""
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    ids = [str(i) for i in range(3, 35)]
+    score = ("import sys, numpy as np; from flextron import llamacpp; np.save(sys.argv[2], llamacpp.logits("
+             "llamacpp.load(sys.argv[1], all_logits=True), [int(i) for i in sys.argv[3:]]))")
+    for outtype in ("f16", "q8_0"):
+        path = write_gguf(em, tok, em.space.full(), tmp_path / f"{outtype}.gguf", outtype)["path"]
+        run = subprocess.run([sys.executable, "-c", score, str(path), str(tmp_path / f"{outtype}.npy"), *ids],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, (f"llama.cpp died scoring a {outtype} prompt (exit {run.returncode}); where the "
+                                     "CPU reports AMX, rebuild llama-cpp-python without it (scripts/setup.sh --dev "
+                                     f"does): {run.stderr[-500:]}")
+    f16, q8 = np.load(tmp_path / "f16.npy"), np.load(tmp_path / "q8_0.npy")
+    assert f16.shape == (len(ids), em.config.vocab_size)
+    assert np.abs(q8 - f16).max() < 0.05 * np.abs(f16).max()
+
+
+def test_llama_cpp_allocates_the_same_buffers_whatever_the_weight_type(tmp_path):
+    """The output and compute buffers, which memory budgets add to the weights and the KV cache, do not depend
+    on how the weights are stored: one estimate (`footprint.compute_bytes`) serves every weight type."""
+    em, tok = make_elastic("llama"), make_bpe_tokenizer()
+    buffers = set()
+    for outtype in ("f32", "q8_0", "q4_k_m"):
+        path = write_gguf(em, tok, em.space.full(), tmp_path / f"{outtype}.gguf", outtype)["path"]
+        got = llamacpp.allocated(path, Deployment(outtype, context=1000, batch=2))
+        buffers.add((got["output"], got["compute"]))
+    assert len(buffers) == 1 and buffers.pop()[1] > 0  # (the tiny vocabulary's logits round to 0.00 MiB)
 
 
 def test_load_refuses_missing_and_foreign_files(tmp_path):
