@@ -376,17 +376,19 @@ def markdown(result: dict) -> str:
     v, tests = result["versions"], result.get("cuda_tests", {})
     lines = [f"GPU: **{v.get('gpu', 'none')}** (CUDA {v.get('cuda')}), torch {v['torch']}, transformers "
              f"{v['transformers']}; CUDA tests: {tests.get('summary', tests.get('error', 'not run'))} "
-             "(`python benchmarks/gpu.py`).\n",
-             "| model | configuration | micro-batch | tokens/s | TFLOP/s | MFU | peak memory (GiB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "(`python benchmarks/gpu.py`)."]
+    if "training" in result:
+        lines += ["", "| model | configuration | micro-batch | tokens/s | TFLOP/s | MFU | peak memory (GiB) |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
     for name, rows in result.get("training", {}).items():
         for r in rows:
             why = r.get("skipped") and f"skipped ({r['skipped']})" or r.get("error")
             lines.append(f"| {name} | {r['config']} | {why} ||||| " if why else
                          f"| {name} | {r['config']} | {r['micro_batch']} | {r['tokens_per_s']:,} | {r['tflops']} | "
                          f"{r['mfu']} | {r['peak_memory_gib']} |")
-    lines += ["", "| model | runtime | budget | batch | static cache, compiled | tokens/s | speed-up | bytes ratio |",
-              "|---|---|---|---:|---|---:|---:|---:|"]
+    if "decode" in result:
+        lines += ["", "| model | runtime | budget | batch | static cache, compiled | tokens/s | speed-up | "
+                      "bytes ratio |", "|---|---|---|---:|---|---:|---:|---:|"]
     for name, rows in result.get("decode", {}).items():
         rows = rows if isinstance(rows, list) else [rows]
         lines += [f"| {name} | {r['runtime']} | {r['budget']} | {r['batch']} | {r['static_compiled']} | "
