@@ -24,6 +24,11 @@ def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Na
     return " ".join([f"python benchmarks/{script}", *flags])
 
 
+def accuracy(scores: dict) -> float:
+    """A task's reported accuracy (`flextron.tasks.score_task`): acc_norm where the task defines it, else acc."""
+    return scores.get("acc_norm", scores["acc"])
+
+
 def write_json(name: str, data: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1)))

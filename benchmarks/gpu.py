@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from _results import ROOT, update_section, write_json
+from _results import ROOT, accuracy, update_section, write_json
 from flextron import api
 from flextron.assets import DEFAULT_MODEL, cache_dir, default_gguf, dequantize_gguf, olmo_task_file
 from flextron.budgets import select_subnet
@@ -410,7 +410,7 @@ def markdown(result: dict) -> str:
             scores = {Path(k).name.split(".")[0]: v for k, v in r["tasks"].items()}
             share = r.get("params_fraction", 1.0)
             lines.append(f"| {name} | {r['budget']} | {share:.0%} | {r['ppl']:.2f} | "
-                         + " | ".join(f"{scores[t].get('acc_norm', scores[t]['acc']):.3f}" for t in QUALITY_TASKS)
+                         + " | ".join(f"{accuracy(scores[t]):.3f}" for t in QUALITY_TASKS)
                          + " |")
     return "\n".join(lines) + "\n"
 

@@ -22,16 +22,12 @@ import importlib.metadata
 import time
 from pathlib import Path
 
-from _results import command_line, publish
+from _results import accuracy, command_line, publish
 from flextron import api
 from flextron.space import Budget
 from instruct import docs_text
 
 TASKS = ("arc_easy", "piqa", "hellaswag", "winogrande", "lambada")
-
-
-def accuracy(scores: dict) -> float:
-    return scores.get("acc_norm", scores["acc"])
 
 
 def main() -> None:
