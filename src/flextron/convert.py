@@ -10,29 +10,36 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from flextron.assets import load_hf
 from flextron.checkpoint import save_checkpoint
 from flextron.data import default_splits, sample_sequences, tokenize
+from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.families import detect_family
 from flextron.fsutil import check_output_dir
 from flextron.importance import default_attn_score, measure_importance, random_importance, sort_by_importance
 from flextron.options import ConvertOptions
 from flextron.precision import compute_dtype
+from flextron.samples import own_tokens
 from flextron.selfcheck import check_hidden, checked_elastic
 from flextron.space import ElasticSpace
 
 
-def _calibration_text(source: str) -> str:
-    """The calibration text: the packaged train split ("default") or a .txt file."""
-    if source == "default":
-        return default_splits()["train"]
-    path = Path(source)
+def _calibration_ids(o: ConvertOptions, em: ElasticModel, tok: PreTrainedTokenizerBase, progress: bool) -> Tensor:
+    """The calibration tokens: the model's own text ("self"), the packaged train split ("default") or a
+    .txt file's."""
+    if o.calib_data == "self":
+        return own_tokens(em, tok, o.calib_sequences * o.calib_seq_len, o.calib_seq_len, o.seed, progress=progress)
+    if o.calib_data == "default":
+        return tokenize(tok, default_splits()["train"])
+    path = Path(o.calib_data)
     if not path.is_file():
-        raise FlextronError(f"calibration file {path} does not exist; pass a .txt file or 'default'")
+        raise FlextronError(f"calibration file {path} does not exist; pass a .txt file, 'self' or 'default'")
     try:
-        return path.read_text(encoding="utf-8")
+        return tokenize(tok, path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise FlextronError(f"cannot read calibration file {path}: {e}") from None
 
@@ -88,7 +95,7 @@ def convert(model: str | None, out: Path, o: ConvertOptions, *, device: str, ove
     if em.space.hidden is not None:
         check_hidden(em)
     if o.order == "importance":
-        ids = tokenize(tok, _calibration_text(o.calib_data))
+        ids = _calibration_ids(o, em, tok, progress)
         seqs = sample_sequences(ids, o.calib_sequences, o.calib_seq_len, o.seed)
         imp = measure_importance(em, seqs, o.batch_size, autocast, progress)
     else:

@@ -220,7 +220,9 @@ class ConvertOptions(Options):
     depth: bool = opt(False, "also allow skipping each layer's attention or MLP (choice 0), least important first")
     min_layers: int | None = opt(None, "depth floor: layers that keep their attention, and their MLP "
                                        "(default with --depth: 1/3)")
-    calib_data: str = opt("default", "calibration text: a .txt file, or 'default' (the packaged train split)")
+    calib_data: str = opt("self", "calibration text: self (the model's own: unprompted samples and, with a chat "
+                                  "template, its answers to the packaged train prompts; generated once and cached), "
+                                  "default (the packaged train split), or a .txt file")
     calib_sequences: int = opt(256, "calibration sequences importance is measured on", **_POSITIVE)
     calib_seq_len: int = opt(256, "tokens per calibration sequence", **_POSITIVE)
     batch_size: int = opt(16, "calibration sequences per forward", **_POSITIVE)
