@@ -26,7 +26,7 @@ from flextron.data import PackedSequences, tokenizer_key
 from flextron.elastic import ElasticModel
 from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import read_jsonl, write_jsonl
 from flextron.generation import prompt_inputs
 from flextron.options import ChatData, Sampling, ServeLimits
 
@@ -186,8 +186,7 @@ def teacher_conversations(em: ElasticModel, tok: PreTrainedTokenizerBase, prompt
     key = hashlib.sha1(json.dumps([teacher_id, tokenizer_key(tok), prompts_key(prompts), asdict(sampling)],
                                   sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "chat" / f"{key}.jsonl"
-    answers = [json.loads(line)["answer"] for line in path.read_text(encoding="utf-8").splitlines()] \
-        if path.is_file() else []
+    answers = [r["answer"] for r in read_jsonl(path)]
     convs = [_conversation(p, a) for p, a in zip(prompts, answers)]
     have = sum(len(_tokens(tok, c)) for c in convs)
     bar = tqdm(total=tokens_needed, initial=min(have, tokens_needed), desc="teacher answers (chat data)",
@@ -204,8 +203,7 @@ def teacher_conversations(em: ElasticModel, tok: PreTrainedTokenizerBase, prompt
             n = len(_tokens(tok, convs[-1]))
             have += n
             bar.update(n)
-        lines = "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers))
-        atomic_write(path, lambda tmp, text=lines: tmp.write_text(text, encoding="utf-8"))
+        write_jsonl(path, ({"prompt": p, "answer": a} for p, a in zip(prompts, answers)))
     bar.close()
     return convs
 

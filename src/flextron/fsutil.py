@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,6 +161,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if (failure := write_failure(e)) is None:
             raise
         raise os_error(path, failure) from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (`write_jsonl`); none where it does not exist."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Rows as JSON lines, written atomically (a cache extended run after run is never left half written)."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

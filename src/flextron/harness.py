@@ -14,13 +14,12 @@ From lm-eval's own command line the model is `flextron` (`--model_args pretraine
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import write_jsonl
 from flextron.space import Budget
 from flextron.tasks import load_docs
 
@@ -106,7 +105,7 @@ def task_config(task: str, workdir: str | Path, limit: int | None = None) -> dic
         rows.append({"context": contexts.pop(), "choices": [c for _, c in d.pairs], "gold": d.gold})
     name = Path(task).name.split(".")[0]
     path = Path(workdir) / f"{name}.jsonl"
-    atomic_write(path, lambda f: f.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    write_jsonl(path, rows)
     config = {
         "task": f"flextron_{name}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
         "test_split": "test", "doc_to_text": "context", "target_delimiter": "", "num_fewshot": 0,

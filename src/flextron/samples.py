@@ -26,7 +26,7 @@ from flextron.data import tokenize, tokenizer_key
 from flextron.elastic import ElasticModel
 from flextron.engine import Engine, Request
 from flextron.errors import FlextronError
-from flextron.fsutil import atomic_write
+from flextron.fsutil import read_jsonl, write_jsonl
 from flextron.options import Sampling, ServeLimits
 
 SAMPLING = Sampling(temperature=1.0, top_p=0.95)  # the model's distribution, without its long tail of noise
@@ -62,7 +62,7 @@ def own_text(em: ElasticModel, tok: PreTrainedTokenizerBase, ident: str, tokens:
     sampling = replace(SAMPLING, max_new_tokens=seq_len)
     key = hashlib.sha1(json.dumps([ident, tokenizer_key(tok), asdict(sampling), seed]).encode()).hexdigest()
     path = cache_dir() / "samples" / f"{key[:20]}.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    rows = read_jsonl(path)
     have = sum(r["tokens"] for r in rows)
     start, full = start_token(tok), em.space.full()
     with tqdm(total=tokens, initial=min(have, tokens), desc="own text (calibration)", unit="tok",
@@ -79,8 +79,7 @@ def own_text(em: ElasticModel, tok: PreTrainedTokenizerBase, ident: str, tokens:
                 rows.append({"text": result.text, "tokens": result.completion_tokens})
                 have += result.completion_tokens
                 bar.update(result.completion_tokens)
-            lines = "".join(json.dumps(r) + "\n" for r in rows)
-            atomic_write(path, lambda tmp, text=lines: tmp.write_text(text, encoding="utf-8"))
+            write_jsonl(path, rows)
     used, count = [], 0
     for r in rows:
         if count >= tokens:
